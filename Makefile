@@ -1,0 +1,25 @@
+# The two commands of the README: `make demo` and `make test`. Both set up .venv first.
+VENV ?= .venv
+BIN := $(VENV)/bin
+# These torch/torchvision builds lie on the machines' disk; a bare `torch` would pull a CUDA build.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+$(BIN)/initaudit: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_PINS)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[onnx,arch,test]'
+	touch $@
+
+.PHONY: demo test bench fixtures
+demo: $(BIN)/initaudit
+	-$(BIN)/initaudit check fixtures/deep_relu_mlp_xavier.pt --activation relu
+	$(BIN)/initaudit check fixtures/resnet_kaiming.pt
+
+test: $(BIN)/initaudit
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/initaudit
+	$(BIN)/python benchmarks/bench_check.py
+
+fixtures: $(BIN)/initaudit
+	$(BIN)/python fixtures/make_fixtures.py

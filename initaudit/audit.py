@@ -1,0 +1,197 @@
+"""The pipeline: loader → layer graph → stats → rules → report."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import rules as rulebook
+from . import schemes, stats
+from .config import Options
+from .graph import UNIT_KINDS, Layer, LayerGraph, Param, annotate, group_layers, order_flow
+from .loaders import Loaded, load
+from .report import Finding, LayerRow, Report
+
+
+@dataclass
+class Measured:
+    """One audited tensor: its layer, stats, fingerprint and the recommended scheme."""
+
+    layer: Layer
+    param: Param
+    stats: stats.TensorStats
+    fingerprint: schemes.Fingerprint | None
+    recommended: schemes.Recommendation | None
+    facts: dict[str, Any]
+
+
+def build_graph(loaded: Loaded, options: Options) -> LayerGraph:
+    shapes = {k: s for k, s in loaded.tensors.shapes.items()}
+    layers = group_layers(shapes, loaded.modules)
+    if loaded.flow is not None:
+        downstream = loaded.flow.downstream()
+    else:
+        downstream = order_flow(layers).downstream(unknown_between_layers=True)
+    return annotate(layers, downstream, options.activation, options.activations)
+
+
+def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
+    """Stats, fingerprint and facts for every audited tensor; tied tensors are read once."""
+    out, cache = [], {}
+    for layer in graph:
+        bias = _bias_of(loaded, layer)
+        for param in layer.params:
+            if param.role == "buffer":
+                continue
+            tensor = loaded.tensors[param.key]
+            if not tensor.is_floating_point():
+                continue
+            ident = _identity(tensor)
+            if ident in cache:
+                param.shared_with = cache[ident][0]
+                st = cache[ident][1]
+            else:
+                st = stats.compute(tensor, param.unit_axis, units=param.is_weight and layer.kind in UNIT_KINDS)
+                cache[ident] = (param.key, st)
+            fp = rec = None
+            if param.is_weight:
+                fp = schemes.fingerprint(st, param.fan_in, param.fan_out, layer.kind, layer.activation,
+                                         tensor, param.unit_axis, param.hidden)
+                role = "weight_hh" if "weight_hh" in param.key else "weight"
+                rec = schemes.recommend(layer.activation, param.fan_in, param.fan_out, layer.kind, param.hidden, role)
+            out.append(Measured(layer, param, st, fp, rec, facts(graph, layer, param, st, fp, rec, bias)))
+    return out
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    try:
+        return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+    except (RuntimeError, NotImplementedError):
+        return (id(tensor),)
+
+
+def _bias_of(loaded: Loaded, layer: Layer) -> torch.Tensor | None:
+    bias = layer.param("bias")
+    return loaded.tensors[bias.key] if bias is not None else None
+
+
+def facts(graph: LayerGraph, layer: Layer, param: Param, st: stats.TensorStats,
+          fp: schemes.Fingerprint | None, rec: schemes.Recommendation | None, bias: torch.Tensor | None) -> dict[str, Any]:
+    """Everything a rule may test about one tensor in its context (names: rules.FACTS)."""
+    dead = st.zero_units
+    if bias is not None and dead and bias.numel() == st.n_units:
+        b = bias.detach().reshape(-1)
+        dead = [u for u in dead if float(b[u]) <= 0]
+    expected = rec.std if rec else (1 / math.sqrt(param.fan_in) if param.is_weight and param.fan_in else None)
+    ratio = st.std / expected if expected and math.isfinite(st.std) else None
+    groups = st.duplicate_groups
+    return {
+        "layer": layer.name, "tensor": param.key, "role": param.role, "kind": layer.kind,
+        "module_type": layer.module_type, "activation": str(layer.activation),
+        "activation_family": layer.activation.family, "norm_after": layer.norm_after, "position": layer.position,
+        "depth": graph.depth, "run_depth": layer.run_depth, "is_output": layer.is_output,
+        "fan_in": param.fan_in, "fan_out": param.fan_out, "numel": st.numel, "units": st.n_units,
+        "non_finite": st.non_finite, "nan": st.nan, "inf": st.inf, "mean": st.mean, "std": st.std,
+        "min": st.min, "max": st.max, "abs_max": st.abs_max, "kurtosis": st.excess_kurtosis,
+        "zero_fraction": st.zero_fraction, "distinct": st.distinct, "constant": st.constant,
+        "value": st.min if st.constant else None, "zero_units": len(st.zero_units), "dead_units": len(dead),
+        "dead_unit_list": _short(dead), "duplicate_units": st.duplicate_units, "duplicate_groups": len(groups),
+        "duplicate_fraction": st.duplicate_units / st.n_units if st.n_units else 0.0,
+        "duplicate_example": _short(groups[0]) if groups else None,
+        "scheme": fp.scheme if fp else None, "scheme_family": fp.family if fp else None,
+        "implied_std": fp.implied_std if fp else None,
+        "expected_scheme": rec.scheme if rec else ("lecun-normal (activation unknown)" if expected else None),
+        "expected_std": expected, "expected_call": rec.call if rec else None,
+        "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
+        "shared": param.shared_with is not None,
+    }
+
+
+def _short(units: list[int], most: int = 8) -> str:
+    shown = ", ".join(map(str, units[:most]))
+    return shown + (f", … ({len(units)} in all)" if len(units) > most else "")
+
+
+def evaluate(measured: list[Measured], rules: list[rulebook.Rule], options: Options) -> list[Finding]:
+    findings = []
+    for m in measured:
+        if m.param.shared_with is not None:
+            continue  # a tied tensor is reported once, under its first name
+        for rule in rules:
+            severity = rule.verdict(m.facts)
+            if severity is None or options.ignored(m.layer.name, rule.name, rule.code):
+                continue
+            findings.append(Finding(
+                rule=rule.name, code=rule.code, severity=severity, layer=m.layer.name, tensor=m.param.key,
+                message=rule.render(m.facts), expected=_plain(m.facts.get(rule.expected)) if rule.expected else None,
+                actual=_plain(m.facts.get(rule.actual)) if rule.actual else None, fix=_fix_text(rule, m)))
+    order = {s: i for i, s in enumerate(reversed(rulebook.SEVERITIES))}
+    return sorted(findings, key=lambda f: (order[f.severity], f.code))
+
+
+def _plain(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _fix_text(rule: rulebook.Rule, m: Measured) -> str | None:
+    if rule.fix == "zeros" or (rule.fix == "reinit" and m.param.role == "bias"):
+        return "zeros_()"
+    if rule.fix == "reinit":
+        return m.recommended.call if m.recommended else "re-draw with a random scheme (activation unknown: pass --activation)"
+    return None
+
+
+def layer_rows(measured: list[Measured]) -> list[LayerRow]:
+    rows = []
+    for m in measured:
+        if not m.param.is_weight:
+            continue
+        rows.append(LayerRow(
+            name=m.layer.name, kind=m.layer.kind, fan_in=m.param.fan_in, fan_out=m.param.fan_out,
+            activation=str(m.layer.activation), std=m.stats.std, expected_std=m.facts["expected_std"],
+            scheme=m.fingerprint.scheme if m.fingerprint else "unknown", tensor=m.param.key,
+            norm_after=m.layer.norm_after, run_depth=m.layer.run_depth))
+    return rows
+
+
+def run(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None = None) -> Report:
+    """Audit an already loaded model."""
+    rules = rulebook.select(rules if rules is not None else rulebook.builtin_rules(), options.select, options.ignore)
+    graph = build_graph(loaded, options)
+    measured = measure(loaded, graph)
+    notes = list(loaded.notes)
+    if options.activation is not None or options.activations:
+        notes = [n for n in notes if "activations are unknown" not in n]
+    return Report(model=str(loaded.path) if loaded.path else "<module>", format=loaded.format,
+                  layers=layer_rows(measured), findings=evaluate(measured, rules, options), notes=notes)
+
+
+def audit(target: str | Path | torch.nn.Module | None = None, *, model: str | None = None,
+          activation: str | None = None, activations: dict[str, str] | None = None,
+          trust_pickle: bool = False, select: list[str] | None = None, ignore: list[str] | None = None,
+          options: Options | None = None) -> Report:
+    """Audit a model file, a live `nn.Module`, or a module built by `model='package.module:factory'`.
+
+    >>> report = audit(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()))
+    >>> report.summary["errors"]
+    0
+    """
+    from .activations import parse
+
+    options = options or Options()
+    if activation is not None:
+        options.activation = parse(activation)
+    if activations:
+        options.activations = {**options.activations, **{k: parse(v) for k, v in activations.items()}}
+    options.select = select if select is not None else options.select
+    options.ignore = ignore if ignore is not None else options.ignore
+    if isinstance(target, torch.nn.Module):
+        from .loaders import modules
+        loaded = modules.from_module(target, None)
+    else:
+        loaded = load(target, trust_pickle=trust_pickle or options.trust_pickle, factory=model)
+    return run(loaded, options)

@@ -1,0 +1,98 @@
+"""A format-neutral data-flow graph, and the forward walk that finds what follows each layer.
+
+Front ends (torch.fx, TorchScript, ONNX, module order) turn their graphs into `FlowNode`s; one
+walker then answers, for every weighted layer: which activation comes first downstream, and
+whether a normalization sits between the layer and it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .activations import IDENTITY, UNKNOWN, Activation
+
+# Node roles.
+LAYER = "layer"    # a weighted layer (Linear, Conv, Gemm...): `layer` names it
+ACT = "act"        # a non-linearity: `activation` says which
+NORM = "norm"      # BatchNorm/LayerNorm/GroupNorm/RMSNorm...
+STOP = "stop"      # softmax and the like: the layer before it is linear (identity)
+OUTPUT = "output"  # the graph's output
+PASS = "pass"      # anything that carries the signal on (reshape, add, dropout, pooling, matmul...)
+
+
+@dataclass
+class FlowNode:
+    role: str
+    layer: str | None = None
+    activation: Activation | None = None
+    users: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Downstream:
+    """What the walk found after one layer."""
+
+    activation: Activation
+    norm_after: bool
+
+
+class Flow:
+    """Nodes plus edges; `add` returns an id, `link` adds an edge from producer to consumer."""
+
+    def __init__(self) -> None:
+        self.nodes: list[FlowNode] = []
+
+    def add(self, role: str, layer: str | None = None, activation: Activation | None = None) -> int:
+        self.nodes.append(FlowNode(role, layer, activation))
+        return len(self.nodes) - 1
+
+    def link(self, src: int, dst: int) -> None:
+        if dst not in self.nodes[src].users:
+            self.nodes[src].users.append(dst)
+
+    @classmethod
+    def chain(cls, items: list[tuple[str, str | None, Activation | None]]) -> "Flow":
+        """A linear flow from an ordered list of (role, layer, activation), e.g. module registration order."""
+        flow = cls()
+        prev = None
+        for role, layer, act in items:
+            node = flow.add(role, layer, act)
+            if prev is not None:
+                flow.link(prev, node)
+            prev = node
+        if prev is not None:
+            flow.link(prev, flow.add(OUTPUT))
+        return flow
+
+    def downstream(self, unknown_between_layers: bool = False) -> dict[str, Downstream]:
+        """For each layer: the first activation reached walking forward (breadth first).
+
+        A path that reaches another weighted layer, a softmax or the output with no
+        non-linearity on the way means the layer is linear (identity) — unless
+        `unknown_between_layers`, for flows (bare state_dicts) whose activations were never seen.
+        Norms passed on the way set `norm_after`. A layer seen twice keeps its first answer.
+        """
+        found: dict[str, Downstream] = {}
+        for start, node in enumerate(self.nodes):
+            if node.role == LAYER and node.layer not in found:
+                found[node.layer] = self._walk(start, unknown_between_layers)
+        return found
+
+    def _walk(self, start: int, unknown_between_layers: bool) -> Downstream:
+        queue = deque((u, False) for u in self.nodes[start].users)
+        seen = {start}
+        while queue:
+            idx, normed = queue.popleft()
+            if idx in seen:
+                continue
+            seen.add(idx)
+            node = self.nodes[idx]
+            if node.role == ACT:
+                return Downstream(node.activation, normed)
+            if node.role == LAYER:
+                return Downstream(UNKNOWN if unknown_between_layers else IDENTITY, normed)
+            if node.role in (STOP, OUTPUT):
+                return Downstream(IDENTITY, normed)
+            queue.extend((u, normed or node.role == NORM) for u in node.users)
+        return Downstream(IDENTITY, False)

@@ -1,0 +1,240 @@
+"""The format-neutral layer graph: layers grouped from tensor names, their kind, fans and context."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field
+
+from .activations import IDENTITY, UNKNOWN, Activation
+from .flow import LAYER, NORM, PASS, Downstream, Flow
+
+WEIGHTED_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                            "conv_transpose3d", "recurrent", "attention"})
+# The weight of these kinds is a set of output units (rows), each a neuron or filter.
+UNIT_KINDS = WEIGHTED_KINDS
+
+_EMBEDDING_NAME = re.compile(r"(^|[._])(embed\w*|wte|wpe|tok_emb\w*|pos_emb\w*|shared|word_embeddings|"
+                             r"position_embeddings|token_type_embeddings|embed_tokens|embed_positions)$", re.I)
+_RECURRENT_KEY = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
+_BUFFER_KEYS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
+
+
+@dataclass
+class Param:
+    """One tensor of a layer, with the fan convention of its format."""
+
+    key: str                 # the tensor's name in the file
+    role: str                # weight | bias | norm_weight | norm_bias | buffer | parameter
+    shape: tuple[int, ...]
+    fan_in: int = 0
+    fan_out: int = 0
+    unit_axis: int = 0       # the axis that indexes output units/filters
+    hidden: int | None = None  # recurrent hidden size (torch's RNN default is uniform ±1/sqrt(hidden))
+    shared_with: str | None = None  # another key holding the very same tensor (tied weights)
+
+    @property
+    def is_weight(self) -> bool:
+        return self.role == "weight"
+
+
+@dataclass
+class Layer:
+    name: str
+    kind: str
+    params: list[Param] = field(default_factory=list)
+    module_type: str | None = None
+    activation: Activation = UNKNOWN
+    norm_after: bool = False
+    position: int = -1       # index among weighted layers, in order
+    run_depth: int = 0       # weighted layers in this layer's run between normalizations
+    is_output: bool = False
+
+    @property
+    def weighted(self) -> bool:
+        return self.kind in WEIGHTED_KINDS
+
+    def param(self, role: str) -> Param | None:
+        return next((p for p in self.params if p.role == role), None)
+
+
+@dataclass
+class LayerGraph:
+    layers: list[Layer]
+
+    @property
+    def depth(self) -> int:
+        """Weighted layers in the whole model."""
+        return sum(layer.weighted for layer in self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+
+# ---------------------------------------------------------------- kinds from class names
+
+_KIND_BY_CLASS = {
+    "Linear": "linear", "LazyLinear": "linear", "NonDynamicallyQuantizableLinear": "linear", "Bilinear": "linear",
+    "Conv1d": "conv1d", "Conv2d": "conv2d", "Conv3d": "conv3d",
+    "LazyConv1d": "conv1d", "LazyConv2d": "conv2d", "LazyConv3d": "conv3d",
+    "ConvTranspose1d": "conv_transpose1d", "ConvTranspose2d": "conv_transpose2d", "ConvTranspose3d": "conv_transpose3d",
+    "Embedding": "embedding", "EmbeddingBag": "embedding",
+    "LSTM": "recurrent", "GRU": "recurrent", "RNN": "recurrent",
+    "LSTMCell": "recurrent", "GRUCell": "recurrent", "RNNCell": "recurrent",
+    "MultiheadAttention": "attention",
+    "PReLU": "parameter",
+}
+# Hugging Face's GPT-2 style Conv1D is a Linear that stores its weight as [in, out].
+TRANSPOSED_LINEAR_CLASSES = frozenset({"Conv1D"})
+
+
+def kind_of_class(class_names: list[str]) -> str | None:
+    """Kind from a module's class name(s), most derived first (MRO names, or TorchScript's original_name)."""
+    for name in class_names:
+        if name in TRANSPOSED_LINEAR_CLASSES:
+            return "linear"
+        if name in _KIND_BY_CLASS:
+            return _KIND_BY_CLASS[name]
+        if re.search(r"Norm(\dd)?$", name) or "BatchNorm" in name or "GroupNorm" in name:
+            return "norm"
+    return None
+
+
+# ---------------------------------------------------------------- fans
+
+def fans(kind: str, shape: tuple[int, ...], transposed: bool = False) -> tuple[int, int, int]:
+    """(fan_in, fan_out, unit_axis) as torch.nn.init computes fans, for a weight of this kind.
+
+    torch: Linear [out, in]; Conv [out, in/groups, *k]; ConvTranspose [in, out/groups, *k] (torch's
+    init treats dim 1 as fan_in there too); a transposed linear ([in, out]: HF Conv1D, ONNX MatMul)
+    swaps the first two axes.
+    """
+    if len(shape) < 2:
+        return (shape[0] if shape else 1), (shape[0] if shape else 1), 0
+    receptive = math.prod(shape[2:])
+    if transposed:
+        return shape[0] * receptive, shape[1] * receptive, 1
+    unit_axis = 1 if kind.startswith("conv_transpose") else 0
+    return shape[1] * receptive, shape[0] * receptive, unit_axis
+
+
+# ---------------------------------------------------------------- building
+
+@dataclass
+class ModuleInfo:
+    """What a live module (or TorchScript archive) says about one layer."""
+
+    kind: str
+    module_type: str
+    transposed: bool = False
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """'features.0.weight' -> ('features.0', 'weight'); a bare 'cls_token' is its own layer."""
+    return tuple(key.rsplit(".", 1)) if "." in key else (key, key)
+
+
+def _kind_from_tensors(name: str, suffixes: dict[str, tuple[int, ...]]) -> str:
+    """Guess a layer's kind from its tensor names and shapes alone (bare state_dicts)."""
+    if any(_RECURRENT_KEY.match(s) for s in suffixes):
+        return "recurrent"
+    if "in_proj_weight" in suffixes:
+        return "attention"
+    if "running_mean" in suffixes:
+        return "norm"
+    weight = suffixes.get("weight")
+    if weight is None:
+        return "parameter"
+    if len(weight) == 1:
+        return "norm"
+    if len(weight) == 2:
+        return "embedding" if _EMBEDDING_NAME.search(name) else "linear"
+    if len(weight) in (3, 4, 5):
+        return f"conv{len(weight) - 2}d"
+    return "parameter"
+
+
+def _params_of(kind: str, prefix: str, suffixes: dict[str, tuple[int, ...]], transposed: bool) -> list[Param]:
+    params = []
+    hidden = None
+    if kind == "recurrent":
+        hh = next((shape for s, shape in suffixes.items() if s.startswith("weight_hh")), None)
+        hidden = hh[1] if hh else None
+    for suffix, shape in suffixes.items():
+        key = prefix if suffix == prefix else f"{prefix}.{suffix}"
+        if suffix in _BUFFER_KEYS:
+            role = "buffer"
+        elif kind == "norm":
+            role = "norm_weight" if suffix == "weight" else "norm_bias" if suffix == "bias" else "parameter"
+        elif kind in WEIGHTED_KINDS | {"embedding"} and len(shape) >= 2 and "weight" in suffix:
+            role = "weight"
+        elif kind in WEIGHTED_KINDS and "bias" in suffix and len(shape) == 1:
+            role = "bias"
+        else:
+            role = "parameter"
+        fan_in, fan_out, axis = fans(kind, shape, transposed) if role == "weight" else (0, 0, 0)
+        params.append(Param(key, role, tuple(shape), fan_in, fan_out, axis,
+                            hidden if kind == "recurrent" else None))
+    return params
+
+
+def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleInfo] | None = None) -> list[Layer]:
+    """Group tensors into layers by name prefix, in file order; kinds from `modules` where known."""
+    groups: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        prefix, suffix = split_key(key)
+        groups.setdefault(prefix, {})[suffix] = tuple(shape)
+    layers = []
+    for prefix, suffixes in groups.items():
+        info = (modules or {}).get(prefix)
+        kind = info.kind if info else _kind_from_tensors(prefix, suffixes)
+        transposed = bool(info and info.transposed)
+        layers.append(Layer(prefix, kind, _params_of(kind, prefix, suffixes, transposed),
+                            module_type=info.module_type if info else None))
+    return layers
+
+
+def order_flow(layers: list[Layer]) -> Flow:
+    """A chain flow in file order, for bare state_dicts: layers and norms, no activations seen."""
+    items = []
+    for layer in layers:
+        if layer.weighted:
+            items.append((LAYER, layer.name, None))
+        elif layer.kind == "norm":
+            items.append((NORM, None, None))
+        else:
+            items.append((PASS, None, None))
+    return Flow.chain(items)
+
+
+def annotate(layers: list[Layer], downstream: dict[str, Downstream],
+             default: Activation | None = None, overrides: dict[str, Activation] | None = None) -> LayerGraph:
+    """Attach activations, norms, positions and run depths; user overrides (glob patterns) win."""
+    weighted = [layer for layer in layers if layer.weighted]
+    for i, layer in enumerate(weighted):
+        found = downstream.get(layer.name)
+        layer.position = i
+        if found is not None:
+            layer.activation, layer.norm_after = found.activation, found.norm_after
+        if layer.kind == "recurrent":
+            layer.activation = Activation("tanh")  # gates are sigmoid/tanh inside the cell
+        layer.is_output = layer.activation == IDENTITY and i == len(weighted) - 1
+        if layer.activation == UNKNOWN and default is not None:
+            layer.activation = default
+        for pattern, act in (overrides or {}).items():
+            if fnmatch.fnmatchcase(layer.name, pattern):
+                layer.activation = act
+    _assign_runs(weighted)
+    return LayerGraph(layers)
+
+
+def _assign_runs(weighted: list[Layer]) -> None:
+    """Split the ordered weighted layers into runs that end at a normalization; each knows its run's length."""
+    run: list[Layer] = []
+    for layer in weighted:
+        run.append(layer)
+        if layer.norm_after or layer is weighted[-1]:
+            for member in run:
+                member.run_depth = len(run)
+            run = []

@@ -1,0 +1,79 @@
+"""Loaders: one module per format, each returning a `Loaded` (tensors + what is known of the graph)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..errors import InputError
+from ..flow import Flow
+from ..graph import ModuleInfo
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts 'layers.2' before 'layers.10' (safetensors stores names sorted as text)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+class TensorSource:
+    """Named tensors in file order, read on demand (so mmap'ed or lazily opened files stay on disk)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor]):
+        self.shapes = shapes
+        self._get = get
+
+    @classmethod
+    def of(cls, tensors: dict[str, torch.Tensor]) -> "TensorSource":
+        return cls({k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._get(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+@dataclass
+class Loaded:
+    path: Path | None
+    format: str                      # torch-state-dict | torch-module | torchscript | safetensors | onnx | hf-folder
+    tensors: TensorSource
+    module: torch.nn.Module | None = None
+    flow: Flow | None = None         # the data flow, where the format or module shows it
+    modules: dict[str, ModuleInfo] = field(default_factory=dict)  # layer name -> kind, where known
+    container: Any = None            # what the writer needs to write the same format back
+    notes: list[str] = field(default_factory=list)  # things the user should know (e.g. how activations were found)
+
+
+def load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | None = None,
+         module: torch.nn.Module | None = None) -> Loaded:
+    """Load a model file (or a module built by `factory`, or a live `module`) for auditing."""
+    from . import modules as module_loader
+    from . import safetensors_file, torch_files
+
+    if module is None and factory:
+        module = module_loader.build(factory)
+    p = Path(path) if path is not None else None
+    if p is not None and not p.exists():
+        raise InputError(f"{p}: no such file or directory")
+    if module is not None:
+        if p is not None:
+            state = safetensors_file.read_all(p) if p.suffix == ".safetensors" else torch_files.state_dict_of(p, trust_pickle)
+            module_loader.load_weights(module, state, p)
+        return module_loader.from_module(module, p)
+    if p is None:
+        raise InputError("give a model file, or --model package.module:factory")
+    if p.is_dir():
+        raise InputError(f"{p}: a folder; give a model file (.pt, .pth, .bin, .ckpt, .safetensors, .onnx)")
+    if p.suffix == ".safetensors":
+        return safetensors_file.load(p)
+    if p.suffix == ".onnx":
+        raise InputError(f"{p}: ONNX is not supported yet")
+    return torch_files.load(p, trust_pickle)

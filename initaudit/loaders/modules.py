@@ -1,0 +1,77 @@
+"""Live modules: built from code (`--model package.module:factory`), fully pickled (trusted), or TorchScript."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import trace
+from ..errors import InputError
+from . import Loaded, TensorSource
+from .torch_files import STRIPPED_PREFIXES
+
+
+def build(spec: str) -> torch.nn.Module:
+    """Import `package.module:callable` (the current folder is importable) and call it."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise InputError(f"--model {spec!r}: use package.module:factory")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"--model {spec!r}: {exc}") from None
+    try:
+        built = factory()
+    except Exception as exc:  # noqa: BLE001 - user code can raise anything
+        raise InputError(f"--model {spec!r}: the factory raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(built, torch.nn.Module):
+        raise InputError(f"--model {spec!r}: returned {type(built).__name__}, not a torch.nn.Module")
+    return built
+
+
+def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a checkpoint into the module built from code; say clearly which keys do not match."""
+    want = module.state_dict().keys()
+    for prefix in ("",) + STRIPPED_PREFIXES:
+        if prefix and not all(k.startswith(prefix) for k in state):
+            continue
+        candidate = {k[len(prefix):]: v for k, v in state.items()}
+        if candidate.keys() == want:
+            state = candidate
+            break
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        missing = sorted(set(want) - set(state))[:5]
+        extra = sorted(set(state) - set(want))[:5]
+        raise InputError(f"{path}: its weights do not fit the --model architecture "
+                         f"(missing {missing}, unexpected {extra})" if missing or extra
+                         else f"{path}: its weights do not fit the --model architecture ({str(exc).splitlines()[-1].strip()})") from None
+
+
+def from_module(module: torch.nn.Module, path: Path | None, fmt: str = "torch-module") -> Loaded:
+    infos = trace.module_infos(module)
+    flow = trace.fx_flow(module, infos)
+    notes = []
+    if flow is None:
+        flow = trace.order_flow(module, infos)
+        notes.append("torch.fx could not trace the model; activations were read from module order, "
+                     "which does not see functional calls")
+    state = {k: v.detach() for k, v in module.state_dict(keep_vars=True).items()}
+    return Loaded(path, fmt, TensorSource.of(state), module=module, flow=flow, modules=infos, notes=notes)
+
+
+def from_torchscript(path: Path) -> Loaded:
+    try:
+        scripted = torch.jit.load(str(path), map_location="cpu")
+    except (RuntimeError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable TorchScript archive ({str(exc).strip().splitlines()[0][:200]})") from None
+    infos = trace.module_infos(scripted)
+    state = {k: v.detach() for k, v in scripted.state_dict().items()}
+    return Loaded(path, "torchscript", TensorSource.of(state), module=scripted, flow=trace.script_flow(scripted),
+                  modules=infos)

@@ -1,0 +1,167 @@
+"""Data flow of live modules and TorchScript archives: torch.fx where it traces, module order otherwise."""
+
+from __future__ import annotations
+
+import torch
+
+from .activations import Activation, canonical
+from .flow import ACT, LAYER, NORM, OUTPUT, PASS, STOP, Flow
+from .graph import WEIGHTED_KINDS, ModuleInfo, kind_of_class
+
+_STOP_NAMES = frozenset({"softmax", "log_softmax", "softmin", "Softmax", "LogSoftmax", "Softmin", "Softmax2d"})
+_NORM_FUNCTIONS = frozenset({"layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "local_response_norm"})
+_LAYER_FUNCTIONS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                              "conv_transpose3d", "_convolution", "bilinear"})
+
+
+def class_names(module: torch.nn.Module) -> list[str]:
+    """The module's class and its bases' names, most derived first (TorchScript: the original name)."""
+    original = getattr(module, "original_name", None)
+    if isinstance(module, torch.jit.ScriptModule) and original:
+        return [original]
+    return [cls.__name__ for cls in type(module).__mro__]
+
+
+def module_infos(root: torch.nn.Module) -> dict[str, ModuleInfo]:
+    """Kind of every module whose class says it (Linear, Conv2d, LayerNorm, LSTM, HF Conv1D...)."""
+    infos = {}
+    for name, module in root.named_modules():
+        names = class_names(module)
+        kind = kind_of_class(names)
+        if kind is not None:
+            infos[name] = ModuleInfo(kind, names[0], transposed=names[0] == "Conv1D")
+    return infos
+
+
+def activation_of_module(module: torch.nn.Module) -> Activation | None:
+    names = class_names(module)
+    if names[0] in ("PReLU",):
+        weight = getattr(module, "weight", None)
+        return Activation("prelu", float(weight.detach().float().mean()) if weight is not None else 0.25)
+    if "LeakyReLU" in names:
+        return Activation("leaky_relu", float(getattr(module, "negative_slope", 0.01)))
+    if list(module.parameters(recurse=False)) or list(module.children()):
+        return None
+    for name in names:
+        if name in ("Module", "ScriptModule", "RecursiveScriptModule"):
+            break
+        found = canonical(name, loose=True)
+        if found and found not in ("identity", "unknown"):
+            return Activation(found)
+    return None
+
+
+def _module_role(module: torch.nn.Module, kind: str | None) -> tuple[str, Activation | None]:
+    if kind in WEIGHTED_KINDS:
+        return LAYER, None
+    if kind == "norm":
+        return NORM, None
+    if class_names(module)[0] in _STOP_NAMES:
+        return STOP, None
+    act = activation_of_module(module)
+    return (ACT, act) if act else (PASS, None)
+
+
+def _function_role(name: str, args: tuple, kwargs: dict) -> tuple[str, Activation | None]:
+    if name in _STOP_NAMES:
+        return STOP, None
+    if name in _NORM_FUNCTIONS:
+        return NORM, None
+    found = canonical(name)
+    if found == "leaky_relu":
+        slope = kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01)
+        return ACT, Activation("leaky_relu", float(slope) if isinstance(slope, (int, float)) else 0.01)
+    if found and found not in ("identity", "unknown"):
+        return ACT, Activation(found)
+    return PASS, None
+
+
+def fx_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow | None:
+    """The flow from torch.fx.symbolic_trace; None where the module does not trace (data-dependent code)."""
+    try:
+        traced = torch.fx.symbolic_trace(root)
+    except Exception:  # noqa: BLE001 - fx raises many kinds of errors on untraceable code
+        return None
+    flow, ids = Flow(), {}
+    for node in traced.graph.nodes:
+        if node.op == "call_module":
+            info = infos.get(node.target)
+            role, act = _module_role(traced.get_submodule(node.target), info.kind if info else None)
+            ids[node] = flow.add(role, node.target if role == LAYER else None, act)
+        elif node.op in ("call_function", "call_method"):
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            layer = _functional_layer(node, name)
+            if layer is not None:
+                ids[node] = flow.add(LAYER, layer)
+            else:
+                role, act = _function_role(name, node.args, node.kwargs)
+                ids[node] = flow.add(role, None, act)
+        elif node.op == "output":
+            ids[node] = flow.add(OUTPUT)
+        else:
+            ids[node] = flow.add(PASS)
+        for src in node.all_input_nodes:
+            flow.link(ids[src], ids[node])
+    return flow
+
+
+def _functional_layer(node: torch.fx.Node, name: str) -> str | None:
+    """F.linear(x, self.weight) and friends on a module's own parameter: the layer is that module."""
+    if name not in _LAYER_FUNCTIONS or len(node.args) < 2:
+        return None
+    weight = node.args[1]
+    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and "." in weight.target:
+        return weight.target.rsplit(".", 1)[0]
+    return None
+
+
+def order_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow:
+    """A chain of leaf modules in registration order (Sequential order; functional calls unseen)."""
+    items = []
+    for name, module in root.named_modules():
+        info = infos.get(name)
+        if info is None and list(module.children()):
+            continue
+        if info is not None and info.kind not in WEIGHTED_KINDS and info.kind != "norm":
+            continue
+        role, act = _module_role(module, info.kind if info else None)
+        items.append((role, name if role == LAYER else None, act))
+    return Flow.chain(items)
+
+
+def script_flow(root: torch.jit.ScriptModule) -> Flow:
+    """The flow of a TorchScript archive's inlined graph: aten ops, weights named by their GetAttr paths."""
+    graph = root.inlined_graph
+    paths: dict[torch._C.Value, str] = {}
+    flow, ids = Flow(), {}
+    for value in graph.inputs():
+        ids[value] = flow.add(PASS)
+    for node in graph.nodes():
+        kind = node.kind()
+        if kind == "prim::GetAttr":
+            base = paths.get(node.input(), "")
+            paths[node.output()] = f"{base}.{node.s('name')}" if base else node.s("name")
+            continue
+        if kind == "prim::Constant":
+            continue
+        op = kind.split("::", 1)[1]
+        inputs = list(node.inputs())
+        if op in _LAYER_FUNCTIONS and len(inputs) > 1 and inputs[1] in paths:
+            idx = flow.add(LAYER, paths[inputs[1]].rsplit(".", 1)[0])
+        else:
+            role, act = _function_role(op, (), {})
+            if act is not None and act.name == "leaky_relu" and len(inputs) > 1:
+                slope = inputs[1].toIValue()
+                act = Activation("leaky_relu", float(slope) if slope is not None else 0.01)
+            idx = flow.add(role, None, act)
+        for value in inputs:
+            if value in ids:
+                flow.link(ids[value], idx)
+        for value in node.outputs():
+            ids[value] = idx
+    out = flow.add(OUTPUT)
+    for value in graph.outputs():
+        if value in ids:
+            flow.link(ids[value], out)
+    return flow
+
