@@ -130,38 +130,53 @@ def order_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow:
 
 
 def script_flow(root: torch.jit.ScriptModule) -> Flow:
-    """The flow of a TorchScript archive's inlined graph: aten ops, weights named by their GetAttr paths."""
+    """The flow of a TorchScript archive's inlined graph: aten ops, weights named by their GetAttr paths.
+
+    Functional ops hide their work in prim::If/Loop blocks (`if inplace: ...`): blocks are walked
+    and their outputs feed the If node's outputs.
+    """
     graph = root.inlined_graph
     paths: dict[torch._C.Value, str] = {}
     flow, ids = Flow(), {}
     for value in graph.inputs():
         ids[value] = flow.add(PASS)
-    for node in graph.nodes():
-        kind = node.kind()
-        if kind == "prim::GetAttr":
-            base = paths.get(node.input(), "")
-            paths[node.output()] = f"{base}.{node.s('name')}" if base else node.s("name")
-            continue
-        if kind == "prim::Constant":
-            continue
-        op = kind.split("::", 1)[1]
-        inputs = list(node.inputs())
-        if op in _LAYER_FUNCTIONS and len(inputs) > 1 and inputs[1] in paths:
-            idx = flow.add(LAYER, paths[inputs[1]].rsplit(".", 1)[0])
-        else:
-            role, act = _function_role(op, (), {})
-            if act is not None and act.name == "leaky_relu" and len(inputs) > 1:
-                slope = inputs[1].toIValue()
-                act = Activation("leaky_relu", float(slope) if slope is not None else 0.01)
-            idx = flow.add(role, None, act)
-        for value in inputs:
-            if value in ids:
-                flow.link(ids[value], idx)
-        for value in node.outputs():
-            ids[value] = idx
+
+    def visit(nodes) -> None:
+        for node in nodes:
+            kind = node.kind()
+            if kind == "prim::GetAttr":
+                base = paths.get(node.input(), "")
+                paths[node.output()] = f"{base}.{node.s('name')}" if base else node.s("name")
+                continue
+            if kind == "prim::Constant":
+                continue
+            inputs = list(node.inputs())
+            idx = _script_node(flow, node, inputs, paths)
+            for value in inputs:
+                if value in ids:
+                    flow.link(ids[value], idx)
+            for block in node.blocks():
+                visit(block.nodes())
+                for value in block.outputs():
+                    if value in ids:
+                        flow.link(ids[value], idx)
+            for value in node.outputs():
+                ids[value] = idx
+
+    visit(graph.nodes())
     out = flow.add(OUTPUT)
     for value in graph.outputs():
         if value in ids:
             flow.link(ids[value], out)
     return flow
 
+
+def _script_node(flow: Flow, node: torch._C.Node, inputs: list, paths: dict) -> int:
+    op = node.kind().split("::", 1)[1]
+    if op in _LAYER_FUNCTIONS and len(inputs) > 1 and inputs[1] in paths:
+        return flow.add(LAYER, paths[inputs[1]].rsplit(".", 1)[0])
+    role, act = _function_role(op, (), {})
+    if act is not None and act.name == "leaky_relu" and len(inputs) > 1:
+        slope = inputs[1].toIValue()
+        act = Activation("leaky_relu", float(slope) if slope is not None else 0.01)
+    return flow.add(role, None, act)

@@ -48,15 +48,19 @@ def read(path: Path, trust_pickle: bool) -> Any:
                 raise
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle)  # legacy (non-zip) format
     except pickle.UnpicklingError as exc:
-        if "weights_only" in str(exc) or "Weights only" in str(exc):
-            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            what = f" ({found.group(1)})" if found else ""
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            what = f" ({found.group(1)})"
             raise InputError(f"{path}: the file pickles Python objects{what}, and loading it would run code from "
                              "the file; save a state_dict instead, or pass --trust-pickle if you trust its source") from None
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, ImportError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({reason[:200]})") from None
+        raise InputError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _tensors_in(obj: Any) -> dict[str, torch.Tensor] | None:

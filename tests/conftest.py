@@ -1,0 +1,61 @@
+"""Shared helpers: write one module in each supported file format, as users produce them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # makes `fixtures.models` importable, as `--model fixtures.models:NAME` expects
+
+FORMATS = ("state_dict", "checkpoint", "safetensors", "torchscript", "pickled_module", "factory")
+
+
+def save_as(module: torch.nn.Module, fmt: str, folder: Path, factory: str | None = None) -> tuple[Path | None, dict]:
+    """Save `module` in `fmt`; return the path and the audit() keywords a user would pass for it."""
+    state = module.state_dict()
+    if fmt == "state_dict":
+        path = folder / "model.pt"
+        torch.save(state, path)
+        return path, {}
+    if fmt == "checkpoint":  # DDP-wrapped weights inside a training checkpoint
+        path = folder / "checkpoint.ckpt"
+        torch.save({"epoch": 3, "optimizer": {"lr": 0.1}, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+        return path, {}
+    if fmt == "safetensors":
+        path = folder / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, path, metadata={"format": "pt"})
+        return path, {}
+    if fmt == "torchscript":
+        path = folder / "scripted.pt"
+        torch.jit.script(module).save(str(path))
+        return path, {}
+    if fmt == "pickled_module":
+        path = folder / "module.pt"
+        torch.save(module, path)
+        return path, {"trust_pickle": True}
+    if fmt == "factory":
+        return None, {"model": factory}
+    raise ValueError(fmt)
+
+
+BARE = ("state_dict", "checkpoint", "safetensors")  # formats that carry no activations
+
+
+@pytest.fixture
+def cli():
+    from click.testing import CliRunner
+
+    from initaudit.cli import main
+
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke

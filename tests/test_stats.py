@@ -1,0 +1,80 @@
+"""The one-pass statistics, checked against torch on real tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from initaudit import stats
+
+
+def test_moments_match_torch_and_known_kurtosis():
+    torch.manual_seed(0)
+    uniform = torch.empty(256, 512).uniform_(-1, 1)
+    normal = torch.randn(256, 512) * 3 + 0.5
+    su, sn = stats.compute(uniform), stats.compute(normal)
+    assert su.std == pytest.approx(float(uniform.double().std(unbiased=False)), rel=1e-9)
+    assert sn.mean == pytest.approx(float(normal.double().mean()), rel=1e-9)
+    assert su.excess_kurtosis == pytest.approx(-1.2, abs=0.03)
+    assert sn.excess_kurtosis == pytest.approx(0.0, abs=0.05)
+    assert (su.min, su.max) == (float(uniform.min()), float(uniform.max()))
+
+
+def test_chunked_pass_equals_single_pass(monkeypatch):
+    torch.manual_seed(1)
+    w = torch.randn(300, 70)
+    w[5] = w[9]
+    w[11] = 0
+    whole = stats.compute(w)
+    monkeypatch.setattr(stats, "CHUNK_ELEMENTS", 70 * 7)  # 43 chunks of 7 rows
+    chunked = stats.compute(w)
+    assert chunked.std == pytest.approx(whole.std, rel=1e-12)
+    assert chunked.excess_kurtosis == pytest.approx(whole.excess_kurtosis, rel=1e-9)
+    assert chunked.zero_units == whole.zero_units == [11]
+    assert chunked.duplicate_groups == whole.duplicate_groups == [[5, 9]]
+
+
+def test_near_constant_tensor_keeps_precision():
+    w = torch.full((64, 64), 1000.0, dtype=torch.float64) + torch.randn(64, 64, dtype=torch.float64) * 1e-6
+    s = stats.compute(w)
+    assert s.std == pytest.approx(float(w.std(unbiased=False)), rel=1e-6)
+
+
+def test_non_finite_values_are_counted_and_excluded():
+    w = torch.randn(32, 32)
+    w[0, 0], w[1, 1], w[2, 2] = float("nan"), float("inf"), float("-inf")
+    s = stats.compute(w)
+    assert (s.nan, s.inf, s.finite) == (1, 2, 32 * 32 - 3)
+    assert math.isfinite(s.std) and math.isfinite(s.max)
+
+
+def test_constant_and_distinct():
+    s = stats.compute(torch.ones(16, 8))
+    assert s.constant and s.distinct == 1 and s.std == 0
+    assert not stats.compute(torch.randn(16, 8)).constant
+
+
+def test_duplicate_groups_exact_and_near_but_not_merely_close():
+    torch.manual_seed(2)
+    w = torch.randn(64, 128)
+    w[3] = w[0]
+    w[7] = w[0]
+    w[10] = w[20] + 1e-7  # float noise: still the same unit
+    w[30] = w[40] + 0.05  # a real difference (5 % of the std): not a duplicate
+    s = stats.compute(w)
+    assert sorted(map(sorted, s.duplicate_groups)) == [[0, 3, 7], [10, 20]]
+    assert s.duplicate_units == 3
+
+
+def test_unit_axis_for_transposed_layouts():
+    w = torch.randn(128, 64)  # [in, out], as ONNX MatMul and HF Conv1D store it
+    w[:, 5] = 0
+    s = stats.compute(w, unit_axis=1)
+    assert s.n_units == 64 and s.zero_units == [5]
+
+
+def test_bf16_and_half_tensors():
+    w = torch.randn(64, 64).to(torch.bfloat16)
+    assert stats.compute(w).std == pytest.approx(float(w.float().std(unbiased=False)), rel=1e-3)
