@@ -116,3 +116,7 @@ def explain(rule):
         click.echo("Example:\n" + "\n".join(f"  {k}: {v}" for k, v in r.example.items()) + "\n")
     click.echo(f"Fix: {r.fix}  (source: {r.source})")
     return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -86,9 +86,13 @@ def _candidates(fan_in: int, fan_out: int, kind: str, hidden: int | None) -> lis
     return out
 
 
-def _is_orthogonal(weight: torch.Tensor, unit_axis: int) -> bool:
-    """Rows (or columns, whichever are fewer) orthogonal with one common norm: torch.nn.init.orthogonal_."""
-    if weight.dim() < 2:
+def _is_orthogonal(weight: torch.Tensor, unit_axis: int, stats: TensorStats) -> bool:
+    """Rows (or columns, whichever are fewer) orthogonal with one common norm: torch.nn.init.orthogonal_.
+
+    Only where those rows/columns all have one norm (random draws spread by a few percent) is the
+    Gram matrix computed.
+    """
+    if weight.dim() < 2 or not stats.norm_spread < 1e-4:
         return False
     rows = weight.detach().movedim(unit_axis, 0).reshape(weight.shape[unit_axis], -1).to(torch.float64)
     if min(rows.shape) < 2 or min(rows.shape) > MAX_ORTHOGONAL_CHECK:
@@ -112,7 +116,7 @@ def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "line
         name = "zeros" if stats.max == 0 else "constant"
         return Fingerprint(name, name, "any", 0.0, math.nan)
     shape = _shape_of(stats)
-    if weight is not None and kind != "embedding" and _is_orthogonal(weight, unit_axis):
+    if weight is not None and kind != "embedding" and _is_orthogonal(weight, unit_axis, stats):
         return Fingerprint("orthogonal", "orthogonal", shape, stats.std, 1.0)
     tol = max(0.06, 3 / math.sqrt(2 * stats.finite))
     preferred = CONSISTENT.get(activation.family if activation else "", set())

@@ -1,5 +1,6 @@
-"""One pass over a tensor, in bounded chunks of rows: moments, extremes, zeros, non-finite values,
-zero rows and groups of identical (or near-identical) rows found by hashing."""
+"""One pass over a tensor, in bounded chunks of units (rows): moments, extremes, zeros, non-finite
+values, zero units, the spread of unit norms, and groups of identical (or near-identical) units
+found by hashing each row to a random projection (no comparison of all pairs)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 22   # rows are read in chunks of about this many values (32 MiB as float64)
-MAX_EXACT_DISTINCT = 1 << 22
-NEAR_DUPLICATE_TOLERANCE = 1e-3  # rows equal after rounding to this fraction of the tensor's std
+CHUNK_ELEMENTS = 1 << 22        # units are read in chunks of about this many values
+DISTINCT_SAMPLE = 1 << 16       # distinct values are counted exactly up to this many entries
+NEAR_DUPLICATE_TOLERANCE = 1e-3  # units differing by at most this fraction of the std in every entry are copies
 MAX_REPORTED_GROUPS = 20
+_WINDOW = 64                    # neighbours in projection order compared with each unit
 _HASH_SEED = 0x1A17
 
 
@@ -29,7 +31,8 @@ class TensorStats:
     abs_max: float
     excess_kurtosis: float
     zero_fraction: float
-    distinct: int                 # exact up to MAX_EXACT_DISTINCT values; for larger tensors a lower bound
+    distinct: int                 # exact for tensors up to DISTINCT_SAMPLE entries, else counted in a sample
+    norm_spread: float = math.nan  # (max - min) / mean of the unit norms (of the columns, for tall matrices)
     zero_units: list[int] = field(default_factory=list)      # output units whose weights are all 0
     duplicate_groups: list[list[int]] = field(default_factory=list)  # groups of identical units (>= 2 each)
 
@@ -56,102 +59,133 @@ def as_units(tensor: torch.Tensor, unit_axis: int = 0) -> torch.Tensor:
     return tensor.movedim(unit_axis, 0).reshape(tensor.shape[unit_axis], -1)
 
 
-def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True) -> TensorStats:
-    """All statistics of `tensor` in one pass over chunks of its units (rows).
+class _Moments:
+    """Power sums about a fixed shift (the first chunk's mean): per chunk in the tensor's precision
+    (torch sums with cascaded partial sums), across chunks in float64."""
 
-    Moments are accumulated in float64 about a shift (the first chunk's mean) so that a
-    near-constant tensor keeps its precision. `units=False` skips the per-row work (biases, norms).
+    def __init__(self) -> None:
+        self.n, self.shift, self.sums = 0, None, [0.0, 0.0, 0.0, 0.0]
+
+    def add(self, values: torch.Tensor) -> None:
+        if not values.numel():
+            return
+        if self.shift is None:
+            self.shift = float(values.mean())
+        d = values - self.shift
+        d2 = d * d
+        for i, part in enumerate((d, d2, d2 * d, d2 * d2)):
+            self.sums[i] += float(part.sum())
+        self.n += values.numel()
+
+    def result(self) -> tuple[float, float, float]:
+        """Mean, population variance, excess kurtosis."""
+        if self.n == 0:
+            return math.nan, math.nan, math.nan
+        m1, m2, m3, m4 = (s / self.n for s in self.sums)
+        var = max(m2 - m1 * m1, 0.0)
+        c4 = m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1 ** 4
+        return self.shift + m1, var, (c4 / (var * var) - 3.0 if var > 0 else math.nan)
+
+
+def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True) -> TensorStats:
+    """All statistics of `tensor` in one pass over chunks of its units.
+
+    `units=False` skips the per-unit work (biases, norms, embeddings).
     """
     rows = as_units(tensor.detach(), unit_axis)
     n_units, width = rows.shape
+    dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     step = max(1, CHUNK_ELEMENTS // max(width, 1))
-    shift = None
-    s1 = s2 = s3 = s4 = 0.0
-    finite = nan = inf = zeros = 0
+    moments = _Moments()
+    nan = inf = zeros = 0
     lo, hi = math.inf, -math.inf
     zero_units: list[int] = []
-    hashes = []
-    scale = None
+    projections, norms = [], []
+    column_sq = torch.zeros(width, dtype=torch.float64) if units and n_units > width else None
+    basis = torch.randn(width, 2, generator=torch.Generator().manual_seed(_HASH_SEED), dtype=dtype) if units else None
     for start in range(0, n_units, step):
-        chunk = rows[start:start + step].to(torch.float64)
-        ok = torch.isfinite(chunk)
-        n_nan = int(torch.isnan(chunk).sum())
-        nan += n_nan
-        inf += int((~ok).sum()) - n_nan
-        values = chunk[ok] if not bool(ok.all()) else chunk.reshape(-1)
+        chunk = rows[start:start + step].to(dtype)
+        c_lo, c_hi = torch.aminmax(chunk)
+        if not math.isfinite(float(c_lo)) or not math.isfinite(float(c_hi)):  # NaN or Inf somewhere
+            n_nan = int(torch.isnan(chunk).sum())
+            nan += n_nan
+            inf += int(torch.isinf(chunk).sum())
+            values = chunk[torch.isfinite(chunk)]
+            chunk = torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
+            if values.numel():
+                c_lo, c_hi = torch.aminmax(values)
+        else:
+            values = chunk.reshape(-1)
+        moments.add(values)
         if values.numel():
-            if shift is None:
-                shift = float(values.mean())
-            d = values - shift
-            d2 = d * d
-            s1 += float(d.sum()); s2 += float(d2.sum()); s3 += float((d2 * d).sum()); s4 += float((d2 * d2).sum())
-            finite += values.numel()
-            lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
-        is_zero = chunk == 0
-        zeros += int(is_zero.sum())
-        if units and width:
-            zero_units.extend((start + torch.nonzero(is_zero.all(dim=1)).flatten()).tolist())
-            if scale is None:
-                scale = _hash_scale(values)
-            hashes.append(_row_hashes(chunk, scale, width))
-    mean, var, kurt = _moments(finite, shift or 0.0, s1, s2, s3, s4)
-    groups = _duplicate_groups(rows, torch.cat(hashes), scale, set(zero_units)) if hashes else []
+            lo, hi = min(lo, float(c_lo)), max(hi, float(c_hi))
+        nonzero_per_unit = torch.count_nonzero(chunk, dim=1)
+        zeros += chunk.numel() - int(nonzero_per_unit.sum())
+        if units:
+            zero_units.extend((start + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
+            projections.append(chunk @ basis)
+            if column_sq is None:
+                norms.append(torch.linalg.vector_norm(chunk, dim=1))
+            else:
+                column_sq += (chunk * chunk).sum(dim=0)
+    mean, var, kurt = moments.result()
+    std = math.sqrt(var) if var == var else math.nan
+    spread = math.nan
+    if units and n_units:
+        unit_norms = torch.cat(norms) if column_sq is None else column_sq.sqrt()
+        mid = float(unit_norms.mean())
+        spread = float(unit_norms.max() - unit_norms.min()) / mid if mid > 0 else math.nan
+    groups = []
+    if units and n_units > 1 and lo < hi:
+        groups = _duplicate_groups(rows, torch.cat(projections), std * NEAR_DUPLICATE_TOLERANCE, set(zero_units))
     return TensorStats(
-        numel=rows.numel(), n_units=n_units, finite=finite, nan=nan, inf=inf, mean=mean, std=math.sqrt(var),
-        min=lo if finite else math.nan, max=hi if finite else math.nan,
-        abs_max=max(abs(lo), abs(hi)) if finite else math.nan, excess_kurtosis=kurt,
-        zero_fraction=zeros / rows.numel() if rows.numel() else 0.0,
-        distinct=_distinct(tensor), zero_units=zero_units, duplicate_groups=groups)
-
-
-def _moments(n: int, shift: float, s1: float, s2: float, s3: float, s4: float) -> tuple[float, float, float]:
-    """Mean, population variance and excess kurtosis from power sums about `shift`."""
-    if n == 0:
-        return math.nan, math.nan, math.nan
-    m1, m2, m3, m4 = s1 / n, s2 / n, s3 / n, s4 / n
-    var = max(m2 - m1 * m1, 0.0)
-    c4 = m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1 ** 4
-    kurt = c4 / (var * var) - 3.0 if var > 0 else math.nan
-    return shift + m1, var, kurt
+        numel=rows.numel(), n_units=n_units, finite=moments.n, nan=nan, inf=inf, mean=mean, std=std,
+        min=lo if moments.n else math.nan, max=hi if moments.n else math.nan,
+        abs_max=max(abs(lo), abs(hi)) if moments.n else math.nan, excess_kurtosis=kurt,
+        zero_fraction=zeros / rows.numel() if rows.numel() else 0.0, distinct=_distinct(tensor),
+        norm_spread=spread, zero_units=zero_units, duplicate_groups=groups)
 
 
 def _distinct(tensor: torch.Tensor) -> int:
     flat = tensor.detach().reshape(-1)
-    if flat.numel() > MAX_EXACT_DISTINCT:
-        flat = flat[:: flat.numel() // MAX_EXACT_DISTINCT + 1]
+    if flat.numel() > DISTINCT_SAMPLE:
+        flat = flat[:: flat.numel() // DISTINCT_SAMPLE + 1]
     return int(torch.unique(flat).numel())
 
 
-def _hash_scale(values: torch.Tensor) -> float:
-    """The rounding step for near-duplicate rows: a small fraction of the first chunk's spread."""
-    spread = float(values.std()) if values.numel() > 1 else 0.0
-    return spread * NEAR_DUPLICATE_TOLERANCE if spread > 0 else 1.0
+def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_units: set[int]) -> list[list[int]]:
+    """Units within `tol` of each other in every entry.
 
+    Each unit is hashed to two random projections; copies land next to each other in projection
+    order (their projections differ by about the norm of their difference), so only neighbours
+    within a small window are compared entry by entry.
+    """
+    width = rows.shape[1]
+    reach = 4 * tol * math.sqrt(width) + 1e-12 * float(proj.abs().max())
+    order = torch.argsort(proj[:, 0])
+    p = proj[order]
+    parent = list(range(rows.shape[0]))
 
-def _quantize(chunk: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.nan_to_num(torch.round(chunk / scale), nan=0.0, posinf=0.0, neginf=0.0).to(torch.int64)
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
 
-
-def _row_hashes(chunk: torch.Tensor, scale: float, width: int) -> torch.Tensor:
-    """A 64-bit hash per row of the rounded values: a random integer projection (wrapping)."""
-    gen = torch.Generator().manual_seed(_HASH_SEED)
-    weights = torch.randint(1, 2 ** 61, (width,), generator=gen, dtype=torch.int64)
-    return (_quantize(chunk, scale) * weights).sum(dim=1)
-
-
-def _duplicate_groups(rows: torch.Tensor, hashes: torch.Tensor, scale: float, zero_units: set[int]) -> list[list[int]]:
-    """Groups of rows with equal hashes, confirmed by comparing their rounded values."""
-    _, inverse, counts = torch.unique(hashes, return_inverse=True, return_counts=True)
-    groups = []
-    for bucket in torch.nonzero(counts > 1).flatten().tolist():
-        members = [i for i in torch.nonzero(inverse == bucket).flatten().tolist() if i not in zero_units]
-        while len(members) > 1:
-            q = _quantize(rows[members].to(torch.float64), scale)
-            same = (q == q[0]).all(dim=1).tolist()
-            group = [m for m, s in zip(members, same) if s]
-            if len(group) > 1:
-                groups.append(group)
-            members = [m for m, s in zip(members, same) if not s]
-        if len(groups) >= MAX_REPORTED_GROUPS:
+    touched: set[int] = set()
+    for offset in range(1, min(_WINDOW, rows.shape[0] - 1) + 1):
+        gap = p[offset:] - p[:-offset]
+        near_first = gap[:, 0] <= reach  # sorted on the first projection: beyond here nothing is nearer
+        if not bool(near_first.any()):
             break
-    return groups
+        for k in torch.nonzero(near_first & (gap[:, 1].abs() <= reach)).flatten().tolist():
+            a, b = int(order[k]), int(order[k + offset])
+            if a in zero_units or b in zero_units or find(a) == find(b):
+                continue
+            if float((rows[a].to(torch.float64) - rows[b].to(torch.float64)).abs().max()) <= tol:
+                parent[find(a)] = find(b)
+                touched.update((a, b))
+    members: dict[int, list[int]] = {}
+    for i in sorted(touched):
+        members.setdefault(find(i), []).append(i)
+    return sorted(members.values(), key=lambda g: g[0])[:MAX_REPORTED_GROUPS]
