@@ -12,7 +12,7 @@ $(BIN)/initaudit: pyproject.toml
 
 .PHONY: demo test bench fixtures
 demo: $(BIN)/initaudit
-	-$(BIN)/initaudit check fixtures/deep_relu_mlp_xavier.pt --activation relu
+	$(BIN)/initaudit check fixtures/deep_relu_mlp_xavier.pt --activation relu
 	$(BIN)/initaudit check fixtures/resnet_kaiming.pt
 
 test: $(BIN)/initaudit
