@@ -94,6 +94,9 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True) -> Ten
     """
     rows = as_units(tensor.detach(), unit_axis)
     n_units, width = rows.shape
+    if rows.numel() == 0:
+        nan_ = math.nan
+        return TensorStats(0, n_units, 0, 0, 0, nan_, nan_, nan_, nan_, nan_, nan_, 0.0, 0)
     dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     step = max(1, CHUNK_ELEMENTS // max(width, 1))
     moments = _Moments()

@@ -78,3 +78,9 @@ def test_unit_axis_for_transposed_layouts():
 def test_bf16_and_half_tensors():
     w = torch.randn(64, 64).to(torch.bfloat16)
     assert stats.compute(w).std == pytest.approx(float(w.float().std(unbiased=False)), rel=1e-3)
+
+
+def test_empty_and_scalar_tensors():
+    empty = stats.compute(torch.empty(10, 0))
+    assert empty.numel == 0 and empty.finite == 0 and not empty.constant
+    assert stats.compute(torch.tensor(3.0)).constant
