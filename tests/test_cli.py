@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
 
+import pytest
 import torch
 
 from conftest import ROOT, save_as
@@ -125,3 +127,23 @@ def test_fixture_script_reproduces_shipped_files(tmp_path):
         fresh = torch.load(tmp_path / name, weights_only=True)
         assert shipped.keys() == fresh.keys()
         assert all(torch.equal(shipped[k], fresh[k]) for k in shipped), name
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "checkpoint", "safetensors", "torchscript"])
+def test_truncated_and_corrupted_files_never_traceback(cli, tmp_path, fmt):
+    """Every prefix of a real file is an input error; flipped bytes are an error or a verdict, never a crash."""
+    path, _ = save_as(models.deep_cnn_kaiming(), fmt, tmp_path)
+    data = path.read_bytes()
+    bad = tmp_path / f"bad{path.suffix}"
+    for frac in (0.0, 0.001, 0.05, 0.3, 0.6, 0.9, 0.999):
+        bad.write_bytes(data[:int(len(data) * frac)])
+        assert str(bad) in one_error_line(cli("check", bad))
+    rng = random.Random(0)
+    for pos in (0.2, 0.5, 0.8):
+        corrupt = bytearray(data)
+        start = int(len(corrupt) * pos)
+        corrupt[start:start + 64] = bytes(rng.randrange(256) for _ in range(64))
+        bad.write_bytes(bytes(corrupt))
+        result = cli("check", bad)
+        assert result.exit_code in (0, 1, 2) and "Traceback" not in result.output
+        assert "internal error" not in result.output
