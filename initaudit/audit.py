@@ -40,7 +40,12 @@ def build_graph(loaded: Loaded, options: Options) -> LayerGraph:
 
 
 def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
-    """Stats, fingerprint and facts for every audited tensor; tied tensors are read once."""
+    """Stats, fingerprint and facts for every audited tensor; tied tensors are read once.
+
+    Ties are told by storage only where the source holds every tensor (a lazily read tensor's
+    freed memory may be reused by the next one); ONNX shares initializers on purpose and audits
+    them once per layer that uses them.
+    """
     out, cache = [], {}
     for layer in graph:
         bias = _bias_of(loaded, layer)
@@ -50,7 +55,7 @@ def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
             tensor = loaded.tensors[param.key]
             if not tensor.is_floating_point():
                 continue
-            ident = _identity(tensor)
+            ident = _identity(tensor) if loaded.tensors.resident else (param.key,)
             if ident in cache:
                 param.shared_with = cache[ident][0]
                 st = cache[ident][1]

@@ -13,7 +13,28 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # makes `fixtures.models` importable, as `--model fixtures.models:NAME` expects
 
-FORMATS = ("state_dict", "checkpoint", "safetensors", "torchscript", "pickled_module", "factory")
+FORMATS = ("state_dict", "checkpoint", "safetensors", "torchscript", "pickled_module", "factory", "onnx")
+
+
+def example_input(module: torch.nn.Module) -> torch.Tensor:
+    """An input batch for the fixture models (for ONNX export)."""
+    from fixtures import models
+
+    if isinstance(module, models.TinyLM):
+        return torch.randint(0, models.TinyLM.VOCAB, (2, 7))
+    return torch.randn(2, 3, 16, 16) if isinstance(module, models.ConvNet) else torch.randn(2, models.INPUTS)
+
+
+def export_onnx(module: torch.nn.Module, path: Path, opset: int = 17, dynamo: bool = False) -> Path:
+    """torch.onnx.export as users call it: the legacy TorchScript exporter, or the dynamo one."""
+    import contextlib
+    import io
+    import warnings
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (example_input(module),), str(path), opset_version=opset, dynamo=dynamo)
+    return path
 
 
 def save_as(module: torch.nn.Module, fmt: str, folder: Path, factory: str | None = None) -> tuple[Path | None, dict]:
@@ -41,6 +62,8 @@ def save_as(module: torch.nn.Module, fmt: str, folder: Path, factory: str | None
         return path, {"trust_pickle": True}
     if fmt == "factory":
         return None, {"model": factory}
+    if fmt == "onnx":
+        return export_onnx(module, folder / "model.onnx"), {}
     raise ValueError(fmt)
 
 

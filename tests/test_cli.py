@@ -129,7 +129,7 @@ def test_fixture_script_reproduces_shipped_files(tmp_path):
         assert all(torch.equal(shipped[k], fresh[k]) for k in shipped), name
 
 
-@pytest.mark.parametrize("fmt", ["state_dict", "checkpoint", "safetensors", "torchscript"])
+@pytest.mark.parametrize("fmt", ["state_dict", "checkpoint", "safetensors", "torchscript", "onnx"])
 def test_truncated_and_corrupted_files_never_traceback(cli, tmp_path, fmt):
     """Every prefix of a real file is an input error; flipped bytes are an error or a verdict, never a crash."""
     path, _ = save_as(models.deep_cnn_kaiming(), fmt, tmp_path)

@@ -22,13 +22,14 @@ def natural_key(name: str) -> list:
 class TensorSource:
     """Named tensors in file order, read on demand (so mmap'ed or lazily opened files stay on disk)."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor]):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor], resident: bool = False):
         self.shapes = shapes
         self._get = get
+        self.resident = resident  # all tensors are held (so storages identify tied weights)
 
     @classmethod
     def of(cls, tensors: dict[str, torch.Tensor]) -> "TensorSource":
-        return cls({k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__)
+        return cls({k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__, resident=True)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._get(key)
@@ -56,7 +57,7 @@ def load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | 
          module: torch.nn.Module | None = None) -> Loaded:
     """Load a model file (or a module built by `factory`, or a live `module`) for auditing."""
     from . import modules as module_loader
-    from . import safetensors_file, torch_files
+    from . import onnx_file, safetensors_file, torch_files
 
     if module is None and factory:
         module = module_loader.build(factory)
@@ -64,6 +65,8 @@ def load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | 
     if p is not None and not p.exists():
         raise InputError(f"{p}: no such file or directory")
     if module is not None:
+        if p is not None and p.suffix == ".onnx":
+            raise InputError(f"{p}: --model takes PyTorch weights; check an ONNX model on its own")
         if p is not None:
             state = safetensors_file.read_all(p) if p.suffix == ".safetensors" else torch_files.state_dict_of(p, trust_pickle)
             module_loader.load_weights(module, state, p)
@@ -75,5 +78,5 @@ def load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | 
     if p.suffix == ".safetensors":
         return safetensors_file.load(p)
     if p.suffix == ".onnx":
-        raise InputError(f"{p}: ONNX is not supported yet")
+        return onnx_file.load(p)
     return torch_files.load(p, trust_pickle)

@@ -1,0 +1,105 @@
+"""ONNX models: the graph is parsed whole, tensors (external data included) are read one at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from ..errors import InputError
+from ..onnx_graph import View, analyse
+from . import Loaded, TensorSource
+
+
+@dataclass
+class OnnxContainer:
+    """What `fix` needs to write the model back: the proto (external data not loaded) and where each tensor lives."""
+
+    model: onnx.ModelProto
+    views: dict[str, View]
+    sources: dict[str, onnx.TensorProto]
+
+
+def read(path: Path) -> onnx.ModelProto:
+    """Parse and validate; a broken graph or missing external data is an InputError."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    for proto in sources_of(model.graph).values():
+        _check_external(proto, path)
+    try:
+        onnx.checker.check_model(str(path))  # by path: handles external data and models over 2 GB
+    except (onnx.checker.ValidationError, DecodeError, OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{path}: the ONNX checker rejects the model ({_first_line(exc)})") from None
+    return model
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _check_external(proto: onnx.TensorProto, path: Path) -> None:
+    if proto.data_location != onnx.TensorProto.EXTERNAL:
+        return
+    info = {e.key: e.value for e in proto.external_data}
+    location = info.get("location", "")
+    folder = path.resolve().parent
+    target = (folder / location).resolve()
+    if not location or folder not in target.parents:
+        raise InputError(f"{path}: tensor {proto.name!r} points outside the model's folder ({location!r})")
+    if not target.is_file():
+        raise InputError(f"{path}: external data file {location!r} of tensor {proto.name!r} is missing")
+    end = int(info.get("offset", 0)) + int(info.get("length", 0))
+    if end > target.stat().st_size:
+        raise InputError(f"{path}: external data file {location!r} is shorter than tensor {proto.name!r} needs")
+
+
+def sources_of(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant-node tensors, by the tensor name the graph uses."""
+    found = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    found[node.output[0]] = a.t
+    return found
+
+
+def array(proto: onnx.TensorProto, folder: Path) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(proto, base_dir=str(folder))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"tensor {proto.name!r} cannot be read ({_first_line(exc)})") from None
+
+
+def _shape(dims: tuple[int, ...], index: tuple) -> tuple[int, ...]:
+    return np.broadcast_to(np.zeros((), dtype=bool), dims)[index].shape
+
+
+def load(path: Path) -> Loaded:
+    model = read(path)
+    sources = sources_of(model.graph)
+    folder = path.resolve().parent
+
+    def value(name: str) -> np.ndarray:
+        return array(sources[name], folder)
+
+    layers = analyse(model.graph, sources, value)
+
+    def get(key: str) -> torch.Tensor:
+        view = layers.views[key]
+        data = value(view.source)[view.index]
+        if data.dtype not in (np.float16, np.float32, np.float64):
+            data = data.astype(np.float32)  # bfloat16 and the like
+        return torch.from_numpy(np.array(data, order="C"))  # a copy: numpy_helper's arrays are read-only
+
+    shapes = {k: _shape(tuple(sources[v.source].dims), v.index) for k, v in layers.views.items()}
+    return Loaded(path, "onnx", TensorSource(shapes, get), flow=layers.flow, modules=layers.modules,
+                  container=OnnxContainer(model, layers.views, sources), notes=layers.notes)

@@ -1,0 +1,283 @@
+"""ONNX: the same verdicts as the PyTorch model it was exported from; activations, fans and names from the graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import initaudit
+from conftest import export_onnx
+from fixtures import models
+from test_cli import one_error_line
+from test_fixture_verdicts import EXPECTED
+
+EXPORTS = [pytest.param(13, False, id="legacy-opset13"), pytest.param(17, False, id="legacy-opset17"),
+           pytest.param(18, True, id="dynamo-opset18")]
+
+
+def findings(report) -> set[tuple[str, str]]:
+    return {(f.rule, f.layer) for f in report.findings}
+
+
+@pytest.mark.parametrize("opset, dynamo", EXPORTS)
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_onnx_export_gives_the_pytorch_verdict(name, opset, dynamo, tmp_path):
+    module = getattr(models, name)()
+    expected = initaudit.audit(module)
+    report = initaudit.audit(export_onnx(module, tmp_path / "model.onnx", opset, dynamo))
+    assert report.format == "onnx"
+    assert findings(report) == findings(expected)
+    assert [(r.name, r.fan_in, r.fan_out, r.activation) for r in report.layers] == \
+           [(r.name, r.fan_in, r.fan_out, r.activation) for r in expected.layers]
+
+
+@pytest.mark.parametrize("opset, dynamo", EXPORTS)
+def test_lstm_language_model_and_decomposed_activations_survive_export(opset, dynamo, tmp_path):
+    module = models.tiny_lm()
+    expected = initaudit.audit(module)
+    report = initaudit.audit(export_onnx(module, tmp_path / "lm.onnx", opset, dynamo))
+    rows = {(r.tensor, r.fan_in, r.fan_out, r.activation) for r in report.layers}
+    assert rows == {(r.tensor, r.fan_in, r.fan_out, r.activation) for r in expected.layers}
+    assert [r.activation for r in report.layers if r.name.startswith("projs.")] == ["gelu", "silu", "gelu", "mish", "hardswish"]
+    assert findings(report) == findings(expected)
+
+
+# ---------------------------------------------------------------- graphs built by hand
+
+RNG = np.random.default_rng(0)
+
+
+def init(name: str, array) -> TensorProto:
+    return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
+
+
+def kaiming(out: int, fan_in: int, *kernel: int) -> np.ndarray:
+    return RNG.normal(0, np.sqrt(2 / (fan_in * int(np.prod(kernel or (1,))))), (out, fan_in, *kernel))
+
+
+def save(tmp_path, nodes, inits, x_shape=(2, 8), opset=17, name="model.onnx"):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model)
+    path = tmp_path / name
+    onnx.save(model, str(path))
+    return path
+
+
+def two_layers(tmp_path, act_nodes, extra_inits=(), opset=17):
+    """x → Gemm fc1 → [act_nodes: h → a] → Gemm fc2 → y."""
+    inits = [init("fc1.weight", kaiming(16, 8)), init("fc1.bias", np.zeros(16)),
+             init("fc2.weight", kaiming(4, 16)), *extra_inits]
+    nodes = [helper.make_node("Gemm", ["x", "fc1.weight", "fc1.bias"], ["h"], transB=1, name="/fc1/Gemm"),
+             *act_nodes, helper.make_node("Gemm", ["a", "fc2.weight"], ["y"], transB=1, name="/fc2/Gemm")]
+    return save(tmp_path, nodes, inits, opset=opset)
+
+
+def activation_of(path, layer="fc1") -> str:
+    return next(r.activation for r in initaudit.audit(path).layers if r.name == layer)
+
+
+C = {"half": 0.5, "one": 1.0, "sqrt2": np.sqrt(2.0), "three": 3.0, "k1": 0.044715, "k2": np.sqrt(2 / np.pi)}
+CONSTS = [init(k, v) for k, v in C.items()]
+N = helper.make_node
+
+PATTERNS = {
+    "silu": [N("Sigmoid", ["h"], ["s"]), N("Mul", ["h", "s"], ["a"])],
+    "hardswish": [N("HardSigmoid", ["h"], ["s"], alpha=1 / 6), N("Mul", ["h", "s"], ["a"])],
+    "gelu (erf, x·(1+erf)·½)": [N("Div", ["h", "sqrt2"], ["d"]), N("Erf", ["d"], ["e"]), N("Add", ["e", "one"], ["p"]),
+                                N("Mul", ["h", "p"], ["m"]), N("Mul", ["m", "half"], ["a"])],
+    "gelu (erf, ½x·(1+erf))": [N("Mul", ["h", "half"], ["hx"]), N("Div", ["h", "sqrt2"], ["d"]), N("Erf", ["d"], ["e"]),
+                               N("Add", ["e", "one"], ["p"]), N("Mul", ["hx", "p"], ["a"])],
+    "gelu (tanh, Pow)": [N("Pow", ["h", "three"], ["c"]), N("Mul", ["c", "k1"], ["c1"]), N("Add", ["h", "c1"], ["i"]),
+                         N("Mul", ["i", "k2"], ["i2"]), N("Tanh", ["i2"], ["t"]), N("Add", ["t", "one"], ["p"]),
+                         N("Mul", ["h", "p"], ["m"]), N("Mul", ["m", "half"], ["a"])],
+    "gelu (tanh, x·x·x)": [N("Mul", ["h", "h"], ["sq"]), N("Mul", ["h", "sq"], ["c"]), N("Mul", ["k1", "c"], ["c1"]),
+                           N("Add", ["h", "c1"], ["i"]), N("Mul", ["k2", "i"], ["i2"]), N("Tanh", ["i2"], ["t"]),
+                           N("Add", ["one", "t"], ["p"]), N("Mul", ["h", "p"], ["m"]), N("Mul", ["half", "m"], ["a"])],
+    "mish": [N("Softplus", ["h"], ["sp"]), N("Tanh", ["sp"], ["t"]), N("Mul", ["h", "t"], ["a"])],
+}
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_decomposed_activations(pattern, tmp_path):
+    expected = pattern.split(" ")[0]
+    assert activation_of(two_layers(tmp_path, PATTERNS[pattern], CONSTS)) == expected
+    # the same core ops without the closing Mul by x are the plain activation
+    core = {"silu": "sigmoid", "hardswish": "hardsigmoid", "mish": "softplus"}.get(expected)
+    if core is not None:
+        plain = [n for n in PATTERNS[pattern] if n.op_type != "Mul"]
+        plain[-1].output[0] = "a"
+        assert activation_of(two_layers(tmp_path, plain, CONSTS)) == core
+
+
+def test_sigmoid_gate_of_another_tensor_is_not_silu(tmp_path):
+    gate = [N("Sigmoid", ["h"], ["s"]), N("Gemm", ["x", "g.weight"], ["o"], transB=1, name="/g/Gemm"),
+            N("Mul", ["o", "s"], ["a"])]
+    assert activation_of(two_layers(tmp_path, gate, [init("g.weight", kaiming(16, 8))])) == "sigmoid"
+
+
+NATIVE = {
+    "relu": [N("Relu", ["h"], ["a"])],
+    "leaky_relu(0.2)": [N("LeakyRelu", ["h"], ["a"], alpha=0.2)],
+    "prelu(0.25)": [N("PRelu", ["h", "slope"], ["a"])],
+    "elu": [N("Elu", ["h"], ["a"])],
+    "selu": [N("Selu", ["h"], ["a"])],
+    "sigmoid": [N("Sigmoid", ["h"], ["a"])],
+    "hardsigmoid": [N("HardSigmoid", ["h"], ["a"])],
+    "tanh": [N("Tanh", ["h"], ["a"])],
+    "softplus": [N("Softplus", ["h"], ["a"])],
+    "relu6": [N("Clip", ["h", "zero", "six"], ["a"])],
+    "identity": [N("Softmax", ["h"], ["a"])],
+    "relu (through reshape, transpose, flatten)": [
+        N("Reshape", ["h", "shape"], ["r"]), N("Transpose", ["r"], ["t"], perm=[0, 2, 1]), N("Flatten", ["t"], ["f"]),
+        N("Relu", ["f"], ["a"])],
+}
+NATIVE_INITS = [init("slope", np.full(16, 0.25)), init("zero", 0.0), init("six", 6.0),
+                numpy_helper.from_array(np.array([2, 4, 4], dtype=np.int64), "shape")]
+
+
+@pytest.mark.parametrize("act", sorted(NATIVE))
+def test_native_activation_ops(act, tmp_path):
+    assert activation_of(two_layers(tmp_path, NATIVE[act], NATIVE_INITS)) == act.split(" ")[0]
+
+
+def test_gelu_op_of_opset_20(tmp_path):
+    path = two_layers(tmp_path, [N("Gelu", ["h"], ["a"], approximate="tanh")], opset=20)
+    assert activation_of(path) == "gelu"
+
+
+def test_batchnorm_after_a_layer_sets_norm_after_and_output_is_identity(tmp_path):
+    bn = [init(f"bn.{k}", v) for k, v in (("weight", np.ones(16)), ("bias", np.zeros(16)),
+                                          ("running_mean", np.zeros(16)), ("running_var", np.ones(16)))]
+    nodes = [N("BatchNormalization", ["h", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"], ["b"]),
+             N("Relu", ["b"], ["a"])]
+    report = initaudit.audit(two_layers(tmp_path, nodes, bn))
+    rows = {r.name: r for r in report.layers}
+    assert rows["fc1"].activation == "relu" and rows["fc1"].norm_after
+    assert rows["fc2"].activation == "identity"
+    assert not any(f.layer == "bn" for f in report.findings)  # a norm's ones and zeros are by design
+
+
+# ---------------------------------------------------------------- fan conventions
+
+def torch_fans(shape) -> tuple[int, int]:
+    return torch.nn.init._calculate_fan_in_and_fan_out(torch.empty(shape))
+
+
+def only_layer(path):
+    report = initaudit.audit(path)
+    return report.layers[0]
+
+
+@pytest.mark.parametrize("trans_b", [1, 0])
+def test_gemm_fans_follow_trans_b(trans_b, tmp_path):
+    w = kaiming(32, 64)  # [out, in]
+    stored = w if trans_b else w.T
+    path = save(tmp_path, [N("Gemm", ["x", "fc.weight"], ["y"], transB=trans_b)], [init("fc.weight", stored)], (2, 64))
+    row = only_layer(path)
+    assert (row.kind, row.fan_in, row.fan_out) == ("linear", 64, 32)
+    assert row.scheme == "kaiming-normal"
+
+
+def test_matmul_weights_are_in_by_out_and_pick_up_their_add_bias(tmp_path):
+    nodes = [N("MatMul", ["x", "onnx::MatMul_7"], ["m"], name="/encoder/encoder.proj/MatMul"),
+             N("Add", ["encoder.proj.bias", "m"], ["y"], name="/encoder/encoder.proj/Add")]
+    inits = [init("onnx::MatMul_7", kaiming(32, 64).T), init("encoder.proj.bias", RNG.normal(0, 1, 32))]
+    report = initaudit.audit(save(tmp_path, nodes, inits, (2, 64)))
+    row = report.layers[0]
+    assert (row.name, row.fan_in, row.fan_out, row.scheme) == ("encoder.proj", 64, 32, "kaiming-normal")
+    assert {(f.rule, f.tensor) for f in report.findings} == {("nonzero-bias", "encoder.proj.bias")}
+
+
+@pytest.mark.parametrize("op, shape, group", [("Conv", (32, 4, 3, 3), 4), ("Conv", (16, 1, 3, 3), 16),
+                                              ("ConvTranspose", (16, 8, 3, 3), 1), ("Conv", (8, 16, 5), 1)])
+def test_conv_fans_match_torch(op, shape, group, tmp_path):
+    channels = shape[1] * group if op == "Conv" else shape[0]
+    x_shape = (1, channels) + (8,) * (len(shape) - 2)
+    node = N(op, ["x", "conv.weight"], ["y"], group=group)
+    row = only_layer(save(tmp_path, [node], [init("conv.weight", RNG.normal(0, 0.1, shape))], x_shape))
+    assert (row.fan_in, row.fan_out) == torch_fans(shape)
+    assert row.kind == ("conv_transpose" if op == "ConvTranspose" else "conv") + f"{len(shape) - 2}d"
+
+
+def test_bidirectional_lstm_weights_per_direction(tmp_path):
+    hidden, inputs = 12, 8
+    bound = 1 / np.sqrt(hidden)
+    w, r, b = (RNG.uniform(-bound, bound, s) for s in ((2, 4 * hidden, inputs), (2, 4 * hidden, hidden), (2, 8 * hidden)))
+    node = N("LSTM", ["x", "onnx::LSTM_1", "onnx::LSTM_2", "onnx::LSTM_3"], ["y"], name="/rnn/LSTM",
+             hidden_size=hidden, direction="bidirectional")
+    report = initaudit.audit(save(tmp_path, [node], [init("onnx::LSTM_1", w), init("onnx::LSTM_2", r), init("onnx::LSTM_3", b)],
+                                  (5, 2, inputs)))
+    rows = {r.tensor: r for r in report.layers}
+    assert set(rows) == {"rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l0_reverse", "rnn.weight_hh_l0_reverse"}
+    assert (rows["rnn.weight_ih_l0"].fan_in, rows["rnn.weight_ih_l0"].fan_out) == (inputs, 4 * hidden)
+    assert (rows["rnn.weight_hh_l0_reverse"].fan_in, rows["rnn.weight_hh_l0_reverse"].kind) == (hidden, "recurrent")
+    assert not [f for f in report.findings if f.severity != "info"]
+
+
+# ---------------------------------------------------------------- names and shared initializers
+
+def test_scope_names_folded_weights_and_shared_initializers(tmp_path):
+    nodes = [N("Conv", ["x", "onnx::Conv_193", "onnx::Conv_194"], ["c"], name="/layer3/layer3.0/conv1/Conv", pads=[1, 1, 1, 1]),
+             N("Relu", ["c"], ["r"]), N("Flatten", ["r"], ["f"]),
+             N("Identity", ["head.bias"], ["other.bias"]),  # the legacy exporter's de-duplicated zero biases
+             N("Gemm", ["f", "onnx::Gemm_5", "head.bias"], ["g"], transB=1, name="/head/Gemm"), N("Relu", ["g"], ["gr"]),
+             N("Gemm", ["gr", "onnx::Gemm_6", "other.bias"], ["y"], transB=1, name="/other/Gemm")]
+    inits = [init("onnx::Conv_193", kaiming(8, 2, 3, 3)), init("onnx::Conv_194", np.zeros(8)),
+             init("onnx::Gemm_5", np.zeros((16, 8 * 16))), init("onnx::Gemm_6", kaiming(16, 16)),
+             init("head.bias", np.zeros(16))]
+    report = initaudit.audit(save(tmp_path, nodes, inits, (1, 2, 4, 4)))
+    assert [r.name for r in report.layers] == ["layer3.0.conv1", "head", "other"]
+    assert [r.norm_after for r in report.layers] == [True, False, False]  # the renamed conv weight had a BatchNorm folded in
+    assert any("folded BatchNorm" in n for n in report.notes)
+    assert {(f.rule, f.layer) for f in report.findings if f.severity == "error"} == {("zero-weights", "head")}
+
+
+def test_one_initializer_shared_by_two_layers_is_audited_for_each(tmp_path):
+    nodes = [N("Gemm", ["x", "tied"], ["h"], transB=1, name="/enc/Gemm"), N("Relu", ["h"], ["r"]),
+             N("Gemm", ["r", "tied"], ["y"], transB=1, name="/dec/Gemm")]
+    report = initaudit.audit(save(tmp_path, nodes, [init("tied", np.ones((8, 8)))]))
+    assert {(f.rule, f.layer) for f in report.findings} == {("constant-weights", "enc"), ("constant-weights", "dec")}
+
+
+def test_constant_node_weights(tmp_path):
+    w = numpy_helper.from_array(np.zeros((4, 8), dtype=np.float32), "w")
+    nodes = [N("Constant", [], ["fc.weight"], value=w), N("Gemm", ["x", "fc.weight"], ["y"], transB=1)]
+    report = initaudit.audit(save(tmp_path, nodes, []))
+    assert [(f.rule, f.layer) for f in report.findings] == [("zero-weights", "fc")]
+
+
+# ---------------------------------------------------------------- files
+
+def test_external_data_is_read_and_its_absence_is_a_clear_error(cli, tmp_path):
+    path = export_onnx(models.zero_layer(), tmp_path / "exported.onnx")
+    model = onnx.load(str(path))
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    external = folder / "model.onnx"
+    onnx.save(model, str(external), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    assert (folder / "weights.bin").stat().st_size > 100_000 and external.stat().st_size < 20_000
+    assert findings(initaudit.audit(external)) == findings(initaudit.audit(models.zero_layer()))
+    result = cli("check", external, "--format", "json")
+    assert result.exit_code == 1 and '"format": "onnx"' in result.output
+    data = (folder / "weights.bin").read_bytes()
+    (folder / "weights.bin").write_bytes(data[: len(data) // 2])
+    assert "shorter than" in one_error_line(cli("check", external))
+    (folder / "weights.bin").unlink()
+    assert "weights.bin" in one_error_line(cli("check", external))
+
+
+def test_broken_graph_is_a_clear_error(cli, tmp_path):
+    nodes = [N("Gemm", ["x", "fc.weight"], ["h"], transB=1), N("Relu", ["nowhere"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+                              [init("fc.weight", kaiming(4, 8))])
+    path = tmp_path / "broken.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert "ONNX checker" in one_error_line(cli("check", path))
+    (tmp_path / "garbage.onnx").write_bytes(b"\x08\x07not protobuf at all" * 50)
+    assert "garbage.onnx" in one_error_line(cli("check", tmp_path / "garbage.onnx"))
