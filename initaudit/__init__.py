@@ -3,5 +3,6 @@
 __version__ = "0.1.0"
 
 from .audit import audit  # noqa: E402
+from .fixer import fix  # noqa: E402
 
-__all__ = ["audit", "__version__"]
+__all__ = ["audit", "fix", "__version__"]

@@ -163,7 +163,17 @@ def layer_rows(measured: list[Measured]) -> list[LayerRow]:
     return rows
 
 
-def run(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None = None) -> Report:
+@dataclass
+class Analysis:
+    """Everything one pass produced: the graph, the measured tensors and the report (the fixer needs all three)."""
+
+    loaded: Loaded
+    graph: LayerGraph
+    measured: list[Measured]
+    report: Report
+
+
+def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None = None) -> Analysis:
     """Audit an already loaded model."""
     rules = rulebook.select(rules if rules is not None else rulebook.builtin_rules(), options.select, options.ignore)
     graph = build_graph(loaded, options)
@@ -171,8 +181,29 @@ def run(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None = No
     notes = list(loaded.notes)
     if options.activation is not None or options.activations:
         notes = [n for n in notes if "activations are unknown" not in n]
-    return Report(model=str(loaded.path) if loaded.path else "<module>", format=loaded.format,
-                  layers=layer_rows(measured), findings=evaluate(measured, rules, options), notes=notes)
+    report = Report(model=str(loaded.path) if loaded.path else "<module>", format=loaded.format,
+                    layers=layer_rows(measured), findings=evaluate(measured, rules, options), notes=notes)
+    return Analysis(loaded, graph, measured, report)
+
+
+def run(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None = None) -> Report:
+    return analyse(loaded, options, rules).report
+
+
+def make_options(options: Options | None = None, activation: str | None = None,
+                 activations: dict[str, str] | None = None, select: list[str] | None = None,
+                 ignore: list[str] | None = None) -> Options:
+    """Options for the Python API: keyword arguments over `options` (or the defaults)."""
+    from .activations import parse
+
+    options = options or Options()
+    if activation is not None:
+        options.activation = parse(activation)
+    if activations:
+        options.activations = {**options.activations, **{k: parse(v) for k, v in activations.items()}}
+    options.select = select if select is not None else options.select
+    options.ignore = ignore if ignore is not None else options.ignore
+    return options
 
 
 def audit(target: str | Path | torch.nn.Module | None = None, *, model: str | None = None,
@@ -185,15 +216,7 @@ def audit(target: str | Path | torch.nn.Module | None = None, *, model: str | No
     >>> report.summary["errors"]
     0
     """
-    from .activations import parse
-
-    options = options or Options()
-    if activation is not None:
-        options.activation = parse(activation)
-    if activations:
-        options.activations = {**options.activations, **{k: parse(v) for k, v in activations.items()}}
-    options.select = select if select is not None else options.select
-    options.ignore = ignore if ignore is not None else options.ignore
+    options = make_options(options, activation, activations, select, ignore)
     if isinstance(target, torch.nn.Module):
         from .loaders import modules
         loaded = modules.from_module(target, None)

@@ -1,4 +1,4 @@
-"""The command line: `initaudit check`, `initaudit rules`, `initaudit explain`."""
+"""The command line: `initaudit check`, `initaudit fix`, `initaudit rules`, `initaudit explain`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from . import __version__
 from . import config as config_mod
 from . import rules as rulebook
 from .activations import parse
-from .audit import run
+from .audit import analyse, run
 from .errors import InputError
 from .loaders import load
 from .report import FAIL_ON
@@ -56,23 +56,29 @@ def main() -> None:
     """Lint the weight initialization of neural networks (PyTorch, safetensors, TorchScript, ONNX)."""
 
 
-@main.command()
-@click.argument("model_path", metavar="MODEL", required=False, type=click.Path(path_type=Path))
-@click.option("--model", "factory", metavar="PKG.MOD:FACTORY",
-              help="Build the architecture from code (a callable returning an nn.Module); MODEL's weights, if given, are loaded into it.")
-@click.option("--activation", metavar="NAME", help="Activation for layers whose activation is unknown (relu, tanh, leaky_relu:0.2, ...).")
-@click.option("--activation-for", "activation_for", metavar="PATTERN=NAME", multiple=True,
-              help="Activation for the layers matching a glob pattern, e.g. 'encoder.*.fc1=gelu'. Repeatable.")
-@click.option("--format", "fmt", type=click.Choice(sorted(REPORTERS)), default="table", show_default=True)
-@click.option("--fail-on", type=click.Choice(FAIL_ON), default=None, help="Lowest severity that fails (exit 1). [default: error]")
-@click.option("--select", multiple=True, metavar="RULE", help="Only these rules (name, code or code prefix). Repeatable.")
-@click.option("--ignore", multiple=True, metavar="RULE", help="Skip these rules. Repeatable.")
-@click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="A pyproject.toml (its [tool.initaudit]) or a TOML file of those keys. [default: nearest pyproject.toml]")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled model (runs code from the file: trusted files only).")
-@click.option("-o", "--output", type=click.File("w"), default="-", help="Write the report here instead of stdout.")
-def check(model_path, factory, activation, activation_for, fmt, fail_on, select, ignore, config_path, trust_pickle, output):
-    """Audit MODEL's initialization: .pt/.pth/.bin/.ckpt, TorchScript, .safetensors, .onnx."""
+def _model_options(command):
+    """The options `check` and `fix` share: what to load, how to read it, which rules count."""
+    for option in reversed([
+        click.argument("model_path", metavar="MODEL", required=False, type=click.Path(path_type=Path)),
+        click.option("--model", "factory", metavar="PKG.MOD:FACTORY",
+                     help="Build the architecture from code (a callable returning an nn.Module); "
+                          "MODEL's weights, if given, are loaded into it."),
+        click.option("--activation", metavar="NAME",
+                     help="Activation for layers whose activation is unknown (relu, tanh, leaky_relu:0.2, ...)."),
+        click.option("--activation-for", "activation_for", metavar="PATTERN=NAME", multiple=True,
+                     help="Activation for the layers matching a glob pattern, e.g. 'encoder.*.fc1=gelu'. Repeatable."),
+        click.option("--select", multiple=True, metavar="RULE", help="Only these rules (name, code or code prefix). Repeatable."),
+        click.option("--ignore", multiple=True, metavar="RULE", help="Skip these rules. Repeatable."),
+        click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                     help="A pyproject.toml (its [tool.initaudit]) or a TOML file of those keys. [default: nearest pyproject.toml]"),
+        click.option("--trust-pickle", is_flag=True,
+                     help="Allow loading a fully pickled model (runs code from the file: trusted files only)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _options(config_path, activation, activation_for, select, ignore) -> config_mod.Options:
     options = config_mod.load(config_path)
     if activation:
         options.activation = parse(activation)
@@ -83,11 +89,71 @@ def check(model_path, factory, activation, activation_for, fmt, fail_on, select,
         options.activations[pattern] = parse(name)
     options.select = list(select) or options.select
     options.ignore = list(ignore) + options.ignore
+    return options
+
+
+@main.command()
+@_model_options
+@click.option("--format", "fmt", type=click.Choice(sorted(REPORTERS)), default="table", show_default=True)
+@click.option("--fail-on", type=click.Choice(FAIL_ON), default=None, help="Lowest severity that fails (exit 1). [default: error]")
+@click.option("-o", "--output", type=click.File("w"), default="-", help="Write the report here instead of stdout.")
+def check(model_path, factory, activation, activation_for, select, ignore, config_path, trust_pickle, fmt, fail_on, output):
+    """Audit MODEL's initialization: .pt/.pth/.bin/.ckpt, TorchScript, .safetensors, .onnx, a Hugging Face folder."""
+    options = _options(config_path, activation, activation_for, select, ignore)
     options.fail_on = fail_on or options.fail_on
     loaded = load(model_path, trust_pickle=trust_pickle or options.trust_pickle, factory=factory)
     report = run(loaded, options)
     REPORTERS[fmt](report, output)
     return report.exit_code(options.fail_on)
+
+
+@main.command()
+@_model_options
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), help="Where to write the fixed model (same format as MODEL).")
+@click.option("--all", "all_layers", is_flag=True, help="Re-initialize every layer, not just those with error or warning findings.")
+@click.option("--only", multiple=True, metavar="PATTERN", help="Re-initialize just the layers matching this glob. Repeatable.")
+@click.option("--seed", type=int, help="Seed for the new draws (each tensor's draw depends on the seed and its name).")
+@click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
+@click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically). Without it the input is never written.")
+def fix(model_path, factory, activation, activation_for, select, ignore, config_path, trust_pickle,
+        out, all_layers, only, seed, dry_run, in_place):
+    """Re-initialize MODEL's badly initialized layers with the recommended scheme; write the same format.
+
+    Exit 0 when every chosen layer was fixed, 1 when some could not be (they are listed), 2 on bad input.
+    """
+    from .fixer import repair
+    from .reporters import fix_table
+    from .writers import write
+
+    options = _options(config_path, activation, activation_for, select, ignore)
+    target = _fix_target(model_path, factory, out, dry_run, in_place)
+    trust = trust_pickle or options.trust_pickle
+    loaded = load(model_path, trust_pickle=trust, factory=factory)
+    result = repair(analyse(loaded, options), all_layers, list(only), seed)
+    if not dry_run:
+        write(load(model_path, trust_pickle=trust) if factory else loaded, result.tensors, target)
+    fix_table.write(result, sys.stdout, None if dry_run else str(target))
+    return 1 if result.skipped else 0
+
+
+def _fix_target(model_path: Path | None, factory: str | None, out: Path | None, dry_run: bool, in_place: bool) -> Path | None:
+    """Where `fix` writes: never MODEL itself unless --in-place."""
+    if model_path is None:
+        raise InputError("fix needs a MODEL file (to fix a module built in code, call initaudit.fix(module) in Python)"
+                         if factory else "give a model file to fix")
+    if dry_run:
+        return None
+    if in_place and out is not None and out.resolve() != model_path.resolve():
+        raise InputError("give either -o OUT or --in-place, not both")
+    if in_place:
+        return model_path
+    if out is None:
+        raise InputError("give -o OUT for the fixed model (or --in-place to replace MODEL, or --dry-run)")
+    if out.exists() and model_path.exists() and out.resolve() == model_path.resolve():
+        raise InputError(f"{out}: that is MODEL itself; pass --in-place to replace it")
+    if not out.parent.is_dir():
+        raise InputError(f"{out.parent}: no such folder")
+    return out
 
 
 @main.command("rules")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -135,38 +136,54 @@ def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "line
 
 @dataclass(frozen=True)
 class Recommendation:
-    """The scheme the selection guide recommends for a layer, its std, and the torch.nn.init call."""
+    """The scheme the selection guide recommends for a layer, its std, and the torch.nn.init call that draws it."""
 
     scheme: str
     std: float
-    call: str        # how a user writes it
-    basis: str       # why this scheme
+    fn: str                          # a torch.nn.init function
+    kwargs: tuple[tuple[str, Any], ...]
+    basis: str                       # why this scheme
+    gain_of: str | None = None       # the activation whose calculate_gain gives `gain` (for display)
+
+    @property
+    def call(self) -> str:
+        """How a user writes it: kaiming_normal_(mode='fan_in', nonlinearity='relu')."""
+        args = [f"{k}=calculate_gain('{self.gain_of}')" if k == "gain" and self.gain_of else f"{k}={v!r}"
+                for k, v in self.kwargs]
+        return f"{self.fn}({', '.join(args)})"
+
+    def draw(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Fill `tensor` (in torch's [out, in, ...] layout) in place with torch.nn.init itself."""
+        return getattr(torch.nn.init, self.fn)(tensor, **dict(self.kwargs))
 
 
 def recommend(activation: Activation, fan_in: int, fan_out: int, kind: str = "linear",
               hidden: int | None = None, role: str = "weight") -> Recommendation | None:
     """Kaiming for ReLU-family, Xavier (with calculate_gain's gain) for tanh/sigmoid, LeCun for SELU
-    and for linear (identity) layers, orthogonal for recurrent weights; None when unknown."""
+    and for linear (identity) layers, orthogonal for recurrent hidden-to-hidden weights (Xavier for
+    their input weights); None when the activation is unknown."""
     fan_in, fan_out = max(fan_in, 1), max(fan_out, 1)
     if kind == "embedding":
         return None
     if kind == "recurrent":
-        h = hidden or fan_in
-        if role == "weight_hh":
-            return Recommendation("orthogonal", 1 / math.sqrt(h), "orthogonal_()", "recurrent weights")
-        return Recommendation("xavier-uniform", math.sqrt(2 / (fan_in + fan_out)), "xavier_uniform_()",
-                              "recurrent weights (sigmoid/tanh gates)")
+        if role == "weight_hh":  # orthogonal_ on [gates·h, h]: each entry has variance 1/max(rows, cols)
+            return Recommendation("orthogonal", 1 / math.sqrt(max(fan_in, fan_out)), "orthogonal_", (),
+                                  "orthogonal for recurrent hidden-to-hidden weights")
+        return Recommendation("xavier-uniform", math.sqrt(2 / (fan_in + fan_out)), "xavier_uniform_", (),
+                              "Xavier for recurrent input weights (sigmoid/tanh gates)")
     family = activation.family
     if family == "relu":
-        slope = f", a={activation.param:g}" if activation.torch_nonlinearity == "leaky_relu" else ""
-        return Recommendation("kaiming-normal", activation.gain / math.sqrt(fan_in),
-                              f"kaiming_normal_(mode='fan_in', nonlinearity='{activation.torch_nonlinearity}'{slope})",
+        kwargs = (("mode", "fan_in"), ("nonlinearity", activation.torch_nonlinearity))
+        if activation.torch_nonlinearity == "leaky_relu":
+            kwargs = (("a", activation.param if activation.param is not None else 0.01),) + kwargs
+        return Recommendation("kaiming-normal", activation.gain / math.sqrt(fan_in), "kaiming_normal_", kwargs,
                               f"Kaiming (He) for {activation}")
     if family == "saturating":
-        return Recommendation("xavier-uniform", activation.gain * math.sqrt(2 / (fan_in + fan_out)),
-                              f"xavier_uniform_(gain=calculate_gain('{activation.name if activation.name in ('tanh', 'sigmoid') else 'tanh'}'))",
-                              f"Xavier (Glorot) for {activation}")
+        gain_of = activation.name if activation.name in ("tanh", "sigmoid") else "tanh"
+        return Recommendation("xavier-uniform", activation.gain * math.sqrt(2 / (fan_in + fan_out)), "xavier_uniform_",
+                              (("gain", activation.gain),), f"Xavier (Glorot) for {activation}", gain_of)
     if family in ("selu", "identity"):
-        return Recommendation("lecun-normal", 1 / math.sqrt(fan_in), "kaiming_normal_(mode='fan_in', nonlinearity='linear')",
+        return Recommendation("lecun-normal", 1 / math.sqrt(fan_in), "kaiming_normal_",
+                              (("mode", "fan_in"), ("nonlinearity", "linear")),
                               "LeCun for SELU" if family == "selu" else "LeCun (variance-preserving) for a linear layer")
     return None

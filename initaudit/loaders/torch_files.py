@@ -26,8 +26,8 @@ STRIPPED_PREFIXES = ("module.", "_orig_mod.", "model.")
 class TorchContainer:
     """How the state_dict sat in the file, so `fix` can write the same structure back."""
 
-    obj: Any                  # the whole loaded object
-    path: tuple[str, ...]     # keys from obj down to the state_dict
+    root: Any                 # the whole loaded object
+    path: tuple[str, ...]     # keys from root down to the state_dict
     prefix: str               # stripped from every key
 
 
@@ -73,7 +73,7 @@ def _tensors_in(obj: Any) -> dict[str, torch.Tensor] | None:
 
 def unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], TorchContainer]:
     """Find the state_dict in a checkpoint and strip wrapper prefixes from its keys."""
-    trail: tuple[str, ...] = ()
+    root, trail = obj, ()
     state = _tensors_in(obj)
     while state is None and isinstance(obj, Mapping):
         key = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
@@ -90,7 +90,7 @@ def unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], TorchContaine
         if all(k.startswith(prefix + candidate) for k in state):
             prefix += candidate
     stripped = {k[len(prefix):]: v for k, v in state.items()}
-    return stripped, TorchContainer(obj, trail, prefix)
+    return stripped, TorchContainer(root, trail, prefix)
 
 
 def state_dict_of(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
