@@ -7,7 +7,7 @@ whether a normalization sits between the layer and it.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from .activations import IDENTITY, UNKNOWN, Activation
@@ -18,7 +18,8 @@ ACT = "act"        # a non-linearity: `activation` says which
 NORM = "norm"      # BatchNorm/LayerNorm/GroupNorm/RMSNorm...
 STOP = "stop"      # softmax and the like: the layer before it is linear (identity)
 OUTPUT = "output"  # the graph's output
-PASS = "pass"      # anything that carries the signal on (reshape, add, dropout, pooling, matmul...)
+ADD = "add"        # an elementwise sum: with two computed inputs, a residual join
+PASS = "pass"      # anything that carries the signal on (reshape, dropout, pooling, matmul...)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Downstream:
 
     activation: Activation
     norm_after: bool
+    residual_after: bool = False
 
 
 class Flow:
@@ -71,28 +73,32 @@ class Flow:
         A path that reaches another weighted layer, a softmax or the output with no
         non-linearity on the way means the layer is linear (identity) — unless
         `unknown_between_layers`, for flows (bare state_dicts) whose activations were never seen.
-        Norms passed on the way set `norm_after`. A layer seen twice keeps its first answer.
+        Norms passed on the way set `norm_after`, sums of two computed tensors (residual joins)
+        `residual_after`. A layer seen twice keeps its first answer.
         """
+        inputs = Counter(u for node in self.nodes for u in node.users)
         found: dict[str, Downstream] = {}
         for start, node in enumerate(self.nodes):
             if node.role == LAYER and node.layer not in found:
-                found[node.layer] = self._walk(start, unknown_between_layers)
+                found[node.layer] = self._walk(start, unknown_between_layers, inputs)
         return found
 
-    def _walk(self, start: int, unknown_between_layers: bool) -> Downstream:
-        queue = deque((u, False) for u in self.nodes[start].users)
+    def _walk(self, start: int, unknown_between_layers: bool, inputs: Counter) -> Downstream:
+        queue = deque((u, False, False) for u in self.nodes[start].users)
         seen = {start}
         while queue:
-            idx, normed = queue.popleft()
+            idx, normed, joined = queue.popleft()
             if idx in seen:
                 continue
             seen.add(idx)
             node = self.nodes[idx]
             if node.role == ACT:
-                return Downstream(node.activation, normed)
+                return Downstream(node.activation, normed, joined)
             if node.role == LAYER:
-                return Downstream(UNKNOWN if unknown_between_layers else IDENTITY, normed)
+                return Downstream(UNKNOWN if unknown_between_layers else IDENTITY, normed, joined)
             if node.role in (STOP, OUTPUT):
-                return Downstream(IDENTITY, normed)
-            queue.extend((u, normed or node.role == NORM) for u in node.users)
+                return Downstream(IDENTITY, normed, joined)
+            normed = normed or node.role == NORM
+            joined = joined or (node.role == ADD and inputs[idx] >= 2)
+            queue.extend((u, normed, joined) for u in node.users)
         return Downstream(IDENTITY, False)

@@ -47,6 +47,7 @@ class Layer:
     module_type: str | None = None
     activation: Activation = UNKNOWN
     norm_after: bool = False
+    residual_after: bool = False  # the layer's output joins a residual sum before the next layer
     position: int = -1       # index among weighted layers, in order
     run_depth: int = 0       # weighted layers in this layer's run between normalizations
     is_output: bool = False
@@ -216,7 +217,7 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
         found = downstream.get(layer.name)
         layer.position = i
         if found is not None:
-            layer.activation, layer.norm_after = found.activation, found.norm_after
+            layer.activation, layer.norm_after, layer.residual_after = found.activation, found.norm_after, found.residual_after
         if layer.kind == "recurrent":
             layer.activation = Activation("tanh")  # gates are sigmoid/tanh inside the cell
         layer.is_output = layer.activation == IDENTITY and i == len(weighted) - 1
@@ -230,11 +231,12 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
 
 
 def _assign_runs(weighted: list[Layer]) -> None:
-    """Split the ordered weighted layers into runs that end at a normalization; each knows its run's length."""
+    """Split the ordered weighted layers into runs that end at a normalization or a residual join
+    (the signal there no longer compounds layer by layer); each layer knows its run's length."""
     run: list[Layer] = []
     for layer in weighted:
         run.append(layer)
-        if layer.norm_after or layer is weighted[-1]:
+        if layer.norm_after or layer.residual_after or layer is weighted[-1]:
             for member in run:
                 member.run_depth = len(run)
             run = []

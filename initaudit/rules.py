@@ -48,6 +48,7 @@ FACTS = {
     "activation": "the activation that follows (relu, tanh, identity, unknown...)",
     "activation_family": "relu (ReLU-like), saturating (tanh/sigmoid), selu, identity, unknown",
     "norm_after": "a normalization follows before the activation", "position": "index among weighted layers",
+    "residual_after": "the output joins a residual sum before the next layer",
     "depth": "weighted layers in the model", "run_depth": "weighted layers in this layer's run between norms",
     "is_output": "the model's last layer, linear", "fan_in": "fan in", "fan_out": "fan out",
     "numel": "entries", "units": "output units", "non_finite": "NaN + Inf count", "nan": "NaN count",

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from .activations import Activation, canonical
-from .flow import ACT, LAYER, NORM, OUTPUT, PASS, STOP, Flow
+from .flow import ACT, ADD, LAYER, NORM, OUTPUT, PASS, STOP, Flow
 from .graph import WEIGHTED_KINDS, ModuleInfo, kind_of_class
 
+_ADD_NAMES = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "iadd"})
 _STOP_NAMES = frozenset({"softmax", "log_softmax", "softmin", "Softmax", "LogSoftmax", "Softmin", "Softmax2d"})
 _NORM_FUNCTIONS = frozenset({"layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "local_response_norm"})
 _LAYER_FUNCTIONS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
@@ -63,6 +64,8 @@ def _module_role(module: torch.nn.Module, kind: str | None) -> tuple[str, Activa
 
 
 def _function_role(name: str, args: tuple, kwargs: dict) -> tuple[str, Activation | None]:
+    if name in _ADD_NAMES:
+        return ADD, None
     if name in _STOP_NAMES:
         return STOP, None
     if name in _NORM_FUNCTIONS:

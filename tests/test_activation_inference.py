@@ -51,16 +51,43 @@ def test_torchscript_graph_gives_the_same(tmp_path):
     assert rows(initaudit.audit(path)) == EXPECTED
 
 
+class DataDependent(Functional):
+    """Data-dependent control flow: fx cannot trace it; one forward pass on a tiny input can."""
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return super().forward(x)
+        return super().forward(-x)
+
+
+def test_a_forward_pass_traces_what_fx_cannot():
+    report = initaudit.audit(DataDependent())
+    assert rows(report) == EXPECTED and not report.notes
+    assert [f.name for f in initaudit.audit(DataDependent()).layers] == list(EXPECTED)
+
+
+def test_residual_joins_end_a_run():
+    from initaudit.audit import build_graph
+    from initaudit.config import Options
+    from initaudit.loaders import modules
+
+    for module in (Functional(), DataDependent()):
+        loaded = modules.from_module(module, None)
+        layers = {layer.name: layer for layer in build_graph(loaded, Options())}
+        assert layers["conv"].residual_after and not layers["d"].residual_after
+        assert [layers[n].run_depth for n in ("a", "d", "conv", "e", "head")] == [5, 5, 5, 3, 3]
+
+
 class Untraceable(nn.Module):
-    """Data-dependent control flow: fx cannot trace it, so module order is used."""
+    """Two inputs and data-dependent control flow: neither fx nor a tiny single input runs it; module order is used."""
 
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 8), nn.LayerNorm(8), nn.Mish(), nn.Linear(8, 2))
 
-    def forward(self, x):
+    def forward(self, x, mask):
         if x.sum() > 0:
-            return self.net(x)
+            return self.net(x * mask)
         return self.net(-x)
 
 

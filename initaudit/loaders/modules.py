@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import trace
+from ..dynamic_trace import dynamic_flow, example_inputs
 from ..errors import InputError
 from . import Loaded, TensorSource
 from .torch_files import STRIPPED_PREFIXES
@@ -55,13 +56,17 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
 
 
 def from_module(module: torch.nn.Module, path: Path | None, fmt: str = "torch-module") -> Loaded:
+    """A live module: its flow from torch.fx, else from one forward pass on a tiny input, else module order."""
     infos = trace.module_infos(module)
     flow = trace.fx_flow(module, infos)
     notes = []
     if flow is None:
+        inputs = example_inputs(module)
+        flow = dynamic_flow(module, infos, inputs) if inputs is not None else None
+    if flow is None:
         flow = trace.order_flow(module, infos)
-        notes.append("torch.fx could not trace the model; activations were read from module order, "
-                     "which does not see functional calls")
+        notes.append("neither torch.fx nor a forward pass on a tiny input traced the model; activations were "
+                     "read from module order, which does not see functional calls")
     state = {k: v.detach() for k, v in module.state_dict(keep_vars=True).items()}
     return Loaded(path, fmt, TensorSource.of(state), module=module, flow=flow, modules=infos, notes=notes)
 
