@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
     them once per layer that uses them.
     """
     out, cache = [], {}
+    repeats = Counter(_block_pattern(layer.name) for layer in graph if layer.weighted)
     for layer in graph:
         bias = _bias_of(loaded, layer)
         for param in layer.params:
@@ -65,11 +68,16 @@ def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
             fp = rec = None
             if param.is_weight:
                 fp = schemes.fingerprint(st, param.fan_in, param.fan_out, layer.kind, layer.activation,
-                                         tensor, param.unit_axis, param.hidden)
+                                         tensor, param.unit_axis, param.hidden, repeats[_block_pattern(layer.name)])
                 role = "weight_hh" if "weight_hh" in param.key else "weight"
                 rec = schemes.recommend(layer.activation, param.fan_in, param.fan_out, layer.kind, param.hidden, role)
             out.append(Measured(layer, param, st, fp, rec, facts(graph, layer, param, st, fp, rec, bias)))
     return out
+
+
+def _block_pattern(name: str) -> str:
+    """'transformer.h.3.attn.c_proj' -> 'transformer.h.#.attn.c_proj': layers repeated once per block."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "#", name)
 
 
 def _identity(tensor: torch.Tensor) -> tuple:

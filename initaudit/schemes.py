@@ -28,6 +28,7 @@ CONSISTENT = {
     "saturating": {"xavier"},
     "selu": {"lecun"},
     "identity": {"xavier", "lecun", "torch-default", "orthogonal"},
+    "recurrent": {"torch-default", "orthogonal"},  # torch's LSTM/GRU default: uniform ±1/sqrt(hidden)
 }
 
 
@@ -66,7 +67,7 @@ def _shape_of(stats: TensorStats) -> str:
     return "any"
 
 
-def _candidates(fan_in: int, fan_out: int, kind: str, hidden: int | None) -> list[_Candidate]:
+def _candidates(fan_in: int, fan_out: int, kind: str, hidden: int | None, repeats: int = 1) -> list[_Candidate]:
     out = []
     both = ("normal", "uniform")
     if kind == "embedding":
@@ -84,6 +85,8 @@ def _candidates(fan_in: int, fan_out: int, kind: str, hidden: int | None) -> lis
     for std in (0.02, 0.01, 0.001):
         out.append(_Candidate(f"normal-{std:g}", "fixed", "normal", std))
         out.append(_Candidate(f"trunc-normal-{std:g}", "fixed", "trunc-normal", std * TRUNC_2SIGMA_STD))
+    if repeats > 1:  # GPT-2's residual projections: 0.02/sqrt(2·n_layer), n_layer = how often the layer repeats
+        out.append(_Candidate("normal-0.02-scaled", "fixed", "normal", 0.02 / math.sqrt(2 * repeats)))
     return out
 
 
@@ -109,8 +112,8 @@ def _is_orthogonal(weight: torch.Tensor, unit_axis: int, stats: TensorStats) -> 
 
 def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "linear",
                 activation: Activation | None = None, weight: torch.Tensor | None = None,
-                unit_axis: int = 0, hidden: int | None = None) -> Fingerprint:
-    """Name the most likely init scheme of one weight tensor."""
+                unit_axis: int = 0, hidden: int | None = None, repeats: int = 1) -> Fingerprint:
+    """Name the most likely init scheme of one weight tensor (`repeats`: how many blocks hold this layer)."""
     if stats.finite == 0:
         return Fingerprint("unknown", "unknown", "any", math.nan, math.nan)
     if stats.constant:
@@ -120,16 +123,21 @@ def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "line
     if weight is not None and kind != "embedding" and _is_orthogonal(weight, unit_axis, stats):
         return Fingerprint("orthogonal", "orthogonal", shape, stats.std, 1.0)
     tol = max(0.06, 3 / math.sqrt(2 * stats.finite))
-    preferred = CONSISTENT.get(activation.family if activation else "", set())
+    preferred = CONSISTENT.get("recurrent" if kind == "recurrent" else activation.family if activation else "", set())
     scored = []
-    for c in _candidates(max(fan_in, 1), max(fan_out, 1), kind, hidden):
+    for c in _candidates(max(fan_in, 1), max(fan_out, 1), kind, hidden, repeats):
         err = abs(math.log(stats.std / c.std)) if stats.std > 0 else math.inf
         scored.append((err, c, shape == "any" or c.shape == shape))
     fits = [(err, c) for err, c, ok in scored if ok and err <= tol]
     if not fits:
         err, c, _ = min(scored, key=lambda t: t[0])
         return Fingerprint("unknown", "unknown", shape, math.nan, math.nan, nearest=c.scheme)
-    err, best = min(fits, key=lambda t: (t[1].family not in preferred, t[0]))
+    # Schemes whose stds the data cannot tell apart (within 3 standard errors of the std estimate)
+    # are a tie, resolved toward the family consistent with the activation.
+    margin = 3 / math.sqrt(2 * stats.finite)
+    best_err = min(err for err, _ in fits)
+    close = [(err, c) for err, c in fits if err <= best_err + margin]
+    err, best = min(close, key=lambda t: (t[1].family not in preferred, t[0]))
     return Fingerprint(best.scheme, best.family, shape if shape != "any" else best.shape,
                        best.std, stats.std / best.std)
 

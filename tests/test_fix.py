@@ -186,7 +186,7 @@ def test_only_and_all_choose_layers(tmp_path, cli):
 def test_fix_api_repairs_a_module_in_place():
     model = models.deep_tanh_kaiming()
     result = initaudit.fix(model, seed=0)
-    assert {c.layer for c in result if c.tensor.endswith("weight")} == {str(2 * i) for i in range(1, 11)}
+    assert {c.layer for c in result if c.tensor.endswith("weight")} == {str(2 * i) for i in range(11)}
     assert {c.new_scheme for c in result if c.tensor.endswith("weight")} == {"xavier-uniform"}
     assert serious(initaudit.audit(model)) == set()
 

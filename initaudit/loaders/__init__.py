@@ -57,7 +57,7 @@ def load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | 
          module: torch.nn.Module | None = None) -> Loaded:
     """Load a model file (or a module built by `factory`, or a live `module`) for auditing."""
     from . import modules as module_loader
-    from . import onnx_file, safetensors_file, torch_files
+    from . import hf_folder, onnx_file, safetensors_file, torch_files
 
     if module is None and factory:
         module = module_loader.build(factory)
@@ -73,8 +73,11 @@ def load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | 
         return module_loader.from_module(module, p)
     if p is None:
         raise InputError("give a model file, or --model package.module:factory")
+    if hf_folder.is_hf_folder(p):
+        return hf_folder.load(p)
     if p.is_dir():
-        raise InputError(f"{p}: a folder; give a model file (.pt, .pth, .bin, .ckpt, .safetensors, .onnx)")
+        raise InputError(f"{p}: a folder without config.json; give a model file (.pt, .pth, .bin, .ckpt, "
+                         ".safetensors, .onnx) or a Hugging Face model folder")
     if p.suffix == ".safetensors":
         return safetensors_file.load(p)
     if p.suffix == ".onnx":

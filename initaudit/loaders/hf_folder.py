@@ -1,0 +1,127 @@
+"""Hugging Face model folders: config.json + model.safetensors (or shards with an index), no model code.
+
+Activations come from the config (`hidden_act`, `activation_function`, T5's `feed_forward_proj`)
+and the layer names every transformer family uses: the first projection of a feed-forward block
+feeds the activation, the pooler feeds tanh, every other projection is linear. Each attention and
+feed-forward sub-block ends at a LayerNorm/RMSNorm and a residual sum, so runs are per sub-block.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from pathlib import Path
+
+from ..activations import Activation, canonical
+from ..errors import InputError
+from ..flow import ACT, LAYER, NORM, Flow
+from ..graph import ModuleInfo, group_layers, split_key
+from . import Loaded, TensorSource, natural_key
+from .safetensors_file import _open
+
+# The layer that feeds a transformer block's activation, across families
+# (BERT/ViT/RoBERTa, GPT-2, OPT/CLIP, LLaMA/Mistral/Qwen/Gemma, T5, GPT-NeoX/Falcon, GPT-J).
+FFN_IN = ("*intermediate.dense", "*mlp.c_fc", "*.fc1", "*mlp.gate_proj", "*DenseReluDense.wi", "*DenseReluDense.wi_0",
+          "*mlp.dense_h_to_4h", "*mlp.fc_in", "*feed_forward.w1")
+POOLER = ("*pooler.dense",)
+# Model types whose projections are HF's Conv1D, stored [in, out].
+CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+_ATTENTION = re.compile(r"attn|attention", re.I)
+
+
+def is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def _config(path: Path) -> dict:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path / 'config.json'}: not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path / 'config.json'}: not a JSON object")
+    return config
+
+
+def activation_of(config: dict) -> Activation | None:
+    """The feed-forward activation a config names."""
+    for key in ("hidden_act", "activation_function", "hidden_activation", "feed_forward_proj", "activation"):
+        value = config.get(key)
+        if isinstance(value, str):
+            name = canonical(value.replace("gated-", ""))
+            if name:
+                return Activation(name)
+    return None
+
+
+def _shards(path: Path) -> dict[str, str]:
+    """Tensor name -> the weight file holding it."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{index}: not a readable shard index ({exc})") from None
+        for shard in set(weight_map.values()):
+            if not (path / shard).is_file() or Path(shard).name != shard:
+                raise InputError(f"{index}: shard {shard!r} is missing")
+        return dict(weight_map)
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise InputError(f"{path}: a model folder without .safetensors weights (check the weight file itself)")
+    shards = {}
+    for name in files:
+        with _open(path / name) as f:
+            shards.update((k, name) for k in f.keys())
+    return shards
+
+
+def load(path: Path) -> Loaded:
+    config = _config(path)
+    shards = _shards(path)
+    handles, metadata, shapes = {}, {}, {}
+    for name in sorted(set(shards.values())):
+        handles[name] = _open(path / name)
+        metadata[name] = handles[name].metadata() or {}
+    for key in sorted(shards, key=natural_key):
+        handle = handles[shards[key]]
+        if key not in handle.keys():
+            raise InputError(f"{path}: the index puts {key!r} in {shards[key]}, which does not hold it")
+        shapes[key] = tuple(handle.get_slice(key).get_shape())
+    transposed = config.get("model_type") in CONV1D_MODELS
+    modules = {split_key(k)[0]: ModuleInfo("linear", "Conv1D", True)
+               for k, s in shapes.items() if transposed and k.endswith(".weight") and len(s) == 2
+               and re.search(r"\.(c_attn|c_proj|c_fc|q_attn)$", split_key(k)[0])}
+    act = activation_of(config)
+    notes = [f"activations from config.json ({act or 'no activation named'}) and the layer names; "
+             "pass --activation-for to correct a layer"]
+    flow = _flow(group_layers(shapes, modules), act)
+    return Loaded(path, "hf-folder", TensorSource(shapes, lambda k: handles[shards[k]].get_tensor(k)),
+                  flow=flow, modules=modules, container={"shards": shards, "metadata": metadata}, notes=notes)
+
+
+def _flow(layers, act: Activation | None) -> Flow:
+    """A chain of sub-blocks: each one's layers, the activation after its feed-forward input, then a norm."""
+    items, group = [], None
+    weighted = [layer for layer in layers if layer.weighted]
+    for layer in weighted:
+        key = _group(layer.name)
+        if group is not None and key != group:
+            items.append((NORM, None, None))
+        group = key
+        items.append((LAYER, layer.name, None))
+        if any(fnmatch.fnmatchcase(layer.name, p) for p in FFN_IN) and act is not None:
+            items.append((ACT, None, act))
+        elif any(fnmatch.fnmatchcase(layer.name, p) for p in POOLER):
+            items.append((ACT, None, Activation("tanh")))
+    return Flow.chain(items)
+
+
+def _group(name: str) -> tuple[str, str]:
+    """('encoder.layer.3.', 'attn') — the (innermost) block a layer sits in and its sub-block; layers outside
+    blocks stand alone."""
+    found = re.match(r"(.*\.\d+\.)", name)
+    if not found:
+        return (name, "")
+    return (found.group(1), "attn" if _ATTENTION.search(name[found.end():]) else "mlp")
