@@ -93,8 +93,8 @@ def plan(measured: list[Measured], chosen: list[Layer], shared: dict[str, list[s
                 continue
             result.tensors[m.param.key] = new
             st = stats.compute(new, m.param.unit_axis, units=False)
-            result.changes.append(Change(layer.name, m.param.key, _scheme_name(m), m.stats.std,
-                                         _new_scheme(m), st.std, _call(m)))
+            scheme, call = _target(m)
+            result.changes.append(Change(layer.name, m.param.key, _scheme_name(m), m.stats.std, scheme, st.std, call))
     return result
 
 
@@ -153,20 +153,15 @@ def _scheme_name(m: Measured) -> str:
     return "zeros" if m.stats.constant and m.stats.max == 0 else "constant" if m.stats.constant else "-"
 
 
-def _new_scheme(m: Measured) -> str:
+def _target(m: Measured) -> tuple[str, str]:
+    """The scheme a tensor is re-drawn with, and the torch.nn.init call that draws it."""
     if m.param.role in ("bias", "norm_bias"):
-        return "zeros"
+        return "zeros", "zeros_()"
     if m.param.role == "norm_weight":
-        return "ones"
-    return m.recommended.scheme if m.recommended else "normal (nn.Embedding default)"
-
-
-def _call(m: Measured) -> str:
-    if m.param.role in ("bias", "norm_bias"):
-        return "zeros_()"
-    if m.param.role == "norm_weight":
-        return "ones_()"
-    return m.recommended.call if m.recommended else "normal_()"
+        return "ones", "ones_()"
+    if m.recommended is not None:
+        return m.recommended.scheme, m.recommended.call
+    return "normal (nn.Embedding default)", "normal_()"
 
 
 def ties(measured: list[Measured], views: dict | None = None) -> dict[str, list[str]]:
