@@ -152,8 +152,12 @@ def _plain(value: Any) -> Any:
 
 
 def _fix_text(rule: rulebook.Rule, m: Measured) -> str | None:
-    if rule.fix == "zeros" or (rule.fix == "reinit" and m.param.role == "bias"):
+    if rule.fix == "zeros" or (rule.fix == "reinit" and m.param.role in ("bias", "norm_bias")):
         return "zeros_()"
+    if m.param.role == "norm_weight":
+        return "ones_()"
+    if m.param.role == "parameter":
+        return None  # a free parameter has no scheme to re-draw it with
     if rule.fix == "reinit":
         return m.recommended.call if m.recommended else "re-draw with a random scheme (activation unknown: pass --activation)"
     return None
