@@ -10,6 +10,7 @@ become one activation node of the flow.
 from __future__ import annotations
 
 import ast
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,6 +34,8 @@ _NORM_OPS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization"
 _STOP_OPS = {"Softmax", "LogSoftmax", "Hardmax"}
 _ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Softplus", "Sqrt", "Identity", "Cast", "Constant"}
 _RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+# Names exporters give the constants they make (initial states, shapes, folded values), not parameters.
+_EXPORTER_CONSTANT = re.compile(r"^(onnx::|/)|^val_\d+$")
 # Cores of the activations exporters decompose, closed by a Mul with the activation's input x.
 _PATTERN_CORES = {"Sigmoid": "silu", "HardSigmoid": "hardswish", "Erf": "gelu", "Tanh": "gelu"}
 
@@ -195,8 +198,10 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
                     out.views.setdefault(f"{name}.{role}", View(src))
 
     used = {v.source for v in out.views.values()}
+    initializers = {t.name for t in graph.initializer}
     for src, proto in sources.items():  # free parameters (cls tokens, position tables...) keep their names
-        if src not in used and proto.data_type in FLOAT_TYPES and np.prod(proto.dims) > 1 and src not in out.views:
+        if (src in initializers and src not in used and not _EXPORTER_CONSTANT.match(src) and src not in out.views
+                and proto.data_type in FLOAT_TYPES and np.prod(proto.dims) > 1):
             out.views[src] = View(src)
 
     out.flow = _flow(g, graph, layer_of, folded, value)
