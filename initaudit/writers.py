@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 from safetensors.torch import save_file
 
 from .errors import InputError
@@ -94,35 +95,76 @@ def _safetensors(loaded: Loaded, new: dict[str, torch.Tensor], out: Path) -> Non
 
 
 def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path) -> None:
+    """Only the rewritten initializers change; external data is streamed tensor by tensor into a new data file."""
     views = loaded.container.views
-    model = onnx.load(str(loaded.path), load_external_data=True)
+    folder = loaded.path.resolve().parent
+    model = onnx.load(str(loaded.path), load_external_data=False)
     sources = onnx_file.sources_of(model.graph)
     by_source: dict[str, list[str]] = {}
     for key in new:
         by_source.setdefault(views[key].source, []).append(key)
     for name, keys in by_source.items():
         proto = sources[name]
-        data = numpy_helper.to_array(proto).copy()
+        data = onnx_file.array(proto, folder).copy()
         for key in keys:
             data[views[key].index] = new[key].numpy().astype(data.dtype)
         proto.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(data), proto.name))
-    external = [p for p in loaded.container.sources.values() if p.data_location == onnx.TensorProto.EXTERNAL]
+    external = [p for p in loaded.container.sources.values() if uses_external_data(p)]
     if not external:
         with atomic(out) as tmp:
             onnx.save_model(model, str(tmp))
         return
-    # External data stays external: the model and its data file are written in a scratch folder beside
-    # `out`, then the data file and the model are renamed into place (a name the input does not use).
+    # A data file name the input does not use, so the old model and its data stay whole until the renames.
     taken = {e.value for p in external for e in p.external_data if e.key == "location"}
     location, n = f"{out.name}.data", 1
     while location in taken:
         n += 1
         location = f"{out.name}.{n}.data"
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".initaudit-") as scratch:
-        onnx.save_model(model, str(Path(scratch) / out.name), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=location)
+        with open(Path(scratch) / location, "wb") as sink:
+            for proto in sources.values():
+                if uses_external_data(proto):
+                    offset = _copy_external(proto, folder, sink)
+                elif proto.name in by_source and len(proto.raw_data) >= EXTERNAL_THRESHOLD:
+                    offset = sink.tell()
+                    sink.write(proto.raw_data)
+                    proto.ClearField("raw_data")
+                else:
+                    continue
+                _point_to(proto, location, offset, sink.tell() - offset)
+        onnx.save_model(model, str(Path(scratch) / out.name))
         os.replace(Path(scratch) / location, out.parent / location)
         os.replace(Path(scratch) / out.name, out)
+
+
+EXTERNAL_THRESHOLD = 1024  # onnx's own default: smaller tensors stay in the model file
+_CHUNK = 64 * 2**20
+
+
+def _copy_external(proto: onnx.TensorProto, folder: Path, sink) -> int:
+    """Copy one tensor's bytes from its data file to `sink`, in chunks; return where they start."""
+    info = {e.key: e.value for e in proto.external_data}
+    start, left = int(info.get("offset", 0)), int(info.get("length", 0))
+    offset = sink.tell()
+    with open(folder / info["location"], "rb") as source:
+        source.seek(start)
+        if not left:  # no length recorded: the tensor runs to the end of the file
+            left = (folder / info["location"]).stat().st_size - start
+        while left:
+            chunk = source.read(min(left, _CHUNK))
+            if not chunk:
+                raise InputError(f"{proto.name}: its external data ends early")
+            sink.write(chunk)
+            left -= len(chunk)
+    return offset
+
+
+def _point_to(proto: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    del proto.external_data[:]
+    proto.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        entry = proto.external_data.add()
+        entry.key, entry.value = key, str(value)
 
 
 def _hf_folder(loaded: Loaded, new: dict[str, torch.Tensor], out: Path) -> None:

@@ -227,3 +227,13 @@ def test_training_goes_nan_before_the_fix_and_learns_after():
     initaudit.fix(model, seed=0)
     losses = train(model)
     assert np.isfinite(losses).all() and losses[-1] < 0.25 * losses[0]
+
+
+def test_fix_with_the_architecture_from_code_writes_the_checkpoint_format(tmp_path, cli):
+    path, _ = save_as(models.zero_layer(), "checkpoint", tmp_path)
+    out = tmp_path / "fixed.ckpt"
+    factory = "fixtures.models:mlp_factory_for_tests"
+    assert cli("fix", path, "--model", factory, "-o", out, "--seed", 0).exit_code == 0
+    assert set(torch.load(out, weights_only=True)) == {"epoch", "optimizer", "state_dict"}
+    assert serious(initaudit.audit(out, model=factory)) == set()
+    assert "initaudit.fix(module)" in cli("fix", "--model", factory).output
