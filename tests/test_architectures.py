@@ -239,3 +239,17 @@ def test_hugging_face_folder_fault_is_found_and_fixed(tmp_path, cli):
     changed = [p.name for p in (tmp_path / "in").iterdir()
                if p.read_bytes() != (tmp_path / "out" / p.name).read_bytes()]
     assert len(changed) == 1 and changed[0].endswith(".safetensors")  # only the shard that held the layer
+
+
+def test_broken_hugging_face_folders_are_clear_errors(tmp_path, cli):
+    from test_cli import one_error_line
+
+    model = build("hf-llama")
+    model.save_pretrained(tmp_path, max_shard_size="200KB")
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    shards[3].unlink()
+    assert shards[3].name in one_error_line(cli("check", tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    assert "config.json" in one_error_line(cli("check", tmp_path))
+    (tmp_path / "config.json").unlink()
+    assert "config.json" in one_error_line(cli("check", tmp_path))

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+import initaudit
 from conftest import ROOT, save_as
 from fixtures import models
 
@@ -147,3 +148,15 @@ def test_truncated_and_corrupted_files_never_traceback(cli, tmp_path, fmt):
         result = cli("check", bad)
         assert result.exit_code in (0, 1, 2) and "Traceback" not in result.output
         assert "internal error" not in result.output
+
+
+def test_files_are_read_by_content_not_suffix(tmp_path):
+    from conftest import export_onnx
+
+    module = models.zero_layer()
+    expected = {(f.rule, f.layer) for f in initaudit.audit(module).findings}
+    for fmt, wrong_name in (("state_dict", "weights.onnx"), ("safetensors", "weights.bin"), ("onnx", "weights.pt")):
+        path = export_onnx(module, tmp_path / "m.onnx") if fmt == "onnx" else save_as(module, fmt, tmp_path)[0]
+        misnamed = path.rename(tmp_path / wrong_name)
+        report = initaudit.audit(misnamed, activation="relu")
+        assert {(f.rule, f.layer) for f in report.findings} == expected, fmt

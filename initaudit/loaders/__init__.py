@@ -64,11 +64,12 @@ def load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | 
     p = Path(path) if path is not None else None
     if p is not None and not p.exists():
         raise InputError(f"{p}: no such file or directory")
+    kind = sniff(p) if p is not None and p.is_file() else None
     if module is not None:
-        if p is not None and p.suffix == ".onnx":
+        if kind == "onnx":
             raise InputError(f"{p}: --model takes PyTorch weights; check an ONNX model on its own")
         if p is not None:
-            state = safetensors_file.read_all(p) if p.suffix == ".safetensors" else torch_files.state_dict_of(p, trust_pickle)
+            state = safetensors_file.read_all(p) if kind == "safetensors" else torch_files.state_dict_of(p, trust_pickle)
             module_loader.load_weights(module, state, p)
         return module_loader.from_module(module, p)
     if p is None:
@@ -78,8 +79,23 @@ def load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | 
     if p.is_dir():
         raise InputError(f"{p}: a folder without config.json; give a model file (.pt, .pth, .bin, .ckpt, "
                          ".safetensors, .onnx) or a Hugging Face model folder")
-    if p.suffix == ".safetensors":
+    if kind == "safetensors":
         return safetensors_file.load(p)
-    if p.suffix == ".onnx":
+    if kind == "onnx":
         return onnx_file.load(p)
     return torch_files.load(p, trust_pickle)
+
+
+def sniff(path: Path) -> str:
+    """torch | safetensors | onnx, from the first bytes where they tell (a zip or a pickle is torch's,
+    an 8-byte length then '{' is safetensors', a protobuf opening with ir_version is ONNX's), else
+    from the suffix."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    if head[:1] == b"\x08":  # field 1 (ir_version), a varint: how every ONNX ModelProto starts
+        return "onnx"
+    return {".safetensors": "safetensors", ".onnx": "onnx"}.get(path.suffix, "torch")
