@@ -16,10 +16,8 @@ from torch.utils._pytree import tree_flatten
 
 from .flow import LAYER, NORM, OUTPUT, PASS, Flow
 from .graph import WEIGHTED_KINDS, ModuleInfo
-from .trace import _function_role, _module_role
+from .trace import LAYER_FUNCTIONS, function_role, module_role
 
-_LAYER_FUNCTIONS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-                              "conv_transpose3d", "addmm"})
 
 
 def _tensors(values: Any) -> list[torch.Tensor]:
@@ -55,10 +53,10 @@ class _Recorder(TorchFunctionMode):
             return out
         name = getattr(func, "__name__", "")
         weight = next((t for t in _tensors((args, kwargs)) if id(t) in self.params), None)
-        if name in _LAYER_FUNCTIONS and weight is not None and weight.dim() >= 2:
+        if name in LAYER_FUNCTIONS and weight is not None and weight.dim() >= 2:
             self.node(LAYER, (args, kwargs), out, self.params[id(weight)].rsplit(".", 1)[0])
         else:
-            role, act = _function_role(name, args, kwargs)
+            role, act = function_role(name, args, kwargs)
             self.node(role, (args, kwargs), out, act=act)
         return out
 
@@ -69,7 +67,7 @@ def dynamic_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo], inputs: tu
     handles, training = [], {m: m.training for m in root.modules()}
     for name, module in root.named_modules():
         info = infos.get(name)
-        role, act = _module_role(module, info.kind if info else None)
+        role, act = module_role(module, info.kind if info else None)
         if role == PASS or (info is not None and info.kind not in WEIGHTED_KINDS and role != NORM):
             continue
         handles.append(module.register_forward_pre_hook(_enter(recorder), with_kwargs=True))

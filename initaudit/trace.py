@@ -11,8 +11,9 @@ from .graph import WEIGHTED_KINDS, ModuleInfo, kind_of_class
 _ADD_NAMES = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "iadd"})
 _STOP_NAMES = frozenset({"softmax", "log_softmax", "softmin", "Softmax", "LogSoftmax", "Softmin", "Softmax2d"})
 _NORM_FUNCTIONS = frozenset({"layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "local_response_norm"})
-_LAYER_FUNCTIONS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-                              "conv_transpose3d", "_convolution", "bilinear"})
+# Functions that apply a weighted layer (addmm: HF's Conv1D, torch.addmm(bias, x, weight)).
+LAYER_FUNCTIONS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+                             "conv_transpose3d", "_convolution", "bilinear", "addmm"})
 
 
 def class_names(module: torch.nn.Module) -> list[str]:
@@ -52,7 +53,7 @@ def activation_of_module(module: torch.nn.Module) -> Activation | None:
     return None
 
 
-def _module_role(module: torch.nn.Module, kind: str | None) -> tuple[str, Activation | None]:
+def module_role(module: torch.nn.Module, kind: str | None) -> tuple[str, Activation | None]:
     if kind in WEIGHTED_KINDS:
         return LAYER, None
     if kind == "norm":
@@ -63,7 +64,7 @@ def _module_role(module: torch.nn.Module, kind: str | None) -> tuple[str, Activa
     return (ACT, act) if act else (PASS, None)
 
 
-def _function_role(name: str, args: tuple, kwargs: dict) -> tuple[str, Activation | None]:
+def function_role(name: str, args: tuple, kwargs: dict) -> tuple[str, Activation | None]:
     if name in _ADD_NAMES:
         return ADD, None
     if name in _STOP_NAMES:
@@ -89,7 +90,7 @@ def fx_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow | None:
     for node in traced.graph.nodes:
         if node.op == "call_module":
             info = infos.get(node.target)
-            role, act = _module_role(traced.get_submodule(node.target), info.kind if info else None)
+            role, act = module_role(traced.get_submodule(node.target), info.kind if info else None)
             ids[node] = flow.add(role, node.target if role == LAYER else None, act)
         elif node.op in ("call_function", "call_method"):
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
@@ -97,7 +98,7 @@ def fx_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow | None:
             if layer is not None:
                 ids[node] = flow.add(LAYER, layer)
             else:
-                role, act = _function_role(name, node.args, node.kwargs)
+                role, act = function_role(name, node.args, node.kwargs)
                 ids[node] = flow.add(role, None, act)
         elif node.op == "output":
             ids[node] = flow.add(OUTPUT)
@@ -110,7 +111,7 @@ def fx_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow | None:
 
 def _functional_layer(node: torch.fx.Node, name: str) -> str | None:
     """F.linear(x, self.weight) and friends on a module's own parameter: the layer is that module."""
-    if name not in _LAYER_FUNCTIONS or len(node.args) < 2:
+    if name not in LAYER_FUNCTIONS or len(node.args) < 2:
         return None
     weight = node.args[1]
     if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and "." in weight.target:
@@ -127,7 +128,7 @@ def order_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow:
             continue
         if info is not None and info.kind not in WEIGHTED_KINDS and info.kind != "norm":
             continue
-        role, act = _module_role(module, info.kind if info else None)
+        role, act = module_role(module, info.kind if info else None)
         items.append((role, name if role == LAYER else None, act))
     return Flow.chain(items)
 
@@ -176,9 +177,9 @@ def script_flow(root: torch.jit.ScriptModule) -> Flow:
 
 def _script_node(flow: Flow, node: torch._C.Node, inputs: list, paths: dict) -> int:
     op = node.kind().split("::", 1)[1]
-    if op in _LAYER_FUNCTIONS and len(inputs) > 1 and inputs[1] in paths:
+    if op in LAYER_FUNCTIONS and len(inputs) > 1 and inputs[1] in paths:
         return flow.add(LAYER, paths[inputs[1]].rsplit(".", 1)[0])
-    role, act = _function_role(op, (), {})
+    role, act = function_role(op, (), {})
     if act is not None and act.name == "leaky_relu" and len(inputs) > 1:
         slope = inputs[1].toIValue()
         act = Activation("leaky_relu", float(slope) if slope is not None else 0.01)
