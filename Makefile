@@ -7,7 +7,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 $(BIN)/initaudit: pyproject.toml
 	python3 -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH_PINS)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[onnx,arch,test]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[arch,test]'
 	touch $@
 
 .PHONY: demo test bench fixtures

@@ -110,6 +110,13 @@ def test_onnx_external_data_stays_external_and_shared_zero_biases_are_left(tmp_p
     before = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(exported)).graph.initializer}
     after = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(src / "model.onnx")).graph.initializer}
     assert [k for k in before if not np.array_equal(before[k], after[k])] == ["4.weight"]
+    # the rewritten model still runs, and its zero layer now passes a signal on
+    ort = pytest.importorskip("onnxruntime")
+    x = np.random.default_rng(0).normal(size=(2, models.INPUTS)).astype(np.float32)  # the exported batch size
+    sessions = [ort.InferenceSession(str(p)) for p in (exported, src / "model.onnx")]
+    outputs = [s.run(None, {s.get_inputs()[0].name: x})[0] for s in sessions]
+    assert outputs[0].shape == outputs[1].shape and np.isfinite(outputs[1]).all()
+    assert np.ptp(outputs[0], axis=0).max() < 1e-6 < np.ptp(outputs[1], axis=0).max()  # constant before, varies after
 
 
 def test_dry_run_writes_nothing_and_seed_reproduces(tmp_path, cli):
