@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -24,6 +25,8 @@ class _Group(click.Group):
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
+        warnings.simplefilter("ignore", FutureWarning)  # libraries' deprecation notices (torch.jit...) are not ours to print
+        warnings.simplefilter("ignore", DeprecationWarning)
         try:
             code = super().main(*args, **kwargs)
         except InputError as exc:
@@ -153,6 +156,10 @@ def _fix_target(model_path: Path | None, factory: str | None, out: Path | None, 
         raise InputError(f"{out}: that is MODEL itself; pass --in-place to replace it")
     if not out.parent.is_dir():
         raise InputError(f"{out.parent}: no such folder")
+    if out.is_dir() and not model_path.is_dir():
+        raise InputError(f"{out}: a folder; give the fixed model a file name")
+    if model_path.is_dir() and out.exists() and not out.is_dir():
+        raise InputError(f"{out}: a file; a model folder is written to a folder")
     return out
 
 

@@ -244,3 +244,12 @@ def test_fix_with_the_architecture_from_code_writes_the_checkpoint_format(tmp_pa
     assert set(torch.load(out, weights_only=True)) == {"epoch", "optimizer", "state_dict"}
     assert serious(initaudit.audit(out, model=factory)) == set()
     assert "initaudit.fix(module)" in cli("fix", "--model", factory).output
+
+
+def test_output_must_be_a_file_name_for_a_file(tmp_path, cli):
+    from test_cli import one_error_line
+
+    path, _ = save_as(models.zero_layer(), "state_dict", tmp_path)
+    (tmp_path / "folder").mkdir()
+    assert "a folder" in one_error_line(cli("fix", path, "-o", tmp_path / "folder", "--activation", "relu"))
+    assert "no such folder" in one_error_line(cli("fix", path, "-o", tmp_path / "nowhere" / "x.pt", "--activation", "relu"))
