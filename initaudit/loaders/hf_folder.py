@@ -21,9 +21,10 @@ from . import Loaded, TensorSource, natural_key
 from .safetensors_file import _open
 
 # The layer that feeds a transformer block's activation, across families
-# (BERT/ViT/RoBERTa, GPT-2, OPT/CLIP, LLaMA/Mistral/Qwen/Gemma, T5, GPT-NeoX/Falcon, GPT-J).
+# (BERT/ViT/RoBERTa, GPT-2, OPT/CLIP, LLaMA/Mistral/Qwen/Gemma, T5, GPT-NeoX/Falcon, GPT-J, Mixtral;
+# BERT's masked-LM head transform).
 FFN_IN = ("*intermediate.dense", "*mlp.c_fc", "*.fc1", "*mlp.gate_proj", "*DenseReluDense.wi", "*DenseReluDense.wi_0",
-          "*mlp.dense_h_to_4h", "*mlp.fc_in", "*feed_forward.w1")
+          "*mlp.dense_h_to_4h", "*mlp.fc_in", "*feed_forward.w1", "*predictions.transform.dense")
 POOLER = ("*pooler.dense",)
 # Model types whose projections are HF's Conv1D, stored [in, out].
 CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
