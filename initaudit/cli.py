@@ -99,14 +99,23 @@ def _options(config_path, activation, activation_for, select, ignore) -> config_
 @_model_options
 @click.option("--format", "fmt", type=click.Choice(sorted(REPORTERS)), default="table", show_default=True)
 @click.option("--fail-on", type=click.Choice(FAIL_ON), default=None, help="Lowest severity that fails (exit 1). [default: error]")
-@click.option("-o", "--output", type=click.File("w"), default="-", help="Write the report here instead of stdout.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write the report here instead of stdout.")
 def check(model_path, factory, activation, activation_for, select, ignore, config_path, trust_pickle, fmt, fail_on, output):
     """Audit MODEL's initialization: .pt/.pth/.bin/.ckpt, TorchScript, .safetensors, .onnx, a Hugging Face folder."""
     options = _options(config_path, activation, activation_for, select, ignore)
     options.fail_on = fail_on or options.fail_on
+    if output is not None and model_path is not None and output.exists() and output.resolve() == model_path.resolve():
+        raise InputError(f"{output}: that is MODEL itself; write the report elsewhere")
     loaded = load(model_path, trust_pickle=trust_pickle or options.trust_pickle, factory=factory)
     report = run(loaded, options)
-    REPORTERS[fmt](report, output)
+    if output is None:
+        REPORTERS[fmt](report, sys.stdout)
+    else:
+        try:
+            with open(output, "w", encoding="utf-8") as out:
+                REPORTERS[fmt](report, out)
+        except OSError as exc:
+            raise InputError(f"{output}: cannot write the report ({exc.strerror})") from None
     return report.exit_code(options.fail_on)
 
 

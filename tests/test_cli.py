@@ -160,3 +160,28 @@ def test_files_are_read_by_content_not_suffix(tmp_path):
         misnamed = path.rename(tmp_path / wrong_name)
         report = initaudit.audit(misnamed, activation="relu")
         assert {(f.rule, f.layer) for f in report.findings} == expected, fmt
+
+
+def test_the_report_never_overwrites_the_model(cli, tmp_path):
+    path, _ = save_as(models.zero_layer(), "state_dict", tmp_path)
+    before = path.read_bytes()
+    assert "MODEL itself" in one_error_line(cli("check", path, "--format", "json", "-o", path))
+    assert path.read_bytes() == before
+    assert cli("check", path, "--format", "json", "-o", tmp_path / "r.json").exit_code == 1
+    assert json.loads((tmp_path / "r.json").read_text())["format"] == "torch-state-dict"
+
+
+def test_safetensors_header_length_with_a_pickle_like_first_byte(tmp_path):
+    from safetensors.torch import save_file
+
+    from initaudit.loaders import sniff
+
+    for pad in range(300):  # find a header whose length's low byte is 0x80 (as torchvision's googlenet has)
+        path = tmp_path / "m.safetensors"
+        save_file({"w": torch.zeros(2, 2)}, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80 and sniff(path) == "safetensors"
+    torch_file = tmp_path / "torch.safetensors"
+    torch.save({"w": torch.zeros(2, 2)}, torch_file)  # a torch file under a safetensors name
+    assert sniff(torch_file) == "torch" and initaudit.audit(torch_file).format == "torch-state-dict"

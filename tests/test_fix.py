@@ -253,3 +253,19 @@ def test_output_must_be_a_file_name_for_a_file(tmp_path, cli):
     (tmp_path / "folder").mkdir()
     assert "a folder" in one_error_line(cli("fix", path, "-o", tmp_path / "folder", "--activation", "relu"))
     assert "no such folder" in one_error_line(cli("fix", path, "-o", tmp_path / "nowhere" / "x.pt", "--activation", "relu"))
+
+
+def test_written_files_keep_the_input_mode_or_follow_the_umask(tmp_path, cli):
+    import os
+    import stat
+
+    path, _ = save_as(models.zero_layer(), "state_dict", tmp_path)
+    os.chmod(path, 0o640)
+    assert cli("fix", path, "--in-place", "--activation", "relu").exit_code == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    umask = os.umask(0o022)
+    try:
+        assert cli("fix", path, "-o", tmp_path / "new.pt", "--all", "--activation", "relu").exit_code == 0
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "new.pt").stat().st_mode) == 0o644

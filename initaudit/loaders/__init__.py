@@ -92,10 +92,10 @@ def sniff(path: Path) -> str:
     from the suffix."""
     with open(path, "rb") as f:
         head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"  # before the pickle test: a header length's low byte can be 0x80
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return "torch"
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
-        return "safetensors"
     if head[:1] == b"\x08":  # field 1 (ir_version), a varint: how every ONNX ModelProto starts
         return "onnx"
     return {".safetensors": "safetensors", ".onnx": "onnx"}.get(path.suffix, "torch")

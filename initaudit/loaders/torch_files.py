@@ -41,6 +41,9 @@ def is_torchscript(path: Path) -> bool:
 def read(path: Path, trust_pickle: bool) -> Any:
     """torch.load with weights_only unless trusted; mmap where the file format allows it."""
     try:
+        if path.suffix == ".safetensors":  # torch would pick its safetensors reader by the name: give it the bytes
+            with open(path, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=not trust_pickle)
         try:
             return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
         except RuntimeError as exc:
