@@ -51,11 +51,22 @@ class Loaded:
     modules: dict[str, ModuleInfo] = field(default_factory=dict)  # layer name -> kind, where known
     container: Any = None            # what the writer needs to write the same format back
     notes: list[str] = field(default_factory=list)  # things the user should know (e.g. how activations were found)
+    files: list[Path] = field(default_factory=list)  # every file the model's bytes come from (weights, external
+    # data, shards, index, config): no output may land on one of them (or, for a folder model, inside its folder)
 
 
 def load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | None = None,
          module: torch.nn.Module | None = None) -> Loaded:
     """Load a model file (or a module built by `factory`, or a live `module`) for auditing."""
+    loaded = _load(path, trust_pickle=trust_pickle, factory=factory, module=module)
+    if loaded.path is not None and not loaded.files:
+        loaded.files = [loaded.path]
+    return loaded
+
+
+def _load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | None = None,
+          module: torch.nn.Module | None = None) -> Loaded:
+    """The loader for the format at hand."""
     from . import modules as module_loader
     from . import hf_folder, onnx_file, safetensors_file, torch_files
 

@@ -99,7 +99,8 @@ def load(path: Path) -> Loaded:
              "pass --activation-for to correct a layer"]
     flow = _flow(group_layers(shapes, modules), act)
     return Loaded(path, "hf-folder", TensorSource(shapes, lambda k: handles[shards[k]].get_tensor(k)),
-                  flow=flow, modules=modules, container={"shards": shards, "metadata": metadata}, notes=notes)
+                  flow=flow, modules=modules, container={"shards": shards, "metadata": metadata}, notes=notes,
+                  files=[path, *sorted(item for item in path.iterdir())])
 
 
 def _flow(layers, act: Activation | None) -> Flow:

@@ -101,5 +101,8 @@ def load(path: Path) -> Loaded:
         return torch.from_numpy(np.array(data, order="C"))  # a copy: numpy_helper's arrays are read-only
 
     shapes = {k: _shape(tuple(sources[v.source].dims), v.index) for k, v in layers.views.items()}
+    data_files = sorted({folder / e.value for p in sources.values() if p.data_location == onnx.TensorProto.EXTERNAL
+                         for e in p.external_data if e.key == "location"})
     return Loaded(path, "onnx", TensorSource(shapes, get), flow=layers.flow, modules=layers.modules,
-                  container=OnnxContainer(model, layers.views, sources), notes=layers.notes)
+                  container=OnnxContainer(model, layers.views, sources), notes=layers.notes,
+                  files=[path, *data_files])
