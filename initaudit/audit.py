@@ -66,13 +66,25 @@ def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
                 st = stats.compute(tensor, param.unit_axis, units=param.is_weight and layer.kind in UNIT_KINDS)
                 cache[ident] = (param.key, st)
             fp = rec = None
+            n_blocks = repeats[_block_pattern(layer.name)]
             if param.is_weight:
                 fp = schemes.fingerprint(st, param.fan_in, param.fan_out, layer.kind, layer.activation,
-                                         tensor, param.unit_axis, param.hidden, repeats[_block_pattern(layer.name)])
+                                         tensor, param.unit_axis, param.hidden, n_blocks)
                 role = "weight_hh" if "weight_hh" in param.key else "weight"
                 rec = schemes.recommend(layer.activation, param.fan_in, param.fan_out, layer.kind, param.hidden, role)
-            out.append(Measured(layer, param, st, fp, rec, facts(graph, layer, param, st, fp, rec, bias)))
+            out.append(Measured(layer, param, st, fp, rec, facts(graph, layer, param, st, fp, rec, bias, n_blocks)))
+    _add_recipe_shares(out)
     return out
+
+
+def _add_recipe_shares(measured: list[Measured]) -> None:
+    """`recipe_share`: the share of the model's weighted layers whose weights carry this layer's fixed-std
+    fingerprint (normal 0.02 on every Linear is a recipe, not a per-layer choice)."""
+    weights = [m for m in measured if m.param.is_weight and m.layer.weighted and m.fingerprint is not None]
+    counts = Counter(m.fingerprint.scheme for m in weights)
+    for m in measured:
+        fixed = m.fingerprint is not None and m.fingerprint.family == "fixed"
+        m.facts["recipe_share"] = counts[m.fingerprint.scheme] / len(weights) if fixed and weights else 0.0
 
 
 def _block_pattern(name: str) -> str:
@@ -93,13 +105,22 @@ def _bias_of(loaded: Loaded, layer: Layer) -> torch.Tensor | None:
 
 
 def facts(graph: LayerGraph, layer: Layer, param: Param, st: stats.TensorStats,
-          fp: schemes.Fingerprint | None, rec: schemes.Recommendation | None, bias: torch.Tensor | None) -> dict[str, Any]:
-    """Everything a rule may test about one tensor in its context (names: rules.FACTS)."""
+          fp: schemes.Fingerprint | None, rec: schemes.Recommendation | None, bias: torch.Tensor | None,
+          n_blocks: int = 1) -> dict[str, Any]:
+    """Everything a rule may test about one tensor in its context (names: rules.FACTS).
+
+    With the activation unknown a weight is held to the envelope of every common scheme (schemes.envelope):
+    its expected std is the envelope's nearest edge, its own std when inside.
+    """
     dead = st.zero_units
     if bias is not None and dead and bias.numel() == st.n_units:
         b = bias.detach().reshape(-1)
         dead = [u for u in dead if float(b[u]) <= 0]
-    expected = rec.std if rec else (1 / math.sqrt(param.fan_in) if param.is_weight and param.fan_in else None)
+    expected, expected_scheme = (rec.std, rec.scheme) if rec else (None, None)
+    if rec is None and param.is_weight and layer.weighted and math.isfinite(st.std):
+        bounds = schemes.envelope(param.fan_in, param.fan_out, layer.kind, param.hidden, n_blocks)
+        expected, nearest = bounds.nearest(st.std)
+        expected_scheme = f"{nearest} (activation unknown)"
     ratio = st.std / expected if expected and math.isfinite(st.std) else None
     groups = st.duplicate_groups
     return {
@@ -118,7 +139,7 @@ def facts(graph: LayerGraph, layer: Layer, param: Param, st: stats.TensorStats,
         "duplicate_example": _short(groups[0]) if groups else None,
         "scheme": fp.scheme if fp else None, "scheme_family": fp.family if fp else None,
         "implied_std": fp.implied_std if fp else None,
-        "expected_scheme": rec.scheme if rec else ("lecun-normal (activation unknown)" if expected else None),
+        "expected_scheme": expected_scheme,
         "expected_std": expected, "expected_call": rec.call if rec else None,
         "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
         "shared": param.shared_with is not None,

@@ -64,6 +64,7 @@ FACTS = {
     "expected_std": "the recommended scheme's std", "std_ratio": "std / expected_std",
     "variance_gain": "std_ratio squared: the per-layer forward variance gain relative to a variance-preserving init",
     "expected_call": "the torch.nn.init call that draws the recommended scheme", "shared": "tied to another tensor",
+    "recipe_share": "share of the model's weighted layers drawn with this layer's fixed std (0 unless fixed)",
 }
 
 

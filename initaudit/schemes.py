@@ -90,6 +90,46 @@ def _candidates(fan_in: int, fan_out: int, kind: str, hidden: int | None, repeat
     return out
 
 
+# The gains calculate_gain gives the activations people use, from SELU's 3/4 to tanh's 5/3.
+GAIN_RANGE = (0.75, 5 / 3)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The lowest and highest std some common scheme draws for a layer, whatever activation follows."""
+
+    low: float
+    low_scheme: str
+    high: float
+    high_scheme: str
+
+    def nearest(self, std: float) -> tuple[float, str]:
+        """The std (and its scheme) of the envelope nearest to `std`: `std` itself when inside."""
+        if std < self.low:
+            return self.low, self.low_scheme
+        if std > self.high:
+            return self.high, self.high_scheme
+        return std, "a common scheme"
+
+
+def envelope(fan_in: int, fan_out: int, kind: str = "linear", hidden: int | None = None, repeats: int = 1) -> Envelope:
+    """Every std a layer could legitimately have with its activation unknown: torch's default, Kaiming
+    for ReLU (either fan), Xavier and LeCun with any calculate_gain gain from SELU's to tanh's,
+    transformers' normal/trunc-normal 0.02 (0.01 too) and GPT-2/timm depth-scaled 0.02/sqrt(2·n_layer)."""
+    fan_in, fan_out = max(fan_in, 1), max(fan_out, 1)
+    lo_gain, hi_gain = GAIN_RANGE
+    stds = {"torch-default": 1 / math.sqrt(3 * (hidden if kind == "recurrent" and hidden else fan_in)),
+            "kaiming-normal": math.sqrt(2 / min(fan_in, fan_out)),
+            "lecun-normal (gain 3/4)": lo_gain / math.sqrt(max(fan_in, fan_out)),
+            "xavier-normal (gain 5/3)": hi_gain * math.sqrt(2 / (fan_in + fan_out)),
+            "normal-0.01": 0.01, "trunc-normal-0.02": 0.02 * TRUNC_2SIGMA_STD, "normal-0.02": 0.02}
+    if repeats > 1:
+        stds["normal-0.02-scaled"] = 0.02 / math.sqrt(2 * repeats)
+    low = min(stds, key=stds.get)
+    high = max(stds, key=stds.get)
+    return Envelope(stds[low], low, stds[high], high)
+
+
 def _is_orthogonal(weight: torch.Tensor, unit_axis: int, stats: TensorStats) -> bool:
     """Rows (or columns, whichever are fewer) orthogonal with one common norm: torch.nn.init.orthogonal_.
 
