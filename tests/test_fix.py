@@ -149,10 +149,10 @@ def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path, cli, monkeypat
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     real_save = torch.save
 
-    def dies_halfway(obj, f, *args, **kwargs):
+    def dies_halfway(obj, f, *args, **kwargs):  # f: the temporary file, opened by the writer
         real_save(obj, f, *args, **kwargs)
-        with open(f, "r+b") as handle:
-            handle.truncate(100)
+        f.flush()
+        f.truncate(100)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", dies_halfway)
