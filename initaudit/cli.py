@@ -55,7 +55,7 @@ class _Group(click.Group):
         global _DEBUG
         _DEBUG = False
         kwargs["standalone_mode"] = False
-        kwargs.setdefault("prog_name", "initaudit")
+        kwargs["prog_name"] = "initaudit"
         warnings.simplefilter("ignore", FutureWarning)  # libraries' deprecation notices (torch.jit...) are not ours to print
         warnings.simplefilter("ignore", DeprecationWarning)
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -20,6 +21,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .errors import InputError
@@ -52,12 +54,48 @@ def check_target(loaded: Loaded, out: Path) -> None:
     """Refuse an output that is, or lies in, what the model reads, or whose suffix names another format."""
     Protected(loaded).guard(out, "the fixed model")
     check_suffix(loaded, out)
+    if loaded.path is not None and loaded.path.is_dir() and out.is_dir() and any(out.iterdir()):
+        raise InputError(f"{out}: a folder that is not empty; give a new folder name for the fixed model")
+
+
+class _Sink:
+    """A file for torch.save that keeps the OSError (a full disk...) its C++ writer turns into a RuntimeError."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def _torch_save(obj, out: Path) -> None:
     """torch.save through a file object: the archive's inner folder is then always 'archive', not the temp name."""
-    with atomic(out) as tmp, open(tmp, "wb") as sink:
-        torch.save(obj, sink)
+    with atomic(out) as tmp, open(tmp, "wb") as file:
+        sink = _Sink(file)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], dest: Path, metadata: dict | None) -> None:
+    """safetensors' save_file, its I/O errors (reported as SafetensorError) raised as the OSError they are."""
+    try:
+        save_file(tensors, str(dest), metadata=metadata)
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
 
 
 def _state_dict(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
@@ -92,7 +130,7 @@ def _safetensors(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protec
     for key, tensor in new.items():
         tensors[key] = tensor.to(tensors[key].dtype).contiguous()
     with atomic(out) as tmp:
-        save_file(tensors, str(tmp), metadata=loaded.container["metadata"] or None)
+        _save_safetensors(tensors, tmp, loaded.container["metadata"] or None)
 
 
 def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
@@ -194,7 +232,7 @@ def _write_shard(loaded: Loaded, new: dict[str, torch.Tensor], shard: str, dest:
     tensors = safetensors_file.read_all(loaded.path / shard)
     for key in (k for k in new if shards[k] == shard):
         tensors[key] = new[key].to(tensors[key].dtype).contiguous()
-    save_file(tensors, str(dest), metadata=loaded.container["metadata"].get(shard) or None)
+    _save_safetensors(tensors, dest, loaded.container["metadata"].get(shard) or None)
 
 
 def _copy_regular_files(src: Path, dest: Path, skip: set[str]) -> list[tuple[str, str]]:
