@@ -149,10 +149,12 @@ def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path, cli, monkeypat
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     real_save = torch.save
 
-    def dies_halfway(obj, f, *args, **kwargs):  # f: the temporary file, opened by the writer
+    def dies_halfway(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)
         f.flush()
-        f.truncate(100)
+        [tmp] = tmp_path.glob(".model.pt.*.initaudit-tmp")  # the file being written, beside the target
+        with open(tmp, "r+b") as handle:
+            handle.truncate(100)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(torch, "save", dies_halfway)
