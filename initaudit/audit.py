@@ -255,5 +255,5 @@ def audit(target: str | Path | torch.nn.Module | None = None, *, model: str | No
         from .loaders import modules
         loaded = modules.from_module(target, None)
     else:
-        loaded = load(target, trust_pickle=trust_pickle or options.trust_pickle, factory=model)
+        loaded = load(target, trust_pickle=trust_pickle, factory=model)
     return run(loaded, options)

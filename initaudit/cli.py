@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -16,45 +17,71 @@ from .activations import parse
 from .audit import analyse, run
 from .errors import InputError
 from .loaders import load
+from .outputs import Protected, atomic
+from .printable import printable
 from .report import FAIL_ON
 from .reporters import REPORTERS
 
 
+def _debugging() -> bool:
+    return bool(os.environ.get("INITAUDIT_DEBUG")) or _DEBUG
+
+
+_DEBUG = False
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    global _DEBUG
+    _DEBUG = _DEBUG or value
+
+
+def _debug_option(command):
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                        help="Show the traceback of an error (also INITAUDIT_DEBUG=1).")(command)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    """One line on stderr (the traceback above it with --debug), then exit."""
+    if _debugging() and sys.exc_info()[0] is not None:
+        traceback.print_exc()
+    click.echo(printable(message), err=True)
+    sys.exit(code)
+
+
 class _Group(click.Group):
-    """Usage and input errors: one line on stderr, exit 2, never a traceback."""
+    """Usage and input errors: one line on stderr, exit 2, never a traceback (unless --debug)."""
 
     def main(self, *args, **kwargs):
+        global _DEBUG
+        _DEBUG = False
         kwargs["standalone_mode"] = False
+        kwargs["prog_name"] = "initaudit"
         warnings.simplefilter("ignore", FutureWarning)  # libraries' deprecation notices (torch.jit...) are not ours to print
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             code = super().main(*args, **kwargs)
         except InputError as exc:
-            click.echo(f"initaudit: error: {exc}", err=True)
-            sys.exit(2)
+            _fail(f"initaudit: error: {exc}")
         except click.exceptions.Abort:
-            click.echo("initaudit: aborted", err=True)
-            sys.exit(130)
+            _fail("initaudit: aborted", 130)
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "initaudit"
+            _fail(f"{where}: error: {' '.join(exc.format_message().split())} (see `{where} --help`)")
         except click.ClickException as exc:
-            exc.show()
-            sys.exit(2)
+            _fail(f"initaudit: error: {' '.join(exc.format_message().split())}")
         except KeyboardInterrupt:
-            click.echo("initaudit: interrupted", err=True)
-            sys.exit(130)
+            _fail("initaudit: interrupted", 130)
         except MemoryError:
-            click.echo("initaudit: error: out of memory", err=True)
-            sys.exit(2)
+            _fail("initaudit: error: out of memory")
         except Exception as exc:  # noqa: BLE001 - a bug of ours still gets one line, not a traceback
-            if os.environ.get("INITAUDIT_DEBUG"):
-                raise
-            click.echo(f"initaudit: internal error: {type(exc).__name__}: {exc} "
-                       "(set INITAUDIT_DEBUG=1 for the traceback, and please report it)", err=True)
-            sys.exit(2)
+            _fail(f"initaudit: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+                  "(run with --debug for the traceback, and please report it)")
         sys.exit(code or 0)
 
 
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="initaudit")
+@_debug_option
 def main() -> None:
     """Lint the weight initialization of neural networks (PyTorch, safetensors, TorchScript, ONNX)."""
 
@@ -75,7 +102,9 @@ def _model_options(command):
         click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
                      help="A pyproject.toml (its [tool.initaudit]) or a TOML file of those keys. [default: nearest pyproject.toml]"),
         click.option("--trust-pickle", is_flag=True,
-                     help="Allow loading a fully pickled model (runs code from the file: trusted files only)."),
+                     help="Allow loading a fully pickled model (runs code from the file: trusted files only). "
+                          "Only this flag enables it, never a config file."),
+        _debug_option,
     ]):
         command = option(command)
     return command
@@ -104,18 +133,15 @@ def check(model_path, factory, activation, activation_for, select, ignore, confi
     """Audit MODEL's initialization: .pt/.pth/.bin/.ckpt, TorchScript, .safetensors, .onnx, a Hugging Face folder."""
     options = _options(config_path, activation, activation_for, select, ignore)
     options.fail_on = fail_on or options.fail_on
-    if output is not None and model_path is not None and output.exists() and output.resolve() == model_path.resolve():
-        raise InputError(f"{output}: that is MODEL itself; write the report elsewhere")
-    loaded = load(model_path, trust_pickle=trust_pickle or options.trust_pickle, factory=factory)
+    loaded = load(model_path, trust_pickle=trust_pickle, factory=factory)
+    if output is not None:
+        Protected(loaded).guard(output, "the report")
     report = run(loaded, options)
     if output is None:
         REPORTERS[fmt](report, sys.stdout)
     else:
-        try:
-            with open(output, "w", encoding="utf-8") as out:
-                REPORTERS[fmt](report, out)
-        except OSError as exc:
-            raise InputError(f"{output}: cannot write the report ({exc.strerror})") from None
+        with atomic(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
+            REPORTERS[fmt](report, out)
     return report.exit_code(options.fail_on)
 
 
@@ -135,16 +161,20 @@ def fix(model_path, factory, activation, activation_for, select, ignore, config_
     """
     from .fixer import repair
     from .reporters import fix_table
-    from .writers import write
+    from .writers import check_target, write
 
     options = _options(config_path, activation, activation_for, select, ignore)
     target = _fix_target(model_path, factory, out, dry_run, in_place)
-    trust = trust_pickle or options.trust_pickle
-    loaded = load(model_path, trust_pickle=trust, factory=factory)
+    loaded = load(model_path, trust_pickle=trust_pickle, factory=factory)
+    written = load(model_path, trust_pickle=trust_pickle) if factory else loaded
+    if target is not None and not in_place:
+        check_target(written, target)
     result = repair(analyse(loaded, options), all_layers, list(only), seed)
-    if not dry_run:
-        write(load(model_path, trust_pickle=trust) if factory else loaded, result.tensors, target)
-    fix_table.write(result, sys.stdout, None if dry_run else str(target))
+    written_to = target if target is not None and result.tensors else None  # nothing fixed: no file written
+    notes = write(written, result.tensors, target, in_place) if written_to else []
+    fix_table.write(result, sys.stdout, None if written_to is None else str(written_to), dry_run)
+    for note in notes:
+        click.echo(printable(f"note: {note}"))
     return 1 if result.skipped else 0
 
 
@@ -161,8 +191,6 @@ def _fix_target(model_path: Path | None, factory: str | None, out: Path | None, 
         return model_path
     if out is None:
         raise InputError("give -o OUT for the fixed model (or --in-place to replace MODEL, or --dry-run)")
-    if out.exists() and model_path.exists() and out.resolve() == model_path.resolve():
-        raise InputError(f"{out}: that is MODEL itself; pass --in-place to replace it")
     if not out.parent.is_dir():
         raise InputError(f"{out.parent}: no such folder")
     if out.is_dir() and not model_path.is_dir():
@@ -173,6 +201,7 @@ def _fix_target(model_path: Path | None, factory: str | None, out: Path | None, 
 
 
 @main.command("rules")
+@_debug_option
 @click.option("--facts", is_flag=True, help="List the facts rule conditions can test instead.")
 def list_rules(facts):
     """List the rules (code, name, default severity, summary)."""
@@ -186,6 +215,7 @@ def list_rules(facts):
 
 
 @main.command()
+@_debug_option
 @click.argument("rule")
 def explain(rule):
     """Explain a rule: what it does, why it matters, an example and the fix."""

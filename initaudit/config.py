@@ -5,7 +5,6 @@
     activation = "relu"                    # default for layers whose activation is not known
     select = ["IA1", "init-activation-mismatch"]
     ignore = ["nonzero-bias"]
-    trust-pickle = false
 
     [tool.initaudit.activations]           # per-layer activations, glob patterns over layer names
     "head.*" = "identity"
@@ -13,21 +12,29 @@
 
     [tool.initaudit.per-layer-ignores]     # checkpoints hold no comments: this stands in for `# noqa`
     "classifier" = ["zero-weights"]
+
+`--config FILE` reads any TOML file: its `[tool.initaudit]` table, else its top-level keys. Every value
+is checked against the schema below (an error names the file and the key). A config file can never
+make initaudit run code: `--trust-pickle` is a command-line flag only.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import rules as rulebook
 from .activations import Activation, parse
 from .errors import InputError
 from .report import FAIL_ON
 
-_KEYS = frozenset({"fail-on", "activation", "activations", "select", "ignore", "per-layer-ignores", "trust-pickle"})
+_KEYS = ("fail-on", "activation", "activations", "select", "ignore", "per-layer-ignores")
+_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
+               dict: "a table"}
 
 
 @dataclass
@@ -38,7 +45,6 @@ class Options:
     select: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
     per_layer_ignores: dict[str, list[str]] = field(default_factory=dict)
-    trust_pickle: bool = False
 
     def ignored(self, layer: str, rule: str, code: str) -> bool:
         return any(fnmatch.fnmatchcase(layer, pattern) and (rule in names or any(code.startswith(n) for n in names))
@@ -59,29 +65,85 @@ def load(path: Path | None = None, start: Path | None = None) -> Options:
     if path is None:
         return Options()
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise InputError(f"{path}: cannot read config ({exc})") from None
-    table = data.get("tool", {}).get("initaudit", {}) if path.name == "pyproject.toml" else data
-    return from_table(table, str(path))
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); a TOML file must be UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML ({exc})") from None
+    return from_table(_initaudit_table(data, path), str(path))
+
+
+def _initaudit_table(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`[tool.initaudit]`, or a non-pyproject file's top-level keys."""
+    if "tool" not in data:
+        return {} if path.name == "pyproject.toml" else data
+    tool = data["tool"]
+    if not isinstance(tool, dict):
+        raise InputError(f"{path}: `tool` must be a table holding [tool.initaudit], not {_type_name(tool)}")
+    table = tool.get("initaudit", {} if path.name == "pyproject.toml" else None)
+    if table is None:
+        raise InputError(f"{path}: no [tool.initaudit] table")
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: [tool.initaudit] must be a table, not {_type_name(table)}")
+    return table
 
 
 def from_table(table: dict[str, Any], where: str = "config") -> Options:
-    unknown = set(table) - _KEYS
-    if unknown:
-        raise InputError(f"{where}: unknown [tool.initaudit] key(s) {sorted(unknown)} (known: {sorted(_KEYS)})")
-    fail_on = table.get("fail-on", "error")
+    """Options from a `[tool.initaudit]` table, every key and value checked against the schema."""
+    if "trust-pickle" in table:
+        raise InputError(f"{where}: trust-pickle cannot be set in a config file (a file in a repository must "
+                         "never make initaudit run code); pass --trust-pickle on the command line")
+    for key in table:
+        if key not in _KEYS:
+            close = difflib.get_close_matches(key, _KEYS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise InputError(f"{where}: unknown [tool.initaudit] key {key!r} ({hint}known: {', '.join(_KEYS)})")
+    fail_on = _typed(table, "fail-on", str, where, "error")
     if fail_on not in FAIL_ON:
-        raise InputError(f"{where}: fail-on must be one of {FAIL_ON}")
+        raise InputError(f"{where}: fail-on must be one of {', '.join(FAIL_ON)}, not {fail_on!r}")
+    activation = _typed(table, "activation", str, where, None)
+    activations = _typed(table, "activations", dict, where, {})
+    per_layer = _typed(table, "per-layer-ignores", dict, where, {})
     try:
         return Options(
             fail_on=fail_on,
-            activation=parse(table["activation"]) if "activation" in table else None,
-            activations={pattern: parse(spec) for pattern, spec in table.get("activations", {}).items()},
-            select=list(table.get("select", [])), ignore=list(table.get("ignore", [])),
-            per_layer_ignores={p: list(v) for p, v in table.get("per-layer-ignores", {}).items()},
-            trust_pickle=bool(table.get("trust-pickle", False)))
+            activation=parse(activation) if activation is not None else None,
+            activations={pattern: parse(_typed(activations, pattern, str, where, None, "activations"))
+                         for pattern in activations},
+            select=_rule_list(table, "select", where), ignore=_rule_list(table, "ignore", where),
+            per_layer_ignores={pattern: _rule_list(per_layer, pattern, where, "per-layer-ignores")
+                               for pattern in per_layer})
     except InputError as exc:
+        if str(exc).startswith(where):
+            raise
         raise InputError(f"{where}: {exc}") from None
-    except (AttributeError, TypeError) as exc:
-        raise InputError(f"{where}: malformed [tool.initaudit] table ({exc})") from None
+
+
+def _type_name(value: Any) -> str:
+    """'a string ('relu')': the TOML type of a value, with the value itself when it is a scalar."""
+    name = _TYPE_NAMES.get(type(value), type(value).__name__)
+    return f"{name} ({value!r})" if isinstance(value, (str, int, float)) else name
+
+
+def _typed(table: dict[str, Any], key: str, kind: type, where: str, default: Any, within: str = "") -> Any:
+    """table[key] if it is of `kind` (a bool is no integer), else an error naming the file and the key."""
+    if key not in table:
+        return default
+    value = table[key]
+    if type(value) is not kind:
+        name = f"{within}.{key!r}" if within else key
+        raise InputError(f"{where}: {name} must be {_TYPE_NAMES[kind]}, not {_type_name(value)}")
+    return value
+
+
+def _rule_list(table: dict[str, Any], key: str, where: str, within: str = "") -> list[str]:
+    """A list of known rule names, codes or code prefixes."""
+    names = _typed(table, key, list, where, [], within)
+    name = f"{within}.{key!r}" if within else key
+    for n in names:
+        if not isinstance(n, str):
+            raise InputError(f"{where}: {name} must list rule names or codes as strings, not {_type_name(n)}")
+    rulebook.check_names(rulebook.builtin_rules(), names, f"{where}: {name}: ")
+    return list(names)

@@ -22,6 +22,7 @@ combine conditions. Unknown keys and unknown fact names are rejected, naming the
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -257,13 +258,21 @@ def check_unique(rules: list[Rule]) -> list[Rule]:
     return rules
 
 
+def check_names(rules: list[Rule], names: list[str], where: str = "") -> None:
+    """Refuse a name that is no rule's name, code or code prefix ('IA1'), suggesting the closest ones."""
+    known = sorted({r.name for r in rules} | {r.code for r in rules})
+    for n in names:
+        if n in known or (n.startswith("IA") and any(r.code.startswith(n) for r in rules)):
+            continue
+        close = difflib.get_close_matches(n, known, n=3)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise InputError(f"{where}unknown rule {n!r}{hint} (see `initaudit rules`)")
+
+
 def select(rules: list[Rule], select: list[str] | None = None, ignore: list[str] | None = None) -> list[Rule]:
     """Keep the rules named (by code, code prefix like 'IA1', or name) in `select`, minus `ignore`."""
     def named(rule: Rule, names: list[str]) -> bool:
         return any(n == rule.name or rule.code.startswith(n) for n in names)
 
-    known = {r.name for r in rules} | {r.code for r in rules}
-    for n in (select or []) + (ignore or []):
-        if n not in known and not any(r.code.startswith(n) for r in rules):
-            raise InputError(f"unknown rule '{n}' (see `initaudit rules`)")
+    check_names(rules, [*(select or []), *(ignore or [])])
     return [r for r in rules if (not select or named(r, select)) and not named(r, ignore or [])]

@@ -1,47 +1,33 @@
 """Write a model back in the format it was read from, with some tensors replaced.
 
-Every writer goes through `atomic`: the new file is written beside the target under a temporary
-name and renamed over it only when complete, so an interrupted run leaves the old file whole.
-Tensors that were not replaced are written back bit for bit.
+Every file goes through `outputs.atomic` (a temporary name beside the target, fsynced, renamed
+over it only when complete) and a new Hugging Face folder through `outputs.atomic_folder`, so an
+interrupted run leaves the old files whole and nothing under the final name. No output may land on
+a file the model reads (`outputs.Protected`). Tensors that were not replaced are written back bit
+for bit, and the same input and new tensors give the same bytes.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
-import tempfile
-from contextlib import contextmanager
+import stat
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from .errors import InputError
 from .loaders import Loaded
 from .loaders import onnx_file, safetensors_file
-
-
-@contextmanager
-def atomic(target: Path) -> Iterator[Path]:
-    """A temporary path beside `target`, renamed over it on success and removed on failure."""
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".initaudit-tmp")
-    os.close(fd)
-    tmp = Path(name)
-    umask = os.umask(0)
-    os.umask(umask)
-    mode = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~umask  # mkstemp makes 0600
-    try:
-        yield tmp
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+from .outputs import Protected, atomic, atomic_folder, check_suffix
 
 
 def apply_to_module(module: torch.nn.Module, new: dict[str, torch.Tensor]) -> None:
@@ -52,16 +38,67 @@ def apply_to_module(module: torch.nn.Module, new: dict[str, torch.Tensor]) -> No
             state[key].copy_(tensor)
 
 
-def write(loaded: Loaded, new: dict[str, torch.Tensor], out: Path) -> None:
-    """Write `loaded` with the tensors of `new` (by audited key) replaced, in its own format, to `out`."""
+def write(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, in_place: bool = False) -> list[str]:
+    """Write `loaded` with the tensors of `new` (by audited key) replaced, in its own format, to `out`
+    (`loaded.path` itself with `in_place`); return notes on what was left out."""
     writer = {"torch-state-dict": _state_dict, "torch-module": _pickled_module, "torchscript": _torchscript,
               "safetensors": _safetensors, "onnx": _onnx, "hf-folder": _hf_folder}.get(loaded.format)
     if writer is None:
         raise InputError(f"cannot write the {loaded.format} format")
-    writer(loaded, new, out)
+    if not in_place:
+        check_target(loaded, out)
+    return writer(loaded, new, out, Protected(loaded)) or []
 
 
-def _state_dict(loaded: Loaded, new: dict[str, torch.Tensor], out: Path) -> None:
+def check_target(loaded: Loaded, out: Path) -> None:
+    """Refuse an output that is, or lies in, what the model reads, or whose suffix names another format."""
+    Protected(loaded).guard(out, "the fixed model")
+    check_suffix(loaded, out)
+    if loaded.path is not None and loaded.path.is_dir() and out.is_dir() and any(out.iterdir()):
+        raise InputError(f"{out}: a folder that is not empty; give a new folder name for the fixed model")
+
+
+class _Sink:
+    """A file for torch.save that keeps the OSError (a full disk...) its C++ writer turns into a RuntimeError."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _torch_save(obj, out: Path) -> None:
+    """torch.save through a file object: the archive's inner folder is then always 'archive', not the temp name."""
+    with atomic(out) as tmp, open(tmp, "wb") as file:
+        sink = _Sink(file)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], dest: Path, metadata: dict | None) -> None:
+    """safetensors' save_file, its I/O errors (reported as SafetensorError) raised as the OSError they are."""
+    try:
+        save_file(tensors, str(dest), metadata=metadata)
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
+
+
+def _state_dict(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
     c = loaded.container
     levels = [c.root]
     for key in c.path:
@@ -74,36 +111,37 @@ def _state_dict(loaded: Loaded, new: dict[str, torch.Tensor], out: Path) -> None
         parent = copy.copy(level)
         parent[key] = inner
         inner = parent
-    with atomic(out) as tmp:
-        torch.save(inner, tmp)
+    _torch_save(inner, out)
 
 
-def _pickled_module(loaded: Loaded, new: dict[str, torch.Tensor], out: Path) -> None:
+def _pickled_module(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
     apply_to_module(loaded.module, new)
-    with atomic(out) as tmp:
-        torch.save(loaded.module, tmp)
+    _torch_save(loaded.module, out)
 
 
-def _torchscript(loaded: Loaded, new: dict[str, torch.Tensor], out: Path) -> None:
+def _torchscript(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
     apply_to_module(loaded.module, new)
-    with atomic(out) as tmp:
-        loaded.module.save(str(tmp))
+    with atomic(out) as tmp, open(tmp, "wb") as sink:
+        torch.jit.save(loaded.module, sink)
 
 
-def _safetensors(loaded: Loaded, new: dict[str, torch.Tensor], out: Path) -> None:
+def _safetensors(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
     tensors = safetensors_file.read_all(loaded.path)
     for key, tensor in new.items():
         tensors[key] = tensor.to(tensors[key].dtype).contiguous()
     with atomic(out) as tmp:
-        save_file(tensors, str(tmp), metadata=loaded.container["metadata"] or None)
+        _save_safetensors(tensors, tmp, loaded.container["metadata"] or None)
 
 
-def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path) -> None:
-    """Only the rewritten initializers change; external data is streamed tensor by tensor into a new data file."""
+def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
+    """Only the rewritten initializers change; external data is streamed tensor by tensor into a new data file.
+    A model that kept every initializer external keeps the rewritten ones external too, however small."""
     views = loaded.container.views
     folder = loaded.path.resolve().parent
     model = onnx.load(str(loaded.path), load_external_data=False)
     sources = onnx_file.sources_of(model.graph)
+    initializers = {t.name for t in model.graph.initializer}
+    all_external = bool(initializers) and all(uses_external_data(t) for t in model.graph.initializer)
     by_source: dict[str, list[str]] = {}
     for key in new:
         by_source.setdefault(views[key].source, []).append(key)
@@ -113,32 +151,30 @@ def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path) -> None:
         for key in keys:
             data[views[key].index] = new[key].numpy().astype(data.dtype)
         proto.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(data), proto.name))
-    external = [p for p in loaded.container.sources.values() if uses_external_data(p)]
-    if not external:
+    if not any(uses_external_data(p) for p in loaded.container.sources.values()):
         with atomic(out) as tmp:
             onnx.save_model(model, str(tmp))
         return
-    # A data file name the input does not use, so the old model and its data stay whole until the renames.
-    taken = {e.value for p in external for e in p.external_data if e.key == "location"}
+    # A data file that is none of the model's files, so the old model and its data stay whole.
     location, n = f"{out.name}.data", 1
-    while location in taken:
+    while protected.clash(out.parent / location):
         n += 1
         location = f"{out.name}.{n}.data"
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".initaudit-") as scratch:
-        with open(Path(scratch) / location, "wb") as sink:
+    with atomic(out.parent / location) as data_tmp:
+        with open(data_tmp, "wb") as sink:
             for proto in sources.values():
                 if uses_external_data(proto):
                     offset = _copy_external(proto, folder, sink)
-                elif proto.name in by_source and len(proto.raw_data) >= EXTERNAL_THRESHOLD:
+                elif proto.name in by_source and (len(proto.raw_data) >= EXTERNAL_THRESHOLD
+                                                  or (all_external and proto.name in initializers)):
                     offset = sink.tell()
                     sink.write(proto.raw_data)
                     proto.ClearField("raw_data")
                 else:
                     continue
                 _point_to(proto, location, offset, sink.tell() - offset)
-        onnx.save_model(model, str(Path(scratch) / out.name))
-        os.replace(Path(scratch) / location, out.parent / location)
-        os.replace(Path(scratch) / out.name, out)
+    with atomic(out) as tmp:  # the data first: the model never points at a missing file
+        onnx.save_model(model, str(tmp))
 
 
 EXTERNAL_THRESHOLD = 1024  # onnx's own default: smaller tensors stay in the model file
@@ -171,21 +207,51 @@ def _point_to(proto: onnx.TensorProto, location: str, offset: int, length: int) 
         entry.key, entry.value = key, str(value)
 
 
-def _hf_folder(loaded: Loaded, new: dict[str, torch.Tensor], out: Path) -> None:
-    """A Hugging Face folder: every other file copied, the weight files that hold a new tensor rewritten."""
+def _hf_folder(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> list[str]:
+    """A Hugging Face folder: the weight files that hold a new tensor rewritten; for a new folder, every
+    other regular file copied (never a link, a device or a subfolder: those are listed in the notes)."""
     shards = loaded.container["shards"]  # key -> shard file name
     src = loaded.path
+    touched = sorted({shards[k] for k in new})
+    if out == src:  # --in-place: each rewritten shard replaced atomically, nothing else touched
+        for shard in touched:
+            with atomic(src / shard) as tmp:
+                _write_shard(loaded, new, shard, tmp)
+        return []
     if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: a Hugging Face model folder is written to a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    touched = {shards[k] for k in new}
-    for item in src.iterdir():
-        if item.is_file() and item.name not in touched and (out / item.name).resolve() != item.resolve():
-            with atomic(out / item.name) as tmp:
-                shutil.copy2(item, tmp)
-    for shard in sorted(touched):
-        tensors = safetensors_file.read_all(src / shard)
-        for key in (k for k in new if shards[k] == shard):
-            tensors[key] = new[key].to(tensors[key].dtype).contiguous()
-        with atomic(out / shard) as tmp:
-            save_file(tensors, str(tmp), metadata=loaded.container["metadata"].get(shard) or None)
+        raise InputError(f"{out}: a file; a Hugging Face model folder is written to a folder")
+    with atomic_folder(out) as scratch:
+        left_out = _copy_regular_files(src, scratch, skip=set(touched))
+        for shard in touched:
+            _write_shard(loaded, new, shard, scratch / shard)
+    return [f"{name}: {why}, not copied" for name, why in left_out]
+
+
+def _write_shard(loaded: Loaded, new: dict[str, torch.Tensor], shard: str, dest: Path) -> None:
+    shards = loaded.container["shards"]
+    tensors = safetensors_file.read_all(loaded.path / shard)
+    for key in (k for k in new if shards[k] == shard):
+        tensors[key] = new[key].to(tensors[key].dtype).contiguous()
+    _save_safetensors(tensors, dest, loaded.container["metadata"].get(shard) or None)
+
+
+def _copy_regular_files(src: Path, dest: Path, skip: set[str]) -> list[tuple[str, str]]:
+    """Copy the regular files of `src` (not following links, keeping their mode); return what was left out."""
+    left_out = []
+    for item in sorted(src.iterdir()):
+        if item.name in skip:
+            continue
+        try:
+            fd = os.open(item, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a link fails here, a FIFO never blocks
+        except OSError:
+            left_out.append((item.name, "a link" if item.is_symlink() else "not readable"))
+            continue
+        with os.fdopen(fd, "rb") as source:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                left_out.append((item.name, "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"))
+                continue
+            with open(dest / item.name, "xb") as sink:
+                shutil.copyfileobj(source, sink)
+            os.chmod(dest / item.name, stat.S_IMODE(st.st_mode))
+    return left_out

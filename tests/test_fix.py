@@ -151,7 +151,9 @@ def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path, cli, monkeypat
 
     def dies_halfway(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)
-        with open(f, "r+b") as handle:
+        f.flush()
+        [tmp] = tmp_path.glob(".model.pt.*.initaudit-tmp")  # the file being written, beside the target
+        with open(tmp, "r+b") as handle:
             handle.truncate(100)
         raise KeyboardInterrupt
 

@@ -9,21 +9,25 @@ from rich.table import Table
 from rich.text import Text
 
 from ..fixer import FixResult
+from ..printable import printable
 from .table import _num
 
 
-def write(result: FixResult, out: IO[str], written_to: str | None) -> None:
+def write(result: FixResult, out: IO[str], written_to: str | None, dry_run: bool = False) -> None:
     console = Console(file=out, width=max(Console(file=out).width, 120), highlight=False)
     title = f"re-initialized → {written_to}" if written_to else "would re-initialize (dry run: nothing written)"
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(printable(title)), title_justify="left")
     for col in ("layer", "tensor", "old scheme", "old std", "new scheme", "new std", "call"):
         table.add_column(col, justify="right" if "std" in col else "left")
     for c in result.changes:
-        table.add_row(c.layer, c.tensor, c.old_scheme, _num(c.old_std), c.new_scheme, _num(c.new_std), c.call)
+        table.add_row(*(Text(printable(v)) for v in (c.layer, c.tensor, c.old_scheme, _num(c.old_std),
+                                                       c.new_scheme, _num(c.new_std), c.call)))
     if result.changes:
         console.print(table)
     for s in result.skipped:
-        console.print(Text.assemble(("not fixed ", "yellow"), (s.layer, "bold"), f": {s.reason}"))
+        console.print(Text.assemble(("not fixed ", "yellow"), (printable(s.layer), "bold"), f": {printable(s.reason)}"))
     layers = len({c.layer for c in result.changes})
-    console.print(f"{len(result.changes)} tensors in {layers} layers {'re-initialized' if written_to else 'to change'}, "
-                  f"{len(result.skipped)} layers not fixed (seed {result.seed})")
+    done = "re-initialized" if written_to else "to change"
+    console.print(Text(f"{len(result.changes)} tensors in {layers} layers {done}, "
+                       f"{len(result.skipped)} layers not fixed (seed {result.seed})"
+                       + ("" if written_to or dry_run else "; nothing to fix, no file written")))

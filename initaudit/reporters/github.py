@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import IO
 
+from ..printable import printable
 from ..report import Report
 
 LEVEL = {"error": "error", "warning": "warning", "info": "notice"}
 
 
 def _escape(text: str) -> str:
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    """Workflow-command escaping over `printable`: no control character reaches the log."""
+    return printable(text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A"))
 
 
 def _escape_property(text: str) -> str:

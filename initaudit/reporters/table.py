@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from ..printable import printable
 from ..report import Report
 from ..rules import SEVERITIES
 
@@ -27,23 +28,24 @@ def write(report: Report, out: IO[str]) -> None:
     codes: dict[str, list[str]] = {}
     for f in report.findings:
         codes.setdefault(f.layer, []).append(f.code)
-    table = Table(title=f"{report.model} ({report.format})", title_justify="left")
+    table = Table(title=Text(printable(f"{report.model} ({report.format})")), title_justify="left")
     for col in ("layer", "kind", "fan in→out", "activation", "scheme", "std", "expected", "ratio", "findings"):
         table.add_column(col, justify="right" if col in ("std", "expected", "ratio") else "left")
     for row in report.layers:
         ratio = row.std / row.expected_std if row.std is not None and row.expected_std else None
         act = row.activation + (" +norm" if row.norm_after else "")
         style = STYLE.get(worst.get(row.name, ""), "")
-        table.add_row(Text(row.name if row.tensor in (row.name, f"{row.name}.weight") else row.tensor), row.kind,
-                      f"{row.fan_in}→{row.fan_out}", act, row.scheme, _num(row.std), _num(row.expected_std),
-                      _num(ratio), " ".join(sorted(set(codes.get(row.name, [])))), style=style)
+        cells = (row.name if row.tensor in (row.name, f"{row.name}.weight") else row.tensor, row.kind,
+                 f"{row.fan_in}→{row.fan_out}", act, row.scheme, _num(row.std), _num(row.expected_std),
+                 _num(ratio), " ".join(sorted(set(codes.get(row.name, [])))))
+        table.add_row(*(Text(printable(c)) for c in cells), style=style)
     console.print(table)
     for f in report.findings:
         console.print(Text.assemble((f"{f.severity:7}", STYLE[f.severity]), f" {f.code} ", (f.rule, "bold"),
-                                    f" {f.message}"))
+                                    f" {printable(f.message)}"))
         if f.fix:
-            console.print(Text(f"        fix: {f.fix}", style="dim"))
+            console.print(Text(f"        fix: {printable(f.fix)}", style="dim"))
     for note in report.notes:
-        console.print(Text(f"note: {note}", style="dim"))
+        console.print(Text(f"note: {printable(note)}", style="dim"))
     s = report.summary
     console.print(f"{s['layers']} layers: {s['errors']} errors, {s['warnings']} warnings, {s['infos']} infos")
