@@ -95,9 +95,9 @@ def _constant_name(node: onnx.NodeProto) -> str:
 
 
 def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The graphs a node holds as attributes (If branches, Loop/Scan bodies...)."""
+    """The graphs a node holds as attributes (Loop/Scan bodies, If branches: then before else)."""
     found = []
-    for a in node.attribute:
+    for a in sorted(node.attribute, key=lambda a: a.name != "then_branch"):
         if a.type == onnx.AttributeProto.GRAPH:
             found.append(a.g)
         elif a.type == onnx.AttributeProto.GRAPHS:
