@@ -65,7 +65,6 @@ class Scope:
     """One graph of a model (the main graph or a subgraph) and the model-wide keys of the tensors it holds."""
 
     graph: onnx.GraphProto
-    parent: Scope | None = None
     keys: dict[str, str] = field(default_factory=dict)                  # local tensor name -> model-wide key
     children: dict[int, list[Scope]] = field(default_factory=dict)      # node index -> its subgraphs
 
@@ -109,8 +108,8 @@ def scopes(graph: onnx.GraphProto) -> Scope:
     """The scope tree of a model's graph, each tensor keyed by its name, made unique (`w#2`) across subgraphs."""
     taken: set[str] = set()
 
-    def visit(g: onnx.GraphProto, parent: Scope | None) -> Scope:
-        scope = Scope(g, parent)
+    def visit(g: onnx.GraphProto) -> Scope:
+        scope = Scope(g)
         for name, _, _ in _local_tensors(g):
             key, n = name, 1
             while key in taken:
@@ -121,10 +120,10 @@ def scopes(graph: onnx.GraphProto) -> Scope:
         for i, node in enumerate(g.node):
             subs = subgraphs(node)
             if subs:
-                scope.children[i] = [visit(sub, scope) for sub in subs]
+                scope.children[i] = [visit(sub) for sub in subs]
         return scope
 
-    return visit(graph, None)
+    return visit(graph)
 
 
 def walk(scope: Scope) -> Iterator[Scope]:
@@ -176,12 +175,6 @@ class _Graph:
     def dims(self, name: str) -> tuple[int, ...]:
         return tuple(self.sources[name].dims)
 
-    def walk(self) -> Iterator[_Graph]:
-        yield self
-        for subs in self.children.values():
-            for sub in subs:
-                yield from sub.walk()
-
 
 def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     for a in node.attribute:
@@ -221,7 +214,7 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
     `sources` is keyed as `scopes` keys them (the main graph's tensors by their own names).
     """
     root = _Graph(scopes(graph), sources)
-    shown = {key: name for g in root.walk() for key, _, name in g.scope.tensors()}
+    shown = {key: name for scope in walk(root.scope) for key, _, name in scope.tensors()}
     out = OnnxLayers()
     layer_of: dict[tuple[_Graph, int], str] = {}
     folded: set[tuple[_Graph, int]] = set()

@@ -144,6 +144,28 @@ def test_fix_redraws_a_zeroed_branch_weight_in_place_and_the_model_runs(tmp_path
     assert np.isfinite(y).all() and np.ptp(y, axis=0).max() > 1e-3
 
 
+def test_branch_weights_in_external_data_are_checked_read_and_rewritten(tmp_path, cli):
+    model = onnx.load(str(if_model(tmp_path, {"then.fc2.weight": np.zeros((16, 12))})))
+    folder = tmp_path / "ext"
+    folder.mkdir()
+    onnx.save(model, str(folder / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    assert ("zero-weights", "then.fc2", "error") in serious(initaudit.audit(folder / "m.onnx"))
+    result = cli("fix", folder / "m.onnx", "-o", tmp_path / "fixed.onnx", "--seed", 1)
+    assert result.exit_code == 0, result.output
+    fixed = onnx.load(str(tmp_path / "fixed.onnx"))  # loads every tensor, the branches' included, from the new data file
+    assert _branch_tensors(fixed)["then.fc2.weight"].std() > 0.1
+    assert serious(initaudit.audit(tmp_path / "fixed.onnx")) == set()
+    assert np.isfinite(run(tmp_path / "fixed.onnx", x=np.abs(RNG.normal(size=(2, 8))))).all()
+    # cut the data file right after the last main-graph tensor: only branch weights lose their bytes
+    saved = onnx.load(str(folder / "m.onnx"), load_external_data=False)
+    end = max(int(e["offset"]) + int(e["length"]) for e in
+              ({x.key: x.value for x in t.external_data} for t in saved.graph.initializer))
+    assert end < (folder / "m.data").stat().st_size
+    (folder / "m.data").write_bytes((folder / "m.data").read_bytes()[:end])
+    result = cli("check", folder / "m.onnx")
+    assert result.exit_code == 2 and "shorter than" in result.output and "then." in result.output
+
+
 def _branch_tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     """Every initializer of the main graph and of the If's branches, by name."""
     found = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
