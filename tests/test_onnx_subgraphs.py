@@ -221,6 +221,24 @@ def test_scan_body_weights_are_audited(tmp_path):
     assert run(path, x=RNG.normal(size=(5, 2, 8))).shape == (2, 4)
 
 
+def test_a_graph_attribute_of_an_unknown_op_is_audited_and_where_its_outputs_go_is_unknown(tmp_path):
+    body = helper.make_graph([N("Gemm", ["row", "inner.weight"], ["g"], transB=1), N("Gemm", ["g", "gate.weight"], ["q"], transB=1),
+                              N("Tanh", ["q"], ["row_out"]), N("Gemm", ["row", "side.weight"], ["side_out"], transB=1)],
+                             "body", [value("row")], [value("row_out"), value("side_out")],
+                             [tensor("inner.weight", xavier(8, 8)), tensor("gate.weight", xavier(8, 8)),
+                              tensor("side.weight", xavier(8, 8))])
+    nodes = [N("MapRows", ["x"], ["m", "side"], domain="com.example", body=body), N("Relu", ["m"], ["y"])]
+    graph = helper.make_graph(nodes, "main", [value("x")], [value("y")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "custom.onnx"))
+    assert rows(initaudit.audit(tmp_path / "custom.onnx")) == {
+        "inner": ("linear", 8, 8, "identity"),  # another layer follows it inside the body
+        "gate": ("linear", 8, 8, "tanh"),       # its activation is inside the body
+        "side": ("linear", 8, 8, "unknown"),    # what the op does with its outputs cannot be told
+    }
+
+
 # ---------------------------------------------------------------- Constant-node weights
 
 def constant_model(path, const: onnx.NodeProto, else_weight: str = "w2"):
@@ -267,14 +285,18 @@ def test_fix_writes_a_constant_node_weight_back_into_its_node(tmp_path, cli):
 
 # ---------------------------------------------------------------- parity with PyTorch's own control flow
 
+def _zero_biases(*layers: torch.nn.Linear) -> None:
+    for layer in layers:
+        torch.nn.init.zeros_(layer.bias)
+
+
 class Branchy(torch.nn.Module):
-    """Data-dependent control flow: only one branch runs, both hold weights."""
+    """Data-dependent control flow (an If in ONNX): only one branch runs, both hold weights."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b, self.head = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
-        for layer in (self.a, self.b, self.head):
-            torch.nn.init.zeros_(layer.bias)
+        _zero_biases(self.a, self.b, self.head)
         torch.nn.init.kaiming_normal_(self.a.weight, nonlinearity="relu")
         torch.nn.init.xavier_normal_(self.b.weight, gain=torch.nn.init.calculate_gain("tanh"))
         torch.nn.init.xavier_normal_(self.head.weight)
@@ -288,43 +310,72 @@ class Branchy(torch.nn.Module):
 
 
 class Cond(Branchy):
+    """The same as torch.cond, which the dynamo exporter turns into an If."""
+
     def forward(self, x):
         return self.head(torch.cond(x.sum() > 0, lambda x: torch.relu(self.a(x)), lambda x: torch.tanh(self.b(x)), (x,)))
 
 
-def export(module, path, dynamo: bool):
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module if dynamo else torch.jit.script(module), (torch.randn(2, 8),), str(path),
-                          opset_version=18 if dynamo else 17, dynamo=dynamo)
-    return path
+class Looped(torch.nn.Module):
+    """A loop of data-dependent length over one shared cell (a Loop in ONNX)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.cell, self.head = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+        _zero_biases(self.inp, self.cell, self.head)
+        torch.nn.init.xavier_normal_(self.inp.weight)
+        torch.nn.init.xavier_normal_(self.cell.weight, gain=torch.nn.init.calculate_gain("tanh"))
+        torch.nn.init.xavier_normal_(self.head.weight)
+
+    def forward(self, x, n: int = 3):
+        h = self.inp(x)
+        for _ in range(n):
+            h = torch.tanh(self.cell(h))
+        return self.head(h)
+
+
+def exports(module: torch.nn.Module, folder) -> list:
+    """The module as ONNX: the legacy exporter on the scripted module, and (for an If) the dynamo one via torch.cond."""
+    x = torch.randn(2, 8)
+    jobs = [(torch.jit.script(module), (x, 3) if isinstance(module, Looped) else (x,), 17, False)]
+    if isinstance(module, Branchy):
+        cond = Cond()
+        cond.load_state_dict(module.state_dict())
+        jobs.append((cond, (x,), 18, True))
+    paths = []
+    for k, (exported, args, opset, dynamo) in enumerate(jobs):
+        paths.append(folder / f"export{k}.onnx")
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(exported, args, str(paths[-1]), opset_version=opset, dynamo=dynamo)
+    return paths
 
 
 @pytest.mark.parametrize("planted", ["none", "zero", "nan", "duplicate"])
-def test_control_flow_export_gives_the_torchscript_verdict(planted, tmp_path):
+@pytest.mark.parametrize("make, inner", [(Branchy, "b"), (Looped, "cell")], ids=["if", "loop"])
+def test_control_flow_export_gives_the_torchscript_verdict(make, inner, planted, tmp_path):
     torch.manual_seed(0)
-    module = Branchy()
+    module = make()
+    weight = getattr(module, inner).weight
     with torch.no_grad():
         if planted == "zero":
-            module.b.weight.zero_()
+            weight.zero_()
         elif planted == "nan":
-            module.b.weight[2, 3] = float("nan")
+            weight[2, 3] = float("nan")
         elif planted == "duplicate":
-            module.b.weight[5] = module.b.weight[1]
+            weight[5] = weight[1]
     scripted, _ = save_as(module, "torchscript", tmp_path)
     expected = initaudit.audit(scripted)
-    cond = Cond()
-    cond.load_state_dict(module.state_dict())
-    reports = {"legacy": initaudit.audit(export(module, tmp_path / "legacy.onnx", dynamo=False)),
-               "dynamo": initaudit.audit(export(cond, tmp_path / "dynamo.onnx", dynamo=True))}
+    assert rows(expected)[inner][3] == "tanh"
     findings = {(f.rule, f.layer, f.severity) for f in expected.findings}
-    for report in reports.values():
+    for path in exports(module, tmp_path):
+        report = initaudit.audit(path)
         assert report.format == "onnx"
-        assert rows(report) == rows(expected) == {"a": ("linear", 8, 16, "relu"), "b": ("linear", 8, 16, "tanh"),
-                                                  "head": ("linear", 16, 4, "identity")}
+        assert rows(report) == rows(expected)
+        assert [r.name for r in report.layers] == [r.name for r in expected.layers]
         assert {(f.rule, f.layer, f.severity) for f in report.findings} == findings
-    # health verdicts hold for the bare files, which know no activations
+    # the health verdicts hold for the bare files, which know no activations
     for fmt in ("state_dict", "safetensors"):
         path, _ = save_as(module, fmt, tmp_path)
-        assert serious(initaudit.audit(path, activation="relu")) == serious(expected)
-    assert (serious(expected) == set()) == (planted == "none")
+        assert serious(initaudit.audit(path, activation="tanh")) == serious(expected)
+    assert {layer for _, layer, _ in serious(expected)} == (set() if planted == "none" else {inner})
