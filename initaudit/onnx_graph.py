@@ -40,6 +40,8 @@ _ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Softplus", "Sqrt", "Identity
 _RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 # Names exporters give the constants they make (initial states, shapes, folded values), not parameters.
 _EXPORTER_CONSTANT = re.compile(r"^(onnx::|/)|^val_\d+$")
+# Node names exporters make up: the legacy exporter's scope paths, the dynamo exporter's node_<op>.
+_EXPORTER_NODE = re.compile(r"^(/|node_)")
 # Cores of the activations exporters decompose, closed by a Mul with the activation's input x.
 _PATTERN_CORES = {"Sigmoid": "silu", "HardSigmoid": "hardswish", "Erf": "gelu", "Tanh": "gelu"}
 
@@ -88,7 +90,7 @@ def _local_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorPro
 def _constant_name(node: onnx.NodeProto) -> str:
     """A Constant's output name, or its node name where the output name is one an exporter made up."""
     out = node.output[0]
-    if _EXPORTER_CONSTANT.match(out) and node.name and not _EXPORTER_CONSTANT.match(node.name):
+    if _EXPORTER_CONSTANT.match(out) and node.name and not _EXPORTER_NODE.match(node.name):
         return node.name
     return out
 

@@ -265,6 +265,18 @@ def test_constant_node_weights_are_named_as_netron_shows_them(node_name, output,
            {("zero-weights", layer, f"{layer}.weight")}
 
 
+def test_a_constant_free_parameter_in_a_branch_keeps_its_name(tmp_path):
+    table = RNG.normal(0, 0.02, (2, 8))
+    table[1, 3] = np.nan
+    then = helper.make_graph([N("Constant", [], ["pos_table"], value=tensor("c", table)), N("Add", ["x", "pos_table"], ["t"])],
+                             "then", [], [value("t")])
+    other = helper.make_graph([N("Neg", ["x"], ["e"])], "else", [], [value("e")])
+    nodes = [N("ReduceSum", ["x"], ["s"], keepdims=0), N("Greater", ["s", "zero"], ["c"]),
+             N("If", ["c"], ["y"], then_branch=then, else_branch=other)]
+    report = initaudit.audit(save(tmp_path / "table.onnx", nodes, [tensor("zero", 0.0)]))
+    assert {(f.rule, f.tensor) for f in report.findings if f.severity == "error"} == {("non-finite", "pos_table")}
+
+
 def test_fix_writes_a_constant_node_weight_back_into_its_node(tmp_path, cli):
     """The then branch's Constant and the else branch's initializer share a name: each keeps its own tensor."""
     const = N("Constant", [], ["fc.weight"], value=tensor("c", np.zeros((16, 8))))
