@@ -5,20 +5,24 @@ Layers are named as the user knows them: the initializer's name prefix (`feature
 dynamo exporter's `pkg.torch.onnx.name_scopes`). Exporters spell some activations out in
 elementwise ops (x·sigmoid(x), the Erf GELU, the tanh GELU, x·tanh(softplus(x))): those patterns
 become one activation node of the flow.
+
+Subgraphs (`If` branches, `Loop` and `Scan` bodies, any graph attribute) are walked like the main
+graph: their weights are audited, names they take from enclosing graphs resolve there, and their
+outputs flow on to the consumers of the control-flow node's outputs.
 """
 
 from __future__ import annotations
 
 import ast
 import re
-from collections import deque
+from collections import ChainMap, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
 
-from .activations import Activation
+from .activations import UNKNOWN, Activation
 from .flow import ACT, ADD, LAYER, NORM, OUTPUT, PASS, STOP, Flow
 from .graph import ModuleInfo, split_key
 
@@ -36,6 +40,8 @@ _ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Softplus", "Sqrt", "Identity
 _RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 # Names exporters give the constants they make (initial states, shapes, folded values), not parameters.
 _EXPORTER_CONSTANT = re.compile(r"^(onnx::|/)|^val_\d+$")
+# Node names exporters make up: the legacy exporter's scope paths, the dynamo exporter's node_<op>.
+_EXPORTER_NODE = re.compile(r"^(/|node_)")
 # Cores of the activations exporters decompose, closed by a Mul with the activation's input x.
 _PATTERN_CORES = {"Sigmoid": "silu", "HardSigmoid": "hardswish", "Erf": "gelu", "Tanh": "gelu"}
 
@@ -56,15 +62,92 @@ class OnnxLayers:
     notes: list[str] = field(default_factory=list)
 
 
-class _Graph:
-    """Producers and consumers of the tensors of one ONNX graph."""
+@dataclass
+class Scope:
+    """One graph of a model (the main graph or a subgraph) and the model-wide keys of the tensors it holds."""
 
-    def __init__(self, graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto]):
-        self.nodes = list(graph.node)
+    graph: onnx.GraphProto
+    keys: dict[str, str] = field(default_factory=dict)                  # local tensor name -> model-wide key
+    children: dict[int, list[Scope]] = field(default_factory=dict)      # node index -> its subgraphs
+
+    def tensors(self) -> Iterator[tuple[str, onnx.TensorProto, str]]:
+        """(key, proto, the name a user sees) of every initializer and Constant-node tensor of this graph."""
+        for name, proto, shown in _local_tensors(self.graph):
+            yield self.keys[name], proto, shown
+
+
+def _local_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorProto, str]]:
+    """(name the graph uses, proto, name a user sees) of the graph's initializers and Constant tensors."""
+    for t in graph.initializer:
+        yield t.name, t, t.name
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    yield node.output[0], a.t, _constant_name(node)
+
+
+def _constant_name(node: onnx.NodeProto) -> str:
+    """A Constant's output name, or its node name where the output name is one an exporter made up."""
+    out = node.output[0]
+    if _EXPORTER_CONSTANT.match(out) and node.name and not _EXPORTER_NODE.match(node.name):
+        return node.name
+    return out
+
+
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node holds as attributes (Loop/Scan bodies, If branches: then before else)."""
+    found = []
+    for a in sorted(node.attribute, key=lambda a: a.name != "then_branch"):
+        if a.type == onnx.AttributeProto.GRAPH:
+            found.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            found.extend(a.graphs)
+    return found
+
+
+def scopes(graph: onnx.GraphProto) -> Scope:
+    """The scope tree of a model's graph, each tensor keyed by its name, made unique (`w#2`) across subgraphs."""
+    taken: set[str] = set()
+
+    def visit(g: onnx.GraphProto) -> Scope:
+        scope = Scope(g)
+        for name, _, _ in _local_tensors(g):
+            key, n = name, 1
+            while key in taken:
+                n += 1
+                key = f"{name}#{n}"
+            taken.add(key)
+            scope.keys[name] = key
+        for i, node in enumerate(g.node):
+            subs = subgraphs(node)
+            if subs:
+                scope.children[i] = [visit(sub) for sub in subs]
+        return scope
+
+    return visit(graph)
+
+
+def walk(scope: Scope) -> Iterator[Scope]:
+    """A scope and every scope inside it, depth first in node order."""
+    yield scope
+    for subs in scope.children.values():
+        for sub in subs:
+            yield from walk(sub)
+
+
+class _Graph:
+    """Producers and consumers of the tensors of one ONNX graph; names it does not define resolve in its parent."""
+
+    def __init__(self, scope: Scope, sources: dict[str, onnx.TensorProto], parent: _Graph | None = None):
+        self.scope = scope
+        self.nodes = list(scope.graph.node)
         self.sources = sources
+        self.parent = parent
         self.alias: dict[str, str] = {}
         self.producer: dict[str, int] = {}
         self.consumers: dict[str, list[int]] = {}
+        self.defined = {i.name for i in scope.graph.input}
         for i, node in enumerate(self.nodes):
             if node.op_type == "Identity" and self.source(node.input[0]) is not None:
                 self.alias[node.output[0]] = self.source(node.input[0])
@@ -72,11 +155,18 @@ class _Graph:
                 self.producer[name] = i
             for name in node.input:
                 self.consumers.setdefault(name, []).append(i)
+        self.defined |= set(self.producer)
+        self.children = {i: [_Graph(sub, sources, self) for sub in subs] for i, subs in scope.children.items()}
 
     def source(self, name: str) -> str | None:
-        """The initializer (or Constant output) a tensor name stands for, through Identity aliases."""
-        name = self.alias.get(name, name)
-        return name if name in self.sources else None
+        """The initializer (or Constant) key a tensor name stands for, through Identity aliases and outer scopes."""
+        if name in self.alias:
+            return self.alias[name]
+        if name in self.scope.keys:
+            return self.scope.keys[name]
+        if name in self.producer or name in self.defined or self.parent is None:
+            return None  # a value computed here (or a graph input) shadows the outer scopes
+        return self.parent.source(name)
 
     def float_source(self, name: str, rank: int | None = None) -> str | None:
         src = self.source(name) if name else None
@@ -121,15 +211,19 @@ def _layer_name(node: onnx.NodeProto, weight: str) -> str:
 
 def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
             value: Callable[[str], np.ndarray]) -> OnnxLayers:
-    """Layers, tensor views and the flow of `graph`; `value` reads a (small) source tensor."""
-    g = _Graph(graph, sources)
+    """Layers, tensor views and the flow of `graph` and its subgraphs; `value` reads a (small) source tensor.
+
+    `sources` is keyed as `scopes` keys them (the main graph's tensors by their own names).
+    """
+    root = _Graph(scopes(graph), sources)
+    shown = {key: name for scope in walk(root.scope) for key, _, name in scope.tensors()}
     out = OnnxLayers()
-    layer_of: dict[int, str] = {}
-    folded: set[int] = set()
+    layer_of: dict[tuple[_Graph, int], str] = {}
+    folded: set[tuple[_Graph, int]] = set()
     taken: dict[str, str] = {}  # layer name -> the weight source that claimed it
 
     def claim(node: onnx.NodeProto, weight: str) -> str:
-        name = _layer_name(node, weight)
+        name = _layer_name(node, shown[weight])
         base, n = name, 1
         while taken.get(name, weight) != weight:
             n += 1
@@ -138,14 +232,21 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
         return name
 
     recurrent_count: dict[str, int] = {}
-    for i, node in enumerate(g.nodes):
+
+    def visit(g: _Graph) -> None:
+        for i, node in enumerate(g.nodes):
+            layer(g, i, node)
+            for sub in g.children.get(i, ()):
+                visit(sub)
+
+    def layer(g: _Graph, i: int, node: onnx.NodeProto) -> None:
         op = node.op_type
         if op in ("Gemm", "MatMul", "Conv", "ConvTranspose"):
             weight = g.float_source(node.input[1]) if len(node.input) > 1 else None
             if weight is None or len(g.dims(weight)) < 2 or (op in ("Gemm", "MatMul") and len(g.dims(weight)) != 2):
-                continue
+                return
             name = claim(node, weight)
-            layer_of[i] = name
+            layer_of[g, i] = name
             rank = len(g.dims(weight))
             if op == "Conv":
                 kind, transposed = f"conv{rank - 2}d", False
@@ -159,14 +260,14 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
             if bias is not None:
                 out.views.setdefault(f"{name}.bias", View(bias))
             if op == "Conv" and _bn_folded(node, weight):
-                folded.add(i)
+                folded.add((g, i))
         elif op in _RECURRENT_GATES:
             w = g.float_source(node.input[1], rank=3)
             r = g.float_source(node.input[2], rank=3) if len(node.input) > 2 else None
             if w is None:
-                continue
-            name = _layer_name(node, w)  # stacked layers share one scope: lstm.weight_ih_l0, _l1...
-            layer_of[i] = name
+                return
+            name = _layer_name(node, shown[w])  # stacked layers share one scope: lstm.weight_ih_l0, _l1...
+            layer_of[g, i] = name
             k = recurrent_count.get(name, 0)
             recurrent_count[name] = k + 1
             out.modules[name] = ModuleInfo("recurrent", op)
@@ -189,7 +290,7 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
         elif op in _NORM_OPS or op == "PRelu":
             params = [g.float_source(n) for n in node.input[1:]]
             if not params or params[0] is None:
-                continue
+                return
             name = claim(node, params[0])
             roles = ("weight", "bias", "running_mean", "running_var") if op != "PRelu" else ("weight",)
             out.modules[name] = ModuleInfo("norm" if op != "PRelu" else "parameter", op)
@@ -197,14 +298,15 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
                 if src is not None:
                     out.views.setdefault(f"{name}.{role}", View(src))
 
+    visit(root)
     used = {v.source for v in out.views.values()}
-    initializers = {t.name for t in graph.initializer}
-    for src, proto in sources.items():  # free parameters (cls tokens, position tables...) keep their names
-        if (src in initializers and src not in used and not _EXPORTER_CONSTANT.match(src) and src not in out.views
+    for key, name in shown.items():  # free parameters (cls tokens, position tables...) keep their names
+        proto = sources[key]
+        if (key not in used and not _EXPORTER_CONSTANT.match(name) and name not in out.views
                 and proto.data_type in FLOAT_TYPES and np.prod(proto.dims) > 1):
-            out.views[src] = View(src)
+            out.views[name] = View(key)
 
-    out.flow = _flow(g, graph, layer_of, folded, value)
+    out.flow = _flow(root, layer_of, folded, value)
     if folded:
         out.notes.append(f"the exporter folded BatchNorm into {len(folded)} convolution(s); "
                          "they are audited as normalized layers")
@@ -233,33 +335,108 @@ def _bn_folded(node: onnx.NodeProto, weight: str) -> bool:
 
 # ---------------------------------------------------------------- flow
 
-def _flow(g: _Graph, graph: onnx.GraphProto, layer_of: dict[int, str], folded: set[int],
+def _flow(root: _Graph, layer_of: dict[tuple[_Graph, int], str], folded: set[tuple[_Graph, int]],
           value: Callable[[str], np.ndarray]) -> Flow:
     flow = Flow()
-    patterns = _decomposed(g)
-    made: dict[str, int] = {}  # tensor name -> flow node producing it
-    for i, node in enumerate(g.nodes):
-        if i in layer_of:
-            idx = flow.add(LAYER, layer_of[i])
-        elif i in patterns:
-            idx = flow.add(ACT, activation=patterns[i])
-        else:
-            role, act = _role(g, node, value)
-            idx = flow.add(role, activation=act)
-        for name in node.input:
-            if name in made:
-                flow.link(made[name], idx)
-        tail = idx
-        if i in folded:
-            tail = flow.add(NORM)
-            flow.link(idx, tail)
-        for name in node.output:
-            made[name] = tail
+    unknown: list[int] = []  # the one "activation unknown" node, made when a subgraph's outputs lead nowhere known
+
+    def unknown_node() -> int:
+        if not unknown:
+            unknown.append(flow.add(ACT, activation=UNKNOWN))
+        return unknown[0]
+
+    def build(g: _Graph, made: ChainMap) -> None:
+        """Add the nodes of `g`; `made` maps tensor names (of `g` and the graphs around it) to flow nodes."""
+        patterns = _decomposed(g)
+        for i, node in enumerate(g.nodes):
+            if i in g.children:
+                control(g, i, node, made)
+                continue
+            if (g, i) in layer_of:
+                idx = flow.add(LAYER, layer_of[g, i])
+            elif i in patterns:
+                idx = flow.add(ACT, activation=patterns[i])
+            else:
+                role, act = _role(g, node, value)
+                idx = flow.add(role, activation=act)
+            for name in node.input:
+                if name in made:
+                    flow.link(made[name], idx)
+            tail = idx
+            if (g, i) in folded:
+                tail = flow.add(NORM)
+                flow.link(idx, tail)
+            for name in node.output:
+                made[name] = tail
+
+    def control(g: _Graph, i: int, node: onnx.NodeProto, made: ChainMap) -> None:
+        """An If/Loop/Scan (or other graph-holding) node: its subgraphs' values flow on to its outputs."""
+        outs = [flow.add(PASS) for _ in node.output]
+        if node.op_type not in _CONTROL_OPS:
+            for name in node.input:
+                if name in made:
+                    flow.link(made[name], unknown_node())
+        for sub in g.children[i]:
+            inner = made.new_child()
+            ins = [flow.add(PASS) for _ in sub.scope.graph.input]
+            for value_info, idx in zip(sub.scope.graph.input, ins):
+                inner[value_info.name] = idx
+            for k, name in _feeds(node, len(ins)):
+                if name in made:
+                    flow.link(made[name], ins[k])
+            build(sub, inner)
+            for k, result in enumerate(sub.scope.graph.output):
+                if result.name not in inner:
+                    continue
+                targets = _returns(node, k, ins, outs)
+                for target in targets if targets is not None else [unknown_node()]:
+                    flow.link(inner[result.name], target)
+        for name, idx in zip(node.output, outs):
+            made[name] = idx
+
+    made: ChainMap = ChainMap()
+    build(root, made)
     out = flow.add(OUTPUT)
-    for o in graph.output:
+    for o in root.scope.graph.output:
         if o.name in made:
             flow.link(made[o.name], out)
     return flow
+
+
+_CONTROL_OPS = {"If", "Loop", "Scan"}
+
+
+def _feeds(node: onnx.NodeProto, n_body_inputs: int) -> list[tuple[int, str]]:
+    """(body input index, outer tensor name) pairs a Loop or Scan passes into its body."""
+    first = {"Loop": 2, "Scan": 0}.get(node.op_type)  # Loop's trip count and condition steer, they carry no signal
+    if first is None:
+        return []
+    return [(k, node.input[k]) for k in range(first, min(len(node.input), n_body_inputs))]
+
+
+def _returns(node: onnx.NodeProto, k: int, ins: list[int], outs: list[int]) -> list[int] | None:
+    """Flow nodes the subgraph's k-th output reaches: the node's outputs and, for carried state, the body's inputs.
+
+    None where the op is not one whose subgraph contract is known (or the counts do not fit).
+    """
+    op = node.op_type
+    if op == "If":
+        targets = [outs[k]] if k < len(outs) else []
+    elif op == "Loop":  # body: (cond, carried..., scan outputs...) -> node: (carried..., scan outputs...)
+        if k == 0:
+            return []
+        carried = len(node.input) - 2
+        targets = [outs[k - 1]] if k - 1 < len(outs) else []
+        if k <= carried and k + 1 < len(ins):
+            targets.append(ins[k + 1])
+    elif op == "Scan":  # body: (state..., scan outputs...) -> node: the same; the state feeds the next step
+        state = len(node.input) - int(_attr(node, "num_scan_inputs", 0))
+        targets = [outs[k]] if k < len(outs) else []
+        if k < state and k < len(ins):
+            targets.append(ins[k])
+    else:
+        return None
+    return targets or None
 
 
 def _role(g: _Graph, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> tuple[str, Activation | None]:

@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from ..errors import InputError
-from ..onnx_graph import View, analyse
+from ..onnx_graph import View, analyse, scopes, walk
 from . import Loaded, TensorSource
 
 
@@ -62,14 +62,12 @@ def _check_external(proto: onnx.TensorProto, path: Path) -> None:
 
 
 def sources_of(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    """Initializers and Constant-node tensors, by the tensor name the graph uses."""
-    found = {t.name: t for t in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    found[node.output[0]] = a.t
-    return found
+    """Initializers and Constant-node tensors of the graph and every subgraph in it (If branches,
+    Loop/Scan bodies), by the key `analyse` gives them: the tensor's name, made unique across subgraphs.
+
+    The protos are the graph's own, so a writer that changes them changes the model.
+    """
+    return {key: proto for scope in walk(scopes(graph)) for key, proto, _ in scope.tensors()}
 
 
 def array(proto: onnx.TensorProto, folder: Path) -> np.ndarray:
