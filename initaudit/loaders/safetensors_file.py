@@ -11,11 +11,12 @@ from ..errors import InputError
 from . import Loaded, TensorSource, natural_key
 
 
-def _open(path: Path):
+def _open(path: Path, shown: Path | None = None):
+    """safe_open `path` (already passed by the file policy); errors name `shown`, the path the user knows."""
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise InputError(f"{shown or path}: not a readable safetensors file ({exc})") from None
 
 
 def read_all(path: Path) -> dict[str, torch.Tensor]:
