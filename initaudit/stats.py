@@ -14,6 +14,7 @@ DISTINCT_SAMPLE = 1 << 14       # distinct values are counted exactly up to this
 NEAR_DUPLICATE_TOLERANCE = 1e-3  # units differing by at most this fraction of the std in every entry are copies
 MAX_REPORTED_GROUPS = 20
 SPARSE_DENSE_LIMIT = 1 << 24   # sparse tensors are audited (made dense) up to this many entries
+_SMALL = 64                     # values counted with a Python set rather than torch.unique
 _WINDOW = 64                    # neighbours in projection order compared with each unit
 _HASH_SEED = 0x1A17
 
@@ -191,6 +192,8 @@ def _distinct(tensor: torch.Tensor) -> int:
     flat = tensor.detach().reshape(-1)
     if flat.numel() > DISTINCT_SAMPLE:
         flat = flat[:: flat.numel() // DISTINCT_SAMPLE + 1]
+    if flat.numel() <= _SMALL:
+        return len(set(flat.tolist()))  # a tiny tensor: far cheaper than a torch call
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.to(torch.float32)  # exact for every narrower float; unique has no float8 kernel
     return int(torch.unique(flat).numel())

@@ -15,6 +15,12 @@ from ..flow import Flow
 from ..graph import ModuleInfo
 
 
+# The most tensors one run audits: each costs about half a millisecond and a few kB, whatever its size, so a
+# file of a million tiny tensors (10 minutes, gigabytes) is refused with a clear message instead. The largest
+# public checkpoints (mixture-of-experts models) hold under 100,000.
+MAX_TENSORS = 200_000
+
+
 def natural_key(name: str) -> list:
     """Sort key that puts 'layers.2' before 'layers.10' (safetensors stores names sorted as text)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
@@ -60,9 +66,17 @@ def load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | 
          module: torch.nn.Module | None = None) -> Loaded:
     """Load a model file (or a module built by `factory`, or a live `module`) for auditing."""
     loaded = _load(path, trust_pickle=trust_pickle, factory=factory, module=module)
+    check_count(len(loaded.tensors), loaded.path or "the model")
     if loaded.path is not None and not loaded.files:
         loaded.files = [loaded.path.resolve()]
     return loaded
+
+
+def check_count(n: int, where: Path | str) -> None:
+    """Refuse a model of more than MAX_TENSORS tensors (before its tensors are read, where the format allows)."""
+    if n > MAX_TENSORS:
+        raise InputError(f"{where}: {n:,} tensors, more than the {MAX_TENSORS:,} initaudit audits in one run "
+                         "(initaudit.loaders.MAX_TENSORS)")
 
 
 def _load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | None = None,

@@ -19,7 +19,7 @@ from ..errors import InputError
 from ..files import inside
 from ..flow import ACT, LAYER, NORM, Flow
 from ..graph import ModuleInfo, group_layers, split_key
-from . import Loaded, TensorSource, natural_key
+from . import Loaded, TensorSource, check_count, natural_key
 from .safetensors_file import _open
 
 # The layer that feeds a transformer block's activation, across families
@@ -80,6 +80,7 @@ def _shards(path: Path, files: list[Path]) -> tuple[dict[str, str], dict[str, Pa
         if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                        for k, v in weight_map.items()):
             raise InputError(f"{index}: not a shard index (its \"weight_map\" must map tensor names to file names)")
+        check_count(len(weight_map), index)
         real = {shard: inside(path, shard, index) for shard in sorted(set(weight_map.values()))}
         files.extend(real.values())
         return dict(weight_map), real
@@ -92,6 +93,7 @@ def _shards(path: Path, files: list[Path]) -> tuple[dict[str, str], dict[str, Pa
         files.append(real[name])
         with _open(real[name], path / name) as f:
             shards.update((k, name) for k in f.keys())
+        check_count(len(shards), path)
     return shards, real
 
 

@@ -19,6 +19,10 @@ from . import Loaded, TensorSource
 # Where training checkpoints keep the model's weights, most specific first.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network",
                 "weights", "params", "ema_state_dict", "ema")
+# The largest pickle (a torch file's structure, not its tensor data) read: torch's weights_only reader takes
+# about 150 microseconds and a few kB per tensor, so 10^6 views of one storage (an 85 MB pickle) would take
+# minutes and gigabytes. A state_dict of MAX_TENSORS tensors pickles to about 20 MB.
+MAX_PICKLE_BYTES = 48 << 20
 # Prefixes that wrappers add to every key: DDP (module.), Lightning (model.), torch.compile (_orig_mod.).
 STRIPPED_PREFIXES = ("module.", "_orig_mod.", "model.")
 
@@ -114,6 +118,19 @@ def read(path: Path, trust_pickle: bool) -> Any:
             raise InputError(f"{path}: not a readable PyTorch checkpoint ({_cause(exc)})") from None
 
 
+def _check_pickle_size(path: Path) -> None:
+    """Refuse a zip-format torch file whose pickle exceeds MAX_PICKLE_BYTES, before torch reads it."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            size = max((i.file_size for i in z.infolist() if i.filename.endswith("data.pkl")), default=0)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # a legacy (non-zip) file, or a broken one: torch.load says what is wrong
+    if size > MAX_PICKLE_BYTES:
+        raise InputError(f"{path}: its pickle takes {size / 2**20:.0f} MB, more than the {MAX_PICKLE_BYTES >> 20} MB "
+                         "initaudit reads (initaudit.loaders.torch_files.MAX_PICKLE_BYTES): too many tensors or "
+                         "objects to load in bounded time")
+
+
 def _cause(exc: Exception) -> str:
     """The reason in torch's message, without its advice (e.g. to set weights_only=False)."""
     text = str(exc)
@@ -165,6 +182,7 @@ def state_dict_of(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     """Just the (unwrapped) state_dict of a torch file, to load into a module built from code."""
     from . import modules
 
+    _check_pickle_size(path)
     if is_torchscript(path):
         return modules.read_torchscript(path).state_dict()
     obj = read(path, trust_pickle)
@@ -176,6 +194,7 @@ def state_dict_of(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
 def load(path: Path, trust_pickle: bool) -> Loaded:
     from . import modules
 
+    _check_pickle_size(path)
     if is_torchscript(path):
         return modules.from_torchscript(path)
     obj = read(path, trust_pickle)
