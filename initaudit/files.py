@@ -65,6 +65,6 @@ def inside(folder: Path, name: str, referrer: Path) -> Path:
         raise InputError(f"{shown}: cannot be resolved ({getattr(exc, 'strerror', None) or exc})") from None
     if root not in target.parents:
         raise InputError(f"{shown}: leads outside the model's folder {root}; links and paths leaving it are not "
-                         "followed")
+                         "followed (copy the model with its links resolved, e.g. cp -rL, to check it)")
     regular(target, shown)
     return target

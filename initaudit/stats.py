@@ -14,7 +14,7 @@ DISTINCT_SAMPLE = 1 << 14       # distinct values are counted exactly up to this
 NEAR_DUPLICATE_TOLERANCE = 1e-3  # units differing by at most this fraction of the std in every entry are copies
 MAX_REPORTED_GROUPS = 20
 SPARSE_DENSE_LIMIT = 1 << 24   # sparse tensors are audited (made dense) up to this many entries
-_SMALL = 64                     # values counted with a Python set rather than torch.unique
+_SMALL = 64                     # tensors this small are summed and counted in Python (per-call torch overhead)
 _WINDOW = 64                    # neighbours in projection order compared with each unit
 _HASH_SEED = 0x1A17
 
@@ -104,6 +104,16 @@ class _Moments:
 
     def add(self, values: torch.Tensor) -> None:
         if not values.numel():
+            return
+        if values.numel() <= _SMALL:  # a few values: Python floats (float64) beat a dozen torch calls
+            xs = values.reshape(-1).tolist()
+            if self.shift is None:
+                self.shift = math.fsum(xs) / len(xs)
+            ds = [x - self.shift for x in xs]
+            d2 = [d * d for d in ds]
+            for i, part in enumerate((ds, d2, [a * b for a, b in zip(d2, ds)], [a * a for a in d2])):
+                self.sums[i] += math.fsum(part)
+            self.n += len(xs)
             return
         if self.shift is None:
             self.shift = float(values.mean())

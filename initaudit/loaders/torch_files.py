@@ -61,7 +61,6 @@ class _AllowedGlobals(pickle.Unpickler):
 class _RestrictedPickle:
     """A `pickle_module` for torch.load that reads with `_AllowedGlobals`."""
 
-    __name__ = "initaudit.restricted_pickle"
     Unpickler = _AllowedGlobals
 
     @staticmethod
