@@ -34,11 +34,10 @@ def read(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
     except (DecodeError, OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
     real = path.resolve()
-    data_files = {}
+    data_files = {}  # in order, once each
     for proto in sources_of(model.graph).values():
         if proto.data_location == onnx.TensorProto.EXTERNAL:
-            target = _check_external(proto, path)
-            data_files[target] = None
+            data_files[_check_external(proto, path)] = None
     try:
         onnx.checker.check_model(str(real))  # by path: handles external data and models over 2 GB
     except (onnx.checker.ValidationError, DecodeError, OSError, ValueError, RuntimeError) as exc:
@@ -57,18 +56,17 @@ def _check_external(proto: onnx.TensorProto, path: Path) -> Path:
     if not info.get("location"):
         raise InputError(f"{path}: tensor {proto.name!r} is stored externally but names no file")
     target = inside(path.resolve().parent, info["location"], path)
-    numbers = {}
-    for key in ("offset", "length"):
-        value = info.get(key, "0" if key == "offset" else None)
-        if value is not None and not (value.isascii() and value.isdigit()):
-            raise InputError(f"{path}: tensor {proto.name!r} has external-data {key} {value!r}, not a "
-                             "non-negative whole number")
-        numbers[key] = int(value) if value is not None else None
-    size = target.stat().st_size
-    end = numbers["offset"] + (numbers["length"] if numbers["length"] is not None else 0)
-    if end > size or numbers["offset"] > size:
+    offset, length = (_whole(info.get(key, "0"), key, proto, path) for key in ("offset", "length"))
+    if offset + length > target.stat().st_size:  # no length: the rest of the file
         raise InputError(f"{path}: external data file {info['location']!r} is shorter than tensor {proto.name!r} needs")
     return target
+
+
+def _whole(value: str, key: str, proto: onnx.TensorProto, path: Path) -> int:
+    if not (value.isascii() and value.isdigit()):
+        raise InputError(f"{path}: tensor {proto.name!r} has external-data {key} {value!r}, not a non-negative "
+                         "whole number")
+    return int(value)
 
 
 def sources_of(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
