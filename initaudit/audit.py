@@ -46,19 +46,23 @@ def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
 
     Ties are told by storage only where the source holds every tensor (a lazily read tensor's
     freed memory may be reused by the next one); ONNX shares initializers on purpose and audits
-    them once per layer that uses them.
+    them once per layer that uses them. Tensors that hold no real numbers (`stats.auditable`) are
+    skipped with one note per reason in `loaded.notes`.
     """
     out, cache = [], {}
+    skipped: dict[str, list[str]] = {}
     repeats = Counter(_block_pattern(layer.name) for layer in graph if layer.weighted)
     for layer in graph:
         bias = _bias_of(loaded, layer)
         for param in layer.params:
             if param.role == "buffer":
                 continue
-            tensor = loaded.tensors[param.key]
-            if not tensor.is_floating_point():
+            raw = loaded.tensors[param.key]
+            tensor, reason = stats.auditable(raw)
+            if tensor is None:
+                skipped.setdefault(reason, []).append(param.key)
                 continue
-            ident = _identity(tensor) if loaded.tensors.resident else (param.key,)
+            ident = _identity(raw) if loaded.tensors.resident else (param.key,)
             if ident in cache:
                 param.shared_with = cache[ident][0]
                 st = cache[ident][1]
@@ -74,6 +78,10 @@ def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
                 rec = schemes.recommend(layer.activation, param.fan_in, param.fan_out, layer.kind, param.hidden, role)
             out.append(Measured(layer, param, st, fp, rec, facts(graph, layer, param, st, fp, rec, bias, n_blocks)))
     _add_recipe_shares(out)
+    for reason, keys in skipped.items():
+        note = f"not audited ({reason}): {_short(keys, 5)}"
+        if note not in loaded.notes:
+            loaded.notes.append(note)
     return out
 
 
@@ -101,7 +109,7 @@ def _identity(tensor: torch.Tensor) -> tuple:
 
 def _bias_of(loaded: Loaded, layer: Layer) -> torch.Tensor | None:
     bias = layer.param("bias")
-    return loaded.tensors[bias.key] if bias is not None else None
+    return stats.auditable(loaded.tensors[bias.key])[0] if bias is not None else None
 
 
 def facts(graph: LayerGraph, layer: Layer, param: Param, st: stats.TensorStats,

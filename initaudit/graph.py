@@ -6,6 +6,7 @@ import fnmatch
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .activations import IDENTITY, UNKNOWN, Activation
 from .flow import LAYER, NORM, PASS, Downstream, Flow
@@ -64,9 +65,9 @@ class Layer:
 class LayerGraph:
     layers: list[Layer]
 
-    @property
+    @cached_property
     def depth(self) -> int:
-        """Weighted layers in the whole model."""
+        """Weighted layers in the whole model (counted once: every tensor's facts ask)."""
         return sum(layer.weighted for layer in self.layers)
 
     def __iter__(self):

@@ -13,6 +13,8 @@ CHUNK_ELEMENTS = 1 << 22        # units are read in chunks of about this many va
 DISTINCT_SAMPLE = 1 << 14       # distinct values are counted exactly up to this many entries
 NEAR_DUPLICATE_TOLERANCE = 1e-3  # units differing by at most this fraction of the std in every entry are copies
 MAX_REPORTED_GROUPS = 20
+SPARSE_DENSE_LIMIT = 1 << 24   # sparse tensors are audited (made dense) up to this many entries
+_SMALL = 64                     # tensors this small are summed and counted in Python (per-call torch overhead)
 _WINDOW = 64                    # neighbours in projection order compared with each unit
 _HASH_SEED = 0x1A17
 
@@ -56,7 +58,30 @@ def as_units(tensor: torch.Tensor, unit_axis: int = 0) -> torch.Tensor:
         return tensor.reshape(1, 1)
     if tensor.dim() == 1:
         return tensor.reshape(-1, 1)
-    return tensor.movedim(unit_axis, 0).reshape(tensor.shape[unit_axis], -1)
+    moved = tensor.movedim(unit_axis, 0)
+    return moved.reshape(moved.shape[0], math.prod(moved.shape[1:]))  # not -1: ambiguous for 0 units
+
+
+def auditable(tensor: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
+    """`tensor` as dense real floating-point values that `compute` reads (upcast chunk by chunk there),
+    or None and why it is skipped: quantized tensors are dequantized, sparse ones made dense up to
+    SPARSE_DENSE_LIMIT entries; complex, integer, bool and packed sub-byte values are not audited."""
+    tensor = tensor.detach()
+    if tensor.layout != torch.strided:
+        if tensor.numel() > SPARSE_DENSE_LIMIT:
+            return None, f"sparse, over {SPARSE_DENSE_LIMIT:,} entries when dense"
+        tensor = tensor.to_dense()
+    if tensor.is_quantized:
+        tensor = tensor.dequantize()
+    if tensor.is_complex():
+        return None, "complex values"
+    if not tensor.is_floating_point():
+        return None, "integer or bool values"
+    try:
+        torch.zeros(1, dtype=tensor.dtype).to(torch.float32)  # an empty tensor would convert without a kernel
+    except (RuntimeError, NotImplementedError):
+        return None, f"{str(tensor.dtype).removeprefix('torch.')} values torch cannot convert"
+    return tensor, None
 
 
 _SCRATCH: dict[torch.dtype, torch.Tensor] = {}
@@ -79,6 +104,16 @@ class _Moments:
 
     def add(self, values: torch.Tensor) -> None:
         if not values.numel():
+            return
+        if values.numel() <= _SMALL:  # a few values: Python floats (float64) beat a dozen torch calls
+            xs = values.reshape(-1).tolist()
+            if self.shift is None:
+                self.shift = math.fsum(xs) / len(xs)
+            ds = [x - self.shift for x in xs]
+            d2 = [d * d for d in ds]
+            for i, part in enumerate((ds, d2, [a * b for a, b in zip(d2, ds)], [a * a for a in d2])):
+                self.sums[i] += math.fsum(part)
+            self.n += len(xs)
             return
         if self.shift is None:
             self.shift = float(values.mean())
@@ -167,6 +202,10 @@ def _distinct(tensor: torch.Tensor) -> int:
     flat = tensor.detach().reshape(-1)
     if flat.numel() > DISTINCT_SAMPLE:
         flat = flat[:: flat.numel() // DISTINCT_SAMPLE + 1]
+    if flat.numel() <= _SMALL:
+        return len(set(flat.tolist()))  # a tiny tensor: far cheaper than a torch call
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.to(torch.float32)  # exact for every narrower float; unique has no float8 kernel
     return int(torch.unique(flat).numel())
 
 

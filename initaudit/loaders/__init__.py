@@ -9,9 +9,16 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .. import files as file_policy
 from ..errors import InputError
 from ..flow import Flow
 from ..graph import ModuleInfo
+
+
+# The most tensors one run audits: each costs about half a millisecond and a few kB, whatever its size, so a
+# file of a million tiny tensors (10 minutes, gigabytes) is refused with a clear message instead. The largest
+# public checkpoints (mixture-of-experts models) hold under 100,000.
+MAX_TENSORS = 200_000
 
 
 def natural_key(name: str) -> list:
@@ -59,9 +66,17 @@ def load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | 
          module: torch.nn.Module | None = None) -> Loaded:
     """Load a model file (or a module built by `factory`, or a live `module`) for auditing."""
     loaded = _load(path, trust_pickle=trust_pickle, factory=factory, module=module)
+    check_count(len(loaded.tensors), loaded.path or "the model")
     if loaded.path is not None and not loaded.files:
-        loaded.files = [loaded.path]
+        loaded.files = [loaded.path.resolve()]
     return loaded
+
+
+def check_count(n: int, where: Path | str) -> None:
+    """Refuse a model of more than MAX_TENSORS tensors (before its tensors are read, where the format allows)."""
+    if n > MAX_TENSORS:
+        raise InputError(f"{where}: {n:,} tensors, more than the {MAX_TENSORS:,} initaudit audits in one run "
+                         "(initaudit.loaders.MAX_TENSORS)")
 
 
 def _load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | None = None,
@@ -73,9 +88,8 @@ def _load(path: str | Path | None, *, trust_pickle: bool = False, factory: str |
     if module is None and factory:
         module = module_loader.build(factory)
     p = Path(path) if path is not None else None
-    if p is not None and not p.exists():
-        raise InputError(f"{p}: no such file or directory")
-    kind = sniff(p) if p is not None and p.is_file() else None
+    where = file_policy.model_kind(p) if p is not None else None  # before any open: a FIFO would block it
+    kind = sniff(p) if where == "file" else None
     if module is not None:
         if kind == "onnx":
             raise InputError(f"{p}: --model takes PyTorch weights; check an ONNX model on its own")
@@ -85,9 +99,9 @@ def _load(path: str | Path | None, *, trust_pickle: bool = False, factory: str |
         return module_loader.from_module(module, p)
     if p is None:
         raise InputError("give a model file, or --model package.module:factory")
-    if hf_folder.is_hf_folder(p):
+    if where == "folder" and hf_folder.is_hf_folder(p):
         return hf_folder.load(p)
-    if p.is_dir():
+    if where == "folder":
         raise InputError(f"{p}: a folder without config.json; give a model file (.pt, .pth, .bin, .ckpt, "
                          ".safetensors, .onnx) or a Hugging Face model folder")
     if kind == "safetensors":
@@ -101,8 +115,11 @@ def sniff(path: Path) -> str:
     """torch | safetensors | onnx, from the first bytes where they tell (a zip or a pickle is torch's,
     an 8-byte length then '{' is safetensors', a protobuf opening with ir_version is ONNX's), else
     from the suffix."""
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
         return "safetensors"  # before the pickle test: a header length's low byte can be 0x80
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
 from pathlib import Path
 
 from ..activations import Activation, canonical
 from ..errors import InputError
+from ..files import inside
 from ..flow import ACT, LAYER, NORM, Flow
 from ..graph import ModuleInfo, group_layers, split_key
-from . import Loaded, TensorSource, natural_key
+from . import Loaded, TensorSource, check_count, natural_key
 from .safetensors_file import _open
 
 # The layer that feeds a transformer block's activation, across families
@@ -32,14 +34,27 @@ _ATTENTION = re.compile(r"attn|attention", re.I)
 
 
 def is_hf_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
+    """A folder holding config.json (in any form: a link or FIFO there is refused when it is read)."""
+    return path.is_dir() and os.path.lexists(path / "config.json")
 
 
-def _config(path: Path) -> dict:
+def _json(path: Path, name: str, files: list[Path]) -> object:
+    """A JSON file of the model folder, through the file policy; the real path is added to `files`."""
+    real = inside(path, name, path)
+    files.append(real)
     try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path / 'config.json'}: not readable JSON ({exc})") from None
+        return json.loads(real.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise InputError(f"{path / name}: not readable JSON ({_first_line(exc)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(getattr(exc, "strerror", None) or exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _config(path: Path, files: list[Path]) -> dict:
+    config = _json(path, "config.json", files)
     if not isinstance(config, dict):
         raise InputError(f"{path / 'config.json'}: not a JSON object")
     return config
@@ -56,34 +71,39 @@ def activation_of(config: dict) -> Activation | None:
     return None
 
 
-def _shards(path: Path) -> dict[str, str]:
-    """Tensor name -> the weight file holding it."""
+def _shards(path: Path, files: list[Path]) -> tuple[dict[str, str], dict[str, Path]]:
+    """Tensor name -> the weight file holding it, and each weight file's real path (inside the folder)."""
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{index}: not a readable shard index ({exc})") from None
-        for shard in set(weight_map.values()):
-            if not (path / shard).is_file() or Path(shard).name != shard:
-                raise InputError(f"{index}: shard {shard!r} is missing")
-        return dict(weight_map)
-    files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
+    if os.path.lexists(index):
+        weight_map = _json(path, index.name, files)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise InputError(f"{index}: not a shard index (its \"weight_map\" must map tensor names to file names)")
+        check_count(len(weight_map), index)
+        real = {shard: inside(path, shard, index) for shard in sorted(set(weight_map.values()))}
+        files.extend(real.values())
+        return dict(weight_map), real
+    names = sorted(p.name for p in path.glob("*.safetensors"))
+    if not names:
         raise InputError(f"{path}: a model folder without .safetensors weights (check the weight file itself)")
-    shards = {}
-    for name in files:
-        with _open(path / name) as f:
+    shards, real = {}, {}
+    for name in names:
+        real[name] = inside(path, name, path)
+        files.append(real[name])
+        with _open(real[name], path / name) as f:
             shards.update((k, name) for k in f.keys())
-    return shards
+        check_count(len(shards), path)
+    return shards, real
 
 
 def load(path: Path) -> Loaded:
-    config = _config(path)
-    shards = _shards(path)
+    files: list[Path] = []
+    config = _config(path, files)
+    shards, real = _shards(path, files)
     handles, metadata, shapes = {}, {}, {}
-    for name in sorted(set(shards.values())):
-        handles[name] = _open(path / name)
+    for name, file in real.items():
+        handles[name] = _open(file, path / name)
         metadata[name] = handles[name].metadata() or {}
     for key in sorted(shards, key=natural_key):
         handle = handles[shards[key]]
@@ -100,7 +120,7 @@ def load(path: Path) -> Loaded:
     flow = _flow(group_layers(shapes, modules), act)
     return Loaded(path, "hf-folder", TensorSource(shapes, lambda k: handles[shards[k]].get_tensor(k)),
                   flow=flow, modules=modules, container={"shards": shards, "metadata": metadata}, notes=notes,
-                  files=[path, *sorted(item for item in path.iterdir())])
+                  files=[path.resolve(), *dict.fromkeys(files)])
 
 
 def _flow(layers, act: Activation | None) -> Flow:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -71,11 +72,19 @@ def from_module(module: torch.nn.Module, path: Path | None, fmt: str = "torch-mo
     return Loaded(path, fmt, TensorSource.of(state), module=module, flow=flow, modules=infos, notes=notes)
 
 
-def from_torchscript(path: Path) -> Loaded:
+def read_torchscript(path: Path) -> torch.jit.ScriptModule:
+    """torch.jit.load, its warnings kept off stderr and any failure (a crafted archive can raise anything) one line."""
     try:
-        scripted = torch.jit.load(str(path), map_location="cpu")
-    except (RuntimeError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable TorchScript archive ({str(exc).strip().splitlines()[0][:200]})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001
+        text = str(exc).strip()
+        raise InputError(f"{path}: not a readable TorchScript archive ({text.splitlines()[0][:200] if text else type(exc).__name__})") from None
+
+
+def from_torchscript(path: Path) -> Loaded:
+    scripted = read_torchscript(path)
     infos = trace.module_infos(scripted)
     state = {k: v.detach() for k, v in scripted.state_dict().items()}
     return Loaded(path, "torchscript", TensorSource.of(state), module=scripted, flow=trace.script_flow(scripted),

@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from ..errors import InputError
+from ..files import inside
 from ..onnx_graph import View, analyse, scopes, walk
 from . import Loaded, TensorSource
 
@@ -25,19 +26,23 @@ class OnnxContainer:
     sources: dict[str, onnx.TensorProto]
 
 
-def read(path: Path) -> onnx.ModelProto:
-    """Parse and validate; a broken graph or missing external data is an InputError."""
+def read(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
+    """Parse and validate; a broken graph or bad external data is an InputError. Returns the model and
+    the real paths of its external data files (each one inside the model's folder)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    real = path.resolve()
+    data_files = {}  # in order, once each
     for proto in sources_of(model.graph).values():
-        _check_external(proto, path)
+        if proto.data_location == onnx.TensorProto.EXTERNAL:
+            data_files[_check_external(proto, path)] = None
     try:
-        onnx.checker.check_model(str(path))  # by path: handles external data and models over 2 GB
+        onnx.checker.check_model(str(real))  # by path: handles external data and models over 2 GB
     except (onnx.checker.ValidationError, DecodeError, OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"{path}: the ONNX checker rejects the model ({_first_line(exc)})") from None
-    return model
+    return model, list(data_files)
 
 
 def _first_line(exc: Exception) -> str:
@@ -45,20 +50,23 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-def _check_external(proto: onnx.TensorProto, path: Path) -> None:
-    if proto.data_location != onnx.TensorProto.EXTERNAL:
-        return
+def _check_external(proto: onnx.TensorProto, path: Path) -> Path:
+    """The real path of a tensor's external data file, once its location, offset and length are sound."""
     info = {e.key: e.value for e in proto.external_data}
-    location = info.get("location", "")
-    folder = path.resolve().parent
-    target = (folder / location).resolve()
-    if not location or folder not in target.parents:
-        raise InputError(f"{path}: tensor {proto.name!r} points outside the model's folder ({location!r})")
-    if not target.is_file():
-        raise InputError(f"{path}: external data file {location!r} of tensor {proto.name!r} is missing")
-    end = int(info.get("offset", 0)) + int(info.get("length", 0))
-    if end > target.stat().st_size:
-        raise InputError(f"{path}: external data file {location!r} is shorter than tensor {proto.name!r} needs")
+    if not info.get("location"):
+        raise InputError(f"{path}: tensor {proto.name!r} is stored externally but names no file")
+    target = inside(path.resolve().parent, info["location"], path)
+    offset, length = (_whole(info.get(key, "0"), key, proto, path) for key in ("offset", "length"))
+    if offset + length > target.stat().st_size:  # no length: the rest of the file
+        raise InputError(f"{path}: external data file {info['location']!r} is shorter than tensor {proto.name!r} needs")
+    return target
+
+
+def _whole(value: str, key: str, proto: onnx.TensorProto, path: Path) -> int:
+    if not (value.isascii() and value.isdigit()):
+        raise InputError(f"{path}: tensor {proto.name!r} has external-data {key} {value!r}, not a non-negative "
+                         "whole number")
+    return int(value)
 
 
 def sources_of(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
@@ -82,7 +90,7 @@ def _shape(dims: tuple[int, ...], index: tuple) -> tuple[int, ...]:
 
 
 def load(path: Path) -> Loaded:
-    model = read(path)
+    model, data_files = read(path)
     sources = sources_of(model.graph)
     folder = path.resolve().parent
 
@@ -99,8 +107,6 @@ def load(path: Path) -> Loaded:
         return torch.from_numpy(np.array(data, order="C"))  # a copy: numpy_helper's arrays are read-only
 
     shapes = {k: _shape(tuple(sources[v.source].dims), v.index) for k, v in layers.views.items()}
-    data_files = sorted({folder / e.value for p in sources.values() if p.data_location == onnx.TensorProto.EXTERNAL
-                         for e in p.external_data if e.key == "location"})
     return Loaded(path, "onnx", TensorSource(shapes, get), flow=layers.flow, modules=layers.modules,
                   container=OnnxContainer(model, layers.views, sources), notes=layers.notes,
-                  files=[path, *data_files])
+                  files=[path.resolve(), *data_files])

@@ -8,14 +8,31 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import InputError
-from . import Loaded, TensorSource, natural_key
+from . import Loaded, TensorSource, check_count, natural_key
+
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the header's size
 
 
-def _open(path: Path):
+def _count(path: Path, shown: Path) -> int:
+    """The tensors in a safetensors header, counted in its bytes (one "data_offsets" per tensor) so that a
+    header of a million entries is refused before it is parsed (which takes seconds and gigabytes)."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = f.read(min(size, _MAX_HEADER))
+    except OSError as exc:
+        raise InputError(f"{shown}: cannot be read ({exc.strerror or exc})") from None
+    return header.count(b'"data_offsets"')
+
+
+def _open(path: Path, shown: Path | None = None):
+    """safe_open `path` (already passed by the file policy) once its tensor count is within MAX_TENSORS;
+    errors name `shown`, the path the user knows."""
+    check_count(_count(path, shown or path), shown or path)
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise InputError(f"{shown or path}: not a readable safetensors file ({exc})") from None
 
 
 def read_all(path: Path) -> dict[str, torch.Tensor]:

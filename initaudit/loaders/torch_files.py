@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,10 @@ from . import Loaded, TensorSource
 # Where training checkpoints keep the model's weights, most specific first.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network",
                 "weights", "params", "ema_state_dict", "ema")
+# The largest pickle (a torch file's structure, not its tensor data) read: torch's weights_only reader takes
+# about 150 microseconds and a few kB per tensor, so 10^6 views of one storage (an 85 MB pickle) would take
+# minutes and gigabytes. A state_dict of MAX_TENSORS tensors pickles to about 20 MB.
+MAX_PICKLE_BYTES = 48 << 20
 # Prefixes that wrappers add to every key: DDP (module.), Lightning (model.), torch.compile (_orig_mod.).
 STRIPPED_PREFIXES = ("module.", "_orig_mod.", "model.")
 
@@ -32,36 +37,112 @@ class TorchContainer:
 
 
 def is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any(re.match(r"[^/]+/(code/|constants\.pkl$)", n) for n in z.namelist())
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(re.match(r"[^/]+/(code/|constants\.pkl$)", n) for n in z.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return False  # not a (readable) zip: torch.load says what is wrong
+
+
+class _AllowedGlobals(pickle.Unpickler):
+    """A pickle reader that builds only what torch's weights_only reader builds (tensors, storages,
+    dtypes, OrderedDict...): every class or function a pickle names goes through `find_class`.
+    For pickles torch's own reader cannot parse (protocol 3-5 opcodes such as FRAME or MEMOIZE)."""
+
+    def find_class(self, module: str, name: str):
+        from torch import _weights_only_unpickler as allowed  # torch's list of what a weights file may name
+
+        found = {**allowed._get_allowed_globals(), **allowed._get_user_allowed_globals()}.get(f"{module}.{name}")
+        if found is None:
+            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+        return found
+
+
+class _RestrictedPickle:
+    """A `pickle_module` for torch.load that reads with `_AllowedGlobals`."""
+
+    Unpickler = _AllowedGlobals
+
+    @staticmethod
+    def load(file, **kwargs):
+        return _AllowedGlobals(file, **kwargs).load()
+
+
+def _torch_load(source, trust_pickle: bool, restricted: bool = False, mmap: bool = False) -> Any:
+    if restricted:  # torch checks sparse tensors itself only in weights_only mode
+        with torch.sparse.check_sparse_tensor_invariants():
+            return torch.load(source, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle, mmap=mmap)
+    return torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
+
+
+def _load_any(path: Path, trust_pickle: bool, restricted: bool) -> Any:
+    """torch.load mmapped where the format allows it; a .safetensors name gets the bytes (torch would pick its
+    safetensors reader by the name)."""
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            return _torch_load(f, trust_pickle, restricted)
+    try:
+        return _torch_load(path, trust_pickle, restricted, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return _torch_load(path, trust_pickle, restricted)  # legacy (non-zip) format
 
 
 def read(path: Path, trust_pickle: bool) -> Any:
-    """torch.load with weights_only unless trusted; mmap where the file format allows it."""
-    try:
-        if path.suffix == ".safetensors":  # torch would pick its safetensors reader by the name: give it the bytes
-            with open(path, "rb") as f:
-                return torch.load(f, map_location="cpu", weights_only=not trust_pickle)
+    """torch.load with weights_only unless trusted (a pickle torch's weights_only reader cannot parse is read
+    with the same allowlist by `_AllowedGlobals`); no library warning is printed; every failure is one line."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise InputError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle), nor a "
+                         "safetensors or ONNX file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # protocol notices, TypedStorage and quantization deprecations
         try:
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)  # legacy (non-zip) format
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found:
-            what = f" ({found.group(1)})"
-            raise InputError(f"{path}: the file pickles Python objects{what}, and loading it would run code from "
-                             "the file; save a state_dict instead, or pass --trust-pickle if you trust its source") from None
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, ImportError) as exc:
-        raise InputError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+            try:
+                return _load_any(path, trust_pickle, restricted=False)
+            except pickle.UnpicklingError as exc:
+                if trust_pickle or "Unsupported operand" not in str(exc):
+                    raise
+            return _load_any(path, trust_pickle, restricted=True)
+        except pickle.UnpicklingError as exc:
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            if found:
+                raise InputError(f"{path}: the file pickles Python objects ({found.group(1)}), and loading it would "
+                                 "run code from the file; save a state_dict instead, or pass --trust-pickle if you "
+                                 "trust its source") from None
+            raise InputError(f"{path}: not a readable PyTorch checkpoint ({_cause(exc)})") from None
+        except Exception as exc:  # noqa: BLE001 - a crafted file can make torch's reader raise anything
+            raise InputError(f"{path}: not a readable PyTorch checkpoint ({_cause(exc)})") from None
 
 
-def _first_line(exc: Exception) -> str:
+def _check_pickle_size(path: Path) -> None:
+    """Refuse a zip-format torch file whose pickle exceeds MAX_PICKLE_BYTES, before torch reads it."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            size = max((i.file_size for i in z.infolist() if i.filename.endswith("data.pkl")), default=0)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # a legacy (non-zip) file, or a broken one: torch.load says what is wrong
+    if size > MAX_PICKLE_BYTES:
+        raise InputError(f"{path}: its pickle takes {size / 2**20:.0f} MB, more than the {MAX_PICKLE_BYTES >> 20} MB "
+                         "initaudit reads (initaudit.loaders.torch_files.MAX_PICKLE_BYTES): too many tensors or "
+                         "objects to load in bounded time")
+
+
+def _cause(exc: Exception) -> str:
+    """The reason in torch's message, without its advice (e.g. to set weights_only=False)."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+    if found:
+        text = found.group(1)
+    elif "weights_only" in text:
+        text = type(exc).__name__
+    text = re.split(r"(?<=[a-z])\. ", text.strip(), maxsplit=1)[0]  # the first sentence
+    return _first_line(text) if text.strip() else type(exc).__name__
+
+
+def _first_line(exc: Exception | str) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
@@ -98,8 +179,11 @@ def unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], TorchContaine
 
 def state_dict_of(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     """Just the (unwrapped) state_dict of a torch file, to load into a module built from code."""
+    from . import modules
+
+    _check_pickle_size(path)
     if is_torchscript(path):
-        return {k: v for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+        return modules.read_torchscript(path).state_dict()
     obj = read(path, trust_pickle)
     if isinstance(obj, torch.nn.Module):
         return obj.state_dict()
@@ -109,6 +193,7 @@ def state_dict_of(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
 def load(path: Path, trust_pickle: bool) -> Loaded:
     from . import modules
 
+    _check_pickle_size(path)
     if is_torchscript(path):
         return modules.from_torchscript(path)
     obj = read(path, trust_pickle)

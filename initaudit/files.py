@@ -1,0 +1,70 @@
+"""The file policy of every loader: only regular files are read (a FIFO, socket or device file is
+refused before anything opens it), and every file a model refers to (ONNX external data, a Hugging
+Face folder's config, index and weights) lies inside the model's folder: paths and links leaving it
+are refused, for every format alike. The MODEL path the user typed may itself be a link."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from .errors import InputError
+
+
+def status(path: Path) -> os.stat_result:
+    """`path.stat()` (links followed), every OSError (missing, name too long, no permission, a link
+    loop) answered as one InputError line naming the path."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file or directory") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise InputError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _what(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def regular(path: Path, shown: Path | None = None) -> os.stat_result:
+    """The stat of `path` if it is a regular file; anything else is refused without opening it."""
+    st = status(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{shown or path}: {_what(st.st_mode)}; initaudit reads only regular files")
+    return st
+
+
+def model_kind(path: Path) -> str:
+    """'file' or 'folder' for the MODEL the user typed (itself possibly a link); anything else is refused."""
+    st = status(path)
+    if stat.S_ISDIR(st.st_mode):
+        return "folder"
+    regular(path)
+    return "file"
+
+
+def inside(folder: Path, name: str, referrer: Path) -> Path:
+    """The real path of the regular file `name` (relative to the model's `folder`) that `referrer`
+    points to, when it and every link on the way stay inside the folder; else one InputError line."""
+    shown = folder / name
+    if not name or Path(name).is_absolute():
+        raise InputError(f"{referrer}: refers to {name!r}, outside the model's folder; only files inside it are read")
+    try:
+        root = folder.resolve()
+        target = (root / name).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a link loop
+        raise InputError(f"{shown}: cannot be resolved ({getattr(exc, 'strerror', None) or exc})") from None
+    if root not in target.parents:
+        raise InputError(f"{shown}: leads outside the model's folder {root}; links and paths leaving it are not "
+                         "followed (copy the model with its links resolved, e.g. cp -rL, to check it)")
+    regular(target, shown)
+    return target
