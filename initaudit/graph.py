@@ -6,7 +6,6 @@ import fnmatch
 import math
 import re
 from dataclasses import dataclass, field
-from itertools import count
 
 from .activations import IDENTITY, UNKNOWN, Activation
 from . import key_order
@@ -241,19 +240,18 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
              uncertain: set[str] | None = None) -> LayerGraph:
     """Attach activations, norms, positions and run depths; user overrides (glob patterns) win.
 
-    Positions and runs follow `order` (forward order, by layer name; layers it lacks keep their place
-    after the one before them), else the layers' own order. The output layers are `outputs` where
-    given, else the last layer when it is linear; `uncertain` layers get `order_known` False.
+    Positions and runs follow `order` (forward order, by layer name), else the layers' own order; a
+    layer `order` lacks (the flow never saw it) comes after the others, a run of its own. The output
+    layers are `outputs` where given, else the last layer when it is linear; `uncertain` layers get
+    `order_known` False.
     """
     weighted = [layer for layer in layers if layer.weighted]
+    unseen: list[Layer] = []
     if order:
         rank = {name: i for i, name in enumerate(order)}
-        keys, last = [], -1.0
-        for layer in weighted:
-            last = rank.get(layer.name, last + 1e-6)
-            keys.append(last)
-        weighted = [layer for _, _, layer in sorted(zip(keys, count(), weighted))]
-    for i, layer in enumerate(weighted):
+        unseen = [layer for layer in weighted if layer.name not in rank]
+        weighted = sorted((layer for layer in weighted if layer.name in rank), key=lambda layer: rank[layer.name])
+    for i, layer in enumerate(weighted + unseen):
         found = downstream.get(layer.name)
         layer.position = i
         layer.order_known = layer.name not in (uncertain or ())
@@ -269,6 +267,8 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
             if fnmatch.fnmatchcase(layer.name, pattern):
                 layer.activation = act
     _assign_runs(weighted)
+    for layer in unseen:
+        layer.run_depth = 1
     return LayerGraph(layers)
 
 

@@ -97,6 +97,8 @@ def _key_map(module: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dic
 def _transformers_keys(module: torch.nn.Module, own: dict[str, tuple], shapes: dict[str, tuple]) -> dict[str, str]:
     """How transformers itself renames this checkpoint's keys when it loads them (legacy names, fused
     projections); {} where the model is not a transformers model or the API is not there."""
+    if not type(module).__module__.startswith("transformers."):
+        return {}
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
