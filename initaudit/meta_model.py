@@ -135,9 +135,11 @@ def _build_transformers(config: dict) -> torch.nn.Module:
         raise NotBuilt("transformers is not installed") from None
     transformers.logging.set_verbosity_error()
     settings = {k: v for k, v in config.items() if k not in ("auto_map", "model_type")}
+    if config["model_type"] not in transformers.CONFIG_MAPPING:
+        raise NotBuilt(f"transformers {transformers.__version__} knows no model_type {config['model_type']!r}")
     try:
         cfg = transformers.AutoConfig.for_model(config["model_type"], **settings)
-    except Exception as exc:  # noqa: BLE001 - unknown model types and malformed settings alike
+    except Exception as exc:  # noqa: BLE001 - malformed settings raise anything
         raise NotBuilt(f"transformers cannot read it ({_first_line(exc)})") from None
     names = config.get("architectures") or []
     classes = [getattr(transformers, n, None) for n in names if isinstance(n, str)]
