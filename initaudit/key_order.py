@@ -85,9 +85,12 @@ def arrange(layers: list[Layer]) -> BareOrder:
             continue
         at = next(i for i, l in enumerate(order) if l.name in names)
         rest = [l for l in order if l.name not in names]
+        # Runs end at norms: only the runs from the last norm before the span to the first after it change.
+        lo = max((i for i in range(at) if rest[i].kind == "norm"), default=0)
+        hi = next((i for i in range(at, len(rest)) if rest[i].kind == "norm"), len(rest) - 1) + 1
         for alt in alternatives[1:]:
             moved = [l for i in alt for l in pieces[i].layers if l.name in names]
-            facts = _facts(rest[:at] + moved + rest[at:])
+            facts = _facts(rest[lo:at] + moved + rest[at:hi])
             uncertain |= {name for name, fact in facts.items() if chosen.get(name) != fact}
     return BareOrder(order, outputs, uncertain)
 

@@ -133,7 +133,6 @@ def _build_transformers(config: dict) -> torch.nn.Module:
         import transformers
     except ImportError:
         raise NotBuilt("transformers is not installed") from None
-    transformers.logging.set_verbosity_error()
     settings = {k: v for k, v in config.items() if k not in ("auto_map", "model_type")}
     if config["model_type"] not in transformers.CONFIG_MAPPING:
         raise NotBuilt(f"transformers {transformers.__version__} knows no model_type {config['model_type']!r}")
@@ -144,6 +143,8 @@ def _build_transformers(config: dict) -> torch.nn.Module:
     names = config.get("architectures") or []
     classes = [getattr(transformers, n, None) for n in names if isinstance(n, str)]
     cls = next((c for c in classes if isinstance(c, type) and issubclass(c, transformers.PreTrainedModel)), None)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
     try:
         with torch.device("meta"):
             if cls is not None:
@@ -151,6 +152,8 @@ def _build_transformers(config: dict) -> torch.nn.Module:
             return transformers.AutoModel.from_config(cfg, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - model code raises anything on an odd config
         raise NotBuilt(f"transformers could not build {config['model_type']!r} ({_first_line(exc)})") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def _build_timm(config: dict) -> tuple[torch.nn.Module, object]:
@@ -177,9 +180,12 @@ def _fake_flow(module: torch.nn.Module, infos: dict[str, ModuleInfo], inputs) ->
     """One forward pass on fake tensors (shapes only; libraries skip data-dependent checks on them)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with torch.device("meta"), FakeTensorMode(allow_non_fake_inputs=True):
-        example = inputs() if inputs is not None else example_inputs(module)
-        return dynamic_flow(module, infos, example) if example is not None else None
+    try:
+        with torch.device("meta"), FakeTensorMode(allow_non_fake_inputs=True):
+            example = inputs() if inputs is not None else example_inputs(module)
+            return dynamic_flow(module, infos, example) if example is not None else None
+    except Exception:  # noqa: BLE001 - an input the model does not take: no flow
+        return None
 
 
 def _prefixes(own: dict[str, tuple], file: dict[str, tuple]) -> tuple[str, str]:
