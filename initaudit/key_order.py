@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .graph import Layer
 
 _MAX_ORDERS = 6        # alternative orders of one module's children weighed against the chosen one
-_SEARCH_BUDGET = 20000  # partial orders tried per module before settling for what was found
+_SEARCH_BUDGET = 5000   # partial orders tried per module before settling for what was found
 
 
 @dataclass
@@ -142,7 +142,10 @@ def _best_orders(pieces: list[_Piece]) -> list[tuple[int, ...]]:
             extend(prefix + [i], cost + miss, end)
 
     extend([], 0, None)
-    return best[:_MAX_ORDERS] or [tuple(range(len(pieces)))]
+    natural = tuple(range(len(pieces)))
+    if next(budget) > _SEARCH_BUDGET and natural not in best:  # the search gave up: the order is not known
+        best.append(natural)
+    return best[:_MAX_ORDERS] or [natural]
 
 
 def _outputs(order: list[Layer]) -> set[str]:
