@@ -71,7 +71,10 @@ def hf_model(family: str) -> nn.Module:
     return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**settings))
 
 
-@pytest.mark.parametrize("family", sorted(HF))
+HEAVY = {"t5", "whisper", "swin"}  # encoder-decoders and windowed attention: the slow suite
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in HEAVY else f for f in sorted(HF)])
 def test_hf_folder_is_built_from_its_config_and_judged_like_the_live_module(family, tmp_path):
     model = hf_model(family)
     model.save_pretrained(tmp_path)
