@@ -14,7 +14,7 @@ import torch
 from . import rules as rulebook
 from . import schemes, stats
 from .config import Options
-from .graph import UNIT_KINDS, Layer, LayerGraph, Param, annotate, group_layers, order_flow
+from .graph import UNIT_KINDS, Layer, LayerGraph, Param, annotate, context, group_layers
 from .loaders import Loaded, load
 from .report import Finding, LayerRow, Report
 
@@ -34,11 +34,9 @@ class Measured:
 def build_graph(loaded: Loaded, options: Options) -> LayerGraph:
     shapes = {k: s for k, s in loaded.tensors.shapes.items()}
     layers = group_layers(shapes, loaded.modules)
-    if loaded.flow is not None:
-        downstream = loaded.flow.downstream()
-    else:
-        downstream = order_flow(layers).downstream(unknown_between_layers=True)
-    return annotate(layers, downstream, options.activation, options.activations)
+    names_sorted = loaded.format == "safetensors" or list(shapes) == sorted(shapes)  # sorted, not registered
+    downstream, order = context(layers, loaded.flow, names_sorted)
+    return annotate(layers, downstream, options.activation, options.activations, **order)
 
 
 def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
@@ -137,6 +135,7 @@ def facts(graph: LayerGraph, layer: Layer, param: Param, st: stats.TensorStats,
         "activation_family": layer.activation.family, "norm_after": layer.norm_after,
         "residual_after": layer.residual_after, "position": layer.position,
         "depth": graph.depth, "run_depth": layer.run_depth, "is_output": layer.is_output,
+        "order_known": layer.order_known,
         "fan_in": param.fan_in, "fan_out": param.fan_out, "numel": st.numel, "units": st.n_units,
         "non_finite": st.non_finite, "nan": st.nan, "inf": st.inf, "mean": st.mean, "std": st.std,
         "min": st.min, "max": st.max, "abs_max": st.abs_max, "kurtosis": st.excess_kurtosis,

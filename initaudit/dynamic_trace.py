@@ -114,6 +114,9 @@ def example_inputs(root: torch.nn.Module) -> tuple[tuple, dict] | None:
     config = getattr(root, "config", None)
     if config is not None and hasattr(root, "main_input_name"):
         return (), _hf_inputs(root, config)
+    size = (getattr(root, "pretrained_cfg", None) or {}).get("input_size")  # timm models say what they take
+    if size:
+        return (torch.randn(1, *size),), {}
     for module in root.modules():
         if isinstance(module, torch.nn.Embedding):
             return (torch.randint(0, module.num_embeddings, (2, 8)),), {}
@@ -134,6 +137,13 @@ def _hf_inputs(root: torch.nn.Module, config: Any) -> dict[str, torch.Tensor]:
         size = getattr(config, "image_size", 224)
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         inputs = {name: torch.randn(1, getattr(config, "num_channels", 3), h, w)}
+    elif name == "input_features" and hasattr(config, "num_mel_bins"):  # Whisper: mel frames, two per position
+        frames = 2 * getattr(config, "max_source_positions", 1500)
+        inputs = {name: torch.randn(1, config.num_mel_bins, frames)}
+        if "decoder_input_ids" in accepted:
+            inputs["decoder_input_ids"] = torch.zeros(1, 4, dtype=torch.long)
+    elif name == "input_values":  # raw audio (wav2vec2, HuBERT): one second at 16 kHz
+        inputs = {name: torch.randn(1, 16000)}
     else:
         vocab = getattr(config, "vocab_size", None) or 100
         inputs = {name: torch.randint(0, vocab, (1, 8))}

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from .activations import IDENTITY, UNKNOWN, Activation
-from .flow import LAYER, NORM, PASS, Downstream, Flow
+from . import key_order
+from .flow import LAYER, NORM, OUTPUT, PASS, Downstream, Flow
 
 WEIGHTED_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                             "conv_transpose3d", "recurrent", "attention"})
@@ -52,6 +53,7 @@ class Layer:
     position: int = -1       # index among weighted layers, in order
     run_depth: int = 0       # weighted layers in this layer's run between normalizations
     is_output: bool = False
+    order_known: bool = True  # False where a bare file's names and shapes leave the layer's place ambiguous
 
     @property
     def weighted(self) -> bool:
@@ -197,37 +199,77 @@ def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleIn
     return layers
 
 
-def order_flow(layers: list[Layer]) -> Flow:
-    """A chain flow in file order, for bare state_dicts: layers and norms, no activations seen."""
-    items = []
+def order_flow(layers: list[Layer], outputs: set[str] | frozenset = frozenset()) -> Flow:
+    """A chain flow in this order, for bare state_dicts: layers and norms, no activations seen; the
+    output layers, side by side, end it."""
+    flow, prev = Flow(), None
     for layer in layers:
-        if layer.weighted:
-            items.append((LAYER, layer.name, None))
-        elif layer.kind == "norm":
-            items.append((NORM, None, None))
-        else:
-            items.append((PASS, None, None))
-    return Flow.chain(items)
+        if layer.name in outputs:
+            continue
+        role = LAYER if layer.weighted else NORM if layer.kind == "norm" else PASS
+        node = flow.add(role, layer.name if role == LAYER else None)
+        if prev is not None:
+            flow.link(prev, node)
+        prev = node
+    out = flow.add(OUTPUT)
+    ends = [flow.add(LAYER, layer.name) for layer in layers if layer.name in outputs] or [out]
+    for end in ends:
+        if prev is not None:
+            flow.link(prev, end)
+        if end != out:
+            flow.link(end, out)
+    return flow
+
+
+def context(layers: list[Layer], flow: Flow | None, names_sorted: bool) -> tuple[dict[str, Downstream], dict]:
+    """What follows each layer and the forward order, from the flow; for bare files (no flow) from the
+    file's order, or, where its names were sorted (safetensors), from names and shapes (`key_order`)."""
+    if flow is not None:
+        order = list(dict.fromkeys(node.layer for node in flow.nodes if node.role == LAYER and node.layer))
+        return flow.downstream(), {"order": order}
+    if not names_sorted:
+        return order_flow(layers).downstream(unknown_between_layers=True), {}
+    bare = key_order.arrange(layers)
+    downstream = order_flow(bare.layers, bare.outputs).downstream(unknown_between_layers=True)
+    return downstream, {"order": [layer.name for layer in bare.layers], "outputs": bare.outputs,
+                        "uncertain": bare.uncertain}
 
 
 def annotate(layers: list[Layer], downstream: dict[str, Downstream],
-             default: Activation | None = None, overrides: dict[str, Activation] | None = None) -> LayerGraph:
-    """Attach activations, norms, positions and run depths; user overrides (glob patterns) win."""
+             default: Activation | None = None, overrides: dict[str, Activation] | None = None,
+             order: list[str] | None = None, outputs: set[str] | None = None,
+             uncertain: set[str] | None = None) -> LayerGraph:
+    """Attach activations, norms, positions and run depths; user overrides (glob patterns) win.
+
+    Positions and runs follow `order` (forward order, by layer name), else the layers' own order; a
+    layer `order` lacks (the flow never saw it) comes after the others, a run of its own. The output
+    layers are `outputs` where given, else the last layer when it is linear; `uncertain` layers get
+    `order_known` False.
+    """
     weighted = [layer for layer in layers if layer.weighted]
-    for i, layer in enumerate(weighted):
+    unseen: list[Layer] = []
+    if order:
+        rank = {name: i for i, name in enumerate(order)}
+        unseen = [layer for layer in weighted if layer.name not in rank]
+        weighted = sorted((layer for layer in weighted if layer.name in rank), key=lambda layer: rank[layer.name])
+    for i, layer in enumerate(weighted + unseen):
         found = downstream.get(layer.name)
         layer.position = i
+        layer.order_known = layer.name not in (uncertain or ())
         if found is not None:
             layer.activation, layer.norm_after, layer.residual_after = found.activation, found.norm_after, found.residual_after
         if layer.kind == "recurrent":
             layer.activation = Activation("tanh")  # gates are sigmoid/tanh inside the cell
-        layer.is_output = layer.activation == IDENTITY and i == len(weighted) - 1
+        layer.is_output = (layer.name in outputs if outputs else
+                           layer.activation == IDENTITY and i == len(weighted) - 1)
         if layer.activation == UNKNOWN and default is not None:
             layer.activation = default
         for pattern, act in (overrides or {}).items():
             if fnmatch.fnmatchcase(layer.name, pattern):
                 layer.activation = act
     _assign_runs(weighted)
+    for layer in unseen:
+        layer.run_depth = 1
     return LayerGraph(layers)
 
 

@@ -1,6 +1,8 @@
-"""Hugging Face model folders: config.json + model.safetensors (or shards with an index), no model code.
+"""Hugging Face model folders: config.json + model.safetensors (or shards with an index), no code from the folder.
 
-Activations come from the config (`hidden_act`, `activation_function`, T5's `feed_forward_proj`)
+The flow comes from the architecture config.json describes, built without weights and traced
+(see `meta_model`: transformers' classes for `model_type`, timm for `architecture`). Where that
+cannot be built (an unknown model type, the library missing), activations come from the config (`hidden_act`, `activation_function`, T5's `feed_forward_proj`)
 and the layer names every transformer family uses: the first projection of a feed-forward block
 feeds the activation, the pooler feeds tanh, every other projection is linear. Each attention and
 feed-forward sub-block ends at a LayerNorm/RMSNorm and a residual sum, so runs are per sub-block.
@@ -14,6 +16,7 @@ import os
 import re
 from pathlib import Path
 
+from .. import meta_model
 from ..activations import Activation, canonical
 from ..errors import InputError
 from ..files import inside
@@ -110,17 +113,31 @@ def load(path: Path) -> Loaded:
         if key not in handle.keys():
             raise InputError(f"{path}: the index puts {key!r} in {shards[key]}, which does not hold it")
         shapes[key] = tuple(handle.get_slice(key).get_shape())
+    flow, modules, notes = _context(config, shapes)
+    return Loaded(path, "hf-folder", TensorSource(shapes, lambda k: handles[shards[k]].get_tensor(k)),
+                  flow=flow, modules=modules, container={"shards": shards, "metadata": metadata}, notes=notes,
+                  files=[path.resolve(), *dict.fromkeys(files)])
+
+
+def _context(config: dict, shapes: dict[str, tuple[int, ...]]) -> tuple[Flow, dict[str, ModuleInfo], list[str]]:
+    """The flow from the architecture config.json describes, built without weights; else from the name lists."""
+    try:
+        built = meta_model.from_config(config, shapes)
+    except meta_model.NotBuilt as exc:
+        reason = str(exc)
+    else:
+        notes = [f"activations traced from {built.architecture}, built from config.json without weights"]
+        if built.unmatched:
+            notes.append(f"{built.unmatched} tensors are not in {built.architecture}: their activations are unknown")
+        return built.flow, built.modules, notes
     transposed = config.get("model_type") in CONV1D_MODELS
     modules = {split_key(k)[0]: ModuleInfo("linear", "Conv1D", True)
                for k, s in shapes.items() if transposed and k.endswith(".weight") and len(s) == 2
                and re.search(r"\.(c_attn|c_proj|c_fc|q_attn)$", split_key(k)[0])}
     act = activation_of(config)
-    notes = [f"activations from config.json ({act or 'no activation named'}) and the layer names; "
-             "pass --activation-for to correct a layer"]
-    flow = _flow(group_layers(shapes, modules), act)
-    return Loaded(path, "hf-folder", TensorSource(shapes, lambda k: handles[shards[k]].get_tensor(k)),
-                  flow=flow, modules=modules, container={"shards": shards, "metadata": metadata}, notes=notes,
-                  files=[path.resolve(), *dict.fromkeys(files)])
+    notes = [f"the architecture was not built ({reason}): activations from config.json ({act or 'no activation named'})"
+             " and the layer names; pass --activation-for to correct a layer"]
+    return _flow(group_layers(shapes, modules), act), modules, notes
 
 
 def _flow(layers, act: Activation | None) -> Flow:

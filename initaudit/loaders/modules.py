@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -37,8 +38,14 @@ def build(spec: str) -> torch.nn.Module:
 
 
 def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Load a checkpoint into the module built from code; say clearly which keys do not match."""
-    want = module.state_dict().keys()
+    """Load a checkpoint into the module built from code; say clearly which keys do not match.
+
+    The module's own state_dict metadata (each submodule's `version`) goes with the weights: load
+    hooks that convert old checkpoints read it (torchvision's MNASNet refuses a state without it),
+    and a bare dict of tensors (safetensors, an unwrapped checkpoint) carries none.
+    """
+    own = module.state_dict()
+    want = own.keys()
     for prefix in ("",) + STRIPPED_PREFIXES:
         if prefix and not all(k.startswith(prefix) for k in state):
             continue
@@ -46,6 +53,8 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
         if candidate.keys() == want:
             state = candidate
             break
+    state = OrderedDict(state)
+    state._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
