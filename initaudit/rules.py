@@ -64,6 +64,11 @@ FACTS = {
     "expected_std": "the recommended scheme's std", "std_ratio": "std / expected_std",
     "variance_gain": "std_ratio squared: the per-layer forward variance gain relative to a variance-preserving init",
     "expected_call": "the torch.nn.init call that draws the recommended scheme", "shared": "tied to another tensor",
+    "state": "the weights as rules see them: fresh, trained or unknown (the layer's own verdict; every layer of a "
+             "trained model; --state overrides)",
+    "layer_state": "this layer's own verdict: fresh (fits an iid init draw), trained (does not) or unknown (too few values)",
+    "dead_fraction": "dead_units / units",
+    "substantial_duplicate_units": "duplicate units whose norm is not negligible (not weight decay's near-zeros)",
 }
 
 
