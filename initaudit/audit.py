@@ -186,6 +186,7 @@ class Analysis:
     graph: LayerGraph
     measured: list[Measured]
     report: Report
+    options: Options | None = None
 
 
 def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None = None) -> Analysis:
@@ -203,7 +204,7 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     report = Report(model=str(loaded.path) if loaded.path else "<module>", format=loaded.format,
                     layers=layer_rows(measured), findings=evaluate(measured, rules, options), notes=notes,
                     weights_state=state.state, state_evidence={**state.evidence(), "rules_set_aside": aside})
-    return Analysis(loaded, graph, measured, report)
+    return Analysis(loaded, graph, measured, report, options)
 
 
 def run(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None = None) -> Report:

@@ -76,6 +76,8 @@ def _model_options(command):
                      help="A pyproject.toml (its [tool.initaudit]) or a TOML file of those keys. [default: nearest pyproject.toml]"),
         click.option("--trust-pickle", is_flag=True,
                      help="Allow loading a fully pickled model (runs code from the file: trusted files only)."),
+        click.option("--state", type=click.Choice(("auto", "fresh", "trained")), default="auto", show_default=True,
+                     help="Whether the weights are fresh from init or trained: auto tells from the weights and the file."),
     ]):
         command = option(command)
     return command
@@ -100,9 +102,11 @@ def _options(config_path, activation, activation_for, select, ignore) -> config_
 @click.option("--format", "fmt", type=click.Choice(sorted(REPORTERS)), default="table", show_default=True)
 @click.option("--fail-on", type=click.Choice(FAIL_ON), default=None, help="Lowest severity that fails (exit 1). [default: error]")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write the report here instead of stdout.")
-def check(model_path, factory, activation, activation_for, select, ignore, config_path, trust_pickle, fmt, fail_on, output):
+def check(model_path, factory, activation, activation_for, select, ignore, config_path, trust_pickle, state, fmt, fail_on,
+          output):
     """Audit MODEL's initialization: .pt/.pth/.bin/.ckpt, TorchScript, .safetensors, .onnx, a Hugging Face folder."""
     options = _options(config_path, activation, activation_for, select, ignore)
+    options.state = state
     options.fail_on = fail_on or options.fail_on
     if output is not None and model_path is not None and output.exists() and output.resolve() == model_path.resolve():
         raise InputError(f"{output}: that is MODEL itself; write the report elsewhere")
@@ -127,25 +131,29 @@ def check(model_path, factory, activation, activation_for, select, ignore, confi
 @click.option("--seed", type=int, help="Seed for the new draws (each tensor's draw depends on the seed and its name).")
 @click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
 @click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically). Without it the input is never written.")
-def fix(model_path, factory, activation, activation_for, select, ignore, config_path, trust_pickle,
-        out, all_layers, only, seed, dry_run, in_place):
+@click.option("--force", is_flag=True, help="Re-draw layers even where the weights look trained (discards what they learned).")
+def fix(model_path, factory, activation, activation_for, select, ignore, config_path, trust_pickle, state,
+        out, all_layers, only, seed, dry_run, in_place, force):
     """Re-initialize MODEL's badly initialized layers with the recommended scheme; write the same format.
 
-    Exit 0 when every chosen layer was fixed, 1 when some could not be (they are listed), 2 on bad input.
+    Exit 0 when every chosen layer was fixed, 1 when some could not be (they are listed) or the re-audit
+    still finds an error or warning on them, 2 on bad input (and when weights that look trained would be
+    re-drawn without --force: nothing is written).
     """
     from .fixer import repair
     from .reporters import fix_table
     from .writers import write
 
     options = _options(config_path, activation, activation_for, select, ignore)
+    options.state = state
     target = _fix_target(model_path, factory, out, dry_run, in_place)
     trust = trust_pickle or options.trust_pickle
     loaded = load(model_path, trust_pickle=trust, factory=factory)
-    result = repair(analyse(loaded, options), all_layers, list(only), seed)
+    result = repair(analyse(loaded, options), all_layers, list(only), seed, force)
     if not dry_run:
         write(load(model_path, trust_pickle=trust) if factory else loaded, result.tensors, target)
     fix_table.write(result, sys.stdout, None if dry_run else str(target))
-    return 1 if result.skipped else 0
+    return 1 if result.skipped or result.remaining else 0
 
 
 def _fix_target(model_path: Path | None, factory: str | None, out: Path | None, dry_run: bool, in_place: bool) -> Path | None:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-STEPS = 300
+STEPS = 200
 CLASSES = 10
 
 
@@ -89,7 +89,7 @@ def train(model: nn.Module, kind: str, *, weight_decay: float = 0.0, rare: bool 
     torch.set_num_threads(1)  # tiny batches: threads only add overhead
     try:
         for _ in range(steps):
-            idx = torch.randint(0, len(x), (64,), generator=g)
+            idx = torch.randint(0, len(x), (32,), generator=g)
             opt.zero_grad()
             nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()

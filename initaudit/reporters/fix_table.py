@@ -24,6 +24,12 @@ def write(result: FixResult, out: IO[str], written_to: str | None) -> None:
         console.print(table)
     for s in result.skipped:
         console.print(Text.assemble(("not fixed ", "yellow"), (s.layer, "bold"), f": {s.reason}"))
+    if result.trained:
+        console.print(Text(f"re-drawn although trained (--force): {', '.join(result.trained)}", style="yellow"))
+    if result.changes:
+        gone = f"{len(result.resolved)} error/warning findings on the re-drawn layers are gone"
+        left = "; ".join(f"{f.rule} on {f.layer}" for f in result.remaining)
+        console.print(f"re-audit of the new tensors: {gone}" + (f"; still found: {left}" if left else ", none left"))
     layers = len({c.layer for c in result.changes})
     console.print(f"{len(result.changes)} tensors in {layers} layers {'re-initialized' if written_to else 'to change'}, "
                   f"{len(result.skipped)} layers not fixed (seed {result.seed})")
