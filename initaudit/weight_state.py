@@ -188,8 +188,8 @@ def _spectrum(stats: TensorStats, tensor: torch.Tensor, unit_axis: int) -> tuple
     """The largest singular value of (a strided block of) the weight over the edge σ(√rows + √cols) that iid
     draws of any family reach: the low-rank updates of training stand out above it.
 
-    All-zero units and copies (faults of their own) are left out; the limit allows the edge's
-    Tracy-Widom fluctuation, of order min(rows, cols)^(-2/3).
+    All-zero units and copies (faults of their own) are left out; the limit allows Z times the
+    edge's Tracy-Widom scale, (1/√rows + 1/√cols)^(1/3) / (2(√rows + √cols)) relative to it.
     """
     if tensor.dim() < 2:
         return None, None
@@ -215,7 +215,9 @@ def _spectrum(stats: TensorStats, tensor: torch.Tensor, unit_axis: int) -> tuple
         v = block.T @ u
         top = float(v.norm())
         v /= top
-    return top / (sigma * (math.sqrt(m) + math.sqrt(k))), 1 + max(min(m, k) ** (-2 / 3), 0.02)
+    edge = math.sqrt(m) + math.sqrt(k)
+    tracy_widom = (1 / math.sqrt(m) + 1 / math.sqrt(k)) ** (1 / 3) / (2 * edge)  # relative scale of the edge's spread
+    return top / (sigma * edge), 1 + Z * tracy_widom
 
 
 def _drop_zero_units(stats: TensorStats, per_unit: torch.Tensor) -> torch.Tensor:
