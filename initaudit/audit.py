@@ -117,6 +117,7 @@ def facts(graph: LayerGraph, layer: Layer, param: Param, st: stats.TensorStats,
         "duplicate_fraction": st.duplicate_units / st.n_units if st.n_units else 0.0,
         "substantial_duplicate_units": st.substantial_duplicate_units,
         "dead_fraction": len(dead) / st.n_units if st.n_units else 0.0,
+        "peak_share": _peak_share(st),
         "duplicate_example": _short(groups[0]) if groups else None,
         "scheme": fp.scheme if fp else None, "scheme_family": fp.family if fp else None,
         "implied_std": fp.implied_std if fp else None,
@@ -125,6 +126,14 @@ def facts(graph: LayerGraph, layer: Layer, param: Param, st: stats.TensorStats,
         "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
         "shared": param.shared_with is not None,
     }
+
+
+def _peak_share(st: stats.TensorStats) -> float | None:
+    """The share of the tensor's squared deviations its largest entry holds."""
+    if not st.std > 0:
+        return None
+    peak = max(abs(st.max - st.mean), abs(st.min - st.mean))
+    return min(peak * peak / (st.finite * st.std * st.std), 1.0)
 
 
 def _short(units: list[int], most: int = 8) -> str:

@@ -68,6 +68,7 @@ FACTS = {
              "trained model; --state overrides)",
     "layer_state": "this layer's own verdict: fresh (fits an iid init draw), trained (does not) or unknown (too few values)",
     "dead_fraction": "dead_units / units",
+    "peak_share": "the share of the tensor's squared deviations from its mean held by its largest entry",
     "substantial_duplicate_units": "duplicate units whose norm is not negligible (not weight decay's near-zeros)",
 }
 

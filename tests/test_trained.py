@@ -118,11 +118,14 @@ def _planted(model: torch.nn.Module, fault: str) -> dict[str, torch.Tensor]:
         w.fill_(0.05)
     elif fault == "duplicated":
         w[1:4] = w[0]
+    elif fault == "spike":
+        w[2, 2] = 1e4
     return state
 
 
 FAULTS = {"nan": ("non-finite", "error"), "zeroed": ("zero-weights", "error"),
-          "constant": ("constant-weights", "error"), "duplicated": ("duplicate-units", "warning")}
+          "constant": ("constant-weights", "error"), "duplicated": ("duplicate-units", "warning"),
+          "spike": ("weight-spike", "error")}
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
