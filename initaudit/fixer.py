@@ -6,7 +6,8 @@ free parameter, or its weight is shared with another layer.
 
 Fix never destroys a model: weights that look trained (initaudit.weight_state) are re-drawn only
 with `force`; even then the output (classifier) layer of trained weights is left alone unless
-named with `only`. A layer whose activation is unknown gets a fallback instead of a refusal: the
+named with `only`, and a trained layer whose only faults are single units (copies, dead units)
+gets just those units re-drawn. A layer whose activation is unknown gets a fallback instead of a refusal: the
 scheme the rest of the (fresh) model was drawn with, else torch's own default for the layer type
 (Linear/Conv: kaiming_uniform_(a=sqrt(5)); attention in-projections: xavier_uniform_). What was
 drawn is audited again, and the result says which findings are gone.
@@ -89,8 +90,9 @@ def targets(layers: list[Layer], report: Report, all_layers: bool, only: list[st
 
 
 def plan(measured: list[Measured], chosen: list[Layer], shared: dict[str, list[str]],
-         read, seed: int) -> FixResult:
-    """Draw the new tensors of the chosen layers; `read(key)` gives the current tensor."""
+         read, seed: int, units: dict[str, list[int]] | None = None) -> FixResult:
+    """Draw the new tensors of the chosen layers; `read(key)` gives the current tensor; `units[layer]`
+    limits a layer's re-draw to those output units (the rest of its tensors is kept)."""
     result = FixResult(seed)
     by_layer: dict[str, list[Measured]] = {}
     for m in measured:
@@ -106,11 +108,16 @@ def plan(measured: list[Measured], chosen: list[Layer], shared: dict[str, list[s
             old = read(m.param.key)
             rec = m.recommended or _fallback(m, model_scheme)
             new = _draw(layer, m, rec, old, seed)
+            only_units = (units or {}).get(layer.name)
+            if new is not None and only_units:
+                new = _on_units(old, new, m.param.unit_axis, only_units)
             if new is None or torch.equal(new, old):
                 continue
             result.tensors[m.param.key] = new
             st = stats.compute(new, m.param.unit_axis, units=False)
             scheme, call = _target(m, rec)
+            if only_units:
+                call += f" on units {', '.join(map(str, only_units[:8]))}{', …' if len(only_units) > 8 else ''} only"
             result.changes.append(Change(layer.name, m.param.key, _scheme_name(m), m.stats.std, scheme, st.std, call))
     return result
 
@@ -185,6 +192,35 @@ def _std_of(scheme: str, fan_in: int, fan_out: int) -> float:
     fan = fan_out if scheme.endswith("fan-out") else fan_in
     return {"kaiming": math.sqrt(2 / fan), "lecun": math.sqrt(1 / fan), "torch": 1 / math.sqrt(3 * fan),
             "xavier": math.sqrt(2 / (fan_in + fan_out))}.get(scheme.split("-")[0], math.sqrt(1 / max(fan_in, fan_out)))
+
+
+def _on_units(old: torch.Tensor, new: torch.Tensor, unit_axis: int, units: list[int]) -> torch.Tensor:
+    """`old` with just these output units taken from `new`."""
+    axis = unit_axis if old.dim() > 1 else 0
+    idx = torch.tensor(units, dtype=torch.long)
+    return old.clone().index_copy_(axis, idx, new.index_select(axis, idx))
+
+
+UNIT_RULES = frozenset({"duplicate-units", "dead-units"})  # faults of single units: on trained weights only those are re-drawn
+
+
+def _unit_repairs(analysis: Analysis, layers: list[Layer], state: dict[str, str | None]) -> dict[str, list[int]]:
+    """Trained layers whose only findings are unit faults: the units to re-draw (copies after the first, dead units)."""
+    flagged: dict[str, set[str]] = {}
+    for f in analysis.report.findings:
+        if f.severity in FIXED_SEVERITIES:
+            flagged.setdefault(f.layer, set()).add(f.rule)
+    out = {}
+    for m in analysis.measured:
+        rules = flagged.get(m.layer.name, set())
+        if not m.param.is_weight or state.get(m.layer.name) != "trained" or not rules or not rules <= UNIT_RULES:
+            continue
+        units = set(m.stats.zero_units) if "dead-units" in rules else set()
+        if "duplicate-units" in rules:
+            units |= {u for g in m.stats.duplicate_groups[m.stats.negligible_groups:] for u in g[1:]}
+        if units:
+            out[m.layer.name] = sorted(units)
+    return {name: units for name, units in out.items() if any(layer.name == name for layer in layers)}
 
 
 def _draw(layer: Layer, m: Measured, rec: Recommendation | None, old: torch.Tensor, seed: int) -> torch.Tensor | None:
@@ -269,8 +305,9 @@ def repair(analysis: Analysis, all_layers: bool = False, only: list[str] | None 
                                             f"(name it with --only '{layer.name}' to re-draw it)"))
         else:
             chosen.append(layer)
+    units = {} if all_layers or only else _unit_repairs(analysis, chosen, state)
     result = plan(analysis.measured, chosen, ties(analysis.measured, views), analysis.loaded.tensors.__getitem__,
-                  new_seed() if seed is None else seed)
+                  new_seed() if seed is None else seed, units)
     result.skipped[:0] = kept
     result.trained = sorted({c.layer for c in result.changes if state.get(c.layer) == "trained"})
     if result.trained and not force:

@@ -309,14 +309,18 @@ def file_signs(root: Any) -> list[str]:
 
 
 def assess(loaded: Any, measured: list, override: str = "auto") -> ModelState:
-    """Classify every weighted layer's weights (and embeddings) of an audited model, then the model."""
+    """Classify every weighted layer's weights of an audited model, then the model.
+
+    Embeddings are left out: fixed tables (sinusoidal positions) and zeroed padding rows are
+    fresh by design, and their size would swamp the verdict.
+    """
     if override not in OVERRIDES:
         raise InputError(f"--state must be one of {', '.join(OVERRIDES)}, not {override!r}")
     tensors, per_layer = {}, {}
     for m in measured:
-        if not m.param.is_weight or m.param.shared_with is not None or not (m.layer.weighted or m.layer.kind == "embedding"):
+        if not m.param.is_weight or m.param.shared_with is not None or not m.layer.weighted:
             continue
-        verdict = classify(m.stats, loaded.tensors[m.param.key], m.param.unit_axis)
+        verdict = _classify_any(m.stats, loaded.tensors[m.param.key], m.param.unit_axis)
         tensors[m.param.key] = verdict
         per_layer.setdefault(m.layer.name, []).append(verdict.state)
     layers = {name: layer_state(states) for name, states in per_layer.items()}
@@ -326,6 +330,16 @@ def assess(loaded: Any, measured: list, override: str = "auto") -> ModelState:
             sizes[m.layer.name] += m.stats.numel
     signs = file_signs(getattr(loaded.container, "root", None))
     return ModelState(model_state(layers, sizes, signs), layers, tensors, signs, override)
+
+
+def _classify_any(stats: TensorStats, tensor: torch.Tensor, unit_axis: int) -> TensorState:
+    """classify() on any dtype torch holds: the rarer ones (float8...) are upcast first."""
+    try:
+        if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            tensor = tensor.to(torch.float32)
+        return classify(stats, tensor, unit_axis)
+    except (RuntimeError, NotImplementedError, TypeError) as exc:  # sparse, quantized, meta: nothing to fit
+        return TensorState("unknown", f"values not readable as floats ({type(exc).__name__})", stats.finite)
 
 
 def set_aside(measured: list, rules: list, model: ModelState) -> list[str]:

@@ -158,6 +158,16 @@ def test_fix_refuses_trained_weights_without_force(fault, trained, tmp_path, cli
     assert serious(initaudit.audit(out)) == set()
 
 
+def test_force_on_trained_duplicates_redraws_only_the_copies(trained, tmp_path, cli):
+    path, out = tmp_path / "model.pt", tmp_path / "fixed.pt"
+    torch.save(_planted(trained("mlp")[0], "duplicated"), path)
+    assert cli("fix", path, "-o", out, "--force", "--seed", 0).exit_code == 0
+    old, new = torch.load(path)[f"{HIDDEN}.weight"], torch.load(out)[f"{HIDDEN}.weight"]
+    changed = {u for u in range(old.shape[0]) if not torch.equal(old[u], new[u])}
+    assert changed == {1, 2, 3}
+    assert serious(initaudit.audit(out)) == set()
+
+
 def test_output_layer_of_trained_weights_is_kept_unless_named(trained, tmp_path, cli):
     state = {k: v.detach().clone() for k, v in trained("mlp")[0].state_dict().items()}
     last = max(int(k.split(".")[0]) for k in state)
