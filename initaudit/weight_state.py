@@ -2,16 +2,17 @@
 
 A fresh draw fits an iid sample of one known family (normal, uniform, or normal truncated at ±2σ,
 at its measured std) to within sampling error; training leaves traces that such a draw cannot
-have. Four tests, each with its tolerance from the sample size at hand:
+have. Five tests, each with its tolerance from the sample size at hand:
 
 - shape: the Kolmogorov–Smirnov distance of a (strided) sample to the best family, standardized
   by the sample's own mean and std, against Z_KS/sqrt(n);
 - tails: the excess kurtosis against the family's, in units of its standard error sqrt(24/n);
 - per-unit scale: the spread of the units' mean squares against what iid draws give
   ((kurtosis + 2)/width relative variance; chi-square-like spread over the units);
-- per-unit offset: the spread of the units' sums against width·σ².
+- per-unit offset: the spread of the units' sums against width·σ²;
+- spectrum: the largest singular value against the edge σ(√rows + √cols) of iid matrices.
 
-All four hold → `fresh` (given enough values to have seen training); any fails → `trained`;
+All hold → `fresh` (given enough values to have seen training); any fails → `trained`;
 too few values, or a degenerate (constant, all-NaN) tensor → `unknown`, with the reason. Exact
 zeros and all-zero units are left out: they are faults of their own (zero-weights, dead-units)
 and must not make a fresh layer look trained.
