@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from . import rules as rulebook
-from . import schemes, stats
+from . import schemes, stats, weight_state
 from .config import Options
 from .graph import UNIT_KINDS, Layer, LayerGraph, Param, annotate, context, group_layers
 from .loaders import Loaded, load
@@ -143,6 +143,9 @@ def facts(graph: LayerGraph, layer: Layer, param: Param, st: stats.TensorStats,
         "value": st.min if st.constant else None, "zero_units": len(st.zero_units), "dead_units": len(dead),
         "dead_unit_list": _short(dead), "duplicate_units": st.duplicate_units, "duplicate_groups": len(groups),
         "duplicate_fraction": st.duplicate_units / st.n_units if st.n_units else 0.0,
+        "substantial_duplicate_units": st.substantial_duplicate_units,
+        "dead_fraction": len(dead) / st.n_units if st.n_units else 0.0,
+        "peak_share": _peak_share(st),
         "duplicate_example": _short(groups[0]) if groups else None,
         "scheme": fp.scheme if fp else None, "scheme_family": fp.family if fp else None,
         "implied_std": fp.implied_std if fp else None,
@@ -151,6 +154,14 @@ def facts(graph: LayerGraph, layer: Layer, param: Param, st: stats.TensorStats,
         "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
         "shared": param.shared_with is not None,
     }
+
+
+def _peak_share(st: stats.TensorStats) -> float | None:
+    """The share of the tensor's squared deviations its largest entry holds."""
+    if not st.std > 0:
+        return None
+    peak = max(abs(st.max - st.mean), abs(st.min - st.mean))
+    return min(peak * peak / (st.finite * st.std * st.std), 1.0)
 
 
 def _short(units: list[int], most: int = 8) -> str:
@@ -200,7 +211,7 @@ def layer_rows(measured: list[Measured]) -> list[LayerRow]:
             name=m.layer.name, kind=m.layer.kind, fan_in=m.param.fan_in, fan_out=m.param.fan_out,
             activation=str(m.layer.activation), std=m.stats.std, expected_std=m.facts["expected_std"],
             scheme=m.fingerprint.scheme if m.fingerprint else "unknown", tensor=m.param.key,
-            norm_after=m.layer.norm_after, run_depth=m.layer.run_depth))
+            norm_after=m.layer.norm_after, run_depth=m.layer.run_depth, state=m.facts.get("layer_state", "unknown")))
     return rows
 
 
@@ -212,6 +223,7 @@ class Analysis:
     graph: LayerGraph
     measured: list[Measured]
     report: Report
+    options: Options | None = None
 
 
 def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None = None) -> Analysis:
@@ -219,12 +231,17 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     rules = rulebook.select(rules if rules is not None else rulebook.builtin_rules(), options.select, options.ignore)
     graph = build_graph(loaded, options)
     measured = measure(loaded, graph)
+    state = weight_state.assess(loaded, measured, options.state)
+    weight_state.apply(measured, state)
+    aside = weight_state.set_aside(measured, rules, state)
     notes = list(loaded.notes)
     if options.activation is not None or options.activations:
         notes = [n for n in notes if "activations are unknown" not in n]
+    notes += [line for line in [weight_state.note(state, aside)] if line]
     report = Report(model=str(loaded.path) if loaded.path else "<module>", format=loaded.format,
-                    layers=layer_rows(measured), findings=evaluate(measured, rules, options), notes=notes)
-    return Analysis(loaded, graph, measured, report)
+                    layers=layer_rows(measured), findings=evaluate(measured, rules, options), notes=notes,
+                    weights_state=state.state, state_evidence={**state.evidence(), "rules_set_aside": aside})
+    return Analysis(loaded, graph, measured, report, options)
 
 
 def run(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None = None) -> Report:
@@ -233,7 +250,7 @@ def run(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None = No
 
 def make_options(options: Options | None = None, activation: str | None = None,
                  activations: dict[str, str] | None = None, select: list[str] | None = None,
-                 ignore: list[str] | None = None) -> Options:
+                 ignore: list[str] | None = None, state: str | None = None) -> Options:
     """Options for the Python API: keyword arguments over `options` (or the defaults)."""
     from .activations import parse
 
@@ -244,20 +261,23 @@ def make_options(options: Options | None = None, activation: str | None = None,
         options.activations = {**options.activations, **{k: parse(v) for k, v in activations.items()}}
     options.select = select if select is not None else options.select
     options.ignore = ignore if ignore is not None else options.ignore
+    options.state = state if state is not None else options.state
     return options
 
 
 def audit(target: str | Path | torch.nn.Module | None = None, *, model: str | None = None,
           activation: str | None = None, activations: dict[str, str] | None = None,
           trust_pickle: bool = False, select: list[str] | None = None, ignore: list[str] | None = None,
-          options: Options | None = None) -> Report:
+          state: str | None = None, options: Options | None = None) -> Report:
     """Audit a model file, a live `nn.Module`, or a module built by `model='package.module:factory'`.
 
     >>> report = audit(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()))
     >>> report.summary["errors"]
     0
+
+    `state` ('auto', 'fresh' or 'trained') overrides the fresh/trained verdict on the weights.
     """
-    options = make_options(options, activation, activations, select, ignore)
+    options = make_options(options, activation, activations, select, ignore, state)
     if isinstance(target, torch.nn.Module):
         from .loaders import modules
         loaded = modules.from_module(target, None)

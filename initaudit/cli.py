@@ -105,6 +105,8 @@ def _model_options(command):
                      help="Allow loading a fully pickled model (runs code from the file: trusted files only). "
                           "Only this flag enables it, never a config file."),
         _debug_option,
+        click.option("--state", type=click.Choice(("auto", "fresh", "trained")), default="auto", show_default=True,
+                     help="Whether the weights are fresh from init or trained: auto tells from the weights and the file."),
     ]):
         command = option(command)
     return command
@@ -129,9 +131,11 @@ def _options(config_path, activation, activation_for, select, ignore) -> config_
 @click.option("--format", "fmt", type=click.Choice(sorted(REPORTERS)), default="table", show_default=True)
 @click.option("--fail-on", type=click.Choice(FAIL_ON), default=None, help="Lowest severity that fails (exit 1). [default: error]")
 @click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), help="Write the report here instead of stdout.")
-def check(model_path, factory, activation, activation_for, select, ignore, config_path, trust_pickle, fmt, fail_on, output):
+def check(model_path, factory, activation, activation_for, select, ignore, config_path, trust_pickle, state, fmt, fail_on,
+          output):
     """Audit MODEL's initialization: .pt/.pth/.bin/.ckpt, TorchScript, .safetensors, .onnx, a Hugging Face folder."""
     options = _options(config_path, activation, activation_for, select, ignore)
+    options.state = state
     options.fail_on = fail_on or options.fail_on
     loaded = load(model_path, trust_pickle=trust_pickle, factory=factory)
     if output is not None:
@@ -153,29 +157,33 @@ def check(model_path, factory, activation, activation_for, select, ignore, confi
 @click.option("--seed", type=int, help="Seed for the new draws (each tensor's draw depends on the seed and its name).")
 @click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
 @click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically). Without it the input is never written.")
-def fix(model_path, factory, activation, activation_for, select, ignore, config_path, trust_pickle,
-        out, all_layers, only, seed, dry_run, in_place):
+@click.option("--force", is_flag=True, help="Re-draw layers even where the weights look trained (discards what they learned).")
+def fix(model_path, factory, activation, activation_for, select, ignore, config_path, trust_pickle, state,
+        out, all_layers, only, seed, dry_run, in_place, force):
     """Re-initialize MODEL's badly initialized layers with the recommended scheme; write the same format.
 
-    Exit 0 when every chosen layer was fixed, 1 when some could not be (they are listed), 2 on bad input.
+    Exit 0 when every chosen layer was fixed, 1 when some could not be (they are listed) or the re-audit
+    still finds an error or warning on them, 2 on bad input (and when weights that look trained would be
+    re-drawn without --force: nothing is written).
     """
     from .fixer import repair
     from .reporters import fix_table
     from .writers import check_target, write
 
     options = _options(config_path, activation, activation_for, select, ignore)
+    options.state = state
     target = _fix_target(model_path, factory, out, dry_run, in_place)
     loaded = load(model_path, trust_pickle=trust_pickle, factory=factory)
     written = load(model_path, trust_pickle=trust_pickle) if factory else loaded
     if target is not None and not in_place:
         check_target(written, target)
-    result = repair(analyse(loaded, options), all_layers, list(only), seed)
+    result = repair(analyse(loaded, options), all_layers, list(only), seed, force)
     written_to = target if target is not None and result.tensors else None  # nothing fixed: no file written
     notes = write(written, result.tensors, target, in_place) if written_to else []
     fix_table.write(result, sys.stdout, None if written_to is None else str(written_to), dry_run)
     for note in notes:
         click.echo(printable(f"note: {note}"))
-    return 1 if result.skipped else 0
+    return 1 if result.skipped or result.remaining else 0
 
 
 def _fix_target(model_path: Path | None, factory: str | None, out: Path | None, dry_run: bool, in_place: bool) -> Path | None:

@@ -45,6 +45,7 @@ class Options:
     select: list[str] = field(default_factory=list)
     ignore: list[str] = field(default_factory=list)
     per_layer_ignores: dict[str, list[str]] = field(default_factory=dict)
+    state: str = "auto"  # fresh/trained verdict on the weights: auto, or forced (--state)
 
     def ignored(self, layer: str, rule: str, code: str) -> bool:
         return any(fnmatch.fnmatchcase(layer, pattern) and (rule in names or any(code.startswith(n) for n in names))

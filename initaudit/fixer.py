@@ -1,24 +1,37 @@
 """Repair: re-draw flagged weights with the scheme the selection guide recommends, using torch.nn.init itself.
 
 The unit of repair is a layer: its weights are re-drawn, its biases set to zeros (norm layers:
-weights to ones). A layer is skipped, with the reason, when re-drawing would be a guess: its
-activation is unknown, it is a free parameter, or its weight is shared with another layer.
+weights to ones). A layer is skipped, with the reason, when re-drawing would be a guess: it is a
+free parameter, or its weight is shared with another layer.
+
+Fix never destroys a model: weights that look trained (initaudit.weight_state) are re-drawn only
+with `force`; even then the output (classifier) layer of trained weights is left alone unless
+named with `only`, and a trained layer whose only faults are single units (copies, dead units)
+gets just those units re-drawn. A layer whose activation is unknown gets a fallback instead of a refusal: the
+scheme the rest of the (fresh) model was drawn with, else torch's own default for the layer type
+(Linear/Conv: kaiming_uniform_(a=sqrt(5)); attention in-projections: xavier_uniform_). What was
+drawn is audited again, and the result says which findings are gone.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 import os
 import zlib
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from . import stats
 from .audit import Analysis, Measured, analyse, make_options
 from .config import Options
+from .errors import InputError
 from .graph import Layer, Param
-from .report import Report
+from .loaders import TensorSource
+from .report import Finding, Report
+from .schemes import Recommendation
 
 FIXED_SEVERITIES = ("error", "warning")
 
@@ -50,6 +63,9 @@ class FixResult:
     changes: list[Change] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    trained: list[str] = field(default_factory=list)     # re-drawn layers whose weights looked trained (--force)
+    resolved: list[Finding] = field(default_factory=list)  # error/warning findings on re-drawn layers now gone
+    remaining: list[Finding] = field(default_factory=list)  # and those the re-audit still finds
 
     def __iter__(self):
         return iter(self.changes)
@@ -74,12 +90,14 @@ def targets(layers: list[Layer], report: Report, all_layers: bool, only: list[st
 
 
 def plan(measured: list[Measured], chosen: list[Layer], shared: dict[str, list[str]],
-         read, seed: int) -> FixResult:
-    """Draw the new tensors of the chosen layers; `read(key)` gives the current tensor."""
+         read, seed: int, units: dict[str, list[int]] | None = None) -> FixResult:
+    """Draw the new tensors of the chosen layers; `read(key)` gives the current tensor; `units[layer]`
+    limits a layer's re-draw to those output units (the rest of its tensors is kept)."""
     result = FixResult(seed)
     by_layer: dict[str, list[Measured]] = {}
     for m in measured:
         by_layer.setdefault(m.layer.name, []).append(m)
+    model_scheme = _model_scheme(measured)
     for layer in chosen:
         items = by_layer.get(layer.name, [])
         reason = _why_not(layer, items, shared)
@@ -88,12 +106,18 @@ def plan(measured: list[Measured], chosen: list[Layer], shared: dict[str, list[s
             continue
         for m in items:
             old = read(m.param.key)
-            new = _draw(layer, m, old, seed)
+            rec = m.recommended or _fallback(m, model_scheme)
+            new = _draw(layer, m, rec, old, seed)
+            only_units = (units or {}).get(layer.name)
+            if new is not None and only_units:
+                new = _on_units(old, new, m.param.unit_axis, only_units)
             if new is None or torch.equal(new, old):
                 continue
             result.tensors[m.param.key] = new
             st = stats.compute(new, m.param.unit_axis, units=False)
-            scheme, call = _target(m)
+            scheme, call = _target(m, rec)
+            if only_units:
+                call += f" on units {', '.join(map(str, only_units[:8]))}{', …' if len(only_units) > 8 else ''} only"
             result.changes.append(Change(layer.name, m.param.key, _scheme_name(m), m.stats.std, scheme, st.std, call))
     return result
 
@@ -106,12 +130,100 @@ def _why_not(layer: Layer, items: list[Measured], shared: dict[str, list[str]]) 
         already_zero = m.stats.constant and m.stats.max == 0 and m.param.role in ("bias", "norm_bias")
         if others and not already_zero:
             return f"{m.param.key} is shared with {others[0]}: re-drawing it would change that layer too"
-        if m.param.is_weight and layer.kind not in ("embedding",) and m.recommended is None:
-            return f"activation unknown: pass --activation (or --activation-for '{layer.name}=NAME')"
     return None
 
 
-def _draw(layer: Layer, m: Measured, old: torch.Tensor, seed: int) -> torch.Tensor | None:
+# The fingerprinted schemes a fallback can reproduce: name -> (torch.nn.init function, its keyword arguments).
+_REDRAWABLE = {
+    "kaiming-normal": ("kaiming_normal_", (("mode", "fan_in"), ("nonlinearity", "relu"))),
+    "kaiming-uniform": ("kaiming_uniform_", (("mode", "fan_in"), ("nonlinearity", "relu"))),
+    "kaiming-normal-fan-out": ("kaiming_normal_", (("mode", "fan_out"), ("nonlinearity", "relu"))),
+    "kaiming-uniform-fan-out": ("kaiming_uniform_", (("mode", "fan_out"), ("nonlinearity", "relu"))),
+    "xavier-normal": ("xavier_normal_", ()),
+    "xavier-uniform": ("xavier_uniform_", ()),
+    "lecun-normal": ("kaiming_normal_", (("mode", "fan_in"), ("nonlinearity", "linear"))),
+    "lecun-uniform": ("kaiming_uniform_", (("mode", "fan_in"), ("nonlinearity", "linear"))),
+    "torch-default": ("kaiming_uniform_", (("a", math.sqrt(5)),)),
+    "orthogonal": ("orthogonal_", ()),
+}
+_FIXED_STDS = {f"{kind}-{std:g}": (kind, std) for std in (0.02, 0.01, 0.001) for kind in ("normal", "trunc-normal")}
+
+
+def _model_scheme(measured: list[Measured]) -> tuple[str, float] | None:
+    """The scheme (and Xavier gain) most fresh Linear/Conv weights of the model were drawn with, if most share one."""
+    seen = [(m.fingerprint.scheme, m.fingerprint.implied_std / math.sqrt(2 / (m.param.fan_in + m.param.fan_out)))
+            for m in measured if m.param.is_weight and m.fingerprint is not None and m.facts.get("state") == "fresh"
+            and m.layer.kind.startswith(("linear", "conv")) and m.param.fan_in and m.param.fan_out]
+    schemes = Counter(scheme for scheme, _ in seen if scheme in _REDRAWABLE or scheme in _FIXED_STDS)
+    if not schemes:
+        return None
+    scheme, count = schemes.most_common(1)[0]
+    if 2 * count < len(seen):
+        return None
+    gain = next(g for s, g in seen if s == scheme)
+    return scheme, 5 / 3 if scheme.startswith("xavier") and abs(gain - 5 / 3) < 0.2 else 1.0
+
+
+def _fallback(m: Measured, model_scheme: tuple[str, float] | None) -> Recommendation | None:
+    """For a weight whose activation is unknown: the scheme the rest of the model uses, else torch's default."""
+    if not m.param.is_weight or m.layer.kind == "embedding":
+        return None
+    fan_in, fan_out = max(m.param.fan_in, 1), max(m.param.fan_out, 1)
+    if model_scheme is not None:
+        scheme, gain = model_scheme
+        basis = f"activation unknown: the scheme the rest of the model uses ({scheme})"
+        if scheme in _FIXED_STDS:
+            kind, std = _FIXED_STDS[scheme]
+            if kind == "normal":
+                return Recommendation(scheme, std, "normal_", (("std", std),), basis)
+            return Recommendation(scheme, std * 0.8796, "trunc_normal_", (("std", std), ("a", -2 * std), ("b", 2 * std)), basis)
+        fn, kwargs = _REDRAWABLE[scheme]
+        if scheme.startswith("xavier") and gain != 1.0:
+            return Recommendation(scheme, gain * math.sqrt(2 / (fan_in + fan_out)), fn, (("gain", gain),), basis, "tanh")
+        return Recommendation(scheme, _std_of(scheme, fan_in, fan_out), fn, kwargs, basis)
+    if m.layer.kind == "attention":
+        return Recommendation("xavier-uniform", math.sqrt(2 / (fan_in + fan_out)), "xavier_uniform_", (),
+                              "activation unknown: torch's default for attention in-projections")
+    return Recommendation("torch-default", 1 / math.sqrt(3 * fan_in), "kaiming_uniform_", (("a", math.sqrt(5)),),
+                          "activation unknown: torch's default for the layer type")
+
+
+def _std_of(scheme: str, fan_in: int, fan_out: int) -> float:
+    fan = fan_out if scheme.endswith("fan-out") else fan_in
+    return {"kaiming": math.sqrt(2 / fan), "lecun": math.sqrt(1 / fan), "torch": 1 / math.sqrt(3 * fan),
+            "xavier": math.sqrt(2 / (fan_in + fan_out))}.get(scheme.split("-")[0], math.sqrt(1 / max(fan_in, fan_out)))
+
+
+def _on_units(old: torch.Tensor, new: torch.Tensor, unit_axis: int, units: list[int]) -> torch.Tensor:
+    """`old` with just these output units taken from `new`."""
+    axis = unit_axis if old.dim() > 1 else 0
+    idx = torch.tensor(units, dtype=torch.long)
+    return old.clone().index_copy_(axis, idx, new.index_select(axis, idx))
+
+
+UNIT_RULES = frozenset({"duplicate-units", "dead-units"})  # faults of single units: on trained weights only those are re-drawn
+
+
+def _unit_repairs(analysis: Analysis, layers: list[Layer], state: dict[str, str | None]) -> dict[str, list[int]]:
+    """Trained layers whose only findings are unit faults: the units to re-draw (copies after the first, dead units)."""
+    flagged: dict[str, set[str]] = {}
+    for f in analysis.report.findings:
+        if f.severity in FIXED_SEVERITIES:
+            flagged.setdefault(f.layer, set()).add(f.rule)
+    out = {}
+    for m in analysis.measured:
+        rules = flagged.get(m.layer.name, set())
+        if not m.param.is_weight or state.get(m.layer.name) != "trained" or not rules or not rules <= UNIT_RULES:
+            continue
+        units = set(m.stats.zero_units) if "dead-units" in rules else set()
+        if "duplicate-units" in rules:
+            units |= {u for g in m.stats.duplicate_groups[m.stats.negligible_groups:] for u in g[1:]}
+        if units:
+            out[m.layer.name] = sorted(units)
+    return {name: units for name, units in out.items() if any(layer.name == name for layer in layers)}
+
+
+def _draw(layer: Layer, m: Measured, rec: Recommendation | None, old: torch.Tensor, seed: int) -> torch.Tensor | None:
     role, param = m.param.role, m.param
     if role in ("bias", "norm_bias"):
         return torch.zeros_like(old)
@@ -129,7 +241,7 @@ def _draw(layer: Layer, m: Measured, old: torch.Tensor, seed: int) -> torch.Tens
             if layer.kind == "embedding":
                 torch.nn.init.normal_(fresh)  # nn.Embedding's own default
             else:
-                m.recommended.draw(fresh)
+                rec.draw(fresh)
     if swapped:
         fresh = fresh.transpose(0, 1)
     return fresh.to(old.dtype).contiguous()
@@ -153,14 +265,14 @@ def _scheme_name(m: Measured) -> str:
     return "zeros" if m.stats.constant and m.stats.max == 0 else "constant" if m.stats.constant else "-"
 
 
-def _target(m: Measured) -> tuple[str, str]:
+def _target(m: Measured, rec: Recommendation | None) -> tuple[str, str]:
     """The scheme a tensor is re-drawn with, and the torch.nn.init call that draws it."""
     if m.param.role in ("bias", "norm_bias"):
         return "zeros", "zeros_()"
     if m.param.role == "norm_weight":
         return "ones", "ones_()"
-    if m.recommended is not None:
-        return m.recommended.scheme, m.recommended.call
+    if rec is not None:
+        return rec.scheme + (" (fallback)" if rec is not m.recommended else ""), rec.call
     return "normal (nn.Embedding default)", "normal_()"
 
 
@@ -176,18 +288,59 @@ def ties(measured: list[Measured], views: dict | None = None) -> dict[str, list[
 
 
 def repair(analysis: Analysis, all_layers: bool = False, only: list[str] | None = None,
-           seed: int | None = None) -> FixResult:
-    """Plan the repair of an analysed model: which layers, and their new tensors."""
+           seed: int | None = None, force: bool = False) -> FixResult:
+    """Plan the repair of an analysed model: which layers, and their new tensors; then audit what was drawn.
+
+    Raises InputError (naming the layers and `force`) when a layer to re-draw looks trained.
+    """
     views = getattr(analysis.loaded.container, "views", None)
-    chosen = targets(analysis.graph.layers, analysis.report, all_layers, only)
-    return plan(analysis.measured, chosen, ties(analysis.measured, views), analysis.loaded.tensors.__getitem__,
-                new_seed() if seed is None else seed)
+    state = {m.layer.name: m.facts.get("state") for m in analysis.measured}
+    chosen, kept = [], []
+    last = max((layer.position for layer in analysis.graph.layers if layer.weighted), default=-1)
+    for layer in targets(analysis.graph.layers, analysis.report, all_layers, only):
+        output = layer.is_output or (layer.weighted and layer.position == last)
+        named = only and any(fnmatch.fnmatchcase(layer.name, p) for p in only)
+        if state.get(layer.name) == "trained" and output and not named:
+            kept.append(Skipped(layer.name, "the output layer of trained weights is never re-drawn by default "
+                                            f"(name it with --only '{layer.name}' to re-draw it)"))
+        else:
+            chosen.append(layer)
+    units = {} if all_layers or only else _unit_repairs(analysis, chosen, state)
+    result = plan(analysis.measured, chosen, ties(analysis.measured, views), analysis.loaded.tensors.__getitem__,
+                  new_seed() if seed is None else seed, units)
+    result.skipped[:0] = kept
+    result.trained = sorted({c.layer for c in result.changes if state.get(c.layer) == "trained"})
+    if result.trained and not force:
+        shown = ", ".join(result.trained[:6]) + (f", … ({len(result.trained)} in all)" if len(result.trained) > 6 else "")
+        raise InputError(f"refusing to re-draw layers whose weights look trained ({shown}): that would discard what "
+                         "they learned; pass --force to re-draw them anyway")
+    if result.changes:
+        _reaudit(analysis, result)
+    return result
+
+
+def _reaudit(analysis: Analysis, result: FixResult) -> None:
+    """Audit the model with the new tensors in place: which findings on the re-drawn layers are gone."""
+    src = analysis.loaded.tensors
+    patched = TensorSource(src.shapes, lambda key: result.tensors[key] if key in result.tensors else src[key], src.resident)
+    again = analyse(replace(analysis.loaded, tensors=patched), analysis.options or Options()).report
+    layers = {c.layer for c in result.changes}
+
+    def serious(report: Report) -> list[Finding]:
+        return [f for f in report.findings if f.layer in layers and f.severity in FIXED_SEVERITIES]
+
+    after = {(f.rule, f.tensor) for f in serious(again)}
+    result.resolved = [f for f in serious(analysis.report) if (f.rule, f.tensor) not in after]
+    result.remaining = serious(again)
 
 
 def fix(module: torch.nn.Module, *, activation: str | None = None, activations: dict[str, str] | None = None,
         all_layers: bool = False, only: list[str] | None = None, seed: int | None = None,
-        select: list[str] | None = None, ignore: list[str] | None = None, options: Options | None = None) -> FixResult:
+        select: list[str] | None = None, ignore: list[str] | None = None, state: str | None = None,
+        force: bool = False, options: Options | None = None) -> FixResult:
     """Re-initialize, in place, the layers of `module` that have error or warning findings; return what changed.
+
+    Weights that look trained are re-drawn only with `force` (else InputError, the module untouched).
 
     >>> model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> _ = torch.nn.init.zeros_(model[0].weight)
@@ -197,7 +350,7 @@ def fix(module: torch.nn.Module, *, activation: str | None = None, activations: 
     from .loaders import modules
     from .writers import apply_to_module
 
-    options = make_options(options, activation, activations, select, ignore)
-    result = repair(analyse(modules.from_module(module, None), options), all_layers, only, seed)
+    options = make_options(options, activation, activations, select, ignore, state)
+    result = repair(analyse(modules.from_module(module, None), options), all_layers, only, seed, force)
     apply_to_module(module, result.tensors)
     return result

@@ -38,6 +38,7 @@ class LayerRow:
     tensor: str = ""
     norm_after: bool = False
     run_depth: int = 0
+    state: str = "unknown"   # the layer's weights: fresh | trained | unknown (initaudit.weight_state)
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Report:
     layers: list[LayerRow] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    weights_state: str = "unknown"  # fresh | trained | mixed | unknown
+    state_evidence: dict[str, Any] = field(default_factory=dict)
 
     def count(self, severity: str) -> int:
         return sum(f.severity == severity for f in self.findings)
@@ -74,7 +77,8 @@ class Report:
         return {"tool": "initaudit", "version": __version__, "model": self.model, "format": self.format,
                 "layers": [_clean(asdict(row)) for row in self.layers],
                 "findings": [_clean(asdict(f)) for f in self.findings],
-                "summary": self.summary, "notes": self.notes}
+                "summary": self.summary, "notes": self.notes,
+                "weights_state": self.weights_state, "state_evidence": self.state_evidence}
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:

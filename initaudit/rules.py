@@ -68,6 +68,12 @@ FACTS = {
     "variance_gain": "std_ratio squared: the per-layer forward variance gain relative to a variance-preserving init",
     "expected_call": "the torch.nn.init call that draws the recommended scheme", "shared": "tied to another tensor",
     "recipe_share": "share of the model's weighted layers drawn with this layer's fixed std (0 unless fixed)",
+    "state": "the weights as rules see them: fresh, trained or unknown (the layer's own verdict; every layer of a "
+             "trained model; --state overrides)",
+    "layer_state": "this layer's own verdict: fresh (fits an iid init draw), trained (does not) or unknown (too few values)",
+    "dead_fraction": "dead_units / units",
+    "peak_share": "the share of the tensor's squared deviations from its mean held by its largest entry",
+    "substantial_duplicate_units": "duplicate units whose norm is not negligible (not weight decay's near-zeros)",
 }
 
 

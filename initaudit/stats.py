@@ -35,8 +35,12 @@ class TensorStats:
     zero_fraction: float
     distinct: int                 # exact for tensors up to DISTINCT_SAMPLE entries, else counted in a sample
     norm_spread: float = math.nan  # (max - min) / mean of the unit norms (of the columns, for tall matrices)
+    unit_norms: torch.Tensor | None = field(default=None, repr=False)   # each unit's (row's) norm
+    input_norms: torch.Tensor | None = field(default=None, repr=False)  # each column's norm
+    unit_sums: torch.Tensor | None = field(default=None, repr=False)  # the sum of each unit's (row's) values
     zero_units: list[int] = field(default_factory=list)      # output units whose weights are all 0
     duplicate_groups: list[list[int]] = field(default_factory=list)  # groups of identical units (>= 2 each)
+    negligible_groups: int = 0     # of those, groups whose units have a negligible norm (weight decay's near-zeros)
 
     @property
     def non_finite(self) -> int:
@@ -50,6 +54,11 @@ class TensorStats:
     def duplicate_units(self) -> int:
         """Units that repeat another one (a group of k identical units counts k - 1)."""
         return sum(len(g) - 1 for g in self.duplicate_groups)
+
+    @property
+    def substantial_duplicate_units(self) -> int:
+        """Duplicate units of the groups whose norm is not negligible."""
+        return sum(len(g) - 1 for g in self.duplicate_groups[self.negligible_groups:])
 
 
 def as_units(tensor: torch.Tensor, unit_axis: int = 0) -> torch.Tensor:
@@ -151,8 +160,8 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True) -> Ten
     lo, hi = math.inf, -math.inf
     zero_units: list[int] = []
     projections, norms = [], []
-    column_sq = torch.zeros(width, dtype=torch.float64) if units and n_units > width else None
-    basis = torch.randn(width, 2, generator=torch.Generator().manual_seed(_HASH_SEED), dtype=dtype) if units else None
+    column_sq = torch.zeros(width, dtype=torch.float64) if units else None
+    basis = _basis(width, dtype) if units else None
     for start in range(0, n_units, step):
         chunk = rows[start:start + step].to(dtype)
         c_lo, c_hi = torch.aminmax(chunk)
@@ -175,27 +184,48 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True) -> Ten
             if chunk_zeros >= width:  # only then can a whole unit be zero
                 nonzero_per_unit = torch.count_nonzero(chunk, dim=1)
                 zero_units.extend((start + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
-            projections.append(chunk @ basis)
-            if column_sq is None:
-                norms.append(torch.linalg.vector_norm(chunk, dim=1))
-            else:
-                column_sq += (chunk * chunk).sum(dim=0)
+            projections.append(chunk @ basis)  # two random projections and the unit's sum
+            norms.append(torch.linalg.vector_norm(chunk, dim=1))
+            column_sq += torch.linalg.vector_norm(chunk, dim=0).to(torch.float64) ** 2
     mean, var, kurt = moments.result()
     std = math.sqrt(var) if var == var else math.nan
     spread = math.nan
+    unit_norms = input_norms = unit_sums = None
     if units and n_units:
-        unit_norms = torch.cat(norms) if column_sq is None else column_sq.sqrt()
-        mid = float(unit_norms.mean())
-        spread = float(unit_norms.max() - unit_norms.min()) / mid if mid > 0 else math.nan
-    groups = []
-    if units and n_units > 1 and lo < hi:
-        groups = _duplicate_groups(rows, torch.cat(projections), std * NEAR_DUPLICATE_TOLERANCE, set(zero_units))
+        unit_norms, input_norms = torch.cat(norms), column_sq.sqrt()
+        longer = unit_norms if n_units <= width else input_norms  # the norms over more values each
+        mid = float(longer.mean())
+        spread = float(longer.max() - longer.min()) / mid if mid > 0 else math.nan
+    groups, negligible = [], 0
+    if units and n_units:
+        proj = torch.cat(projections)
+        unit_sums = proj[:, 2].to(torch.float64)
+        if n_units > 1 and lo < hi:
+            groups = _duplicate_groups(rows, proj[:, :2], std * NEAR_DUPLICATE_TOLERANCE, set(zero_units))
+            groups, negligible = _negligible_first(rows, groups, math.sqrt(var + mean * mean))
     return TensorStats(
         numel=rows.numel(), n_units=n_units, finite=moments.n, nan=nan, inf=inf, mean=mean, std=std,
         min=lo if moments.n else math.nan, max=hi if moments.n else math.nan,
         abs_max=max(abs(lo), abs(hi)) if moments.n else math.nan, excess_kurtosis=kurt,
         zero_fraction=zeros / rows.numel() if rows.numel() else 0.0, distinct=_distinct(tensor),
-        norm_spread=spread, zero_units=zero_units, duplicate_groups=groups)
+        norm_spread=spread, unit_norms=unit_norms, input_norms=input_norms,
+        unit_sums=unit_sums, zero_units=zero_units, duplicate_groups=groups, negligible_groups=negligible)
+
+
+def _basis(width: int, dtype: torch.dtype) -> torch.Tensor:
+    """Two random directions (to hash units) and a column of ones (each unit's sum), one matmul for all three."""
+    random = torch.randn(width, 2, generator=torch.Generator().manual_seed(_HASH_SEED), dtype=dtype)
+    return torch.cat([random, torch.ones(width, 1, dtype=dtype)], dim=1)
+
+
+NEGLIGIBLE_NORM = 0.05  # a unit whose norm is under this fraction of a typical unit's is negligible
+
+
+def _negligible_first(rows: torch.Tensor, groups: list[list[int]], rms: float) -> tuple[list[list[int]], int]:
+    """Groups whose units are near zero (weight decay drives unused units there) first, and how many there are."""
+    typical = rms * math.sqrt(rows.shape[1])
+    small = [g for g in groups if float(torch.linalg.vector_norm(rows[g[0]].to(torch.float64))) < NEGLIGIBLE_NORM * typical]
+    return small + [g for g in groups if g not in small], len(small)
 
 
 def _distinct(tensor: torch.Tensor) -> int:

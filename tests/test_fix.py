@@ -165,8 +165,8 @@ def test_an_interrupted_write_leaves_the_old_file_whole(tmp_path, cli, monkeypat
 
 def test_layers_that_cannot_be_redrawn_are_reported_not_guessed(tmp_path, cli):
     path, _ = save_as(models.zero_layer(), "state_dict", tmp_path)
-    result = cli("fix", path, "-o", tmp_path / "out.pt")  # a bare state_dict, no --activation
-    assert result.exit_code == 1 and "not fixed" in result.output and "--activation" in result.output
+    result = cli("fix", path, "-o", tmp_path / "out.pt")  # a bare state_dict, no --activation: the documented fallback
+    assert result.exit_code == 0 and "(fallback)" in result.output and "kaiming_normal_" in result.output
 
     class Tied(torch.nn.Module):
         def __init__(self):

@@ -26,6 +26,12 @@ def write(result: FixResult, out: IO[str], written_to: str | None, dry_run: bool
         console.print(table)
     for s in result.skipped:
         console.print(Text.assemble(("not fixed ", "yellow"), (printable(s.layer), "bold"), f": {printable(s.reason)}"))
+    if result.trained:
+        console.print(Text(f"re-drawn although trained (--force): {printable(', '.join(result.trained))}", style="yellow"))
+    if result.changes:
+        gone = f"{len(result.resolved)} error/warning findings on the re-drawn layers are gone"
+        left = "; ".join(f"{f.rule} on {printable(f.layer)}" for f in result.remaining)
+        console.print(f"re-audit of the new tensors: {gone}" + (f"; still found: {left}" if left else ", none left"))
     layers = len({c.layer for c in result.changes})
     done = "re-initialized" if written_to else "to change"
     console.print(Text(f"{len(result.changes)} tensors in {layers} layers {done}, "
