@@ -76,7 +76,7 @@ class Swept:
         return list(self.clean)
 
     def common_layers(self) -> set[str]:
-        """Layers every format reports (tied weights may be saved under one name only)."""
+        """Layers every format reports (tied weights may be saved under one name only; HF names mapped back)."""
         names = [{row.name for row in a.report.layers} for a in self.clean.values() if a.report is not None]
         return set.intersection(*names) if names else set()
 
@@ -110,8 +110,36 @@ def _audit_all(model: nn.Module, folder: Path, hf: bool) -> dict[str, Audit]:
     audits = {"module": _audit(model)}
     for fmt, path in zoo.save_all(model, folder, hf).items():
         audits[fmt] = _audit(path)
+        if fmt == "hf" and audits[fmt].report is not None:
+            _rename(audits[fmt].report, _module_names(model, path))
     shutil.rmtree(folder)
     return audits
+
+
+def _module_names(model: nn.Module, folder: Path) -> dict[str, str]:
+    """HF folder layer name -> the module's layer name (transformers 5 renames some keys on save), by the weight's bytes."""
+    from safetensors.torch import load_file
+
+    def weights(tensors):
+        return {k.rsplit(".", 1)[0]: v for k, v in tensors.items() if k.endswith("weight") and v.dim() >= 2}
+
+    by_bytes: dict[bytes, list[str]] = {}
+    for name, w in weights(model.state_dict()).items():
+        by_bytes.setdefault(w.detach().contiguous().numpy().tobytes(), []).append(name)
+    out = {}
+    for file in folder.glob("*.safetensors"):
+        for name, w in weights(load_file(file)).items():
+            names = by_bytes.get(w.contiguous().numpy().tobytes(), [])
+            if len(names) == 1 and names[0] != name:
+                out[name] = names[0]
+    return out
+
+
+def _rename(report: Report, names: dict[str, str]) -> None:
+    for row in report.layers:
+        row.name = names.get(row.name, row.name)
+    for f in report.findings:
+        f.layer = names.get(f.layer, f.layer)
 
 
 # ---------------------------------------------------------------- planted faults
@@ -184,8 +212,12 @@ def _sweep(stock: zoo.Stock, tmp: pytest.TempPathFactory) -> Swept:
     swept.clean = _audit_all(model, folder / "stock", hf)
     if swept.clean["module"].report is not None:
         faulty = copy.deepcopy(model)
-        swept.planted = _plant(faulty, swept)
-        swept.faulty = _audit_all(faulty, folder / "faulty", hf)
+        try:
+            swept.planted = _plant(faulty, swept)
+        except AssertionError as exc:
+            swept.faulty["module"] = Audit(None, 0.0, f"no faults planted: {exc}")
+        else:
+            swept.faulty = _audit_all(faulty, folder / "faulty", hf)
     swept.seconds, swept.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     return swept
 

@@ -40,10 +40,13 @@ def _torchvision(name: str, **kwargs) -> Callable[[], nn.Module]:
     return make
 
 
-def _torchvision_vit(**kwargs) -> Callable[[], nn.Module]:
+def _torchvision_class(path: str, **kwargs) -> Callable[[], nn.Module]:
+    """A torchvision model class built smaller than its named variants (its own init code)."""
     def make():
-        from torchvision.models.vision_transformer import VisionTransformer
-        return VisionTransformer(**kwargs)
+        import importlib
+
+        module, cls = path.rsplit(".", 1)
+        return getattr(importlib.import_module(f"torchvision.models.{module}"), cls)(**kwargs)
     return make
 
 
@@ -77,9 +80,8 @@ ZOO: tuple[Stock, ...] = (
     # ---------------------------------------------------------------- torchvision
     Stock("torchvision/resnet18", "cnn", _torchvision("resnet18")),
     Stock("torchvision/resnet50", "cnn", _torchvision("resnet50")),
-    Stock("torchvision/resnext50_32x4d", "cnn", _torchvision("resnext50_32x4d")),
     Stock("torchvision/squeezenet1_1", "cnn", _torchvision("squeezenet1_1")),
-    Stock("torchvision/densenet121", "cnn", _torchvision("densenet121")),
+    Stock("torchvision/densenet", "cnn", _torchvision_class("densenet.DenseNet", block_config=(2, 3, 4, 3))),
     Stock("torchvision/googlenet", "cnn", _torchvision("googlenet", init_weights=True)),
     Stock("torchvision/inception_v3", "cnn", _torchvision("inception_v3", init_weights=True)),
     Stock("torchvision/mobilenet_v2", "cnn", _torchvision("mobilenet_v2")),
@@ -90,9 +92,12 @@ ZOO: tuple[Stock, ...] = (
     Stock("torchvision/regnet_y_400mf", "cnn", _torchvision("regnet_y_400mf")),
     Stock("torchvision/convnext_tiny", "cnn", _torchvision("convnext_tiny")),
     Stock("torchvision/swin_t", "vit", _torchvision("swin_t")),
-    Stock("torchvision/maxvit_t", "vit", _torchvision("maxvit_t")),
-    Stock("torchvision/vit", "vit", _torchvision_vit(image_size=64, patch_size=16, num_layers=4, num_heads=4,
-                                                     hidden_dim=128, mlp_dim=512, num_classes=10)),
+    Stock("torchvision/maxvit", "vit", _torchvision_class("maxvit.MaxVit", input_size=(224, 224), stem_channels=32,
+                                                          partition_size=7, block_channels=[32, 64], block_layers=[1, 2],
+                                                          head_dim=16, stochastic_depth_prob=0.0)),
+    Stock("torchvision/vit", "vit", _torchvision_class("vision_transformer.VisionTransformer", image_size=64,
+                                                       patch_size=16, num_layers=4, num_heads=4, hidden_dim=128,
+                                                       mlp_dim=512, num_classes=10)),
     Stock("torchvision/r3d_18", "cnn", _torchvision("video.r3d_18")),
     Stock("torchvision/lraspp_mobilenet_v3_large", "cnn",
           _torchvision("segmentation.lraspp_mobilenet_v3_large", weights_backbone=None)),
