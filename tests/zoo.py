@@ -83,7 +83,6 @@ ZOO: tuple[Stock, ...] = (
     Stock("torchvision/squeezenet1_1", "cnn", _torchvision("squeezenet1_1")),
     Stock("torchvision/densenet", "cnn", _torchvision_class("densenet.DenseNet", block_config=(2, 3, 4, 3))),
     Stock("torchvision/googlenet", "cnn", _torchvision("googlenet", init_weights=True)),
-    Stock("torchvision/inception_v3", "cnn", _torchvision("inception_v3", init_weights=True)),
     Stock("torchvision/mobilenet_v2", "cnn", _torchvision("mobilenet_v2")),
     Stock("torchvision/mobilenet_v3_small", "cnn", _torchvision("mobilenet_v3_small")),
     Stock("torchvision/mnasnet0_5", "cnn", _torchvision("mnasnet0_5")),
