@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .graph import Layer
 
 _MAX_ORDERS = 6        # alternative orders of one module's children weighed against the chosen one
+_MAX_SEARCHED_PIECES = 256  # siblings whose order is searched (the search recurses once per piece)
 _SEARCH_BUDGET = 5000   # partial orders tried per module before settling for what was found
 
 
@@ -118,6 +119,8 @@ def _best_orders(pieces: list[_Piece]) -> list[tuple[int, ...]]:
     one first; numbered pieces keep their numeric order; at most _MAX_ORDERS."""
     if len(pieces) == 1:
         return [(0,)]
+    if len(pieces) > _MAX_SEARCHED_PIECES:  # beyond any module's children: natural order, no search
+        return [tuple(range(len(pieces)))]
     numbered = [i for i, p in enumerate(pieces) if p.name.rsplit(".", 1)[-1].isdigit()]
     best: list[tuple[int, ...]] = []
     best_cost = [len(pieces)]
