@@ -169,20 +169,27 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True) -> Ten
             n_nan = int(torch.isnan(chunk).sum())
             nan += n_nan
             inf += int(torch.isinf(chunk).sum())
-            values = chunk[torch.isfinite(chunk)]
+            finite = torch.isfinite(chunk)
+            values = chunk[finite]
             chunk = torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
+            bad_per_unit = (~finite).sum(dim=1)  # set to 0 above, yet not zeros
             if values.numel():
                 c_lo, c_hi = torch.aminmax(values)
         else:
             values = chunk.reshape(-1)
+            bad_per_unit = None
         moments.add(values)
         if values.numel():
             lo, hi = min(lo, float(c_lo)), max(hi, float(c_hi))
         chunk_zeros = chunk.numel() - int(torch.count_nonzero(chunk))  # a whole-chunk count is ~15x faster
+        if bad_per_unit is not None:
+            chunk_zeros -= int(bad_per_unit.sum())
         zeros += chunk_zeros
         if units:
             if chunk_zeros >= width:  # only then can a whole unit be zero
                 nonzero_per_unit = torch.count_nonzero(chunk, dim=1)
+                if bad_per_unit is not None:
+                    nonzero_per_unit += bad_per_unit
                 zero_units.extend((start + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
             projections.append(chunk @ basis)  # two random projections and the unit's sum
             norms.append(torch.linalg.vector_norm(chunk, dim=1))

@@ -84,3 +84,13 @@ def test_empty_and_scalar_tensors():
     empty = stats.compute(torch.empty(10, 0))
     assert empty.numel == 0 and empty.finite == 0 and not empty.constant
     assert stats.compute(torch.tensor(3.0)).constant
+
+
+def test_non_finite_entries_are_not_counted_as_zeros():
+    """An all-NaN weight is non-finite, not zero: no zero-weights or dead-units besides non-finite."""
+    weight = torch.full((8, 16), float("nan"))
+    weight[0] = 0.0
+    weight[1, 3] = float("inf")
+    st = stats.compute(weight)
+    assert (st.nan, st.inf) == (8 * 16 - 16 - 1, 1)
+    assert st.zero_fraction == 16 / (8 * 16) and st.zero_units == [0]
