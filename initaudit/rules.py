@@ -68,6 +68,7 @@ FACTS = {
     "variance_gain": "std_ratio squared: the per-layer forward variance gain relative to a variance-preserving init",
     "expected_call": "the torch.nn.init call that draws the recommended scheme", "shared": "tied to another tensor",
     "recipe_share": "share of the model's weighted layers drawn with a fixed std (0 unless this one is too)",
+    "is_last": "the last weighted layer in forward order, whatever follows it",
     "envelope_ratio": "std / the nearest edge of the stds any common scheme gives this layer, whatever its "
                       "activation (1 inside)",
     "state": "the weights as rules see them: fresh, trained or unknown (the layer's own verdict; every layer of a "
