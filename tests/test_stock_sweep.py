@@ -300,7 +300,6 @@ KNOWN_GAPS = {
         "timm/eva02_tiny_patch14_224": "bare files: a packed SwiGLU fc1 (width nothing takes in) is taken for an output",
         "transformers/albert": "bare files: predictions.dense is taken for an output, so its zeroing is info",
         "transformers/gpt2": "bare files: Conv1D's [in, out] layout is unknown, so a copied unit is a copied column",
-        "transformers/clip": "HF folder: out_proj zeroed reads as a zero-init branch end (info)",
     },
 }
 
