@@ -20,6 +20,8 @@ from .stats import TensorStats
 
 # Measured std of a normal truncated at ±2σ, as a fraction of σ.
 TRUNC_2SIGMA_STD = 0.8796
+# Excess kurtosis of each init family's distribution.
+EXCESS_KURTOSIS = {"normal": 0.0, "uniform": -1.2, "trunc-normal": -0.6344}
 MAX_ORTHOGONAL_CHECK = 2048
 
 # Which scheme families suit which activation family (for naming ties and for the fixer).
@@ -58,9 +60,9 @@ def _shape_of(stats: TensorStats) -> str:
     se = math.sqrt(24.0 / n)
     tol = max(4 * se, 0.12)
     peak = (stats.abs_max - abs(stats.mean)) / stats.std
-    if abs(k + 1.2) < tol and peak < 1.8:
+    if abs(k - EXCESS_KURTOSIS["uniform"]) < tol and peak < 1.8:
         return "uniform"
-    if abs(k + 0.634) < tol and peak < 2.35:
+    if abs(k - EXCESS_KURTOSIS["trunc-normal"]) < tol and peak < 2.35:
         return "trunc-normal"
     if abs(k) < max(tol, 0.5):
         return "normal"

@@ -30,6 +30,7 @@ import torch
 
 from .errors import InputError
 from .rules import SEVERITIES
+from .schemes import EXCESS_KURTOSIS, TRUNC_2SIGMA_STD
 from .stats import TensorStats, as_units
 
 STATES = ("fresh", "trained", "unknown")
@@ -43,8 +44,7 @@ POWER_ITERATIONS = 40
 Z = 6.0                  # tolerance in standard errors (a fresh layer is called trained ~never)
 Z_UNITS = 5.0            # per-unit tests: chi-square upper quantile at this many standard normal deviates
 Z_KS = 2.0               # KS tolerance, × 1/sqrt(n): P(fresh fails) < 1e-3 with known, far less with fitted parameters
-FAMILIES = {"normal": 0.0, "uniform": -1.2, "trunc-normal": -0.6344}  # excess kurtosis of each
-_TRUNC_STD = 0.8796      # std of N(0, 1) cut at ±2
+FAMILIES = EXCESS_KURTOSIS  # the init families a fresh draw is fitted to
 _STEP_KEYS = ("step", "global_step", "steps", "epoch", "epochs", "iteration", "iter", "num_updates", "total_steps")
 _OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_states", "optim", "opt", "optimizer_state")
 
@@ -136,7 +136,7 @@ def _ks_distance(z: torch.Tensor, family: str) -> float:
     elif family == "uniform":
         cdf = ((z + math.sqrt(3)) / (2 * math.sqrt(3))).clamp(0, 1)
     else:
-        t = (z * _TRUNC_STD).clamp(-2, 2)
+        t = (z * TRUNC_2SIGMA_STD).clamp(-2, 2)
         lo = torch.special.ndtr(torch.tensor(-2.0, dtype=z.dtype))
         cdf = (torch.special.ndtr(t) - lo) / (1 - 2 * lo)
     n = z.numel()
