@@ -6,8 +6,6 @@ import math
 import re
 from dataclasses import dataclass
 
-import torch.nn.init as init
-
 from .errors import InputError
 
 # ReLU-like: zero (or nearly) for negative inputs, so they halve the forward variance.
@@ -50,6 +48,8 @@ class Activation:
     @property
     def gain(self) -> float:
         """The gain torch.nn.init uses for this activation (ReLU-like ones take ReLU's)."""
+        import torch.nn.init as init  # here, not at the top: parsing a flag or config must not import torch
+
         if self.name in ("leaky_relu", "prelu"):
             return init.calculate_gain("leaky_relu", 0.01 if self.param is None else self.param)
         if self.family == "relu":

@@ -5,6 +5,8 @@
     activation = "relu"                    # default for layers whose activation is not known
     select = ["IA1", "init-activation-mismatch"]
     ignore = ["nonzero-bias"]
+    exclude = ["old-runs"]                 # replaces the default exclusions of folder walks (ruff's)
+    extend-exclude = ["*.tmp.pt"]          # adds to them
 
     [tool.initaudit.activations]           # per-layer activations, glob patterns over layer names
     "head.*" = "identity"
@@ -32,7 +34,7 @@ from .activations import Activation, parse
 from .errors import InputError
 from .report import FAIL_ON
 
-_KEYS = ("fail-on", "activation", "activations", "select", "ignore", "per-layer-ignores")
+_KEYS = ("fail-on", "activation", "activations", "select", "ignore", "per-layer-ignores", "exclude", "extend-exclude")
 _TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
                dict: "a table"}
 
@@ -46,6 +48,8 @@ class Options:
     ignore: list[str] = field(default_factory=list)
     per_layer_ignores: dict[str, list[str]] = field(default_factory=dict)
     state: str = "auto"  # fresh/trained verdict on the weights: auto, or forced (--state)
+    exclude: list[str] | None = None  # folder-walk exclusions replacing the defaults (initaudit.discover)
+    extend_exclude: list[str] = field(default_factory=list)
 
     def ignored(self, layer: str, rule: str, code: str) -> bool:
         return any(fnmatch.fnmatchcase(layer, pattern) and (rule in names or any(code.startswith(n) for n in names))
@@ -115,7 +119,9 @@ def from_table(table: dict[str, Any], where: str = "config") -> Options:
                          for pattern in activations},
             select=_rule_list(table, "select", where), ignore=_rule_list(table, "ignore", where),
             per_layer_ignores={pattern: _rule_list(per_layer, pattern, where, "per-layer-ignores")
-                               for pattern in per_layer})
+                               for pattern in per_layer},
+            exclude=_string_list(table, "exclude", where) if "exclude" in table else None,
+            extend_exclude=_string_list(table, "extend-exclude", where))
     except InputError as exc:
         if str(exc).startswith(where):
             raise
@@ -137,6 +143,14 @@ def _typed(table: dict[str, Any], key: str, kind: type, where: str, default: Any
         name = f"{within}.{key!r}" if within else key
         raise InputError(f"{where}: {name} must be {_TYPE_NAMES[kind]}, not {_type_name(value)}")
     return value
+
+
+def _string_list(table: dict[str, Any], key: str, where: str) -> list[str]:
+    values = _typed(table, key, list, where, [])
+    for value in values:
+        if not isinstance(value, str):
+            raise InputError(f"{where}: {key} must list glob patterns as strings, not {_type_name(value)}")
+    return list(values)
 
 
 def _rule_list(table: dict[str, Any], key: str, where: str, within: str = "") -> list[str]:

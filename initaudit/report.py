@@ -81,6 +81,49 @@ class Report:
                 "weights_state": self.weights_state, "state_evidence": self.state_evidence}
 
 
+@dataclass
+class FileError:
+    """A model of a several-model run that could not be audited (exit 2), and why."""
+
+    path: str
+    message: str
+
+
+@dataclass
+class Results:
+    """One run: the reports of every model it covered and the ones it could not read.
+
+    `combined` is False when the run named a single model: its JSON keeps the single-report shape.
+    """
+
+    reports: list[Report] = field(default_factory=list)
+    unreadable: list[FileError] = field(default_factory=list)
+    combined: bool = True
+
+    @property
+    def summary(self) -> dict[str, int]:
+        total = {"files": len(self.reports) + len(self.unreadable), "unreadable": len(self.unreadable),
+                 "layers": 0, "errors": 0, "warnings": 0, "infos": 0}
+        for report in self.reports:
+            for key, value in report.summary.items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    @property
+    def findings(self) -> list[tuple[Report, Finding]]:
+        return [(report, f) for report in self.reports for f in report.findings]
+
+    def exit_code(self, fail_on: str = "error") -> int:
+        """The worst of all: 2 when a model could not be read, else 1 when one has findings at or above `fail_on`."""
+        return 2 if self.unreadable else max((r.exit_code(fail_on) for r in self.reports), default=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.combined and len(self.reports) == 1:
+            return self.reports[0].to_dict()
+        return {"tool": "initaudit", "version": __version__, "files": [r.to_dict() for r in self.reports],
+                "unreadable": [asdict(e) for e in self.unreadable], "summary": self.summary}
+
+
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
     """JSON has no NaN: unknown numbers become null."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}

@@ -22,7 +22,6 @@ combine conditions. Unknown keys and unknown fact names are rejected, naming the
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from .errors import InputError
+from .errors import InputError, did_you_mean
 
 SEVERITIES = ("info", "warning", "error")
 ROLES = frozenset({"weight", "bias", "norm_weight", "norm_bias", "parameter", "any"})
@@ -275,9 +274,7 @@ def check_names(rules: list[Rule], names: list[str], where: str = "") -> None:
     for n in names:
         if n in known or (n.startswith("IA") and any(r.code.startswith(n) for r in rules)):
             continue
-        close = difflib.get_close_matches(n, known, n=3)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise InputError(f"{where}unknown rule {n!r}{hint} (see `initaudit rules`)")
+        raise InputError(f"{where}unknown rule {n!r}{did_you_mean(n, known)} (see `initaudit rules`)")
 
 
 def select(rules: list[Rule], select: list[str] | None = None, ignore: list[str] | None = None) -> list[Rule]:

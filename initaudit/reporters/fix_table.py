@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from typing import IO
 
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from ..fixer import FixResult
 from ..printable import printable
+from . import View, render
 from .table import _num
 
 
-def write(result: FixResult, out: IO[str], written_to: str | None, dry_run: bool = False) -> None:
-    console = Console(file=out, width=max(Console(file=out).width, 120), highlight=False)
+def write(result: FixResult, out: IO[str], written_to: str | None, dry_run: bool = False, view: View | None = None) -> None:
+    out.write(render(view or View(), lambda console: _draw(console, result, written_to, dry_run)))
+
+
+def _draw(console, result: FixResult, written_to: str | None, dry_run: bool) -> None:
     title = f"re-initialized → {written_to}" if written_to else "would re-initialize (dry run: nothing written)"
     table = Table(title=Text(printable(title)), title_justify="left")
     for col in ("layer", "tensor", "old scheme", "old std", "new scheme", "new std", "call"):

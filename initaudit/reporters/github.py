@@ -1,11 +1,12 @@
-"""`--format github`: GitHub Actions workflow commands, one annotation per finding."""
+"""`--format github`: GitHub Actions workflow commands, one annotation per finding (and per unreadable model)."""
 
 from __future__ import annotations
 
 from typing import IO
 
 from ..printable import printable
-from ..report import Report
+from ..report import Results
+from . import View
 
 LEVEL = {"error": "error", "warning": "warning", "info": "notice"}
 
@@ -19,7 +20,9 @@ def _escape_property(text: str) -> str:
     return _escape(text).replace(":", "%3A").replace(",", "%2C")
 
 
-def write(report: Report, out: IO[str]) -> None:
-    for f in report.findings:
+def write(results: Results, out: IO[str], view: View) -> None:
+    for report, f in results.findings:
         title = _escape_property(f"{f.code} {f.rule} ({f.layer})")
         out.write(f"::{LEVEL[f.severity]} file={_escape_property(report.model)},title={title}::{_escape(f.message)}\n")
+    for e in results.unreadable:
+        out.write(f"::error file={_escape_property(e.path)},title=initaudit::{_escape(e.message)}\n")

@@ -1,13 +1,14 @@
-"""`--format json`: the stable JSON contract (see DESIGN.md)."""
+"""`--format json`: the stable JSON contract (see DESIGN.md); several models: {"tool", "version", "files", "summary"}."""
 
 from __future__ import annotations
 
 import json
 from typing import IO
 
-from ..report import Report
+from ..report import Results
+from . import View
 
 
-def write(report: Report, out: IO[str]) -> None:
-    json.dump(report.to_dict(), out, indent=2)
+def write(results: Results, out: IO[str], view: View) -> None:
+    json.dump(results.to_dict(), out, indent=2)
     out.write("\n")

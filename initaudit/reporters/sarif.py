@@ -1,5 +1,6 @@
-"""`--format sarif`: SARIF 2.1.0, for code-scanning dashboards. Weights have no lines, so each
-result points at the model file and names the tensor as a logical location."""
+"""`--format sarif`: SARIF 2.1.0, for code-scanning dashboards. Weights have no lines, so each result
+points at its model file (one artifact per file) and names the tensor as a logical location; each
+rule's `helpUri` is its page in docs/rules/."""
 
 from __future__ import annotations
 
@@ -8,35 +9,46 @@ from typing import IO
 
 from .. import __version__
 from .. import rules as rulebook
-from ..report import Report
+from ..report import Results
+from ..ruledocs import url
+from . import View
 
 LEVEL = {"error": "error", "warning": "warning", "info": "note"}
 SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"
 
 
-def to_sarif(report: Report) -> dict:
+def to_sarif(results: Results) -> dict:
     rules = rulebook.builtin_rules()
     index = {rule.code: i for i, rule in enumerate(rules)}
     driver = {
         "name": "initaudit", "version": __version__, "informationUri": "https://pypi.org/project/initaudit/",
         "rules": [{"id": r.code, "name": r.name, "shortDescription": {"text": r.summary},
                    "fullDescription": {"text": r.why}, "help": {"text": f"{r.why}\n\nRun `initaudit explain {r.name}`."},
-                   "defaultConfiguration": {"level": LEVEL[r.severity]}} for r in rules],
+                   "helpUri": url(r), "defaultConfiguration": {"level": LEVEL[r.severity]}} for r in rules],
     }
-    results = []
-    for f in report.findings:
+    paths = [r.model for r in results.reports] + [e.path for e in results.unreadable]
+    artifacts = {path: i for i, path in enumerate(dict.fromkeys(paths))}
+    found = []
+    for report, f in results.findings:
         result = {
             "ruleId": f.code, "level": LEVEL[f.severity], "message": {"text": f.message},
-            "locations": [{"physicalLocation": {"artifactLocation": {"uri": report.model}},
+            "locations": [{"physicalLocation": {"artifactLocation": {"uri": report.model, "index": artifacts[report.model]}},
                            "logicalLocations": [{"name": f.tensor, "fullyQualifiedName": f.tensor, "kind": "member"}]}],
             "properties": {"rule": f.rule, "layer": f.layer, "expected": f.expected, "actual": f.actual, "fix": f.fix},
         }
         if f.code in index:
             result["ruleIndex"] = index[f.code]
-        results.append(result)
-    return {"$schema": SCHEMA, "version": "2.1.0", "runs": [{"tool": {"driver": driver}, "results": results}]}
+        found.append(result)
+    invocation = {"executionSuccessful": not results.unreadable,
+                  "toolExecutionNotifications": [
+                      {"level": "error", "message": {"text": e.message},
+                       "locations": [{"physicalLocation": {"artifactLocation": {"uri": e.path, "index": artifacts[e.path]}}}]}
+                      for e in results.unreadable]}
+    run = {"tool": {"driver": driver}, "artifacts": [{"location": {"uri": path}} for path in artifacts],
+           "invocations": [invocation], "results": found}
+    return {"$schema": SCHEMA, "version": "2.1.0", "runs": [run]}
 
 
-def write(report: Report, out: IO[str]) -> None:
-    json.dump(to_sarif(report), out, indent=2)
+def write(results: Results, out: IO[str], view: View) -> None:
+    json.dump(to_sarif(results), out, indent=2)
     out.write("\n")

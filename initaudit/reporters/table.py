@@ -1,16 +1,16 @@
-"""The default, human report: a rich table of layers, then the findings."""
+"""`--format full` (the default on a terminal): per model, a rich table of its layers, then its findings."""
 
 from __future__ import annotations
 
 from typing import IO
 
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from ..printable import printable
-from ..report import Report
+from ..report import Report, Results
 from ..rules import SEVERITIES
+from . import View, render, statistics, totals
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -19,8 +19,7 @@ def _num(value: float | None) -> str:
     return "–" if value is None or value != value else f"{value:.3g}"
 
 
-def write(report: Report, out: IO[str]) -> None:
-    console = Console(file=out, width=max(Console(file=out).width, 120), highlight=False)
+def layer_table(report: Report) -> Table:
     worst: dict[str, str] = {}
     for f in report.findings:
         if SEVERITIES.index(f.severity) >= SEVERITIES.index(worst.get(f.layer, "info")):
@@ -39,13 +38,38 @@ def write(report: Report, out: IO[str]) -> None:
                  f"{row.fan_in}→{row.fan_out}", act, row.scheme, _num(row.std), _num(row.expected_std),
                  _num(ratio), " ".join(sorted(set(codes.get(row.name, [])))))
         table.add_row(*(Text(printable(c)) for c in cells), style=style)
-    console.print(table)
-    for f in report.findings:
-        console.print(Text.assemble((f"{f.severity:7}", STYLE[f.severity]), f" {f.code} ", (f.rule, "bold"),
-                                    f" {printable(f.message)}"))
-        if f.fix:
-            console.print(Text(f"        fix: {printable(f.fix)}", style="dim"))
+    return table
+
+
+def draw_report(console, report: Report, view: View) -> None:
+    """One model: its table, findings, notes and summary line (findings only with view.quiet)."""
+    if not view.quiet:
+        console.print(layer_table(report))
+    if not view.statistics:
+        for f in report.findings:
+            console.print(Text.assemble((f"{f.severity:7}", STYLE[f.severity]), f" {f.code} ", (f.rule, "bold"),
+                                        f" {printable(f.message)}"))
+            if f.fix and not view.quiet:
+                console.print(Text(f"        fix: {printable(f.fix)}", style="dim"))
+    if view.quiet:
+        return
     for note in report.notes:
         console.print(Text(f"note: {printable(note)}", style="dim"))
     s = report.summary
     console.print(f"{s['layers']} layers: {s['errors']} errors, {s['warnings']} warnings, {s['infos']} infos")
+
+
+def write(results: Results, out: IO[str], view: View) -> None:
+    def draw(console):
+        for i, report in enumerate(results.reports):
+            if i:
+                console.print()
+            draw_report(console, report, view)
+        if view.statistics:
+            for line in statistics(results):
+                console.print(line)
+        if results.combined and not view.quiet:
+            console.print()
+            console.print(Text(totals(results), style="bold"))
+
+    out.write(render(view, draw))

@@ -1,0 +1,145 @@
+"""Which models a run covers: the PATH arguments expanded into model files and folders, without torch.
+
+A file named on the command line is taken as it is; a folder holding `config.json` (Hugging Face,
+timm) or `.metadata` with `*.distcp` shards (a torch.distributed checkpoint) is one model; any other
+folder is walked, and a file in it counts as a model when its first bytes say so (a torch zip or
+legacy pickle, a safetensors header, an ONNX protobuf), whatever its name. A pattern with `*`, `?`
+or `[` that names no existing path is a glob (`**` recursive). A `scheme://...` address is passed to
+the loader untouched. Folders and files matching `exclude` (ruff's defaults unless replaced) or
+`extend-exclude` are skipped while walking and globbing, never when named outright.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+import re
+import stat
+import zipfile
+from pathlib import Path
+
+from .errors import InputError
+
+# ruff's default exclusions: tool caches, virtual environments, build output, VCS folders.
+DEFAULT_EXCLUDE = (".bzr", ".direnv", ".eggs", ".git", ".git-rewrite", ".hg", ".ipynb_checkpoints", ".mypy_cache",
+                   ".nox", ".pants.d", ".pyenv", ".pytest_cache", ".pytype", ".ruff_cache", ".svn", ".tox", ".venv",
+                   ".vscode", "__pypackages__", "_build", "buck-out", "build", "dist", "node_modules",
+                   "site-packages", "venv")
+URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_GLOB = re.compile(r"[*?[]")
+# torch.save's legacy (non-zip) format opens with the pickled magic number 0x1950a86a20f9469cfc6c.
+_LEGACY_TORCH = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+# ModelProto fields that may follow ir_version: producer name/version, domain, model_version, doc, graph...
+_ONNX_NEXT_TAGS = {0x12, 0x1a, 0x22, 0x28, 0x32, 0x3a, 0x42, 0x72, 0x7a, 0x8a}
+
+
+def is_url(arg: str | Path) -> bool:
+    return isinstance(arg, str) and bool(URL.match(arg))
+
+
+def is_model_folder(folder: Path) -> bool:
+    """A folder that is one model: Hugging Face / timm (`config.json`, in any form: the loader refuses a link or
+    FIFO there) or torch.distributed (`.metadata` + `*.distcp`)."""
+    if os.path.lexists(folder / "config.json"):
+        return True
+    return os.path.lexists(folder / ".metadata") and any(folder.glob("*.distcp"))
+
+
+def looks_like_model(path: Path) -> bool:
+    """Whether a file's first bytes are those of a model initaudit reads (its name does not matter)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
+        return True  # safetensors: an 8-byte header length, then the JSON header
+    if head.startswith(_LEGACY_TORCH):
+        return True
+    if head.startswith(b"PK\x03\x04"):
+        return _torch_zip(path)
+    return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 30 and head[2] in _ONNX_NEXT_TAGS
+
+
+def _torch_zip(path: Path) -> bool:
+    """A zip written by torch.save or torch.jit.save (not any zip: a data archive is no model)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith(("/data.pkl", "/constants.pkl")) for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
+class Excluder:
+    """ruff-style exclusion: a glob matched against an entry's name and its path (relative or absolute)."""
+
+    def __init__(self, exclude: list[str] | None = None, extend: list[str] | None = None):
+        self.patterns = [*(DEFAULT_EXCLUDE if exclude is None else exclude), *(extend or [])]
+
+    def __call__(self, path: Path) -> bool:
+        names = {path.name, path.as_posix(), path.absolute().as_posix()}
+        return any(fnmatch.fnmatchcase(name, pattern.rstrip("/")) for pattern in self.patterns for name in names)
+
+
+def expand(args: list[str | Path], excluded: Excluder | None = None) -> list[str | Path]:
+    """The models the PATH arguments name, in the order given, each once."""
+    excluded = excluded or Excluder()
+    found: list[str | Path] = []
+    for arg in args:
+        text = str(arg)
+        if is_url(text):
+            found.append(text)
+        elif _GLOB.search(text) and not os.path.lexists(text):
+            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+            matches = [m for m in matches if not any(excluded(p) for p in (m, *m.parents))]
+            if not matches:
+                raise InputError(f"{text}: no such file or directory (and no file matches it as a pattern)")
+            for match in matches:
+                found.extend(_walk(match, excluded) if match.is_dir() and not is_model_folder(match) else [match])
+        else:
+            path = Path(text)
+            found.extend(_walk(path, excluded) if _is_plain_folder(path) else [path])
+    return _unique(found)
+
+
+def _is_plain_folder(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(path.stat().st_mode) and not is_model_folder(path)
+    except OSError:
+        return False  # the loader reports a missing or unreadable path in its own words
+
+
+def _walk(root: Path, excluded: Excluder) -> list[Path]:
+    """Model files and model folders under `root`, sorted; links are not followed, excluded entries skipped."""
+    found: list[Path] = []
+    for folder, dirs, files in os.walk(root, onerror=None, followlinks=False):
+        here = Path(folder)
+        keep = []
+        for name in sorted(dirs):
+            sub = here / name
+            if excluded(sub) or sub.is_symlink():
+                continue
+            if is_model_folder(sub):
+                found.append(sub)
+            else:
+                keep.append(name)
+        dirs[:] = keep
+        for name in sorted(files):
+            path = here / name
+            if not excluded(path) and stat.S_ISREG(path.lstat().st_mode) and looks_like_model(path):
+                found.append(path)
+    if not found:
+        raise InputError(f"{root}: no model files in this folder (nor in its subfolders)")
+    return sorted(found)
+
+
+def _unique(items: list[str | Path]) -> list[str | Path]:
+    seen, out = set(), []
+    for item in items:
+        key = item if isinstance(item, str) else os.path.abspath(item)
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out

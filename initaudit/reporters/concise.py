@@ -1,0 +1,38 @@
+"""`--format concise` (the default off a terminal): one line per finding, `path:layer: CODE rule severity: message`,
+like ruff's; then the models' notes and one summary line (findings only with --quiet; counts per rule with
+--statistics). Never wrapped or padded; coloured only when asked to be."""
+
+from __future__ import annotations
+
+from typing import IO
+
+from rich.text import Text
+
+from ..printable import printable
+from ..report import Results
+from . import View, message, render, statistics, totals
+from .table import STYLE
+
+
+def write(results: Results, out: IO[str], view: View) -> None:
+    def draw(console):
+        if view.statistics:
+            for line in statistics(results):
+                console.print(line)
+        else:
+            for report, f in results.findings:
+                console.print(Text.assemble((f"{printable(report.model)}:{printable(f.layer)}:", "bold"),
+                                            f" {f.code} {f.rule} ", (f"{f.severity}:", STYLE[f.severity]),
+                                            f" {message(f)}"))
+        if view.quiet:
+            return
+        where: dict[str, list[str]] = {}
+        for report in results.reports:
+            for note in report.notes:
+                where.setdefault(note, []).append(report.model)
+        for note, models in where.items():  # a note many models share is said once
+            said = f"{len(models)} files: " if len(models) > 1 else f"{models[0]}: "
+            console.print(Text(printable(f"{said}note: {note}"), style="dim"))
+        console.print(totals(results))
+
+    out.write(render(view, draw))
