@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import InputError
+from .files import model_kind
 
 # ruff's default exclusions: tool caches, virtual environments, build output, VCS folders.
 DEFAULT_EXCLUDE = (".bzr", ".direnv", ".eggs", ".git", ".git-rewrite", ".hg", ".ipynb_checkpoints", ".mypy_cache",
@@ -100,15 +101,9 @@ def expand(args: list[str | Path], excluded: Excluder | None = None) -> list[str
                 found.extend(_walk(match, excluded) if match.is_dir() and not is_model_folder(match) else [match])
         else:
             path = Path(text)
-            found.extend(_walk(path, excluded) if _is_plain_folder(path) else [path])
+            is_folder = model_kind(path) == "folder"  # a missing path, FIFO or device is refused here, before torch
+            found.extend(_walk(path, excluded) if is_folder and not is_model_folder(path) else [path])
     return _unique(found)
-
-
-def _is_plain_folder(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(path.stat().st_mode) and not is_model_folder(path)
-    except OSError:
-        return False  # the loader reports a missing or unreadable path in its own words
 
 
 def _walk(root: Path, excluded: Excluder) -> list[Path]:
