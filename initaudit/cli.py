@@ -181,12 +181,13 @@ def _options(config_path, activation, activation_for, select, ignore, per_layer_
     return options
 
 
-def _targets(paths, factory, options, extend_exclude) -> list:
-    """The models PATH... names (files, model folders, walked folders, globs, URLs); [None] for --model alone."""
+def _targets(paths, options, extend_exclude, problems: list | None = None) -> list:
+    """The models PATH... names (files, model folders, walked folders, globs, URLs); [None] for --model alone.
+    Arguments that name nothing readable go to `problems` when given, else raise."""
     if not paths:
         return [None]
     excluded = discover.Excluder(options.exclude, [*options.extend_exclude, *extend_exclude])
-    return discover.expand(list(paths), excluded)
+    return discover.expand(list(paths), excluded, problems)
 
 
 @click.command()
@@ -201,13 +202,18 @@ def check(paths, factory, activation, activation_for, select, ignore, per_layer_
     """
     options = _options(config_path, activation, activation_for, select, ignore, per_layer_ignore, state)
     options.fail_on = fail_on or options.fail_on
-    targets = _targets(paths, factory, options, extend_exclude)
+    problems: list = [] if len(paths) > 1 else None  # several PATHs: one that names nothing does not stop the run
+    targets = _targets(paths, options, extend_exclude, problems)
     stream = sys.stdout
     fmt = fmt or ("full" if output is None and reporters.is_terminal(stream) else "concise")
     view = reporters.View(color=reporters.use_color(color, stream if output is None else None),
                           width=reporters.terminal_width(stream) if output is None else None,
                           quiet=quiet, statistics=statistics, fail_on=options.fail_on)
-    results = _audit_all(targets, factory, trust_pickle, options, output, quiet)
+    results = Results(combined=len(targets) + len(problems or ()) > 1)
+    for arg, exc in problems or ():
+        _error_line(f"initaudit: error: {exc}")
+        results.unreadable.append(FileError(arg, str(exc)))
+    _audit_all(results, targets, factory, trust_pickle, options, output, quiet)
     if output is None:
         reporters.writer(fmt)(results, stream, view)
     else:
@@ -219,19 +225,17 @@ def check(paths, factory, activation, activation_for, select, ignore, per_layer_
     return 0 if exit_zero and code == 1 else code
 
 
-def _audit_all(targets: list, factory, trust_pickle: bool, options, output: Path | None, quiet: bool) -> Results:
-    """Every model audited in turn (torch imported once); with several, one that cannot be read is reported
-    on stderr and the run goes on."""
+def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, options, output: Path | None,
+               quiet: bool) -> None:
+    """Every model audited in turn into `results` (torch imported once); in a combined run, one that cannot be
+    read is reported on stderr and the run goes on."""
     from .audit import run
     from .loaders import load
     from .outputs import Protected
     from .progress import Progress
 
-    several = len(targets) > 1
-    results = Results(combined=several)
-
     def unreadable(target, exc: InputError) -> None:
-        if not several:
+        if not results.combined:
             raise exc
         _error_line(f"initaudit: error: {exc}")
         results.unreadable.append(FileError(str(target), str(exc)))
@@ -250,7 +254,6 @@ def _audit_all(targets: list, factory, trust_pickle: bool, options, output: Path
                 results.reports.append(run(loaded, options))
             except InputError as exc:
                 unreadable(target, exc)
-    return results
 
 
 @click.command()
@@ -276,7 +279,7 @@ def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ig
     re-drawn without --force: nothing is written); the worst over all models.
     """
     options = _options(config_path, activation, activation_for, select, ignore, per_layer_ignore, state)
-    targets = _targets(paths, factory, options, extend_exclude)
+    targets = _targets(paths, options, extend_exclude)
     several = len(targets) > 1
     if several and out is not None:
         raise InputError("-o names one output; with several models give --output-dir DIR (or nothing: each is "

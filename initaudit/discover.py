@@ -84,26 +84,35 @@ class Excluder:
         return any(fnmatch.fnmatchcase(name, pattern.rstrip("/")) for pattern in self.patterns for name in names)
 
 
-def expand(args: list[str | Path], excluded: Excluder | None = None) -> list[str | Path]:
-    """The models the PATH arguments name, in the order given, each once."""
+def expand(args: list[str | Path], excluded: Excluder | None = None,
+           problems: list[tuple[str, InputError]] | None = None) -> list[str | Path]:
+    """The models the PATH arguments name, in the order given, each once. An argument that names nothing
+    readable raises InputError, or, given a `problems` list, is recorded there and skipped."""
     excluded = excluded or Excluder()
     found: list[str | Path] = []
     for arg in args:
-        text = str(arg)
-        if is_url(text):
-            found.append(text)
-        elif _GLOB.search(text) and not os.path.lexists(text):
-            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
-            matches = [m for m in matches if not any(excluded(p) for p in (m, *m.parents))]
-            if not matches:
-                raise InputError(f"{text}: no such file or directory (and no file matches it as a pattern)")
-            for match in matches:
-                found.extend(_walk(match, excluded) if match.is_dir() and not is_model_folder(match) else [match])
-        else:
-            path = Path(text)
-            is_folder = model_kind(path) == "folder"  # a missing path, FIFO or device is refused here, before torch
-            found.extend(_walk(path, excluded) if is_folder and not is_model_folder(path) else [path])
+        try:
+            found.extend(_expand_one(str(arg), excluded))
+        except InputError as exc:
+            if problems is None:
+                raise
+            problems.append((str(arg), exc))
     return _unique(found)
+
+
+def _expand_one(text: str, excluded: Excluder) -> list[str | Path]:
+    if is_url(text):
+        return [text]
+    if _GLOB.search(text) and not os.path.lexists(text):
+        matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+        matches = [m for m in matches if not any(excluded(p) for p in (m, *m.parents))]
+        if not matches:
+            raise InputError(f"{text}: no such file or directory (and no file matches it as a pattern)")
+        return [item for m in matches
+                for item in (_walk(m, excluded) if m.is_dir() and not is_model_folder(m) else [m])]
+    path = Path(text)
+    is_folder = model_kind(path) == "folder"  # a missing path, FIFO or device is refused here, before torch
+    return _walk(path, excluded) if is_folder and not is_model_folder(path) else [path]
 
 
 def _walk(root: Path, excluded: Excluder) -> list[Path]:

@@ -18,6 +18,7 @@ from initaudit.errors import InputError
 from test_output_hardening import run
 
 FIXTURES = ROOT / "fixtures"
+SCHEMA = ROOT.parent / "shared" / "schemas" / "sarif-schema-2.1.0.json"
 ZERO, CLEAN, XAVIER = (FIXTURES / n for n in ("zero_layer_mlp.pt", "deep_relu_mlp_kaiming.pt", "deep_relu_mlp_xavier.pt"))
 
 
@@ -82,6 +83,8 @@ def test_files_folders_and_globs_in_one_run(tmp_path, monkeypatch):
         assert uris[location["index"]] == location["uri"]
     assert sorted({r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] for r in sarif_run["results"]}) == \
         ["loose/a_xavier.pt", "models/hf", "models/runs/zero.weights"]
+    if SCHEMA.exists():  # the official schema lies in ../shared beside the main checkout
+        pytest.importorskip("jsonschema").validate(sarif, json.loads(SCHEMA.read_text()))
 
     assert run(*args, "--fail-on", "never").exit_code == 0
     assert run("check", "loose/b_clean.pt", "models/clean.safetensors", "--config", "ci.toml").exit_code == 0
@@ -132,6 +135,9 @@ def test_an_unreadable_model_is_reported_and_the_run_goes_on(tmp_path):
     assert [f["model"] for f in data["files"]] == [str(CLEAN)]
     assert [e["path"] for e in data["unreadable"]] == [str(bad)] and data["summary"]["unreadable"] == 1
     assert run("check", tmp_path / "missing" / "*.pt").exit_code == 2
+    missing = run("check", CLEAN, tmp_path / "missing.pt", "--format", "json")  # one PATH names nothing: the rest run
+    assert missing.exit_code == 2 and "missing.pt: no such file" in missing.stderr
+    assert [f["model"] for f in json.loads(missing.stdout)["files"]] == [str(CLEAN)]
     empty = tmp_path / "empty"
     empty.mkdir()
     assert "no model files" in run("check", empty).stderr
