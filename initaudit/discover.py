@@ -41,8 +41,9 @@ def is_url(arg: str | Path) -> bool:
 
 def is_model_folder(folder: Path) -> bool:
     """A folder that is one model: Hugging Face / timm (`config.json`, in any form: the loader refuses a link or
-    FIFO there) or torch.distributed (`.metadata` + `*.distcp`)."""
-    if os.path.lexists(folder / "config.json"):
+    FIFO there; or a shard index, whose shards are parts of one model), or torch.distributed (`.metadata` +
+    `*.distcp`)."""
+    if os.path.lexists(folder / "config.json") or any(folder.glob("*.index.json")):
         return True
     return os.path.lexists(folder / ".metadata") and any(folder.glob("*.distcp"))
 

@@ -122,6 +122,12 @@ def test_urls_pass_untouched_and_dcp_folders_are_one_model(tmp_path):
     (dcp / "__0_0.distcp").write_bytes(b"\x00" * 16)
     assert discover.expand([tmp_path / "ckpt"]) == [dcp]
     assert discover.expand([dcp]) == [dcp]
+    sharded = tmp_path / "sharded"  # shards with their index but no config.json: parts of one model, not models
+    sharded.mkdir()
+    for i in (1, 2):
+        save_file({f"l{i}.weight": torch.randn(4, 4)}, str(sharded / f"model-0000{i}-of-00002.safetensors"))
+    (sharded / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    assert discover.expand([tmp_path]) == [dcp, sharded]
 
 
 def test_an_unreadable_model_is_reported_and_the_run_goes_on(tmp_path):
