@@ -181,10 +181,13 @@ def _options(config_path, activation, activation_for, select, ignore, per_layer_
     return options
 
 
-def _targets(paths, options, extend_exclude, problems: list | None = None) -> list:
+def _targets(paths, factory, options, extend_exclude, problems: list | None = None) -> list:
     """The models PATH... names (files, model folders, walked folders, globs, URLs); [None] for --model alone.
     Arguments that name nothing readable go to `problems` when given, else raise."""
     if not paths:
+        if factory is None:
+            raise click.UsageError("give one or more model files or folders (PATH...), or --model package.module:factory",
+                                   click.get_current_context())
         return [None]
     excluded = discover.Excluder(options.exclude, [*options.extend_exclude, *extend_exclude])
     return discover.expand(list(paths), excluded, problems)
@@ -203,7 +206,7 @@ def check(paths, factory, activation, activation_for, select, ignore, per_layer_
     options = _options(config_path, activation, activation_for, select, ignore, per_layer_ignore, state)
     options.fail_on = fail_on or options.fail_on
     problems: list = [] if len(paths) > 1 else None  # several PATHs: one that names nothing does not stop the run
-    targets = _targets(paths, options, extend_exclude, problems)
+    targets = _targets(paths, factory, options, extend_exclude, problems)
     stream = sys.stdout
     fmt = fmt or ("full" if output is None and reporters.is_terminal(stream) else "concise")
     view = reporters.View(color=reporters.use_color(color, stream if output is None else None),
@@ -279,7 +282,7 @@ def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ig
     re-drawn without --force: nothing is written); the worst over all models.
     """
     options = _options(config_path, activation, activation_for, select, ignore, per_layer_ignore, state)
-    targets = _targets(paths, options, extend_exclude)
+    targets = _targets(paths, factory, options, extend_exclude)
     several = len(targets) > 1
     if several and out is not None:
         raise InputError("-o names one output; with several models give --output-dir DIR (or nothing: each is "

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .report import Report
@@ -25,8 +24,7 @@ def assert_well_initialized(model_or_path: Any, *, fail_on: str = "warning", **o
     __tracebackhide__ = True  # pytest shows the caller's line, not this one
     from .audit import audit
 
-    target = Path(model_or_path) if isinstance(model_or_path, str) and "://" not in model_or_path else model_or_path
-    report = audit(target, **options)
+    report = audit(model_or_path, **options)
     if report.failed(fail_on):
         raise AssertionError(describe(report, fail_on))
     return report

@@ -54,7 +54,7 @@ def test_importing_the_cli_does_not_import_torch():
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["rules"], ["explain", "zero-weights"], ["check", "--help"],
                                   ["explain", "zero-weight"], ["check", "--format", "jsn", "m.pt"],
-                                  ["check", "missing.pt", "--ignore", "zero-weight"], ["check", "missing.pt"]])
+                                  ["check", "missing.pt", "--ignore", "zero-weight"], ["check", "missing.pt"], ["check"]])
 def test_help_rules_explain_and_usage_errors_never_import_torch(args):
     done, heavy, seconds = probe(*args)
     assert heavy == [], (args, heavy)

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import io
 import os
+from collections import Counter
 from dataclasses import dataclass
 from importlib import import_module
 from typing import IO, Callable
+
+from ..printable import printable
 
 # format name -> module. `full` is the human table (`table` its old name); `concise` one line per finding.
 FORMATS = {"concise": "concise", "full": "table", "table": "table", "json": "json_report", "sarif": "sarif",
@@ -76,8 +79,6 @@ def render(view: View, draw: Callable) -> str:
 
 def message(finding) -> str:
     """A finding's message without the layer name it opens with (the line names the layer already), escaped."""
-    from ..printable import printable
-
     return printable(finding.message.removeprefix(f"{finding.layer}: "))
 
 
@@ -93,8 +94,6 @@ def totals(results) -> str:
 
 def statistics(results) -> list[str]:
     """Findings counted per rule, most frequent first: '   11  IA201  init-activation-mismatch  warning'."""
-    from collections import Counter
-
     counts = Counter((f.code, f.rule, f.severity) for _, f in results.findings)
     return [f"{n:5}  {code}  {rule}  {severity}"
             for (code, rule, severity), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
