@@ -4,7 +4,6 @@ findings table, and passes on a well initialized one."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from conftest import ROOT
 from fixtures import models
