@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -237,3 +239,23 @@ def test_progress_stays_off_the_log():
     assert done.returncode == 1 and done.stderr == ""
     assert not ESCAPE.search(done.stdout)
 
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("delay, tty, quiet, shown", [(0.0, True, False, True), (5.0, True, False, False),
+                                                      (0.0, False, False, False), (0.0, True, True, False)])
+def test_progress_appears_on_a_terminal_after_its_delay(monkeypatch, delay, tty, quiet, shown):
+    from initaudit import progress as progress_mod
+
+    stderr = _Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setattr(progress_mod, "DELAY", delay)
+    with progress_mod.Progress(2, enabled=not quiet) as bar:
+        bar.step("models/a.pt", 0)
+        threading.Event().wait(0.5)  # the bar refreshes on its own thread while a model is audited
+        bar.step("models/b.pt", 1)
+    assert ("models/a.pt" in stderr.getvalue()) == shown, stderr.getvalue()
