@@ -208,10 +208,11 @@ def check(paths, factory, activation, activation_for, select, ignore, per_layer_
     problems: list = [] if len(paths) > 1 else None  # several PATHs: one that names nothing does not stop the run
     targets = _targets(paths, factory, options, extend_exclude, problems)
     stream = sys.stdout
-    fmt = fmt or ("full" if output is None and reporters.is_terminal(stream) else "concise")
-    view = reporters.View(color=reporters.use_color(color, stream if output is None else None),
-                          width=reporters.terminal_width(stream) if output is None else None,
+    to_file = output is not None  # a report file is plain text unless --color always
+    view = reporters.View(color=color == "always" if to_file else reporters.use_color(color, stream),
+                          width=None if to_file else reporters.terminal_width(stream),
                           quiet=quiet, statistics=statistics, fail_on=options.fail_on)
+    fmt = fmt or ("full" if not to_file and reporters.is_terminal(stream) else "concise")
     results = Results(combined=len(targets) + len(problems or ()) > 1)
     for arg, exc in problems or ():
         _error_line(f"initaudit: error: {exc}")

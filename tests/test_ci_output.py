@@ -129,7 +129,7 @@ def test_quiet_statistics_exit_zero_and_output_file(tmp_path):
     assert run(*args).exit_code == 1 and run(*args, "--exit-zero").exit_code == 0
     assert run(*args, "--exit-zero", "--fail-on", "warning").exit_code == 0
     report = tmp_path / "report.txt"
-    result = run(*args, "--output-file", report)
+    result = run(*args, "--output-file", report, env={"FORCE_COLOR": "1"})  # a file stays plain text
     assert result.exit_code == 1 and result.stdout == ""
     assert report.read_text().splitlines() == run(*args).stdout.splitlines()
 

@@ -35,7 +35,7 @@ def writer(fmt: str) -> Callable:
     return import_module(f".{FORMATS[fmt]}", __name__).write
 
 
-def use_color(mode: str, stream: IO[str] | None) -> bool:
+def use_color(mode: str, stream: IO[str]) -> bool:
     """--color: always / never, or auto: NO_COLOR (any value) off, FORCE_COLOR on, else whether `stream` is a terminal."""
     if mode != "auto":
         return mode == "always"
