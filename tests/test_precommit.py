@@ -77,3 +77,28 @@ def test_the_hook_runs_through_pre_commit(tmp_path):
     assert re.search(r"initaudit\.+Failed", both.stdout)
     assert "models/bad.pt:4: IA101 zero-weights error: all 16384 weights are zero" in both.stdout
     assert "2 files, " in both.stdout and "train.py" not in both.stdout.split("Failed", 1)[1]
+
+
+def test_the_github_action_runs_its_check_step(tmp_path):
+    """action.yml is a composite action whose inputs reach the shell as variables (never pasted into the
+    script); its check step, run here by bash, annotates findings (--format github) and leaves globs to initaudit."""
+    action = yaml.safe_load((ROOT / "action.yml").read_text())
+    assert action["runs"]["using"] == "composite" and action["inputs"]["format"]["default"] == "github"
+    steps = action["runs"]["steps"]
+    assert all("${{" not in step["run"] for step in steps)  # no expression expanded into shell code
+    check = steps[-1]
+    assert check["shell"] == "bash" and "initaudit check" in check["run"]
+    models = tmp_path / "models"
+    (models / "deep").mkdir(parents=True)
+    shutil.copy(FIXTURES / "zero_layer_mlp.pt", models / "deep" / "bad.pt")
+    shutil.copy(FIXTURES / "resnet_kaiming.pt", models / "good.pt")
+    shim = f'initaudit() {{ "{sys.executable}" -m initaudit.cli "$@"; }}\n'
+    inputs = {"PATHS": "models/**/*.pt", "ARGS": "--fail-on error", "FORMAT": action["inputs"]["format"]["default"]}
+    done = subprocess.run(["bash", "-c", shim + check["run"]], cwd=tmp_path, capture_output=True, text=True,
+                          env={**env(tmp_path), **inputs}, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.splitlines() == [
+        "::error file=models/deep/bad.pt,title=IA101 zero-weights (4)::4: all 16384 weights are zero; every unit "
+        "computes the same thing",
+        "::notice file=models/good.pt,title=IA401 nonzero-bias (head)::head.bias: bias is not zero (|b| up to 0.161); "
+        "the guide initializes biases to zero"]
