@@ -106,7 +106,8 @@ class Results:
                  "layers": 0, "errors": 0, "warnings": 0, "infos": 0}
         for report in self.reports:
             for key, value in report.summary.items():
-                total[key] = total.get(key, 0) + value
+                if isinstance(value, int):  # counts add up across models
+                    total[key] = total.get(key, 0) + value
         return total
 
     @property
