@@ -321,14 +321,16 @@ def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "line
     evidence: dict[str, Any] = {"values": stats.finite}
     if ortho is not None:
         evidence["orthogonality"] = _round(ortho["gram"])
+    # the likeliest schemes first (those whose bound the tensor passes last, nearest std first)
+    ranked = sorted(judged, key=lambda j: (-j.loglik, abs(j.std_z)))
     if not fits:
-        near = min(judged, key=lambda j: abs(j.std_z))
+        near = ranked[0]
         evidence.update(nearest_std_z=_round(near.std_z))
         return Fingerprint("unknown", "unknown", "any", math.nan, math.nan, nearest=near.candidate.scheme,
                            evidence=evidence)
     best = fits[0]
     tie = [j for j in fits if j.loglik >= best.loglik - TIE_NATS]
-    rest = fits[len(tie):] or sorted((j for j in judged if not j.fits), key=lambda j: abs(j.std_z))
+    rest = [j for j in ranked if j not in tie]
     evidence.update(std_z=_round(best.std_z))
     if rest:
         evidence.update(runner_up=rest[0].candidate.scheme, runner_up_std_z=_round(rest[0].std_z))

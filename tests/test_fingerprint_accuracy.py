@@ -211,7 +211,7 @@ def cnn(channels: int, act: type[nn.Module], depth: int = 12) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(depth - 1):
         layers += [nn.Conv2d(channels, channels, 3, padding=1), act()]
-    return nn.Sequential(*layers, nn.Flatten(), nn.LazyLinear(10) if False else nn.Linear(channels * 16, 10))
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * 16, 10))
 
 
 STACKS = {"mlp 256": lambda act: mlp(256, act), "mlp 64→96": lambda act: mlp(96, act, inp=64),
