@@ -243,11 +243,12 @@ def _judge(c: _Candidate, stats: TensorStats, u: float) -> _Judged:
     return _Judged(c, bool(ok), z, loglik)
 
 
-def _preference(c: _Candidate, index: int, paired: list[tuple[str, str]]) -> tuple[int, bool, bool, int]:
-    """How to name an exact alias: the scheme paired with the activation, then a plain name, fan_in, list order."""
+def _preference(c: _Candidate, index: int, paired: list[tuple[str, str]]) -> tuple[bool, int, bool, int]:
+    """How to name an exact alias: fan_in (torch's default mode) before fan_out, then the scheme paired with
+    the activation, then a plain name, then list order."""
     rank = paired.index((c.family, c.gain)) if (c.family, c.gain) in paired else len(paired)
     plain = c.gain in ("", "linear") or (c.family == "kaiming" and c.gain == "relu")
-    return rank, not plain, c.fan == "fan_out", index
+    return c.fan == "fan_out", rank, not plain, index
 
 
 def _distinct(candidates: list[_Candidate], paired: list[tuple[str, str]]) -> list[_Candidate]:
