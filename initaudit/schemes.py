@@ -70,14 +70,18 @@ MAX_TIE = 4        # a near-tie of more names than this is reported as unknown
 ORTHO_SAMPLE = 64  # rows (or columns) whose Gram matrix is checked for orthogonality
 MIN_ORTHO_LENGTH = 4
 
-# Which (family, gain) suit which activation family, in order of preference: names an exact alias
-# (Xavier and LeCun on a square layer draw the same distribution) after the activation.
+# Which schemes (family, gain, fan mode; "" for either) suit which activation family, in order of
+# preference. Where several schemes draw the very same distribution on a layer (Kaiming fan_out and LeCun
+# fan_in wherever a conv doubles its channels; Xavier and LeCun on a square layer), that distribution is
+# named after a scheme paired with the activation if one of them is: the verdict is on the distribution.
 PAIRED = {
-    "relu": [("kaiming", "relu"), ("xavier", "relu")],
-    "saturating": [("xavier", "tanh"), ("xavier", "linear"), ("kaiming", "tanh"), ("lecun", "linear")],
-    "selu": [("lecun", "linear"), ("kaiming", "selu"), ("xavier", "selu")],
-    "identity": [("lecun", "linear"), ("xavier", "linear"), ("torch-default", ""), ("orthogonal", "")],
-    "recurrent": [("torch-default", ""), ("orthogonal", "")],
+    "relu": [("kaiming", "relu", ""), ("xavier", "relu", "")],
+    "saturating": [("xavier", "tanh", ""), ("xavier", "linear", ""), ("kaiming", "tanh", "fan_in"),
+                   ("lecun", "linear", "fan_in")],
+    "selu": [("lecun", "linear", "fan_in"), ("kaiming", "selu", "fan_in"), ("xavier", "selu", "")],
+    "identity": [("lecun", "linear", "fan_in"), ("xavier", "linear", ""), ("torch-default", "", ""),
+                 ("orthogonal", "", "")],
+    "recurrent": [("torch-default", "", ""), ("orthogonal", "", "")],
 }
 
 
@@ -243,15 +247,16 @@ def _judge(c: _Candidate, stats: TensorStats, u: float) -> _Judged:
     return _Judged(c, bool(ok), z, loglik)
 
 
-def _preference(c: _Candidate, index: int, paired: list[tuple[str, str]]) -> tuple[bool, int, bool, int]:
-    """How to name an exact alias: fan_in (torch's default mode) before fan_out, then the scheme paired with
-    the activation, then a plain name, then list order."""
-    rank = paired.index((c.family, c.gain)) if (c.family, c.gain) in paired else len(paired)
+def _preference(c: _Candidate, index: int, paired: list[tuple[str, str, str]]) -> tuple[int, bool, bool, int]:
+    """How to name an exact alias: a scheme paired with the activation, then fan_in (torch's default mode)
+    before fan_out, then a plain name, then list order."""
+    rank = next((i for i, (family, gain, fan) in enumerate(paired)
+                 if (family, gain) == (c.family, c.gain) and fan in ("", c.fan)), len(paired))
     plain = c.gain in ("", "linear") or (c.family == "kaiming" and c.gain == "relu")
-    return c.fan == "fan_out", rank, not plain, index
+    return rank, c.fan == "fan_out", not plain, index
 
 
-def _distinct(candidates: list[_Candidate], paired: list[tuple[str, str]]) -> list[_Candidate]:
+def _distinct(candidates: list[_Candidate], paired: list[tuple[str, str, str]]) -> list[_Candidate]:
     """One candidate per distribution: where schemes draw the same one (Xavier and LeCun on a square layer),
     the preferred name."""
     ranked = sorted(enumerate(candidates), key=lambda ic: _preference(ic[1], ic[0], paired))
