@@ -22,7 +22,7 @@ import torch
 from .activations import Activation
 from .stats import TensorStats
 
-GAINS = {"relu": math.sqrt(2.0), "linear": 1.0, "tanh": 5.0 / 3, "selu": 0.75}
+GAINS = {name: torch.nn.init.calculate_gain(name) for name in ("relu", "linear", "tanh", "selu")}
 """torch.nn.init.calculate_gain's gains: linear, conv and sigmoid 1; leaky_relu at its default slope 0.01 is
 ReLU's gain to 0.005 % (Kaiming's default nonlinearity), and at slope √5 torch's module default, a candidate
 of its own. Other slopes are a continuum no list covers: within sampling error of ReLU's they are named so."""

@@ -119,7 +119,7 @@ IA201 = next(r for r in rules.builtin_rules() if r.name == MISMATCH)
 def mismatch_verdicts(family: str, gain: str) -> tuple:
     """IA201's verdict on a deep, unnormalized layer with this scheme, feeding ReLU and feeding tanh."""
     base = {"role": "weight", "kind": "linear", "run_depth": 12, "norm_after": False, "state": "fresh",
-            "order_known": True, "scheme_family": family, "scheme_gain": gain}
+            "order_known": True, "std_ratio": 0.7, "scheme_family": family, "scheme_gain": gain}
     return tuple(IA201.verdict({**base, "activation_family": act}) for act in ("relu", "saturating"))
 
 

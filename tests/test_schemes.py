@@ -193,7 +193,7 @@ def test_a_rule_judges_every_name_of_a_near_tie():
 
     mismatch = next(r for r in rules.builtin_rules() if r.name == "init-activation-mismatch")
     base = {"role": "weight", "kind": "linear", "activation_family": "relu", "run_depth": 12, "norm_after": False,
-            "state": "fresh", "order_known": True}
+            "state": "fresh", "order_known": True, "std_ratio": 0.7}
     xavier = {"scheme": "xavier-normal", "scheme_family": "xavier", "scheme_gain": "linear", "scheme_fan": "both"}
     lecun = {"scheme": "lecun-normal", "scheme_family": "lecun", "scheme_gain": "linear", "scheme_fan": "fan_in"}
     kaiming = {"scheme": "kaiming-normal-fan-out", "scheme_family": "kaiming", "scheme_gain": "relu", "scheme_fan": "fan_out"}
@@ -216,3 +216,21 @@ def test_json_layer_rows_carry_the_fit_evidence():
     fit = row["fit"]
     assert fit["shape"] == "normal" and abs(fit["std_z"]) < 4 and fit["values"] == 65536
     assert fit["runner_up"] and abs(fit["runner_up_std_z"]) > abs(fit["std_z"])
+
+
+def test_fan_out_lecun_above_kaiming_std_is_no_mismatch():
+    """Issue 11's [256, 1024] kaiming_normal_(mode='fan_out', nonlinearity='linear') feeding ReLU: 1.41× Kaiming's std."""
+    import initaudit
+
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(6):
+        layers += [nn.Linear(1024, 256), nn.ReLU(), nn.Linear(256, 1024), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    for m in model[::2]:
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="linear")
+        nn.init.zeros_(m.bias)
+    report = initaudit.audit(model)
+    assert report.layers[0].scheme == "lecun-normal-fan-out"
+    assert report.layers[0].std / report.layers[0].expected_std == pytest.approx(math.sqrt(2), rel=0.01)
+    assert not [f for f in report.findings if f.layer == "0"], report.findings
