@@ -184,9 +184,10 @@ class Envelope:
 
 
 def envelope(fan_in: int, fan_out: int, kind: str = "linear", hidden: int | None = None, repeats: int = 1) -> Envelope:
-    """Every std a layer could legitimately have with its activation unknown: torch's default, Kaiming
-    at any calculate_gain gain up to tanh's (either fan), Xavier and LeCun with any calculate_gain gain from SELU's to tanh's,
-    transformers' normal/trunc-normal 0.02 (0.01 and heads' 0.001 too) and GPT-2/timm depth-scaled 0.02/sqrt(2·n_layer)."""
+    """Every std a layer could legitimately have with its activation unknown: torch's default, Kaiming and
+    LeCun at any calculate_gain gain from SELU's to tanh's (either fan), Xavier at the same gains,
+    transformers' normal/trunc-normal 0.02 (0.01 and heads' 0.001 too) and GPT-2/timm depth-scaled
+    0.02/sqrt(2·n_layer)."""
     fan_in, fan_out = max(fan_in, 1), max(fan_out, 1)
     lo_gain, hi_gain = GAIN_RANGE
     stds = {"torch-default": 1 / math.sqrt(3 * (hidden if kind == "recurrent" and hidden else fan_in)),
