@@ -152,6 +152,10 @@ def facts(graph: LayerGraph, layer: Layer, param: Param, st: stats.TensorStats,
         "peak_share": _peak_share(st),
         "duplicate_example": _short(groups[0]) if groups else None,
         "scheme": fp.scheme if fp else None, "scheme_family": fp.family if fp else None,
+        "scheme_gain": fp.gain if fp else None, "scheme_fan": fp.fan if fp else None,
+        "scheme_ambiguous": fp.ambiguous if fp else False,
+        rulebook.ALTERNATIVES: [{"scheme": a.scheme, "scheme_family": a.family, "scheme_gain": a.gain,
+                                 "scheme_fan": a.fan, "implied_std": a.implied_std} for a in fp.alternatives] if fp else [],
         "implied_std": fp.implied_std if fp else None,
         "expected_scheme": expected_scheme,
         "expected_std": expected, "expected_call": rec.call if rec else None,
@@ -215,8 +219,18 @@ def layer_rows(measured: list[Measured]) -> list[LayerRow]:
             name=m.layer.name, kind=m.layer.kind, fan_in=m.param.fan_in, fan_out=m.param.fan_out,
             activation=str(m.layer.activation), std=m.stats.std, expected_std=m.facts["expected_std"],
             scheme=m.fingerprint.scheme if m.fingerprint else "unknown", tensor=m.param.key,
-            norm_after=m.layer.norm_after, run_depth=m.layer.run_depth, state=m.facts.get("layer_state", "unknown")))
+            norm_after=m.layer.norm_after, run_depth=m.layer.run_depth, state=m.facts.get("layer_state", "unknown"),
+            fit=_fit_evidence(m.fingerprint)))
     return rows
+
+
+def _fit_evidence(fp: schemes.Fingerprint | None) -> dict[str, Any] | None:
+    """Why the fingerprint names what it names: the shape, implied std and std z-score of the named scheme,
+    the runner-up's, and a near-tie's names (JSON-safe: no NaN)."""
+    if fp is None:
+        return None
+    out = {"shape": fp.shape, "implied_std": fp.implied_std, "gain": fp.gain, "fan": fp.fan, **fp.evidence}
+    return {k: v for k, v in out.items() if v not in ("", None) and not (isinstance(v, float) and not math.isfinite(v))}
 
 
 @dataclass

@@ -39,6 +39,7 @@ class LayerRow:
     norm_after: bool = False
     run_depth: int = 0
     state: str = "unknown"   # the layer's weights: fresh | trained | unknown (initaudit.weight_state)
+    fit: dict[str, Any] | None = None  # the fingerprint's evidence: std z-scores of the named scheme and runner-up
 
 
 @dataclass

@@ -41,6 +41,10 @@ _REQUIRED = ("code", "name", "summary", "severity", "when", "message", "why")
 _OPERATORS = frozenset({"lt", "le", "gt", "ge", "ne", "in", "not_in", "between", "outside"})
 _COMBINATORS = frozenset({"any", "all", "not"})
 
+# The facts of each name of a near-tie (scheme, scheme_family, scheme_gain, scheme_fan, implied_std): not a
+# condition's fact, but what Rule.verdict judges each name by.
+ALTERNATIVES = "scheme_alternatives"
+
 # Every fact a condition may name (see audit.facts), with what it means: printed by `initaudit rules --facts`.
 FACTS = {
     "layer": "the layer's name", "tensor": "the tensor's name", "role": "weight, bias, norm_weight, ...",
@@ -62,6 +66,11 @@ FACTS = {
     "duplicate_groups": "groups of identical units",
     "duplicate_fraction": "duplicate_units / units", "duplicate_example": "the first group",
     "scheme": "the fingerprinted init scheme", "scheme_family": "kaiming, xavier, lecun, torch-default, fixed...",
+    "scheme_gain": "the calculate_gain nonlinearity of the fingerprinted scheme: linear (1), relu (√2), tanh (5/3), "
+                   "selu (3/4); empty for fixed stds, defaults and orthogonal",
+    "scheme_fan": "the fan mode of the fingerprinted scheme: fan_in, fan_out, both (Xavier) or empty",
+    "scheme_ambiguous": "the fingerprint is a near-tie of several schemes (scheme 'a|b'); a condition on the scheme "
+                        "facts fires at its severity only when it holds for every name, at info when for some",
     "implied_std": "the std the fingerprinted scheme implies", "expected_scheme": "the recommended scheme",
     "expected_std": "the recommended scheme's std", "std_ratio": "std / expected_std",
     "variance_gain": "std_ratio squared: the per-layer forward variance gain relative to a variance-preserving init",
@@ -101,7 +110,20 @@ class Rule:
         return "any" in self.applies_to or role in self.applies_to
 
     def verdict(self, facts: dict[str, Any]) -> str | None:
-        """The severity this rule gives these facts, or None when it does not fire."""
+        """The severity this rule gives these facts, or None when it does not fire.
+
+        A near-tie of schemes (facts[ALTERNATIVES]: each name's scheme facts) is judged once per name: a
+        verdict every name gives stands (the mildest severity they share); one that depends on the pick is info.
+        """
+        alternatives = facts.get(ALTERNATIVES) or ()
+        if len(alternatives) < 2:
+            return self._verdict(facts)
+        verdicts = {self._verdict({**facts, **alt}) for alt in alternatives}
+        if None in verdicts:
+            return None if verdicts == {None} else "info"
+        return min(verdicts, key=SEVERITIES.index)
+
+    def _verdict(self, facts: dict[str, Any]) -> str | None:
         if not self.applies(facts.get("role", "")) or not holds(self.when, facts):
             return None
         for severity, cond in self.severity_by:

@@ -117,13 +117,18 @@ def test_stock_model_is_clean_and_fingerprinted(name):
     for pattern, schemes in arch.schemes.items():
         rows = [r for r in report.layers if re.search(pattern, r.name)]
         assert rows, pattern
-        assert {r.scheme for r in rows} <= schemes, {(r.name, r.scheme) for r in rows if r.scheme not in schemes}
+        # a near-tie the numbers cannot resolve ("a|b") is right when it names the library's scheme
+        wrong = {(r.name, r.scheme) for r in rows if not set(r.scheme.split("|")) & schemes}
+        assert not wrong, wrong
 
 
 def test_fan_out_where_fans_differ():
     report = initaudit.audit(build("torchvision-resnet18"))
     differ = [r for r in report.layers if r.kind == "conv2d" and r.fan_in != r.fan_out]
-    assert differ and {r.scheme for r in differ} == {"kaiming-normal-fan-out"}
+    assert differ and all("kaiming-normal-fan-out" in r.scheme.split("|") for r in differ)
+    # only the stem (3→64, 7×7: fan_out Kaiming's std is 2.3 % from Xavier's, 3 standard errors at 9,408
+    # values) may be a near-tie the numbers cannot resolve
+    assert {r.scheme for r in differ if r.name != "conv1"} == {"kaiming-normal-fan-out"}
 
 
 def test_context_that_makes_a_scale_legitimate():

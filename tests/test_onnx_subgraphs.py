@@ -91,7 +91,8 @@ def test_if_branches_are_audited_with_their_activations(tmp_path):
         "head": ("linear", 12, 4, "identity"),
     }
     assert [r.name for r in report.layers] == ["then.fc1", "then.fc2", "else.fc1", "else.fc2", "head"]
-    assert {r.scheme for r in report.layers if r.name.startswith("then.")} == {"kaiming-normal"}
+    # 128 and 192 normal values know the std to ±6 %: a near-tie that names Kaiming is all they can tell
+    assert all("kaiming-normal" in r.scheme.split("|") for r in report.layers if r.name.startswith("then."))
     assert serious(report) == set()
 
 
