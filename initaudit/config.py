@@ -5,6 +5,7 @@
     activation = "relu"                    # default for layers whose activation is not known
     select = ["IA1", "init-activation-mismatch"]
     ignore = ["nonzero-bias"]
+    signal-band = [0.01, 100]              # the RMS scale the signal must keep through depth (initaudit.depth)
 
     [tool.initaudit.activations]           # per-layer activations, glob patterns over layer names
     "head.*" = "identity"
@@ -32,7 +33,7 @@ from .activations import Activation, parse
 from .errors import InputError
 from .report import FAIL_ON
 
-_KEYS = ("fail-on", "activation", "activations", "select", "ignore", "per-layer-ignores")
+_KEYS = ("fail-on", "activation", "activations", "select", "ignore", "per-layer-ignores", "signal-band")
 _TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
                dict: "a table"}
 
@@ -46,6 +47,7 @@ class Options:
     ignore: list[str] = field(default_factory=list)
     per_layer_ignores: dict[str, list[str]] = field(default_factory=dict)
     state: str = "auto"  # fresh/trained verdict on the weights: auto, or forced (--state)
+    signal_band: tuple[float, float] = (1e-2, 1e2)  # initaudit.depth: the RMS scale the signal must stay within
 
     def ignored(self, layer: str, rule: str, code: str) -> bool:
         return any(fnmatch.fnmatchcase(layer, pattern) and (rule in names or any(code.startswith(n) for n in names))
@@ -115,7 +117,8 @@ def from_table(table: dict[str, Any], where: str = "config") -> Options:
                          for pattern in activations},
             select=_rule_list(table, "select", where), ignore=_rule_list(table, "ignore", where),
             per_layer_ignores={pattern: _rule_list(per_layer, pattern, where, "per-layer-ignores")
-                               for pattern in per_layer})
+                               for pattern in per_layer},
+            signal_band=_band(table, where))
     except InputError as exc:
         if str(exc).startswith(where):
             raise
@@ -137,6 +140,15 @@ def _typed(table: dict[str, Any], key: str, kind: type, where: str, default: Any
         name = f"{within}.{key!r}" if within else key
         raise InputError(f"{where}: {name} must be {_TYPE_NAMES[kind]}, not {_type_name(value)}")
     return value
+
+
+def _band(table: dict[str, Any], where: str) -> tuple[float, float]:
+    """`signal-band = [low, high]`: positive numbers around 1."""
+    band = _typed(table, "signal-band", list, where, [1e-2, 1e2])
+    if (len(band) != 2 or not all(type(v) in (int, float) for v in band)
+            or not 0 < band[0] < 1 < band[1] < float("inf")):
+        raise InputError(f"{where}: signal-band must be [low, high] with 0 < low < 1 < high, not {band!r}")
+    return float(band[0]), float(band[1])
 
 
 def _rule_list(table: dict[str, Any], key: str, where: str, within: str = "") -> list[str]:

@@ -23,6 +23,7 @@ class Finding:
     expected: Any = None
     actual: Any = None
     fix: str | None = None
+    origin: str | None = None  # signal-* findings: "predicted" (check) or "measured" (probe)
 
 
 @dataclass
@@ -39,6 +40,9 @@ class LayerRow:
     norm_after: bool = False
     run_depth: int = 0
     state: str = "unknown"   # the layer's weights: fresh | trained | unknown (initaudit.weight_state)
+    predicted_gain: float | None = None        # initaudit.depth: fan_in·E[w²]·activation factor
+    predicted_scale: float | None = None       # RMS of the output through depth, for a unit input
+    predicted_grad_scale: float | None = None  # RMS of the gradient at the output, for a unit one at the model's output
 
 
 @dataclass
@@ -76,9 +80,14 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"tool": "initaudit", "version": __version__, "model": self.model, "format": self.format,
                 "layers": [_clean(asdict(row)) for row in self.layers],
-                "findings": [_clean(asdict(f)) for f in self.findings],
+                "findings": [_finding(f) for f in self.findings],
                 "summary": self.summary, "notes": self.notes,
                 "weights_state": self.weights_state, "state_evidence": self.state_evidence}
+
+
+def _finding(f: Finding) -> dict[str, Any]:
+    """A finding's JSON; `origin` only where it has one (the signal rules')."""
+    return {k: v for k, v in _clean(asdict(f)).items() if k != "origin" or v is not None}
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
