@@ -238,5 +238,10 @@ def explain(rule):
     return 0
 
 
+from .probe_command import probe  # noqa: E402 - its own module; imports nothing heavy until it runs
+
+main.add_command(probe)
+
+
 if __name__ == "__main__":
     main()
