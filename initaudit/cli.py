@@ -158,8 +158,9 @@ def check(model_path, factory, activation, activation_for, select, ignore, confi
 @click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
 @click.option("--in-place", is_flag=True, help="Replace MODEL itself (atomically). Without it the input is never written.")
 @click.option("--force", is_flag=True, help="Re-draw layers even where the weights look trained (discards what they learned).")
+@click.option("--probe", "probe_too", is_flag=True, help="Also measure the signal through depth before and after (as `probe`).")
 def fix(model_path, factory, activation, activation_for, select, ignore, config_path, trust_pickle, state,
-        out, all_layers, only, seed, dry_run, in_place, force):
+        out, all_layers, only, seed, dry_run, in_place, force, probe_too):
     """Re-initialize MODEL's badly initialized layers with the recommended scheme; write the same format.
 
     Exit 0 when every chosen layer was fixed, 1 when some could not be (they are listed) or the re-audit
@@ -180,6 +181,9 @@ def fix(model_path, factory, activation, activation_for, select, ignore, config_
     result = repair(analyse(loaded, options), all_layers, list(only), seed, force)
     written_to = target if target is not None and result.tensors else None  # nothing fixed: no file written
     notes = write(written, result.tensors, target, in_place) if written_to else []
+    if probe_too:
+        from .probe import before_after
+        result.depth["measured"] = before_after(loaded, options, result.tensors, written_to, trust_pickle, factory)
     fix_table.write(result, sys.stdout, None if written_to is None else str(written_to), dry_run)
     for note in notes:
         click.echo(printable(f"note: {note}"))

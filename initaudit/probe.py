@@ -79,6 +79,10 @@ class ProbeReport:
                   if p and m and math.isfinite(p) and math.isfinite(m)]
         return math.exp(max(ratios)) if ratios else None
 
+    def scales(self) -> list[tuple[str, float | None, float | None]]:
+        """(layer, measured forward scale, measured gradient scale), in forward order."""
+        return [(row.name, row.scale, row.grad_scale) for row in self.layers]
+
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
@@ -110,6 +114,9 @@ def probe(loaded: Loaded, options: Options, input_shape: tuple[int, ...] | None 
     layers = [layer for layer in analysis.graph if layer.weighted]
     if loaded.format == "onnx":
         seen, grad_norms, inputs, scale_in = _run_onnx(loaded, layers, input_shape, batch, seed)
+    elif loaded.format == "hf-folder":
+        module, names = hf_module(loaded)
+        seen, grad_norms, inputs, scale_in = _run_module(module, layers, input_shape, batch, seed, names)
     elif loaded.module is not None:
         seen, grad_norms, inputs, scale_in = _run_module(loaded.module, layers, input_shape, batch, seed)
     else:
@@ -118,6 +125,27 @@ def probe(loaded: Loaded, options: Options, input_shape: tuple[int, ...] | None 
     rows = _rows(analysis, layers, seen, grad_norms, scale_in)
     return ProbeReport(analysis.report.model, loaded.format, inputs, rows,
                        _findings(analysis, layers, rows, options), list(analysis.report.notes))
+
+
+def before_after(loaded: Loaded, options: Options, tensors: dict[str, torch.Tensor], written: Path | None,
+                 trust_pickle: bool = False, factory: str | None = None) -> tuple[list, list]:
+    """`fix --probe`: the measured scales of the model before and after the re-draw (the written file, else, on a
+    dry run, a copy of the live module with the new tensors)."""
+    import copy
+
+    from .loaders import load, modules
+    from .writers import apply_to_module
+
+    before = probe(loaded, options)
+    if written is not None:
+        after = load(written, trust_pickle=trust_pickle, factory=factory)
+    elif loaded.module is not None and not isinstance(loaded.module, torch.jit.ScriptModule):
+        twin = copy.deepcopy(loaded.module)
+        apply_to_module(twin, tensors)
+        after = modules.from_module(twin, None)
+    else:
+        return before.scales(), []
+    return before.scales(), probe(after, options).scales()
 
 
 def _rows(analysis: Analysis, layers: list[Layer], seen: dict[str, _Seen], grad_norms: dict[str, float],
@@ -190,10 +218,26 @@ def _vocab(module: torch.nn.Module) -> int | None:
     return next((m.num_embeddings for m in module.modules() if isinstance(m, torch.nn.Embedding)), None)
 
 
+def first_layer_shape(layers: list[Layer]) -> tuple[int, ...] | None:
+    """One sample's shape as the first layer (in forward order) takes it: a Linear's in-features, a conv's channels
+    at 32 pixels a side (16 frames, 64 steps)."""
+    first = min((layer for layer in layers if layer.param("weight") is not None), key=lambda x: x.position, default=None)
+    if first is None:
+        return None
+    shape = first.param("weight").shape
+    if first.kind == "linear":
+        return (first.param("weight").fan_in,)
+    if first.kind in ("conv1d", "conv2d", "conv3d"):
+        dims = int(first.kind[4])
+        return (shape[1], *([64, 32, 16][dims - 1],) * dims)
+    return None
+
+
 def module_inputs(module: torch.nn.Module, input_shape: tuple[int, ...] | None,
-                  batch: int | None) -> tuple[tuple, dict]:
+                  batch: int | None, layers: list[Layer] = ()) -> tuple[tuple, dict]:
     """A synthetic batch: N(0, 1) of `input_shape` (per sample), else the shapes a tiny example input has (the
     first layer's, the HF config's), re-drawn at `batch` samples; token ids uniform over the vocabulary."""
+    input_shape = input_shape or (first_layer_shape(layers) if isinstance(module, torch.jit.ScriptModule) else None)
     if input_shape:
         return (torch.randn(_batch(math.prod(input_shape), batch), *input_shape),), {}
     example = example_inputs(module)
@@ -231,25 +275,50 @@ def _input_rms(args: tuple, kwargs: dict) -> float:
 
 # ---------------------------------------------------------------- torch
 
-def _run_module(module: torch.nn.Module, layers: list[Layer], input_shape, batch, seed):
+def hf_module(loaded: Loaded) -> tuple[torch.nn.Module, dict[str, str]]:
+    """A model folder's architecture built from its config.json on the CPU (transformers or timm, no code from the
+    folder, nothing downloaded) with the folder's weights; and file key -> the module's key."""
+    import contextlib
+    import io
+    import warnings
+
+    from . import meta_model
+    from .loaders.hf_folder import _config
+
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            module, _ = meta_model._build(_config(loaded.path, []), device="cpu")
+    except meta_model.NotBuilt as exc:
+        raise InputError(f"{loaded.path}: probe needs the architecture, and it could not be built ({exc})") from None
+    keys = meta_model._key_map(module, loaded.tensors.shapes)
+    state = {own: loaded.tensors[key] for key, own in keys.items()}
+    module.load_state_dict(state, strict=False)
+    return module.eval(), keys
+
+
+def _run_module(module: torch.nn.Module, layers: list[Layer], input_shape, batch, seed, keys: dict[str, str] | None = None):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        args, kwargs = module_inputs(module, input_shape, batch)
+        args, kwargs = module_inputs(module, input_shape, batch, layers)
         if isinstance(module, torch.jit.ScriptModule):
             return _run_script(module, layers, args, kwargs)
-        return _forward_backward(module, layers, args, kwargs)
+        return _forward_backward(module, layers, args, kwargs, keys or {})
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
     return next((v for v in tree_flatten(value)[0] if isinstance(v, torch.Tensor) and v.is_floating_point()), None)
 
 
-def _forward_backward(module: torch.nn.Module, layers: list[Layer], args: tuple, kwargs: dict):
+def _forward_backward(module: torch.nn.Module, layers: list[Layer], args: tuple, kwargs: dict, keys: dict[str, str]):
+    """`keys`: file key -> the module's, where they differ (a Hugging Face folder's tensors)."""
     seen = {layer.name: _Seen() for layer in layers}
     handles = []
     for layer in layers:
+        weight = layer.param("weight")
+        own = keys.get(weight.key, weight.key).rsplit(".", 1)[0] if weight is not None else layer.name
         try:
-            sub = module.get_submodule(layer.name)
+            sub = module.get_submodule(own)
         except AttributeError:
             continue
         handles.append(sub.register_forward_hook(_hook(layer, seen[layer.name])))
@@ -267,7 +336,7 @@ def _forward_backward(module: torch.nn.Module, layers: list[Layer], args: tuple,
         (out * torch.randn_like(out)).sum().backward()
         norms = {}
         for layer in layers:
-            weight = _weight(module, layer)
+            weight = _weight(module, layer, keys)
             if weight is not None and weight.grad is not None:
                 norms[layer.name] = float(weight.grad.detach().double().norm())
     except InputError:
@@ -286,10 +355,10 @@ def _forward_backward(module: torch.nn.Module, layers: list[Layer], args: tuple,
     return seen, norms, _describe(args, kwargs), _input_rms(args, kwargs)
 
 
-def _weight(module: torch.nn.Module, layer: Layer) -> torch.Tensor | None:
+def _weight(module: torch.nn.Module, layer: Layer, keys: dict[str, str]) -> torch.Tensor | None:
     param = layer.param("weight")
     try:
-        return module.get_parameter(param.key) if param is not None else None
+        return module.get_parameter(keys.get(param.key, param.key)) if param is not None else None
     except AttributeError:
         return None
 
@@ -312,9 +381,8 @@ def _grad(seen: _Seen, grad: torch.Tensor) -> None:
 
 
 def _run_script(module: torch.jit.ScriptModule, layers: list[Layer], args: tuple, kwargs: dict):
-    """TorchScript: hooks do not reach inside a compiled module; the eager twin of each layer is read from the
-    archive's submodules and run on what reached it is not recoverable either, so the forward is replayed on
-    the inlined graph with every layer's output returned."""
+    """TorchScript: hooks do not reach inside a compiled module, so its inlined graph is run with every layer's
+    output (its first aten::linear/conv call) returned instead of the model's (forward only)."""
     graph = module.inlined_graph.copy()
     from .trace import LAYER_FUNCTIONS
 
@@ -331,14 +399,21 @@ def _run_script(module: torch.jit.ScriptModule, layers: list[Layer], args: tuple
             name = paths[ins[1]].rsplit(".", 1)[0]
             if name in wanted and name not in found:
                 found[name] = node.output()
-    for value in found.values():
-        graph.registerOutput(value)
+    values = list(found.values())
+    packed = graph.insertNode(graph.create("prim::TupleConstruct", values))
+    packed.output().setType(torch._C.TupleType([v.type() for v in values]))
+    for i in reversed(range(len(list(graph.outputs())))):
+        graph.eraseOutput(i)
+    graph.registerOutput(packed.output())
     fn = torch._C._create_function_from_graph("initaudit_probe", graph)
-    with torch.no_grad():
-        outputs = fn(module._c, *args, **kwargs)
-    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    try:
+        with torch.no_grad():
+            outputs = fn(module._c, *args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the archive's forward can raise anything
+        raise InputError(f"the TorchScript forward pass failed on the synthetic batch ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:200]}); give --input-shape") from None
     seen = {name: _Seen() for name in wanted}
-    for name, value in zip(found, outputs[len(outputs) - len(found):]):
+    for name, value in zip(found, outputs):
         _record(seen[name], wanted[name], value)
     return seen, {}, _describe(args, kwargs), _input_rms(args, kwargs)
 

@@ -118,3 +118,51 @@ def test_bare_weights_cannot_be_probed(cli, tmp_path):
     assert result.exit_code == 2
     assert "--model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert cli("probe", "--model", "fixtures.depth_models:relu_kaiming", "--input-shape", "3,x").exit_code == 2
+
+
+def test_probe_on_torchscript_runs_its_graph(cli, tmp_path):
+    import warnings
+
+    path = tmp_path / "scripted.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(depth_models.relu_unit()).save(str(path))
+    result = cli("probe", path, "--format", "json")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert data["format"] == "torchscript" and data["agreement"] < AGREEMENT
+    assert {f["rule"] for f in data["findings"]} == {"signal-exploding"}
+    assert all(row["scale"] for row in data["layers"]) and all(row["grad_scale"] is None for row in data["layers"])
+
+
+def test_probe_on_a_hugging_face_folder_builds_it_from_config_with_its_weights(cli, tmp_path):
+    import contextlib
+    import io
+
+    model = depth_models.tiny_bert()
+    with torch.no_grad():
+        model.encoder.layer[1].intermediate.dense.weight.mul_(3)  # the folder's own weights are the ones probed
+    with contextlib.redirect_stderr(io.StringIO()):
+        model.save_pretrained(tmp_path / "bert")
+    result = cli("probe", tmp_path / "bert", "--format", "json")
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.stdout)["layers"]}
+    assert all(row["scale"] for row in rows.values()) and all(row["grad_norm"] for row in rows.values()
+                                                               if row["name"] != "pooler.dense")
+    first, second = (rows[f"encoder.layer.{i}.intermediate.dense"]["scale"] for i in (0, 1))
+    assert second / first == pytest.approx(3, rel=0.1)
+
+
+def test_fix_turns_the_vanishing_stack_stable_as_predicted_and_measured(cli, tmp_path):
+    path, out = tmp_path / "small.pt", tmp_path / "fixed.pt"
+    torch.save(depth_models.relu_small().state_dict(), path)
+    factory = ["--model", "fixtures.depth_models:relu_small"]
+    assert cli("check", path, *factory).exit_code == 1
+    result = cli("fix", path, *factory, "-o", out, "--seed", 0, "--probe")
+    assert result.exit_code == 0, result.output
+    assert "signal through depth" in result.stdout and "measured forward" in result.stdout
+    assert cli("check", out, *factory).exit_code == 0
+    probed_after = cli("probe", out, *factory, "--format", "json")
+    assert probed_after.exit_code == 0
+    assert all(1e-2 <= row["scale"] <= 1e2 and 1e-2 <= row["grad_scale"] <= 1e2
+               for row in json.loads(probed_after.stdout)["layers"])
