@@ -35,6 +35,7 @@ from .flow import ACT, ADD, LAYER, NORM, OUTPUT, STOP, Flow
 from .graph import Layer, LayerGraph
 
 DEFAULT_BAND = (1e-2, 1e2)
+DEEP_RUN = 5  # judged: runs of this many weighted layers or more (the selection guide: < 5 is shallow)
 RULES = ("signal-vanishing", "signal-exploding")  # the rules the depth analysis feeds (predicted or measured)
 # Kinds whose gain is fan_in·E[w²]; recurrent cells and fused attention pass the scale on unjudged.
 _PLAIN = ("linear", "conv")
@@ -244,32 +245,21 @@ def crossings(values: list[tuple[str, float | None]], band: tuple[float, float])
     return out
 
 
-def branch_inner(layers: list[Layer]) -> set[str]:
-    """Layers inside a residual branch, before its last one: the runs of weighted layers (split at normalizations
-    and residual sums, as graph._assign_runs splits them) that end at a residual sum, all but their last layer."""
-    inner, run = set(), []
-    for layer in sorted((layer for layer in layers if layer.weighted), key=lambda layer: layer.position):
-        run.append(layer)
-        if layer.norm_after or layer.residual_after:
-            if layer.residual_after:
-                inner |= {member.name for member in run[:-1]}
-            run = []
-    return inner
-
-
-def _judged_backward(layers: list[Layer]) -> list[Layer]:
-    """The layers whose gradient is the stack's own, from the output back: a gradient inside a residual branch is
-    the branch's (its few layers' scale, not depth's), and right before a normalization the norm's."""
-    inner = branch_inner(layers)
+def judged_layers(layers: list[Layer]) -> list[Layer]:
+    """The layers whose scale is judged, in forward order: plain layers (not recurrent or fused attention, whose gain
+    is not modelled) in runs of at least DEEP_RUN weighted layers with no normalization or residual sum between them
+    (graph._assign_runs), not right before a normalization. Elsewhere norms and residual sums keep the scale from
+    compounding (the selection guide: shallow stacks do fine with any plain random init), and what a squeeze-excite
+    gate or an attention softmax does to a gradient is not modelled."""
     return sorted((layer for layer in layers if layer.kind.startswith(_PLAIN) and not layer.norm_after
-                   and layer.name not in inner), key=lambda layer: -layer.position)
+                   and layer.run_depth >= DEEP_RUN), key=lambda layer: layer.position)
 
 
 def relative_grads(layers: list[Layer], grads: dict[str, float | None]) -> dict[str, float | None]:
     """Gradient scales relative to the one the output layer hands back: at the last hidden layer's output (the
     last judged layer in forward order that is not an output). A narrow head (10 classes from 4096 features)
     shrinks every gradient below it alike; that is no vanishing."""
-    hidden = [layer for layer in _judged_backward(layers) if not layer.is_output and not layer.norm_after
+    hidden = [layer for layer in judged_layers(layers) if not layer.is_output and not layer.norm_after
               and grads.get(layer.name)]
     last = max(hidden, key=lambda layer: layer.position, default=None)
     ref = grads[last.name] if last is not None else 1.0
@@ -278,17 +268,14 @@ def relative_grads(layers: list[Layer], grads: dict[str, float | None]) -> dict[
 
 def judged(layers: list[Layer], scales: dict[str, float | None], grads: dict[str, float | None],
            band: tuple[float, float]) -> tuple[dict[str, str], dict[str, str]]:
-    """(forward exits, backward exits) for these layers: forward in order, backward from the output (`grads`
-    relative, see `relative_grads`). Not judged: a layer right before a normalization; going forward, a residual
-    branch's last layer (the sum carries the stream on); going back, the layers inside a residual branch; a
-    recurrent or fused attention layer (their gain is not modelled)."""
-    ordered = sorted((layer for layer in layers if layer.kind.startswith(_PLAIN) and not layer.norm_after),
-                     key=lambda layer: layer.position)
+    """(forward exits, backward exits) over the judged layers (`_judged`): forward in order (not on a residual
+    branch's last layer: the sum carries the stream on), backward from the output (`grads` relative, see
+    `relative_grads`)."""
+    ordered = judged_layers(layers)
     forward = {name: verdict for name, _, verdict in
                crossings([(layer.name, scales.get(layer.name)) for layer in ordered if not layer.residual_after], band)}
     backward = {}
-    for name, above, verdict in crossings([(layer.name, grads.get(layer.name)) for layer in _judged_backward(layers)],
-                                          band):
+    for name, above, verdict in crossings([(layer.name, grads.get(layer.name)) for layer in reversed(ordered)], band):
         # Going back, the layer above handed the gradient down out of the band (its weights): it is blamed, unless
         # the forward signal left the band the same way on this very layer (one fault, both directions).
         backward[name if above is None or forward.get(name) == verdict else above] = verdict

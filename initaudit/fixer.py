@@ -91,7 +91,7 @@ def targets(layers: list[Layer], report: Report, all_layers: bool, only: list[st
     flagged = {f.layer for f in report.findings if f.severity in FIXED_SEVERITIES}
     if any(f.rule in depth.RULES for f in report.findings if f.severity in FIXED_SEVERITIES):
         # the signal is lost (or blows up) through the whole stack, not on the one layer where it leaves the band
-        flagged |= {layer.name for layer in layers if layer.weighted and not layer.norm_after}
+        flagged |= {layer.name for layer in depth.judged_layers(layers) if not layer.is_output}
     return [layer for layer in repairable if layer.name in flagged]
 
 
