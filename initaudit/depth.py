@@ -10,7 +10,8 @@ output. Each quantity is a second moment (E[x²]); what is reported is its squar
   the factor of the scale they actually see (tanh: 1 for small signals, ≈0.39 at q=1, → 1/q saturated);
 - a normalization resets the signal to 1 and divides the gradient by the signal it normalized;
 - a residual sum adds the second moments of its inputs (the gradient is copied to both);
-- a softmax (attention weights) carries no signal of its own; everything else passes the scale on.
+- a softmax (attention weights) carries no signal of its own; everything else passes the scale on;
+- what a recurrent cell or a fused attention module puts out is not modelled: unknown until a normalization.
 - the signal starts at the first weighted layer or normalization: what comes before it (the model's inputs,
   weights and constants the graph shows as sources, an embedding lookup) is taken as unit scale there.
 
@@ -98,7 +99,6 @@ class LayerDepth:
     gain: float | None = None        # fan_in·E[w²]·the activation's factor at the layer's operating point
     scale: float | None = None       # RMS of the layer's output, for a unit-RMS input
     grad_scale: float | None = None  # RMS of the loss gradient at the layer's output (relative: `relative_grads`)
-    input_scale: float | None = None
 
 
 def chain(graph: LayerGraph) -> Flow:
@@ -155,8 +155,8 @@ def propagate(flow: Flow, weights: dict[str, Weights], kinds: dict[str, str]) ->
         if node.role == LAYER:
             w = weights.get(node.layer)
             base = 1.0 if q is _NO_SIGNAL else q
-            fwd[idx] = (w.fan_in * w.second_moment * base + w.bias_moment
-                        if w is not None and kinds.get(node.layer, "").startswith(_PLAIN) else base)
+            plain = w is not None and kinds.get(node.layer, "").startswith(_PLAIN)
+            fwd[idx] = w.fan_in * w.second_moment * base + w.bias_moment if plain else math.nan
         elif node.role == ACT:
             fwd[idx] = q if q is _NO_SIGNAL else moments(node.activation or UNKNOWN, q)[0]
         elif node.role == NORM:
@@ -177,8 +177,7 @@ def propagate(flow: Flow, weights: dict[str, Weights], kinds: dict[str, str]) ->
     for idx in order:
         node = flow.nodes[idx]
         if node.role == LAYER and node.layer and node.layer not in out:
-            out[node.layer] = LayerDepth(node.layer, scale=_rms(fwd[idx]), grad_scale=_rms(back[idx]),
-                                         input_scale=_rms(inputs[idx]))
+            out[node.layer] = LayerDepth(node.layer, scale=_rms(fwd[idx]), grad_scale=_rms(back[idx]))
     return out
 
 

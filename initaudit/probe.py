@@ -13,14 +13,14 @@ predicted) and the weight gradient's norm. The findings use the same rules as th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten
 
-from . import depth
+from . import __version__, depth
 from . import rules as rulebook
 from .audit import Analysis, Measured, analyse, evaluate
 from .config import Options
@@ -28,7 +28,7 @@ from .dynamic_trace import example_inputs
 from .errors import InputError
 from .graph import Layer
 from .loaders import Loaded
-from .report import Finding
+from .report import Finding, _finding
 
 # Inputs of tanh/sigmoid past these |z| sit on the flat tails (|tanh| > 0.99; sigmoid < 0.01 or > 0.99).
 SATURATION = {"tanh": math.atanh(0.99), "sigmoid": math.log(99), "hardtanh": 1.0, "hardsigmoid": 3.0}
@@ -84,11 +84,6 @@ class ProbeReport:
         return [(row.name, row.scale, row.grad_scale) for row in self.layers]
 
     def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        from . import __version__
-        from .report import _finding
-
         return {"tool": "initaudit", "version": __version__, "model": self.model, "format": self.format,
                 "origin": "measured", "inputs": self.inputs, "agreement": self.agreement(),
                 "layers": [asdict(row) for row in self.layers], "findings": [_finding(f) for f in self.findings],
@@ -491,8 +486,6 @@ def _feed(rng, model, node, shape: list[int], path: Path):
 
 def _onnx_vocab(model, name: str) -> int:
     """Token ids for an integer input: below the smallest table a Gather looks them up in (else 2)."""
-    from onnx import numpy_helper  # noqa: F401 - only dims are read
-
     tables = {init.name: init.dims[0] for init in model.graph.initializer if len(init.dims) == 2}
     sizes = [tables[node.input[0]] for node in model.graph.node
              if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name and node.input[0] in tables]

@@ -54,7 +54,7 @@ def axis(span: tuple[int, int]) -> str:
     line = [" "] * AXIS
     line[:len(left)] = left
     line[AXIS - len(right):] = right
-    if len(left) < one - 0 and one + 1 < AXIS - len(right):
+    if len(left) < one < AXIS - len(right) - 1:
         line[one] = "1"
     return "".join(line)
 
