@@ -138,3 +138,10 @@ def test_cli_json_carries_prediction_and_origin(cli):
     assert found and all(f["origin"] == "predicted" and f["code"] == "IA302" for f in found)
     assert all("origin" not in f for f in data["findings"] if f["rule"] not in SIGNAL)
     assert cli("check", "--model", "fixtures.depth_models:relu_kaiming").exit_code == 0
+
+
+def test_prediction_on_trained_weights_is_info():
+    """The prediction assumes iid draws; on weights shaped by training it is information (probe measures them)."""
+    found = {(f.rule, f.severity) for f in initaudit.audit(depth_models.relu_small(), state="trained").findings
+             if f.rule in SIGNAL}
+    assert found == {("signal-vanishing", "info")}
