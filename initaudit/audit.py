@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from . import rules as rulebook
-from . import schemes, stats, weight_state
+from . import depth, schemes, stats, weight_state
 from .config import Options
 from .graph import UNIT_KINDS, Layer, LayerGraph, Param, annotate, context, group_layers
 from .loaders import Loaded, load
@@ -189,7 +189,8 @@ def evaluate(measured: list[Measured], rules: list[rulebook.Rule], options: Opti
             findings.append(Finding(
                 rule=rule.name, code=rule.code, severity=severity, layer=m.layer.name, tensor=m.param.key,
                 message=rule.render(m.facts), expected=_plain(m.facts.get(rule.expected)) if rule.expected else None,
-                actual=_plain(m.facts.get(rule.actual)) if rule.actual else None, fix=_fix_text(rule, m)))
+                actual=_plain(m.facts.get(rule.actual)) if rule.actual else None, fix=_fix_text(rule, m),
+                origin=m.facts.get("origin") if rule.name in depth.RULES else None))
     order = {s: i for i, s in enumerate(reversed(rulebook.SEVERITIES))}
     return sorted(findings, key=lambda f: (order[f.severity], f.code))
 
@@ -220,7 +221,9 @@ def layer_rows(measured: list[Measured]) -> list[LayerRow]:
             activation=str(m.layer.activation), std=m.stats.std, expected_std=m.facts["expected_std"],
             scheme=m.fingerprint.scheme if m.fingerprint else "unknown", tensor=m.param.key,
             norm_after=m.layer.norm_after, run_depth=m.layer.run_depth, state=m.facts.get("layer_state", "unknown"),
-            fit=_fit_evidence(m.fingerprint)))
+            fit=_fit_evidence(m.fingerprint),
+            predicted_gain=m.facts.get("predicted_gain"), predicted_scale=m.facts.get("predicted_scale"),
+            predicted_grad_scale=m.facts.get("predicted_grad_scale")))
     return rows
 
 
@@ -231,6 +234,31 @@ def _fit_evidence(fp: schemes.Fingerprint | None) -> dict[str, Any] | None:
         return None
     out = {"shape": fp.shape, "implied_std": fp.implied_std, "gain": fp.gain, "fan": fp.fan, **fp.evidence}
     return {k: v for k, v in out.items() if v not in ("", None) and not (isinstance(v, float) and not math.isfinite(v))}
+
+
+def depth_weights(measured: list[Measured]) -> dict[str, depth.Weights]:
+    """Each weighted layer's fans and second moments (E[w²], E[b²]), for the depth analysis."""
+    out, biases = {}, {}
+    for m in measured:
+        moment = m.stats.std ** 2 + m.stats.mean ** 2
+        if m.param.role == "bias":
+            biases[m.layer.name] = moment
+        elif m.param is m.layer.param("weight") and m.layer.weighted:
+            out[m.layer.name] = depth.Weights(m.param.fan_in, m.param.fan_out, moment)
+    return {name: depth.Weights(w.fan_in, w.fan_out, w.second_moment, biases.get(name, 0.0))
+            for name, w in out.items() if math.isfinite(w.second_moment)}
+
+
+def predict_depth(loaded: Loaded, graph: LayerGraph, measured: list[Measured],
+                  band: tuple[float, float]) -> dict[str, depth.LayerDepth]:
+    """The depth analysis (initaudit.depth): each weighted layer's predicted gain and scales, as facts of its weight."""
+    found = depth.predict(graph, loaded.flow, depth_weights(measured))
+    forward, backward = depth.judged(list(graph), {n: d.scale for n, d in found.items()},
+                                     {n: d.grad_scale for n, d in found.items()}, band)
+    for m in measured:
+        if m.param is m.layer.param("weight") and m.layer.weighted:
+            m.facts.update(depth.facts(m.layer, found.get(m.layer.name), forward, backward))
+    return found
 
 
 @dataclass
@@ -251,6 +279,7 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     measured = measure(loaded, graph)
     state = weight_state.assess(loaded, measured, options.state)
     weight_state.apply(measured, state)
+    predict_depth(loaded, graph, measured, options.signal_band)
     aside = weight_state.set_aside(measured, rules, state)
     notes = list(loaded.notes)
     if options.activation is not None or options.activations:

@@ -272,8 +272,9 @@ def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, opt
 @click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
 @click.option("--in-place", is_flag=True, help="Replace each PATH itself (atomically). Without it an input is never written.")
 @click.option("--force", is_flag=True, help="Re-draw layers even where the weights look trained (discards what they learned).")
+@click.option("--probe", "probe_too", is_flag=True, help="Also measure the signal through depth before and after (as `probe`).")
 def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ignore, extend_exclude, config_path,
-        trust_pickle, state, color, out, output_dir, all_layers, only, seed, dry_run, in_place, force):
+        trust_pickle, state, color, out, output_dir, all_layers, only, seed, dry_run, in_place, force, probe_too):
     """Re-initialize the badly initialized layers of the models in PATH... with the recommended scheme; write
     the same format: to -o OUT (one model), into --output-dir, or, with several models, beside each input as
     NAME.fixed.EXT. Nothing is written for a model with nothing to fix.
@@ -300,7 +301,7 @@ def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ig
             click.echo(printable(f"{model}:"))
         try:
             codes.append(_fix_one(model, target, factory, trust_pickle, options, all_layers, only, seed, dry_run,
-                                  in_place, force, view))
+                                  in_place, force, view, probe_too))
         except InputError as exc:
             if not several:
                 raise
@@ -309,7 +310,8 @@ def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ig
     return max(codes)
 
 
-def _fix_one(model, target, factory, trust_pickle, options, all_layers, only, seed, dry_run, in_place, force, view) -> int:
+def _fix_one(model, target, factory, trust_pickle, options, all_layers, only, seed, dry_run, in_place, force, view,
+             probe_too) -> int:
     from .audit import analyse
     from .fixer import repair
     from .loaders import load
@@ -323,6 +325,9 @@ def _fix_one(model, target, factory, trust_pickle, options, all_layers, only, se
     result = repair(analyse(loaded, options), all_layers, list(only), seed, force)
     written_to = target if target is not None and result.tensors else None  # nothing fixed: no file written
     notes = write(written, result.tensors, target, in_place) if written_to else []
+    if probe_too:
+        from .probe import before_after
+        result.depth["measured"] = before_after(loaded, options, result.tensors, written_to, trust_pickle, factory)
     fix_table.write(result, sys.stdout, None if written_to is None else str(written_to), dry_run, view)
     for note in notes:
         click.echo(printable(f"note: {note}"))
@@ -402,7 +407,9 @@ def explain(rule):
     return 0
 
 
-for _command in (check, fix, list_rules, explain):
+from .probe_command import probe  # noqa: E402 - its own module; imports nothing heavy until it runs
+
+for _command in (check, fix, list_rules, explain, probe):
     main.add_command(_command)
 
 

@@ -7,6 +7,7 @@
     ignore = ["nonzero-bias"]
     exclude = ["old-runs"]                 # replaces the default exclusions of folder walks (ruff's)
     extend-exclude = ["*.tmp.pt"]          # adds to them
+    signal-band = [0.01, 100]              # the RMS scale the signal must keep through depth (initaudit.depth)
 
     [tool.initaudit.activations]           # per-layer activations, glob patterns over layer names
     "head.*" = "identity"
@@ -34,7 +35,8 @@ from .activations import Activation, parse
 from .errors import InputError
 from .report import FAIL_ON
 
-_KEYS = ("fail-on", "activation", "activations", "select", "ignore", "per-layer-ignores", "exclude", "extend-exclude")
+_KEYS = ("fail-on", "activation", "activations", "select", "ignore", "per-layer-ignores", "exclude", "extend-exclude",
+         "signal-band")
 _TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
                dict: "a table"}
 
@@ -50,6 +52,7 @@ class Options:
     state: str = "auto"  # fresh/trained verdict on the weights: auto, or forced (--state)
     exclude: list[str] | None = None  # folder-walk exclusions replacing the defaults (initaudit.discover)
     extend_exclude: list[str] = field(default_factory=list)
+    signal_band: tuple[float, float] = (1e-2, 1e2)  # initaudit.depth: the RMS scale the signal must stay within
 
     def ignored(self, layer: str, rule: str, code: str) -> bool:
         return any(fnmatch.fnmatchcase(layer, pattern) and (rule in names or any(code.startswith(n) for n in names))
@@ -121,7 +124,8 @@ def from_table(table: dict[str, Any], where: str = "config") -> Options:
             per_layer_ignores={pattern: _rule_list(per_layer, pattern, where, "per-layer-ignores")
                                for pattern in per_layer},
             exclude=_string_list(table, "exclude", where) if "exclude" in table else None,
-            extend_exclude=_string_list(table, "extend-exclude", where))
+            extend_exclude=_string_list(table, "extend-exclude", where),
+            signal_band=_band(table, where))
     except InputError as exc:
         if str(exc).startswith(where):
             raise
@@ -151,6 +155,15 @@ def _string_list(table: dict[str, Any], key: str, where: str) -> list[str]:
         if not isinstance(value, str):
             raise InputError(f"{where}: {key} must list glob patterns as strings, not {_type_name(value)}")
     return list(values)
+
+
+def _band(table: dict[str, Any], where: str) -> tuple[float, float]:
+    """`signal-band = [low, high]`: positive numbers around 1."""
+    band = _typed(table, "signal-band", list, where, [1e-2, 1e2])
+    if (len(band) != 2 or not all(type(v) in (int, float) for v in band)
+            or not 0 < band[0] < 1 < band[1] < float("inf")):
+        raise InputError(f"{where}: signal-band must be [low, high] with 0 < low < 1 < high, not {band!r}")
+    return float(band[0]), float(band[1])
 
 
 def _rule_list(table: dict[str, Any], key: str, where: str, within: str = "") -> list[str]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import stats
+from . import depth, stats
 from .audit import Analysis, Measured, analyse, make_options
 from .config import Options
 from .errors import InputError
@@ -66,6 +66,9 @@ class FixResult:
     trained: list[str] = field(default_factory=list)     # re-drawn layers whose weights looked trained (--force)
     resolved: list[Finding] = field(default_factory=list)  # error/warning findings on re-drawn layers now gone
     remaining: list[Finding] = field(default_factory=list)  # and those the re-audit still finds
+    # initaudit.depth, per source ("predicted"; "measured" with fix --probe): (before, after), each a list of
+    # (layer, forward scale, gradient scale) in forward order
+    depth: dict[str, tuple[list, list]] = field(default_factory=dict)
 
     def __iter__(self):
         return iter(self.changes)
@@ -86,6 +89,9 @@ def targets(layers: list[Layer], report: Report, all_layers: bool, only: list[st
     if all_layers:
         return [layer for layer in repairable if layer.kind != "parameter"]
     flagged = {f.layer for f in report.findings if f.severity in FIXED_SEVERITIES}
+    if any(f.rule in depth.RULES for f in report.findings if f.severity in FIXED_SEVERITIES):
+        # the signal is lost (or blows up) through the whole stack, not on the one layer where it leaves the band
+        flagged |= {layer.name for layer in depth.judged_layers(layers) if not layer.is_output}
     return [layer for layer in repairable if layer.name in flagged]
 
 
@@ -332,6 +338,12 @@ def _reaudit(analysis: Analysis, result: FixResult) -> None:
     after = {(f.rule, f.tensor) for f in serious(again)}
     result.resolved = [f for f in serious(analysis.report) if (f.rule, f.tensor) not in after]
     result.remaining = serious(again)
+    result.depth["predicted"] = (depth_rows(analysis.report), depth_rows(again))
+
+
+def depth_rows(report: Report) -> list[tuple[str, float | None, float | None]]:
+    """(layer, predicted forward scale, predicted gradient scale) of a report's layers, in order."""
+    return [(row.name, row.predicted_scale, row.predicted_grad_scale) for row in report.layers]
 
 
 def fix(module: torch.nn.Module, *, activation: str | None = None, activations: dict[str, str] | None = None,

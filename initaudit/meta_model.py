@@ -119,16 +119,17 @@ def _transformers_keys(module: torch.nn.Module, own: dict[str, tuple], shapes: d
         return {}
 
 
-def _build(config: dict) -> tuple[torch.nn.Module, object]:
-    """The module on the meta device, and a maker of its example input (or None: from the module itself)."""
+def _build(config: dict, device: str = "meta") -> tuple[torch.nn.Module, object]:
+    """The module on the meta device (`probe`: on the CPU, with its own init), and a maker of its example input
+    (or None: from the module itself)."""
     if isinstance(config.get("architecture"), str):
-        return _build_timm(config)
+        return _build_timm(config, device)
     if isinstance(config.get("model_type"), str):
-        return _build_transformers(config), None
+        return _build_transformers(config, device), None
     raise NotBuilt("config.json names neither a model_type (transformers) nor an architecture (timm)")
 
 
-def _build_transformers(config: dict) -> torch.nn.Module:
+def _build_transformers(config: dict, device: str = "meta") -> torch.nn.Module:
     try:
         import transformers
     except ImportError:
@@ -146,7 +147,7 @@ def _build_transformers(config: dict) -> torch.nn.Module:
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
-        with torch.device("meta"):
+        with torch.device(device):
             if cls is not None:
                 return cls(cfg)
             return transformers.AutoModel.from_config(cfg, trust_remote_code=False)
@@ -156,7 +157,7 @@ def _build_transformers(config: dict) -> torch.nn.Module:
         transformers.logging.set_verbosity(verbosity)
 
 
-def _build_timm(config: dict) -> tuple[torch.nn.Module, object]:
+def _build_timm(config: dict, device: str = "meta") -> tuple[torch.nn.Module, object]:
     try:
         import timm
     except ImportError:
@@ -165,7 +166,7 @@ def _build_timm(config: dict) -> tuple[torch.nn.Module, object]:
     if isinstance(config.get("num_classes"), int):
         args = {"num_classes": config["num_classes"], **args}
     try:
-        with torch.device("meta"):
+        with torch.device(device):
             module = timm.create_model(config["architecture"], pretrained=False, **args)
     except Exception as exc:  # noqa: BLE001 - unknown names and bad arguments alike
         raise NotBuilt(f"timm could not build {config['architecture']!r} ({_first_line(exc)})") from None

@@ -60,6 +60,7 @@ class OnnxLayers:
     modules: dict[str, ModuleInfo] = field(default_factory=dict)
     flow: Flow = field(default_factory=Flow)
     notes: list[str] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)        # layer -> its node's output value (main graph)
 
 
 @dataclass
@@ -247,6 +248,8 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
                 return
             name = claim(node, weight)
             layer_of[g, i] = name
+            if g is root:
+                out.outputs.setdefault(name, node.output[0])
             rank = len(g.dims(weight))
             if op == "Conv":
                 kind, transposed = f"conv{rank - 2}d", False

@@ -23,6 +23,7 @@ class Finding:
     expected: Any = None
     actual: Any = None
     fix: str | None = None
+    origin: str | None = None  # signal-* findings: "predicted" (check) or "measured" (probe)
 
 
 @dataclass
@@ -40,6 +41,9 @@ class LayerRow:
     run_depth: int = 0
     state: str = "unknown"   # the layer's weights: fresh | trained | unknown (initaudit.weight_state)
     fit: dict[str, Any] | None = None  # the fingerprint's evidence: std z-scores of the named scheme and runner-up
+    predicted_gain: float | None = None        # initaudit.depth: fan_in·E[w²]·activation factor
+    predicted_scale: float | None = None       # RMS of the output through depth, for a unit input
+    predicted_grad_scale: float | None = None  # RMS of the gradient at the output, for a unit one at the model's output
 
 
 @dataclass
@@ -77,7 +81,7 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {"tool": "initaudit", "version": __version__, "model": self.model, "format": self.format,
                 "layers": [_clean(asdict(row)) for row in self.layers],
-                "findings": [_clean(asdict(f)) for f in self.findings],
+                "findings": [_finding(f) for f in self.findings],
                 "summary": self.summary, "notes": self.notes,
                 "weights_state": self.weights_state, "state_evidence": self.state_evidence}
 
@@ -124,6 +128,11 @@ class Results:
             return self.reports[0].to_dict()
         return {"tool": "initaudit", "version": __version__, "files": [r.to_dict() for r in self.reports],
                 "unreadable": [asdict(e) for e in self.unreadable], "summary": self.summary}
+
+
+def _finding(f: Finding) -> dict[str, Any]:
+    """A finding's JSON; `origin` only where it has one (the signal rules')."""
+    return {k: v for k, v in _clean(asdict(f)).items() if k != "origin" or v is not None}
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:

@@ -85,6 +85,13 @@ FACTS = {
     "dead_fraction": "dead_units / units",
     "peak_share": "the share of the tensor's squared deviations from its mean held by its largest entry",
     "substantial_duplicate_units": "duplicate units whose norm is not negligible (not weight decay's near-zeros)",
+    "predicted_gain": "fan_in·E[w²]·the activation's second-moment factor at the layer's operating point (initaudit.depth)",
+    "predicted_scale": "RMS of the layer's output relative to the input's, predicted (or measured, by probe) through depth",
+    "predicted_grad_scale": "RMS of the loss gradient at the layer's output relative to the output's, through depth",
+    "signal_exit": "vanishing/exploding where the forward scale leaves the signal band at this layer, else none",
+    "gradient_exit": "vanishing/exploding where the gradient's scale, going back, leaves the signal band here",
+    "signal_detail": "what the depth analysis found at this layer, in words",
+    "origin": "predicted (check: from the weights) or measured (probe: a forward and backward pass)",
 }
 
 

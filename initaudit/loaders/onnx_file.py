@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ class OnnxContainer:
     model: onnx.ModelProto
     views: dict[str, View]
     sources: dict[str, onnx.TensorProto]
+    outputs: dict[str, str] = field(default_factory=dict)  # layer -> its node's output value (for `probe`)
 
 
 def read(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
@@ -108,5 +109,5 @@ def load(path: Path) -> Loaded:
 
     shapes = {k: _shape(tuple(sources[v.source].dims), v.index) for k, v in layers.views.items()}
     return Loaded(path, "onnx", TensorSource(shapes, get), flow=layers.flow, modules=layers.modules,
-                  container=OnnxContainer(model, layers.views, sources), notes=layers.notes,
+                  container=OnnxContainer(model, layers.views, sources, layers.outputs), notes=layers.notes,
                   files=[path.resolve(), *data_files])

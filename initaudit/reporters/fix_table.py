@@ -13,6 +13,25 @@ from . import View, render
 from .table import _num
 
 
+def _range(rows: list, column: int) -> str:
+    values = [row[column] for row in rows if row[column] is not None and row[column] > 0]
+    return f"{min(values):.3g} … {max(values):.3g}" if values else "–"
+
+
+def _depth(console, depth: dict[str, tuple[list, list]]) -> None:
+    """The signal through depth before and after: the range of the scales over the layers (initaudit.depth)."""
+    if not depth:
+        return
+    table = Table(title="signal through depth: RMS over the layers, lowest … highest (band: signal-band)",
+                  title_justify="left")
+    for col in ("", "before", "after"):
+        table.add_column(col)
+    for source, (before, after) in depth.items():
+        for column, what in ((1, "forward (/ input)"), (2, "gradient (/ last hidden layer's)")):
+            table.add_row(f"{source} {what}", _range(before, column), _range(after, column))
+    console.print(table)
+
+
 def write(result: FixResult, out: IO[str], written_to: str | None, dry_run: bool = False, view: View | None = None) -> None:
     out.write(render(view or View(), lambda console: _draw(console, result, written_to, dry_run)))
 
@@ -35,6 +54,7 @@ def _draw(console, result: FixResult, written_to: str | None, dry_run: bool) -> 
         gone = f"{len(result.resolved)} error/warning findings on the re-drawn layers are gone"
         left = "; ".join(f"{f.rule} on {printable(f.layer)}" for f in result.remaining)
         console.print(f"re-audit of the new tensors: {gone}" + (f"; still found: {left}" if left else ", none left"))
+    _depth(console, result.depth)
     layers = len({c.layer for c in result.changes})
     done = "re-initialized" if written_to else "to change"
     console.print(Text(f"{len(result.changes)} tensors in {layers} layers {done}, "

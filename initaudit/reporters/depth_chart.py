@@ -1,0 +1,134 @@
+"""The depth chart of `initaudit probe`: per layer, the signal's and the gradient's scale on a log axis, predicted
+(○) beside measured (●), the band shaded; dead ReLU and saturated shares; the findings. `plot` draws the same
+with matplotlib (the `plot` extra) for reports and pull-request comments."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import IO
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ..printable import printable
+from .table import STYLE, _num
+
+AXIS = 25  # characters per log axis
+WIDTH = 140
+
+
+def _span(values: list[float], band: tuple[float, float]) -> tuple[int, int]:
+    """Decades the axis spans: the band's and the values', at most ±12 (what lies beyond is clipped)."""
+    logs = [math.log10(v) for v in values if v and v > 0 and math.isfinite(v)]
+    low = math.floor(min(logs + [math.log10(band[0])]))
+    high = math.ceil(max(logs + [math.log10(band[1])]))
+    return max(low, -12), min(high, 12) if high > low else low + 1
+
+
+def _cell(value: float | None, span: tuple[int, int]) -> int | None:
+    if not value or value <= 0 or not math.isfinite(value):
+        return None
+    x = (math.log10(value) - span[0]) / (span[1] - span[0])
+    return min(max(round(x * (AXIS - 1)), 0), AXIS - 1)
+
+
+def bar(predicted: float | None, measured: float | None, span: tuple[int, int], band: tuple[float, float]) -> Text:
+    """One row of a log axis: the band dim, 1 as a tick, predicted ○ and measured ● (◉ where they meet)."""
+    lo, hi, one = _cell(band[0], span), _cell(band[1], span), _cell(1.0, span)
+    chars = [("·" if lo <= i <= hi else " ", "dim") for i in range(AXIS)]
+    chars[one] = ("│", "dim")
+    p, m = _cell(predicted, span), _cell(measured, span)
+    if p is not None:
+        chars[p] = ("○", "cyan" if lo <= p <= hi else "bold red")
+    if m is not None:
+        chars[m] = ("◉" if m == p else "●", "green" if lo <= m <= hi else "bold red")
+    return Text.assemble(*chars)
+
+
+def axis(span: tuple[int, int]) -> str:
+    """The axis' labels: its ends and 1."""
+    left, right = f"1e{span[0]}", f"1e{span[1]}"
+    one = _cell(1.0, span)
+    line = [" "] * AXIS
+    line[:len(left)] = left
+    line[AXIS - len(right):] = right
+    if len(left) < one < AXIS - len(right) - 1:
+        line[one] = "1"
+    return "".join(line)
+
+
+def write(report, out: IO[str], band: tuple[float, float]) -> None:
+    """`report`: a probe.ProbeReport (or any with its rows: predicted and measured)."""
+    console = Console(file=out, width=max(Console(file=out).width, WIDTH), highlight=False)
+    rows = report.layers
+    forward = _span([v for r in rows for v in (r.predicted_scale, r.scale)], band)
+    backward = _span([v for r in rows for v in (r.predicted_grad_scale, r.grad_scale)], band)
+    title = f"{report.model} ({report.format}): signal through depth, input {report.inputs}"
+    table = Table(title=Text(printable(title)), title_justify="left", caption=Text(
+        f"log axes; ○ predicted, ● measured (◉ both), band {band[0]:g}…{band[1]:g} shaded; forward: RMS of the layer's "
+        "output / the input's; gradient: RMS at the layer's output / at the last hidden layer's", style="dim"),
+        caption_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("layer", max_width=24)
+    table.add_column("act", max_width=10)
+    table.add_column(Text("forward RMS\n" + axis(forward)), no_wrap=True)
+    table.add_column("pred", justify="right")
+    table.add_column("meas", justify="right")
+    table.add_column(Text("gradient RMS\n" + axis(backward)), no_wrap=True)
+    table.add_column("pred", justify="right")
+    table.add_column("meas", justify="right")
+    table.add_column("dead", justify="right")
+    table.add_column("sat.", justify="right")
+    flagged = {f.layer: f.severity for f in report.findings}
+    for i, r in enumerate(rows):
+        table.add_row(str(i), Text(printable(r.name), style=STYLE.get(flagged.get(r.name, ""), "")), r.activation,
+                      bar(r.predicted_scale, r.scale, forward, band), _num(r.predicted_scale), _num(r.scale),
+                      bar(r.predicted_grad_scale, r.grad_scale, backward, band), _num(r.predicted_grad_scale),
+                      _num(r.grad_scale), _share(r.dead_fraction), _share(r.saturated_fraction))
+    console.print(table)
+    for f in report.findings:
+        console.print(Text.assemble((f"{f.severity:7}", STYLE[f.severity]), f" {f.code} ", (f.rule, "bold"),
+                                    f" {printable(f.message)}"))
+        if f.fix:
+            console.print(Text(f"        fix: {printable(f.fix)}", style="dim"))
+    agreement = report.agreement()
+    if agreement is not None:
+        console.print(Text(f"prediction and measurement agree within a factor {agreement:.2f} on every layer", style="dim"))
+    for note in report.notes:
+        console.print(Text(f"note: {printable(note)}", style="dim"))
+    s = report.summary
+    console.print(f"{s['layers']} layers probed: {s['errors']} errors, {s['warnings']} warnings, {s['infos']} infos")
+
+
+def _share(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+
+
+def plot(report, path: Path, band: tuple[float, float], fmt: str | None = None) -> None:
+    """A PNG (or any format matplotlib writes: `fmt`, else the suffix) of both scales through depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report.layers
+    x = list(range(len(rows)))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
+    for ax, (label, pred, meas) in zip(axes, (
+            ("forward: RMS of the layer output / input", [r.predicted_scale for r in rows], [r.scale for r in rows]),
+            ("gradient: RMS at the layer output / last hidden", [r.predicted_grad_scale for r in rows],
+             [r.grad_scale for r in rows]))):
+        ax.axhspan(*band, color="0.92", zorder=0, label=f"band {band[0]:g}…{band[1]:g}")
+        ax.plot(x, [v if v else float("nan") for v in pred], "o--", mfc="none", label="predicted")
+        ax.plot(x, [v if v else float("nan") for v in meas], ".-", label="measured")
+        ax.set_yscale("log")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("layer (forward order)")
+        ax.grid(True, which="major", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(printable(f"{Path(report.model).name} ({report.format})"), fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, format=fmt)
+    plt.close(fig)
