@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import depth, stats
+from . import depth, schemes, stats
 from .audit import Analysis, Measured, analyse, make_options
 from .config import Options
 from .errors import InputError
@@ -139,65 +139,66 @@ def _why_not(layer: Layer, items: list[Measured], shared: dict[str, list[str]]) 
     return None
 
 
-# The fingerprinted schemes a fallback can reproduce: name -> (torch.nn.init function, its keyword arguments).
-_REDRAWABLE = {
-    "kaiming-normal": ("kaiming_normal_", (("mode", "fan_in"), ("nonlinearity", "relu"))),
-    "kaiming-uniform": ("kaiming_uniform_", (("mode", "fan_in"), ("nonlinearity", "relu"))),
-    "kaiming-normal-fan-out": ("kaiming_normal_", (("mode", "fan_out"), ("nonlinearity", "relu"))),
-    "kaiming-uniform-fan-out": ("kaiming_uniform_", (("mode", "fan_out"), ("nonlinearity", "relu"))),
-    "xavier-normal": ("xavier_normal_", ()),
-    "xavier-uniform": ("xavier_uniform_", ()),
-    "lecun-normal": ("kaiming_normal_", (("mode", "fan_in"), ("nonlinearity", "linear"))),
-    "lecun-uniform": ("kaiming_uniform_", (("mode", "fan_in"), ("nonlinearity", "linear"))),
-    "torch-default": ("kaiming_uniform_", (("a", math.sqrt(5)),)),
-    "orthogonal": ("orthogonal_", ()),
-}
-_FIXED_STDS = {f"{kind}-{std:g}": (kind, std) for std in (0.02, 0.01, 0.001) for kind in ("normal", "trunc-normal")}
+def _reproducible(fp: schemes.Fingerprint) -> bool:
+    """A single named scheme that torch.nn.init can draw again on another layer."""
+    return not fp.ambiguous and (fp.family in ("kaiming", "lecun", "xavier") and fp.shape in ("normal", "uniform")
+                                 or fp.family in ("torch-default", "orthogonal", "fixed"))
 
 
-def _model_scheme(measured: list[Measured]) -> tuple[str, float] | None:
-    """The scheme (and Xavier gain) most fresh Linear/Conv weights of the model were drawn with, if most share one."""
-    seen = [(m.fingerprint.scheme, m.fingerprint.implied_std / math.sqrt(2 / (m.param.fan_in + m.param.fan_out)))
-            for m in measured if m.param.is_weight and m.fingerprint is not None and m.facts.get("state") == "fresh"
+def _model_scheme(measured: list[Measured]) -> tuple[schemes.Fingerprint, int, int] | None:
+    """The scheme most fresh Linear/Conv weights of the model were drawn with, if most share one (with the fans
+    of a layer drawn with it)."""
+    seen = [(m.fingerprint, m.param.fan_in, m.param.fan_out) for m in measured
+            if m.param.is_weight and m.fingerprint is not None and m.facts.get("state") == "fresh"
             and m.layer.kind.startswith(("linear", "conv")) and m.param.fan_in and m.param.fan_out]
-    schemes = Counter(scheme for scheme, _ in seen if scheme in _REDRAWABLE or scheme in _FIXED_STDS)
-    if not schemes:
+    counts = Counter(fp.scheme for fp, _, _ in seen if _reproducible(fp))
+    if not counts:
         return None
-    scheme, count = schemes.most_common(1)[0]
+    scheme, count = counts.most_common(1)[0]
     if 2 * count < len(seen):
         return None
-    gain = next(g for s, g in seen if s == scheme)
-    return scheme, 5 / 3 if scheme.startswith("xavier") and abs(gain - 5 / 3) < 0.2 else 1.0
+    return next(item for item in seen if item[0].scheme == scheme)
 
 
-def _fallback(m: Measured, model_scheme: tuple[str, float] | None) -> Recommendation | None:
+def _like(model: tuple[schemes.Fingerprint, int, int], fan_in: int, fan_out: int) -> Recommendation:
+    """The model's own scheme (family, shape, gain and fan mode as fingerprinted) drawn for a layer of these fans."""
+    fp, model_in, model_out = model
+    basis = f"activation unknown: the scheme the rest of the model uses ({fp.scheme})"
+    gain_of = fp.gain or ("relu" if fp.family == "kaiming" else "linear")
+    gain = schemes.GAINS.get(gain_of, 1.0)
+    if fp.family in ("kaiming", "lecun"):
+        mode = fp.fan if fp.fan in ("fan_in", "fan_out") else "fan_in"
+        std = gain / math.sqrt(fan_in if mode == "fan_in" else fan_out)
+        return Recommendation(fp.scheme, std, f"kaiming_{fp.shape}_", (("mode", mode), ("nonlinearity", gain_of)), basis)
+    if fp.family == "xavier":
+        kwargs = () if gain == 1.0 else (("gain", gain),)
+        return Recommendation(fp.scheme, gain * math.sqrt(2 / (fan_in + fan_out)), f"xavier_{fp.shape}_", kwargs, basis,
+                              None if gain == 1.0 else gain_of)
+    if fp.family == "orthogonal":  # orthogonal_(gain=g) draws std g/sqrt(max(rows, columns))
+        gain = fp.implied_std * math.sqrt(max(model_in, model_out))
+        kwargs = () if abs(gain - 1) < 1e-3 else (("gain", gain),)
+        return Recommendation(fp.scheme, gain / math.sqrt(max(fan_in, fan_out)), "orthogonal_", kwargs, basis)
+    if fp.family == "fixed":
+        if fp.shape == "normal":
+            return Recommendation(fp.scheme, fp.implied_std, "normal_", (("std", fp.implied_std),), basis)
+        sigma = fp.implied_std / schemes.TRUNC_2SIGMA_STD
+        return Recommendation(fp.scheme, fp.implied_std, "trunc_normal_", (("std", sigma), ("a", -2 * sigma), ("b", 2 * sigma)),
+                              basis)
+    return Recommendation("torch-default", 1 / math.sqrt(3 * fan_in), "kaiming_uniform_", (("a", math.sqrt(5)),), basis)
+
+
+def _fallback(m: Measured, model_scheme: tuple[schemes.Fingerprint, int, int] | None) -> Recommendation | None:
     """For a weight whose activation is unknown: the scheme the rest of the model uses, else torch's default."""
     if not m.param.is_weight or m.layer.kind == "embedding":
         return None
     fan_in, fan_out = max(m.param.fan_in, 1), max(m.param.fan_out, 1)
     if model_scheme is not None:
-        scheme, gain = model_scheme
-        basis = f"activation unknown: the scheme the rest of the model uses ({scheme})"
-        if scheme in _FIXED_STDS:
-            kind, std = _FIXED_STDS[scheme]
-            if kind == "normal":
-                return Recommendation(scheme, std, "normal_", (("std", std),), basis)
-            return Recommendation(scheme, std * 0.8796, "trunc_normal_", (("std", std), ("a", -2 * std), ("b", 2 * std)), basis)
-        fn, kwargs = _REDRAWABLE[scheme]
-        if scheme.startswith("xavier") and gain != 1.0:
-            return Recommendation(scheme, gain * math.sqrt(2 / (fan_in + fan_out)), fn, (("gain", gain),), basis, "tanh")
-        return Recommendation(scheme, _std_of(scheme, fan_in, fan_out), fn, kwargs, basis)
+        return _like(model_scheme, fan_in, fan_out)
     if m.layer.kind == "attention":
         return Recommendation("xavier-uniform", math.sqrt(2 / (fan_in + fan_out)), "xavier_uniform_", (),
                               "activation unknown: torch's default for attention in-projections")
     return Recommendation("torch-default", 1 / math.sqrt(3 * fan_in), "kaiming_uniform_", (("a", math.sqrt(5)),),
                           "activation unknown: torch's default for the layer type")
-
-
-def _std_of(scheme: str, fan_in: int, fan_out: int) -> float:
-    fan = fan_out if scheme.endswith("fan-out") else fan_in
-    return {"kaiming": math.sqrt(2 / fan), "lecun": math.sqrt(1 / fan), "torch": 1 / math.sqrt(3 * fan),
-            "xavier": math.sqrt(2 / (fan_in + fan_out))}.get(scheme.split("-")[0], math.sqrt(1 / max(fan_in, fan_out)))
 
 
 def _on_units(old: torch.Tensor, new: torch.Tensor, unit_axis: int, units: list[int]) -> torch.Tensor:

@@ -271,3 +271,28 @@ def test_written_files_keep_the_input_mode_or_follow_the_umask(tmp_path, cli):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "new.pt").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("init, kwargs, scheme, gain", [
+    (torch.nn.init.xavier_uniform_, {"gain": 5 / 3}, "xavier-uniform-tanh-gain", 5 / 3),
+    (torch.nn.init.kaiming_normal_, {"mode": "fan_out", "nonlinearity": "relu"}, "kaiming-normal-fan-out", 2 ** 0.5),
+])
+def test_fallback_redraws_with_the_scheme_the_rest_of_the_model_uses(init, kwargs, scheme, gain, tmp_path, cli):
+    torch.manual_seed(0)
+    widths = [256, 384, 256, 384, 256, 384]
+    layers = [torch.nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+    state = {}
+    for i, layer in enumerate(layers):
+        init(layer.weight, **kwargs)
+        state[f"{i}.weight"], state[f"{i}.bias"] = layer.weight.detach(), torch.zeros(layer.out_features)
+    state["2.weight"] = torch.zeros_like(state["2.weight"])
+    path = tmp_path / "bare.pt"
+    torch.save(state, path)
+    out = tmp_path / "out.pt"
+    result = cli("fix", path, "-o", out)  # activations unknown: the model's own scheme
+    assert result.exit_code == 0, result.output
+    new = torch.load(out)["2.weight"]
+    fan_in, fan_out = new.shape[1], new.shape[0]
+    expected = gain * (2 / (fan_in + fan_out)) ** 0.5 if scheme.startswith("xavier") else gain / fan_out ** 0.5
+    assert abs(float(new.std()) / expected - 1) < 0.03
+    assert scheme in result.output and "(fallback)" in result.output
