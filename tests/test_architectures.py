@@ -71,9 +71,9 @@ ARCHS = {
     "torchvision-resnet18": Arch(_tv("resnet18"), "layer1.0.conv1", {r"conv|downsample\.0": KAIMING_OUT, r"^fc$": {"torch-default"}}),
     "torchvision-resnet50-zero-init-residual": Arch(_tv("resnet50", zero_init_residual=True), "layer2.0.conv2",
                                                     {r"conv|downsample\.0": KAIMING_OUT}),
-    # VGG without BatchNorm: normal(0, 0.01) in the 4096x4096 classifier loses 5x variance per layer (an honest warning).
-    "torchvision-vgg11": Arch(_tv("vgg11"), "features.3", {r"features": KAIMING_OUT, r"classifier": {"normal-0.01"}},
-                              {"classifier.3"}),
+    # VGG without BatchNorm: normal(0, 0.01) in the 4096x4096 classifier loses 5x variance on that layer (info);
+    # the stack as a whole stays within the depth analysis' band, so no warning.
+    "torchvision-vgg11": Arch(_tv("vgg11"), "features.3", {r"features": KAIMING_OUT, r"classifier": {"normal-0.01"}}),
     "torchvision-mobilenet_v2": Arch(_tv("mobilenet_v2"), "features.2.conv.0.0",
                                      {r"features\.\d+\.conv\.0\.0": KAIMING_OUT, r"classifier": {"normal-0.01"}}),
     "torchvision-densenet121": Arch(_tv("densenet121"), "features.denseblock1.denselayer1.conv1",

@@ -145,3 +145,13 @@ def test_prediction_on_trained_weights_is_info():
     found = {(f.rule, f.severity) for f in initaudit.audit(depth_models.relu_small(), state="trained").findings
              if f.rule in SIGNAL}
     assert found == {("signal-vanishing", "info")}
+
+
+def test_stock_alexnet_at_torch_defaults_is_warned_not_an_error():
+    """torchvision's AlexNet (no norm, no residual) at PyTorch's defaults: 8 layers of gain 1/6 reach 1 % of the
+    input's RMS at its end: warned (a stack shorter than the guide's deep 10 layers), never an error."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    alexnet = initaudit.audit(torchvision.models.alexnet(weights=None))
+    assert alexnet.count("error") == 0
+    assert {f.rule for f in alexnet.findings if f.severity == "warning"} == {"signal-vanishing"}

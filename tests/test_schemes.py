@@ -185,7 +185,11 @@ def test_depthwise_fan_out_kaiming_is_named_and_not_an_error():
     assert {r.scheme for r in report.layers} <= {"kaiming-normal-fan-out", "kaiming-normal-fan-out|xavier-normal",
                                                  "xavier-normal|kaiming-normal-fan-out"}
     assert {(r.fan_in, r.fan_out) for r in report.layers} == {(9, 1152)}
-    assert not [f for f in report.findings if f.severity != "info"], report.findings
+    scheme_verdicts = [f for f in report.findings if f.rule in ("init-activation-mismatch", "variance-out-of-range")]
+    assert scheme_verdicts and all(f.severity == "info" for f in scheme_verdicts), report.findings
+    # Stacked without the norms MobileNets put after them, these convs do lose the signal (gain 9·2/1152/2 = 1/128
+    # per layer): the depth analysis, not the per-layer scheme verdict, says so.
+    assert {f.rule for f in report.findings if f.severity != "info"} == {"signal-vanishing"}
 
 
 def test_a_rule_judges_every_name_of_a_near_tie():
