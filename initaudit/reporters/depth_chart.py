@@ -95,7 +95,7 @@ def write(report, out: IO[str], band: tuple[float, float]) -> None:
             console.print(Text(f"        fix: {printable(f.fix)}", style="dim"))
     agreement = report.agreement()
     if agreement is not None:
-        console.print(Text(f"prediction and measurement agree within a factor {agreement:.2f} on every layer", style="dim"))
+        console.print(Text(f"largest factor between prediction and measurement on one layer: {agreement:.3g}", style="dim"))
     for note in report.notes:
         console.print(Text(f"note: {printable(note)}", style="dim"))
     s = report.summary
