@@ -127,15 +127,15 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def _scratch(n: int, dtype: torch.dtype, k: int) -> list[torch.Tensor]:
-    """k work buffers of n values, reused per thread: fresh multi-MB temporaries cost more in page faults than
-    the math (buffers beyond a few chunks, for units wider than a chunk, are not kept)."""
+def _scratch(n: int, dtype: torch.dtype, k: int, use: str) -> list[torch.Tensor]:
+    """k work buffers of n values for one `use`, reused per thread: fresh multi-MB temporaries cost more in page
+    faults than the math (buffers beyond a few chunks, for units wider than a chunk, are not kept)."""
     bufs = _LOCAL.__dict__.setdefault("bufs", {})
-    buf = bufs.get(dtype)
+    buf = bufs.get((use, dtype))
     if buf is None or buf.numel() < k * n:
         buf = torch.empty(k * n, dtype=dtype)
         if k * n <= 8 * CHUNK_ELEMENTS:
-            bufs[dtype] = buf
+            bufs[(use, dtype)] = buf
     return [buf[i * n:(i + 1) * n] for i in range(k)]
 
 
@@ -151,7 +151,7 @@ def _power_sums(values: torch.Tensor, shift: float) -> list[float]:
     cascaded partial sums)."""
     if values.numel() <= _SMALL:
         return _python_sums(values, shift)
-    d, d2 = _scratch(values.numel(), values.dtype, 2)
+    d, d2 = _scratch(values.numel(), values.dtype, 2, "sums")
     torch.sub(values, shift, out=d)
     torch.mul(d, d, out=d2)
     return [float(d.sum()), float(d2.sum()), float(torch.dot(d2, d)), float(torch.dot(d2, d2))]
@@ -204,11 +204,10 @@ class _Scan:
             part.column_sq = torch.zeros(self.width, dtype=self.dtype)
         for first in range(start, stop, self.step):
             source = self.rows[first:min(first + self.step, stop)]
-            k = 4 if self.shift else 2
-            bufs = _scratch(source.numel(), self.dtype, k)
-            chunk = bufs[0].view(source.shape).copy_(source) if source.dtype != self.dtype or not source.is_contiguous() \
-                else source
-            self._chunk(part, first, chunk, bufs[1:])
+            chunk = source
+            if source.dtype != self.dtype or not source.is_contiguous():
+                chunk = _scratch(source.numel(), self.dtype, 1, "chunk")[0].view(source.shape).copy_(source)
+            self._chunk(part, first, chunk, _scratch(source.numel(), self.dtype, 1, "squares"))
         return part
 
     def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, bufs: list[torch.Tensor]) -> None:
