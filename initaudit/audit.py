@@ -66,18 +66,21 @@ def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
     by_job = dict(zip(jobs, results))
     out: list[Measured] = []
     skipped: dict[str, list[str]] = {}
+    biases: dict[str, torch.Tensor] = {}  # read once: a remote tensor costs a request
     for i, (layer, param) in enumerate(params):
         reason, measured = by_job[owner[i]]
         if reason is not None:
             skipped.setdefault(reason, []).append(param.key)
             continue
-        st, fp, rec, verdict = measured
+        st, fp, rec, verdict, kept = measured
+        if kept is not None:
+            biases[param.key] = kept
         n_blocks = repeats[_block_pattern(layer.name)]
         if owner[i] != i:  # a tied tensor: its first name's stats, its own context
             param.shared_with = params[owner[i]][1].key
             fp, rec = _scheme(layer, param, st, stats.auditable(loaded.tensors[param.key])[0], n_blocks)
             verdict = None
-        bias = _bias_of(loaded, layer)
+        bias = _bias_of(loaded, layer, biases)
         out.append(Measured(layer, param, st, fp, rec, facts(graph, layer, param, st, fp, rec, bias, n_blocks), verdict))
     _add_recipe_shares(out)
     for reason, keys in skipped.items():
@@ -108,7 +111,8 @@ def _measure_one(loaded: Loaded, layer: Layer, param: Param, n_blocks: int) -> t
         st = stats.compute(tensor, param.unit_axis, units=param.is_weight and layer.kind in UNIT_KINDS)
         fp, rec = _scheme(layer, param, st, tensor, n_blocks)
         verdict = weight_state.classify_any(st, tensor, param.unit_axis) if param.is_weight and layer.weighted else None
-        return None, (st, fp, rec, verdict)
+        kept = tensor.clone() if param.role == "bias" else None  # for dead-units, once the file's memory is back
+        return None, (st, fp, rec, verdict, kept)
     finally:
         tensor = None
         loaded.tensors.release(param.key)
@@ -180,8 +184,10 @@ def _identity(tensor: torch.Tensor) -> tuple:
         return (id(tensor),)
 
 
-def _bias_of(loaded: Loaded, layer: Layer) -> torch.Tensor | None:
+def _bias_of(loaded: Loaded, layer: Layer, read: dict[str, torch.Tensor]) -> torch.Tensor | None:
     bias = layer.param("bias")
+    if bias is not None and bias.key in read:
+        return read[bias.key]
     return stats.auditable(loaded.tensors[bias.key])[0] if bias is not None else None
 
 
