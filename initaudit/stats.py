@@ -269,11 +269,13 @@ def _shift(rows: torch.Tensor, step: int, dtype: torch.dtype) -> float:
     """0, or the first chunk's mean where it is large next to its spread (a norm's weights about 1): power
     sums about 0 would then lose the variance to cancellation."""
     first = rows[:step].to(dtype).reshape(-1)
-    first = first[torch.isfinite(first)]
-    if not first.numel():
-        return 0.0
-    var, mean = torch.var_mean(first.to(torch.float64), correction=0)
-    return float(mean) if abs(float(mean)) > SHIFT_RATIO * math.sqrt(float(var)) else 0.0
+    var, mean = (float(v) for v in torch.var_mean(first, correction=0))
+    if not (math.isfinite(var) and math.isfinite(mean)):  # NaN or Inf in the first chunk: its finite values
+        first = first[torch.isfinite(first)]
+        if not first.numel():
+            return 0.0
+        var, mean = (float(v) for v in torch.var_mean(first.to(torch.float64), correction=0))
+    return mean if abs(mean) > SHIFT_RATIO * math.sqrt(var) else 0.0
 
 
 def _ranges(n_units: int, step: int, width: int) -> list[tuple[int, int]]:
