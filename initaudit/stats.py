@@ -26,6 +26,7 @@ NEAR_DUPLICATE_TOLERANCE = 1e-3  # units differing by at most this fraction of t
 MAX_REPORTED_GROUPS = 20
 SPARSE_DENSE_LIMIT = 1 << 24   # sparse tensors are audited (made dense) up to this many entries
 SHIFT_RATIO = 4.0               # moments are summed about the first chunk's mean when |mean| > this many stds
+_SHIFT_SAMPLE = 1 << 12          # values that decide the shift of the power sums
 _SMALL = 64                     # tensors this small are summed and counted in Python (per-call torch overhead)
 _WINDOW = 64                    # neighbours in projection order compared with each unit
 _HASH_SEED = 0x1A17
@@ -266,9 +267,9 @@ class _Scan:
 
 
 def _shift(rows: torch.Tensor, step: int, dtype: torch.dtype) -> float:
-    """0, or the first chunk's mean where it is large next to its spread (a norm's weights about 1): power
-    sums about 0 would then lose the variance to cancellation."""
-    first = rows[:step].to(dtype).reshape(-1)
+    """0, or the mean of the first values where it is large next to their spread (a norm's weights about 1):
+    power sums about 0 would then lose the variance to cancellation."""
+    first = rows[:step].reshape(-1)[:_SHIFT_SAMPLE].to(dtype)
     var, mean = (float(v) for v in torch.var_mean(first, correction=0))
     if not (math.isfinite(var) and math.isfinite(mean)):  # NaN or Inf in the first chunk: its finite values
         first = first[torch.isfinite(first)]

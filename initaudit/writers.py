@@ -17,14 +17,11 @@ import stat
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
-from onnx.external_data_helper import uses_external_data
 
 from .errors import InputError
 from .loaders import Loaded
-from .loaders import onnx_file, safetensors_file
+from .loaders import safetensors_file
 from .outputs import Protected, atomic, atomic_folder, check_suffix
 
 
@@ -169,6 +166,12 @@ def _bytes(tensor: torch.Tensor, code: str, key: str) -> memoryview:
 def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
     """Only the rewritten initializers change; external data is streamed tensor by tensor into a new data file.
     A model that kept every initializer external keeps the rewritten ones external too, however small."""
+    import onnx  # only here: checking and fixing other formats never loads onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    from .loaders import onnx_file
+
     views = loaded.container.views
     folder = loaded.path.resolve().parent
     model = onnx.load(str(loaded.path), load_external_data=False)
@@ -233,6 +236,8 @@ def _copy_external(proto: onnx.TensorProto, folder: Path, sink) -> int:
 
 
 def _point_to(proto: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    import onnx
+
     del proto.external_data[:]
     proto.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", offset), ("length", length)):
