@@ -27,6 +27,7 @@ MAX_REPORTED_GROUPS = 20
 SPARSE_DENSE_LIMIT = 1 << 24   # sparse tensors are audited (made dense) up to this many entries
 SHIFT_RATIO = 4.0               # moments are summed about the first chunk's mean when |mean| > this many stds
 _SHIFT_SAMPLE = 1 << 12          # values that decide the shift of the power sums
+_LINE = 64                      # bytes in a cache line
 _SMALL = 64                     # tensors this small are summed and counted in Python (per-call torch overhead)
 _WINDOW = 64                    # neighbours in projection order compared with each unit
 _HASH_SEED = 0x1A17
@@ -128,16 +129,22 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def _scratch(n: int, dtype: torch.dtype, k: int, use: str) -> list[torch.Tensor]:
+def _scratch(n: int, dtype: torch.dtype, k: int, use: str, like: torch.Tensor | None = None) -> list[torch.Tensor]:
     """k work buffers of n values for one `use`, reused per thread: fresh multi-MB temporaries cost more in page
-    faults than the math (buffers beyond a few chunks, for units wider than a chunk, are not kept)."""
+    faults than the math (buffers beyond a few chunks, for units wider than a chunk, are not kept). `like`: the
+    first buffer starts at the same offset within a cache line as that tensor (BLAS's dot of two vectors
+    aligned differently takes a path ten times slower; a mapped file's tensors sit at any multiple of 8 bytes)."""
     bufs = _LOCAL.__dict__.setdefault("bufs", {})
+    pad = _LINE // dtype.itemsize
     buf = bufs.get((use, dtype))
-    if buf is None or buf.numel() < k * n:
-        buf = torch.empty(k * n, dtype=dtype)
+    if buf is None or buf.numel() < k * n + pad:
+        buf = torch.empty(k * n + pad, dtype=dtype)
         if k * n <= 8 * CHUNK_ELEMENTS:
             bufs[(use, dtype)] = buf
-    return [buf[i * n:(i + 1) * n] for i in range(k)]
+    start = 0
+    if like is not None and like.dtype == dtype:
+        start = (like.data_ptr() - buf.data_ptr()) % _LINE // buf.element_size()
+    return [buf[start + i * n:start + (i + 1) * n] for i in range(k)]
 
 
 def _python_sums(values: torch.Tensor, shift: float) -> list[float]:
@@ -208,7 +215,7 @@ class _Scan:
             chunk = source
             if source.dtype != self.dtype or not source.is_contiguous():
                 chunk = _scratch(source.numel(), self.dtype, 1, "chunk")[0].view(source.shape).copy_(source)
-            self._chunk(part, first, chunk, _scratch(source.numel(), self.dtype, 1, "squares"))
+            self._chunk(part, first, chunk, _scratch(source.numel(), self.dtype, 1, "squares", like=chunk))
         return part
 
     def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, bufs: list[torch.Tensor]) -> None:
