@@ -51,6 +51,7 @@ def test_sharded_folder_reads_like_one_file(tmp_path, fmt):
     index = shard(state, tmp_path / "m", fmt)
     torch.save(state, tmp_path / "whole.pt")
     whole = initaudit.audit(tmp_path / "whole.pt")
+    (index.parent / "config.json").write_text("{}")  # a folder is a model with its config.json
     for target in (index.parent, index):  # the folder, or the index itself
         report = initaudit.audit(target)
         assert [(r.name, r.std) for r in report.layers] == [(r.name, r.std) for r in whole.layers]
@@ -62,7 +63,13 @@ def test_bin_shards_keep_their_prefixes(tmp_path):
     """A shard whose keys all start with 'model.' (LLaMA's) is read under the index's names."""
     state = {f"model.{k}": v for k, v in mlp().items()}
     index = shard(state, tmp_path / "m", "bin")
-    assert sorted(load(index.parent).tensors) == sorted(state)
+    assert sorted(load(index).tensors) == sorted(state)
+
+
+def test_a_folder_without_config_names_its_index(tmp_path):
+    index = shard(mlp(), tmp_path / "m", "bin")
+    with pytest.raises(InputError, match="without config.json.*pytorch_model.bin.index.json"):
+        load(index.parent)
 
 
 def test_bin_shard_that_pickles_code_is_refused(tmp_path):
@@ -70,7 +77,7 @@ def test_bin_shard_that_pickles_code_is_refused(tmp_path):
     first = json.loads(index.read_text())["weight_map"]["blocks.0.weight"]
     torch.save({"blocks.0.weight": torch.nn.Linear(2, 2)}, tmp_path / "m" / first)
     with pytest.raises(InputError, match="loading it would run code"):
-        initaudit.audit(index.parent)
+        initaudit.audit(index)
 
 
 def test_index_pointing_outside_the_folder_is_refused(tmp_path):
@@ -78,13 +85,14 @@ def test_index_pointing_outside_the_folder_is_refused(tmp_path):
     torch.save({"x.weight": torch.randn(4, 4)}, tmp_path / "outside.bin")
     index.write_text(json.dumps({"weight_map": {"x.weight": "../outside.bin"}}))
     with pytest.raises(InputError, match="outside the model's folder"):
-        initaudit.audit(index.parent)
+        initaudit.audit(index)
 
 
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
 def test_fix_rewrites_only_the_shard_it_must(tmp_path, fmt):
     state = mlp(zeroed=4)
     index = shard(state, tmp_path / "m", fmt)
+    (index.parent / "config.json").write_text("{}")
     analysis = analyse(load(index.parent), make_options())
     result = repair(analysis, seed=0)
     assert set(result.tensors) == {"blocks.4.weight"}

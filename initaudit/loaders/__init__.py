@@ -150,11 +150,13 @@ def _load(path: str | Path | None, *, trust_pickle: bool = False, factory: str |
         raise InputError("give a model file, or --model package.module:factory")
     if where == "folder" and dcp.is_dcp_folder(p):
         return dcp.load(p, optimizer_state)
-    if where == "folder" and (hf_folder.is_hf_folder(p) or hf_folder.index_of(p)):
+    if where == "folder" and hf_folder.is_hf_folder(p):
         return hf_folder.load(p)
     if where == "folder":
-        raise InputError(f"{p}: a folder without config.json, a shard index or a distributed checkpoint (.metadata); "
-                         "give a model file (.pt, .pth, .bin, .ckpt, .safetensors, .onnx) or a model folder")
+        index = hf_folder.index_of(p)
+        also = f", or its shard index ({p / index}) without one" if index else ""
+        raise InputError(f"{p}: a folder without config.json (nor a distributed checkpoint's .metadata); give a model "
+                         f"file (.pt, .pth, .bin, .ckpt, .safetensors, .onnx), a Hugging Face model folder{also}")
     if p.name.endswith(".index.json"):
         return hf_folder.load(p.parent, index=p.name)
     if kind == "safetensors":
