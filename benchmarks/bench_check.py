@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -190,41 +191,49 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a killed run still deletes its checkpoints
     folder = Path(tempfile.mkdtemp(prefix="initaudit-bench-", dir=args.dir))
     lens = shutil.which("lens") or (str(Path(PYTHON).parent / "lens") if (Path(PYTHON).parent / "lens").exists() else None)
     try:
         print(f"writing checkpoints into {folder} …", flush=True)
         todo = cases(folder, args.sizes)
         print(f"cores: {len(os.sched_getaffinity(0))}, load average at start: {os.getloadavg()[0]:.2f}; best of "
-              f"{args.repeat} runs, page cache warm", flush=True)
+              f"{args.repeat} interleaved runs each, page cache warm", flush=True)
         tiny = {"safetensors": folder / "tiny.safetensors", "pt": folder / "tiny.pt", "dcp": folder / "tiny-dcp"}
-        check = [PYTHON, "-m", "initaudit.cli", "check", "--format", "json"]
-        start = {k: timed([*check[:-2], str(p), "--format", "json"], args.repeat) for k, p in tiny.items()}
-        torch_start, _ = timed([PYTHON, "-c", "import torch"], args.repeat)
-        print(f"start-up: import torch {torch_start:.2f} s; check of a tiny file "
-              + ", ".join(f"{k} {s:.2f} s / {r:.0f} MB" for k, (s, r) in start.items()))
-        head = (f"{'checkpoint':24} {'MB':>6} {'check s':>8} {'MB/s':>6} {'net MB/s':>8} {'RSS MB':>7} "
-                f"{'+RSS MB':>7} {'largest':>7} {'bare s':>7} {'net MB/s':>8} {'ratio':>6} {'lens s':>7}")
+        check = [PYTHON, "-m", "initaudit.cli", "check"]
+        head = (f"{'checkpoint':22} {'MB':>5} {'check s':>7} {'MB/s':>5} {'net MB/s':>8} {'RSS MB':>6} "
+                f"{'+RSS':>5} {'largest':>7} {'bare s':>6} {'net MB/s':>8} {'ratio':>5} {'start s':>7} {'lens s':>6}")
         print(head + "\n" + "-" * len(head), flush=True)
         for label, kind, path, largest in todo:
             mb = size_mb(path)
             subprocess.run(["cat", *[str(p) for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()]],
                            stdout=subprocess.DEVNULL)  # warm the page cache
-            bare_s, _ = timed([PYTHON, "-c", BARE[kind], str(path)], args.repeat)
-            check_s, rss = timed([*check[:-2], str(path), "--format", "json"], args.repeat)
-            tiny_s, tiny_rss = start[kind]
+            runs = {"bare": [PYTHON, "-c", BARE[kind], str(path)], "check": [*check, str(path), "--format", "json"],
+                    "start": [*check, str(tiny[kind]), "--format", "json"], "torch": [PYTHON, "-c", "import torch"]}
+            best = {k: (float("inf"), 0.0) for k in runs}
+            for _ in range(args.repeat):  # interleaved: every command sees the same load
+                for k, cmd in runs.items():
+                    seconds, rss = timed(cmd, 1)
+                    best[k] = (min(best[k][0], seconds), max(best[k][1], rss))
+            (bare_s, _), (check_s, rss), (start_s, start_rss), (torch_s, _) = (best[k] for k in runs)
             lens_s = "-"
             if lens:
                 target = path / "model.safetensors.index.json" if (path / "model.safetensors.index.json").exists() else path
                 lens_s = f"{timed([lens, 'analyze', str(target), '--num-workers', 'auto'], 1)[0]:.2f}"
-            print(f"{label:24} {mb:6.0f} {check_s:8.2f} {mb / check_s:6.0f} {mb / max(check_s - tiny_s, 1e-9):8.0f} "
-                  f"{rss:7.0f} {rss - tiny_rss:7.0f} {largest:7.0f} {bare_s:7.2f} "
-                  f"{mb / max(bare_s - torch_start, 1e-9):8.0f} {check_s / bare_s:6.2f} {lens_s:>7}", flush=True)
+            print(f"{label:22} {mb:5.0f} {check_s:7.2f} {mb / check_s:5.0f} {_net(mb, check_s, start_s):>8} "
+                  f"{rss:6.0f} {rss - start_rss:5.0f} {largest:7.0f} {bare_s:6.2f} {_net(mb, bare_s, torch_s):>8} "
+                  f"{check_s / bare_s:5.2f} {start_s:7.2f} {lens_s:>6}", flush=True)
         print(f"load average at the end: {os.getloadavg()[0]:.2f}")
-        print("net MB/s: size / (time - start-up); +RSS: peak RSS above check of a tiny file; ratio: check / bare read")
+        print("net MB/s: size / (time - start-up), start-up being `check` of a tiny file of the same format for check and "
+              "`import torch` for the bare read; +RSS: peak RSS above that tiny check; ratio: check / bare read")
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _net(mb: float, seconds: float, start: float) -> str:
+    """MB/s net of start-up ("-" where the difference is lost in the noise)."""
+    return f"{mb / (seconds - start):.0f}" if seconds - start > 0.02 else "-"
 
 
 if __name__ == "__main__":

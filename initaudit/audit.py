@@ -114,7 +114,6 @@ def _measure_one(loaded: Loaded, layer: Layer, param: Param, n_blocks: int) -> t
         kept = tensor.clone() if param.role == "bias" else None  # for dead-units, once the file's memory is back
         return None, (st, fp, rec, verdict, kept)
     finally:
-        tensor = None
         loaded.tensors.release(param.key)
 
 
@@ -127,17 +126,18 @@ def _run_parallel(loaded: Loaded, jobs: list[tuple[Layer, Param, int]]) -> list[
     n = stats.workers() if len(jobs) > 1 else 1
     threads = torch.get_num_threads()
     bar = _progress(total)
+    pool = ThreadPoolExecutor(n, thread_name_prefix="initaudit-measure")
     try:
         if n > 1:
             torch.set_num_threads(1)  # one kernel thread per worker: the workers are the parallelism
-        with ThreadPoolExecutor(n, thread_name_prefix="initaudit-measure") as pool:
-            futures = [pool.submit(_measure_one, loaded, *job) for job in jobs]
-            results = []
-            for (_, param, _), future in zip(jobs, futures):
-                results.append(future.result())
-                bar(loaded.tensors.nbytes(param.key))
+        futures = [pool.submit(_measure_one, loaded, *job) for job in jobs]
+        results = []
+        for (_, param, _), future in zip(jobs, futures):
+            results.append(future.result())
+            bar(loaded.tensors.nbytes(param.key))
         return results
     finally:
+        pool.shutdown(cancel_futures=True)  # after an error, the tensors not yet started are not read
         torch.set_num_threads(threads)
         bar(None)
 
