@@ -79,6 +79,7 @@ def write_safetensors(path: Path, names: list[tuple[str, tuple[int, ...]]], dtyp
 
 
 def write_sharded(folder: Path, names, dtype: torch.dtype, shards: int) -> Path:
+    """Shards and their index (returned: a folder without config.json is checked through its index)."""
     folder.mkdir()
     weight_map = {}
     for i in range(shards):
@@ -86,8 +87,9 @@ def write_sharded(folder: Path, names, dtype: torch.dtype, shards: int) -> Path:
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         write_safetensors(folder / name, part, dtype, seed=i)
         weight_map.update({k: name for k, _ in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return folder
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return index
 
 
 def write_torch(path: Path, names, dtype: torch.dtype) -> None:
@@ -138,8 +140,9 @@ print(sum(float(t.sum()) for t in sd.values()))
 }
 
 PROBE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-         "subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
-         "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+         "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE); "
+         "s = time.perf_counter() - t; sys.stderr.write(code.stderr.decode()[-500:]); "
+         "print(code.returncode, s, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
 def timed(cmd: list[str], repeat: int) -> tuple[float, float]:
@@ -147,8 +150,10 @@ def timed(cmd: list[str], repeat: int) -> tuple[float, float]:
     best, rss = float("inf"), 0.0
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for _ in range(repeat):
-        out = subprocess.run([PYTHON, "-c", PROBE, *cmd], capture_output=True, text=True, check=True, env=env).stdout
-        seconds, peak_kib = out.split()
+        done = subprocess.run([PYTHON, "-c", PROBE, *cmd], capture_output=True, text=True, check=True, env=env)
+        code, seconds, peak_kib = done.stdout.split()
+        if code not in ("0", "1"):  # 1: findings; anything else is a failed run, not a figure
+            raise SystemExit(f"{' '.join(cmd)} failed (exit {code}): {done.stderr.strip()}")
         best, rss = min(best, float(seconds)), max(rss, int(peak_kib) / 1024)
     return best, rss
 
@@ -175,8 +180,8 @@ def cases(folder: Path, sizes: list[float]) -> list[tuple[str, str, Path, float]
             write_dcp(folder / f"gpt-{tag}-fp32-dcp", f32, torch.float32)
             out.append((f"{tag} fp32 DCP", "dcp", folder / f"gpt-{tag}-fp32-dcp", largest))
         else:
-            write_sharded(folder / f"gpt-{tag}-fp32-sharded", f32, torch.float32, shards=max(2, round(gb)))
-            out.append((f"{tag} fp32 sharded", "safetensors", folder / f"gpt-{tag}-fp32-sharded", largest))
+            index = write_sharded(folder / f"gpt-{tag}-fp32-sharded", f32, torch.float32, shards=max(2, round(gb)))
+            out.append((f"{tag} fp32 sharded", "safetensors", index, largest))
     tiny = layout(0.001, torch.float32)[:14]
     write_safetensors(folder / "tiny.safetensors", tiny, torch.float32, 0)
     write_torch(folder / "tiny.pt", tiny, torch.float32)
@@ -205,10 +210,11 @@ def main() -> None:
                 f"{'+RSS':>5} {'largest':>7} {'bare s':>6} {'net MB/s':>8} {'ratio':>5} {'start s':>7} {'lens s':>6}")
         print(head + "\n" + "-" * len(head), flush=True)
         for label, kind, path, largest in todo:
-            mb = size_mb(path)
-            subprocess.run(["cat", *[str(p) for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()]],
+            where = path.parent if path.name.endswith(".index.json") else path
+            mb = size_mb(where)
+            subprocess.run(["cat", *[str(p) for p in ([where] if where.is_file() else where.rglob("*")) if p.is_file()]],
                            stdout=subprocess.DEVNULL)  # warm the page cache
-            runs = {"bare": [PYTHON, "-c", BARE[kind], str(path)], "check": [*check, str(path), "--format", "json"],
+            runs = {"bare": [PYTHON, "-c", BARE[kind], str(where)], "check": [*check, str(path), "--format", "json"],
                     "start": [*check, str(tiny[kind]), "--format", "json"], "torch": [PYTHON, "-c", "import torch"]}
             best = {k: (float("inf"), 0.0) for k in runs}
             for _ in range(args.repeat):  # interleaved: every command sees the same load
@@ -218,8 +224,7 @@ def main() -> None:
             (bare_s, _), (check_s, rss), (start_s, start_rss), (torch_s, _) = (best[k] for k in runs)
             lens_s = "-"
             if lens:
-                target = path / "model.safetensors.index.json" if (path / "model.safetensors.index.json").exists() else path
-                lens_s = f"{timed([lens, 'analyze', str(target), '--num-workers', 'auto'], 1)[0]:.2f}"
+                lens_s = f"{timed([lens, 'analyze', str(path), '--num-workers', 'auto'], 1)[0]:.2f}"
             print(f"{label:22} {mb:5.0f} {check_s:7.2f} {mb / check_s:5.0f} {_net(mb, check_s, start_s):>8} "
                   f"{rss:6.0f} {rss - start_rss:5.0f} {largest:7.0f} {bare_s:6.2f} {_net(mb, bare_s, torch_s):>8} "
                   f"{check_s / bare_s:5.2f} {start_s:7.2f} {lens_s:>6}", flush=True)
