@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ class Measured:
     fingerprint: schemes.Fingerprint | None
     recommended: schemes.Recommendation | None
     facts: dict[str, Any]
+    verdict: weight_state.TensorState | None = None  # fresh/trained, measured while the tensor was in memory
 
 
 def build_graph(loaded: Loaded, options: Options) -> LayerGraph:
@@ -42,45 +45,121 @@ def build_graph(loaded: Loaded, options: Options) -> LayerGraph:
 def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
     """Stats, fingerprint and facts for every audited tensor; tied tensors are read once.
 
-    Ties are told by storage only where the source holds every tensor (a lazily read tensor's
-    freed memory may be reused by the next one); ONNX shares initializers on purpose and audits
-    them once per layer that uses them. Tensors that hold no real numbers (`stats.auditable`) are
-    skipped with one note per reason in `loaded.notes`.
+    Tensors are measured on every core at once (torch's kernels release the GIL; each runs on one
+    thread meanwhile), and each one's memory is handed back to its file as soon as it is measured
+    (`TensorSource.release`): everything that reads its values (stats, fingerprint, the fresh/trained
+    fit) runs while it is in memory. Ties are told by storage only where the source holds every
+    tensor (a lazily read tensor's freed memory may be reused by the next one); ONNX shares
+    initializers on purpose and audits them once per layer that uses them. Tensors that hold no
+    real numbers (`stats.auditable`) are skipped with one note per reason in `loaded.notes`.
     """
-    out, cache = [], {}
-    skipped: dict[str, list[str]] = {}
     repeats = Counter(_block_pattern(layer.name) for layer in graph if layer.weighted)
-    for layer in graph:
-        bias = _bias_of(loaded, layer)
-        for param in layer.params:
-            if param.role == "buffer":
-                continue
-            raw = loaded.tensors[param.key]
-            tensor, reason = stats.auditable(raw)
-            if tensor is None:
-                skipped.setdefault(reason, []).append(param.key)
-                continue
-            ident = _identity(raw) if loaded.tensors.resident else (param.key,)
-            if ident in cache:
-                param.shared_with = cache[ident][0]
-                st = cache[ident][1]
-            else:
-                st = stats.compute(tensor, param.unit_axis, units=param.is_weight and layer.kind in UNIT_KINDS)
-                cache[ident] = (param.key, st)
-            fp = rec = None
-            n_blocks = repeats[_block_pattern(layer.name)]
-            if param.is_weight:
-                fp = schemes.fingerprint(st, param.fan_in, param.fan_out, layer.kind, layer.activation,
-                                         tensor, param.unit_axis, param.hidden, n_blocks)
-                role = "weight_hh" if "weight_hh" in param.key else "weight"
-                rec = schemes.recommend(layer.activation, param.fan_in, param.fan_out, layer.kind, param.hidden, role)
-            out.append(Measured(layer, param, st, fp, rec, facts(graph, layer, param, st, fp, rec, bias, n_blocks)))
+    params = [(layer, param) for layer in graph for param in layer.params if param.role != "buffer"]
+    first: dict[tuple, int] = {}  # a storage's identity -> the first param that reads it
+    owner = {}
+    for i, (_, param) in enumerate(params):
+        ident = _identity(loaded.tensors[param.key]) if loaded.tensors.resident else (param.key,)
+        owner[i] = first.setdefault(ident, i)
+    jobs = sorted(set(owner.values()))
+    results = _run_parallel(loaded, [(params[i][0], params[i][1], repeats[_block_pattern(params[i][0].name)])
+                                     for i in jobs])
+    by_job = dict(zip(jobs, results))
+    out: list[Measured] = []
+    skipped: dict[str, list[str]] = {}
+    biases: dict[str, torch.Tensor] = {}  # read once: a remote tensor costs a request
+    for i, (layer, param) in enumerate(params):
+        reason, measured = by_job[owner[i]]
+        if reason is not None:
+            skipped.setdefault(reason, []).append(param.key)
+            continue
+        st, fp, rec, verdict, kept = measured
+        if kept is not None:
+            biases[param.key] = kept
+        n_blocks = repeats[_block_pattern(layer.name)]
+        if owner[i] != i:  # a tied tensor: its first name's stats, its own context
+            param.shared_with = params[owner[i]][1].key
+            fp, rec = _scheme(layer, param, st, stats.auditable(loaded.tensors[param.key])[0], n_blocks)
+            verdict = None
+        bias = _bias_of(loaded, layer, biases)
+        out.append(Measured(layer, param, st, fp, rec, facts(graph, layer, param, st, fp, rec, bias, n_blocks), verdict))
     _add_recipe_shares(out)
     for reason, keys in skipped.items():
         note = f"not audited ({reason}): {_short(keys, 5)}"
         if note not in loaded.notes:
             loaded.notes.append(note)
     return out
+
+
+def _scheme(layer: Layer, param: Param, st: stats.TensorStats, tensor: torch.Tensor | None,
+            n_blocks: int) -> tuple[schemes.Fingerprint | None, schemes.Recommendation | None]:
+    """A weight's fingerprint and the scheme recommended for it."""
+    if not param.is_weight:
+        return None, None
+    fp = schemes.fingerprint(st, param.fan_in, param.fan_out, layer.kind, layer.activation,
+                             tensor, param.unit_axis, param.hidden, n_blocks)
+    role = "weight_hh" if "weight_hh" in param.key else "weight"
+    return fp, schemes.recommend(layer.activation, param.fan_in, param.fan_out, layer.kind, param.hidden, role)
+
+
+def _measure_one(loaded: Loaded, layer: Layer, param: Param, n_blocks: int) -> tuple[str | None, tuple | None]:
+    """(why it is skipped, None) or (None, (stats, fingerprint, recommendation, fresh/trained verdict)) of one
+    tensor, its memory handed back afterwards."""
+    try:
+        tensor, reason = stats.auditable(loaded.tensors[param.key])
+        if tensor is None:
+            return reason, None
+        st = stats.compute(tensor, param.unit_axis, units=param.is_weight and layer.kind in UNIT_KINDS)
+        fp, rec = _scheme(layer, param, st, tensor, n_blocks)
+        verdict = weight_state.classify_any(st, tensor, param.unit_axis) if param.is_weight and layer.weighted else None
+        kept = tensor.clone() if param.role == "bias" else None  # for dead-units, once the file's memory is back
+        return None, (st, fp, rec, verdict, kept)
+    finally:
+        loaded.tensors.release(param.key)
+
+
+PROGRESS_BYTES = 256 << 20  # a progress bar (on a terminal) for models at least this large
+
+
+def _run_parallel(loaded: Loaded, jobs: list[tuple[Layer, Param, int]]) -> list[tuple[str | None, tuple | None]]:
+    """`_measure_one` of every job, on every core, in order; a progress bar over bytes on a terminal."""
+    total = sum(loaded.tensors.nbytes(param.key) for _, param, _ in jobs)
+    n = stats.workers() if len(jobs) > 1 else 1
+    threads = torch.get_num_threads()
+    bar = _progress(total)
+    pool = ThreadPoolExecutor(n, thread_name_prefix="initaudit-measure")
+    try:
+        if n > 1:
+            torch.set_num_threads(1)  # one kernel thread per worker: the workers are the parallelism
+        futures = [pool.submit(_measure_one, loaded, *job) for job in jobs]
+        results = []
+        for (_, param, _), future in zip(jobs, futures):
+            results.append(future.result())
+            bar(loaded.tensors.nbytes(param.key))
+        return results
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error, the tensors not yet started are not read
+        torch.set_num_threads(threads)
+        bar(None)
+
+
+def _progress(total: int):
+    """An `advance(nbytes)` callable (None closes it): a rich progress bar on stderr when it is a terminal."""
+    if total < PROGRESS_BYTES or not sys.stderr.isatty():
+        return lambda n: None
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    progress = Progress("auditing", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        console=Console(stderr=True), transient=True)
+    task = progress.add_task("audit", total=total)
+    progress.start()
+
+    def advance(n: int | None) -> None:
+        if n is None:
+            progress.stop()
+        else:
+            progress.advance(task, n)
+    return advance
 
 
 def _add_recipe_shares(measured: list[Measured]) -> None:
@@ -105,8 +184,10 @@ def _identity(tensor: torch.Tensor) -> tuple:
         return (id(tensor),)
 
 
-def _bias_of(loaded: Loaded, layer: Layer) -> torch.Tensor | None:
+def _bias_of(loaded: Loaded, layer: Layer, read: dict[str, torch.Tensor]) -> torch.Tensor | None:
     bias = layer.param("bias")
+    if bias is not None and bias.key in read:
+        return read[bias.key]
     return stats.auditable(loaded.tensors[bias.key])[0] if bias is not None else None
 
 
@@ -285,7 +366,7 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     if options.activation is not None or options.activations:
         notes = [n for n in notes if "activations are unknown" not in n]
     notes += [line for line in [weight_state.note(state, aside)] if line]
-    report = Report(model=str(loaded.path) if loaded.path else "<module>", format=loaded.format,
+    report = Report(model=loaded.name, format=loaded.format,
                     layers=layer_rows(measured), findings=evaluate(measured, rules, options), notes=notes,
                     weights_state=state.state, state_evidence={**state.evidence(), "rules_set_aside": aside})
     return Analysis(loaded, graph, measured, report, options)

@@ -329,7 +329,8 @@ def repair(analysis: Analysis, all_layers: bool = False, only: list[str] | None 
 def _reaudit(analysis: Analysis, result: FixResult) -> None:
     """Audit the model with the new tensors in place: which findings on the re-drawn layers are gone."""
     src = analysis.loaded.tensors
-    patched = TensorSource(src.shapes, lambda key: result.tensors[key] if key in result.tensors else src[key], src.resident)
+    patched = TensorSource(src.shapes, lambda key: result.tensors[key] if key in result.tensors else src[key], src.resident,
+                           release=src.release)
     again = analyse(replace(analysis.loaded, tensors=patched), analysis.options or Options()).report
     layers = {c.layer for c in result.changes}
 

@@ -264,10 +264,13 @@ def parse_rule(raw: Any, source: str) -> Rule:
                 metadata=raw.get("metadata", {}), source=source)
 
 
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's: the same safe subset, 10x faster
+
+
 def load_file(path: Path, label: str | None = None) -> list[Rule]:
     label = label or str(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SAFE_LOADER)
     except yaml.YAMLError as exc:
         raise InputError(f"{label}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(data, list):

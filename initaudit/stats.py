@@ -1,19 +1,33 @@
-"""One pass over a tensor, in bounded chunks of units (rows): moments, extremes, zeros, non-finite
+"""One pass over a tensor, in cache-sized chunks of units (rows): moments, extremes, zeros, non-finite
 values, zero units, the spread of unit norms, and groups of identical (or near-identical) units
-found by hashing each row to a random projection (no comparison of all pairs)."""
+found by hashing each row to a random projection (no comparison of all pairs).
+
+Each chunk is read from memory once and then worked on in the CPU's cache: its squares are the
+only temporary, and every sum (the power sums of the moments, each unit's and each input's sum
+of squares, the units' sums and two random projections) is a reduction over the chunk or its
+squares. Narrow floats (bf16, fp16, float8) are upcast chunk by chunk into a reused buffer. A
+large tensor's chunks are shared out over the CPU's cores (`workers`) and the partial sums merged.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 22        # units are read in chunks of about this many values
+CHUNK_ELEMENTS = 1 << 18        # units are read in chunks of about this many values (1 MB of fp32: fits L2)
+SPLIT_ELEMENTS = 1 << 24        # a tensor this large is shared out over the cores in row ranges
 DISTINCT_SAMPLE = 1 << 14       # distinct values are counted exactly up to this many entries
 NEAR_DUPLICATE_TOLERANCE = 1e-3  # units differing by at most this fraction of the std in every entry are copies
 MAX_REPORTED_GROUPS = 20
 SPARSE_DENSE_LIMIT = 1 << 24   # sparse tensors are audited (made dense) up to this many entries
+SHIFT_RATIO = 4.0               # moments are summed about the first chunk's mean when |mean| > this many stds
+_SHIFT_SAMPLE = 1 << 12          # values that decide the shift of the power sums
+_LINE = 64                      # bytes in a cache line
 _SMALL = 64                     # tensors this small are summed and counted in Python (per-call torch overhead)
 _WINDOW = 64                    # neighbours in projection order compared with each unit
 _HASH_SEED = 0x1A17
@@ -93,54 +107,197 @@ def auditable(tensor: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
     return tensor, None
 
 
-_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
+def workers() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
-def _scratch(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two reusable work buffers of n values: fresh multi-MB temporaries cost more in page faults than the math."""
-    buf = _SCRATCH.get(dtype)
-    if buf is None or buf.numel() < 2 * n:
-        buf = _SCRATCH[dtype] = torch.empty(2 * n, dtype=dtype)
-    return buf[:n], buf[n:2 * n]
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+_LOCAL = threading.local()
 
 
-class _Moments:
-    """Power sums about a fixed shift (the first chunk's mean): per chunk in the tensor's precision
-    (torch sums with cascaded partial sums), across chunks in float64."""
+def _pool() -> ThreadPoolExecutor:
+    """The threads a large tensor's row ranges run on (torch releases the GIL inside its kernels)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(workers(), thread_name_prefix="initaudit-stats")
+        return _POOL
 
-    def __init__(self) -> None:
-        self.n, self.shift, self.sums = 0, None, [0.0, 0.0, 0.0, 0.0]
 
-    def add(self, values: torch.Tensor) -> None:
-        if not values.numel():
-            return
-        if values.numel() <= _SMALL:  # a few values: Python floats (float64) beat a dozen torch calls
-            xs = values.reshape(-1).tolist()
-            if self.shift is None:
-                self.shift = math.fsum(xs) / len(xs)
-            ds = [x - self.shift for x in xs]
-            d2 = [d * d for d in ds]
-            for i, part in enumerate((ds, d2, [a * b for a, b in zip(d2, ds)], [a * a for a in d2])):
-                self.sums[i] += math.fsum(part)
-            self.n += len(xs)
-            return
-        if self.shift is None:
-            self.shift = float(values.mean())
-        d, d2 = _scratch(values.numel(), values.dtype)
-        torch.sub(values.reshape(-1), self.shift, out=d)
-        torch.mul(d, d, out=d2)
-        for i, part in enumerate((d.sum(), d2.sum(), torch.dot(d2, d), torch.dot(d2, d2))):  # dot: no temporaries
-            self.sums[i] += float(part)
-        self.n += values.numel()
+def _scratch(n: int, dtype: torch.dtype, k: int, use: str, like: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """k work buffers of n values for one `use`, reused per thread: fresh multi-MB temporaries cost more in page
+    faults than the math (buffers beyond a few chunks, for units wider than a chunk, are not kept). `like`: the
+    first buffer starts at the same offset within a cache line as that tensor (BLAS's dot of two vectors
+    aligned differently takes a path ten times slower; a mapped file's tensors sit at any multiple of 8 bytes)."""
+    bufs = _LOCAL.__dict__.setdefault("bufs", {})
+    pad = _LINE // dtype.itemsize
+    buf = bufs.get((use, dtype))
+    if buf is None or buf.numel() < k * n + pad:
+        buf = torch.empty(k * n + pad, dtype=dtype)
+        if k * n <= 8 * CHUNK_ELEMENTS:
+            bufs[(use, dtype)] = buf
+    start = 0
+    if like is not None and like.dtype == dtype:
+        start = (like.data_ptr() - buf.data_ptr()) % _LINE // buf.element_size()
+    return [buf[start + i * n:start + (i + 1) * n] for i in range(k)]
 
-    def result(self) -> tuple[float, float, float]:
-        """Mean, population variance, excess kurtosis."""
-        if self.n == 0:
-            return math.nan, math.nan, math.nan
-        m1, m2, m3, m4 = (s / self.n for s in self.sums)
-        var = max(m2 - m1 * m1, 0.0)
-        c4 = m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1 ** 4
-        return self.shift + m1, var, (c4 / (var * var) - 3.0 if var > 0 else math.nan)
+
+def _python_sums(values: torch.Tensor, shift: float) -> list[float]:
+    """Power sums 1-4 about `shift` of a few values, in Python floats (float64): cheaper than torch calls."""
+    ds = [x - shift for x in values.reshape(-1).tolist()]
+    d2 = [d * d for d in ds]
+    return [math.fsum(ds), math.fsum(d2), math.fsum(a * b for a, b in zip(d2, ds)), math.fsum(a * a for a in d2)]
+
+
+def _power_sums(values: torch.Tensor, shift: float) -> list[float]:
+    """Power sums 1-4 about `shift` of flat, finite values (per chunk in their precision: torch sums with
+    cascaded partial sums)."""
+    if values.numel() <= _SMALL:
+        return _python_sums(values, shift)
+    d, d2 = _scratch(values.numel(), values.dtype, 2, "sums")
+    torch.sub(values, shift, out=d)
+    torch.mul(d, d, out=d2)
+    return [float(d.sum()), float(d2.sum()), float(torch.dot(d2, d)), float(torch.dot(d2, d2))]
+
+
+@dataclass
+class _Part:
+    """What a run of chunks adds up to; parts of one tensor are merged in row order."""
+
+    n: int = 0
+    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    nan: int = 0
+    inf: int = 0
+    zeros: int = 0
+    lo: float = math.inf
+    hi: float = -math.inf
+    zero_units: list[int] = field(default_factory=list)
+    proj: list[torch.Tensor] = field(default_factory=list)    # [3, rows]: two random projections and the sums
+    norms: list[torch.Tensor] = field(default_factory=list)
+    column_sq: torch.Tensor | None = None
+
+    def add_sums(self, sums: list[float], n: int) -> None:
+        self.sums = [a + b for a, b in zip(self.sums, sums)]
+        self.n += n
+
+    def merge(self, other: "_Part") -> None:
+        self.add_sums(other.sums, other.n)
+        self.nan, self.inf, self.zeros = self.nan + other.nan, self.inf + other.inf, self.zeros + other.zeros
+        self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
+        self.zero_units += other.zero_units
+        self.proj += other.proj
+        self.norms += other.norms
+        if other.column_sq is not None:
+            self.column_sq = other.column_sq if self.column_sq is None else self.column_sq + other.column_sq
+
+
+class _Scan:
+    """The chunked pass over rows [start, stop) of a [units, width] view."""
+
+    def __init__(self, rows: torch.Tensor, dtype: torch.dtype, shift: float, units: bool):
+        self.rows, self.dtype, self.shift, self.units = rows, dtype, shift, units
+        self.width = rows.shape[1]
+        self.step = max(1, CHUNK_ELEMENTS // max(self.width, 1))
+        self.basis = _basis(self.width, dtype) if units else None
+        self.ones = torch.ones(self.step, dtype=dtype) if units else None
+
+    def __call__(self, start: int, stop: int) -> _Part:
+        part = _Part()
+        if self.units:
+            part.column_sq = torch.zeros(self.width, dtype=self.dtype)
+        for first in range(start, stop, self.step):
+            source = self.rows[first:min(first + self.step, stop)]
+            chunk = source
+            if source.dtype != self.dtype or not source.is_contiguous():
+                chunk = _scratch(source.numel(), self.dtype, 1, "chunk")[0].view(source.shape).copy_(source)
+            self._chunk(part, first, chunk, _scratch(source.numel(), self.dtype, 1, "squares", like=chunk))
+        return part
+
+    def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, bufs: list[torch.Tensor]) -> None:
+        flat = chunk.reshape(-1)
+        lo, hi = (float(v) for v in torch.aminmax(flat))
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN or Inf somewhere
+            return self._non_finite(part, first, chunk)
+        part.lo, part.hi = min(part.lo, lo), max(part.hi, hi)
+        n, width = flat.numel(), self.width
+        sq = None
+        if self.units or not self.shift:
+            sq = torch.mul(flat, flat, out=bufs[0])
+        proj = torch.mm(self.basis, chunk.T) if self.units else None
+        if n <= _SMALL:
+            part.add_sums(_python_sums(flat, self.shift), n)
+        elif self.shift:
+            part.add_sums(_power_sums(flat, self.shift), n)
+        else:  # about 0: the squares are those of the norms, the sums the units' (one matmul gave them)
+            s1 = float(proj[2].sum()) if proj is not None else float(flat.sum())
+            part.add_sums([s1, float(sq.sum()), float(torch.dot(sq, flat)), float(torch.dot(sq, sq))], n)
+        zeros = 0
+        if lo <= 0 <= hi and (sq is None or float(sq.amin()) == 0):  # squares underflow too: then count exactly
+            zeros = n - int(torch.count_nonzero(flat))
+        part.zeros += zeros
+        if self.units:
+            if zeros >= width:  # only then can a whole unit be zero
+                nonzero_per_unit = torch.count_nonzero(chunk, dim=1)
+                part.zero_units.extend((first + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
+            sq2 = sq.view(chunk.shape)
+            part.proj.append(proj)
+            part.norms.append(sq2.sum(dim=1).sqrt())
+            part.column_sq.addmv_(sq2.T, self.ones[:sq2.shape[0]])  # a column sum as BLAS does it: 2x torch's
+
+    def _non_finite(self, part: _Part, first: int, chunk: torch.Tensor) -> None:
+        """A chunk with NaN or Inf: counted, then left out of every sum (set to 0, yet not counted as zeros)."""
+        finite = torch.isfinite(chunk)
+        part.nan += int(torch.isnan(chunk).sum())
+        part.inf += int(torch.isinf(chunk).sum())
+        values = chunk[finite]
+        if values.numel():
+            lo, hi = (float(v) for v in torch.aminmax(values))
+            part.lo, part.hi = min(part.lo, lo), max(part.hi, hi)
+            part.add_sums(_power_sums(values, self.shift), values.numel())
+        clean = torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
+        bad_per_unit = (~finite).sum(dim=1)
+        zeros = clean.numel() - int(torch.count_nonzero(clean)) - int(bad_per_unit.sum())
+        part.zeros += zeros
+        if self.units:
+            if zeros >= self.width:
+                nonzero_per_unit = torch.count_nonzero(clean, dim=1) + bad_per_unit
+                part.zero_units.extend((first + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
+            sq = clean * clean
+            part.proj.append(torch.mm(self.basis, clean.T))
+            part.norms.append(sq.sum(dim=1).sqrt())
+            part.column_sq += sq.sum(dim=0)
+
+
+def _shift(rows: torch.Tensor, step: int, dtype: torch.dtype) -> float:
+    """0, or the mean of the first values where it is large next to their spread (a norm's weights about 1):
+    power sums about 0 would then lose the variance to cancellation."""
+    first = rows[:step].reshape(-1)[:_SHIFT_SAMPLE].to(dtype)
+    var, mean = (float(v) for v in torch.var_mean(first, correction=0))
+    if not (math.isfinite(var) and math.isfinite(mean)):  # NaN or Inf in the first chunk: its finite values
+        first = first[torch.isfinite(first)]
+        if not first.numel():
+            return 0.0
+        var, mean = (float(v) for v in torch.var_mean(first.to(torch.float64), correction=0))
+    return mean if abs(mean) > SHIFT_RATIO * math.sqrt(var) else 0.0
+
+
+def _ranges(n_units: int, step: int, width: int) -> list[tuple[int, int]]:
+    """Row ranges, one per core for a large tensor (on whole chunks), else one."""
+    parts = workers() if n_units * width >= SPLIT_ELEMENTS else 1
+    if parts <= 1 or getattr(_LOCAL, "in_pool", False):
+        return [(0, n_units)]
+    size = -(-n_units // parts // step) * step or step
+    return [(a, min(a + size, n_units)) for a in range(0, n_units, size)]
+
+
+def _in_pool(scan: _Scan, start: int, stop: int) -> _Part:
+    _LOCAL.in_pool = True
+    return scan(start, stop)
 
 
 def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True) -> TensorStats:
@@ -154,75 +311,60 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True) -> Ten
         nan_ = math.nan
         return TensorStats(0, n_units, 0, 0, 0, nan_, nan_, nan_, nan_, nan_, nan_, 0.0, 0)
     dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    step = max(1, CHUNK_ELEMENTS // max(width, 1))
-    moments = _Moments()
-    nan = inf = zeros = 0
-    lo, hi = math.inf, -math.inf
-    zero_units: list[int] = []
-    projections, norms = [], []
-    column_sq = torch.zeros(width, dtype=torch.float64) if units else None
-    basis = _basis(width, dtype) if units else None
-    for start in range(0, n_units, step):
-        chunk = rows[start:start + step].to(dtype)
-        c_lo, c_hi = torch.aminmax(chunk)
-        if not math.isfinite(float(c_lo)) or not math.isfinite(float(c_hi)):  # NaN or Inf somewhere
-            n_nan = int(torch.isnan(chunk).sum())
-            nan += n_nan
-            inf += int(torch.isinf(chunk).sum())
-            finite = torch.isfinite(chunk)
-            values = chunk[finite]
-            chunk = torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
-            bad_per_unit = (~finite).sum(dim=1)  # set to 0 above, yet not zeros
-            if values.numel():
-                c_lo, c_hi = torch.aminmax(values)
-        else:
-            values = chunk.reshape(-1)
-            bad_per_unit = None
-        moments.add(values)
-        if values.numel():
-            lo, hi = min(lo, float(c_lo)), max(hi, float(c_hi))
-        chunk_zeros = chunk.numel() - int(torch.count_nonzero(chunk))  # a whole-chunk count is ~15x faster
-        if bad_per_unit is not None:
-            chunk_zeros -= int(bad_per_unit.sum())
-        zeros += chunk_zeros
-        if units:
-            if chunk_zeros >= width:  # only then can a whole unit be zero
-                nonzero_per_unit = torch.count_nonzero(chunk, dim=1)
-                if bad_per_unit is not None:
-                    nonzero_per_unit += bad_per_unit
-                zero_units.extend((start + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
-            projections.append(chunk @ basis)  # two random projections and the unit's sum
-            norms.append(torch.linalg.vector_norm(chunk, dim=1))
-            column_sq += torch.linalg.vector_norm(chunk, dim=0).to(torch.float64) ** 2
-    mean, var, kurt = moments.result()
+    scan = _Scan(rows, dtype, _shift(rows, max(1, CHUNK_ELEMENTS // max(width, 1)), dtype), units)
+    ranges = _ranges(n_units, scan.step, width)
+    if len(ranges) == 1:
+        parts = [scan(*ranges[0])]
+    else:
+        parts = [f.result() for f in [_pool().submit(_in_pool, scan, a, b) for a, b in ranges]]
+    total = parts[0]
+    for part in parts[1:]:
+        total.merge(part)
+    return _assemble(tensor, rows, total, scan.shift, units)
+
+
+def _moments(part: _Part, shift: float) -> tuple[float, float, float]:
+    """Mean, population variance, excess kurtosis from power sums about `shift`."""
+    if part.n == 0:
+        return math.nan, math.nan, math.nan
+    m1, m2, m3, m4 = (s / part.n for s in part.sums)
+    var = max(m2 - m1 * m1, 0.0)
+    c4 = m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1 ** 4
+    return shift + m1, var, (c4 / (var * var) - 3.0 if var > 0 else math.nan)
+
+
+def _assemble(tensor: torch.Tensor, rows: torch.Tensor, part: _Part, shift: float, units: bool) -> TensorStats:
+    n_units, width = rows.shape
+    mean, var, kurt = _moments(part, shift)
     std = math.sqrt(var) if var == var else math.nan
+    lo, hi = part.lo, part.hi
     spread = math.nan
     unit_norms = input_norms = unit_sums = None
+    groups, negligible = [], 0
     if units and n_units:
-        unit_norms, input_norms = torch.cat(norms), column_sq.sqrt()
+        unit_norms, input_norms = torch.cat(part.norms), part.column_sq.to(torch.float64).sqrt()
         longer = unit_norms if n_units <= width else input_norms  # the norms over more values each
         mid = float(longer.mean())
         spread = float(longer.max() - longer.min()) / mid if mid > 0 else math.nan
-    groups, negligible = [], 0
-    if units and n_units:
-        proj = torch.cat(projections)
+        proj = torch.cat(part.proj, dim=1).T
         unit_sums = proj[:, 2].to(torch.float64)
         if n_units > 1 and lo < hi:
-            groups = _duplicate_groups(rows, proj[:, :2], std * NEAR_DUPLICATE_TOLERANCE, set(zero_units))
+            groups = _duplicate_groups(rows, proj[:, :2], std * NEAR_DUPLICATE_TOLERANCE, set(part.zero_units))
             groups, negligible = _negligible_first(rows, groups, math.sqrt(var + mean * mean))
+    found = part.n > 0
     return TensorStats(
-        numel=rows.numel(), n_units=n_units, finite=moments.n, nan=nan, inf=inf, mean=mean, std=std,
-        min=lo if moments.n else math.nan, max=hi if moments.n else math.nan,
-        abs_max=max(abs(lo), abs(hi)) if moments.n else math.nan, excess_kurtosis=kurt,
-        zero_fraction=zeros / rows.numel() if rows.numel() else 0.0, distinct=_distinct(tensor),
+        numel=rows.numel(), n_units=n_units, finite=part.n, nan=part.nan, inf=part.inf, mean=mean, std=std,
+        min=lo if found else math.nan, max=hi if found else math.nan,
+        abs_max=max(abs(lo), abs(hi)) if found else math.nan, excess_kurtosis=kurt,
+        zero_fraction=part.zeros / rows.numel(), distinct=_distinct(tensor),
         norm_spread=spread, unit_norms=unit_norms, input_norms=input_norms,
-        unit_sums=unit_sums, zero_units=zero_units, duplicate_groups=groups, negligible_groups=negligible)
+        unit_sums=unit_sums, zero_units=part.zero_units, duplicate_groups=groups, negligible_groups=negligible)
 
 
 def _basis(width: int, dtype: torch.dtype) -> torch.Tensor:
-    """Two random directions (to hash units) and a column of ones (each unit's sum), one matmul for all three."""
+    """Two random directions (to hash units) and a row of ones (each unit's sum), [3, width]: one matmul for all three."""
     random = torch.randn(width, 2, generator=torch.Generator().manual_seed(_HASH_SEED), dtype=dtype)
-    return torch.cat([random, torch.ones(width, 1, dtype=dtype)], dim=1)
+    return torch.cat([random, torch.ones(width, 1, dtype=dtype)], dim=1).T.contiguous()
 
 
 NEGLIGIBLE_NORM = 0.05  # a unit whose norm is under this fraction of a typical unit's is negligible

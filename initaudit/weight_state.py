@@ -321,7 +321,7 @@ def assess(loaded: Any, measured: list, override: str = "auto") -> ModelState:
     for m in measured:
         if not m.param.is_weight or m.param.shared_with is not None or not m.layer.weighted:
             continue
-        verdict = _classify_any(m.stats, loaded.tensors[m.param.key], m.param.unit_axis)
+        verdict = m.verdict or classify_any(m.stats, loaded.tensors[m.param.key], m.param.unit_axis)
         tensors[m.param.key] = verdict
         per_layer.setdefault(m.layer.name, []).append(verdict.state)
     layers = {name: layer_state(states) for name, states in per_layer.items()}
@@ -333,7 +333,7 @@ def assess(loaded: Any, measured: list, override: str = "auto") -> ModelState:
     return ModelState(model_state(layers, sizes, signs), layers, tensors, signs, override)
 
 
-def _classify_any(stats: TensorStats, tensor: torch.Tensor, unit_axis: int) -> TensorState:
+def classify_any(stats: TensorStats, tensor: torch.Tensor, unit_axis: int) -> TensorState:
     """classify() on any dtype torch holds: the rarer ones (float8...) are upcast first."""
     try:
         if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):

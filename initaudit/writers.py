@@ -10,23 +10,18 @@ for bit, and the same input and new tensors give the same bytes.
 from __future__ import annotations
 
 import copy
+import json
 import os
-import re
 import shutil
 import stat
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from onnx import numpy_helper
-from onnx.external_data_helper import uses_external_data
-from safetensors import SafetensorError
-from safetensors.torch import save_file
 
 from .errors import InputError
 from .loaders import Loaded
-from .loaders import onnx_file, safetensors_file
+from .loaders import safetensors_file
 from .outputs import Protected, atomic, atomic_folder, check_suffix
 
 
@@ -43,8 +38,9 @@ def write(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, in_place: boo
     (`loaded.path` itself with `in_place`); return notes on what was left out."""
     writer = {"torch-state-dict": _state_dict, "torch-module": _pickled_module, "torchscript": _torchscript,
               "safetensors": _safetensors, "onnx": _onnx, "hf-folder": _hf_folder}.get(loaded.format)
-    if writer is None:
-        raise InputError(f"cannot write the {loaded.format} format")
+    if writer is None or (loaded.path is None and loaded.format != "safetensors"):
+        raise InputError(f"cannot write the {loaded.format} format"
+                         + (f" from {loaded.source}" if loaded.source else ""))
     if not in_place:
         check_target(loaded, out)
     return writer(loaded, new, out, Protected(loaded)) or []
@@ -59,43 +55,40 @@ def check_target(loaded: Loaded, out: Path) -> None:
 
 
 class _Sink:
-    """A file for torch.save that keeps the OSError (a full disk...) its C++ writer turns into a RuntimeError."""
+    """A file for torch.save that keeps the OSError (a full disk...) its C++ writer turns into a RuntimeError,
+    and hands back the pages of the mapped source after each record (torch writes a storage in one call)."""
 
-    def __init__(self, file):
-        self.file, self.error = file, None
+    def __init__(self, file, pages=None):
+        self.file, self.error, self.pages = file, None, pages
 
     def write(self, data) -> int:
         try:
-            return self.file.write(data)
+            written = self.file.write(data)
         except OSError as exc:
             self.error = exc
             raise
+        if self.pages is not None and len(data) >= _RELEASE_BYTES:
+            self.pages.release_all()
+        return written
 
     def flush(self) -> None:
         self.file.flush()
 
 
-def _torch_save(obj, out: Path) -> None:
-    """torch.save through a file object: the archive's inner folder is then always 'archive', not the temp name."""
+_RELEASE_BYTES = 1 << 20  # records this large hand back the source's pages once written
+
+
+def _torch_save(obj, out: Path, pages=None) -> None:
+    """torch.save through a file object: the archive's inner folder is then always 'archive', not the temp name.
+    Untouched tensors are written straight from the mapped source (`pages`: where it is mapped)."""
     with atomic(out) as tmp, open(tmp, "wb") as file:
-        sink = _Sink(file)
+        sink = _Sink(file, pages)
         try:
             torch.save(obj, sink)
         except RuntimeError:
             if sink.error is not None:
                 raise sink.error from None
             raise
-
-
-def _save_safetensors(tensors: dict[str, torch.Tensor], dest: Path, metadata: dict | None) -> None:
-    """safetensors' save_file, its I/O errors (reported as SafetensorError) raised as the OSError they are."""
-    try:
-        save_file(tensors, str(dest), metadata=metadata)
-    except SafetensorError as exc:
-        code = re.search(r"os error (\d+)", str(exc))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
 
 
 def _state_dict(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
@@ -111,7 +104,7 @@ def _state_dict(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protect
         parent = copy.copy(level)
         parent[key] = inner
         inner = parent
-    _torch_save(inner, out)
+    _torch_save(inner, out, c.pages)
 
 
 def _pickled_module(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
@@ -126,16 +119,59 @@ def _torchscript(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protec
 
 
 def _safetensors(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
-    tensors = safetensors_file.read_all(loaded.path)
-    for key, tensor in new.items():
-        tensors[key] = tensor.to(tensors[key].dtype).contiguous()
     with atomic(out) as tmp:
-        _save_safetensors(tensors, tmp, loaded.container["metadata"] or None)
+        stream_safetensors(loaded.container["file"], new, tmp)
+
+
+def stream_safetensors(source, new: dict[str, torch.Tensor], dest: Path) -> None:
+    """A safetensors file like `source` (a SafetensorsFile, or a remote one) with the tensors of `new` replaced:
+    the header first, then each tensor in the source's order, read (and its memory handed back) one at a
+    time, so memory holds the new tensors and one more."""
+    keys = source.in_file_order()
+    header, offset, data = {}, 0, {}
+    for key in keys:
+        entry = dict(source.entries[key])
+        size = entry["data_offsets"][1] - entry["data_offsets"][0]
+        if key in new:
+            data[key] = _bytes(new[key], entry["dtype"], key)
+            size = len(data[key])
+        entry["data_offsets"] = [offset, offset + size]
+        header[key] = entry
+        offset += size
+    if source.metadata:
+        header = {"__metadata__": source.metadata, **header}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(dest, "wb") as sink:
+        sink.write(len(raw).to_bytes(8, "little") + raw)
+        for key in keys:
+            if key in data:
+                sink.write(data[key])
+                continue
+            tensor = source.get(key)
+            sink.write(_bytes(tensor, source.entries[key]["dtype"], key))
+            tensor = None
+            source.release(key)
+
+
+def _bytes(tensor: torch.Tensor, code: str, key: str) -> memoryview:
+    """A tensor's bytes in the dtype its safetensors entry names."""
+    dtype = safetensors_file.DTYPES.get(code)
+    if dtype is None:
+        raise InputError(f"{key}: a {code} tensor, which fix cannot write")
+    tensor = tensor.to(dtype).contiguous().reshape(-1)
+    return memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
 
 
 def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
     """Only the rewritten initializers change; external data is streamed tensor by tensor into a new data file.
     A model that kept every initializer external keeps the rewritten ones external too, however small."""
+    import onnx  # only here: checking and fixing other formats never loads onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import uses_external_data
+
+    from .loaders import onnx_file
+
     views = loaded.container.views
     folder = loaded.path.resolve().parent
     model = onnx.load(str(loaded.path), load_external_data=False)
@@ -200,6 +236,8 @@ def _copy_external(proto: onnx.TensorProto, folder: Path, sink) -> int:
 
 
 def _point_to(proto: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    import onnx
+
     del proto.external_data[:]
     proto.data_location = onnx.TensorProto.EXTERNAL
     for key, value in (("location", location), ("offset", offset), ("length", length)):
@@ -229,10 +267,17 @@ def _hf_folder(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protecte
 
 def _write_shard(loaded: Loaded, new: dict[str, torch.Tensor], shard: str, dest: Path) -> None:
     shards = loaded.container["shards"]
-    tensors = safetensors_file.read_all(loaded.path / shard)
-    for key in (k for k in new if shards[k] == shard):
-        tensors[key] = new[key].to(tensors[key].dtype).contiguous()
-    _save_safetensors(tensors, dest, loaded.container["metadata"].get(shard) or None)
+    handle = loaded.container["handles"][shard]
+    mine = {k: t for k, t in new.items() if shards[k] == shard}
+    if isinstance(handle, safetensors_file.SafetensorsFile):
+        stream_safetensors(handle, mine, dest)
+        return
+    tensors = dict(handle.tensors)  # a torch shard: untouched tensors written from the mapped file
+    for key, tensor in mine.items():
+        tensors[key] = tensor.to(tensors[key].dtype)
+    with open(dest, "wb") as file:
+        sink = _Sink(file, handle.pages)
+        torch.save(tensors, sink)
 
 
 def _copy_regular_files(src: Path, dest: Path, skip: set[str]) -> list[tuple[str, str]]:

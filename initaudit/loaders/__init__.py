@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +28,35 @@ def natural_key(name: str) -> list:
 
 
 class TensorSource:
-    """Named tensors in file order, read on demand (so mmap'ed or lazily opened files stay on disk)."""
+    """Named tensors in file order, read on demand (so mmap'ed or lazily opened files stay on disk).
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor], resident: bool = False):
+    `release(key)` hands back the memory a tensor read from a mapped file holds once it is audited
+    (its pages stay in the page cache); `nbytes` sizes each tensor for progress and scheduling.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], get: Callable[[str], torch.Tensor], resident: bool = False,
+                 release: Callable[[str], None] | None = None, nbytes: dict[str, int] | None = None):
         self.shapes = shapes
         self._get = get
         self.resident = resident  # all tensors are held (so storages identify tied weights)
+        self._release = release
+        self._nbytes = nbytes or {}
+
+    def release(self, key: str) -> None:
+        if self._release is not None:
+            self._release(key)
+
+    def nbytes(self, key: str) -> int:
+        """The tensor's size in bytes (4 bytes a value where the loader did not say)."""
+        return self._nbytes.get(key, 4 * math.prod(self.shapes[key]))
 
     @classmethod
-    def of(cls, tensors: dict[str, torch.Tensor]) -> "TensorSource":
-        return cls({k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__, resident=True)
+    def of(cls, tensors: dict[str, torch.Tensor], release: Callable[[torch.Tensor], None] | None = None) -> "TensorSource":
+        """Tensors held in a dict (`release(tensor)`: for a dict of views into a mapped file)."""
+        sizes = {k: _nbytes(v) for k, v in tensors.items()}
+        drop = (lambda key: release(tensors[key])) if release is not None else None
+        return cls({k: tuple(v.shape) for k, v in tensors.items()}, tensors.__getitem__, resident=True,
+                   release=drop, nbytes=sizes)
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self._get(key)
@@ -46,6 +66,13 @@ class TensorSource:
 
     def __len__(self) -> int:
         return len(self.shapes)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    try:
+        return tensor.numel() * tensor.element_size()
+    except (RuntimeError, NotImplementedError):
+        return 4 * tensor.numel()
 
 
 @dataclass
@@ -60,12 +87,32 @@ class Loaded:
     notes: list[str] = field(default_factory=list)  # things the user should know (e.g. how activations were found)
     files: list[Path] = field(default_factory=list)  # every file the model's bytes come from (weights, external
     # data, shards, index, config): no output may land on one of them (or, for a folder model, inside its folder)
+    source: str | None = None        # the URL of a remote model (path is then None)
+
+    @property
+    def name(self) -> str:
+        """The model as the user named it: its URL, path, or <module>."""
+        return self.source or (str(self.path) if self.path is not None else "<module>")
+
+
+def is_remote(path: object) -> bool:
+    """A `scheme://…` string (s3://, gs://, hf://, https://…): read through fsspec, not the local file system."""
+    return isinstance(path, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
 
 
 def load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | None = None,
-         module: torch.nn.Module | None = None) -> Loaded:
-    """Load a model file (or a module built by `factory`, or a live `module`) for auditing."""
-    loaded = _load(path, trust_pickle=trust_pickle, factory=factory, module=module)
+         module: torch.nn.Module | None = None, optimizer_state: bool = False) -> Loaded:
+    """Load a model file, folder or URL (or a module built by `factory`, or a live `module`) for auditing.
+
+    `optimizer_state`: audit a distributed checkpoint's optimizer tensors too (skipped by default; their
+    presence is evidence that the weights are trained either way).
+    """
+    if is_remote(path) and module is None and not factory:
+        from . import remote
+        loaded = remote.load(path)
+        check_count(len(loaded.tensors), path)
+        return loaded
+    loaded = _load(path, trust_pickle=trust_pickle, factory=factory, module=module, optimizer_state=optimizer_state)
     check_count(len(loaded.tensors), loaded.path or "the model")
     if loaded.path is not None and not loaded.files:
         loaded.files = [loaded.path.resolve()]
@@ -80,11 +127,13 @@ def check_count(n: int, where: Path | str) -> None:
 
 
 def _load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | None = None,
-          module: torch.nn.Module | None = None) -> Loaded:
+          module: torch.nn.Module | None = None, optimizer_state: bool = False) -> Loaded:
     """The loader for the format at hand."""
     from . import modules as module_loader
-    from . import hf_folder, onnx_file, safetensors_file, torch_files
+    from . import dcp, hf_folder, onnx_file, safetensors_file, torch_files
 
+    if is_remote(path):
+        raise InputError(f"{path}: --model takes local weights; check a remote checkpoint on its own")
     if module is None and factory:
         module = module_loader.build(factory)
     p = Path(path) if path is not None else None
@@ -99,11 +148,17 @@ def _load(path: str | Path | None, *, trust_pickle: bool = False, factory: str |
         return module_loader.from_module(module, p)
     if p is None:
         raise InputError("give a model file, or --model package.module:factory")
+    if where == "folder" and dcp.is_dcp_folder(p):
+        return dcp.load(p, optimizer_state)
     if where == "folder" and hf_folder.is_hf_folder(p):
         return hf_folder.load(p)
     if where == "folder":
-        raise InputError(f"{p}: a folder without config.json; give a model file (.pt, .pth, .bin, .ckpt, "
-                         ".safetensors, .onnx) or a Hugging Face model folder")
+        index = hf_folder.index_of(p)
+        also = f", or its shard index ({p / index}) without one" if index else ""
+        raise InputError(f"{p}: a folder without config.json (nor a distributed checkpoint's .metadata); give a model "
+                         f"file (.pt, .pth, .bin, .ckpt, .safetensors, .onnx), a Hugging Face model folder{also}")
+    if p.name.endswith(".index.json"):
+        return hf_folder.load(p.parent, index=p.name)
     if kind == "safetensors":
         return safetensors_file.load(p)
     if kind == "onnx":

@@ -14,7 +14,10 @@ import fnmatch
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+
+import torch
 
 from .. import meta_model
 from ..activations import Activation, canonical
@@ -22,8 +25,8 @@ from ..errors import InputError
 from ..files import inside
 from ..flow import ACT, LAYER, NORM, Flow
 from ..graph import ModuleInfo, group_layers, split_key
-from . import Loaded, TensorSource, check_count, natural_key
-from .safetensors_file import _open
+from . import Loaded, TensorSource, check_count, natural_key, sniff
+from .safetensors_file import SafetensorsFile, _open
 
 # The layer that feeds a transformer block's activation, across families
 # (BERT/ViT/RoBERTa, GPT-2, OPT/CLIP, LLaMA/Mistral/Qwen/Gemma, T5, GPT-NeoX/Falcon, GPT-J, Mixtral;
@@ -74,22 +77,72 @@ def activation_of(config: dict) -> Activation | None:
     return None
 
 
-def _shards(path: Path, files: list[Path]) -> tuple[dict[str, str], dict[str, Path]]:
+INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def index_of(path: Path) -> str | None:
+    """The shard index of a folder: safetensors' or torch's (.bin), else any `*.index.json`."""
+    for name in INDEXES:
+        if os.path.lexists(path / name):
+            return name
+    found = sorted(p.name for p in path.glob("*.index.json"))
+    return found[0] if found else None
+
+
+class _TorchShard:
+    """A torch `.bin` shard: a state_dict mmapped, its pages handed back tensor by tensor."""
+
+    def __init__(self, path: Path, shown: Path):
+        from .pages import MappedFile
+        from .torch_files import _check_pickle_size, read
+
+        _check_pickle_size(path)
+        state = read(path, trust_pickle=False)
+        if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                     for k, v in state.items()):
+            raise InputError(f"{shown}: not a shard of named tensors (a torch state_dict)")
+        self.tensors = dict(state)  # the index's names as they are: no prefix stripped
+        self.pages = MappedFile(path)
+        self.metadata: dict = {}
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def nbytes(self, key: str) -> int:
+        return self.tensors[key].numel() * self.tensors[key].element_size()
+
+    def get(self, key: str):
+        return self.tensors[key]
+
+    def release(self, key: str) -> None:
+        self.pages.release(self.tensors[key])
+
+
+def open_shard(real: Path, shown: Path):
+    """A weight file of a folder, by its first bytes (else its name): safetensors, or a torch state_dict (.bin...)."""
+    return SafetensorsFile(real, shown) if sniff(real) == "safetensors" or shown.suffix == ".safetensors" \
+        else _TorchShard(real, shown)
+
+
+def _shards(path: Path, files: list[Path], index: str | None) -> tuple[dict[str, str], dict[str, Path]]:
     """Tensor name -> the weight file holding it, and each weight file's real path (inside the folder)."""
-    index = path / "model.safetensors.index.json"
-    if os.path.lexists(index):
-        weight_map = _json(path, index.name, files)
+    if index is not None:
+        weight_map = _json(path, index, files)
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                        for k, v in weight_map.items()):
-            raise InputError(f"{index}: not a shard index (its \"weight_map\" must map tensor names to file names)")
-        check_count(len(weight_map), index)
-        real = {shard: inside(path, shard, index) for shard in sorted(set(weight_map.values()))}
+            raise InputError(f"{path / index}: not a shard index (its \"weight_map\" must map tensor names to file names)")
+        check_count(len(weight_map), path / index)
+        real = {shard: inside(path, shard, path / index) for shard in sorted(set(weight_map.values()))}
         files.extend(real.values())
         return dict(weight_map), real
     names = sorted(p.name for p in path.glob("*.safetensors"))
     if not names:
-        raise InputError(f"{path}: a model folder without .safetensors weights (check the weight file itself)")
+        raise InputError(f"{path}: a model folder without .safetensors weights or a shard index (check the weight "
+                         "file itself)")
     shards, real = {}, {}
     for name in names:
         real[name] = inside(path, name, path)
@@ -100,22 +153,26 @@ def _shards(path: Path, files: list[Path]) -> tuple[dict[str, str], dict[str, Pa
     return shards, real
 
 
-def load(path: Path) -> Loaded:
+def load(path: Path, index: str | None = None) -> Loaded:
+    """A model folder (config.json optional where a shard index is there), or the shards an index names."""
     files: list[Path] = []
-    config = _config(path, files)
-    shards, real = _shards(path, files)
-    handles, metadata, shapes = {}, {}, {}
-    for name, file in real.items():
-        handles[name] = _open(file, path / name)
-        metadata[name] = handles[name].metadata() or {}
+    config = _config(path, files) if os.path.lexists(path / "config.json") else {}
+    shards, real = _shards(path, files, index or index_of(path))
+    handles = {name: open_shard(file, path / name) for name, file in real.items()}
+    metadata = {name: handle.metadata for name, handle in handles.items()}
+    shapes = {}
     for key in sorted(shards, key=natural_key):
         handle = handles[shards[key]]
         if key not in handle.keys():
             raise InputError(f"{path}: the index puts {key!r} in {shards[key]}, which does not hold it")
-        shapes[key] = tuple(handle.get_slice(key).get_shape())
-    flow, modules, notes = _context(config, shapes)
-    return Loaded(path, "hf-folder", TensorSource(shapes, lambda k: handles[shards[k]].get_tensor(k)),
-                  flow=flow, modules=modules, container={"shards": shards, "metadata": metadata}, notes=notes,
+        shapes[key] = handle.shape(key)
+    flow, modules, notes = _context(config, shapes) if config else (None, {}, [
+        "no config.json beside the shards: activations are unknown; pass --activation (or --model "
+        "package.module:factory) to check scales against them"])
+    source = TensorSource(shapes, lambda k: handles[shards[k]].get(k), release=lambda k: handles[shards[k]].release(k),
+                          nbytes={k: handles[shards[k]].nbytes(k) for k in shapes})
+    return Loaded(path, "hf-folder", source, flow=flow, modules=modules,
+                  container={"shards": shards, "metadata": metadata, "handles": handles}, notes=notes,
                   files=[path.resolve(), *dict.fromkeys(files)])
 
 

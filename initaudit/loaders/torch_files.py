@@ -15,6 +15,7 @@ import torch
 
 from ..errors import InputError
 from . import Loaded, TensorSource
+from .pages import MappedFile
 
 # Where training checkpoints keep the model's weights, most specific first.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network",
@@ -34,6 +35,7 @@ class TorchContainer:
     root: Any                 # the whole loaded object
     path: tuple[str, ...]     # keys from root down to the state_dict
     prefix: str               # stripped from every key
+    pages: MappedFile | None = None  # where the file is mapped (its tensors' memory is handed back as they are read)
 
 
 def is_torchscript(path: Path) -> bool:
@@ -200,6 +202,8 @@ def load(path: Path, trust_pickle: bool) -> Loaded:
     if isinstance(obj, torch.nn.Module):
         return modules.from_module(obj, path, fmt="torch-module")
     state, container = unwrap(obj, path)
+    container.pages = MappedFile(path)
     note = ("activations are unknown in a bare state_dict: pass --activation (or --model package.module:factory)"
             " to check scales against them")
-    return Loaded(path, "torch-state-dict", TensorSource.of(state), container=container, notes=[note])
+    return Loaded(path, "torch-state-dict", TensorSource.of(state, container.pages.release), container=container,
+                  notes=[note])
