@@ -196,3 +196,17 @@ def test_other_remote_formats_are_refused(tmp_path, served):
     with pytest.raises(InputError, match="other formats are read from local files"):
         initaudit.audit(f"{server.url}/m.pt")
     assert not server.gets()
+
+
+def test_the_cli_checks_a_url_beside_a_local_file(tmp_path, served, cli):
+    save_file(mlp(zeroed=2), tmp_path / "m.safetensors")
+    server = served()
+    local = tmp_path / "local"
+    local.mkdir()
+    save_file(mlp(), local / "ok.safetensors")
+    result = cli("check", f"{server.url}/m.safetensors", local / "ok.safetensors", "--format", "json")
+    assert result.exit_code == 1, result.output
+    data = json.loads(result.output)
+    assert [f["model"] for f in data["files"]] == [f"{server.url}/m.safetensors", str(local / "ok.safetensors")]
+    assert any(f["rule"] == "zero-weights" and f["layer"] == "net.2" for f in data["files"][0]["findings"])
+    assert all(rng is not None for _, _, rng in server.gets())
