@@ -15,7 +15,7 @@ import torch
 
 from ..errors import InputError
 from . import Loaded, TensorSource, check_count, natural_key
-from .safetensors_file import _MAX_HEADER, DTYPES, parse_header, view
+from .safetensors_file import _MAX_HEADER, DTYPES, HeaderEntries, parse_header, view
 
 INDEX = "model.safetensors.index.json"
 LOCAL_ONLY = {".pt", ".pth", ".bin", ".ckpt", ".tar", ".jit", ".onnx", ".distcp", ".json", ".gguf", ".h5", ".npz"}
@@ -63,7 +63,7 @@ class Remote:
             return True
 
 
-class RemoteSafetensors:
+class RemoteSafetensors(HeaderEntries):
     """A remote safetensors file: the header read once, each tensor fetched by its byte range."""
 
     def __init__(self, remote: Remote, path: str):
@@ -81,16 +81,6 @@ class RemoteSafetensors:
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise InputError(f"{shown}: not a readable safetensors header ({_first_line(exc)})") from None
         self.base = 8 + n
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.entries[key]["shape"])
-
-    def nbytes(self, key: str) -> int:
-        begin, end = self.entries[key]["data_offsets"]
-        return end - begin
 
     def get(self, key: str) -> torch.Tensor:
         entry = self.entries[key]

@@ -76,7 +76,23 @@ def view(buffer, base: int, entry: dict) -> torch.Tensor | None:
         return torch.frombuffer(buffer, dtype=dtype, count=(end - begin) // size, offset=base + begin).reshape(shape)
 
 
-class SafetensorsFile:
+class HeaderEntries:
+    """What a safetensors header tells of its tensors (`entries`: name -> dtype, shape, data_offsets)."""
+
+    entries: dict[str, dict]
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def nbytes(self, key: str) -> int:
+        begin, end = self.entries[key]["data_offsets"]
+        return end - begin
+
+
+class SafetensorsFile(HeaderEntries):
     """One safetensors file: checked by safetensors, its tensors views of a private memory map."""
 
     def __init__(self, path: Path, shown: Path | None = None):
@@ -90,16 +106,6 @@ class SafetensorsFile:
             self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         self.pages = MappedFile(path)
         self.address = torch.frombuffer(self.map, dtype=torch.uint8, count=1).data_ptr()
-
-    def keys(self) -> list[str]:
-        return list(self.handle.keys())
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.entries[key]["shape"])
-
-    def nbytes(self, key: str) -> int:
-        begin, end = self.entries[key]["data_offsets"]
-        return end - begin
 
     def get(self, key: str) -> torch.Tensor:
         tensor = view(self.map, self.base, self.entries[key])
