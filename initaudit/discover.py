@@ -3,7 +3,9 @@
 A file named on the command line is taken as it is; a folder holding `config.json` (Hugging Face,
 timm) or `.metadata` with `*.distcp` shards (a torch.distributed checkpoint) is one model; any other
 folder is walked, and a file in it counts as a model when its first bytes say so (a torch zip or
-legacy pickle, a safetensors header, an ONNX protobuf), whatever its name. A pattern with `*`, `?`
+legacy pickle, a safetensors header, an ONNX protobuf), whatever its name, and so does a file named like a
+model (`.pt`, `.pth`, `.ckpt`, `.safetensors`, `.onnx`) whatever its bytes, so that a truncated or overwritten
+checkpoint is reported as unreadable instead of skipped. A pattern with `*`, `?`
 or `[` that names no existing path is a glob (`**` recursive). A `scheme://...` address is passed to
 the loader untouched. Folders and files matching `exclude` (ruff's defaults unless replaced) or
 `extend-exclude` are skipped while walking and globbing, never when named outright.
@@ -33,6 +35,8 @@ _GLOB = re.compile(r"[*?[]")
 _LEGACY_TORCH = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 # ModelProto fields that may follow ir_version: producer name/version, domain, model_version, doc, graph...
 _ONNX_NEXT_TAGS = {0x12, 0x1a, 0x22, 0x28, 0x32, 0x3a, 0x42, 0x72, 0x7a, 0x8a}
+# Names that say "model": such a file is checked even when its bytes are not one (`.bin` is too common for data).
+MODEL_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".onnx")
 
 
 def is_url(arg: str | Path) -> bool:
@@ -133,7 +137,8 @@ def _walk(root: Path, excluded: Excluder) -> list[Path]:
         dirs[:] = keep
         for name in sorted(files):
             path = here / name
-            if not excluded(path) and stat.S_ISREG(path.lstat().st_mode) and looks_like_model(path):
+            if not excluded(path) and stat.S_ISREG(path.lstat().st_mode) and (
+                    path.suffix.lower() in MODEL_SUFFIXES or looks_like_model(path)):
                 found.append(path)
     if not found:
         raise InputError(f"{root}: no model files in this folder (nor in its subfolders)")
