@@ -166,3 +166,14 @@ def test_fix_turns_the_vanishing_stack_stable_as_predicted_and_measured(cli, tmp
     assert probed_after.exit_code == 0
     assert all(1e-2 <= row["scale"] <= 1e2 and 1e-2 <= row["grad_scale"] <= 1e2
                for row in json.loads(probed_after.stdout)["layers"])
+
+
+def test_an_input_shape_the_onnx_model_cannot_take_is_refused(cli, tmp_path):
+    """--input-shape is the user's word: one that does not fit the ONNX input is an error, not silently dropped."""
+    path = export_onnx(depth_models.relu_kaiming(), tmp_path / "mlp.onnx")  # input [1, 64]
+    for shape in ("3,3", "32"):
+        result = cli("probe", path, "--input-shape", shape)
+        assert result.exit_code == 2, result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert "--input-shape" in line and "does not fit input" in line
+    assert cli("probe", path, "--input-shape", "64", "--format", "json").exit_code == 0
