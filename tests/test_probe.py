@@ -177,3 +177,10 @@ def test_an_input_shape_the_onnx_model_cannot_take_is_refused(cli, tmp_path):
         (line,) = result.stderr.strip().splitlines()
         assert "--input-shape" in line and "does not fit input" in line
     assert cli("probe", path, "--input-shape", "64", "--format", "json").exit_code == 0
+
+
+def test_chart_off_a_terminal_is_not_wrapped_padded_or_coloured(cli):
+    result = cli("probe", "--model", "fixtures.depth_models:relu_small")
+    lines = result.stdout.splitlines()
+    assert "\x1b" not in result.stdout and all(line == line.rstrip() for line in lines)
+    assert any(line.startswith("log axes;") and line.endswith("at the last hidden layer's") for line in lines)
