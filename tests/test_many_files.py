@@ -180,3 +180,12 @@ def test_a_broken_checkpoint_in_a_walked_folder_is_reported_not_skipped(tmp_path
     data = json.loads(result.stdout)
     assert [f["model"] for f in data["files"]] == [str(folder / "good.pt")]
     assert sorted(e["path"] for e in data["unreadable"]) == [str(folder / "junk.safetensors"), str(folder / "truncated.pt")]
+
+
+def test_a_glob_takes_its_files_as_a_walk_does(tmp_path):
+    """`models/*` is `models/` one level deep: a README beside the checkpoints is no unreadable model."""
+    root, _ = tree(tmp_path)
+    found = {p.relative_to(root).as_posix() for p in discover.expand([str(root / "*")])}
+    assert found == {"clean.safetensors", "hf", "runs/zero.weights", "runs/old/zero_old.pt"}
+    with pytest.raises(InputError, match="no model file matches"):
+        discover.expand([str(root / "*.md")])
