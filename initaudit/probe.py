@@ -378,6 +378,9 @@ def _grad(seen: _Seen, grad: torch.Tensor) -> None:
 def _run_script(module: torch.jit.ScriptModule, layers: list[Layer], args: tuple, kwargs: dict):
     """TorchScript: hooks do not reach inside a compiled module, so its inlined graph is run with every layer's
     output (its first aten::linear/conv call) returned instead of the model's (forward only)."""
+    if not hasattr(module, "inlined_graph"):  # a scripted nn.LSTM: forward__0, forward__1, no one graph
+        raise InputError("the TorchScript archive has no single forward graph (its forward is overloaded), so probe "
+                         "cannot run it; probe the module itself with --model PKG.MOD:FACTORY")
     graph = module.inlined_graph.copy()
     from .trace import LAYER_FUNCTIONS
 

@@ -135,6 +135,23 @@ def test_probe_on_torchscript_runs_its_graph(cli, tmp_path):
     assert all(row["scale"] for row in data["layers"]) and all(row["grad_scale"] is None for row in data["layers"])
 
 
+def test_torchscript_without_one_forward_graph_is_checked_and_refused_by_probe(cli, tmp_path):
+    """A scripted nn.LSTM has an overloaded forward (forward__0, forward__1) and no inlined graph: `check` takes
+    its layers in module order, `probe` says in one line why it cannot run it (both were internal errors)."""
+    import warnings
+
+    path = tmp_path / "lstm.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(torch.nn.LSTM(32, 64, num_layers=2)).save(str(path))
+    result = cli("check", path, "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert [row["name"] for row in json.loads(result.stdout)["layers"]] == [
+        "weight_ih_l0", "weight_hh_l0", "weight_ih_l1", "weight_hh_l1"]
+    refused = cli("probe", path, "--input-shape", "5,32")
+    assert refused.exit_code == 2 and "overloaded" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
 def test_probe_on_a_hugging_face_folder_builds_it_from_config_with_its_weights(cli, tmp_path):
     import contextlib
     import io
