@@ -155,12 +155,18 @@ def _outputs(order: list[Layer]) -> set[str]:
     """Weighted layers whose output width no other layer takes in, the ones nearest the top of the tree."""
     ends = {l.name: widths(l) for l in order}
     takers = Counter(start for start, _ in ends.values() if start is not None)
-    free = [l for l in order if l.weighted and ends[l.name][1] is not None
+    free = [l for l in order if l.weighted and ends[l.name][1] is not None and not _in_numbered_block(l.name)
             and takers[ends[l.name][1]] - (ends[l.name][0] == ends[l.name][1]) == 0]
     if not free:
         return set()
     top = min(l.name.count(".") for l in free)
     return {l.name for l in free if l.name.count(".") == top}
+
+
+def _in_numbered_block(name: str) -> bool:
+    """Inside one of a stack's numbered blocks (`layers.3.self_attn.k_proj`): a layer every block repeats is no
+    output, whatever its width (grouped-query k/v projections feed attention, which no weight takes in)."""
+    return any(part.isdigit() for part in name.split(".")[:-1])
 
 
 def _facts(order: list[Layer]) -> dict[str, tuple[bool, int]]:
