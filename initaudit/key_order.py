@@ -6,7 +6,7 @@ the named children of one module are put in the order that chains their shapes (
 width matches its predecessor's output width). Where several orders chain equally well, the facts
 that depend on the order (a norm right after the layer, the run of layers between norms) are
 compared across them: a layer whose facts differ is `uncertain`. The output layers are the ones
-whose output nothing consumes, nearest the top of the module tree; they go last.
+whose output nothing consumes, outside numbered blocks, nearest the top of the module tree; they go last.
 """
 
 from __future__ import annotations
