@@ -3,10 +3,13 @@
 A file named on the command line is taken as it is; a folder holding `config.json` (Hugging Face,
 timm) or `.metadata` with `*.distcp` shards (a torch.distributed checkpoint) is one model; any other
 folder is walked, and a file in it counts as a model when its first bytes say so (a torch zip or
-legacy pickle, a safetensors header, an ONNX protobuf), whatever its name. A pattern with `*`, `?`
-or `[` that names no existing path is a glob (`**` recursive). A `scheme://...` address is passed to
-the loader untouched. Folders and files matching `exclude` (ruff's defaults unless replaced) or
-`extend-exclude` are skipped while walking and globbing, never when named outright.
+legacy pickle, a safetensors header, an ONNX protobuf), whatever its name, and so does a file named like
+a model (`.pt`, `.pth`, `.ckpt`, `.safetensors`, `.onnx`), whatever its bytes, so that a truncated or
+overwritten checkpoint is reported as unreadable instead of skipped. A pattern with `*`, `?` or `[` that
+names no existing path is a glob (`**` recursive); the files it matches are taken as a walk's are
+(`models/*` skips a README). A `scheme://...` address is passed to the loader untouched. Folders and
+files matching `exclude` (ruff's defaults unless replaced) or `extend-exclude` are skipped while walking
+and globbing, never when named outright.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ _GLOB = re.compile(r"[*?[]")
 _LEGACY_TORCH = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 # ModelProto fields that may follow ir_version: producer name/version, domain, model_version, doc, graph...
 _ONNX_NEXT_TAGS = {0x12, 0x1a, 0x22, 0x28, 0x32, 0x3a, 0x42, 0x72, 0x7a, 0x8a}
+# Names that say "model": such a file is checked even when its bytes are not one (`.bin` is too common for data).
+MODEL_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".onnx")
 
 
 def is_url(arg: str | Path) -> bool:
@@ -109,8 +114,11 @@ def _expand_one(text: str, excluded: Excluder) -> list[str | Path]:
         matches = [m for m in matches if not any(excluded(p) for p in (m, *m.parents))]
         if not matches:
             raise InputError(f"{text}: no such file or directory (and no file matches it as a pattern)")
-        return [item for m in matches
-                for item in (_walk(m, excluded) if m.is_dir() and not is_model_folder(m) else [m])]
+        found = [item for m in matches if m.is_dir() or _model_file(m)
+                 for item in (_walk(m, excluded) if m.is_dir() and not is_model_folder(m) else [m])]
+        if not found:
+            raise InputError(f"{text}: no model file matches it as a pattern")
+        return found
     path = Path(text)
     is_folder = model_kind(path) == "folder"  # a missing path, FIFO or device is refused here, before torch
     return _walk(path, excluded) if is_folder and not is_model_folder(path) else [path]
@@ -133,11 +141,16 @@ def _walk(root: Path, excluded: Excluder) -> list[Path]:
         dirs[:] = keep
         for name in sorted(files):
             path = here / name
-            if not excluded(path) and stat.S_ISREG(path.lstat().st_mode) and looks_like_model(path):
+            if not excluded(path) and _model_file(path):
                 found.append(path)
     if not found:
         raise InputError(f"{root}: no model files in this folder (nor in its subfolders)")
     return sorted(found)
+
+
+def _model_file(path: Path) -> bool:
+    """A regular file (not a link) that a walk or a glob takes for a model: by its bytes or by its name."""
+    return stat.S_ISREG(path.lstat().st_mode) and (path.suffix.lower() in MODEL_SUFFIXES or looks_like_model(path))
 
 
 def _unique(items: list[str | Path]) -> list[str | Path]:

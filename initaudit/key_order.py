@@ -6,7 +6,7 @@ the named children of one module are put in the order that chains their shapes (
 width matches its predecessor's output width). Where several orders chain equally well, the facts
 that depend on the order (a norm right after the layer, the run of layers between norms) are
 compared across them: a layer whose facts differ is `uncertain`. The output layers are the ones
-whose output nothing consumes, nearest the top of the module tree; they go last.
+whose output nothing consumes, outside numbered blocks, nearest the top of the module tree; they go last.
 """
 
 from __future__ import annotations
@@ -155,12 +155,18 @@ def _outputs(order: list[Layer]) -> set[str]:
     """Weighted layers whose output width no other layer takes in, the ones nearest the top of the tree."""
     ends = {l.name: widths(l) for l in order}
     takers = Counter(start for start, _ in ends.values() if start is not None)
-    free = [l for l in order if l.weighted and ends[l.name][1] is not None
+    free = [l for l in order if l.weighted and ends[l.name][1] is not None and not _in_numbered_block(l.name)
             and takers[ends[l.name][1]] - (ends[l.name][0] == ends[l.name][1]) == 0]
     if not free:
         return set()
     top = min(l.name.count(".") for l in free)
     return {l.name for l in free if l.name.count(".") == top}
+
+
+def _in_numbered_block(name: str) -> bool:
+    """Inside one of a stack's numbered blocks (`layers.3.self_attn.k_proj`): a layer every block repeats is no
+    output, whatever its width (grouped-query k/v projections feed attention, which no weight takes in)."""
+    return any(part.isdigit() for part in name.split(".")[:-1])
 
 
 def _facts(order: list[Layer]) -> dict[str, tuple[bool, int]]:

@@ -378,6 +378,9 @@ def _grad(seen: _Seen, grad: torch.Tensor) -> None:
 def _run_script(module: torch.jit.ScriptModule, layers: list[Layer], args: tuple, kwargs: dict):
     """TorchScript: hooks do not reach inside a compiled module, so its inlined graph is run with every layer's
     output (its first aten::linear/conv call) returned instead of the model's (forward only)."""
+    if not hasattr(module, "inlined_graph"):  # a scripted nn.LSTM: forward__0, forward__1, no one graph
+        raise InputError("the TorchScript archive has no single forward graph (its forward is overloaded), so probe "
+                         "cannot run it; probe the module itself with --model PKG.MOD:FACTORY")
     graph = module.inlined_graph.copy()
     from .trace import LAYER_FUNCTIONS
 
@@ -442,8 +445,11 @@ def _run_onnx(loaded: Loaded, layers: list[Layer], input_shape, batch, seed):
     specs, runs = [], 1
     for node in session.get_inputs():
         dims = [d if isinstance(d, int) and d > 0 else None for d in node.shape]
-        if input_shape and len(input_shape) == len(dims) - 1:
-            dims = [None, *input_shape]
+        if input_shape:
+            if len(input_shape) != len(dims) - 1 or any(d not in (None, n) for d, n in zip(dims[1:], input_shape)):
+                raise InputError(f"{loaded.path}: --input-shape {','.join(map(str, input_shape))} does not fit input "
+                                 f"{node.name!r}, whose shape is {node.shape} (the first dimension is the batch)")
+            dims = [dims[0], *input_shape]
         if any(d is None for d in dims[1:]):
             raise InputError(f"{loaded.path}: input {node.name!r} has shape {node.shape}; give --input-shape "
                              "(per sample, e.g. 3,32,32)")

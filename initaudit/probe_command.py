@@ -52,7 +52,7 @@ def probe(model_path, factory, input_shape, batch, seed, activation, fmt, plot_p
     from .loaders import load
     from .outputs import Protected, atomic
     from .probe import probe as run_probe
-    from .reporters import depth_chart
+    from .reporters import View, depth_chart, terminal_width, use_color
 
     options = config_mod.load(config_path)
     if activation:
@@ -65,7 +65,8 @@ def probe(model_path, factory, input_shape, batch, seed, activation, fmt, plot_p
         json.dump(report.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        depth_chart.write(report, sys.stdout, options.signal_band)
+        view = View(color=use_color("auto", sys.stdout), width=terminal_width(sys.stdout))
+        depth_chart.write(report, sys.stdout, options.signal_band, view)
     if plot_path is not None:
         with atomic(plot_path) as tmp:
             depth_chart.plot(report, tmp, options.signal_band, plot_path.suffix.lstrip(".").lower() or "png")

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import __version__
+from .errors import InputError, did_you_mean
 from .rules import SEVERITIES
 
 FAIL_ON = ("error", "warning", "info", "never")
@@ -66,6 +67,9 @@ class Report:
 
     def failed(self, fail_on: str = "error") -> bool:
         """Any finding at or above `fail_on` ('never' never fails)."""
+        if fail_on not in FAIL_ON:
+            raise InputError(f"fail_on must be one of {', '.join(FAIL_ON)}, not {fail_on!r}"
+                             + did_you_mean(fail_on, FAIL_ON))
         if fail_on == "never":
             return False
         floor = SEVERITIES.index(fail_on)

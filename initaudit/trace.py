@@ -139,6 +139,8 @@ def script_flow(root: torch.jit.ScriptModule) -> Flow:
     Functional ops hide their work in prim::If/Loop blocks (`if inplace: ...`): blocks are walked
     and their outputs feed the If node's outputs.
     """
+    if not hasattr(root, "inlined_graph"):  # no one forward graph (a scripted nn.LSTM has forward__0, forward__1)
+        return order_flow(root, module_infos(root))
     graph = root.inlined_graph
     paths: dict[torch._C.Value, str] = {}
     flow, ids = Flow(), {}

@@ -259,3 +259,14 @@ def test_progress_appears_on_a_terminal_after_its_delay(monkeypatch, delay, tty,
         threading.Event().wait(0.5)  # the bar refreshes on its own thread while a model is audited
         bar.step("models/b.pt", 1)
     assert ("models/a.pt" in stderr.getvalue()) == shown, stderr.getvalue()
+
+
+def test_quiet_full_names_the_model_of_each_finding():
+    """`--quiet` drops the tables, whose titles named the models: with several models, a header per model says
+    whose findings follow (the default on a terminal is `full`)."""
+    lines = run("check", CLEAN, ZERO, XAVIER, "--activation", "relu", "--quiet", "--format", "full").stdout.splitlines()
+    assert lines[0] == f"{ZERO}:" and lines[2] == f"{XAVIER}:" and len(lines) == 14
+    assert lines[1].startswith("error   IA101 zero-weights ")
+    assert all(line.startswith("warning IA201 init-activation-mismatch ") for line in lines[3:])
+    single = run("check", ZERO, "--quiet", "--format", "full").stdout.splitlines()
+    assert len(single) == 1 and single[0].startswith("error   IA101 zero-weights ")

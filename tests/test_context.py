@@ -205,6 +205,22 @@ def test_a_unique_shape_chain_fixes_the_order(tmp_path):
     assert [name for name, layer in layers.items() if layer.is_output] == ["z_out"]
 
 
+def test_a_projection_every_block_repeats_is_no_output(tmp_path):
+    """A Llama with grouped-query attention and tied embeddings, as save_pretrained writes it (no lm_head): the
+    k/v projections' width (kv heads x head_dim) feeds no weight, yet they feed attention, not the model's output.
+    Taken for outputs, they made a stock model's bare file warn signal-vanishing."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    path = tmp_path / "llama" / "model.safetensors"
+    layers = graph_of(path)
+    assert "lm_head" not in layers
+    assert not [name for name, layer in layers.items() if layer.is_output and name.startswith("model.layers.0.")]
+    assert verdicts(initaudit.audit(path)) == Counter()
+
+
 def test_an_ambiguous_order_drops_depth_rules_to_info_but_not_extreme_scales(tmp_path):
     """In a block of equal widths the norms' places cannot be told from a sorted file: no guessing (and
     normal(0.01), a common scheme, is no finding with the activation unknown), yet a weight 1000x too

@@ -164,3 +164,28 @@ def test_fix_several_files_beside_their_inputs_or_into_a_folder(tmp_path):
     assert [p.name for p in out.iterdir()] == ["a.pt"]
     assert (out / "a.pt").read_bytes() == (tmp_path / "a.fixed.pt").read_bytes()
     assert "--output-dir" in run("fix", a, b, "-o", tmp_path / "x.pt").stderr
+
+
+def test_a_broken_checkpoint_in_a_walked_folder_is_reported_not_skipped(tmp_path):
+    """A file named like a model whose bytes are no model (truncated, overwritten) fails the run: skipping it
+    would let a corrupt checkpoint pass CI. Files without a model suffix are still judged by their bytes."""
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    shutil.copy(CLEAN, folder / "good.pt")
+    (folder / "truncated.pt").write_bytes(CLEAN.read_bytes()[:1000])  # a torch zip cut short
+    (folder / "junk.safetensors").write_text("overwritten by a report")
+    (folder / "notes.txt").write_text("not a model, not named like one")
+    result = run("check", folder, "--format", "json")
+    assert result.exit_code == 2
+    data = json.loads(result.stdout)
+    assert [f["model"] for f in data["files"]] == [str(folder / "good.pt")]
+    assert sorted(e["path"] for e in data["unreadable"]) == [str(folder / "junk.safetensors"), str(folder / "truncated.pt")]
+
+
+def test_a_glob_takes_its_files_as_a_walk_does(tmp_path):
+    """`models/*` is `models/` one level deep: a README beside the checkpoints is no unreadable model."""
+    root, _ = tree(tmp_path)
+    found = {p.relative_to(root).as_posix() for p in discover.expand([str(root / "*")])}
+    assert found == {"clean.safetensors", "hf", "runs/zero.weights", "runs/old/zero_old.pt"}
+    with pytest.raises(InputError, match="no model file matches"):
+        discover.expand([str(root / "*.md")])

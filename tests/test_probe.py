@@ -135,6 +135,23 @@ def test_probe_on_torchscript_runs_its_graph(cli, tmp_path):
     assert all(row["scale"] for row in data["layers"]) and all(row["grad_scale"] is None for row in data["layers"])
 
 
+def test_torchscript_without_one_forward_graph_is_checked_and_refused_by_probe(cli, tmp_path):
+    """A scripted nn.LSTM has an overloaded forward (forward__0, forward__1) and no inlined graph: `check` takes
+    its layers in module order, `probe` says in one line why it cannot run it (both were internal errors)."""
+    import warnings
+
+    path = tmp_path / "lstm.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(torch.nn.LSTM(32, 64, num_layers=2)).save(str(path))
+    result = cli("check", path, "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert [row["name"] for row in json.loads(result.stdout)["layers"]] == [
+        "weight_ih_l0", "weight_hh_l0", "weight_ih_l1", "weight_hh_l1"]
+    refused = cli("probe", path, "--input-shape", "5,32")
+    assert refused.exit_code == 2 and "overloaded" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
 def test_probe_on_a_hugging_face_folder_builds_it_from_config_with_its_weights(cli, tmp_path):
     import contextlib
     import io
@@ -166,3 +183,21 @@ def test_fix_turns_the_vanishing_stack_stable_as_predicted_and_measured(cli, tmp
     assert probed_after.exit_code == 0
     assert all(1e-2 <= row["scale"] <= 1e2 and 1e-2 <= row["grad_scale"] <= 1e2
                for row in json.loads(probed_after.stdout)["layers"])
+
+
+def test_an_input_shape_the_onnx_model_cannot_take_is_refused(cli, tmp_path):
+    """--input-shape is the user's word: one that does not fit the ONNX input is an error, not silently dropped."""
+    path = export_onnx(depth_models.relu_kaiming(), tmp_path / "mlp.onnx")  # input [1, 64]
+    for shape in ("3,3", "32"):
+        result = cli("probe", path, "--input-shape", shape)
+        assert result.exit_code == 2, result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert "--input-shape" in line and "does not fit input" in line
+    assert cli("probe", path, "--input-shape", "64", "--format", "json").exit_code == 0
+
+
+def test_chart_off_a_terminal_is_not_wrapped_padded_or_coloured(cli):
+    result = cli("probe", "--model", "fixtures.depth_models:relu_small")
+    lines = result.stdout.splitlines()
+    assert "\x1b" not in result.stdout and all(line == line.rstrip() for line in lines)
+    assert any(line.startswith("log axes;") and line.endswith("at the last hidden layer's") for line in lines)

@@ -297,7 +297,6 @@ KNOWN_GAPS = {
         "timm/nf_regnet_b0": "squeeze-excite gates (a product of two computed tensors) do not end a run yet",
     },
     "faults": {
-        "timm/eva02_tiny_patch14_224": "bare files: a packed SwiGLU fc1 (width nothing takes in) is taken for an output",
         "transformers/albert": "bare files: predictions.dense is taken for an output, so its zeroing is info",
         "transformers/gpt2": "bare files: Conv1D's [in, out] layout is unknown, so a copied unit is a copied column",
     },

@@ -8,6 +8,7 @@ import pytest
 from conftest import ROOT
 from fixtures import models
 from initaudit import Report
+from initaudit.errors import InputError
 from initaudit.testing import assert_well_initialized
 
 FIXTURES = ROOT / "fixtures"
@@ -55,3 +56,8 @@ def test_works_inside_a_users_pytest_run(pytester):
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*is not well initialized: 1 finding(s) at or above warning*", "*IA101 zero-weights*"])
+
+
+def test_a_misspelt_fail_on_is_named_not_a_tuple_index_error():
+    with pytest.raises(InputError, match="did you mean 'warning'"):
+        assert_well_initialized(models.deep_relu_kaiming(), fail_on="warnings")

@@ -8,11 +8,13 @@ import math
 from pathlib import Path
 from typing import IO
 
-from rich.console import Console
+from dataclasses import replace
+
 from rich.table import Table
 from rich.text import Text
 
 from ..printable import printable
+from . import View, render
 from .table import STYLE, _num
 
 AXIS = 25  # characters per log axis
@@ -59,17 +61,21 @@ def axis(span: tuple[int, int]) -> str:
     return "".join(line)
 
 
-def write(report, out: IO[str], band: tuple[float, float]) -> None:
-    """`report`: a probe.ProbeReport (or any with its rows: predicted and measured)."""
-    console = Console(file=out, width=max(Console(file=out).width, WIDTH), highlight=False)
+def write(report, out: IO[str], band: tuple[float, float], view: View | None = None) -> None:
+    """`report`: a probe.ProbeReport (or any with its rows: predicted and measured). On a terminal (`view.width`)
+    the chart is at least WIDTH wide; off one nothing is wrapped, padded or coloured."""
+    view = view or View()
+    if view.width is not None:
+        view = replace(view, width=max(view.width, WIDTH))
+    out.write(render(view, lambda console: _draw(console, report, band)))
+
+
+def _draw(console, report, band: tuple[float, float]) -> None:
     rows = report.layers
     forward = _span([v for r in rows for v in (r.predicted_scale, r.scale)], band)
     backward = _span([v for r in rows for v in (r.predicted_grad_scale, r.grad_scale)], band)
     title = f"{report.model} ({report.format}): signal through depth, input {report.inputs}"
-    table = Table(title=Text(printable(title)), title_justify="left", caption=Text(
-        f"log axes; ○ predicted, ● measured (◉ both), band {band[0]:g}…{band[1]:g} shaded; forward: RMS of the layer's "
-        "output / the input's; gradient: RMS at the layer's output / at the last hidden layer's", style="dim"),
-        caption_justify="left")
+    table = Table(title=Text(printable(title)), title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("layer", max_width=24)
     table.add_column("act", max_width=10)
@@ -88,6 +94,9 @@ def write(report, out: IO[str], band: tuple[float, float]) -> None:
                       bar(r.predicted_grad_scale, r.grad_scale, backward, band), _num(r.predicted_grad_scale),
                       _num(r.grad_scale), _share(r.dead_fraction), _share(r.saturated_fraction))
     console.print(table)
+    console.print(Text(f"log axes; ○ predicted, ● measured (◉ both), band {band[0]:g}…{band[1]:g} shaded; forward: RMS "
+                       "of the layer's output / the input's; gradient: RMS at the layer's output / at the last hidden "
+                       "layer's", style="dim"))
     for f in report.findings:
         console.print(Text.assemble((f"{f.severity:7}", STYLE[f.severity]), f" {f.code} ", (f.rule, "bold"),
                                     f" {printable(f.message)}"))

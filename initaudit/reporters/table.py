@@ -62,7 +62,10 @@ def draw_report(console, report: Report, view: View) -> None:
 def write(results: Results, out: IO[str], view: View) -> None:
     def draw(console):
         for i, report in enumerate(results.reports):
-            if i:
+            if view.quiet:  # no table, whose title names the model: a header where several models have findings
+                if results.combined and report.findings and not view.statistics:
+                    console.print(Text(printable(f"{report.model}:"), style="bold"))
+            elif i:
                 console.print()
             draw_report(console, report, view)
         if view.statistics:
