@@ -22,7 +22,7 @@ from . import config as config_mod
 from . import discover, reporters
 from . import rules as rulebook
 from .activations import parse
-from .errors import InputError, did_you_mean
+from .errors import InputError, NoWeights, did_you_mean
 from .printable import printable
 from .report import FAIL_ON, FileError, Results
 
@@ -249,6 +249,12 @@ def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, opt
             progress.step(printable(target or factory), done)
             try:
                 loaded = load(target, trust_pickle=trust_pickle, factory=factory)
+            except NoWeights as exc:
+                if not results.combined:
+                    raise
+                _error_line(f"initaudit: note: skipped {exc}")
+                results.skipped.append(FileError(str(target), str(exc)))
+                continue
             except InputError as exc:
                 unreadable(target, exc)
                 continue

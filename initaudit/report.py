@@ -107,11 +107,13 @@ class Results:
 
     reports: list[Report] = field(default_factory=list)
     unreadable: list[FileError] = field(default_factory=list)
+    skipped: list[FileError] = field(default_factory=list)  # files of a combined run that hold no model weights
     combined: bool = True
 
     @property
     def summary(self) -> dict[str, int]:
         total = {"files": len(self.reports) + len(self.unreadable), "unreadable": len(self.unreadable),
+                 "skipped": len(self.skipped),
                  "layers": 0, "errors": 0, "warnings": 0, "infos": 0}
         for report in self.reports:
             for key, value in report.summary.items():
@@ -131,7 +133,8 @@ class Results:
         if not self.combined and len(self.reports) == 1:
             return self.reports[0].to_dict()
         return {"tool": "initaudit", "version": __version__, "files": [r.to_dict() for r in self.reports],
-                "unreadable": [asdict(e) for e in self.unreadable], "summary": self.summary}
+                "unreadable": [asdict(e) for e in self.unreadable], "skipped": [asdict(e) for e in self.skipped],
+                "summary": self.summary}
 
 
 def _finding(f: Finding) -> dict[str, Any]:

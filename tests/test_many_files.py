@@ -15,7 +15,7 @@ from conftest import ROOT, save_as
 from fixtures import models
 from initaudit import discover
 from initaudit.errors import InputError
-from test_output_hardening import run
+from test_output_hardening import one_stderr_line, run
 
 FIXTURES = ROOT / "fixtures"
 SCHEMA = ROOT.parent / "shared" / "schemas" / "sarif-schema-2.1.0.json"
@@ -55,7 +55,7 @@ def test_files_folders_and_globs_in_one_run(tmp_path, monkeypatch):
                 "models/runs/zero.weights"]
 
     data = json.loads(run(*args, "--format", "json").stdout)
-    assert set(data) == {"tool", "version", "files", "unreadable", "summary"}
+    assert set(data) == {"tool", "version", "files", "unreadable", "skipped", "summary"}
     assert sorted(f["model"] for f in data["files"]) == sorted(expected)
     assert all({"model", "format", "layers", "findings", "summary"} <= set(f) for f in data["files"])
     errors = {f["model"]: f["summary"]["errors"] for f in data["files"]}
@@ -189,3 +189,26 @@ def test_a_glob_takes_its_files_as_a_walk_does(tmp_path):
     assert found == {"clean.safetensors", "hf", "runs/zero.weights", "runs/old/zero_old.pt"}
     with pytest.raises(InputError, match="no model file matches"):
         discover.expand([str(root / "*.md")])
+
+
+def test_a_checkpoint_folders_leftovers_without_weights_are_skipped_with_a_note(tmp_path):
+    """A training run's folder holds optimizer and scheduler state and metadata beside the weights: in a run
+    over several files they are noted and skipped, not failures; named alone, such a file is still an error."""
+    model = torch.nn.Linear(8, 8)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    torch.save(model.state_dict(), ckpt / "model.pt")
+    torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")
+    torch.save({"epoch": 3, "best": 0.5}, ckpt / "meta.pt")
+    result = run("check", ckpt, "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [f["model"] for f in data["files"]] == [str(ckpt / "model.pt")]
+    assert sorted(e["path"] for e in data["skipped"]) == [str(ckpt / "meta.pt"), str(ckpt / "optimizer.pt")]
+    assert data["summary"]["skipped"] == 2 and data["summary"]["unreadable"] == 0
+    assert all(line.startswith("initaudit: note: skipped ") for line in result.stderr.splitlines())
+    alone = run("check", ckpt / "optimizer.pt")
+    assert alone.exit_code == 2 and "no state_dict found" in one_stderr_line(alone)

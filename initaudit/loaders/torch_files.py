@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, NoWeights
 from . import Loaded, TensorSource
 from .pages import MappedFile
 
@@ -170,7 +170,7 @@ def unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], TorchContaine
         state = _tensors_in(obj)
     if state is None:
         keys = ", ".join(map(str, list(obj)[:8])) if isinstance(obj, Mapping) else type(obj).__name__
-        raise InputError(f"{path}: no state_dict found in the checkpoint (top level: {keys})")
+        raise NoWeights(f"{path}: no state_dict found in the checkpoint (top level: {keys})")
     prefix = ""
     for candidate in STRIPPED_PREFIXES:
         if all(k.startswith(prefix + candidate) for k in state):

@@ -89,7 +89,8 @@ def totals(results) -> str:
     if not results.combined:
         return line
     unread = f" ({s['unreadable']} could not be read)" if s["unreadable"] else ""
-    return f"{s['files']} files{unread}, {line}"
+    skipped = f" ({s['skipped']} skipped: no model weights)" if s["skipped"] else ""
+    return f"{s['files']} files{unread}{skipped}, {line}"
 
 
 def statistics(results) -> list[str]:
