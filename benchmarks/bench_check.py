@@ -33,21 +33,22 @@ PYTHON = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def layout(gigabytes: float, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...]]]:
-    """Tensor names and shapes of a GPT-like model of about `gigabytes` GB in `dtype`."""
+def layout(gigabytes: float, dtype: torch.dtype, width: int = WIDTH,
+           vocab: int = VOCAB) -> list[tuple[str, tuple[int, ...]]]:
+    """Tensor names and shapes of a GPT-like model of about `gigabytes` GB in `dtype` (at least one block)."""
     size = torch.empty(0, dtype=dtype).element_size()
-    per_block = 12 * WIDTH * WIDTH + 13 * WIDTH
-    blocks = max(1, round((gigabytes * 1e9 / size - VOCAB * WIDTH) / per_block))
-    names = [("wte.weight", (VOCAB, WIDTH))]
+    per_block = 12 * width * width + 13 * width
+    blocks = max(1, round((gigabytes * 1e9 / size - vocab * width) / per_block))
+    names = [("wte.weight", (vocab, width))]
     for b in range(blocks):
         p = f"h.{b}."
-        names += [(p + "ln_1.weight", (WIDTH,)), (p + "ln_1.bias", (WIDTH,)),
-                  (p + "attn.qkv.weight", (3 * WIDTH, WIDTH)), (p + "attn.qkv.bias", (3 * WIDTH,)),
-                  (p + "attn.proj.weight", (WIDTH, WIDTH)), (p + "attn.proj.bias", (WIDTH,)),
-                  (p + "ln_2.weight", (WIDTH,)), (p + "ln_2.bias", (WIDTH,)),
-                  (p + "mlp.fc1.weight", (4 * WIDTH, WIDTH)), (p + "mlp.fc1.bias", (4 * WIDTH,)),
-                  (p + "mlp.fc2.weight", (WIDTH, 4 * WIDTH)), (p + "mlp.fc2.bias", (WIDTH,))]
-    return names + [("ln_f.weight", (WIDTH,)), ("ln_f.bias", (WIDTH,))]
+        names += [(p + "ln_1.weight", (width,)), (p + "ln_1.bias", (width,)),
+                  (p + "attn.qkv.weight", (3 * width, width)), (p + "attn.qkv.bias", (3 * width,)),
+                  (p + "attn.proj.weight", (width, width)), (p + "attn.proj.bias", (width,)),
+                  (p + "ln_2.weight", (width,)), (p + "ln_2.bias", (width,)),
+                  (p + "mlp.fc1.weight", (4 * width, width)), (p + "mlp.fc1.bias", (4 * width,)),
+                  (p + "mlp.fc2.weight", (width, 4 * width)), (p + "mlp.fc2.bias", (width,))]
+    return names + [("ln_f.weight", (width,)), ("ln_f.bias", (width,))]
 
 
 def draw(name: str, shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -182,7 +183,7 @@ def cases(folder: Path, sizes: list[float]) -> list[tuple[str, str, Path, float]
         else:
             index = write_sharded(folder / f"gpt-{tag}-fp32-sharded", f32, torch.float32, shards=max(2, round(gb)))
             out.append((f"{tag} fp32 sharded", "safetensors", index, largest))
-    tiny = layout(0.001, torch.float32)[:14]
+    tiny = layout(0, torch.float32, width=64, vocab=512)  # the same layers, 64 wide: 0.3 MB
     write_safetensors(folder / "tiny.safetensors", tiny, torch.float32, 0)
     write_torch(folder / "tiny.pt", tiny, torch.float32)
     write_dcp(folder / "tiny-dcp", tiny, torch.float32)

@@ -6,7 +6,7 @@ import math
 import re
 import sys
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,21 +121,24 @@ PROGRESS_BYTES = 256 << 20  # a progress bar (on a terminal) for models at least
 
 
 def _run_parallel(loaded: Loaded, jobs: list[tuple[Layer, Param, int]]) -> list[tuple[str | None, tuple | None]]:
-    """`_measure_one` of every job, on every core, in order; a progress bar over bytes on a terminal."""
-    total = sum(loaded.tensors.nbytes(param.key) for _, param, _ in jobs)
+    """`_measure_one` of every job, on every core, the largest first (the cores then finish together rather than
+    one of them on a late large tensor); results in the jobs' order, a progress bar over bytes on a terminal."""
+    sizes = [loaded.tensors.nbytes(param.key) for _, param, _ in jobs]
     n = stats.workers() if len(jobs) > 1 else 1
     threads = torch.get_num_threads()
-    bar = _progress(total)
+    bar = _progress(sum(sizes))
     pool = ThreadPoolExecutor(n, thread_name_prefix="initaudit-measure")
     try:
         if n > 1:
             torch.set_num_threads(1)  # one kernel thread per worker: the workers are the parallelism
-        futures = [pool.submit(_measure_one, loaded, *job) for job in jobs]
-        results = []
-        for (_, param, _), future in zip(jobs, futures):
-            results.append(future.result())
-            bar(loaded.tensors.nbytes(param.key))
-        return results
+        futures: list = [None] * len(jobs)
+        for i in sorted(range(len(jobs)), key=lambda i: -sizes[i]):
+            futures[i] = pool.submit(_measure_one, loaded, *jobs[i])
+        job_of = {future: i for i, future in enumerate(futures)}
+        for future in as_completed(futures):
+            future.result()  # the first error stops the run
+            bar(sizes[job_of[future]])
+        return [future.result() for future in futures]
     finally:
         pool.shutdown(cancel_futures=True)  # after an error, the tensors not yet started are not read
         torch.set_num_threads(threads)

@@ -22,6 +22,7 @@ combine conditions. Unknown keys and unknown fact names are rejected, naming the
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -286,8 +287,14 @@ def rules_dir() -> Path:
 
 def builtin_rules() -> list[Rule]:
     """The rules shipped with initaudit."""
+    return list(_shipped())
+
+
+@functools.cache
+def _shipped() -> tuple[Rule, ...]:
+    """The shipped rule files, parsed once per process (a check consults them several times)."""
     files = sorted(rules_dir().glob("*.yaml"))
-    return check_unique([rule for f in files for rule in load_file(f, f"rules/{f.name}")])
+    return tuple(check_unique([rule for f in files for rule in load_file(f, f"rules/{f.name}")]))
 
 
 def check_unique(rules: list[Rule]) -> list[Rule]:

@@ -229,13 +229,14 @@ class _Scan:
         if self.units or not self.shift:
             sq = torch.mul(flat, flat, out=bufs[0])
         proj = torch.mm(self.basis, chunk.T) if self.units else None
+        unit_sq = sq.view(chunk.shape).sum(dim=1) if self.units else None  # each unit's sum of squares
         if n <= _SMALL:
             part.add_sums(_python_sums(flat, self.shift), n)
         elif self.shift:
             part.add_sums(_power_sums(flat, self.shift), n)
-        else:  # about 0: the squares are those of the norms, the sums the units' (one matmul gave them)
-            s1 = float(proj[2].sum()) if proj is not None else float(flat.sum())
-            part.add_sums([s1, float(sq.sum()), float(torch.dot(sq, flat)), float(torch.dot(sq, sq))], n)
+        else:  # about 0: the squares are those of the norms, the sums the units' (one matmul gave them both)
+            s1, s2 = (float(proj[2].sum()), float(unit_sq.sum())) if self.units else (float(flat.sum()), float(sq.sum()))
+            part.add_sums([s1, s2, float(torch.dot(sq, flat)), float(torch.dot(sq, sq))], n)
         zeros = 0
         if lo <= 0 <= hi and (sq is None or float(sq.amin()) == 0):  # squares underflow too: then count exactly
             zeros = n - int(torch.count_nonzero(flat))
@@ -244,10 +245,9 @@ class _Scan:
             if zeros >= width:  # only then can a whole unit be zero
                 nonzero_per_unit = torch.count_nonzero(chunk, dim=1)
                 part.zero_units.extend((first + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
-            sq2 = sq.view(chunk.shape)
             part.proj.append(proj)
-            part.norms.append(sq2.sum(dim=1).sqrt())
-            part.column_sq.addmv_(sq2.T, self.ones[:sq2.shape[0]])  # a column sum as BLAS does it: 2x torch's
+            part.norms.append(unit_sq.sqrt_())
+            part.column_sq.addmv_(sq.view(chunk.shape).T, self.ones[:chunk.shape[0]])  # a column sum as BLAS does it: 2x torch's
 
     def _non_finite(self, part: _Part, first: int, chunk: torch.Tensor) -> None:
         """A chunk with NaN or Inf: counted, then left out of every sum (set to 0, yet not counted as zeros)."""
@@ -349,7 +349,7 @@ def _assemble(tensor: torch.Tensor, rows: torch.Tensor, part: _Part, shift: floa
         proj = torch.cat(part.proj, dim=1).T
         unit_sums = proj[:, 2].to(torch.float64)
         if n_units > 1 and lo < hi:
-            groups = _duplicate_groups(rows, proj[:, :2], std * NEAR_DUPLICATE_TOLERANCE, set(part.zero_units))
+            groups = _duplicate_groups(rows, proj, std * NEAR_DUPLICATE_TOLERANCE, set(part.zero_units))
             groups, negligible = _negligible_first(rows, groups, math.sqrt(var + mean * mean))
     found = part.n > 0
     return TensorStats(
@@ -391,12 +391,14 @@ def _distinct(tensor: torch.Tensor) -> int:
 def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_units: set[int]) -> list[list[int]]:
     """Units within `tol` of each other in every entry.
 
-    Each unit is hashed to two random projections; copies land next to each other in projection
-    order (their projections differ by about the norm of their difference), so only neighbours
-    within a small window are compared entry by entry.
+    `proj` holds each unit's two random projections and its sum: copies land next to each other in
+    the order of the first (their projections differ by about the norm of their difference), so only
+    neighbours within a small window whose other projection and sum (at most width·tol apart) are as
+    close are compared entry by entry.
     """
     width = rows.shape[1]
-    reach = 4 * tol * math.sqrt(width) + 1e-12 * float(proj.abs().max())
+    reach = 4 * tol * math.sqrt(width) + 1e-12 * float(proj[:, :2].abs().max())
+    sum_reach = width * tol + 1e-6 * float(proj[:, 2].abs().max())  # float32 rounding of the sums
     order = torch.argsort(proj[:, 0])
     p = proj[order]
     parent = list(range(rows.shape[0]))
@@ -413,7 +415,7 @@ def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_u
         near_first = gap[:, 0] <= reach  # sorted on the first projection: beyond here nothing is nearer
         if not bool(near_first.any()):
             break
-        for k in torch.nonzero(near_first & (gap[:, 1].abs() <= reach)).flatten().tolist():
+        for k in torch.nonzero(near_first & (gap[:, 1].abs() <= reach) & (gap[:, 2].abs() <= sum_reach)).flatten().tolist():
             a, b = int(order[k]), int(order[k + offset])
             if a in zero_units or b in zero_units or find(a) == find(b):
                 continue

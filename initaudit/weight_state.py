@@ -195,12 +195,19 @@ def _spectrum(stats: TensorStats, tensor: torch.Tensor, unit_axis: int) -> tuple
     if tensor.dim() < 2:
         return None, None
     rows = as_units(tensor.detach(), unit_axis)
-    drop = set(stats.zero_units) | {u for g in stats.duplicate_groups for u in g[1:]}
-    keep = [i for i in range(rows.shape[0]) if i not in drop]
-    keep = keep[:: len(keep) // SPECTRUM_BLOCK + 1]
-    cols = torch.arange(0, rows.shape[1], rows.shape[1] // SPECTRUM_BLOCK + 1)
-    block = rows[keep][:, cols].to(torch.float64)
-    block = torch.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
+    drop = stats.zero_units + [u for g in stats.duplicate_groups for u in g[1:]]
+    cols = slice(None, None, rows.shape[1] // SPECTRUM_BLOCK + 1)
+    if drop:
+        keep = torch.ones(rows.shape[0], dtype=torch.bool)
+        keep[drop] = False
+        keep = torch.nonzero(keep).flatten()
+        keep = keep[:: keep.numel() // SPECTRUM_BLOCK + 1]
+        block = rows[keep[:, None], torch.arange(rows.shape[1])[cols]]
+    else:
+        block = rows[:: rows.shape[0] // SPECTRUM_BLOCK + 1, cols]  # a view: only the block's values are read
+    block = block.to(torch.float64)
+    if stats.finite < stats.numel:
+        block = torch.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
     m, k = block.shape
     if min(m, k) < MIN_UNITS:
         return None, None
@@ -208,17 +215,20 @@ def _spectrum(stats: TensorStats, tensor: torch.Tensor, unit_axis: int) -> tuple
     sigma = float(block.std(correction=0))
     if not sigma > 0:
         return None, None
-    v = torch.randn(k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    block = (block / sigma).to(torch.float32)  # iterated in float32: half the memory traffic, rounding far below Z·TW
+    block_t = block.T.contiguous()
+    v = torch.randn(k, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(torch.float32)
     top = 0.0
+    norm = torch.linalg.vector_norm
     for _ in range(POWER_ITERATIONS):  # converges from below: an unconverged estimate only errs toward fresh
-        u = block @ v
-        u /= u.norm()
-        v = block.T @ u
-        top = float(v.norm())
+        u = torch.mv(block, v)
+        u /= norm(u)
+        v = torch.mv(block_t, u)
+        top = float(norm(v))
         v /= top
     edge = math.sqrt(m) + math.sqrt(k)
     tracy_widom = (1 / math.sqrt(m) + 1 / math.sqrt(k)) ** (1 / 3) / (2 * edge)  # relative scale of the edge's spread
-    return top / (sigma * edge), 1 + Z * tracy_widom
+    return top / edge, 1 + Z * tracy_widom
 
 
 def _drop_zero_units(stats: TensorStats, per_unit: torch.Tensor) -> torch.Tensor:

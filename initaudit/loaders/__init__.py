@@ -130,7 +130,7 @@ def _load(path: str | Path | None, *, trust_pickle: bool = False, factory: str |
           module: torch.nn.Module | None = None, optimizer_state: bool = False) -> Loaded:
     """The loader for the format at hand."""
     from . import modules as module_loader
-    from . import dcp, hf_folder, onnx_file, safetensors_file, torch_files
+    from . import dcp, hf_folder, safetensors_file, torch_files
 
     if is_remote(path):
         raise InputError(f"{path}: --model takes local weights; check a remote checkpoint on its own")
@@ -162,6 +162,8 @@ def _load(path: str | Path | None, *, trust_pickle: bool = False, factory: str |
     if kind == "safetensors":
         return safetensors_file.load(p)
     if kind == "onnx":
+        from . import onnx_file  # onnx (and protobuf) are imported only for an ONNX model
+
         return onnx_file.load(p)
     return torch_files.load(p, trust_pickle)
 
