@@ -284,7 +284,8 @@ def _orthogonality(weight: torch.Tensor) -> dict[str, float] | None:
         return None
     count = min(rows, cols)
     pick = torch.randperm(count, generator=torch.Generator().manual_seed(0))[:ORTHO_SAMPLE]
-    vectors = (flat[pick] if rows <= cols else flat[:, pick].T).to(torch.float64)
+    pick = pick.sort().values  # in memory order: a gather of columns in random order is 4x slower
+    vectors = (flat[pick] if rows <= cols else flat.index_select(1, pick).T).to(torch.float64)
     length = vectors.shape[1]
     norms = torch.linalg.vector_norm(vectors, dim=1)
     if not bool(torch.isfinite(norms).all()) or float(norms.min()) <= 0:
