@@ -358,6 +358,7 @@ def _fix_target(model, factory: str | None, out: Path | None, output_dir: Path |
         raise InputError("give either -o OUT or --in-place, not both")
     if in_place:
         return path
+    named_by_us = out is None  # beside the input or in --output-dir: never over an existing file
     if output_dir is not None:
         if not output_dir.is_dir():
             raise InputError(f"{output_dir}: no such folder")
@@ -369,6 +370,9 @@ def _fix_target(model, factory: str | None, out: Path | None, output_dir: Path |
         if remote:
             raise InputError(f"{model}: a remote model has no folder to write beside; give --output-dir DIR")
         out = path.with_name(f"{path.name}.fixed") if path.is_dir() else path.with_name(f"{path.stem}.fixed{path.suffix}")
+    if named_by_us and os.path.lexists(out):
+        raise InputError(f"{out}: already exists; fix names its outputs itself and never replaces a file "
+                         "(remove it, or give another --output-dir)")
     if not out.parent.is_dir():
         raise InputError(f"{out.parent}: no such folder")
     if path is not None:

@@ -164,6 +164,12 @@ def test_fix_several_files_beside_their_inputs_or_into_a_folder(tmp_path):
     assert [p.name for p in out.iterdir()] == ["a.pt"]
     assert (out / "a.pt").read_bytes() == (tmp_path / "a.fixed.pt").read_bytes()
     assert "--output-dir" in run("fix", a, b, "-o", tmp_path / "x.pt").stderr
+    # the names fix chooses never replace a file: a second run refuses before writing anything
+    before = {str(p): p.read_bytes() for p in (*tmp_path.glob("*.pt"), *out.iterdir())}
+    for extra in ([], ["--output-dir", out]):
+        again = run("fix", a, b, "--activation", "relu", "--seed", 1, *extra)
+        assert again.exit_code == 2 and "already exists" in one_stderr_line(again)
+    assert {str(p): p.read_bytes() for p in (*tmp_path.glob("*.pt"), *out.iterdir())} == before
 
 
 def test_a_broken_checkpoint_in_a_walked_folder_is_reported_not_skipped(tmp_path):
