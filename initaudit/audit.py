@@ -96,7 +96,7 @@ def _scheme(layer: Layer, param: Param, st: stats.TensorStats, tensor: torch.Ten
     if not param.is_weight:
         return None, None
     fp = schemes.fingerprint(st, param.fan_in, param.fan_out, layer.kind, layer.activation,
-                             tensor, param.unit_axis, param.hidden, n_blocks)
+                             tensor, param.hidden, n_blocks)
     role = "weight_hh" if "weight_hh" in param.key else "weight"
     return fp, schemes.recommend(layer.activation, param.fan_in, param.fan_out, layer.kind, param.hidden, role)
 

@@ -302,13 +302,12 @@ def _orthogonality(weight: torch.Tensor) -> dict[str, float] | None:
 
 def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "linear",
                 activation: Activation | None = None, weight: torch.Tensor | None = None,
-                unit_axis: int = 0, hidden: int | None = None, repeats: int = 1) -> Fingerprint:
+                hidden: int | None = None, repeats: int = 1) -> Fingerprint:
     """Name the most likely init scheme of one weight tensor (`repeats`: how many blocks hold this layer).
 
     `weight` (the tensor itself) allows the orthogonality test and gives the dtype whose rounding sets
-    the floor of the tolerances; `unit_axis` is kept for callers (torch's orthogonal_ flattens from dim 0).
+    the floor of the tolerances (the orthogonality test flattens from dim 0, as torch's orthogonal_ does).
     """
-    del unit_axis
     if stats.finite == 0:
         return Fingerprint("unknown", "unknown", "any", math.nan, math.nan)
     if stats.constant:

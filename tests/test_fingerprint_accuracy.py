@@ -146,7 +146,7 @@ def measure(specs: list[Shape], dtypes: list[str], seeds: list[int], big_seeds: 
                 for dt in dtypes:
                     w = drawn.to(DTYPES[dt])
                     st = stats.compute(w, unit_axis, units=spec.kind in UNIT_KINDS)
-                    fp = schemes.fingerprint(st, fan_in, fan_out, spec.kind, weight=w, unit_axis=unit_axis,
+                    fp = schemes.fingerprint(st, fan_in, fan_out, spec.kind, weight=w,
                                              hidden=spec.hidden)
                     names = fp.scheme.split("|")
                     outcome = ("right" if len(names) == 1 and names[0] in aliases else

@@ -99,7 +99,7 @@ def fp_of(w: torch.Tensor, kind: str = "linear", **kw) -> schemes.Fingerprint:
     from initaudit.graph import fans
 
     fan_in, fan_out, axis = fans(kind, tuple(w.shape))
-    return schemes.fingerprint(stats.compute(w, axis), fan_in, fan_out, kind, weight=w, unit_axis=axis, **kw)
+    return schemes.fingerprint(stats.compute(w, axis), fan_in, fan_out, kind, weight=w, **kw)
 
 
 def test_std_tolerance_follows_the_sampling_error():
