@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 
 from .flow import LAYER, NORM, OUTPUT, PASS, Flow
 from .graph import WEIGHTED_KINDS, ModuleInfo
-from .trace import LAYER_FUNCTIONS, function_role, module_role
+from .trace import LAYER_FUNCTIONS, function_role, left_as_found, module_role
 
 
 
@@ -64,7 +64,7 @@ class _Recorder(TorchFunctionMode):
 def dynamic_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo], inputs: tuple[tuple, dict]) -> Flow | None:
     """Run `root` once on `inputs` (args, kwargs) and return the recorded flow; None if the forward fails."""
     recorder = _Recorder({id(p): k for k, p in root.named_parameters(remove_duplicate=False)})
-    handles, training = [], {m: m.training for m in root.modules()}
+    handles = []
     for name, module in root.named_modules():
         info = infos.get(name)
         role, act = module_role(module, info.kind if info else None)
@@ -75,8 +75,8 @@ def dynamic_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo], inputs: tu
                                                     with_kwargs=True))
     args, kwargs = inputs
     try:
-        root.eval()
-        with torch.no_grad(), recorder:
+        with left_as_found(root), torch.no_grad(), recorder:
+            root.eval()
             outputs = root(*args, **kwargs)
         out = recorder.flow.add(OUTPUT)
         for t in _tensors(outputs):
@@ -88,8 +88,6 @@ def dynamic_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo], inputs: tu
     finally:
         for h in handles:
             h.remove()
-        for module, mode in training.items():
-            module.training = mode
     return recorder.flow
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Iterator
+
 import torch
 
 from .activations import Activation, canonical
@@ -80,10 +84,44 @@ def function_role(name: str, args: tuple, kwargs: dict) -> tuple[str, Activation
     return PASS, None
 
 
-def fx_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow | None:
-    """The flow from torch.fx.symbolic_trace; None where the module does not trace (data-dependent code)."""
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))  # _parameters, _buffers, _modules, hooks, training
+
+
+@contextlib.contextmanager
+def left_as_found(root: torch.nn.Module) -> Iterator[None]:
+    """Put back every module's own attributes after a trace or a forward pass: attributes set are
+    removed, replaced ones restored, and the contents of dicts, lists and sets refilled (timm's LeViT
+    caches a tensor per device in a dict; under torch.fx that tensor is a Proxy of the trace's graph,
+    which would break the user's next trace or deepcopy)."""
+    saved = []
+    for module in root.modules():
+        attrs = dict(vars(module))
+        contents = {k: copy.copy(v) for k, v in attrs.items()
+                    if k not in _MODULE_INTERNALS and isinstance(v, (dict, list, set))}
+        saved.append((module, attrs, contents))
     try:
-        traced = torch.fx.symbolic_trace(root)
+        yield
+    finally:
+        for module, attrs, contents in saved:
+            now = vars(module)
+            for key in [k for k in now if k not in attrs]:
+                del now[key]
+            now.update(attrs)
+            for key, content in contents.items():
+                kept = attrs[key]
+                kept.clear()
+                if isinstance(kept, list):
+                    kept.extend(content)
+                else:
+                    kept.update(content)
+
+
+def fx_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow | None:
+    """The flow from torch.fx.symbolic_trace; None where the module does not trace (data-dependent code).
+    The module is left as it was found."""
+    try:
+        with left_as_found(root):
+            traced = torch.fx.symbolic_trace(root)
     except Exception:  # noqa: BLE001 - fx raises many kinds of errors on untraceable code
         return None
     flow, ids = Flow(), {}

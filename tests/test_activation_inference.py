@@ -66,6 +66,35 @@ def test_a_forward_pass_traces_what_fx_cannot():
     assert [f.name for f in initaudit.audit(DataDependent()).layers] == list(EXPECTED)
 
 
+class Caching(Functional):
+    """Caches a tensor per device in a dict and keeps the last input's shape, as timm's LeViT attention does."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache = {}
+
+    def forward(self, x):
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.a.weight * 1.0
+        self.last = x.shape
+        return super().forward(x) + self.cache[key].sum()
+
+
+@pytest.mark.parametrize("model", [Caching(), type("DataDependentCaching", (DataDependent, Caching), {})()],
+                         ids=["fx", "forward-pass"])
+def test_tracing_leaves_the_module_as_it_found_it(model):
+    import copy
+
+    model.train()
+    before = {name: dict(vars(m)) for name, m in model.named_modules()}
+    first = rows(initaudit.audit(model))
+    assert model.cache == {} and not hasattr(model, "last") and model.training
+    assert {name: dict(vars(m)) for name, m in model.named_modules()} == before
+    assert rows(initaudit.audit(copy.deepcopy(model))) == first  # no fx Proxy left behind to trip a second trace
+    assert model(torch.randn(2, 8)).shape == (2, 4)
+
+
 def test_residual_joins_end_a_run():
     from initaudit.audit import build_graph
     from initaudit.config import Options

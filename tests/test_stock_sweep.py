@@ -291,7 +291,7 @@ NAMES = [stock.name for stock in zoo.ZOO]
 # Known gaps, tracked here so the sweep stays a live measurement: each is a strict xfail (it fails
 # the run the day it is fixed, so the entry gets removed).
 KNOWN_GAPS = {
-    "loads": {"timm/levit_128s": "the faulty copy's fx trace raises KeyError getitem_6"},
+    "loads": {},
     "verdicts": {
         "timm/gmlp_ti16_224": "the gate's normal(1e-6) is info behind a known linear flow, a warning in bare files",
         "timm/nf_regnet_b0": "squeeze-excite gates (a product of two computed tensors) do not end a run yet",
