@@ -184,24 +184,56 @@ def _params_of(kind: str, prefix: str, suffixes: dict[str, tuple[int, ...]], tra
 
 
 def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleInfo] | None = None) -> list[Layer]:
-    """Group tensors into layers by name prefix, in file order; kinds from `modules` where known."""
+    """Group tensors into layers by name prefix, in file order; kinds from `modules` where known, else
+    from names and shapes (`_kind_from_tensors`, `_bare_layouts`)."""
     groups: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():
         prefix, suffix = split_key(key)
         groups.setdefault(prefix, {})[suffix] = tuple(shape)
+    bare = {prefix: _kind_from_tensors(prefix, suffixes) for prefix, suffixes in groups.items()
+            if prefix not in (modules or {})}
+    flipped = _bare_layouts(bare, groups)
     layers = []
     for prefix, suffixes in groups.items():
         info = (modules or {}).get(prefix)
-        kind = info.kind if info else _kind_from_tensors(prefix, suffixes)
-        transposed = bool(info and info.transposed)
+        kind = info.kind if info else bare[prefix]
+        transposed = bool(info and info.transposed) or (kind == "linear" and prefix in flipped)
+        if kind.startswith("conv") and prefix in flipped:
+            kind = kind.replace("conv", "conv_transpose")
         layers.append(Layer(prefix, kind, _params_of(kind, prefix, suffixes, transposed),
                             module_type=info.module_type if info else None))
     return layers
 
 
-def order_flow(layers: list[Layer], outputs: set[str] | frozenset = frozenset()) -> Flow:
+def _bare_layouts(kinds: dict[str, str], groups: dict[str, dict[str, tuple[int, ...]]]) -> set[str]:
+    """Layers of a bare file whose weight holds its output units on axis 1, as the bias tells: a bias is as
+    long as the output. A linear whose bias matches the second axis is stored [in, out] (HF's Conv1D), a
+    conv whose bias is not its first axis is a transposed conv ([in, out/groups, *k]). A square linear
+    follows its sibling linears (the same parent module), else the file's other linears, where they agree."""
+    told: dict[str, bool] = {}
+    square: list[str] = []
+    for prefix, kind in kinds.items():
+        weight, bias = groups[prefix].get("weight"), groups[prefix].get("bias")
+        if weight is None or bias is None or len(bias) != 1 or len(weight) < 2:
+            continue
+        if kind.startswith("conv") and bias[0] != weight[0] and bias[0] % weight[1] == 0:
+            told[prefix] = True
+        elif kind == "linear" and weight[0] == weight[1]:
+            square.append(prefix)
+        elif kind == "linear" and bias[0] in weight:
+            told[prefix] = bias[0] == weight[1]
+    linears = {p: t for p, t in told.items() if kinds[p] == "linear"}
+    for prefix in square:
+        parent = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+        siblings = {t for p, t in linears.items() if (p.rsplit(".", 1)[0] if "." in p else "") == parent}
+        votes = siblings or set(linears.values())
+        told[prefix] = votes == {True}
+    return {prefix for prefix, flipped in told.items() if flipped}
+
+
+def order_flow(layers: list[Layer], outputs: set[str] | frozenset = frozenset(), tied_head: str | None = None) -> Flow:
     """A chain flow in this order, for bare state_dicts: layers and norms, no activations seen; the
-    output layers, side by side, end it."""
+    output layers, side by side, end it (or the token embedding, where it is the tied head)."""
     flow, prev = Flow(), None
     for layer in layers:
         if layer.name in outputs:
@@ -212,7 +244,8 @@ def order_flow(layers: list[Layer], outputs: set[str] | frozenset = frozenset())
             flow.link(prev, node)
         prev = node
     out = flow.add(OUTPUT)
-    ends = [flow.add(LAYER, layer.name) for layer in layers if layer.name in outputs] or [out]
+    heads = [layer.name for layer in layers if layer.name in outputs] or ([tied_head] if tied_head else [])
+    ends = [flow.add(LAYER, name) for name in heads] or [out]
     for end in ends:
         if prev is not None:
             flow.link(prev, end)
@@ -230,8 +263,9 @@ def context(layers: list[Layer], flow: Flow | None, names_sorted: bool) -> tuple
     if not names_sorted:
         return order_flow(layers).downstream(unknown_between_layers=True), {}
     bare = key_order.arrange(layers)
-    downstream = order_flow(bare.layers, bare.outputs).downstream(unknown_between_layers=True)
-    return downstream, {"order": [layer.name for layer in bare.layers], "outputs": bare.outputs,
+    downstream = order_flow(bare.layers, bare.outputs, bare.tied_head).downstream(unknown_between_layers=True)
+    return downstream, {"order": [layer.name for layer in bare.layers],
+                        "outputs": bare.outputs if bare.outputs or bare.tied_head else None,
                         "uncertain": bare.uncertain}
 
 
@@ -243,7 +277,8 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
 
     Positions and runs follow `order` (forward order, by layer name), else the layers' own order; a
     layer `order` lacks (the flow never saw it) comes after the others, a run of its own. The output
-    layers are `outputs` where given, else the last layer when it is linear; `uncertain` layers get
+    layers are `outputs` where given (an empty set: none, the head being a tied embedding), else the
+    last layer when it is linear; `uncertain` layers get
     `order_known` False.
     """
     weighted = [layer for layer in layers if layer.weighted]
@@ -260,7 +295,7 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
             layer.activation, layer.norm_after, layer.residual_after = found.activation, found.norm_after, found.residual_after
         if layer.kind == "recurrent":
             layer.activation = Activation("tanh")  # gates are sigmoid/tanh inside the cell
-        layer.is_output = (layer.name in outputs if outputs else
+        layer.is_output = (layer.name in outputs if outputs is not None else
                            layer.activation == IDENTITY and i == len(weighted) - 1)
         if layer.activation == UNKNOWN and default is not None:
             layer.activation = default

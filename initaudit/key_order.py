@@ -7,6 +7,9 @@ width matches its predecessor's output width). Where several orders chain equall
 that depend on the order (a norm right after the layer, the run of layers between norms) are
 compared across them: a layer whose facts differ is `uncertain`. The output layers are the ones
 whose output nothing consumes, outside numbered blocks, nearest the top of the module tree; they go last.
+A language model saved with its head tied to the token embedding keeps only the embedding: where no layer
+gives the embedding's vocabulary width and the last layer gives its width, the head is that tied embedding
+and no layer in the file is the output.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ _SEARCH_BUDGET = 5000   # partial orders tried per module before settling for wh
 class BareOrder:
     layers: list[Layer]                 # forward order, outputs last
     outputs: set[str] = field(default_factory=set)
+    tied_head: str | None = None        # the token embedding, where it is the (tied) output layer
     uncertain: set[str] = field(default_factory=set)  # layers whose norm/run facts depend on an ambiguous order
 
 
@@ -78,6 +82,7 @@ def arrange(layers: list[Layer]) -> BareOrder:
     outputs = _outputs(order)
     if outputs:
         order = [l for l in order if l.name not in outputs] + [l for l in order if l.name in outputs]
+    tied = None if outputs else _tied_head(order)
     chosen = _facts(order)
     uncertain: set[str] = set()
     for pieces, alternatives in ambiguous:
@@ -93,7 +98,7 @@ def arrange(layers: list[Layer]) -> BareOrder:
             moved = [l for i in alt for l in pieces[i].layers if l.name in names]
             facts = _facts(rest[lo:at] + moved + rest[at:hi])
             uncertain |= {name for name, fact in facts.items() if chosen.get(name) != fact}
-    return BareOrder(order, outputs, uncertain)
+    return BareOrder(order, outputs, uncertain=uncertain, tied_head=tied)
 
 
 def _arrange(layers: list[Layer], depth: int, ambiguous: list) -> _Piece:
@@ -161,6 +166,20 @@ def _outputs(order: list[Layer]) -> set[str]:
         return set()
     top = min(l.name.count(".") for l in free)
     return {l.name for l in free if l.name.count(".") == top}
+
+
+def _tied_head(order: list[Layer]) -> str | None:
+    """The token embedding (the one with most rows), if it is the head: no layer outputs its vocabulary, the last
+    layer outputs its width."""
+    tables = [l for l in order if l.kind == "embedding" and l.param("weight")]
+    weighted = [l for l in order if l.weighted]
+    if not tables or not weighted:
+        return None
+    token = max(tables, key=lambda l: l.param("weight").shape)
+    vocab, width = token.param("weight").shape[:2]
+    if widths(weighted[-1])[1] == width and all(widths(l)[1] != vocab for l in weighted):
+        return token.name
+    return None
 
 
 def _in_numbered_block(name: str) -> bool:

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save_file, save_model
 from torch import nn
 
 import initaudit
@@ -219,6 +219,57 @@ def test_a_projection_every_block_repeats_is_no_output(tmp_path):
     assert "lm_head" not in layers
     assert not [name for name, layer in layers.items() if layer.is_output and name.startswith("model.layers.0.")]
     assert verdicts(initaudit.audit(path)) == Counter()
+
+
+def test_the_bias_tells_a_bare_files_weight_layout(tmp_path):
+    """GPT-2's Conv1D stores [in, out], a transposed conv [in, out, *k]: the bias, as long as the output, tells
+    them from [out, in] in a bare file, so fans and units are right and a copied unit (a column) is found. The
+    square c_proj follows its sibling c_attn; the bias-less lm_head stays [out, in]."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=32, **TOKENS)
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        c_proj = model.transformer.h[1].mlp.c_proj.weight  # [256, 64]: [in, out]
+        c_proj[:, 5] = c_proj[:, 2]
+    pt, st = tmp_path / "gpt2.pt", tmp_path / "gpt2.safetensors"
+    torch.save(model.state_dict(), pt)
+    save_model(model, str(st))  # the tied lm_head is written once, as transformer.wte
+    for path in (pt, st):
+        layers = graph_of(path)
+        for name in ("transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc"):
+            weight = layers[name].param("weight")
+            assert (weight.unit_axis, weight.fan_in) == (1, weight.shape[0]), name
+        if "lm_head" in layers:
+            assert layers["lm_head"].param("weight").unit_axis == 0
+        found = {(f.layer, f.rule) for f in initaudit.audit(path).findings if f.severity != "info"}
+        assert found == {("transformer.h.1.mlp.c_proj", "duplicate-units")}, path.suffix
+
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.ConvTranspose2d(16, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    _, st = save_both(net, tmp_path, "deconv")
+    layers = graph_of(st)
+    assert [layers[name].kind for name in ("0", "2", "4")] == ["conv2d", "conv_transpose2d", "conv2d"]
+    assert layers["2"].param("weight").unit_axis == 1
+
+
+def test_a_head_tied_to_the_embedding_is_the_output_of_a_bare_file(tmp_path):
+    """save_pretrained/save_model write a tied LM head once, as the token embedding: ALBERT's last layer in the
+    file, predictions.dense, then feeds that head. Taken for the output, its zeroing was only info."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(vocab_size=1000, embedding_size=64, hidden_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=256)
+    model = transformers.AlbertForMaskedLM(config)
+    path = tmp_path / "albert.safetensors"
+    save_model(model, str(path))
+    layers = graph_of(path)
+    assert "predictions.decoder" not in layers and not [name for name, l in layers.items() if l.is_output]
+    assert verdicts(initaudit.audit(path)) == Counter()
+    with torch.no_grad():
+        model.predictions.dense.weight.zero_()
+    save_model(model, str(path))
+    found = {(f.layer, f.rule): f.severity for f in initaudit.audit(path).findings}
+    assert found[("predictions.dense", "zero-weights")] in ("warning", "error")
 
 
 def test_an_ambiguous_order_drops_depth_rules_to_info_but_not_extreme_scales(tmp_path):

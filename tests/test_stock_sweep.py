@@ -297,8 +297,6 @@ KNOWN_GAPS = {
         "timm/nf_regnet_b0": "squeeze-excite gates (a product of two computed tensors) do not end a run yet",
     },
     "faults": {
-        "transformers/albert": "bare files: predictions.dense is taken for an output, so its zeroing is info",
-        "transformers/gpt2": "bare files: Conv1D's [in, out] layout is unknown, so a copied unit is a copied column",
     },
 }
 
