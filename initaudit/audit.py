@@ -216,6 +216,9 @@ def facts(graph: LayerGraph, layer: Layer, param: Param, st: stats.TensorStats,
             expected, expected_scheme = edge, f"{nearest} (activation unknown)"
     ratio = st.std / expected if expected and math.isfinite(st.std) else None
     groups = st.duplicate_groups
+    bias_ratio = None
+    if bias is not None and param.is_weight and param.fan_in and st.std > 0 and math.isfinite(st.std):
+        bias_ratio = float(bias.detach().float().pow(2).mean().sqrt()) / (st.std * math.sqrt(param.fan_in))
     return {
         "layer": layer.name, "tensor": param.key, "role": param.role, "kind": layer.kind,
         "module_type": layer.module_type, "activation": str(layer.activation),
@@ -244,7 +247,7 @@ def facts(graph: LayerGraph, layer: Layer, param: Param, st: stats.TensorStats,
         "expected_scheme": expected_scheme,
         "expected_std": expected, "expected_call": rec.call if rec else None,
         "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
-        "shared": param.shared_with is not None,
+        "shared": param.shared_with is not None, "bias_ratio": bias_ratio,
     }
 
 

@@ -78,6 +78,8 @@ FACTS = {
     "expected_call": "the torch.nn.init call that draws the recommended scheme", "shared": "tied to another tensor",
     "recipe_share": "share of the model's weighted layers drawn with a fixed std (0 unless this one is too)",
     "is_last": "the last weighted layer in forward order, whatever follows it",
+    "bias_ratio": "the bias's RMS over the weights' share of a unit-RMS input's output (std·√fan_in): how far "
+                  "the layer starts at its bias (None without a bias)",
     "envelope_ratio": "std / the nearest edge of the stds any common scheme gives this layer, whatever its "
                       "activation (1 inside)",
     "state": "the weights as rules see them: fresh, trained or unknown (the layer's own verdict; every layer of a "

@@ -293,7 +293,6 @@ NAMES = [stock.name for stock in zoo.ZOO]
 KNOWN_GAPS = {
     "loads": {},
     "verdicts": {
-        "timm/gmlp_ti16_224": "the gate's normal(1e-6) is info behind a known linear flow, a warning in bare files",
         "timm/nf_regnet_b0": "squeeze-excite gates (a product of two computed tensors) do not end a run yet",
     },
     "faults": {

@@ -74,3 +74,18 @@ def test_recipe_drawn_on_every_layer_is_info_on_tiny_fan_in():
     assert {f.rule for f in report.findings if f.severity == "error"} == {"signal-vanishing"}
     assert not [f for f in report.findings if f.rule == "variance-out-of-range" and f.severity != "info"]
     assert any(f.rule == "variance-out-of-range" for f in report.findings)  # still reported, as info
+
+
+@pytest.mark.parametrize("bias, excused", [(1.0, True), (0.0, False)])
+def test_near_zero_weights_that_start_a_layer_at_its_bias_are_a_recipe(tmp_path, bias, excused):
+    """gMLP's spatial gate, normal(1e-6) with bias 1, in a bare file: the layer starts at its bias (a gate at 1),
+    as the live module's linear flow shows; without that bias, weights 1e-4x any scheme are a finding."""
+    state = transformer_state()
+    gate = "encoder.layer.1.gate.proj"
+    state[gate + ".weight"] = torch.randn(196, 196) * 1e-6
+    state[gate + ".bias"] = torch.full((196,), bias)
+    path = tmp_path / "gated.safetensors"
+    save_file(state, str(path))
+    found = {(f.rule, f.layer): f.severity for f in initaudit.audit(path).findings}
+    assert found[("variance-out-of-range", gate)] == ("info" if excused else "warning")
+    assert [key for key, severity in found.items() if severity != "info" and key[1] != gate] == []
