@@ -7,7 +7,7 @@ whether a normalization sits between the layer and it.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 from .activations import IDENTITY, UNKNOWN, Activation
@@ -19,6 +19,7 @@ NORM = "norm"      # BatchNorm/LayerNorm/GroupNorm/RMSNorm...
 STOP = "stop"      # softmax and the like: the layer before it is linear (identity)
 OUTPUT = "output"  # the graph's output
 ADD = "add"        # an elementwise sum: with two computed inputs, a residual join
+MUL = "mul"        # an elementwise product: with two computed inputs, where a gate scales a signal
 PASS = "pass"      # anything that carries the signal on (reshape, dropout, pooling, matmul...)
 
 
@@ -37,6 +38,7 @@ class Downstream:
     activation: Activation
     norm_after: bool
     residual_after: bool = False
+    gate_after: bool = False  # the activation (sigmoid, tanh...) is a gate: its output scales another signal
 
 
 class Flow:
@@ -74,16 +76,22 @@ class Flow:
         non-linearity on the way means the layer is linear (identity) — unless
         `unknown_between_layers`, for flows (bare state_dicts) whose activations were never seen.
         Norms passed on the way set `norm_after`, sums of two computed tensors (residual joins)
-        `residual_after`. A layer seen twice keeps its first answer.
+        `residual_after`; a saturating activation whose output scales a signal the layer did not
+        compute (a product: squeeze-excite, gated units) is a gate: `gate_after` (x·sigmoid(x) and
+        GLU's halves multiply what the layer computed: an activation, no gate). A layer seen twice
+        keeps its first answer.
         """
-        inputs = Counter(u for node in self.nodes for u in node.users)
+        producers: dict[int, list[int]] = {}
+        for i, node in enumerate(self.nodes):
+            for u in node.users:
+                producers.setdefault(u, []).append(i)
         found: dict[str, Downstream] = {}
         for start, node in enumerate(self.nodes):
             if node.role == LAYER and node.layer not in found:
-                found[node.layer] = self._walk(start, unknown_between_layers, inputs)
+                found[node.layer] = self._walk(start, unknown_between_layers, producers)
         return found
 
-    def _walk(self, start: int, unknown_between_layers: bool, inputs: Counter) -> Downstream:
+    def _walk(self, start: int, unknown_between_layers: bool, producers: dict[int, list[int]]) -> Downstream:
         queue = deque((u, False, False) for u in self.nodes[start].users)
         seen = {start}
         while queue:
@@ -93,12 +101,34 @@ class Flow:
             seen.add(idx)
             node = self.nodes[idx]
             if node.role == ACT:
-                return Downstream(node.activation, normed, joined)
+                gate = node.activation.family == "saturating" and self._gates(start, idx, producers)
+                return Downstream(node.activation, normed, joined, gate)
             if node.role == LAYER:
                 return Downstream(UNKNOWN if unknown_between_layers else IDENTITY, normed, joined)
             if node.role in (STOP, OUTPUT):
                 return Downstream(IDENTITY, normed, joined)
             normed = normed or node.role == NORM
-            joined = joined or (node.role == ADD and inputs[idx] >= 2)
+            joined = joined or (node.role == ADD and len(producers.get(idx, ())) >= 2)
             queue.extend((u, normed, joined) for u in node.users)
         return Downstream(IDENTITY, False)
+
+    def _gates(self, layer: int, act: int, producers: dict[int, list[int]]) -> bool:
+        """The activation's output reaches, through pass-through nodes, a product with a tensor that the
+        layer's output does not make without another layer."""
+        own = self._reach(layer, lambda node: node.role != LAYER) | {layer}
+        for idx in self._reach(act, lambda node: node.role in (PASS, MUL)):
+            if self.nodes[idx].role == MUL and any(p not in own for p in producers.get(idx, ())):
+                return True
+        return False
+
+    def _reach(self, start: int, through) -> set[int]:
+        """The nodes reached from `start` walking forward, passing on only from nodes that `through` accepts."""
+        reached, queue = set(), deque(self.nodes[start].users)
+        while queue:
+            idx = queue.popleft()
+            if idx in reached:
+                continue
+            reached.add(idx)
+            if through(self.nodes[idx]):
+                queue.extend(self.nodes[idx].users)
+        return reached

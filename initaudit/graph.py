@@ -50,6 +50,7 @@ class Layer:
     activation: Activation = UNKNOWN
     norm_after: bool = False
     residual_after: bool = False  # the layer's output joins a residual sum before the next layer
+    gate_after: bool = False  # the layer feeds a gate (sigmoid/tanh scaling another signal: squeeze-excite, GLU)
     position: int = -1       # index among weighted layers, in order
     run_depth: int = 0       # weighted layers in this layer's run between normalizations
     is_output: bool = False
@@ -293,6 +294,7 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
         layer.order_known = layer.name not in (uncertain or ())
         if found is not None:
             layer.activation, layer.norm_after, layer.residual_after = found.activation, found.norm_after, found.residual_after
+            layer.gate_after = found.gate_after
         if layer.kind == "recurrent":
             layer.activation = Activation("tanh")  # gates are sigmoid/tanh inside the cell
         layer.is_output = (layer.name in outputs if outputs is not None else
@@ -309,12 +311,13 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
 
 
 def _assign_runs(weighted: list[Layer]) -> None:
-    """Split the ordered weighted layers into runs that end at a normalization or a residual join
-    (the signal there no longer compounds layer by layer); each layer knows its run's length."""
+    """Split the ordered weighted layers into runs that end at a normalization, a residual join or a gate
+    (the signal there no longer compounds layer by layer; a gate's output is a scale factor, not the
+    signal); each layer knows its run's length."""
     run: list[Layer] = []
     for layer in weighted:
         run.append(layer)
-        if layer.norm_after or layer.residual_after or layer is weighted[-1]:
+        if layer.norm_after or layer.residual_after or layer.gate_after or layer is weighted[-1]:
             for member in run:
                 member.run_depth = len(run)
             run = []

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 
 from .activations import UNKNOWN, Activation
-from .flow import ACT, ADD, LAYER, NORM, OUTPUT, PASS, STOP, Flow
+from .flow import ACT, ADD, LAYER, MUL, NORM, OUTPUT, PASS, STOP, Flow
 from .graph import ModuleInfo, split_key
 
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
@@ -450,6 +450,8 @@ def _role(g: _Graph, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -
         return NORM, None
     if op in ("Add", "Sum"):
         return ADD, None
+    if op == "Mul":
+        return MUL, None
     if op == "LeakyRelu":
         return ACT, Activation("leaky_relu", float(_attr(node, "alpha", 0.01)))
     if op == "PRelu":

@@ -54,6 +54,8 @@ FACTS = {
     "activation_family": "relu (ReLU-like), saturating (tanh/sigmoid), selu, identity, unknown",
     "norm_after": "a normalization follows before the activation", "position": "index among weighted layers",
     "residual_after": "the output joins a residual sum before the next layer",
+    "gate_after": "the activation after the layer is a gate: its output scales a signal the layer did not compute "
+                  "(squeeze-excite); the run ends there",
     "depth": "weighted layers in the model", "run_depth": "weighted layers in this layer's run between norms",
     "is_output": "the model's last layer, linear", "fan_in": "fan in", "fan_out": "fan out",
     "order_known": "the layer's place in the forward order is known (a bare file's names and shapes can leave it"

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 import torch
 
 from .activations import Activation, canonical
-from .flow import ACT, ADD, LAYER, NORM, OUTPUT, PASS, STOP, Flow
+from .flow import ACT, ADD, LAYER, MUL, NORM, OUTPUT, PASS, STOP, Flow
 from .graph import WEIGHTED_KINDS, ModuleInfo, kind_of_class
 
 _ADD_NAMES = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "iadd"})
+_MUL_NAMES = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "imul"})
 _STOP_NAMES = frozenset({"softmax", "log_softmax", "softmin", "Softmax", "LogSoftmax", "Softmin", "Softmax2d"})
 _NORM_FUNCTIONS = frozenset({"layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "local_response_norm"})
 # Functions that apply a weighted layer (addmm: HF's Conv1D, torch.addmm(bias, x, weight)).
@@ -71,6 +72,8 @@ def module_role(module: torch.nn.Module, kind: str | None) -> tuple[str, Activat
 def function_role(name: str, args: tuple, kwargs: dict) -> tuple[str, Activation | None]:
     if name in _ADD_NAMES:
         return ADD, None
+    if name in _MUL_NAMES:
+        return MUL, None
     if name in _STOP_NAMES:
         return STOP, None
     if name in _NORM_FUNCTIONS:

@@ -107,6 +107,44 @@ def test_residual_joins_end_a_run():
         assert [layers[n].run_depth for n in ("a", "d", "conv", "e", "head")] == [5, 5, 5, 3, 3]
 
 
+class Gated(nn.Module):
+    """A norm-free stack with a squeeze-excite gate, a self-gated (x·sigmoid(x)) layer and a GLU."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(width, width, 3, padding=1), nn.Conv2d(width, width, 1)
+        self.fc1, self.fc2 = nn.Conv2d(width, width // 4, 1), nn.Conv2d(width // 4, width, 1)
+        self.c, self.glu, self.d = nn.Conv2d(width, width, 1), nn.Conv2d(width, 2 * width, 1), nn.Conv2d(width, width, 1)
+
+    def forward(self, x):
+        x = F.relu(self.b(F.relu(self.a(x))))
+        x = x * torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))  # squeeze-excite
+        x = self.c(x)
+        x = x * torch.sigmoid(x)  # SiLU written out
+        value, gate = self.glu(x).chunk(2, dim=1)
+        return self.d(value * torch.sigmoid(gate))
+
+
+@pytest.mark.parametrize("trace", ["fx", "torchscript", "onnx"])
+def test_a_gate_ends_a_run_and_self_gating_does_not(trace, tmp_path):
+    """The squeeze-excite branch's output only scales the signal: the run ends there (a mis-scaled SE layer is
+    not compounded through depth); x·sigmoid(x) and GLU multiply what the layer itself computed."""
+    from initaudit.audit import analyse
+    from initaudit.config import Options
+    from initaudit.loaders import load, modules
+
+    model = Gated().eval()
+    path = tmp_path / ("gated.onnx" if trace == "onnx" else "gated.pt")
+    if trace == "torchscript":
+        torch.jit.script(model).save(str(path))
+    elif trace == "onnx":
+        torch.onnx.export(model, (torch.randn(1, 16, 8, 8),), str(path), dynamo=False)
+    loaded = modules.from_module(model, None) if trace == "fx" else load(path)
+    layers = {layer.name: layer for layer in analyse(loaded, Options()).graph if layer.weighted}
+    assert {name for name, layer in layers.items() if layer.gate_after} == {"fc2"}
+    assert [layers[n].run_depth for n in ("a", "b", "fc1", "fc2", "c", "glu", "d")] == [4, 4, 4, 4, 3, 3, 3]
+
+
 class Untraceable(nn.Module):
     """Two inputs and data-dependent control flow: neither fx nor a tiny single input runs it; module order is used."""
 

@@ -288,25 +288,8 @@ def verdict_differences(s: Swept) -> list[tuple[str, set, set]]:
 
 NAMES = [stock.name for stock in zoo.ZOO]
 
-# Known gaps, tracked here so the sweep stays a live measurement: each is a strict xfail (it fails
-# the run the day it is fixed, so the entry gets removed).
-KNOWN_GAPS = {
-    "loads": {},
-    "verdicts": {
-        "timm/nf_regnet_b0": "squeeze-excite gates (a product of two computed tensors) do not end a run yet",
-    },
-    "faults": {
-    },
-}
 
-
-def _cases(which: str) -> list:
-    gaps = KNOWN_GAPS[which]
-    return [pytest.param(name, marks=pytest.mark.xfail(reason=gaps[name], strict=True)) if name in gaps else name
-            for name in NAMES]
-
-
-@pytest.mark.parametrize("name", _cases("loads"))
+@pytest.mark.parametrize("name", NAMES)
 def test_stock_model_loads_in_every_format(swept, name):
     assert swept(name).crashes() == []
 
@@ -319,12 +302,12 @@ def test_stock_model_has_no_error_in_any_format(swept, name):
     assert errors == []
 
 
-@pytest.mark.parametrize("name", _cases("verdicts"))
+@pytest.mark.parametrize("name", NAMES)
 def test_same_verdicts_in_every_format(swept, name):
     assert verdict_differences(swept(name)) == []
 
 
-@pytest.mark.parametrize("name", _cases("faults"))
+@pytest.mark.parametrize("name", NAMES)
 def test_planted_faults_are_found_in_every_format(swept, name):
     s = swept(name)
     assert len(set(s.planted.values())) == len(FAULTS)
