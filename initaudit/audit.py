@@ -167,12 +167,15 @@ def _progress(total: int):
 
 def _add_recipe_shares(measured: list[Measured]) -> None:
     """`recipe_share`: the share of the model's weighted layers drawn with a fixed std (normal 0.02 on every
-    Linear, depth-scaled 0.02 on the projections: a recipe, not a per-layer choice)."""
+    Linear, depth-scaled 0.02 on the projections: a recipe, not a per-layer choice); a near-tie with a fixed
+    std among its names counts (normal 0.02 on a depthwise conv is also Xavier's std at some widths)."""
+    def fixed(m: Measured) -> bool:
+        return m.fingerprint is not None and "fixed" in m.fingerprint.family.split("|")
+
     weights = [m for m in measured if m.param.is_weight and m.layer.weighted and m.fingerprint is not None]
-    share = sum(m.fingerprint.family == "fixed" for m in weights) / len(weights) if weights else 0.0
+    share = sum(map(fixed, weights)) / len(weights) if weights else 0.0
     for m in measured:
-        fixed = m.fingerprint is not None and m.fingerprint.family == "fixed"
-        m.facts["recipe_share"] = share if fixed else 0.0
+        m.facts["recipe_share"] = share if fixed(m) else 0.0
 
 
 def _block_pattern(name: str) -> str:

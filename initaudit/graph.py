@@ -153,8 +153,8 @@ def _kind_from_tensors(name: str, suffixes: dict[str, tuple[int, ...]]) -> str:
         return "parameter"
     if len(weight) == 1:
         return "norm"
-    if len(weight) == 2:
-        return "embedding" if _EMBEDDING_NAME.search(name) else "linear"
+    if len(weight) == 2:  # an embedding's name, unless it has a bias (MobileBERT's embedding_transformation)
+        return "embedding" if _EMBEDDING_NAME.search(name) and "bias" not in suffixes else "linear"
     if len(weight) in (3, 4, 5):
         return f"conv{len(weight) - 2}d"
     return "parameter"

@@ -272,6 +272,25 @@ def test_a_head_tied_to_the_embedding_is_the_output_of_a_bare_file(tmp_path):
     assert found[("predictions.dense", "zero-weights")] in ("warning", "error")
 
 
+def test_mobilebert_as_bare_files(tmp_path):
+    """MobileBERT: a Linear named embedding_transformation (its bias says it is no embedding), and save_model keeps
+    the tied head's name, cls.predictions.decoder, whose padding row is zero: info with the activation unknown,
+    an error behind a ReLU."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.MobileBertForMaskedLM(transformers.MobileBertConfig(vocab_size=1000, num_hidden_layers=2))
+    pt, st = tmp_path / "mobilebert.pt", tmp_path / "mobilebert.safetensors"
+    torch.save(model.state_dict(), pt)
+    save_model(model, str(st))
+    for path in (pt, st):
+        assert graph_of(path)["mobilebert.embeddings.embedding_transformation"].kind == "linear"
+        assert verdicts(initaudit.audit(path)) == Counter()
+    dead = [(f.severity, f.message) for f in initaudit.audit(st).findings if f.rule == "dead-units"]
+    assert dead == [("info", "cls.predictions.decoder: 1 of 1000 units have all-zero weights and bias <= 0 (units 0)")]
+    relu = {(f.rule, f.layer): f.severity for f in initaudit.audit(st, activation="relu").findings}
+    assert relu[("dead-units", "cls.predictions.decoder")] == "error"
+
+
 def test_an_ambiguous_order_drops_depth_rules_to_info_but_not_extreme_scales(tmp_path):
     """In a block of equal widths the norms' places cannot be told from a sorted file: no guessing (and
     normal(0.01), a common scheme, is no finding with the activation unknown), yet a weight 1000x too

@@ -76,6 +76,24 @@ def test_recipe_drawn_on_every_layer_is_info_on_tiny_fan_in():
     assert any(f.rule == "variance-out-of-range" for f in report.findings)  # still reported, as info
 
 
+def test_recipe_holds_where_its_std_ties_with_a_formula():
+    """At 1024 channels a depthwise conv's Xavier std at ReLU's gain is 0.0208: a 0.02 draw on the high side
+    fingerprints as the near-tie `normal-0.02|xavier-normal-relu-gain`, still the recipe (HF Segformer's MixFFN)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Conv2d(1024, 1024, 3, padding=1, groups=1024), nn.ReLU(),
+                                                          nn.Conv2d(1024, 1024, 1), nn.ReLU())])
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        model[4].weight.mul_(0.0204 / model[4].weight.std())  # within 3 standard errors of 0.02 (9,216 values)
+    report = initaudit.audit(model)
+    assert {row.name: row.scheme for row in report.layers}["4"] == "normal-0.02|xavier-normal-relu-gain"
+    assert [(f.rule, f.severity) for f in report.findings if f.layer == "4" and f.rule == "variance-out-of-range"] == [
+        ("variance-out-of-range", "info")]
+
+
 @pytest.mark.parametrize("bias, excused", [(1.0, True), (0.0, False)])
 def test_near_zero_weights_that_start_a_layer_at_its_bias_are_a_recipe(tmp_path, bias, excused):
     """gMLP's spatial gate, normal(1e-6) with bias 1, in a bare file: the layer starts at its bias (a gate at 1),
