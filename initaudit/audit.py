@@ -37,9 +37,10 @@ class Measured:
 def build_graph(loaded: Loaded, options: Options) -> LayerGraph:
     shapes = {k: s for k, s in loaded.tensors.shapes.items()}
     layers = group_layers(shapes, loaded.modules)
-    names_sorted = loaded.format == "safetensors" or list(shapes) == sorted(shapes)  # sorted, not registered
+    # sorted, not registered (a Hugging Face folder's names are put in natural order when read)
+    names_sorted = loaded.format in ("safetensors", "hf-folder") or list(shapes) == sorted(shapes)
     downstream, order = context(layers, loaded.flow, names_sorted)
-    return annotate(layers, downstream, options.activation, options.activations, **order)
+    return annotate(layers, downstream, options.activation, options.activations, hints=loaded.activations, **order)
 
 
 def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:

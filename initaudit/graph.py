@@ -273,8 +273,9 @@ def context(layers: list[Layer], flow: Flow | None, names_sorted: bool) -> tuple
 def annotate(layers: list[Layer], downstream: dict[str, Downstream],
              default: Activation | None = None, overrides: dict[str, Activation] | None = None,
              order: list[str] | None = None, outputs: set[str] | None = None,
-             uncertain: set[str] | None = None) -> LayerGraph:
-    """Attach activations, norms, positions and run depths; user overrides (glob patterns) win.
+             uncertain: set[str] | None = None, hints: dict[str, Activation] | None = None) -> LayerGraph:
+    """Attach activations, norms, positions and run depths; `hints` (layer name -> activation its name
+    suggests) then `default` fill what the flow leaves unknown; user overrides (glob patterns) win.
 
     Positions and runs follow `order` (forward order, by layer name), else the layers' own order; a
     layer `order` lacks (the flow never saw it) comes after the others, a run of its own. The output
@@ -299,8 +300,8 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
             layer.activation = Activation("tanh")  # gates are sigmoid/tanh inside the cell
         layer.is_output = (layer.name in outputs if outputs is not None else
                            layer.activation == IDENTITY and i == len(weighted) - 1)
-        if layer.activation == UNKNOWN and default is not None:
-            layer.activation = default
+        if layer.activation == UNKNOWN:
+            layer.activation = (hints or {}).get(layer.name) or default or UNKNOWN
         for pattern, act in (overrides or {}).items():
             if fnmatch.fnmatchcase(layer.name, pattern):
                 layer.activation = act

@@ -100,6 +100,20 @@ def test_without_a_buildable_architecture_the_name_lists_take_over(tmp_path):
     assert by_name["model.layers.0.mlp.gate_proj"].activation == "silu"  # from the name lists
 
 
+def test_a_folder_whose_forward_fails_is_read_like_its_bare_file(tmp_path):
+    """HF EfficientNet at width 0.5 cannot run (its top BatchNorm keeps config.hidden_dim=2560): without a flow the
+    folder is ordered by names and shapes as its bare file is; a chain of name-list guesses made every conv
+    'linear' and reported 7 signal-vanishing errors."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.EfficientNetForImageClassification(
+        transformers.EfficientNetConfig(image_size=64, width_coefficient=0.5, depth_coefficient=0.5))
+    model.save_pretrained(tmp_path / "hf")
+    folder = initaudit.audit(tmp_path / "hf")
+    assert "not built" in folder.notes[0]
+    assert verdicts(folder) == verdicts(initaudit.audit(tmp_path / "hf" / "model.safetensors")) == Counter()
+
+
 def test_no_code_from_the_folder_runs(tmp_path):
     """A config that asks for remote code is built from transformers' own classes, never from the folder."""
     model = hf_model("bert")

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .. import files as file_policy
+from ..activations import Activation
 from ..errors import InputError
 from ..flow import Flow
 from ..graph import ModuleInfo
@@ -83,6 +84,8 @@ class Loaded:
     module: torch.nn.Module | None = None
     flow: Flow | None = None         # the data flow, where the format or module shows it
     modules: dict[str, ModuleInfo] = field(default_factory=dict)  # layer name -> kind, where known
+    activations: dict[str, Activation] = field(default_factory=dict)  # layer name -> the activation its name
+    # suggests, where no flow shows it (a Hugging Face folder whose architecture could not be built)
     container: Any = None            # what the writer needs to write the same format back
     notes: list[str] = field(default_factory=list)  # things the user should know (e.g. how activations were found)
     files: list[Path] = field(default_factory=list)  # every file the model's bytes come from (weights, external

@@ -2,10 +2,11 @@
 
 The flow comes from the architecture config.json describes, built without weights and traced
 (see `meta_model`: transformers' classes for `model_type`, timm for `architecture`). Where that
-cannot be built (an unknown model type, the library missing), activations come from the config (`hidden_act`, `activation_function`, T5's `feed_forward_proj`)
-and the layer names every transformer family uses: the first projection of a feed-forward block
-feeds the activation, the pooler feeds tanh, every other projection is linear. Each attention and
-feed-forward sub-block ends at a LayerNorm/RMSNorm and a residual sum, so runs are per sub-block.
+cannot be built (an unknown model type, the library missing, a forward pass that fails), the folder
+is read as a bare safetensors file is (names and shapes order the layers: `key_order`), and the
+config names the activation (`hidden_act`, `activation_function`, T5's `feed_forward_proj`) that
+follows the layers every transformer family names alike: the first projection of a feed-forward
+block feeds it, the pooler feeds tanh; every other layer's activation stays unknown.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .. import meta_model
 from ..activations import Activation, canonical
 from ..errors import InputError
 from ..files import inside
-from ..flow import ACT, LAYER, NORM, Flow
+from ..flow import Flow
 from ..graph import ModuleInfo, group_layers, split_key
 from . import Loaded, TensorSource, check_count, natural_key, sniff
 from .safetensors_file import SafetensorsFile, _open
@@ -36,7 +37,6 @@ FFN_IN = ("*intermediate.dense", "*mlp.c_fc", "*.fc1", "*mlp.gate_proj", "*Dense
 POOLER = ("*pooler.dense",)
 # Model types whose projections are HF's Conv1D, stored [in, out].
 CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
-_ATTENTION = re.compile(r"attn|attention", re.I)
 
 
 def is_hf_folder(path: Path) -> bool:
@@ -166,18 +166,20 @@ def load(path: Path, index: str | None = None) -> Loaded:
         if key not in handle.keys():
             raise InputError(f"{path}: the index puts {key!r} in {shards[key]}, which does not hold it")
         shapes[key] = handle.shape(key)
-    flow, modules, notes = _context(config, shapes) if config else (None, {}, [
+    flow, modules, hints, notes = _context(config, shapes) if config else (None, {}, {}, [
         "no config.json beside the shards: activations are unknown; pass --activation (or --model "
         "package.module:factory) to check scales against them"])
     source = TensorSource(shapes, lambda k: handles[shards[k]].get(k), release=lambda k: handles[shards[k]].release(k),
                           nbytes={k: handles[shards[k]].nbytes(k) for k in shapes})
-    return Loaded(path, "hf-folder", source, flow=flow, modules=modules,
+    return Loaded(path, "hf-folder", source, flow=flow, modules=modules, activations=hints,
                   container={"shards": shards, "metadata": metadata, "handles": handles}, notes=notes,
                   files=[path.resolve(), *dict.fromkeys(files)])
 
 
-def _context(config: dict, shapes: dict[str, tuple[int, ...]]) -> tuple[Flow, dict[str, ModuleInfo], list[str]]:
-    """The flow from the architecture config.json describes, built without weights; else from the name lists."""
+def _context(config: dict, shapes: dict[str, tuple[int, ...]]
+             ) -> tuple[Flow | None, dict[str, ModuleInfo], dict[str, Activation], list[str]]:
+    """(flow, module kinds, activation hints, notes): the flow from the architecture config.json describes, built
+    without weights; else no flow, and the activations the config and the layer names suggest."""
     try:
         built = meta_model.from_config(config, shapes)
     except meta_model.NotBuilt as exc:
@@ -186,38 +188,21 @@ def _context(config: dict, shapes: dict[str, tuple[int, ...]]) -> tuple[Flow, di
         notes = [f"activations traced from {built.architecture}, built from config.json without weights"]
         if built.unmatched:
             notes.append(f"{built.unmatched} tensors are not in {built.architecture}: their activations are unknown")
-        return built.flow, built.modules, notes
+        return built.flow, built.modules, {}, notes
     transposed = config.get("model_type") in CONV1D_MODELS
     modules = {split_key(k)[0]: ModuleInfo("linear", "Conv1D", True)
                for k, s in shapes.items() if transposed and k.endswith(".weight") and len(s) == 2
                and re.search(r"\.(c_attn|c_proj|c_fc|q_attn)$", split_key(k)[0])}
     act = activation_of(config)
-    notes = [f"the architecture was not built ({reason}): activations from config.json ({act or 'no activation named'})"
-             " and the layer names; pass --activation-for to correct a layer"]
-    return _flow(group_layers(shapes, modules), act), modules, notes
+    hints = {}
+    for layer in dict.fromkeys(split_key(k)[0] for k in shapes):
+        if act is not None and any(fnmatch.fnmatchcase(layer, p) for p in FFN_IN):
+            hints[layer] = act
+        elif any(fnmatch.fnmatchcase(layer, p) for p in POOLER):
+            hints[layer] = Activation("tanh")
+    notes = [f"the architecture was not built ({reason}): layers ordered by names and shapes, activations from "
+             f"config.json ({act or 'no activation named'}) on the layers the names tell; pass --activation-for to "
+             "name the others"]
+    return None, modules, hints, notes
 
 
-def _flow(layers, act: Activation | None) -> Flow:
-    """A chain of sub-blocks: each one's layers, the activation after its feed-forward input, then a norm."""
-    items, group = [], None
-    weighted = [layer for layer in layers if layer.weighted]
-    for layer in weighted:
-        key = _group(layer.name)
-        if group is not None and key != group:
-            items.append((NORM, None, None))
-        group = key
-        items.append((LAYER, layer.name, None))
-        if any(fnmatch.fnmatchcase(layer.name, p) for p in FFN_IN) and act is not None:
-            items.append((ACT, None, act))
-        elif any(fnmatch.fnmatchcase(layer.name, p) for p in POOLER):
-            items.append((ACT, None, Activation("tanh")))
-    return Flow.chain(items)
-
-
-def _group(name: str) -> tuple[str, str]:
-    """('encoder.layer.3.', 'attn') — the (innermost) block a layer sits in and its sub-block; layers outside
-    blocks stand alone."""
-    found = re.match(r"(.*\.\d+\.)", name)
-    if not found:
-        return (name, "")
-    return (found.group(1), "attn" if _ATTENTION.search(name[found.end():]) else "mlp")
