@@ -23,6 +23,7 @@ CHUNK_ELEMENTS = 1 << 18        # units are read in chunks of about this many va
 SPLIT_ELEMENTS = 1 << 24        # a tensor this large is shared out over the cores in row ranges
 DISTINCT_SAMPLE = 1 << 14       # distinct values are counted exactly up to this many entries
 NEAR_DUPLICATE_TOLERANCE = 1e-3  # units differing by at most this fraction of the std in every entry are copies
+CHANCE_MATCHES = 1e-3           # ... where independent draws would match that closely less often than this
 MAX_REPORTED_GROUPS = 20
 SPARSE_DENSE_LIMIT = 1 << 24   # sparse tensors are audited (made dense) up to this many entries
 SHIFT_RATIO = 4.0               # moments are summed about the first chunk's mean when |mean| > this many stds
@@ -348,8 +349,9 @@ def _assemble(tensor: torch.Tensor, rows: torch.Tensor, part: _Part, shift: floa
         spread = float(longer.max() - longer.min()) / mid if mid > 0 else math.nan
         proj = torch.cat(part.proj, dim=1).T
         unit_sums = proj[:, 2].to(torch.float64)
-        if n_units > 1 and lo < hi:
-            groups = _duplicate_groups(rows, proj, std * NEAR_DUPLICATE_TOLERANCE, set(part.zero_units))
+        tol = _copy_tolerance(n_units, width, std, tensor.dtype)
+        if n_units > 1 and lo < hi and tol is not None:
+            groups = _duplicate_groups(rows, proj, tol, set(part.zero_units))
             groups, negligible = _negligible_first(rows, groups, math.sqrt(var + mean * mean))
     found = part.n > 0
     return TensorStats(
@@ -386,6 +388,20 @@ def _distinct(tensor: torch.Tensor) -> int:
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.to(torch.float32)  # exact for every narrower float; unique has no float8 kernel
     return int(torch.unique(flat).numel())
+
+
+def _copy_tolerance(n_units: int, width: int, std: float, dtype: torch.dtype) -> float | None:
+    """How far apart two units may be and still be called copies: NEAR_DUPLICATE_TOLERANCE of the std, else
+    exact, else None, whichever chance alone would not produce among this many units (expected chance
+    matches under CHANCE_MATCHES). Two independent draws agree within t·std in one entry with probability
+    at most 0.8·t (a normal's peak density), so in every entry of a unit (0.8·t)^width; units of one value
+    (MobileOne's per-channel scale convs) match by chance even at the dtype's resolution."""
+    pairs = n_units * (n_units - 1) / 2
+    resolution = torch.finfo(dtype).eps if dtype.is_floating_point else 1.0
+    for t, tol in ((NEAR_DUPLICATE_TOLERANCE, std * NEAR_DUPLICATE_TOLERANCE), (resolution, 0.0)):
+        if pairs * min(1.0, 0.8 * t) ** width <= CHANCE_MATCHES:
+            return tol
+    return None
 
 
 def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_units: set[int]) -> list[list[int]]:

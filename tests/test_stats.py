@@ -68,6 +68,19 @@ def test_duplicate_groups_exact_and_near_but_not_merely_close():
     assert s.duplicate_units == 3
 
 
+@pytest.mark.parametrize("channels, dtype, copies_found", [(256, torch.float32, False), (48, torch.float32, True),
+                                                            (48, torch.bfloat16, False)])
+def test_units_of_one_value_are_copies_only_where_chance_would_not_match_them(channels, dtype, copies_found):
+    """MobileOne's per-channel scale conv, [C, 1, 1, 1] at torch's default: among 256 single values some lie within
+    1e-3 std of each other by chance (about 20 pairs), so only exact copies could count, and at 256 channels even
+    float32 values repeat by chance too often; among 48 exact float32 copies are telling, in bfloat16 they are not."""
+    torch.manual_seed(0)
+    w = torch.nn.Conv2d(channels, channels, 1, groups=channels).weight.detach().to(dtype)
+    assert stats.compute(w).duplicate_groups == []
+    w[5] = w[9]
+    assert (stats.compute(w).duplicate_groups == [[5, 9]]) == copies_found
+
+
 def test_unit_axis_for_transposed_layouts():
     w = torch.randn(128, 64)  # [in, out], as ONNX MatMul and HF Conv1D store it
     w[:, 5] = 0
