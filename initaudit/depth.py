@@ -267,18 +267,27 @@ def relative_grads(layers: list[Layer], grads: dict[str, float | None]) -> dict[
 
 def judged(layers: list[Layer], scales: dict[str, float | None], grads: dict[str, float | None],
            band: tuple[float, float]) -> tuple[dict[str, str], dict[str, str]]:
-    """(forward exits, backward exits) over the judged layers (`_judged`): forward in order (not on a residual
-    branch's last layer: the sum carries the stream on), backward from the output (`grads` relative, see
-    `relative_grads`)."""
+    """(forward exits, backward exits) over the judged layers (`_judged`): forward in order, backward from the
+    output (`grads` relative, see `relative_grads`). On a residual branch only exploding counts, either way: the
+    sum carries the stream (and its gradient) on, and a branch that starts near zero is what zero-init residuals,
+    LayerScale and FocalNet's modulation at normal(0.02) do on purpose; a branch that swamps the stream is not."""
     ordered = judged_layers(layers)
+    branch = {layer.name for layer in ordered if layer.residual_branch}
     forward = {name: verdict for name, _, verdict in
-               crossings([(layer.name, scales.get(layer.name)) for layer in ordered if not layer.residual_after], band)}
+               _exits([(layer.name, scales.get(layer.name)) for layer in ordered], branch, band)}
     backward = {}
-    for name, above, verdict in crossings([(layer.name, grads.get(layer.name)) for layer in reversed(ordered)], band):
+    for name, above, verdict in _exits([(layer.name, grads.get(layer.name)) for layer in reversed(ordered)], branch, band):
         # Going back, the layer above handed the gradient down out of the band (its weights): it is blamed, unless
         # the forward signal left the band the same way on this very layer (one fault, both directions).
         backward[name if above is None or forward.get(name) == verdict else above] = verdict
     return forward, backward
+
+
+def _exits(values: list[tuple[str, float | None]], branch: set[str],
+           band: tuple[float, float]) -> list[tuple[str, str | None, str]]:
+    """`crossings` off the residual branches, and where a branch explodes."""
+    off = crossings([(name, value) for name, value in values if name not in branch], band)
+    return off + [c for c in crossings(values, band) if c[0] in branch and c[2] == "exploding"]
 
 
 def facts(layer: Layer, depth: LayerDepth | None, forward: dict[str, str], backward: dict[str, str],

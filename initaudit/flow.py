@@ -8,7 +8,7 @@ whether a normalization sits between the layer and it.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .activations import IDENTITY, UNKNOWN, Activation
 
@@ -39,6 +39,7 @@ class Downstream:
     norm_after: bool
     residual_after: bool = False
     gate_after: bool = False  # the activation (sigmoid, tanh...) is a gate: its output scales another signal
+    residual_branch: bool = False  # the output joins a residual sum, through any layers, before a normalization
 
 
 class Flow:
@@ -78,18 +79,41 @@ class Flow:
         Norms passed on the way set `norm_after`, sums of two computed tensors (residual joins)
         `residual_after`; a saturating activation whose output scales a signal the layer did not
         compute (a product: squeeze-excite, gated units) is a gate: `gate_after` (x·sigmoid(x) and
-        GLU's halves multiply what the layer computed: an activation, no gate). A layer seen twice
-        keeps its first answer.
+        GLU's halves multiply what the layer computed: an activation, no gate); a layer whose output
+        reaches a residual sum before any normalization, through whatever layers, sits on a residual
+        branch: `residual_branch`. A layer seen twice keeps its first answer.
         """
         producers: dict[int, list[int]] = {}
         for i, node in enumerate(self.nodes):
             for u in node.users:
                 producers.setdefault(u, []).append(i)
+        joins = self._joins(producers)
         found: dict[str, Downstream] = {}
         for start, node in enumerate(self.nodes):
             if node.role == LAYER and node.layer not in found:
-                found[node.layer] = self._walk(start, unknown_between_layers, producers)
+                walked = self._walk(start, unknown_between_layers, producers)
+                found[node.layer] = replace(walked, residual_branch=joins[start])
         return found
+
+    def _joins(self, producers: dict[int, list[int]]) -> list[bool]:
+        """Per node: its output reaches a residual sum (two computed tensors added) before a normalization, a
+        softmax or the output; over the nodes in topological order (Kahn's), from the last back."""
+        waiting = [len(producers.get(i, ())) for i in range(len(self.nodes))]
+        ready = deque(i for i, n in enumerate(waiting) if n == 0)
+        order = []
+        while ready:
+            idx = ready.popleft()
+            order.append(idx)
+            for u in self.nodes[idx].users:
+                waiting[u] -= 1
+                if waiting[u] == 0:
+                    ready.append(u)
+        joins = [False] * len(self.nodes)
+        for idx in reversed(order):
+            joins[idx] = any((self.nodes[u].role == ADD and len(producers.get(u, ())) >= 2)
+                             or (self.nodes[u].role not in (NORM, STOP, OUTPUT) and joins[u])
+                             for u in self.nodes[idx].users)
+        return joins
 
     def _walk(self, start: int, unknown_between_layers: bool, producers: dict[int, list[int]]) -> Downstream:
         queue = deque((u, False, False) for u in self.nodes[start].users)

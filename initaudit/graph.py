@@ -51,6 +51,7 @@ class Layer:
     norm_after: bool = False
     residual_after: bool = False  # the layer's output joins a residual sum before the next layer
     gate_after: bool = False  # the layer feeds a gate (sigmoid/tanh scaling another signal: squeeze-excite, GLU)
+    residual_branch: bool = False  # the output joins a residual sum, through any layers, before a normalization
     position: int = -1       # index among weighted layers, in order
     run_depth: int = 0       # weighted layers in this layer's run between normalizations
     is_output: bool = False
@@ -295,7 +296,7 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
         layer.order_known = layer.name not in (uncertain or ())
         if found is not None:
             layer.activation, layer.norm_after, layer.residual_after = found.activation, found.norm_after, found.residual_after
-            layer.gate_after = found.gate_after
+            layer.gate_after, layer.residual_branch = found.gate_after, found.residual_branch
         if layer.kind == "recurrent":
             layer.activation = Activation("tanh")  # gates are sigmoid/tanh inside the cell
         layer.is_output = (layer.name in outputs if outputs is not None else

@@ -155,3 +155,44 @@ def test_stock_alexnet_at_torch_defaults_is_warned_not_an_error():
     alexnet = initaudit.audit(torchvision.models.alexnet(weights=None))
     assert alexnet.count("error") == 0
     assert {f.rule for f in alexnet.findings if f.severity == "warning"} == {"signal-vanishing"}
+
+
+class Branch(torch.nn.Module):
+    """Two norm-free residual blocks whose branches are five 1x1 convs drawn at normal(std) with GELU between."""
+
+    def __init__(self, std: float, residual: bool = True, width: int = 32):
+        super().__init__()
+        self.residual = residual
+        self.blocks = torch.nn.ModuleList(torch.nn.ModuleList(torch.nn.Conv2d(width, width, 1) for _ in range(5))
+                                          for _ in range(2))
+        for conv in self.modules():
+            if isinstance(conv, torch.nn.Conv2d):
+                torch.nn.init.normal_(conv.weight, std=std)
+                torch.nn.init.zeros_(conv.bias)
+
+    def forward(self, x):
+        for block in self.blocks:
+            y = x
+            for i, conv in enumerate(block):
+                y = conv(y) if i == len(block) - 1 else torch.nn.functional.gelu(conv(y))
+            x = x + y if self.residual else y
+        return x
+
+
+@pytest.mark.parametrize("std, residual, expected", [
+    (0.02, True, set()),  # a branch that starts near zero: the stream carries on (FocalNet's modulation)
+    (0.02, False, {"signal-vanishing"}),  # the same layers as a plain stack: the signal is gone
+    (2.0, True, {"signal-exploding"}),  # a branch that swamps the stream is still trouble
+])
+def test_a_residual_branch_may_start_near_zero_but_not_explode(std, residual, expected):
+    report = initaudit.audit(Branch(std, residual))
+    assert {rule for rule, _, severity in signal(report) if severity == "error"} == expected
+    assert {layer.name: layer.residual_branch for layer in _graph(Branch(std, residual))}["blocks.0.0"] == residual
+
+
+def _graph(module):
+    from initaudit.audit import analyse
+    from initaudit.config import Options
+    from initaudit.loaders import modules
+
+    return [layer for layer in analyse(modules.from_module(module, None), Options()).graph if layer.weighted]
