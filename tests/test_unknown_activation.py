@@ -107,3 +107,15 @@ def test_near_zero_weights_that_start_a_layer_at_its_bias_are_a_recipe(tmp_path,
     found = {(f.rule, f.layer): f.severity for f in initaudit.audit(path).findings}
     assert found[("variance-out-of-range", gate)] == ("info" if excused else "warning")
     assert [key for key, severity in found.items() if severity != "info" and key[1] != gate] == []
+
+
+@pytest.mark.parametrize("scale, severity", [(1e-3, "info"), (1e-1, "warning")])
+def test_a_head_scaled_toward_zero_starts_at_its_bias(scale, severity):
+    """timm's head_init_scale (EVA, BEiT, RoPE ViTs): the head drawn at 0.02 then scaled by 0.001 puts out under
+    0.1 % of its input's scale, a zero-init head in all but name; scaled by 0.1 it is merely mis-scaled."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 384), nn.GELU(), nn.LayerNorm(384), nn.Linear(384, 100))
+    with torch.no_grad():
+        model[3].weight.normal_(std=0.02 * scale)
+    found = {(f.rule, f.layer): f.severity for f in initaudit.audit(model).findings}
+    assert found[("variance-out-of-range", "3")] == severity
