@@ -102,7 +102,7 @@ class LayerDepth:
 
 
 def chain(graph: LayerGraph) -> Flow:
-    """A flow for a model whose data flow is not known (bare files): its layers in forward order, each
+    """A flow for a model whose data flow is not known (bare files, module order): its layers in forward order, each
     followed by its activation (as named by the user) and its normalization."""
     items = []
     for layer in sorted((layer for layer in graph if layer.weighted), key=lambda layer: layer.position):
@@ -204,9 +204,10 @@ def _rms(m: float | None) -> float | None:
 
 
 def predict(graph: LayerGraph, flow: Flow | None, weights: dict[str, Weights]) -> dict[str, LayerDepth]:
-    """Every weighted layer's predicted gain, scale and gradient scale (the flow: `chain` where none is known)."""
+    """Every weighted layer's predicted gain, scale and gradient scale (the flow: `chain` where none is known, or
+    where it is module order, blind to functional calls)."""
     kinds = {layer.name: layer.kind for layer in graph}
-    found = propagate(flow if flow is not None else chain(graph), weights, kinds)
+    found = propagate(flow if flow is not None and flow.sees_activations else chain(graph), weights, kinds)
     for layer in graph:
         depth = found.get(layer.name)
         w = weights.get(layer.name)

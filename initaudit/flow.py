@@ -45,8 +45,9 @@ class Downstream:
 class Flow:
     """Nodes plus edges; `add` returns an id, `link` adds an edge from producer to consumer."""
 
-    def __init__(self) -> None:
+    def __init__(self, sees_activations: bool = True) -> None:
         self.nodes: list[FlowNode] = []
+        self.sees_activations = sees_activations  # False: functional activations between layers went unseen
 
     def add(self, role: str, layer: str | None = None, activation: Activation | None = None) -> int:
         self.nodes.append(FlowNode(role, layer, activation))
@@ -57,9 +58,9 @@ class Flow:
             self.nodes[src].users.append(dst)
 
     @classmethod
-    def chain(cls, items: list[tuple[str, str | None, Activation | None]]) -> "Flow":
+    def chain(cls, items: list[tuple[str, str | None, Activation | None]], sees_activations: bool = True) -> "Flow":
         """A linear flow from an ordered list of (role, layer, activation), e.g. module registration order."""
-        flow = cls()
+        flow = cls(sees_activations)
         prev = None
         for role, layer, act in items:
             node = flow.add(role, layer, act)
@@ -83,10 +84,7 @@ class Flow:
         reaches a residual sum before any normalization, through whatever layers, sits on a residual
         branch: `residual_branch`. A layer seen twice keeps its first answer.
         """
-        producers: dict[int, list[int]] = {}
-        for i, node in enumerate(self.nodes):
-            for u in node.users:
-                producers.setdefault(u, []).append(i)
+        producers = self._producers()
         joins = self._joins(producers)
         found: dict[str, Downstream] = {}
         for start, node in enumerate(self.nodes):
@@ -95,9 +93,49 @@ class Flow:
                 found[node.layer] = replace(walked, residual_branch=joins[start])
         return found
 
-    def _joins(self, producers: dict[int, list[int]]) -> list[bool]:
-        """Per node: its output reaches a residual sum (two computed tensors added) before a normalization, a
-        softmax or the output; over the nodes in topological order (Kahn's), from the last back."""
+    def run_lengths(self, gated: set[str]) -> dict[str, int]:
+        """Per layer: the weighted layers on the longest chain through it with no normalization, softmax or
+        residual sum between two of them, and none past a layer in `gated` (its output only scales a signal):
+        the run its scale compounds in. Parallel branches (detection heads, q/k/v) are runs of their own."""
+        producers = self._producers()
+        order = [i for i in self._topological(producers) if self.nodes[i].role == LAYER]
+        feeds: dict[int, list[int]] = {i: [] for i in order}
+        for i in order:
+            queue, seen = deque(producers.get(i, ())), set()
+            while queue:
+                j = queue.popleft()
+                if j in seen:
+                    continue
+                seen.add(j)
+                node = self.nodes[j]
+                if node.role == LAYER:
+                    if node.layer not in gated and j in feeds:
+                        feeds[j].append(i)
+                elif node.role not in (NORM, STOP, OUTPUT) and not (node.role == ADD and len(producers.get(j, ())) >= 2):
+                    queue.extend(producers.get(j, ()))
+        up = {i: 1 for i in order}
+        for i in order:
+            for k in feeds[i]:
+                up[k] = max(up[k], up[i] + 1)
+        down = {i: 1 for i in order}
+        for i in reversed(order):
+            for k in feeds[i]:
+                down[i] = max(down[i], down[k] + 1)
+        runs: dict[str, int] = {}
+        for i in order:
+            name = self.nodes[i].layer
+            runs[name] = max(runs.get(name, 0), up[i] + down[i] - 1)
+        return runs
+
+    def _producers(self) -> dict[int, list[int]]:
+        producers: dict[int, list[int]] = {}
+        for i, node in enumerate(self.nodes):
+            for u in node.users:
+                producers.setdefault(u, []).append(i)
+        return producers
+
+    def _topological(self, producers: dict[int, list[int]]) -> list[int]:
+        """The nodes in topological order (Kahn's); nodes on a cycle are left out."""
         waiting = [len(producers.get(i, ())) for i in range(len(self.nodes))]
         ready = deque(i for i, n in enumerate(waiting) if n == 0)
         order = []
@@ -108,8 +146,13 @@ class Flow:
                 waiting[u] -= 1
                 if waiting[u] == 0:
                     ready.append(u)
+        return order
+
+    def _joins(self, producers: dict[int, list[int]]) -> list[bool]:
+        """Per node: its output reaches a residual sum (two computed tensors added) before a normalization, a
+        softmax or the output; over the nodes in topological order, from the last back."""
         joins = [False] * len(self.nodes)
-        for idx in reversed(order):
+        for idx in reversed(self._topological(producers)):
             joins[idx] = any((self.nodes[u].role == ADD and len(producers.get(u, ())) >= 2)
                              or (self.nodes[u].role not in (NORM, STOP, OUTPUT) and joins[u])
                              for u in self.nodes[idx].users)

@@ -257,11 +257,13 @@ def order_flow(layers: list[Layer], outputs: set[str] | frozenset = frozenset(),
 
 
 def context(layers: list[Layer], flow: Flow | None, names_sorted: bool) -> tuple[dict[str, Downstream], dict]:
-    """What follows each layer and the forward order, from the flow; for bare files (no flow) from the
-    file's order, or, where its names were sorted (safetensors), from names and shapes (`key_order`)."""
+    """What follows each layer and the forward order, from the flow (where it saw no functional calls, two
+    layers in a row say nothing of the activation between them); for bare files (no flow) from the file's order, or, where its names were sorted (safetensors), from names and shapes (`key_order`)."""
     if flow is not None:
         order = list(dict.fromkeys(node.layer for node in flow.nodes if node.role == LAYER and node.layer))
-        return flow.downstream(), {"order": order}
+        downstream = flow.downstream(unknown_between_layers=not flow.sees_activations)
+        runs = flow.run_lengths({name for name, found in downstream.items() if found.gate_after})
+        return downstream, {"order": order, "runs": runs}
     if not names_sorted:
         return order_flow(layers).downstream(unknown_between_layers=True), {}
     bare = key_order.arrange(layers)
@@ -274,9 +276,11 @@ def context(layers: list[Layer], flow: Flow | None, names_sorted: bool) -> tuple
 def annotate(layers: list[Layer], downstream: dict[str, Downstream],
              default: Activation | None = None, overrides: dict[str, Activation] | None = None,
              order: list[str] | None = None, outputs: set[str] | None = None,
-             uncertain: set[str] | None = None, hints: dict[str, Activation] | None = None) -> LayerGraph:
+             uncertain: set[str] | None = None, hints: dict[str, Activation] | None = None,
+             runs: dict[str, int] | None = None) -> LayerGraph:
     """Attach activations, norms, positions and run depths; `hints` (layer name -> activation its name
     suggests) then `default` fill what the flow leaves unknown; user overrides (glob patterns) win.
+    Run depths are `runs` (along the flow's paths) where given, else runs of the forward order.
 
     Positions and runs follow `order` (forward order, by layer name), else the layers' own order; a
     layer `order` lacks (the flow never saw it) comes after the others, a run of its own. The output
@@ -306,9 +310,13 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
         for pattern, act in (overrides or {}).items():
             if fnmatch.fnmatchcase(layer.name, pattern):
                 layer.activation = act
-    _assign_runs(weighted)
-    for layer in unseen:
-        layer.run_depth = 1
+    if runs is not None:
+        for layer in weighted + unseen:
+            layer.run_depth = runs.get(layer.name, 1)
+    else:
+        _assign_runs(weighted)
+        for layer in unseen:
+            layer.run_depth = 1
     return LayerGraph(layers)
 
 

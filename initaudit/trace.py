@@ -171,7 +171,7 @@ def order_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow:
             continue
         role, act = module_role(module, info.kind if info else None)
         items.append((role, name if role == LAYER else None, act))
-    return Flow.chain(items)
+    return Flow.chain(items, sees_activations=False)
 
 
 def script_flow(root: torch.jit.ScriptModule) -> Flow:

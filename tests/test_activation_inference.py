@@ -127,7 +127,7 @@ class Gated(nn.Module):
 
 @pytest.mark.parametrize("trace", ["fx", "torchscript", "onnx"])
 def test_a_gate_ends_a_run_and_self_gating_does_not(trace, tmp_path):
-    """The squeeze-excite branch's output only scales the signal: the run ends there (a mis-scaled SE layer is
+    """The squeeze-excite branch's output only scales the signal: its run ends there (a mis-scaled SE layer is
     not compounded through depth); x·sigmoid(x) and GLU multiply what the layer itself computed."""
     from initaudit.audit import analyse
     from initaudit.config import Options
@@ -142,7 +142,8 @@ def test_a_gate_ends_a_run_and_self_gating_does_not(trace, tmp_path):
     loaded = modules.from_module(model, None) if trace == "fx" else load(path)
     layers = {layer.name: layer for layer in analyse(loaded, Options()).graph if layer.weighted}
     assert {name for name, layer in layers.items() if layer.gate_after} == {"fc2"}
-    assert [layers[n].run_depth for n in ("a", "b", "fc1", "fc2", "c", "glu", "d")] == [4, 4, 4, 4, 3, 3, 3]
+    # the main path runs on through the gated product (a, b, c, glu, d); the squeeze-excite branch ends at its gate
+    assert [layers[n].run_depth for n in ("a", "b", "fc1", "fc2", "c", "glu", "d")] == [5, 5, 4, 4, 5, 5, 5]
 
 
 class Untraceable(nn.Module):
@@ -162,6 +163,33 @@ def test_module_order_fallback_and_note():
     report = initaudit.audit(Untraceable())
     assert rows(report) == {"net.0": ("silu", False), "net.2": ("mish", True), "net.5": ("identity", False)}
     assert any("module order" in note for note in report.notes)
+
+
+class UntraceableDeep(nn.Module):
+    """16 Linear layers with F.relu between them (unseen in module order), drawn Kaiming for ReLU, untraceable."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(16))
+        for layer in self.layers:
+            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+
+    def forward(self, x, mask):
+        if x.sum() > 0:
+            x = x * mask
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return x
+
+
+def test_module_order_says_nothing_of_what_lies_between_two_layers():
+    """Module order does not see F.relu: two layers in a row are 'unknown' between them, not 'linear', so neither
+    the scheme rules (Kaiming feeding 'identity') nor the depth analysis (2x variance per 'linear' layer: 256x
+    through 16) judge a guess."""
+    report = initaudit.audit(UntraceableDeep())
+    assert any("module order" in note for note in report.notes)
+    assert {row.activation for row in report.layers if row.name != "layers.15"} == {"unknown"}
+    assert [f for f in report.findings if f.severity != "info"] == []
 
 
 def test_per_layer_overrides_win():
