@@ -274,7 +274,9 @@ def _orthogonality(weight: torch.Tensor) -> dict[str, float] | None:
 
     A sampled Gram test (at most ORTHO_SAMPLE vectors: cost linear in the tensor): `gram` is the mean squared
     cosine between the sampled vectors × their length, `norms` the variance of their relative norms × 2·length.
-    `limit` is what the dtype's rounding allows an orthogonal matrix (100 × its unit roundoff squared).
+    `limit` is what the dtype's rounding allows an orthogonal matrix (100 × its unit roundoff squared). Both
+    come from the vectors' Gram matrix, in float32 where that already rules orthogonality out (iid draws give
+    ≈ 1, far above float32's rounding), else in float64.
     """
     if weight.dim() < 2 or weight.shape[0] < 1 or weight.numel() == 0:
         return None
@@ -285,19 +287,35 @@ def _orthogonality(weight: torch.Tensor) -> dict[str, float] | None:
     count = min(rows, cols)
     pick = torch.randperm(count, generator=torch.Generator().manual_seed(0))[:ORTHO_SAMPLE]
     pick = pick.sort().values  # in memory order: a gather of columns in random order is 4x slower
-    vectors = (flat[pick] if rows <= cols else flat.index_select(1, pick).T).to(torch.float64)
+    vectors = flat[pick] if rows <= cols else flat.index_select(1, pick).T
+    u = _roundoff(weight)
+    limit = max(100 * u * u, 1e-9)
+    found = _gram_test(vectors.to(torch.float32))
+    if found is None or min(found[:2]) <= _FLOAT32_DECISIVE + 4 * limit:  # None: float32 overflowed, perhaps
+        found = _gram_test(vectors.to(torch.float64))
+    if found is None:
+        return None
+    cosines, spread, gain = found
     length = vectors.shape[1]
-    norms = torch.linalg.vector_norm(vectors, dim=1)
+    return {"gram": cosines, "norms": spread, "limit": limit, "gain": gain, "std": gain / math.sqrt(length)}
+
+
+_FLOAT32_DECISIVE = 0.1  # Gram statistics above this (iid draws: ≈ 1) rule orthogonality out whatever float32 rounded
+
+
+def _gram_test(vectors: torch.Tensor) -> tuple[float, float, float] | None:
+    """(mean squared cosine × length, variance of the relative norms × 2·length, mean norm) of [k, length]
+    vectors, from their Gram matrix; None where a norm is 0 or not finite."""
+    k, length = vectors.shape
+    gram = vectors @ vectors.T
+    norms = gram.diagonal().sqrt()
     if not bool(torch.isfinite(norms).all()) or float(norms.min()) <= 0:
         return None
-    spread = float(((norms / norms.mean() - 1) ** 2).mean()) * 2 * length
-    unit = vectors / norms[:, None]
-    k = unit.shape[0]
-    gram = unit @ unit.T - torch.eye(k, dtype=unit.dtype)
-    cosines = float((gram ** 2).sum()) / (k * (k - 1)) * length
-    u = _roundoff(weight)
-    return {"gram": cosines, "norms": spread, "limit": max(100 * u * u, 1e-9),
-            "gain": float(norms.mean()), "std": float(norms.mean()) / math.sqrt(length)}
+    mean = norms.mean()
+    spread = float(((norms / mean - 1) ** 2).mean()) * 2 * length
+    cos = gram / norms[:, None] / norms[None, :]
+    cos.diagonal().zero_()
+    return float((cos * cos).sum()) / (k * (k - 1)) * length, spread, float(mean)
 
 
 def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "linear",
