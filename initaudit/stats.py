@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 18        # units are read in chunks of about this many values (1 MB of fp32: fits L2)
+CHUNK_ELEMENTS = 1 << 19        # units are read in chunks of about this many values (2 MB of fp32: it and its squares stay in cache)
 SPLIT_ELEMENTS = 1 << 24        # a tensor this large is shared out over the cores in row ranges
 DISTINCT_SAMPLE = 1 << 14       # distinct values are counted exactly up to this many entries
 NEAR_DUPLICATE_TOLERANCE = 1e-3  # units differing by at most this fraction of the std in every entry are copies
