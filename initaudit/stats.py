@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 19        # units are read in chunks of about this many values (2 MB of fp32: it and its squares stay in cache)
+CHUNK_ELEMENTS = 1 << 18        # units are read in chunks of about this many values (1 MB of fp32: fits L2)
 SPLIT_ELEMENTS = 1 << 24        # a tensor this large is shared out over the cores in row ranges
 DISTINCT_SAMPLE = 1 << 14       # distinct values are counted exactly up to this many entries
 NEAR_DUPLICATE_TOLERANCE = 1e-3  # units differing by at most this fraction of the std in every entry are copies
@@ -55,6 +55,7 @@ class TensorStats:
     zero_units: list[int] = field(default_factory=list)      # output units whose weights are all 0
     duplicate_groups: list[list[int]] = field(default_factory=list)  # groups of identical units (>= 2 each)
     negligible_groups: int = 0     # of those, groups whose units have a negligible norm (weight decay's near-zeros)
+    sample: torch.Tensor | None = field(default=None, repr=False)  # sample(): sorted, float32 or float64 (None: tiny)
 
     @property
     def non_finite(self) -> int:
@@ -352,11 +353,12 @@ def _assemble(tensor: torch.Tensor, rows: torch.Tensor, part: _Part, shift: floa
             groups = _duplicate_groups(rows, proj, std * NEAR_DUPLICATE_TOLERANCE, set(part.zero_units))
             groups, negligible = _negligible_first(rows, groups, math.sqrt(var + mean * mean))
     found = part.n > 0
+    distinct, ordered = _distinct(tensor)
     return TensorStats(
         numel=rows.numel(), n_units=n_units, finite=part.n, nan=part.nan, inf=part.inf, mean=mean, std=std,
         min=lo if found else math.nan, max=hi if found else math.nan,
         abs_max=max(abs(lo), abs(hi)) if found else math.nan, excess_kurtosis=kurt,
-        zero_fraction=part.zeros / rows.numel(), distinct=_distinct(tensor),
+        zero_fraction=part.zeros / rows.numel(), distinct=distinct, sample=ordered,
         norm_spread=spread, unit_norms=unit_norms, input_norms=input_norms,
         unit_sums=unit_sums, zero_units=part.zero_units, duplicate_groups=groups, negligible_groups=negligible)
 
@@ -377,15 +379,21 @@ def _negligible_first(rows: torch.Tensor, groups: list[list[int]], rms: float) -
     return small + [g for g in groups if g not in small], len(small)
 
 
-def _distinct(tensor: torch.Tensor) -> int:
+def sample(tensor: torch.Tensor) -> torch.Tensor:
+    """At most DISTINCT_SAMPLE of the tensor's values, strided over all of it (all of a smaller tensor)."""
     flat = tensor.detach().reshape(-1)
-    if flat.numel() > DISTINCT_SAMPLE:
-        flat = flat[:: flat.numel() // DISTINCT_SAMPLE + 1]
+    return flat[:: flat.numel() // DISTINCT_SAMPLE + 1] if flat.numel() > DISTINCT_SAMPLE else flat
+
+
+def _distinct(tensor: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """The distinct values in sample(tensor), and that sample sorted (None for a tiny tensor, counted in Python)."""
+    flat = sample(tensor)
     if flat.numel() <= _SMALL:
-        return len(set(flat.tolist()))  # a tiny tensor: far cheaper than a torch call
+        return len(set(flat.tolist())), None  # a tiny tensor: far cheaper than a torch call
     if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.to(torch.float32)  # exact for every narrower float; unique has no float8 kernel
-    return int(torch.unique(flat).numel())
+        flat = flat.to(torch.float32)  # exact for every narrower float; sort has no float8 kernel
+    ordered = torch.sort(flat).values  # NaNs last, each one distinct (as torch.unique counts them)
+    return 1 + int(torch.count_nonzero(ordered[1:] != ordered[:-1])), ordered
 
 
 def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_units: set[int]) -> list[list[int]]:

@@ -31,14 +31,13 @@ import torch
 from .errors import InputError
 from .rules import SEVERITIES
 from .schemes import EXCESS_KURTOSIS, TRUNC_2SIGMA_STD
-from .stats import TensorStats, as_units
+from .stats import TensorStats, as_units, sample
 
 STATES = ("fresh", "trained", "unknown")
 OVERRIDES = ("auto", "fresh", "trained")
 MIN_VALUES = 64          # below this no test has any power: unknown
 MIN_FRESH_VALUES = 512   # passing every test with fewer values does not rule out training
 MIN_UNITS = 8            # the per-unit tests need this many units
-KS_SAMPLE = 1 << 14      # values in the shape test's strided sample
 SPECTRUM_BLOCK = 512     # rows and columns of the strided block whose top singular value is measured
 POWER_ITERATIONS = 40
 Z = 6.0                  # tolerance in standard errors (a fresh layer is called trained ~never)
@@ -106,11 +105,10 @@ def _shape_fit(stats: TensorStats, tensor: torch.Tensor, nonzero: int) -> tuple[
     # moments of the non-zero values (mean ≈ 0): var/(1-p), fourth moment/(1-p)
     kurt = (stats.excess_kurtosis + 3) * (1 - p) - 3 if p else stats.excess_kurtosis
     se_k = math.sqrt(24.0 / nonzero)
-    sample = _sample(tensor)
+    sample = _sample(stats, tensor)
     ks = {}
     if sample.numel() >= MIN_VALUES:
-        z = (sample - sample.mean()) / sample.std(correction=0)
-        z, _ = torch.sort(z)
+        z = (sample - sample.mean()) / sample.std(correction=0)  # sorted, as the sample is
         ks = {name: _ks_distance(z, name) for name in FAMILIES}
     limit = Z_KS / math.sqrt(sample.numel()) if ks else None
 
@@ -121,11 +119,10 @@ def _shape_fit(stats: TensorStats, tensor: torch.Tensor, nonzero: int) -> tuple[
     return best, ks.get(best), limit, abs(kurt - FAMILIES[best]) / se_k
 
 
-def _sample(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.detach().reshape(-1)
-    if flat.numel() > KS_SAMPLE:
-        flat = flat[:: flat.numel() // KS_SAMPLE + 1]
-    flat = flat.to(torch.float64)
+def _sample(stats: TensorStats, tensor: torch.Tensor) -> torch.Tensor:
+    """The finite, non-zero values of the tensor's strided sample (stats.sample), sorted, in float64."""
+    ordered = stats.sample if stats.sample is not None else torch.sort(sample(tensor)).values
+    flat = ordered.to(torch.float64)
     return flat[torch.isfinite(flat) & (flat != 0)]
 
 
