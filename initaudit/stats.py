@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -55,7 +56,6 @@ class TensorStats:
     zero_units: list[int] = field(default_factory=list)      # output units whose weights are all 0
     duplicate_groups: list[list[int]] = field(default_factory=list)  # groups of identical units (>= 2 each)
     negligible_groups: int = 0     # of those, groups whose units have a negligible norm (weight decay's near-zeros)
-    sample: torch.Tensor | None = field(default=None, repr=False)  # sample(): sorted, float32 or float64 (None: tiny)
 
     @property
     def non_finite(self) -> int:
@@ -353,12 +353,11 @@ def _assemble(tensor: torch.Tensor, rows: torch.Tensor, part: _Part, shift: floa
             groups = _duplicate_groups(rows, proj, std * NEAR_DUPLICATE_TOLERANCE, set(part.zero_units))
             groups, negligible = _negligible_first(rows, groups, math.sqrt(var + mean * mean))
     found = part.n > 0
-    distinct, ordered = _distinct(tensor)
     return TensorStats(
         numel=rows.numel(), n_units=n_units, finite=part.n, nan=part.nan, inf=part.inf, mean=mean, std=std,
         min=lo if found else math.nan, max=hi if found else math.nan,
         abs_max=max(abs(lo), abs(hi)) if found else math.nan, excess_kurtosis=kurt,
-        zero_fraction=part.zeros / rows.numel(), distinct=distinct, sample=ordered,
+        zero_fraction=part.zeros / rows.numel(), distinct=_distinct(tensor),
         norm_spread=spread, unit_norms=unit_norms, input_norms=input_norms,
         unit_sums=unit_sums, zero_units=part.zero_units, duplicate_groups=groups, negligible_groups=negligible)
 
@@ -385,15 +384,27 @@ def sample(tensor: torch.Tensor) -> torch.Tensor:
     return flat[:: flat.numel() // DISTINCT_SAMPLE + 1] if flat.numel() > DISTINCT_SAMPLE else flat
 
 
-def _distinct(tensor: torch.Tensor) -> tuple[int, torch.Tensor | None]:
-    """The distinct values in sample(tensor), and that sample sorted (None for a tiny tensor, counted in Python)."""
+def sorted_sample(tensor: torch.Tensor) -> torch.Tensor:
+    """sample(tensor) sorted (NaNs last), as float32 or float64. The last one sorted in this thread is kept
+    while its tensor lives unchanged: compute() sorts it to count distinct values, the fresh/trained fit reuses it."""
+    memo = getattr(_LOCAL, "sorted", None)
+    if memo is not None and memo[0]() is tensor and memo[1] == tensor._version:
+        return memo[2]
     flat = sample(tensor)
-    if flat.numel() <= _SMALL:
-        return len(set(flat.tolist())), None  # a tiny tensor: far cheaper than a torch call
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.to(torch.float32)  # exact for every narrower float; sort has no float8 kernel
-    ordered = torch.sort(flat).values  # NaNs last, each one distinct (as torch.unique counts them)
-    return 1 + int(torch.count_nonzero(ordered[1:] != ordered[:-1])), ordered
+    ordered = torch.sort(flat).values
+    _LOCAL.sorted = (weakref.ref(tensor), tensor._version, ordered)
+    return ordered
+
+
+def _distinct(tensor: torch.Tensor) -> int:
+    """The distinct values in sample(tensor) (each NaN counted, as torch.unique counts them)."""
+    flat = sample(tensor)
+    if flat.numel() <= _SMALL:
+        return len(set(flat.tolist()))  # a tiny tensor: far cheaper than a torch call
+    ordered = sorted_sample(tensor)
+    return 1 + int(torch.count_nonzero(ordered[1:] != ordered[:-1]))
 
 
 def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_units: set[int]) -> list[list[int]]:

@@ -31,7 +31,7 @@ import torch
 from .errors import InputError
 from .rules import SEVERITIES
 from .schemes import EXCESS_KURTOSIS, TRUNC_2SIGMA_STD
-from .stats import TensorStats, as_units, sample
+from .stats import TensorStats, as_units, sorted_sample
 
 STATES = ("fresh", "trained", "unknown")
 OVERRIDES = ("auto", "fresh", "trained")
@@ -105,7 +105,7 @@ def _shape_fit(stats: TensorStats, tensor: torch.Tensor, nonzero: int) -> tuple[
     # moments of the non-zero values (mean ≈ 0): var/(1-p), fourth moment/(1-p)
     kurt = (stats.excess_kurtosis + 3) * (1 - p) - 3 if p else stats.excess_kurtosis
     se_k = math.sqrt(24.0 / nonzero)
-    sample = _sample(stats, tensor)
+    sample = _sample(tensor)
     ks = {}
     if sample.numel() >= MIN_VALUES:
         z = (sample - sample.mean()) / sample.std(correction=0)  # sorted, as the sample is
@@ -119,10 +119,9 @@ def _shape_fit(stats: TensorStats, tensor: torch.Tensor, nonzero: int) -> tuple[
     return best, ks.get(best), limit, abs(kurt - FAMILIES[best]) / se_k
 
 
-def _sample(stats: TensorStats, tensor: torch.Tensor) -> torch.Tensor:
-    """The finite, non-zero values of the tensor's strided sample (stats.sample), sorted, in float64."""
-    ordered = stats.sample if stats.sample is not None else torch.sort(sample(tensor)).values
-    flat = ordered.to(torch.float64)
+def _sample(tensor: torch.Tensor) -> torch.Tensor:
+    """The finite, non-zero values of the tensor's strided sample, sorted, in float64."""
+    flat = sorted_sample(tensor).to(torch.float64)
     return flat[torch.isfinite(flat) & (flat != 0)]
 
 
