@@ -214,14 +214,15 @@ def _spectrum(stats: TensorStats, tensor: torch.Tensor, unit_axis: int) -> tuple
     block = (block / sigma).to(torch.float32)  # iterated in float32: half the memory traffic, rounding far below Z·TW
     block_t = block.T.contiguous()
     v = torch.randn(k, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(torch.float32)
-    top = 0.0
+    u = torch.empty(m, dtype=torch.float32)
     norm = torch.linalg.vector_norm
     for _ in range(POWER_ITERATIONS):  # converges from below: an unconverged estimate only errs toward fresh
-        u = torch.mv(block, v)
+        torch.mv(block, v, out=u)
         u /= norm(u)
-        v = torch.mv(block_t, u)
-        top = float(norm(v))
+        torch.mv(block_t, u, out=v)
+        top = norm(v)
         v /= top
+    top = float(top)  # read once: the iterations run without waiting on Python
     edge = math.sqrt(m) + math.sqrt(k)
     tracy_widom = (1 / math.sqrt(m) + 1 / math.sqrt(k)) ** (1 / 3) / (2 * edge)  # relative scale of the edge's spread
     return top / edge, 1 + Z * tracy_widom
