@@ -10,7 +10,9 @@ safetensors, a torch .pt, a DCP folder and a sharded safetensors folder with its
 its MB/s gross and net of start-up (`check` of a tiny file of the same format), its peak RSS, the
 ratio to a bare read (mmap every tensor and sum it once; DCP: dcp.load into place and sum), and
 the time of weightlens (`lens analyze --num-workers auto`, one run) where it is installed (the
-`bench` extra). Nothing is asserted: the figures go in the README's performance section.
+`bench` extra). initaudit's bytecode is compiled first, as installing it does (with
+PYTHONDONTWRITEBYTECODE set, every run would compile it again). Nothing is asserted: the figures go
+in the README's performance section.
 """
 
 from __future__ import annotations
@@ -201,6 +203,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="initaudit-bench-", dir=args.dir))
     lens = shutil.which("lens") or (str(Path(PYTHON).parent / "lens") if (Path(PYTHON).parent / "lens").exists() else None)
     try:
+        subprocess.run([PYTHON, "-m", "compileall", "-q", str(ROOT / "initaudit")], stdout=subprocess.DEVNULL, check=True)
         print(f"writing checkpoints into {folder} …", flush=True)
         todo = cases(folder, args.sizes)
         print(f"cores: {len(os.sched_getaffinity(0))}, load average at start: {os.getloadavg()[0]:.2f}; best of "

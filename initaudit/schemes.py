@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .activations import Activation
-from .stats import TensorStats
+from .stats import COLUMN_SAMPLE, TensorStats, column_sample, sample_indices
 
 GAINS = {name: torch.nn.init.calculate_gain(name) for name in ("relu", "linear", "tanh", "selu")}
 """torch.nn.init.calculate_gain's gains: linear, conv and sigmoid 1; leaky_relu at its default slope 0.01 is
@@ -67,7 +67,6 @@ TAIL_NATS = 13.8   # an order statistic this unlikely (e^-13.8 ≈ 1e-6) under a
 TIE_NATS = 5.0     # candidates whose likelihood is within this of the best are a near-tie (odds < e^5 ≈ 150:1)
 ALIAS = 1e-4       # candidates whose stds differ by less than this (relative) draw the same distribution
 MAX_TIE = 4        # a near-tie of more names than this is reported as unknown
-ORTHO_SAMPLE = 64  # rows (or columns) whose Gram matrix is checked for orthogonality
 MIN_ORTHO_LENGTH = 4
 
 # Which schemes (family, gain, fan mode; "" for either) suit which activation family, in order of
@@ -272,9 +271,11 @@ def _orthogonality(weight: torch.Tensor) -> dict[str, float] | None:
     """How far the rows (or columns, whichever are fewer) of `weight` flattened as torch.nn.init.orthogonal_
     flattens it are from orthogonal with one common norm, in units of what iid draws give (≈ 1 each).
 
-    A sampled Gram test (at most ORTHO_SAMPLE vectors: cost linear in the tensor): `gram` is the mean squared
+    A sampled Gram test (at most COLUMN_SAMPLE vectors: cost linear in the tensor): `gram` is the mean squared
     cosine between the sampled vectors × their length, `norms` the variance of their relative norms × 2·length.
-    `limit` is what the dtype's rounding allows an orthogonal matrix (100 × its unit roundoff squared).
+    `limit` is what the dtype's rounding allows an orthogonal matrix (100 × its unit roundoff squared). Both
+    come from the vectors' Gram matrix, in float32 where that already rules orthogonality out (iid draws give
+    ≈ 1, far above float32's rounding), else in float64.
     """
     if weight.dim() < 2 or weight.shape[0] < 1 or weight.numel() == 0:
         return None
@@ -282,22 +283,35 @@ def _orthogonality(weight: torch.Tensor) -> dict[str, float] | None:
     rows, cols = flat.shape
     if min(rows, cols) < 2 or max(rows, cols) < MIN_ORTHO_LENGTH:
         return None
-    count = min(rows, cols)
-    pick = torch.randperm(count, generator=torch.Generator().manual_seed(0))[:ORTHO_SAMPLE]
-    pick = pick.sort().values  # in memory order: a gather of columns in random order is 4x slower
-    vectors = (flat[pick] if rows <= cols else flat.index_select(1, pick).T).to(torch.float64)
+    vectors = flat[sample_indices(rows)] if rows <= cols else column_sample(weight)  # picked in memory order
+    u = _roundoff(weight)
+    limit = max(100 * u * u, 1e-9)
+    found = _gram_test(vectors.to(torch.float32))
+    if found is None or min(found[:2]) <= _FLOAT32_DECISIVE + 4 * limit:  # None: float32 overflowed, perhaps
+        found = _gram_test(vectors.to(torch.float64))
+    if found is None:
+        return None
+    cosines, spread, gain = found
     length = vectors.shape[1]
-    norms = torch.linalg.vector_norm(vectors, dim=1)
+    return {"gram": cosines, "norms": spread, "limit": limit, "gain": gain, "std": gain / math.sqrt(length)}
+
+
+_FLOAT32_DECISIVE = 0.1  # Gram statistics above this (iid draws: ≈ 1) rule orthogonality out whatever float32 rounded
+
+
+def _gram_test(vectors: torch.Tensor) -> tuple[float, float, float] | None:
+    """(mean squared cosine × length, variance of the relative norms × 2·length, mean norm) of [k, length]
+    vectors, from their Gram matrix; None where a norm is 0 or not finite."""
+    k, length = vectors.shape
+    gram = vectors @ vectors.T
+    norms = gram.diagonal().sqrt()
     if not bool(torch.isfinite(norms).all()) or float(norms.min()) <= 0:
         return None
-    spread = float(((norms / norms.mean() - 1) ** 2).mean()) * 2 * length
-    unit = vectors / norms[:, None]
-    k = unit.shape[0]
-    gram = unit @ unit.T - torch.eye(k, dtype=unit.dtype)
-    cosines = float((gram ** 2).sum()) / (k * (k - 1)) * length
-    u = _roundoff(weight)
-    return {"gram": cosines, "norms": spread, "limit": max(100 * u * u, 1e-9),
-            "gain": float(norms.mean()), "std": float(norms.mean()) / math.sqrt(length)}
+    mean = norms.mean()
+    spread = float(((norms / mean - 1) ** 2).mean()) * 2 * length
+    cos = gram / norms[:, None] / norms[None, :]
+    cos.diagonal().zero_()
+    return float((cos * cos).sum()) / (k * (k - 1)) * length, spread, float(mean)
 
 
 def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "linear",

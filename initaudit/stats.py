@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ _LINE = 64                      # bytes in a cache line
 _SMALL = 64                     # tensors this small are summed and counted in Python (per-call torch overhead)
 _WINDOW = 64                    # neighbours in projection order compared with each unit
 _HASH_SEED = 0x1A17
+COLUMN_SAMPLE = 64               # columns of a tall tensor kept while it is read (column_sample)
 
 
 @dataclass
@@ -179,6 +181,7 @@ class _Part:
     hi: float = -math.inf
     zero_units: list[int] = field(default_factory=list)
     proj: list[torch.Tensor] = field(default_factory=list)    # [3, rows]: two random projections and the sums
+    columns: list[torch.Tensor] = field(default_factory=list)  # [rows, COLUMN_SAMPLE]: the sampled columns
     norms: list[torch.Tensor] = field(default_factory=list)
     column_sq: torch.Tensor | None = None
 
@@ -192,6 +195,7 @@ class _Part:
         self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
         self.zero_units += other.zero_units
         self.proj += other.proj
+        self.columns += other.columns
         self.norms += other.norms
         if other.column_sq is not None:
             self.column_sq = other.column_sq if self.column_sq is None else self.column_sq + other.column_sq
@@ -200,8 +204,9 @@ class _Part:
 class _Scan:
     """The chunked pass over rows [start, stop) of a [units, width] view."""
 
-    def __init__(self, rows: torch.Tensor, dtype: torch.dtype, shift: float, units: bool):
-        self.rows, self.dtype, self.shift, self.units = rows, dtype, shift, units
+    def __init__(self, rows: torch.Tensor, dtype: torch.dtype, shift: float, units: bool,
+                 columns: torch.Tensor | None = None):
+        self.rows, self.dtype, self.shift, self.units, self.columns = rows, dtype, shift, units, columns
         self.width = rows.shape[1]
         self.step = max(1, CHUNK_ELEMENTS // max(self.width, 1))
         self.basis = _basis(self.width, dtype) if units else None
@@ -217,6 +222,8 @@ class _Scan:
             if source.dtype != self.dtype or not source.is_contiguous():
                 chunk = _scratch(source.numel(), self.dtype, 1, "chunk")[0].view(source.shape).copy_(source)
             self._chunk(part, first, chunk, _scratch(source.numel(), self.dtype, 1, "squares", like=chunk))
+            if self.columns is not None:  # gathered while the chunk is in cache: from memory, 10x dearer
+                part.columns.append(chunk.index_select(1, self.columns))
         return part
 
     def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, bufs: list[torch.Tensor]) -> None:
@@ -312,7 +319,9 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True) -> Ten
         nan_ = math.nan
         return TensorStats(0, n_units, 0, 0, 0, nan_, nan_, nan_, nan_, nan_, nan_, 0.0, 0)
     dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-    scan = _Scan(rows, dtype, _shift(rows, max(1, CHUNK_ELEMENTS // max(width, 1)), dtype), units)
+    tall = unit_axis == 0 and tensor.dim() >= 2 and n_units > width >= 2
+    scan = _Scan(rows, dtype, _shift(rows, max(1, CHUNK_ELEMENTS // max(width, 1)), dtype), units,
+                 sample_indices(width) if tall else None)
     ranges = _ranges(n_units, scan.step, width)
     if len(ranges) == 1:
         parts = [scan(*ranges[0])]
@@ -321,7 +330,45 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True) -> Ten
     total = parts[0]
     for part in parts[1:]:
         total.merge(part)
+    if tall:
+        _keep("columns", tensor, torch.cat(total.columns).T)
     return _assemble(tensor, rows, total, scan.shift, units)
+
+
+def _keep(name: str, tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """Keep `value`, derived from `tensor`, for this thread while the tensor lives unchanged (one per name)."""
+    _LOCAL.__dict__[name] = (weakref.ref(tensor), _version(tensor), value)
+
+
+def _kept(name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+    memo = _LOCAL.__dict__.get(name)
+    if memo is None or memo[0]() is not tensor or memo[1] is None or memo[1] != _version(tensor):
+        return None
+    return memo[2]
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor._version
+    except RuntimeError:  # an inference tensor counts no versions: nothing kept for it is reused
+        return None
+
+
+def sample_indices(count: int) -> torch.Tensor:
+    """COLUMN_SAMPLE of range(count) (all of a smaller range), drawn with a fixed seed, in increasing order."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(0))[:COLUMN_SAMPLE].sort().values
+
+
+def column_sample(tensor: torch.Tensor) -> torch.Tensor:
+    """The columns sample_indices picks of `tensor` flattened to [rows, values] from dim 0, as [picked, rows].
+    compute() keeps them (upcast as it reads) for the last tall tensor it read in this thread while that tensor
+    lives unchanged (the orthogonality test needs whole columns, a gather from memory that costs as much as the
+    rest of the test); otherwise they are gathered here."""
+    kept = _kept("columns", tensor)
+    if kept is not None:
+        return kept
+    flat = tensor.detach().reshape(tensor.shape[0], -1)
+    return flat.index_select(1, sample_indices(flat.shape[1])).T
 
 
 def _moments(part: _Part, shift: float) -> tuple[float, float, float]:
@@ -379,15 +426,33 @@ def _negligible_first(rows: torch.Tensor, groups: list[list[int]], rms: float) -
     return small + [g for g in groups if g not in small], len(small)
 
 
-def _distinct(tensor: torch.Tensor) -> int:
+def sample(tensor: torch.Tensor) -> torch.Tensor:
+    """At most DISTINCT_SAMPLE of the tensor's values, strided over all of it (all of a smaller tensor)."""
     flat = tensor.detach().reshape(-1)
-    if flat.numel() > DISTINCT_SAMPLE:
-        flat = flat[:: flat.numel() // DISTINCT_SAMPLE + 1]
+    return flat[:: flat.numel() // DISTINCT_SAMPLE + 1] if flat.numel() > DISTINCT_SAMPLE else flat
+
+
+def sorted_sample(tensor: torch.Tensor) -> torch.Tensor:
+    """sample(tensor) sorted (NaNs last), as float32 or float64. The last one sorted in this thread is kept
+    while its tensor lives unchanged: compute() sorts it to count distinct values, the fresh/trained fit reuses it."""
+    kept = _kept("sorted", tensor)
+    if kept is not None:
+        return kept
+    flat = sample(tensor)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.to(torch.float32)  # exact for every narrower float; sort has no float8 kernel
+    ordered = torch.sort(flat).values
+    _keep("sorted", tensor, ordered)
+    return ordered
+
+
+def _distinct(tensor: torch.Tensor) -> int:
+    """The distinct values in sample(tensor) (each NaN counted, as torch.unique counts them)."""
+    flat = sample(tensor)
     if flat.numel() <= _SMALL:
         return len(set(flat.tolist()))  # a tiny tensor: far cheaper than a torch call
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.to(torch.float32)  # exact for every narrower float; unique has no float8 kernel
-    return int(torch.unique(flat).numel())
+    ordered = sorted_sample(tensor)
+    return 1 + int(torch.count_nonzero(ordered[1:] != ordered[:-1]))
 
 
 def _copy_tolerance(n_units: int, width: int, std: float, dtype: torch.dtype) -> float | None:

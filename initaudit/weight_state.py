@@ -31,14 +31,13 @@ import torch
 from .errors import InputError
 from .rules import SEVERITIES
 from .schemes import EXCESS_KURTOSIS, TRUNC_2SIGMA_STD
-from .stats import TensorStats, as_units
+from .stats import TensorStats, as_units, sorted_sample
 
 STATES = ("fresh", "trained", "unknown")
 OVERRIDES = ("auto", "fresh", "trained")
 MIN_VALUES = 64          # below this no test has any power: unknown
 MIN_FRESH_VALUES = 512   # passing every test with fewer values does not rule out training
 MIN_UNITS = 8            # the per-unit tests need this many units
-KS_SAMPLE = 1 << 14      # values in the shape test's strided sample
 SPECTRUM_BLOCK = 512     # rows and columns of the strided block whose top singular value is measured
 POWER_ITERATIONS = 40
 Z = 6.0                  # tolerance in standard errors (a fresh layer is called trained ~never)
@@ -109,8 +108,7 @@ def _shape_fit(stats: TensorStats, tensor: torch.Tensor, nonzero: int) -> tuple[
     sample = _sample(tensor)
     ks = {}
     if sample.numel() >= MIN_VALUES:
-        z = (sample - sample.mean()) / sample.std(correction=0)
-        z, _ = torch.sort(z)
+        z = (sample - sample.mean()) / sample.std(correction=0)  # sorted, as the sample is
         ks = {name: _ks_distance(z, name) for name in FAMILIES}
     limit = Z_KS / math.sqrt(sample.numel()) if ks else None
 
@@ -122,10 +120,8 @@ def _shape_fit(stats: TensorStats, tensor: torch.Tensor, nonzero: int) -> tuple[
 
 
 def _sample(tensor: torch.Tensor) -> torch.Tensor:
-    flat = tensor.detach().reshape(-1)
-    if flat.numel() > KS_SAMPLE:
-        flat = flat[:: flat.numel() // KS_SAMPLE + 1]
-    flat = flat.to(torch.float64)
+    """The finite, non-zero values of the tensor's strided sample, sorted, in float64."""
+    flat = sorted_sample(tensor).to(torch.float64)
     return flat[torch.isfinite(flat) & (flat != 0)]
 
 
@@ -218,14 +214,15 @@ def _spectrum(stats: TensorStats, tensor: torch.Tensor, unit_axis: int) -> tuple
     block = (block / sigma).to(torch.float32)  # iterated in float32: half the memory traffic, rounding far below Z·TW
     block_t = block.T.contiguous()
     v = torch.randn(k, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(torch.float32)
-    top = 0.0
+    u = torch.empty(m, dtype=torch.float32)
     norm = torch.linalg.vector_norm
     for _ in range(POWER_ITERATIONS):  # converges from below: an unconverged estimate only errs toward fresh
-        u = torch.mv(block, v)
+        torch.mv(block, v, out=u)
         u /= norm(u)
-        v = torch.mv(block_t, u)
-        top = float(norm(v))
+        torch.mv(block_t, u, out=v)
+        top = norm(v)
         v /= top
+    top = float(top)  # read once: the iterations run without waiting on Python
     edge = math.sqrt(m) + math.sqrt(k)
     tracy_widom = (1 / math.sqrt(m) + 1 / math.sqrt(k)) ** (1 / 3) / (2 * edge)  # relative scale of the edge's spread
     return top / edge, 1 + Z * tracy_widom
