@@ -17,7 +17,7 @@ WEIGHTED_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transp
 # The weight of these kinds is a set of output units (rows), each a neuron or filter.
 UNIT_KINDS = WEIGHTED_KINDS
 
-_EMBEDDING_NAME = re.compile(r"(^|[._])(embed\w*|wte|wpe|tok_emb\w*|pos_emb\w*|shared|word_embeddings|"
+_EMBEDDING_NAME = re.compile(r"(^|[._])([a-z0-9]*embed\w*|wte|wpe|tok_emb\w*|pos_emb\w*|shared|word_embeddings|"
                              r"position_embeddings|token_type_embeddings|embed_tokens|embed_positions|relative_attention_bias)$", re.I)
 _RECURRENT_KEY = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
 _BUFFER_KEYS = frozenset({"running_mean", "running_var", "num_batches_tracked"})

@@ -305,6 +305,19 @@ def test_mobilebert_as_bare_files(tmp_path):
     assert relu[("dead-units", "cls.predictions.decoder")] == "error"
 
 
+def test_an_embedding_is_named_so_anywhere_in_its_name(tmp_path):
+    """Canine's hash embeddings, char_embeddings.HashBucketCodepointEmbedder_0..7: tables, not linear layers
+    feeding each other (taken for a chain of 8 linears, they warned signal-exploding)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.CanineModel(transformers.CanineConfig(hidden_size=128, num_hidden_layers=2,
+                                                               num_attention_heads=4, intermediate_size=256))
+    path = tmp_path / "canine.safetensors"
+    save_model(model, str(path))
+    assert graph_of(path).get("char_embeddings.HashBucketCodepointEmbedder_3") is None  # not a weighted layer
+    assert verdicts(initaudit.audit(path)) == Counter()
+
+
 def test_an_ambiguous_order_drops_depth_rules_to_info_but_not_extreme_scales(tmp_path):
     """In a block of equal widths the norms' places cannot be told from a sorted file: no guessing (and
     normal(0.01), a common scheme, is no finding with the activation unknown), yet a weight 1000x too
