@@ -54,7 +54,7 @@ def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
     initializers on purpose and audits them once per layer that uses them. Tensors that hold no
     real numbers (`stats.auditable`) are skipped with one note per reason in `loaded.notes`.
     """
-    repeats = Counter(_block_pattern(layer.name) for layer in graph if layer.weighted)
+    repeats = Counter(block_pattern(layer.name) for layer in graph if layer.weighted)
     params = [(layer, param) for layer in graph for param in layer.params if param.role != "buffer"]
     first: dict[tuple, int] = {}  # a storage's identity -> the first param that reads it
     owner = {}
@@ -62,7 +62,7 @@ def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
         ident = _identity(loaded.tensors[param.key]) if loaded.tensors.resident else (param.key,)
         owner[i] = first.setdefault(ident, i)
     jobs = sorted(set(owner.values()))
-    results = _run_parallel(loaded, [(params[i][0], params[i][1], repeats[_block_pattern(params[i][0].name)])
+    results = _run_parallel(loaded, [(params[i][0], params[i][1], repeats[block_pattern(params[i][0].name)])
                                      for i in jobs])
     by_job = dict(zip(jobs, results))
     out: list[Measured] = []
@@ -76,7 +76,7 @@ def measure(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
         st, fp, rec, verdict, kept = measured
         if kept is not None:
             biases[param.key] = kept
-        n_blocks = repeats[_block_pattern(layer.name)]
+        n_blocks = repeats[block_pattern(layer.name)]
         if owner[i] != i:  # a tied tensor: its first name's stats, its own context
             param.shared_with = params[owner[i]][1].key
             fp, rec = _scheme(layer, param, st, stats.auditable(loaded.tensors[param.key])[0], n_blocks)
@@ -179,7 +179,7 @@ def _add_recipe_shares(measured: list[Measured]) -> None:
         m.facts["recipe_share"] = share if fixed(m) else 0.0
 
 
-def _block_pattern(name: str) -> str:
+def block_pattern(name: str) -> str:
     """'transformer.h.3.attn.c_proj' -> 'transformer.h.#.attn.c_proj': layers repeated once per block."""
     return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "#", name)
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from . import depth, schemes, stats
-from .audit import Analysis, Measured, analyse, make_options
+from .audit import Analysis, Measured, analyse, block_pattern, make_options
 from .config import Options
 from .errors import InputError
 from .graph import Layer, Param
@@ -103,7 +103,10 @@ def plan(measured: list[Measured], chosen: list[Layer], shared: dict[str, list[s
     by_layer: dict[str, list[Measured]] = {}
     for m in measured:
         by_layer.setdefault(m.layer.name, []).append(m)
-    model_scheme = _model_scheme(measured)
+    model_scheme = _common_scheme(measured)
+    by_pattern: dict[str, list[Measured]] = {}
+    for m in measured:
+        by_pattern.setdefault(block_pattern(m.layer.name), []).append(m)
     for layer in chosen:
         items = by_layer.get(layer.name, [])
         reason = _why_not(layer, items, shared)
@@ -112,7 +115,7 @@ def plan(measured: list[Measured], chosen: list[Layer], shared: dict[str, list[s
             continue
         for m in items:
             old = read(m.param.key)
-            rec = m.recommended or _fallback(m, model_scheme)
+            rec = m.recommended or _fallback(m, _common_scheme(by_pattern[block_pattern(layer.name)]) or model_scheme)
             new = _draw(layer, m, rec, old, seed)
             only_units = (units or {}).get(layer.name)
             if new is not None and only_units:
@@ -145,9 +148,9 @@ def _reproducible(fp: schemes.Fingerprint) -> bool:
                                  or fp.family in ("torch-default", "orthogonal", "fixed"))
 
 
-def _model_scheme(measured: list[Measured]) -> tuple[schemes.Fingerprint, int, int] | None:
-    """The scheme most fresh Linear/Conv weights of the model were drawn with, if most share one (with the fans
-    of a layer drawn with it)."""
+def _common_scheme(measured: list[Measured]) -> tuple[schemes.Fingerprint, int, int] | None:
+    """The scheme most of these fresh Linear/Conv weights were drawn with, if most share one (with the fans of a
+    layer drawn with it)."""
     seen = [(m.fingerprint, m.param.fan_in, m.param.fan_out) for m in measured
             if m.param.is_weight and m.fingerprint is not None and m.facts.get("state") == "fresh"
             and m.layer.kind.startswith(("linear", "conv")) and m.param.fan_in and m.param.fan_out]
@@ -163,7 +166,7 @@ def _model_scheme(measured: list[Measured]) -> tuple[schemes.Fingerprint, int, i
 def _like(model: tuple[schemes.Fingerprint, int, int], fan_in: int, fan_out: int) -> Recommendation:
     """The model's own scheme (family, shape, gain and fan mode as fingerprinted) drawn for a layer of these fans."""
     fp, model_in, model_out = model
-    basis = f"activation unknown: the scheme the rest of the model uses ({fp.scheme})"
+    basis = f"activation unknown: the scheme the model draws such layers with ({fp.scheme})"
     gain_of = fp.gain or ("relu" if fp.family == "kaiming" else "linear")
     gain = schemes.GAINS.get(gain_of, 1.0)
     if fp.family in ("kaiming", "lecun"):
@@ -188,7 +191,8 @@ def _like(model: tuple[schemes.Fingerprint, int, int], fan_in: int, fan_out: int
 
 
 def _fallback(m: Measured, model_scheme: tuple[schemes.Fingerprint, int, int] | None) -> Recommendation | None:
-    """For a weight whose activation is unknown: the scheme the rest of the model uses, else torch's default."""
+    """For a weight whose activation is unknown: the scheme the same layer of the model's other blocks uses
+    (`transformer.h.#.mlp.c_fc`), else the one the rest of the model uses, else torch's default."""
     if not m.param.is_weight or m.layer.kind == "embedding":
         return None
     fan_in, fan_out = max(m.param.fan_in, 1), max(m.param.fan_out, 1)

@@ -296,3 +296,26 @@ def test_fallback_redraws_with_the_scheme_the_rest_of_the_model_uses(init, kwarg
     expected = gain * (2 / (fan_in + fan_out)) ** 0.5 if scheme.startswith("xavier") else gain / fan_out ** 0.5
     assert abs(float(new.std()) / expected - 1) < 0.03
     assert scheme in result.output and "(fallback)" in result.output
+
+
+def test_fallback_takes_the_scheme_of_the_same_layer_in_the_other_blocks(tmp_path, cli):
+    """GPT-2 as a bare safetensors file: no scheme holds most of the model (normal 0.02 on c_attn/c_fc/lm_head,
+    0.02/sqrt(2·n_layer) on c_proj), so a zeroed c_fc and c_proj are drawn like their namesakes in the other
+    blocks, each with its own std."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_model
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=128, n_layer=4, n_head=4, vocab_size=1000,
+                                                                 n_positions=64, bos_token_id=0, eos_token_id=0))
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight.zero_()
+        model.transformer.h[2].mlp.c_proj.weight.zero_()
+    path, out = tmp_path / "gpt2.safetensors", tmp_path / "fixed.safetensors"
+    save_model(model, str(path))
+    result = cli("fix", path, "-o", out)
+    assert result.exit_code == 0, result.output
+    fixed = load_file(out)
+    assert float(fixed["transformer.h.1.mlp.c_fc.weight"].std()) == pytest.approx(0.02, rel=0.03)
+    assert float(fixed["transformer.h.2.mlp.c_proj.weight"].std()) == pytest.approx(0.02 / 8 ** 0.5, rel=0.03)
+    assert "normal-0.02-scaled (fallback)" in result.output
