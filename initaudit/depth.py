@@ -24,7 +24,6 @@ in forward order (backward: from the output), the scale leaves the band.
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -115,21 +114,9 @@ def chain(graph: LayerGraph) -> Flow:
 
 
 def _order(flow: Flow) -> tuple[list[int], list[list[int]]]:
-    """Topological order of the flow's nodes (ties in insertion order) and each node's producers."""
-    producers: list[list[int]] = [[] for _ in flow.nodes]
-    for idx, node in enumerate(flow.nodes):
-        for user in node.users:
-            producers[user].append(idx)
-    waiting = [len(p) for p in producers]
-    ready = deque(i for i, n in enumerate(waiting) if n == 0)
-    order = []
-    while ready:
-        idx = ready.popleft()
-        order.append(idx)
-        for user in flow.nodes[idx].users:
-            waiting[user] -= 1
-            if waiting[user] == 0:
-                ready.append(user)
+    """Topological order of the flow's nodes (ties in insertion order; any on a cycle last) and each node's producers."""
+    producers = flow.producers()
+    order = flow.topological(producers)
     seen = set(order)
     return order + [i for i in range(len(flow.nodes)) if i not in seen], producers
 

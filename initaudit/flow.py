@@ -84,7 +84,7 @@ class Flow:
         reaches a residual sum before any normalization, through whatever layers, sits on a residual
         branch: `residual_branch`. A layer seen twice keeps its first answer.
         """
-        producers = self._producers()
+        producers = self.producers()
         joins = self._joins(producers)
         found: dict[str, Downstream] = {}
         for start, node in enumerate(self.nodes):
@@ -97,11 +97,11 @@ class Flow:
         """Per layer: the weighted layers on the longest chain through it with no normalization, softmax or
         residual sum between two of them, and none past a layer in `gated` (its output only scales a signal):
         the run its scale compounds in. Parallel branches (detection heads, q/k/v) are runs of their own."""
-        producers = self._producers()
-        order = [i for i in self._topological(producers) if self.nodes[i].role == LAYER]
+        producers = self.producers()
+        order = [i for i in self.topological(producers) if self.nodes[i].role == LAYER]
         feeds: dict[int, list[int]] = {i: [] for i in order}
         for i in order:
-            queue, seen = deque(producers.get(i, ())), set()
+            queue, seen = deque(producers[i]), set()
             while queue:
                 j = queue.popleft()
                 if j in seen:
@@ -111,8 +111,8 @@ class Flow:
                 if node.role == LAYER:
                     if node.layer not in gated and j in feeds:
                         feeds[j].append(i)
-                elif node.role not in (NORM, STOP, OUTPUT) and not (node.role == ADD and len(producers.get(j, ())) >= 2):
-                    queue.extend(producers.get(j, ()))
+                elif node.role not in (NORM, STOP, OUTPUT) and not (node.role == ADD and len(producers[j]) >= 2):
+                    queue.extend(producers[j])
         up = {i: 1 for i in order}
         for i in order:
             for k in feeds[i]:
@@ -127,16 +127,17 @@ class Flow:
             runs[name] = max(runs.get(name, 0), up[i] + down[i] - 1)
         return runs
 
-    def _producers(self) -> dict[int, list[int]]:
-        producers: dict[int, list[int]] = {}
+    def producers(self) -> list[list[int]]:
+        """Each node's producers (the nodes it is a user of)."""
+        producers: list[list[int]] = [[] for _ in self.nodes]
         for i, node in enumerate(self.nodes):
             for u in node.users:
-                producers.setdefault(u, []).append(i)
+                producers[u].append(i)
         return producers
 
-    def _topological(self, producers: dict[int, list[int]]) -> list[int]:
-        """The nodes in topological order (Kahn's); nodes on a cycle are left out."""
-        waiting = [len(producers.get(i, ())) for i in range(len(self.nodes))]
+    def topological(self, producers: list[list[int]]) -> list[int]:
+        """The nodes in topological order (Kahn's, ties in insertion order); nodes on a cycle are left out."""
+        waiting = [len(p) for p in producers]
         ready = deque(i for i, n in enumerate(waiting) if n == 0)
         order = []
         while ready:
@@ -148,17 +149,17 @@ class Flow:
                     ready.append(u)
         return order
 
-    def _joins(self, producers: dict[int, list[int]]) -> list[bool]:
+    def _joins(self, producers: list[list[int]]) -> list[bool]:
         """Per node: its output reaches a residual sum (two computed tensors added) before a normalization, a
         softmax or the output; over the nodes in topological order, from the last back."""
         joins = [False] * len(self.nodes)
-        for idx in reversed(self._topological(producers)):
-            joins[idx] = any((self.nodes[u].role == ADD and len(producers.get(u, ())) >= 2)
+        for idx in reversed(self.topological(producers)):
+            joins[idx] = any((self.nodes[u].role == ADD and len(producers[u]) >= 2)
                              or (self.nodes[u].role not in (NORM, STOP, OUTPUT) and joins[u])
                              for u in self.nodes[idx].users)
         return joins
 
-    def _walk(self, start: int, unknown_between_layers: bool, producers: dict[int, list[int]]) -> Downstream:
+    def _walk(self, start: int, unknown_between_layers: bool, producers: list[list[int]]) -> Downstream:
         queue = deque((u, False, False) for u in self.nodes[start].users)
         seen = {start}
         while queue:
@@ -175,16 +176,16 @@ class Flow:
             if node.role in (STOP, OUTPUT):
                 return Downstream(IDENTITY, normed, joined)
             normed = normed or node.role == NORM
-            joined = joined or (node.role == ADD and len(producers.get(idx, ())) >= 2)
+            joined = joined or (node.role == ADD and len(producers[idx]) >= 2)
             queue.extend((u, normed, joined) for u in node.users)
         return Downstream(IDENTITY, False)
 
-    def _gates(self, layer: int, act: int, producers: dict[int, list[int]]) -> bool:
+    def _gates(self, layer: int, act: int, producers: list[list[int]]) -> bool:
         """The activation's output reaches, through pass-through nodes, a product with a tensor that the
         layer's output does not make without another layer."""
         own = self._reach(layer, lambda node: node.role != LAYER) | {layer}
         for idx in self._reach(act, lambda node: node.role in (PASS, MUL)):
-            if self.nodes[idx].role == MUL and any(p not in own for p in producers.get(idx, ())):
+            if self.nodes[idx].role == MUL and any(p not in own for p in producers[idx]):
                 return True
         return False
 

@@ -59,16 +59,21 @@ def test_envelope_holds_every_common_scheme(fan_in, fan_out):
     assert bounds.nearest(bounds.high * 100) == (bounds.high, bounds.high_scheme)
 
 
-def test_recipe_drawn_on_every_layer_is_info_on_tiny_fan_in():
-    """timm/transformers draw 0.02 on every layer, squeeze-excite and depthwise convs (fan_in 9) included."""
+def recipe_stack(width: int) -> nn.Sequential:
+    """Six (depthwise 3x3 conv, ReLU, 1x1 conv, ReLU) blocks, every conv drawn at normal(0.02), biases 0."""
     torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),
-                                                          nn.Conv2d(32, 32, 1), nn.ReLU())])
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Conv2d(width, width, 3, padding=1, groups=width),
+                                                          nn.ReLU(), nn.Conv2d(width, width, 1), nn.ReLU())])
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.normal_(m.weight, std=0.02)
             nn.init.zeros_(m.bias)
-    report = initaudit.audit(model)
+    return model
+
+
+def test_recipe_drawn_on_every_layer_is_info_on_tiny_fan_in():
+    """timm/transformers draw 0.02 on every layer, squeeze-excite and depthwise convs (fan_in 9) included."""
+    report = initaudit.audit(recipe_stack(32))
     # Per layer the recipe is fine; this toy stack has no norm between its 12 layers, though, and the whole
     # stack loses its signal (gain 0.0018 and 0.0064 per layer): that is the depth analysis' finding.
     assert {f.rule for f in report.findings if f.severity == "error"} == {"signal-vanishing"}
@@ -79,13 +84,7 @@ def test_recipe_drawn_on_every_layer_is_info_on_tiny_fan_in():
 def test_recipe_holds_where_its_std_ties_with_a_formula():
     """At 1024 channels a depthwise conv's Xavier std at ReLU's gain is 0.0208: a 0.02 draw on the high side
     fingerprints as the near-tie `normal-0.02|xavier-normal-relu-gain`, still the recipe (HF Segformer's MixFFN)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Conv2d(1024, 1024, 3, padding=1, groups=1024), nn.ReLU(),
-                                                          nn.Conv2d(1024, 1024, 1), nn.ReLU())])
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+    model = recipe_stack(1024)
     with torch.no_grad():
         model[4].weight.mul_(0.0204 / model[4].weight.std())  # within 3 standard errors of 0.02 (9,216 values)
     report = initaudit.audit(model)
