@@ -217,46 +217,62 @@ class _Scan:
         part = _Part()
         if self.units:
             part.column_sq = torch.zeros(self.width, dtype=self.dtype)
+        work: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # the squares' views, per chunk shape and alignment
         for first in range(start, stop, self.step):
             source = self.rows[first:min(first + self.step, stop)]
             chunk = source
             if source.dtype != self.dtype or not source.is_contiguous():
                 chunk = _scratch(source.numel(), self.dtype, 1, "chunk")[0].view(source.shape).copy_(source)
-            self._chunk(part, first, chunk, _scratch(source.numel(), self.dtype, 1, "squares", like=chunk))
+            key = (chunk.shape[0], chunk.data_ptr() % _LINE)
+            views = work.get(key)
+            if views is None:
+                sq = _scratch(chunk.numel(), self.dtype, 1, "squares", like=chunk)[0]
+                square = sq.view(chunk.shape)
+                views = work[key] = (sq, square, square.T, self.ones[:chunk.shape[0]] if self.units else None)
+            self._chunk(part, first, chunk, views)
             if self.columns is not None:  # gathered while the chunk is in cache: from memory, 10x dearer
                 part.columns.append(chunk.index_select(1, self.columns))
         return part
 
-    def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, bufs: list[torch.Tensor]) -> None:
-        flat = chunk.reshape(-1)
-        lo, hi = (float(v) for v in torch.aminmax(flat))
+    def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, views: tuple[torch.Tensor, ...]) -> None:
+        flat = chunk.view(-1)
+        lo, hi = torch.aminmax(flat)
+        lo, hi = float(lo), float(hi)
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN or Inf somewhere
             return self._non_finite(part, first, chunk)
-        part.lo, part.hi = min(part.lo, lo), max(part.hi, hi)
-        n, width = flat.numel(), self.width
+        if lo < part.lo:
+            part.lo = lo
+        if hi > part.hi:
+            part.hi = hi
+        n, units = flat.numel(), self.units
         sq = None
-        if self.units or not self.shift:
-            sq = torch.mul(flat, flat, out=bufs[0])
-        proj = torch.mm(self.basis, chunk.T) if self.units else None
-        unit_sq = sq.view(chunk.shape).sum(dim=1) if self.units else None  # each unit's sum of squares
+        if units or not self.shift:
+            sq = torch.mul(flat, flat, out=views[0])
         if n <= _SMALL:
             part.add_sums(_python_sums(flat, self.shift), n)
         elif self.shift:
             part.add_sums(_power_sums(flat, self.shift), n)
-        else:  # about 0: the squares are those of the norms, the sums the units' (one matmul gave them both)
-            s1, s2 = (float(proj[2].sum()), float(unit_sq.sum())) if self.units else (float(flat.sum()), float(sq.sum()))
-            part.add_sums([s1, s2, float(torch.dot(sq, flat)), float(torch.dot(sq, sq))], n)
+        if units:
+            proj = torch.mm(self.basis, chunk.T)
+            unit_sq = views[1].sum(dim=1)  # each unit's sum of squares
+        if n > _SMALL and not self.shift:  # about 0: the squares are those of the norms, the sums the units' (one matmul gave them both)
+            sums = part.sums
+            sums[0] += float(proj[2].sum()) if units else float(flat.sum())
+            sums[1] += float(unit_sq.sum()) if units else float(sq.sum())
+            sums[2] += float(torch.dot(sq, flat))
+            sums[3] += float(torch.dot(sq, sq))
+            part.n += n
         zeros = 0
         if lo <= 0 <= hi and (sq is None or float(sq.amin()) == 0):  # squares underflow too: then count exactly
             zeros = n - int(torch.count_nonzero(flat))
-        part.zeros += zeros
-        if self.units:
-            if zeros >= width:  # only then can a whole unit be zero
+            part.zeros += zeros
+        if units:
+            if zeros >= self.width:  # only then can a whole unit be zero
                 nonzero_per_unit = torch.count_nonzero(chunk, dim=1)
                 part.zero_units.extend((first + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
             part.proj.append(proj)
             part.norms.append(unit_sq.sqrt_())
-            part.column_sq.addmv_(sq.view(chunk.shape).T, self.ones[:chunk.shape[0]])  # a column sum as BLAS does it: 2x torch's
+            part.column_sq.addmv_(views[2], views[3])  # a column sum as BLAS does it: 2x torch's
 
     def _non_finite(self, part: _Part, first: int, chunk: torch.Tensor) -> None:
         """A chunk with NaN or Inf: counted, then left out of every sum (set to 0, yet not counted as zeros)."""
@@ -482,7 +498,8 @@ def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_u
     reach = 4 * tol * math.sqrt(width) + 1e-12 * float(proj[:, :2].abs().max())
     sum_reach = width * tol + 1e-6 * float(proj[:, 2].abs().max())  # float32 rounding of the sums
     order = torch.argsort(proj[:, 0])
-    p = proj[order]
+    p = proj[order].T.contiguous().numpy()  # [3, units], in that order: numpy's small ops cost a fifth of torch's
+    reach, sum_reach = p.dtype.type(reach), p.dtype.type(sum_reach)  # compared in the projections' dtype
     parent = list(range(rows.shape[0]))
 
     def find(i: int) -> int:
@@ -492,12 +509,12 @@ def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_u
         return i
 
     touched: set[int] = set()
-    for offset in range(1, min(_WINDOW, rows.shape[0] - 1) + 1):
-        gap = p[offset:] - p[:-offset]
-        near_first = gap[:, 0] <= reach  # sorted on the first projection: beyond here nothing is nearer
-        if not bool(near_first.any()):
-            break
-        for k in torch.nonzero(near_first & (gap[:, 1].abs() <= reach) & (gap[:, 2].abs() <= sum_reach)).flatten().tolist():
+    with np.errstate(all="ignore"):  # inf - inf: NaN, never near
+        last = min(_WINDOW, _widest_gap(p[0], float(reach)), rows.shape[0] - 1)
+        near = [np.flatnonzero((gap[1] <= reach) & (gap[2] <= sum_reach) & (gap[0] <= reach))
+                for gap in (np.abs(p[:, offset:] - p[:, :-offset]) for offset in range(1, last + 1))]
+    for offset, ks in enumerate(near, 1):
+        for k in ks.tolist():
             a, b = int(order[k]), int(order[k + offset])
             if a in zero_units or b in zero_units or find(a) == find(b):
                 continue
@@ -508,3 +525,14 @@ def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_u
     for i in sorted(touched):
         members.setdefault(find(i), []).append(i)
     return sorted(members.values(), key=lambda g: g[0])[:MAX_REPORTED_GROUPS]
+
+
+def _widest_gap(first: np.ndarray, reach: float) -> int:
+    """At least the largest offset at which two of the sorted values `first` lie within `reach` (as the search
+    computes gaps: in their dtype; gaps grow with the offset, so beyond it none is near): a bound from a
+    binary search with room for the gaps' rounding, instead of testing offset after offset until none is."""
+    finite = first[np.isfinite(first)].astype(np.float64)  # sorted too (-inf first, +inf and NaN last)
+    if finite.size < 2:
+        return 0
+    ends = np.searchsorted(finite, finite + reach + (reach * 1e-6 + np.abs(finite) * 1e-12), side="right")
+    return int((ends - np.arange(1, finite.size + 1)).max())
