@@ -182,7 +182,6 @@ class _Part:
     hi: float = -math.inf
     zero_units: list[int] = field(default_factory=list)
     proj: list[torch.Tensor] = field(default_factory=list)    # [3, rows]: two random projections and the sums
-    columns: list[torch.Tensor] = field(default_factory=list)  # [rows, COLUMN_SAMPLE]: the sampled columns
     norms: list[torch.Tensor] = field(default_factory=list)
     column_sq: torch.Tensor | None = None
 
@@ -196,7 +195,6 @@ class _Part:
         self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
         self.zero_units += other.zero_units
         self.proj += other.proj
-        self.columns += other.columns
         self.norms += other.norms
         if other.column_sq is not None:
             self.column_sq = other.column_sq if self.column_sq is None else self.column_sq + other.column_sq
@@ -208,6 +206,7 @@ class _Scan:
     def __init__(self, rows: torch.Tensor, dtype: torch.dtype, shift: float, units: bool,
                  columns: torch.Tensor | None = None):
         self.rows, self.dtype, self.shift, self.units, self.columns = rows, dtype, shift, units, columns
+        self.picked = None if columns is None else torch.empty(rows.shape[0], columns.numel(), dtype=dtype)  # [rows, sampled]
         self.width = rows.shape[1]
         self.step = max(1, CHUNK_ELEMENTS // max(self.width, 1))
         self.basis = _basis(self.width, dtype) if units else None
@@ -231,7 +230,7 @@ class _Scan:
                 views = work[key] = (sq, square, square.T, self.ones[:chunk.shape[0]] if self.units else None)
             self._chunk(part, first, chunk, views)
             if self.columns is not None:  # gathered while the chunk is in cache: from memory, 10x dearer
-                part.columns.append(chunk.index_select(1, self.columns))
+                torch.index_select(chunk, 1, self.columns, out=self.picked[first:first + chunk.shape[0]])
         return part
 
     def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, views: tuple[torch.Tensor, ...]) -> None:
@@ -348,7 +347,7 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True) -> Ten
     for part in parts[1:]:
         total.merge(part)
     if tall:
-        _keep("columns", tensor, torch.cat(total.columns).T)
+        _keep("columns", tensor, scan.picked.T)
     return _assemble(tensor, rows, total, scan.shift, units)
 
 
