@@ -216,7 +216,8 @@ class _Scan:
         part = _Part()
         if self.units:
             part.column_sq = torch.zeros(self.width, dtype=self.dtype)
-        work: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}  # the squares' views, per chunk shape and alignment
+        results = torch.empty(7, dtype=self.dtype)  # a chunk's scalars, read into Python at once
+        work: dict[tuple[int, int], tuple] = {}  # the squares' views, per chunk shape and alignment
         for first in range(start, stop, self.step):
             source = self.rows[first:min(first + self.step, stop)]
             chunk = source
@@ -227,42 +228,48 @@ class _Scan:
             if views is None:
                 sq = _scratch(chunk.numel(), self.dtype, 1, "squares", like=chunk)[0]
                 square = sq.view(chunk.shape)
-                views = work[key] = (sq, square, square.T, self.ones[:chunk.shape[0]] if self.units else None)
+                views = work[key] = (sq, square, square.T, self.ones[:chunk.shape[0]] if self.units else None,
+                                     results, results.unbind())
             self._chunk(part, first, chunk, views)
             if self.columns is not None:  # gathered while the chunk is in cache: from memory, 10x dearer
                 torch.index_select(chunk, 1, self.columns, out=self.picked[first:first + chunk.shape[0]])
         return part
 
-    def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, views: tuple[torch.Tensor, ...]) -> None:
+    def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, views: tuple) -> None:
         flat = chunk.view(-1)
-        lo, hi = torch.aminmax(flat)
-        lo, hi = float(lo), float(hi)
+        sq, square, columns, ones, results, out = views
+        n, units = flat.numel(), self.units
+        torch.aminmax(flat, out=out[:2])
+        sq = torch.mul(flat, flat, out=sq) if units or not self.shift else None
+        if units:
+            proj = torch.mm(self.basis, chunk.T)
+            unit_sq = square.sum(dim=1)  # each unit's sum of squares
+        fused = n > _SMALL and not self.shift  # about 0: the squares are those of the norms, the sums the units'
+        if fused:
+            torch.sum(proj[2] if units else flat, dim=0, out=out[2])
+            torch.sum(unit_sq if units else sq, dim=0, out=out[3])
+            torch.dot(sq, flat, out=out[4])
+            torch.dot(sq, sq, out=out[5])
+        if sq is not None:
+            torch.amin(sq, dim=0, out=out[6])
+        lo, hi, s1, s2, s3, s4, least = results.tolist()  # one call for all (each call may hand the GIL over)
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN or Inf somewhere
             return self._non_finite(part, first, chunk)
         if lo < part.lo:
             part.lo = lo
         if hi > part.hi:
             part.hi = hi
-        n, units = flat.numel(), self.units
-        sq = None
-        if units or not self.shift:
-            sq = torch.mul(flat, flat, out=views[0])
-        if n <= _SMALL:
-            part.add_sums(_python_sums(flat, self.shift), n)
-        elif self.shift:
-            part.add_sums(_power_sums(flat, self.shift), n)
-        if units:
-            proj = torch.mm(self.basis, chunk.T)
-            unit_sq = views[1].sum(dim=1)  # each unit's sum of squares
-        if n > _SMALL and not self.shift:  # about 0: the squares are those of the norms, the sums the units' (one matmul gave them both)
+        if fused:
             sums = part.sums
-            sums[0] += float(proj[2].sum()) if units else float(flat.sum())
-            sums[1] += float(unit_sq.sum()) if units else float(sq.sum())
-            sums[2] += float(torch.dot(sq, flat))
-            sums[3] += float(torch.dot(sq, sq))
+            sums[0] += s1
+            sums[1] += s2
+            sums[2] += s3
+            sums[3] += s4
             part.n += n
+        else:
+            part.add_sums((_python_sums if n <= _SMALL else _power_sums)(flat, self.shift), n)
         zeros = 0
-        if lo <= 0 <= hi and (sq is None or float(sq.amin()) == 0):  # squares underflow too: then count exactly
+        if lo <= 0 <= hi and (sq is None or least == 0):  # squares underflow too: then count exactly
             zeros = n - int(torch.count_nonzero(flat))
             part.zeros += zeros
         if units:
@@ -271,7 +278,7 @@ class _Scan:
                 part.zero_units.extend((first + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
             part.proj.append(proj)
             part.norms.append(unit_sq.sqrt_())
-            part.column_sq.addmv_(views[2], views[3])  # a column sum as BLAS does it: 2x torch's
+            part.column_sq.addmv_(columns, ones)  # a column sum as BLAS does it: 2x torch's
 
     def _non_finite(self, part: _Part, first: int, chunk: torch.Tensor) -> None:
         """A chunk with NaN or Inf: counted, then left out of every sum (set to 0, yet not counted as zeros)."""
