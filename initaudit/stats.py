@@ -214,35 +214,45 @@ class _Scan:
 
     def __call__(self, start: int, stop: int) -> _Part:
         part = _Part()
-        if self.units:
+        units = self.units
+        if units:
             part.column_sq = torch.zeros(self.width, dtype=self.dtype)
         results = torch.empty(7, dtype=self.dtype)  # a chunk's scalars, read into Python at once
+        out = results.unbind()
+        # every view made in one call: each torch call may hand the GIL over to another worker
+        rows = self.rows[start:stop]
+        chunks = rows.split(self.step)
+        direct = rows.dtype == self.dtype and rows.is_contiguous()  # else chunks are copied as they need
+        flats = rows.view(-1).split(self.step * self.width) if direct else None
+        transposed = rows.T.split(self.step, dim=1) if direct and units else None
+        picked = self.picked[start:stop].split(self.step) if self.columns is not None else None
         work: dict[tuple[int, int], tuple] = {}  # the squares' views, per chunk shape and alignment
-        for first in range(start, stop, self.step):
-            source = self.rows[first:min(first + self.step, stop)]
-            chunk = source
-            if source.dtype != self.dtype or not source.is_contiguous():
-                chunk = _scratch(source.numel(), self.dtype, 1, "chunk")[0].view(source.shape).copy_(source)
+        for i, chunk in enumerate(chunks):
+            if direct:
+                flat, chunk_t = flats[i], transposed[i] if units else None
+            else:
+                if chunk.dtype != self.dtype or not chunk.is_contiguous():
+                    chunk = _scratch(chunk.numel(), self.dtype, 1, "chunk")[0].view(chunk.shape).copy_(chunk)
+                flat, chunk_t = chunk.view(-1), chunk.T
             key = (chunk.shape[0], chunk.data_ptr() % _LINE)
             views = work.get(key)
             if views is None:
                 sq = _scratch(chunk.numel(), self.dtype, 1, "squares", like=chunk)[0]
                 square = sq.view(chunk.shape)
-                views = work[key] = (sq, square, square.T, self.ones[:chunk.shape[0]] if self.units else None,
-                                     results, results.unbind())
-            self._chunk(part, first, chunk, views)
-            if self.columns is not None:  # gathered while the chunk is in cache: from memory, 10x dearer
-                torch.index_select(chunk, 1, self.columns, out=self.picked[first:first + chunk.shape[0]])
+                views = work[key] = (sq, square, square.T, self.ones[:chunk.shape[0]] if units else None, results, out)
+            self._chunk(part, start + i * self.step, chunk, flat, chunk_t, views)
+            if picked is not None:  # gathered while the chunk is in cache: from memory, 10x dearer
+                torch.index_select(chunk, 1, self.columns, out=picked[i])
         return part
 
-    def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, views: tuple) -> None:
-        flat = chunk.view(-1)
+    def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, flat: torch.Tensor, chunk_t: torch.Tensor | None,
+               views: tuple) -> None:
         sq, square, columns, ones, results, out = views
         n, units = flat.numel(), self.units
         torch.aminmax(flat, out=out[:2])
         sq = torch.mul(flat, flat, out=sq) if units or not self.shift else None
         if units:
-            proj = torch.mm(self.basis, chunk.T)
+            proj = torch.mm(self.basis, chunk_t)
             unit_sq = square.sum(dim=1)  # each unit's sum of squares
         fused = n > _SMALL and not self.shift  # about 0: the squares are those of the norms, the sums the units'
         if fused:
@@ -277,7 +287,7 @@ class _Scan:
                 nonzero_per_unit = torch.count_nonzero(chunk, dim=1)
                 part.zero_units.extend((first + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
             part.proj.append(proj)
-            part.norms.append(unit_sq.sqrt_())
+            part.norms.append(unit_sq)  # the square roots are taken at the end, in one call
             part.column_sq.addmv_(columns, ones)  # a column sum as BLAS does it: 2x torch's
 
     def _non_finite(self, part: _Part, first: int, chunk: torch.Tensor) -> None:
@@ -300,7 +310,7 @@ class _Scan:
                 part.zero_units.extend((first + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
             sq = clean * clean
             part.proj.append(torch.mm(self.basis, clean.T))
-            part.norms.append(sq.sum(dim=1).sqrt())
+            part.norms.append(sq.sum(dim=1))
             part.column_sq += sq.sum(dim=0)
 
 
@@ -413,7 +423,7 @@ def _assemble(tensor: torch.Tensor, rows: torch.Tensor, part: _Part, shift: floa
     unit_norms = input_norms = unit_sums = None
     groups, negligible = [], 0
     if units and n_units:
-        unit_norms, input_norms = torch.cat(part.norms), part.column_sq.to(torch.float64).sqrt()
+        unit_norms, input_norms = torch.cat(part.norms).sqrt_(), part.column_sq.to(torch.float64).sqrt()
         longer = unit_norms if n_units <= width else input_norms  # the norms over more values each
         mid = float(longer.mean())
         spread = float(longer.max() - longer.min()) / mid if mid > 0 else math.nan
