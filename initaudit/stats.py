@@ -18,6 +18,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 CHUNK_ELEMENTS = 1 << 18        # units are read in chunks of about this many values (1 MB of fp32: fits L2)
@@ -181,7 +182,6 @@ class _Part:
     hi: float = -math.inf
     zero_units: list[int] = field(default_factory=list)
     proj: list[torch.Tensor] = field(default_factory=list)    # [3, rows]: two random projections and the sums
-    columns: list[torch.Tensor] = field(default_factory=list)  # [rows, COLUMN_SAMPLE]: the sampled columns
     norms: list[torch.Tensor] = field(default_factory=list)
     column_sq: torch.Tensor | None = None
 
@@ -195,7 +195,6 @@ class _Part:
         self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
         self.zero_units += other.zero_units
         self.proj += other.proj
-        self.columns += other.columns
         self.norms += other.norms
         if other.column_sq is not None:
             self.column_sq = other.column_sq if self.column_sq is None else self.column_sq + other.column_sq
@@ -207,6 +206,7 @@ class _Scan:
     def __init__(self, rows: torch.Tensor, dtype: torch.dtype, shift: float, units: bool,
                  columns: torch.Tensor | None = None):
         self.rows, self.dtype, self.shift, self.units, self.columns = rows, dtype, shift, units, columns
+        self.picked = None if columns is None else torch.empty(rows.shape[0], columns.numel(), dtype=dtype)  # [rows, sampled]
         self.width = rows.shape[1]
         self.step = max(1, CHUNK_ELEMENTS // max(self.width, 1))
         self.basis = _basis(self.width, dtype) if units else None
@@ -214,48 +214,81 @@ class _Scan:
 
     def __call__(self, start: int, stop: int) -> _Part:
         part = _Part()
-        if self.units:
+        units = self.units
+        if units:
             part.column_sq = torch.zeros(self.width, dtype=self.dtype)
-        for first in range(start, stop, self.step):
-            source = self.rows[first:min(first + self.step, stop)]
-            chunk = source
-            if source.dtype != self.dtype or not source.is_contiguous():
-                chunk = _scratch(source.numel(), self.dtype, 1, "chunk")[0].view(source.shape).copy_(source)
-            self._chunk(part, first, chunk, _scratch(source.numel(), self.dtype, 1, "squares", like=chunk))
-            if self.columns is not None:  # gathered while the chunk is in cache: from memory, 10x dearer
-                part.columns.append(chunk.index_select(1, self.columns))
+        results = torch.empty(7, dtype=self.dtype)  # a chunk's scalars, read into Python at once
+        out = results.unbind()
+        # every view made in one call: each torch call may hand the GIL over to another worker
+        rows = self.rows[start:stop]
+        chunks = rows.split(self.step)
+        direct = rows.dtype == self.dtype and rows.is_contiguous()  # else chunks are copied as they need
+        flats = rows.view(-1).split(self.step * self.width) if direct else None
+        transposed = rows.T.split(self.step, dim=1) if direct and units else None
+        picked = self.picked[start:stop].split(self.step) if self.columns is not None else None
+        work: dict[tuple[int, int], tuple] = {}  # the squares' views, per chunk shape and alignment
+        for i, chunk in enumerate(chunks):
+            if direct:
+                flat, chunk_t = flats[i], transposed[i] if units else None
+            else:
+                if chunk.dtype != self.dtype or not chunk.is_contiguous():
+                    chunk = _scratch(chunk.numel(), self.dtype, 1, "chunk")[0].view(chunk.shape).copy_(chunk)
+                flat, chunk_t = chunk.view(-1), chunk.T
+            key = (chunk.shape[0], chunk.data_ptr() % _LINE)
+            views = work.get(key)
+            if views is None:
+                sq = _scratch(chunk.numel(), self.dtype, 1, "squares", like=chunk)[0]
+                square = sq.view(chunk.shape)
+                views = work[key] = (sq, square, square.T, self.ones[:chunk.shape[0]] if units else None, results, out)
+            self._chunk(part, start + i * self.step, chunk, flat, chunk_t, views)
+            if picked is not None:  # gathered while the chunk is in cache: from memory, 10x dearer
+                torch.index_select(chunk, 1, self.columns, out=picked[i])
         return part
 
-    def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, bufs: list[torch.Tensor]) -> None:
-        flat = chunk.reshape(-1)
-        lo, hi = (float(v) for v in torch.aminmax(flat))
+    def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, flat: torch.Tensor, chunk_t: torch.Tensor | None,
+               views: tuple) -> None:
+        sq, square, columns, ones, results, out = views
+        n, units = flat.numel(), self.units
+        torch.aminmax(flat, out=out[:2])
+        sq = torch.mul(flat, flat, out=sq) if units or not self.shift else None
+        if units:
+            proj = torch.mm(self.basis, chunk_t)
+            unit_sq = square.sum(dim=1)  # each unit's sum of squares
+        fused = n > _SMALL and not self.shift  # about 0: the squares are those of the norms, the sums the units'
+        if fused:
+            torch.sum(proj[2] if units else flat, dim=0, out=out[2])
+            torch.sum(unit_sq if units else sq, dim=0, out=out[3])
+            torch.dot(sq, flat, out=out[4])
+            torch.dot(sq, sq, out=out[5])
+        if sq is not None:
+            torch.amin(sq, dim=0, out=out[6])
+        lo, hi, s1, s2, s3, s4, least = results.tolist()  # one call for all (each call may hand the GIL over)
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN or Inf somewhere
             return self._non_finite(part, first, chunk)
-        part.lo, part.hi = min(part.lo, lo), max(part.hi, hi)
-        n, width = flat.numel(), self.width
-        sq = None
-        if self.units or not self.shift:
-            sq = torch.mul(flat, flat, out=bufs[0])
-        proj = torch.mm(self.basis, chunk.T) if self.units else None
-        unit_sq = sq.view(chunk.shape).sum(dim=1) if self.units else None  # each unit's sum of squares
-        if n <= _SMALL:
-            part.add_sums(_python_sums(flat, self.shift), n)
-        elif self.shift:
-            part.add_sums(_power_sums(flat, self.shift), n)
-        else:  # about 0: the squares are those of the norms, the sums the units' (one matmul gave them both)
-            s1, s2 = (float(proj[2].sum()), float(unit_sq.sum())) if self.units else (float(flat.sum()), float(sq.sum()))
-            part.add_sums([s1, s2, float(torch.dot(sq, flat)), float(torch.dot(sq, sq))], n)
+        if lo < part.lo:
+            part.lo = lo
+        if hi > part.hi:
+            part.hi = hi
+        if fused:
+            sums = part.sums
+            sums[0] += s1
+            sums[1] += s2
+            sums[2] += s3
+            sums[3] += s4
+            part.n += n
+        else:
+            part.add_sums((_python_sums if n <= _SMALL else _power_sums)(flat, self.shift), n)
         zeros = 0
-        if lo <= 0 <= hi and (sq is None or float(sq.amin()) == 0):  # squares underflow too: then count exactly
+        if lo <= 0 <= hi and (sq is None or least == 0):  # squares underflow too: then count exactly
             zeros = n - int(torch.count_nonzero(flat))
-        part.zeros += zeros
-        if self.units:
-            if zeros >= width:  # only then can a whole unit be zero
+            part.zeros += zeros
+        if units:
+            if zeros >= self.width:  # only then can a whole unit be zero
                 nonzero_per_unit = torch.count_nonzero(chunk, dim=1)
                 part.zero_units.extend((first + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
             part.proj.append(proj)
-            part.norms.append(unit_sq.sqrt_())
-            part.column_sq.addmv_(sq.view(chunk.shape).T, self.ones[:chunk.shape[0]])  # a column sum as BLAS does it: 2x torch's
+            part.norms.append(unit_sq)  # the square roots are taken at the end, in one call
+            part.column_sq.addmv_(columns, ones)  # a column sum as BLAS does it: 2x torch's
 
     def _non_finite(self, part: _Part, first: int, chunk: torch.Tensor) -> None:
         """A chunk with NaN or Inf: counted, then left out of every sum (set to 0, yet not counted as zeros)."""
@@ -277,7 +310,7 @@ class _Scan:
                 part.zero_units.extend((first + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
             sq = clean * clean
             part.proj.append(torch.mm(self.basis, clean.T))
-            part.norms.append(sq.sum(dim=1).sqrt())
+            part.norms.append(sq.sum(dim=1))
             part.column_sq += sq.sum(dim=0)
 
 
@@ -331,7 +364,7 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True) -> Ten
     for part in parts[1:]:
         total.merge(part)
     if tall:
-        _keep("columns", tensor, torch.cat(total.columns).T)
+        _keep("columns", tensor, scan.picked.T)
     return _assemble(tensor, rows, total, scan.shift, units)
 
 
@@ -390,7 +423,7 @@ def _assemble(tensor: torch.Tensor, rows: torch.Tensor, part: _Part, shift: floa
     unit_norms = input_norms = unit_sums = None
     groups, negligible = [], 0
     if units and n_units:
-        unit_norms, input_norms = torch.cat(part.norms), part.column_sq.to(torch.float64).sqrt()
+        unit_norms, input_norms = torch.cat(part.norms).sqrt_(), part.column_sq.to(torch.float64).sqrt()
         longer = unit_norms if n_units <= width else input_norms  # the norms over more values each
         mid = float(longer.mean())
         spread = float(longer.max() - longer.min()) / mid if mid > 0 else math.nan
@@ -441,7 +474,7 @@ def sorted_sample(tensor: torch.Tensor) -> torch.Tensor:
     flat = sample(tensor)
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.to(torch.float32)  # exact for every narrower float; sort has no float8 kernel
-    ordered = torch.sort(flat).values
+    ordered = torch.from_numpy(np.sort(flat.numpy()))  # numpy's vectorised sort: 4x torch's; NaNs last too
     _keep("sorted", tensor, ordered)
     return ordered
 
@@ -481,7 +514,8 @@ def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_u
     reach = 4 * tol * math.sqrt(width) + 1e-12 * float(proj[:, :2].abs().max())
     sum_reach = width * tol + 1e-6 * float(proj[:, 2].abs().max())  # float32 rounding of the sums
     order = torch.argsort(proj[:, 0])
-    p = proj[order]
+    p = proj[order].T.contiguous().numpy()  # [3, units], in that order: numpy's small ops cost a fifth of torch's
+    reach, sum_reach = p.dtype.type(reach), p.dtype.type(sum_reach)  # compared in the projections' dtype
     parent = list(range(rows.shape[0]))
 
     def find(i: int) -> int:
@@ -491,12 +525,12 @@ def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_u
         return i
 
     touched: set[int] = set()
-    for offset in range(1, min(_WINDOW, rows.shape[0] - 1) + 1):
-        gap = p[offset:] - p[:-offset]
-        near_first = gap[:, 0] <= reach  # sorted on the first projection: beyond here nothing is nearer
-        if not bool(near_first.any()):
-            break
-        for k in torch.nonzero(near_first & (gap[:, 1].abs() <= reach) & (gap[:, 2].abs() <= sum_reach)).flatten().tolist():
+    with np.errstate(all="ignore"):  # inf - inf: NaN, never near
+        last = min(_WINDOW, _widest_gap(p[0], float(reach)), rows.shape[0] - 1)
+        near = [np.flatnonzero((gap[1] <= reach) & (gap[2] <= sum_reach) & (gap[0] <= reach))
+                for gap in (np.abs(p[:, offset:] - p[:, :-offset]) for offset in range(1, last + 1))]
+    for offset, ks in enumerate(near, 1):
+        for k in ks.tolist():
             a, b = int(order[k]), int(order[k + offset])
             if a in zero_units or b in zero_units or find(a) == find(b):
                 continue
@@ -507,3 +541,14 @@ def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_u
     for i in sorted(touched):
         members.setdefault(find(i), []).append(i)
     return sorted(members.values(), key=lambda g: g[0])[:MAX_REPORTED_GROUPS]
+
+
+def _widest_gap(first: np.ndarray, reach: float) -> int:
+    """At least the largest offset at which two of the sorted values `first` lie within `reach` (as the search
+    computes gaps: in their dtype; gaps grow with the offset, so beyond it none is near): a bound from a
+    binary search with room for the gaps' rounding, instead of testing offset after offset until none is."""
+    finite = first[np.isfinite(first)].astype(np.float64)  # sorted too (-inf first, +inf and NaN last)
+    if finite.size < 2:
+        return 0
+    ends = np.searchsorted(finite, finite + reach + (reach * 1e-6 + np.abs(finite) * 1e-12), side="right")
+    return int((ends - np.arange(1, finite.size + 1)).max())
