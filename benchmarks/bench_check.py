@@ -200,6 +200,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a killed run still deletes its checkpoints
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="initaudit-bench-", dir=args.dir))
     lens = shutil.which("lens") or (str(Path(PYTHON).parent / "lens") if (Path(PYTHON).parent / "lens").exists() else None)
     try:
