@@ -37,6 +37,7 @@ _NORM_OPS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization"
              "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "LpNormalization"}
 _STOP_OPS = {"Softmax", "LogSoftmax", "Hardmax"}
 _ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Softplus", "Sqrt", "Identity", "Cast", "Constant"}
+_SHAPE_ONLY = frozenset({"Shape", "Size"})  # read a tensor's shape, not its values: no signal flows through
 _RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 # Names exporters give the constants they make (initial states, shapes, folded values), not parameters.
 _EXPORTER_CONSTANT = re.compile(r"^(onnx::|/)|^val_\d+$")
@@ -362,7 +363,7 @@ def _flow(root: _Graph, layer_of: dict[tuple[_Graph, int], str], folded: set[tup
             else:
                 role, act = _role(g, node, value)
                 idx = flow.add(role, activation=act)
-            for name in node.input:
+            for name in node.input if node.op_type not in _SHAPE_ONLY else ():
                 if name in made:
                     flow.link(made[name], idx)
             tail = idx

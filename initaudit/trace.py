@@ -14,6 +14,9 @@ from .graph import WEIGHTED_KINDS, ModuleInfo, kind_of_class
 
 _ADD_NAMES = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "iadd"})
 _MUL_NAMES = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "imul"})
+# Ops that read a tensor's shape, not its values: no signal flows through them (a reshape sized by a
+# layer's output would otherwise link that layer to whatever the reshape feeds).
+SHAPE_ONLY = frozenset({"size", "dim", "numel", "stride", "shape", "ndim", "len"})
 _STOP_NAMES = frozenset({"softmax", "log_softmax", "softmin", "Softmax", "LogSoftmax", "Softmin", "Softmax2d"})
 _NORM_FUNCTIONS = frozenset({"layer_norm", "batch_norm", "group_norm", "instance_norm", "rms_norm", "local_response_norm"})
 # Functions that apply a weighted layer (addmm: HF's Conv1D, torch.addmm(bias, x, weight)).
@@ -145,9 +148,19 @@ def fx_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow | None:
             ids[node] = flow.add(OUTPUT)
         else:
             ids[node] = flow.add(PASS)
-        for src in node.all_input_nodes:
-            flow.link(ids[src], ids[node])
+        if not _shape_only(node):
+            for src in node.all_input_nodes:
+                flow.link(ids[src], ids[node])
     return flow
+
+
+def _shape_only(node: torch.fx.Node) -> bool:
+    """x.size(), x.dim(), x.shape, len(x): a node that reads only the shape of its input."""
+    if node.op == "call_method":
+        return node.target in SHAPE_ONLY
+    name = getattr(node.target, "__name__", "")
+    return node.op == "call_function" and (name == "len" or name == "getattr" and len(node.args) > 1
+                                           and node.args[1] in SHAPE_ONLY)
 
 
 def _functional_layer(node: torch.fx.Node, name: str) -> str | None:
@@ -199,7 +212,7 @@ def script_flow(root: torch.jit.ScriptModule) -> Flow:
                 continue
             inputs = list(node.inputs())
             idx = _script_node(flow, node, inputs, paths)
-            for value in inputs:
+            for value in inputs if kind.split("::", 1)[1] not in SHAPE_ONLY else ():
                 if value in ids:
                     flow.link(ids[value], idx)
             for block in node.blocks():

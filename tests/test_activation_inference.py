@@ -146,6 +146,37 @@ def test_a_gate_ends_a_run_and_self_gating_does_not(trace, tmp_path):
     assert [layers[n].run_depth for n in ("a", "b", "fc1", "fc2", "c", "glu", "d")] == [5, 5, 4, 4, 5, 5, 5]
 
 
+class ShapeReader(nn.Module):
+    """`b`'s input is reshaped by the size of `a`'s output (torchvision MViT's pooling does so): a shape, no signal."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.b(x.reshape(y.size(0), -1)) + 1.0
+        return torch.relu(self.norm(y)) + z
+
+
+@pytest.mark.parametrize("trace", ["fx", "torchscript", "onnx"])
+def test_reading_a_shape_carries_no_signal(trace, tmp_path):
+    from initaudit.audit import analyse
+    from initaudit.config import Options
+    from initaudit.loaders import load, modules
+
+    model = ShapeReader().eval()
+    path = tmp_path / ("shape.onnx" if trace == "onnx" else "shape.pt")
+    if trace == "torchscript":
+        torch.jit.script(model).save(str(path))
+    elif trace == "onnx":
+        torch.onnx.export(model, (torch.randn(2, 8),), str(path), dynamo=False)
+    loaded = modules.from_module(model, None) if trace == "fx" else load(path)
+    layers = {layer.name: layer for layer in analyse(loaded, Options()).graph if layer.weighted}
+    assert layers["a"].norm_after and str(layers["a"].activation) == "relu"
+    assert (layers["a"].run_depth, layers["b"].run_depth) == (1, 1)
+
+
 class Untraceable(nn.Module):
     """Two inputs and data-dependent control flow: neither fx nor a tiny single input runs it; module order is used."""
 
