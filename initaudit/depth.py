@@ -101,8 +101,8 @@ class LayerDepth:
 
 
 def chain(graph: LayerGraph) -> Flow:
-    """A flow for a model whose data flow is not known (bare files, module order): its layers in forward order, each
-    followed by its activation (as named by the user) and its normalization."""
+    """A flow for a model whose data flow is not known (bare files, module order): its layers in forward order,
+    each followed by its activation (as named by the user) and its normalization."""
     items = []
     for layer in sorted((layer for layer in graph if layer.weighted), key=lambda layer: layer.position):
         items.append((LAYER, layer.name, None))
@@ -114,7 +114,8 @@ def chain(graph: LayerGraph) -> Flow:
 
 
 def _order(flow: Flow) -> tuple[list[int], list[list[int]]]:
-    """Topological order of the flow's nodes (ties in insertion order; any on a cycle last) and each node's producers."""
+    """Topological order of the flow's nodes (ties in insertion order; any on a cycle last) and each node's
+    producers."""
     producers = flow.producers()
     order = flow.topological(producers)
     seen = set(order)

@@ -17,8 +17,8 @@ WEIGHTED_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transp
 # The weight of these kinds is a set of output units (rows), each a neuron or filter.
 UNIT_KINDS = WEIGHTED_KINDS
 
-_EMBEDDING_NAME = re.compile(r"(^|[._])([a-z0-9]*embed\w*|wte|wpe|tok_emb\w*|pos_emb\w*|shared|word_embeddings|"
-                             r"position_embeddings|token_type_embeddings|embed_tokens|embed_positions|relative_attention_bias)$", re.I)
+_EMBEDDING_NAME = re.compile(r"(^|[._])([a-z0-9]*embed\w*|wte|wpe|tok_emb\w*|pos_emb\w*|shared|relative_attention_bias)$",
+                             re.I)
 _RECURRENT_KEY = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
 _BUFFER_KEYS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 
@@ -257,8 +257,10 @@ def order_flow(layers: list[Layer], outputs: set[str] | frozenset = frozenset(),
 
 
 def context(layers: list[Layer], flow: Flow | None, names_sorted: bool) -> tuple[dict[str, Downstream], dict]:
-    """What follows each layer and the forward order, from the flow (where it saw no functional calls, two
-    layers in a row say nothing of the activation between them); for bare files (no flow) from the file's order, or, where its names were sorted (safetensors), from names and shapes (`key_order`)."""
+    """What follows each layer, the forward order and (with a flow) the runs along its paths: from the flow
+    (where it saw no functional calls, two layers in a row say nothing of the activation between them); for
+    bare files (no flow) from the file's order, or, where its names were sorted (safetensors), from names and
+    shapes (`key_order`)."""
     if flow is not None:
         order = list(dict.fromkeys(node.layer for node in flow.nodes if node.role == LAYER and node.layer))
         downstream = flow.downstream(unknown_between_layers=not flow.sees_activations)
@@ -285,8 +287,7 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
     Positions and runs follow `order` (forward order, by layer name), else the layers' own order; a
     layer `order` lacks (the flow never saw it) comes after the others, a run of its own. The output
     layers are `outputs` where given (an empty set: none, the head being a tied embedding), else the
-    last layer when it is linear; `uncertain` layers get
-    `order_known` False.
+    last layer when it is linear; `uncertain` layers get `order_known` False.
     """
     weighted = [layer for layer in layers if layer.weighted]
     unseen: list[Layer] = []
@@ -321,13 +322,13 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
 
 
 def _assign_runs(weighted: list[Layer]) -> None:
-    """Split the ordered weighted layers into runs that end at a normalization, a residual join or a gate
-    (the signal there no longer compounds layer by layer; a gate's output is a scale factor, not the
-    signal); each layer knows its run's length."""
+    """Split the ordered weighted layers of a bare file (no flow: `Flow.run_lengths` does it along a flow's
+    paths) into runs that end at a normalization (the signal there no longer compounds layer by layer);
+    each layer knows its run's length."""
     run: list[Layer] = []
     for layer in weighted:
         run.append(layer)
-        if layer.norm_after or layer.residual_after or layer.gate_after or layer is weighted[-1]:
+        if layer.norm_after or layer is weighted[-1]:
             for member in run:
                 member.run_depth = len(run)
             run = []

@@ -204,5 +204,3 @@ def _context(config: dict, shapes: dict[str, tuple[int, ...]]
              f"config.json ({act or 'no activation named'}) on the layers the names tell; pass --activation-for to "
              "name the others"]
     return None, modules, hints, notes
-
-
