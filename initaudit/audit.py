@@ -407,19 +407,20 @@ def make_options(options: Options | None = None, activation: str | None = None,
 def audit(target: str | Path | torch.nn.Module | None = None, *, model: str | None = None,
           activation: str | None = None, activations: dict[str, str] | None = None,
           trust_pickle: bool = False, select: list[str] | None = None, ignore: list[str] | None = None,
-          state: str | None = None, options: Options | None = None) -> Report:
+          state: str | None = None, optimizer_state: bool = False, options: Options | None = None) -> Report:
     """Audit a model file, a live `nn.Module`, or a module built by `model='package.module:factory'`.
 
     >>> report = audit(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()))
     >>> report.summary["errors"]
     0
 
-    `state` ('auto', 'fresh' or 'trained') overrides the fresh/trained verdict on the weights.
+    `state` ('auto', 'fresh' or 'trained') overrides the fresh/trained verdict on the weights;
+    `optimizer_state` audits a distributed checkpoint's optimizer state too (health rules only apply to it).
     """
     options = make_options(options, activation, activations, select, ignore, state)
     if isinstance(target, torch.nn.Module):
         from .loaders import modules
         loaded = modules.from_module(target, None)
     else:
-        loaded = load(target, trust_pickle=trust_pickle, factory=model)
+        loaded = load(target, trust_pickle=trust_pickle, factory=model, optimizer_state=optimizer_state)
     return run(loaded, options)

@@ -216,8 +216,11 @@ def _targets(paths, factory, options, extend_exclude, problems: list | None = No
 
 @click.command()
 @_apply(MODEL_OPTIONS + OUTPUT_OPTIONS)
+@click.option("--optimizer-state", "optimizer_state", is_flag=True,
+              help="Also audit a distributed checkpoint's optimizer state (NaN/Inf, zeros, constants). Without it "
+                   "that state is skipped, and only taken as evidence that the weights are trained.")
 def check(paths, factory, activation, activation_for, select, ignore, per_layer_ignore, extend_exclude, config_path,
-          trust_pickle, state, color, fmt, fail_on, output, quiet, statistics, exit_zero):
+          trust_pickle, state, color, fmt, fail_on, output, quiet, statistics, exit_zero, optimizer_state):
     """Audit the initialization of the models in PATH...: files (.pt/.pth/.bin/.ckpt, TorchScript, .safetensors,
     .onnx), Hugging Face folders, folders to walk (model files found by content) and glob patterns.
 
@@ -238,7 +241,7 @@ def check(paths, factory, activation, activation_for, select, ignore, per_layer_
     for arg, exc in problems or ():
         _error_line(f"initaudit: error: {exc}")
         results.unreadable.append(FileError(arg, str(exc)))
-    _audit_all(results, targets, factory, trust_pickle, options, output, quiet)
+    _audit_all(results, targets, factory, trust_pickle, options, output, quiet, optimizer_state)
     if output is None:
         reporters.writer(fmt)(results, stream, view)
     else:
@@ -251,7 +254,7 @@ def check(paths, factory, activation, activation_for, select, ignore, per_layer_
 
 
 def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, options, output: Path | None,
-               quiet: bool) -> None:
+               quiet: bool, optimizer_state: bool = False) -> None:
     """Every model audited in turn into `results` (torch imported once); in a combined run, one that cannot be
     read is reported on stderr and the run goes on."""
     with _heavy_imports():
@@ -270,7 +273,7 @@ def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, opt
         for done, target in enumerate(targets):
             progress.step(printable(target or factory), done)
             try:
-                loaded = load(target, trust_pickle=trust_pickle, factory=factory)
+                loaded = load(target, trust_pickle=trust_pickle, factory=factory, optimizer_state=optimizer_state)
             except NoWeights as exc:
                 if not results.combined:
                     raise

@@ -16,6 +16,7 @@ WEIGHTED_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transp
                             "conv_transpose3d", "recurrent", "attention"})
 # The weight of these kinds is a set of output units (rows), each a neuron or filter.
 UNIT_KINDS = WEIGHTED_KINDS
+OPTIMIZER_STATE = "optimizer_state"  # kind and role of an optimizer's tensors, audited only when asked (health rules)
 
 _EMBEDDING_NAME = re.compile(r"(^|[._])([a-z0-9]*embed\w*|wte|wpe|tok_emb\w*|pos_emb\w*|shared|relative_attention_bias)$",
                              re.I)
@@ -28,7 +29,7 @@ class Param:
     """One tensor of a layer, with the fan convention of its format."""
 
     key: str                 # the tensor's name in the file
-    role: str                # weight | bias | norm_weight | norm_bias | buffer | parameter
+    role: str                # weight | bias | norm_weight | norm_bias | buffer | parameter | optimizer_state
     shape: tuple[int, ...]
     fan_in: int = 0
     fan_out: int = 0
@@ -169,7 +170,9 @@ def _params_of(kind: str, prefix: str, suffixes: dict[str, tuple[int, ...]], tra
         hidden = hh[1] if hh else None
     for suffix, shape in suffixes.items():
         key = prefix if suffix == prefix else f"{prefix}.{suffix}"
-        if suffix in _BUFFER_KEYS:
+        if kind == OPTIMIZER_STATE:
+            role = OPTIMIZER_STATE
+        elif suffix in _BUFFER_KEYS:
             role = "buffer"
         elif kind == "norm":
             role = "norm_weight" if suffix == "weight" else "norm_bias" if suffix == "bias" else "parameter"

@@ -6,7 +6,7 @@ A rule file holds a list of rules. Each rule:
     name: zero-weights          # stable kebab-case name (the public contract)
     summary: one line
     severity: error|warning|info          # the default
-    applies_to: [weight]                   # tensor roles: weight, bias, norm_weight, norm_bias, parameter, any
+    applies_to: [weight]                   # tensor roles: weight, bias, norm_weight, norm_bias, parameter, optimizer_state, any
     when: {CONDITION}                      # the rule fires where this holds
     severity_by:                           # optional ladder, first match wins; severity `none` keeps quiet
       - {severity: info, when: {CONDITION}}
@@ -34,7 +34,7 @@ import yaml
 from .errors import InputError, did_you_mean
 
 SEVERITIES = ("info", "warning", "error")
-ROLES = frozenset({"weight", "bias", "norm_weight", "norm_bias", "parameter", "any"})
+ROLES = frozenset({"weight", "bias", "norm_weight", "norm_bias", "parameter", "optimizer_state", "any"})
 FIXES = frozenset({"reinit", "zeros", "none"})
 _RULE_KEYS = frozenset({"code", "name", "summary", "severity", "applies_to", "when", "severity_by", "message",
                         "fix", "expected", "actual", "why", "example", "metadata"})

@@ -4,14 +4,17 @@ metadata pickle read with an allowlist (no code from the folder runs)."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import initaudit
+from initaudit.cli import main
 from initaudit.errors import InputError
 from initaudit.loaders import load
 
@@ -64,6 +67,31 @@ def test_optimizer_state_is_skipped_and_is_evidence_of_training(tmp_path):
     assert any("optimizer state under 'optim'" in s for s in report.state_evidence["file_signs"])
     with_opt = load(folder, optimizer_state=True)  # asked for: audited under their own names
     assert torch.equal(with_opt.tensors["optim.state.0.exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+def test_optimizer_state_asked_for_on_the_command_line_is_audited_for_nan_and_inf_only(tmp_path):
+    """A NaN in Adam's second moment poisons the next step: --optimizer-state finds it. Zero moments (a
+    parameter that got no gradient) and constant step counters are not init faults: no finding."""
+    model = net()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 96)).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    state["state"][2]["exp_avg_sq"][3, 5] = float("nan")
+    state["state"][0]["exp_avg"].zero_()
+    folder = save_dcp({"model": model.state_dict(), "optim": state}, tmp_path / "ckpt")
+    plain = CliRunner().invoke(main, ["check", str(folder), "--format", "json"])
+    assert plain.exit_code == 0, plain.output
+    assert not any(f["tensor"].startswith("optim.") for f in json.loads(plain.stdout)["findings"])
+    asked = CliRunner().invoke(main, ["check", str(folder), "--format", "json", "--optimizer-state"])
+    assert asked.exit_code == 1, asked.output
+    report = json.loads(asked.stdout)
+    on_optim = [(f["rule"], f["tensor"]) for f in report["findings"] if f["tensor"].startswith("optim.")]
+    assert on_optim == [("non-finite", "optim.state.2.exp_avg_sq")]
+    assert report["summary"]["layers"] == len(model) // 2  # optimizer tensors are not layers
+    assert any("audited for NaN/Inf only" in n for n in report["notes"])
+    assert ("non-finite", "optim.state.2") in initaudit.audit(folder, optimizer_state=True).by_rule()
+    assert not any(layer.startswith("optim.") for _, layer in initaudit.audit(folder).by_rule())
 
 
 def test_metadata_that_would_run_code_is_refused(tmp_path):

@@ -107,8 +107,8 @@ def load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | 
          module: torch.nn.Module | None = None, optimizer_state: bool = False) -> Loaded:
     """Load a model file, folder or URL (or a module built by `factory`, or a live `module`) for auditing.
 
-    `optimizer_state`: audit a distributed checkpoint's optimizer tensors too (skipped by default; their
-    presence is evidence that the weights are trained either way).
+    `optimizer_state`: audit a distributed checkpoint's optimizer tensors too, for NaN/Inf (skipped by default;
+    their presence is evidence that the weights are trained either way).
     """
     if is_remote(path) and module is None and not factory:
         from . import remote

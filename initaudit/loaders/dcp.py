@@ -20,6 +20,7 @@ import torch
 
 from ..errors import InputError
 from ..files import inside, regular
+from ..graph import OPTIMIZER_STATE, ModuleInfo, split_key
 from ..weight_state import _OPTIMIZER_KEYS
 from . import Loaded, TensorSource, check_count
 from .torch_files import STRIPPED_PREFIXES, WRAPPER_KEYS
@@ -131,7 +132,10 @@ def load(folder: Path, optimizer_state: bool = False) -> Loaded:
     root = {optim[0].split(".", 1)[0]: {"state": {p: {} for p in sorted(params)} or {"?": {}}}} if optim else {}
     notes = ["activations are unknown in a distributed checkpoint: pass --activation (or --model "
              "package.module:factory) to check scales against them"]
-    if optim and not optimizer_state:
-        notes.append(f"optimizer state ({len(optim)} tensors) not audited: evidence that the weights are trained")
+    if optim:
+        notes.append(f"optimizer state ({len(optim)} tensors) audited for NaN/Inf only; it is evidence that the weights "
+                     "are trained" if optimizer_state else f"optimizer state ({len(optim)} tensors) not audited "
+                     "(--optimizer-state audits it): evidence that the weights are trained")
+    kinds = {split_key(k)[0]: ModuleInfo(OPTIMIZER_STATE, "optimizer state") for k in optim if k in model}
     return Loaded(folder, "torch-dcp", TensorSource(shapes, get, nbytes=nbytes), container=DcpContainer(root, metadata),
-                  notes=notes, files=[folder.resolve(), (folder / METADATA).resolve(), *sorted(files)])
+                  modules=kinds, notes=notes, files=[folder.resolve(), (folder / METADATA).resolve(), *sorted(files)])
