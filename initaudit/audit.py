@@ -102,14 +102,15 @@ def _scheme(layer: Layer, param: Param, st: stats.TensorStats, tensor: torch.Ten
     return fp, schemes.recommend(layer.activation, param.fan_in, param.fan_out, layer.kind, param.hidden, role)
 
 
-def _measure_one(loaded: Loaded, layer: Layer, param: Param, n_blocks: int) -> tuple[str | None, tuple | None]:
+def _measure_one(loaded: Loaded, layer: Layer, param: Param, n_blocks: int,
+                 split: bool = True) -> tuple[str | None, tuple | None]:
     """(why it is skipped, None) or (None, (stats, fingerprint, recommendation, fresh/trained verdict)) of one
-    tensor, its memory handed back afterwards."""
+    tensor, its memory handed back afterwards (`split`: as `stats.compute`'s)."""
     try:
         tensor, reason = stats.auditable(loaded.tensors[param.key])
         if tensor is None:
             return reason, None
-        st = stats.compute(tensor, param.unit_axis, units=param.is_weight and layer.kind in UNIT_KINDS)
+        st = stats.compute(tensor, param.unit_axis, units=param.is_weight and layer.kind in UNIT_KINDS, split=split)
         fp, rec = _scheme(layer, param, st, tensor, n_blocks)
         verdict = weight_state.classify_any(st, tensor, param.unit_axis) if param.is_weight and layer.weighted else None
         kept = tensor.clone() if param.role == "bias" else None  # for dead-units, once the file's memory is back
@@ -123,9 +124,12 @@ PROGRESS_BYTES = 256 << 20  # a progress bar (on a terminal) for models at least
 
 def _run_parallel(loaded: Loaded, jobs: list[tuple[Layer, Param, int]]) -> list[tuple[str | None, tuple | None]]:
     """`_measure_one` of every job, on every core, the largest first (the cores then finish together rather than
-    one of them on a late large tensor); results in the jobs' order, a progress bar over bytes on a terminal."""
+    one of them on a late large tensor); results in the jobs' order, a progress bar over bytes on a terminal.
+    A tensor is itself split over the cores only where it holds more than a core's share of all the bytes:
+    else the other cores are busy with other tensors, and splitting it would only oversubscribe them."""
     sizes = [loaded.tensors.nbytes(param.key) for _, param, _ in jobs]
     n = stats.workers() if len(jobs) > 1 else 1
+    share = sum(sizes) / stats.workers()
     threads = torch.get_num_threads()
     bar = _progress(sum(sizes))
     pool = ThreadPoolExecutor(n, thread_name_prefix="initaudit-measure")
@@ -134,7 +138,7 @@ def _run_parallel(loaded: Loaded, jobs: list[tuple[Layer, Param, int]]) -> list[
             torch.set_num_threads(1)  # one kernel thread per worker: the workers are the parallelism
         futures: list = [None] * len(jobs)
         for i in sorted(range(len(jobs)), key=lambda i: -sizes[i]):
-            futures[i] = pool.submit(_measure_one, loaded, *jobs[i])
+            futures[i] = pool.submit(_measure_one, loaded, *jobs[i], sizes[i] >= share)
         job_of = {future: i for i, future in enumerate(futures)}
         for future in as_completed(futures):
             future.result()  # the first error stops the run

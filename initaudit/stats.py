@@ -327,9 +327,9 @@ def _shift(rows: torch.Tensor, step: int, dtype: torch.dtype) -> float:
     return mean if abs(mean) > SHIFT_RATIO * math.sqrt(var) else 0.0
 
 
-def _ranges(n_units: int, step: int, width: int) -> list[tuple[int, int]]:
-    """Row ranges, one per core for a large tensor (on whole chunks), else one."""
-    parts = workers() if n_units * width >= SPLIT_ELEMENTS else 1
+def _ranges(n_units: int, step: int, width: int, split: bool) -> list[tuple[int, int]]:
+    """Row ranges, one per core for a large tensor (on whole chunks) that may be split, else one."""
+    parts = workers() if split and n_units * width >= SPLIT_ELEMENTS else 1
     if parts <= 1 or getattr(_LOCAL, "in_pool", False):
         return [(0, n_units)]
     size = -(-n_units // parts // step) * step or step
@@ -341,10 +341,11 @@ def _in_pool(scan: _Scan, start: int, stop: int) -> _Part:
     return scan(start, stop)
 
 
-def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True) -> TensorStats:
+def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True, split: bool = True) -> TensorStats:
     """All statistics of `tensor` in one pass over chunks of its units.
 
-    `units=False` skips the per-unit work (biases, norms, embeddings).
+    `units=False` skips the per-unit work (biases, norms, embeddings). `split=False` keeps a large tensor on
+    one core (where the other cores have tensors of their own: sharing them out then only costs switches).
     """
     rows = as_units(tensor.detach(), unit_axis)
     n_units, width = rows.shape
@@ -355,7 +356,7 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True) -> Ten
     tall = unit_axis == 0 and tensor.dim() >= 2 and n_units > width >= 2
     scan = _Scan(rows, dtype, _shift(rows, max(1, CHUNK_ELEMENTS // max(width, 1)), dtype), units,
                  sample_indices(width) if tall else None)
-    ranges = _ranges(n_units, scan.step, width)
+    ranges = _ranges(n_units, scan.step, width, split)
     if len(ranges) == 1:
         parts = [scan(*ranges[0])]
     else:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import initaudit
 from initaudit import stats
 
 
@@ -34,6 +35,25 @@ def test_chunked_pass_equals_single_pass(monkeypatch):
     assert chunked.excess_kurtosis == pytest.approx(whole.excess_kurtosis, abs=1e-5)
     assert chunked.zero_units == whole.zero_units == [11]
     assert chunked.duplicate_groups == whole.duplicate_groups == [[5, 9]]
+
+
+def test_a_tensor_split_over_the_cores_has_the_stats_of_one_kept_on_one(monkeypatch):
+    torch.manual_seed(2)
+    w = torch.randn(400, 64)
+    w[7] = w[300]  # a copy across the two halves
+    w[350] = 0
+    monkeypatch.setattr(stats, "CHUNK_ELEMENTS", 64 * 10)
+    monkeypatch.setattr(stats, "SPLIT_ELEMENTS", 1)
+    monkeypatch.setattr(stats, "workers", lambda: 2)
+    assert stats._ranges(400, 10, 64, split=True) == [(0, 200), (200, 400)]
+    assert stats._ranges(400, 10, 64, split=False) == [(0, 400)]
+    split, single = stats.compute(w, split=True), stats.compute(w, split=False)
+    assert split.std == pytest.approx(single.std, rel=1e-6)
+    assert split.excess_kurtosis == pytest.approx(single.excess_kurtosis, abs=1e-6)
+    assert (split.min, split.max, split.zero_fraction) == (single.min, single.max, single.zero_fraction)
+    assert split.zero_units == single.zero_units == [350]
+    assert split.duplicate_groups == single.duplicate_groups == [[7, 300]]
+    assert torch.allclose(split.unit_norms, single.unit_norms) and torch.allclose(split.input_norms, single.input_norms)
 
 
 def test_near_constant_tensor_keeps_precision():
@@ -107,3 +127,24 @@ def test_non_finite_entries_are_not_counted_as_zeros():
     st = stats.compute(weight)
     assert (st.nan, st.inf) == (8 * 16 - 16 - 1, 1)
     assert st.zero_fraction == 16 / (8 * 16) and st.zero_units == [0]
+
+
+def test_only_a_tensor_larger_than_a_cores_share_of_the_model_is_split(monkeypatch):
+    """Tensors run on all cores at once; splitting one as well would only oversubscribe them, unless it alone
+    holds more than a core's share of the bytes (else one core would end the run on it alone)."""
+    seen = {}
+    real = stats.compute
+
+    def spy(tensor, unit_axis=0, units=True, split=True):
+        seen[tuple(tensor.shape)] = split
+        return real(tensor, unit_axis, units, split)
+
+    monkeypatch.setattr(stats, "compute", spy)
+    monkeypatch.setattr(stats, "workers", lambda: 2)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 64),
+                                torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    initaudit.audit(model)
+    assert seen[(512, 512)] and not seen[(64, 512)] and not seen[(10, 64)]
+    seen.clear()
+    initaudit.audit(torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512)))
+    assert seen[(512, 512)] is False  # two equal halves: one per core
