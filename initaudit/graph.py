@@ -57,6 +57,7 @@ class Layer:
     run_depth: int = 0       # weighted layers in this layer's run between normalizations
     is_output: bool = False
     order_known: bool = True  # False where a bare file's names and shapes leave the layer's place ambiguous
+    norm_folded: bool = False  # an exporter folded a BatchNorm into the weights (its scale, zero-init too, is in them)
 
     @property
     def weighted(self) -> bool:
@@ -135,6 +136,7 @@ class ModuleInfo:
     kind: str
     module_type: str
     transposed: bool = False
+    norm_folded: bool = False  # an exporter folded a BatchNorm into this layer's weights (ONNX)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -206,7 +208,7 @@ def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleIn
         if kind.startswith("conv") and prefix in flipped:
             kind = kind.replace("conv", "conv_transpose")
         layers.append(Layer(prefix, kind, _params_of(kind, prefix, suffixes, transposed),
-                            module_type=info.module_type if info else None))
+                            module_type=info.module_type if info else None, norm_folded=bool(info and info.norm_folded)))
     return layers
 
 

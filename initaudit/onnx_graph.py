@@ -258,12 +258,13 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
                 kind, transposed = f"conv_transpose{rank - 2}d", False
             else:
                 kind, transposed = "linear", op == "MatMul" or not _attr(node, "transB", 0)
-            out.modules[name] = ModuleInfo(kind, op, transposed)
+            fused = op == "Conv" and _bn_folded(node, weight)
+            out.modules[name] = ModuleInfo(kind, op, transposed, norm_folded=fused)
             out.views.setdefault(f"{name}.weight", View(weight))
             bias = _bias_of(g, i, node, g.dims(weight)[1 if transposed else 0] if kind == "linear" else None)
             if bias is not None:
                 out.views.setdefault(f"{name}.bias", View(bias))
-            if op == "Conv" and _bn_folded(node, weight):
+            if fused:
                 folded.add((g, i))
         elif op in _RECURRENT_GATES:
             w = g.float_source(node.input[1], rank=3)

@@ -25,15 +25,18 @@ def example_input(module: torch.nn.Module) -> torch.Tensor:
     return torch.randn(2, 3, 16, 16) if isinstance(module, models.ConvNet) else torch.randn(2, models.INPUTS)
 
 
-def export_onnx(module: torch.nn.Module, path: Path, opset: int = 17, dynamo: bool = False) -> Path:
-    """torch.onnx.export as users call it: the legacy TorchScript exporter, or the dynamo one."""
+def export_onnx(module: torch.nn.Module, path: Path, opset: int = 17, dynamo: bool = False,
+                shape: tuple[int, ...] | None = None) -> Path:
+    """torch.onnx.export as users call it: the legacy TorchScript exporter, or the dynamo one (`shape`: of a
+    random input, for modules other than the fixture models)."""
     import contextlib
     import io
     import warnings
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (example_input(module),), str(path), opset_version=opset, dynamo=dynamo)
+        x = torch.randn(shape) if shape else example_input(module)
+        torch.onnx.export(module.eval(), (x,), str(path), opset_version=opset, dynamo=dynamo)
     return path
 
 

@@ -281,3 +281,21 @@ def test_broken_graph_is_a_clear_error(cli, tmp_path):
     assert "ONNX checker" in one_error_line(cli("check", path))
     (tmp_path / "garbage.onnx").write_bytes(b"\x08\x07not protobuf at all" * 50)
     assert "garbage.onnx" in one_error_line(cli("check", tmp_path / "garbage.onnx"))
+
+
+@pytest.mark.parametrize("opset, dynamo", EXPORTS[1:])
+def test_folded_zero_init_residual_is_a_recipe_a_zeroed_conv_is_not(opset, dynamo, tmp_path):
+    """torchvision's zero_init_residual sets each block's last BatchNorm weight to 0; an exporter folds that
+    BatchNorm into the conv before it, whose weights then are all 0. That conv ends a residual branch: info,
+    as the zero norm weight is in PyTorch. A zeroed conv inside a block (no residual sum after it) is an error."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10, zero_init_residual=True).eval()
+    with torch.no_grad():
+        model.layer2[0].conv1.weight.zero_()
+    report = initaudit.audit(export_onnx(model, tmp_path / "resnet18.onnx", opset, dynamo, shape=(1, 3, 32, 32)))
+    zero = {f.layer: f.severity for f in report.findings if f.rule == "zero-weights"}
+    block_ends = {f"layer{s}.{b}.conv2" for s in range(1, 5) for b in range(2)}
+    assert {layer for layer, sev in zero.items() if sev == "info"} == block_ends
+    assert {layer for layer, sev in zero.items() if sev == "error"} == {"layer2.0.conv1"}
+    assert report.summary["errors"] == 1 and report.summary["warnings"] == 0

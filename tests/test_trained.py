@@ -92,6 +92,18 @@ def test_scheme_rules_fire_on_fresh_and_are_set_aside_on_trained(trained):
     assert all(rule in note for rule in aside)
 
 
+def test_biases_speak_of_init_only_on_fresh_layers(trained):
+    """torch's default bias draw is non-zero (info on fresh layers); training moves every bias, so on
+    trained layers nonzero-bias keeps quiet and the note names it among the rules set aside."""
+    fresh = initaudit.audit(tm.fresh("mlp"), activation="relu")
+    assert any(f.rule == "nonzero-bias" for f in fresh.findings)
+    report = initaudit.audit(trained("mlp")[0], activation="relu")
+    on_trained = {layer for layer, state in states(report).items() if state == "trained"}
+    assert on_trained
+    assert not [f for f in report.findings if f.rule == "nonzero-bias" and f.layer in on_trained]
+    assert "nonzero-bias" in report.state_evidence["rules_set_aside"]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", NAMES)
 def test_same_verdict_in_every_format(name, fmt, trained, tmp_path):
