@@ -290,8 +290,13 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
             table = g.float_source(node.input[0], rank=2)
             if table is not None:
                 name = claim(node, table)
-                out.modules[name] = ModuleInfo("embedding", op)
-                out.views.setdefault(f"{name}.weight", View(table))
+                # indices fixed in the file (relative-position bias tables, LeViT's attention biases) read the
+                # table at set places: a free parameter, as in PyTorch, not a lookup of the model's input
+                fixed = len(node.input) > 1 and g.source(node.input[1]) is not None
+                out.modules[name] = ModuleInfo("parameter" if fixed else "embedding", op)
+                own = shown[table]
+                key = own if fixed and split_key(own)[0] == name else f"{name}.weight"
+                out.views.setdefault(key, View(table))
         elif op in _NORM_OPS or op == "PRelu":
             params = [g.float_source(n) for n in node.input[1:]]
             if not params or params[0] is None:

@@ -299,3 +299,28 @@ def test_folded_zero_init_residual_is_a_recipe_a_zeroed_conv_is_not(opset, dynam
     assert {layer for layer, sev in zero.items() if sev == "info"} == block_ends
     assert {layer for layer, sev in zero.items() if sev == "error"} == {"layer2.0.conv1"}
     assert report.summary["errors"] == 1 and report.summary["warnings"] == 0
+
+
+def test_a_table_read_at_indices_fixed_in_the_file_is_a_parameter_not_an_embedding(tmp_path):
+    """LeViT's attention biases (and relative-position bias tables) are gathered at indices the file holds:
+    a free parameter, zero-initialized by timm, as PyTorch sees it. A table gathered at the model's input
+    ids is an embedding, whose all-zero weights stay a warning."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    levit = timm.create_model("levit_128s", num_classes=10)
+    report = initaudit.audit(export_onnx(levit, tmp_path / "levit.onnx", shape=(1, 3, 224, 224)))
+    biases = [f for f in report.findings if f.tensor.endswith("attention_biases")]
+    assert biases and {(f.rule, f.severity) for f in biases} == {("zero-weights", "info")}
+    assert report.summary["errors"] == report.summary["warnings"] == 0
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
+    graph = helper.make_graph([N("Gather", ["tok.weight", "ids"], ["e"], name="/tok/Gather"),
+                               N("Gather", ["rel.table", "rel.index"], ["b"], name="/rel/Gather"),
+                               N("MatMul", ["e", "b"], ["y"])], "g", [ids], [out],
+                              [init("tok.weight", np.zeros((50, 4))), init("rel.table", np.zeros((7, 3))),
+                               numpy_helper.from_array(np.array([0, 3, 6, 2], dtype=np.int64), "rel.index")])
+    path = tmp_path / "tables.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    found = {(f.tensor, f.rule, f.severity) for f in initaudit.audit(path).findings}
+    assert ("tok.weight", "zero-weights", "warning") in found
+    assert ("rel.table", "zero-weights", "info") in found
