@@ -187,6 +187,19 @@ def build(stock: Stock) -> nn.Module:
         return stock.make().eval()
 
 
+def export_input(stock: Stock) -> tuple[str, torch.Tensor] | None:
+    """(argument name, example) to export `stock` to ONNX with; None where no single input drives it."""
+    if stock.library in ("torchvision", "timm"):
+        if "r3d" in stock.name:
+            return "x", torch.randn(1, 3, 8, 112, 112)
+        return "x", torch.randn(1, 3, 64, 64) if stock.name == "torchvision/vit" else torch.randn(1, 3, 224, 224)
+    if stock.family in ("encoder", "decoder") and stock.name != "transformers/clip":
+        return "input_ids", torch.randint(0, 500, (1, 8), generator=torch.Generator().manual_seed(0))
+    if stock.name in ("transformers/vit", "transformers/swin", "transformers/convnext"):
+        return "pixel_values", torch.randn(1, 3, 32, 32)
+    return None
+
+
 def save_all(model: nn.Module, folder: Path, hf: bool) -> dict[str, Path]:
     """The model's weights as users save them: `.pt` (state_dict), `.safetensors` and (transformers) an HF folder."""
     from safetensors.torch import save_model
