@@ -127,6 +127,30 @@ class Flow:
             runs[name] = max(runs.get(name, 0), up[i] + down[i] - 1)
         return runs
 
+    def shortcut_layers(self) -> set[str]:
+        """Layers on the shortcut of a residual sum: the summand with fewer layers since the two summands part
+        (a ResNet's downsample conv), not the branch the sum closes."""
+        producers = self.producers()
+
+        def ancestors(idx: int) -> set[int]:
+            seen, queue = {idx}, deque(producers[idx])
+            while queue:
+                j = queue.popleft()
+                if j not in seen:
+                    seen.add(j)
+                    queue.extend(producers[j])
+            return seen
+
+        out: set[str] = set()
+        for idx, node in enumerate(self.nodes):
+            if node.role == ADD and len(producers[idx]) == 2:
+                sides = [ancestors(p) for p in producers[idx]]
+                common = sides[0] & sides[1]
+                layers = [{self.nodes[j].layer for j in side - common if self.nodes[j].role == LAYER} for side in sides]
+                if len(layers[0]) != len(layers[1]):
+                    out |= min(layers, key=len)
+        return out
+
     def producers(self) -> list[list[int]]:
         """Each node's producers (the nodes it is a user of)."""
         producers: list[list[int]] = [[] for _ in self.nodes]

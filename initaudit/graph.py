@@ -136,7 +136,7 @@ class ModuleInfo:
     kind: str
     module_type: str
     transposed: bool = False
-    norm_folded: bool = False  # an exporter folded a BatchNorm into this layer's weights (ONNX)
+    norm_folded: bool = False  # an exporter folded a BatchNorm into this layer's weights (ONNX), not on a shortcut
 
 
 def split_key(key: str) -> tuple[str, str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ast
 import re
 from collections import ChainMap, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -318,6 +318,9 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
 
     out.flow = _flow(root, layer_of, folded, value)
     if folded:
+        for name in out.flow.shortcut_layers():  # a folded norm there closes no residual branch
+            if out.modules[name].norm_folded:
+                out.modules[name] = replace(out.modules[name], norm_folded=False)
         out.notes.append(f"the exporter folded BatchNorm into {len(folded)} convolution(s); "
                          "they are audited as normalized layers")
     return out

@@ -63,7 +63,7 @@ FACTS = {
     "order_known": "the layer's place in the forward order is known (a bare file's names and shapes can leave it"
                    " ambiguous: then norm_after, run_depth, position and is_output are guesses)",
     "norm_folded": "an exporter folded a BatchNorm into the weights (ONNX): its scale, a zero-init residual's 0 "
-                   "too, is in them",
+                   "too, is in them (false on a residual sum's shortcut, such as a downsample conv)",
     "numel": "entries", "units": "output units", "non_finite": "NaN + Inf count", "nan": "NaN count",
     "inf": "Inf count", "mean": "mean", "std": "standard deviation", "min": "minimum", "max": "maximum",
     "abs_max": "largest |value|", "kurtosis": "excess kurtosis", "zero_fraction": "fraction of entries equal to 0",

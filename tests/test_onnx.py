@@ -324,3 +324,23 @@ def test_a_table_read_at_indices_fixed_in_the_file_is_a_parameter_not_an_embeddi
     found = {(f.tensor, f.rule, f.severity) for f in initaudit.audit(path).findings}
     assert ("tok.weight", "zero-weights", "warning") in found
     assert ("rel.table", "zero-weights", "info") in found
+
+
+@pytest.mark.parametrize("opset, dynamo", EXPORTS[1:])
+def test_a_zeroed_shortcut_conv_with_a_folded_norm_stays_an_error(opset, dynamo, tmp_path):
+    """A downsample conv also feeds the block's residual sum, but as its shortcut (the summand with fewer
+    layers since the block's input), not as the branch a zero-init residual closes: all zeros there is a
+    broken shortcut, an error as in PyTorch, while the zero-init block ends stay info."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10, zero_init_residual=True).eval()
+    with torch.no_grad():
+        model.layer3[0].downsample[0].weight.zero_()
+    assert {(f.layer, f.severity) for f in initaudit.audit(model).findings
+            if f.rule == "zero-weights" and f.severity == "error"} == {("layer3.0.downsample.0", "error")}
+    report = initaudit.audit(export_onnx(model, tmp_path / "resnet18.onnx", opset, dynamo, shape=(1, 3, 32, 32)))
+    zero = {f.layer: f.severity for f in report.findings if f.rule == "zero-weights"}
+    assert [layer for layer, sev in zero.items() if sev == "error"] and \
+        all("downsample" in layer for layer, sev in zero.items() if sev == "error")
+    assert {layer for layer, sev in zero.items() if sev == "info"} == \
+        {f"layer{s}.{b}.conv2" for s in range(1, 5) for b in range(2)}
