@@ -20,6 +20,13 @@ OPTIMIZER_STATE = "optimizer_state"  # kind and role of an optimizer's tensors, 
 
 _EMBEDDING_NAME = re.compile(r"(^|[._])([a-z0-9]*embed\w*|wte|wpe|tok_emb\w*|pos_emb\w*|shared|relative_attention_bias)$",
                              re.I)
+
+
+def embedding_name(name: str) -> bool:
+    """The name of an embedding table as models name them (embed_tokens, position_embeddings, wte, wpe...)."""
+    return bool(_EMBEDDING_NAME.search(name))
+
+
 _RECURRENT_KEY = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
 _BUFFER_KEYS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 
@@ -158,7 +165,7 @@ def _kind_from_tensors(name: str, suffixes: dict[str, tuple[int, ...]]) -> str:
     if len(weight) == 1:
         return "norm"
     if len(weight) == 2:  # an embedding's name, unless it has a bias (MobileBERT's embedding_transformation)
-        return "embedding" if _EMBEDDING_NAME.search(name) and "bias" not in suffixes else "linear"
+        return "embedding" if embedding_name(name) and "bias" not in suffixes else "linear"
     if len(weight) in (3, 4, 5):
         return f"conv{len(weight) - 2}d"
     return "parameter"

@@ -24,7 +24,7 @@ import onnx
 
 from .activations import UNKNOWN, Activation
 from .flow import ACT, ADD, LAYER, MUL, NORM, OUTPUT, PASS, STOP, Flow
-from .graph import ModuleInfo, split_key
+from .graph import ModuleInfo, embedding_name, split_key
 
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                          onnx.TensorProto.BFLOAT16})
@@ -291,8 +291,9 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
             if table is not None:
                 name = claim(node, table)
                 # indices fixed in the file (relative-position bias tables, LeViT's attention biases) read the
-                # table at set places: a free parameter, as in PyTorch, not a lookup of the model's input
-                fixed = len(node.input) > 1 and g.source(node.input[1]) is not None
+                # table at set places: a free parameter, as in PyTorch, not a lookup of the model's input; a
+                # table named as an embedding (BERT's position_embeddings at its position_ids) stays one
+                fixed = len(node.input) > 1 and g.source(node.input[1]) is not None and not embedding_name(name)
                 out.modules[name] = ModuleInfo("parameter" if fixed else "embedding", op)
                 own = shown[table]
                 key = own if fixed and split_key(own)[0] == name else f"{name}.weight"
