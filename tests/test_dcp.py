@@ -149,3 +149,28 @@ def test_a_tensor_saved_in_pieces_is_assembled(tmp_path):
     loaded = load(folder)
     assert torch.equal(loaded.tensors["fc.weight"], weight)
     assert ("dead-units", "fc") in initaudit.audit(folder, activation="relu").by_rule()
+
+
+def test_optimizer_state_saved_by_fqn_with_scalar_steps_and_alone(tmp_path):
+    """torch.distributed.checkpoint.state_dict.get_state_dict keys the state by parameter name
+    (optim.state.0.weight.exp_avg) and keeps Adam's step as a 0-d tensor: an Inf step is found, on its
+    tensor; a checkpoint of optimizer state alone is one clear error without the flag and audited with it."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = net()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 96)).sum().backward()
+    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        weights, state = get_state_dict(model, opt)
+    state["state"]["0.weight"]["step"] = torch.tensor(float("inf"))
+    folder = save_dcp({"model": weights, "optim": state}, tmp_path / "ckpt")
+    report = initaudit.audit(folder, optimizer_state=True)
+    assert [(f.rule, f.tensor) for f in report.findings if f.tensor.startswith("optim.")] == \
+        [("non-finite", "optim.state.0.weight.step")]
+    alone = save_dcp({"optim": state}, tmp_path / "alone")
+    plain = CliRunner().invoke(main, ["check", str(alone)])
+    assert plain.exit_code == 2 and "--optimizer-state" in plain.stderr and "Traceback" not in plain.output
+    asked = CliRunner().invoke(main, ["check", str(alone), "--optimizer-state", "--format", "sarif"])
+    assert asked.exit_code == 1 and [r["ruleId"] for r in json.loads(asked.stdout)["runs"][0]["results"]] == ["IA001"]

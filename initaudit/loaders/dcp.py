@@ -109,7 +109,8 @@ def load(folder: Path, optimizer_state: bool = False) -> Loaded:
     if optimizer_state:
         model.update({k: k for k in optim})
     if not model:
-        raise InputError(f"{folder}: a distributed checkpoint without model tensors")
+        raise InputError(f"{folder}: a distributed checkpoint without model tensors"
+                         + (" (only optimizer state: --optimizer-state audits it)" if optim else ""))
     reader = _reader(folder, metadata)
 
     def get(key: str) -> torch.Tensor:
