@@ -197,11 +197,14 @@ def scope_of(node: onnx.NodeProto) -> str | None:
                 break
             if len(scopes) >= 3 and scopes[-2]:
                 return str(scopes[-2])
-    # The legacy exporter: "/layer3/layer3.0/conv1/Conv": parts are full paths or names within the parent.
+    # The legacy exporter: "/layer3/layer3.0/conv1/Conv", "/features/features.1/conv/conv.0/Conv": a part is
+    # a name within the parent, a container's child named after the container ("conv.0" under "conv").
     parts = node.name.strip("/").split("/")[:-1] if node.name.startswith("/") else []
     path = ""
     for part in filter(None, parts):
-        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
+        segments = path.split(".") if path else []
+        shared = next((k for k in range(len(segments)) if part.startswith(".".join(segments[k:]) + ".")), None)
+        path = ".".join([*segments[:shared], part]) if shared is not None else f"{path}.{part}" if path else part
     return path or None
 
 
