@@ -174,3 +174,23 @@ def test_optimizer_state_saved_by_fqn_with_scalar_steps_and_alone(tmp_path):
     assert plain.exit_code == 2 and "--optimizer-state" in plain.stderr and "Traceback" not in plain.output
     asked = CliRunner().invoke(main, ["check", str(alone), "--optimizer-state", "--format", "sarif"])
     assert asked.exit_code == 1 and [r["ruleId"] for r in json.loads(asked.stdout)["runs"][0]["results"]] == ["IA001"]
+
+
+def test_optimizer_state_under_a_training_loops_wrapper_is_optimizer_state(tmp_path):
+    """Training loops save their state under a key of their own ({"app": {"model": ..., "optim": ...}}): the
+    optimizer's tensors (app.optim.state.…) are still optimizer state, skipped, evidence of training and,
+    asked for, audited for NaN/Inf only; its constant step counters and zero moments are no init finding."""
+    model = net()
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 96)).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    state["state"][0]["exp_avg"].zero_()
+    state["state"][2]["exp_avg_sq"][0, 0] = float("inf")
+    folder = save_dcp({"app": {"model": model.state_dict(), "optim": state}}, tmp_path / "ckpt")
+    plain = initaudit.audit(folder)
+    assert not any(".optim." in f.tensor for f in plain.findings)
+    assert plain.state_evidence["file_signs"] == [f"optimizer state under 'optim' ({len(state['state'])} parameters)"]
+    asked = initaudit.audit(folder, optimizer_state=True)
+    assert [(f.rule, f.tensor) for f in asked.findings if ".optim." in f.tensor] == \
+        [("non-finite", "app.optim.state.2.exp_avg_sq")]

@@ -95,6 +95,16 @@ def _strip(keys: list[str]) -> dict[str, str]:
     return {k[len(prefix):]: k for k in keys}
 
 
+def _optimizer_at(key: str) -> int | None:
+    """Where an optimizer's name sits in a tensor's key: first (optim.state.…), or under a wrapper of the
+    training loop's own (app.optim.state.…, named so by its state or param_groups); None for model tensors."""
+    parts = key.split(".")
+    if parts[0] in _OPTIMIZER_KEYS:
+        return 0
+    return next((i for i in range(1, len(parts) - 1)
+                 if parts[i] in _OPTIMIZER_KEYS and parts[i + 1] in ("state", "param_groups")), None)
+
+
 def load(folder: Path, optimizer_state: bool = False) -> Loaded:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -104,7 +114,8 @@ def load(folder: Path, optimizer_state: bool = False) -> Loaded:
     files = {inside(folder, str(info.relative_path), folder / METADATA)
              for info in (metadata.storage_data or {}).values()}
     tensors = {k: v for k, v in entries.items() if isinstance(v, TensorStorageMetadata)}
-    optim = [k for k in tensors if k.split(".", 1)[0] in _OPTIMIZER_KEYS]
+    at = {k: i for k in tensors if (i := _optimizer_at(k)) is not None}
+    optim = list(at)
     model = _strip([k for k in tensors if k not in optim])
     if optimizer_state:
         model.update({k: k for k in optim})
@@ -129,8 +140,9 @@ def load(folder: Path, optimizer_state: bool = False) -> Loaded:
 
     shapes = {k: tuple(tensors[fqn].size) for k, fqn in model.items()}
     nbytes = {k: math.prod(tensors[fqn].size) * tensors[fqn].properties.dtype.itemsize for k, fqn in model.items()}
-    params = {k.split(".", 2)[2].rsplit(".", 1)[0] for k in optim if k.count(".") >= 3}
-    root = {optim[0].split(".", 1)[0]: {"state": {p: {} for p in sorted(params)} or {"?": {}}}} if optim else {}
+    params = {".".join(parts[at[k] + 2:-1]) for k in optim
+              if len(parts := k.split(".")) >= at[k] + 4 and parts[at[k] + 1] == "state"}
+    root = {optim[0].split(".")[at[optim[0]]]: {"state": {p: {} for p in sorted(params)} or {"?": {}}}} if optim else {}
     notes = ["activations are unknown in a distributed checkpoint: pass --activation (or --model "
              "package.module:factory) to check scales against them"]
     if optim:
