@@ -116,7 +116,7 @@ def load(folder: Path, optimizer_state: bool = False) -> Loaded:
     tensors = {k: v for k, v in entries.items() if isinstance(v, TensorStorageMetadata)}
     at = {k: i for k in tensors if (i := _optimizer_at(k)) is not None}
     optim = list(at)
-    model = _strip([k for k in tensors if k not in optim])
+    model = _strip([k for k in tensors if k not in at])
     if optimizer_state:
         model.update({k: k for k in optim})
     if not model:
