@@ -186,6 +186,7 @@ class Flow:
     def _walk(self, start: int, unknown_between_layers: bool, producers: list[list[int]]) -> Downstream:
         queue = deque((u, False, False) for u in self.nodes[start].users)
         seen = {start}
+        own: set[int] | None = None  # the products the layer's signal reaches with no layer, sum or softmax between
         while queue:
             idx, normed, joined = queue.popleft()
             if idx in seen:
@@ -196,6 +197,11 @@ class Flow:
                 gate = node.activation.family == "saturating" and self._gates(start, idx, producers)
                 return Downstream(node.activation, normed, joined, gate)
             if node.role == LAYER:
+                if own is None:
+                    own = {i for i in self._reach(start, lambda n: n.role in (PASS, NORM, MUL))
+                           if self.nodes[i].role == MUL}
+                if own and self._reach(idx, lambda n: n.role in (PASS, ACT, LAYER)) & own:
+                    continue  # a squeeze-excite gate computed from the signal, scaling it: the signal goes on
                 return Downstream(UNKNOWN if unknown_between_layers else IDENTITY, normed, joined)
             if node.role in (STOP, OUTPUT):
                 return Downstream(IDENTITY, normed, joined)

@@ -392,3 +392,17 @@ def test_legacy_scopes_of_nested_containers_give_the_module_names(tmp_path):
     report = initaudit.audit(export_onnx(model, tmp_path / "nested.onnx", shape=(1, 3, 8, 8)))
     convs = {name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     assert {layer["name"] for layer in report.to_dict()["layers"]} == convs
+
+
+def test_a_zero_init_residual_closed_through_squeeze_excite_is_a_recipe(tmp_path):
+    """timm's SE-ResNet zero-inits each block's last BatchNorm (zero_init_last), and the block's squeeze-excite
+    gate, computed from that conv's output, scales it before the residual sum: the exported conv, its norm
+    folded in, still closes the block (info, as live), the gate's own convs do not make it a linear layer."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("seresnet18", num_classes=10, zero_init_last=True).eval()
+    assert initaudit.audit(model).summary["errors"] == 0
+    report = initaudit.audit(export_onnx(model, tmp_path / "seresnet18.onnx", shape=(1, 3, 32, 32)))
+    zero = {f.layer: f.severity for f in report.findings if f.rule == "zero-weights"}
+    assert zero == {f"layer{s}.{b}.conv2": "info" for s in range(1, 5) for b in range(2)}
+    assert report.summary["errors"] == report.summary["warnings"] == 0
