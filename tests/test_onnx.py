@@ -349,12 +349,13 @@ def test_a_zeroed_shortcut_conv_with_a_folded_norm_stays_an_error(opset, dynamo,
 def test_a_position_embedding_read_at_constant_position_ids_stays_an_embedding(tmp_path):
     """BERT's exports gather `position_embeddings` (an nn.Embedding) at the position_ids buffer, a constant
     of the file: it is still an embedding, its all-zero table a warning as in PyTorch."""
+    rng = np.random.default_rng(0)
     ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])
     out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
     graph = helper.make_graph([N("Gather", ["embeddings.word_embeddings.weight", "ids"], ["w"]),
                                N("Gather", ["embeddings.position_embeddings.weight", "position_ids"], ["p"]),
                                N("Add", ["w", "p"], ["y"])], "g", [ids], [out],
-                              [init("embeddings.word_embeddings.weight", np.random.default_rng(0).normal(0, .02, (50, 4))),
+                              [init("embeddings.word_embeddings.weight", rng.normal(0, .02, (50, 4))),
                                init("embeddings.position_embeddings.weight", np.zeros((16, 4))),
                                numpy_helper.from_array(np.arange(4, dtype=np.int64)[None], "position_ids")])
     path = tmp_path / "bert_embeddings.onnx"
