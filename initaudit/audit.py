@@ -125,7 +125,7 @@ PROGRESS_BYTES = 256 << 20  # a progress bar (on a terminal) for models at least
 def _run_parallel(loaded: Loaded, jobs: list[tuple[Layer, Param, int]]) -> list[tuple[str | None, tuple | None]]:
     """`_measure_one` of every job, on every core, the largest first (the cores then finish together rather than
     one of them on a late large tensor); results in the jobs' order, a progress bar over bytes on a terminal.
-    A tensor is itself split over the cores only where it holds more than a core's share of all the bytes:
+    A tensor is itself split over the cores only where it holds at least a core's share of all the bytes:
     else the other cores are busy with other tensors, and splitting it would only oversubscribe them."""
     sizes = [loaded.tensors.nbytes(param.key) for _, param, _ in jobs]
     n = stats.workers() if len(jobs) > 1 else 1

@@ -283,6 +283,9 @@ def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, opt
             except InputError as exc:
                 unreadable(target, exc)
                 continue
+            if optimizer_state and loaded.format != "torch-dcp":
+                loaded.notes.append("--optimizer-state audits a distributed checkpoint's optimizer state; this "
+                                    f"{loaded.format} model's is not audited")
             if output is not None:
                 Protected(loaded).guard(output, "the report")
             try:

@@ -380,6 +380,7 @@ def note(model: ModelState, aside: list[str]) -> str | None:
     if model.override != "auto":
         why = f"--state {model.override}"
     elif model.file_signs:
-        why += "; " + ", ".join(model.file_signs)
+        signs = ", ".join(model.file_signs)
+        why = f"{why}; {signs}" if model.layers else signs
     rules = ", ".join(aside) if aside else "none fired"
     return f"the weights {how} ({why}): init-scheme rules set aside (kept at info on trained layers): {rules}"

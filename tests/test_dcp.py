@@ -174,6 +174,22 @@ def test_optimizer_state_saved_by_fqn_with_scalar_steps_and_alone(tmp_path):
     assert plain.exit_code == 2 and "--optimizer-state" in plain.stderr and "Traceback" not in plain.output
     asked = CliRunner().invoke(main, ["check", str(alone), "--optimizer-state", "--format", "sarif"])
     assert asked.exit_code == 1 and [r["ruleId"] for r in json.loads(asked.stdout)["runs"][0]["results"]] == ["IA001"]
+    text = CliRunner().invoke(main, ["check", str(alone), "--optimizer-state"]).stdout
+    assert "(optimizer state under 'optim'" in text and "0 of 0 layers" not in text  # no layers to count
+
+
+def test_optimizer_state_asked_of_a_file_that_is_not_a_distributed_checkpoint_says_so(tmp_path):
+    """--optimizer-state reads a DCP folder's optimizer state; on a .pt holding an optimizer dict the note says
+    it was not audited rather than leaving the user to think it was clean."""
+    model = net()
+    opt = torch.optim.Adam(model.parameters())
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "ckpt.pt")
+    result = CliRunner().invoke(main, ["check", str(tmp_path / "ckpt.pt"), "--optimizer-state", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert any(n.startswith("--optimizer-state audits a distributed checkpoint's optimizer state")
+               for n in json.loads(result.stdout)["notes"])
+    plain = CliRunner().invoke(main, ["check", str(tmp_path / "ckpt.pt"), "--format", "json"])
+    assert not any("--optimizer-state" in n for n in json.loads(plain.stdout)["notes"])
 
 
 def test_optimizer_state_under_a_training_loops_wrapper_is_optimizer_state(tmp_path):
