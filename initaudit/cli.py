@@ -217,8 +217,8 @@ def _targets(paths, factory, options, extend_exclude, problems: list | None = No
 @click.command()
 @_apply(MODEL_OPTIONS + OUTPUT_OPTIONS)
 @click.option("--optimizer-state", "optimizer_state", is_flag=True,
-              help="Also audit a distributed checkpoint's optimizer state (NaN/Inf, zeros, constants). Without it "
-                   "that state is skipped, and only taken as evidence that the weights are trained.")
+              help="Also audit a distributed checkpoint's optimizer state, for NaN/Inf only. Without it that "
+                   "state is skipped, and only taken as evidence that the weights are trained.")
 def check(paths, factory, activation, activation_for, select, ignore, per_layer_ignore, extend_exclude, config_path,
           trust_pickle, state, color, fmt, fail_on, output, quiet, statistics, exit_zero, optimizer_state):
     """Audit the initialization of the models in PATH...: files (.pt/.pth/.bin/.ckpt, TorchScript, .safetensors,
