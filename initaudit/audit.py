@@ -128,10 +128,11 @@ def _run_parallel(loaded: Loaded, jobs: list[tuple[Layer, Param, int]]) -> list[
     A tensor is itself split over the cores only where it holds at least a core's share of all the bytes:
     else the other cores are busy with other tensors, and splitting it would only oversubscribe them."""
     sizes = [loaded.tensors.nbytes(param.key) for _, param, _ in jobs]
+    total = sum(sizes)
     n = stats.workers() if len(jobs) > 1 else 1
-    share = sum(sizes) / stats.workers()
+    share = total / stats.workers()
     threads = torch.get_num_threads()
-    bar = _progress(sum(sizes))
+    bar = _progress(total)
     pool = ThreadPoolExecutor(n, thread_name_prefix="initaudit-measure")
     try:
         if n > 1:

@@ -131,20 +131,10 @@ class Flow:
         """Layers on the shortcut of a residual sum: the summand with fewer layers since the two summands part
         (a ResNet's downsample conv), not the branch the sum closes."""
         producers = self.producers()
-
-        def ancestors(idx: int) -> set[int]:
-            seen, queue = {idx}, deque(producers[idx])
-            while queue:
-                j = queue.popleft()
-                if j not in seen:
-                    seen.add(j)
-                    queue.extend(producers[j])
-            return seen
-
         out: set[str] = set()
         for idx, node in enumerate(self.nodes):
             if node.role == ADD and len(producers[idx]) == 2:
-                sides = [ancestors(p) for p in producers[idx]]
+                sides = [self._reach(p, lambda _: True, producers) | {p} for p in producers[idx]]
                 common = sides[0] & sides[1]
                 layers = [{self.nodes[j].layer for j in side - common if self.nodes[j].role == LAYER} for side in sides]
                 if len(layers[0]) != len(layers[1]):
@@ -219,14 +209,18 @@ class Flow:
                 return True
         return False
 
-    def _reach(self, start: int, through) -> set[int]:
-        """The nodes reached from `start` walking forward, passing on only from nodes that `through` accepts."""
-        reached, queue = set(), deque(self.nodes[start].users)
+    def _reach(self, start: int, through, producers: list[list[int]] | None = None) -> set[int]:
+        """The nodes reached from `start` walking forward (backward along `producers`, where given), passing on
+        only from nodes that `through` accepts."""
+        def after(idx: int) -> list[int]:
+            return producers[idx] if producers is not None else self.nodes[idx].users
+
+        reached, queue = set(), deque(after(start))
         while queue:
             idx = queue.popleft()
             if idx in reached:
                 continue
             reached.add(idx)
             if through(self.nodes[idx]):
-                queue.extend(self.nodes[idx].users)
+                queue.extend(after(idx))
         return reached

@@ -114,9 +114,8 @@ def load(folder: Path, optimizer_state: bool = False) -> Loaded:
     files = {inside(folder, str(info.relative_path), folder / METADATA)
              for info in (metadata.storage_data or {}).values()}
     tensors = {k: v for k, v in entries.items() if isinstance(v, TensorStorageMetadata)}
-    at = {k: i for k in tensors if (i := _optimizer_at(k)) is not None}
-    optim = list(at)
-    model = _strip([k for k in tensors if k not in at])
+    optim = {k: i for k in tensors if (i := _optimizer_at(k)) is not None}  # key -> where the optimizer's name sits
+    model = _strip([k for k in tensors if k not in optim])
     if optimizer_state:
         model.update({k: k for k in optim})
     if not model:
@@ -140,9 +139,10 @@ def load(folder: Path, optimizer_state: bool = False) -> Loaded:
 
     shapes = {k: tuple(tensors[fqn].size) for k, fqn in model.items()}
     nbytes = {k: math.prod(tensors[fqn].size) * tensors[fqn].properties.dtype.itemsize for k, fqn in model.items()}
-    params = {".".join(parts[at[k] + 2:-1]) for k in optim
-              if len(parts := k.split(".")) >= at[k] + 4 and parts[at[k] + 1] == "state"}
-    root = {optim[0].split(".")[at[optim[0]]]: {"state": {p: {} for p in sorted(params)} or {"?": {}}}} if optim else {}
+    params = {".".join(parts[i + 2:-1]) for k, i in optim.items()
+              if len(parts := k.split(".")) >= i + 4 and parts[i + 1] == "state"}
+    first = next(iter(optim), None)
+    root = {first.split(".")[optim[first]]: {"state": {p: {} for p in sorted(params)} or {"?": {}}}} if optim else {}
     notes = ["activations are unknown in a distributed checkpoint: pass --activation (or --model "
              "package.module:factory) to check scales against them"]
     if optim:
