@@ -113,7 +113,8 @@ class _Seen:
     def from_json(cls, data: dict[str, Any]) -> "_Seen":
         alive = data["alive"]
         return cls(float(data["squares"]), int(data["count"]), float(data["grad_squares"]), int(data["grad_count"]),
-                   None if alive is None else torch.tensor([bool(a) for a in alive]), int(data["saturated"]))
+                   None if alive is None else torch.tensor([bool(a) for a in alive], dtype=torch.bool),
+                   int(data["saturated"]))
 
 
 def probe(loaded: Loaded, options: Options, input_shape: tuple[int, ...] | None = None, batch: int | None = None,
@@ -309,6 +310,8 @@ def hf_module(loaded: Loaded, budget: int | None = None) -> tuple[torch.nn.Modul
     from . import meta_model
     from .loaders.hf_folder import _config
 
+    if loaded.path is None:
+        raise InputError(f"{loaded.name}: probe builds a model folder's architecture from a local copy only; download it first")
     config = _config(loaded.path, [])
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import click
 
-from .sandbox import Policy
-
 
 def _shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
     if value is None:
@@ -61,9 +59,11 @@ RUN_OPTIONS = [
 
 
 def run_policy(trust_code: bool, time_limit: float | None, memory_limit: int | None, max_build_memory: int | None,
-               pickled: bool, debug: bool) -> Policy:
-    """The policy RUN_OPTIONS describe (`pickled`: a module in the file, not from --model; `debug`: show the
-    child's output)."""
+               pickled: bool, debug: bool):
+    """The sandbox.Policy RUN_OPTIONS describe (`pickled`: a module in the file, not from --model; `debug`: show
+    the child's output)."""
+    from .sandbox import Policy
+
     return Policy(trust_code, time_limit, memory_limit, max_build_memory, debug or bool(os.environ.get("INITAUDIT_DEBUG")),
                   pickled)
 

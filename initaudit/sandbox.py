@@ -216,11 +216,15 @@ def _limit(memory: int) -> None:
 
 
 def _lower(resource, which: int, value: int) -> None:
+    """Lower a soft limit to `value` (never raise it); a system that refuses keeps its own (best effort)."""
     soft, hard = resource.getrlimit(which)
     if hard != resource.RLIM_INFINITY:
         value = min(value, hard)
     if soft == resource.RLIM_INFINITY or value < soft:
-        resource.setrlimit(which, (value, hard))
+        try:
+            resource.setrlimit(which, (value, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def _data_segment() -> int | None:

@@ -281,3 +281,22 @@ def test_the_default_build_budget_is_a_share_of_the_ram(tmp_path):
     result = initaudit("probe", folder)
     assert result.returncode == 2
     assert "--max-build-memory" in one_line(result.stderr)  # counted on the meta device: nothing was allocated
+
+
+# ---------------------------------------------------------------- the flags
+
+@pytest.mark.parametrize("text, size", [("512MB", 512 << 20), ("4GB", 4 << 30), ("1.5G", 3 << 29), ("800", 800 << 20),
+                                        ("2GiB", 2 << 30), ("64k", 64 << 10)])
+def test_memory_sizes_read_as_people_write_them(text, size):
+    from initaudit.probe_command import Size
+
+    assert Size().convert(text, None, None) == size
+
+
+@pytest.mark.parametrize("flag, value", [("--memory-limit", "0"), ("--memory-limit", "lots"),
+                                         ("--max-build-memory", "-1GB")])
+def test_a_size_that_means_nothing_is_a_usage_error(cli, flag, value):
+    result = cli("probe", "--model", "fixtures.depth_models:relu_kaiming", flag, value)
+    assert result.exit_code == 2
+    line = one_line(result.stderr)
+    assert flag in line and "give a size such as 512MB or 4GB" in line
