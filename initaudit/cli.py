@@ -311,7 +311,8 @@ def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, opt
 @click.option("--probe", "probe_too", is_flag=True, help="Also measure the signal through depth before and after (as `probe`).")
 @run_options
 def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ignore, extend_exclude, config_path,
-        trust_pickle, state, color, out, output_dir, all_layers, only, seed, dry_run, in_place, force, probe_too, **run):
+        trust_pickle, state, color, out, output_dir, all_layers, only, seed, dry_run, in_place, force, probe_too,
+        **run):
     """Re-initialize the badly initialized layers of the models in PATH... with the recommended scheme; write
     the same format: to -o OUT (one model), into --output-dir, or, with several models, beside each input as
     NAME.fixed.EXT. Nothing is written for a model with nothing to fix.

@@ -151,7 +151,8 @@ def require_trust(loaded: Loaded, policy: Policy) -> None:
 
 
 def before_after(loaded: Loaded, options: Options, tensors: dict[str, torch.Tensor], written: Path | None,
-                 trust_pickle: bool = False, factory: str | None = None, policy: Policy = Policy()) -> tuple[list, list]:
+                 trust_pickle: bool = False, factory: str | None = None,
+                 policy: Policy = Policy()) -> tuple[list, list]:
     """`fix --probe`: the measured scales of the model before and after the re-draw (the written file, else, on a
     dry run, a copy of the live module with the new tensors)."""
     import copy
@@ -311,7 +312,8 @@ def hf_module(loaded: Loaded, budget: int | None = None) -> tuple[torch.nn.Modul
     from .loaders.hf_folder import _config
 
     if loaded.path is None:
-        raise InputError(f"{loaded.name}: probe builds a model folder's architecture from a local copy only; download it first")
+        raise InputError(f"{loaded.name}: probe builds a model folder's architecture from a local copy only; "
+                         "download it first")
     config = _config(loaded.path, [])
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):

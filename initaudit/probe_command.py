@@ -64,8 +64,8 @@ def run_policy(trust_code: bool, time_limit: float | None, memory_limit: int | N
     the child's output)."""
     from .sandbox import Policy
 
-    return Policy(trust_code, time_limit, memory_limit, max_build_memory, debug or bool(os.environ.get("INITAUDIT_DEBUG")),
-                  pickled)
+    show_output = debug or bool(os.environ.get("INITAUDIT_DEBUG"))
+    return Policy(trust_code, time_limit, memory_limit, max_build_memory, show_output, pickled)
 
 
 def run_options(command):

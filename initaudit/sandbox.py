@@ -94,7 +94,7 @@ def _await(child, receive, seconds: float, memory: int) -> Any:
             except (EOFError, OSError):
                 raise _ended(child) from None
             if baseline is not None:
-                return _answer(message, seconds, memory)
+                return _answer(message, memory)
             baseline, deadline = resident(child.pid) or 0, time.monotonic() + seconds
             continue
         if time.monotonic() > deadline:
@@ -129,7 +129,7 @@ def format_size(size: int) -> str:
     return f"{size / 2**30:.3g} GB" if size >= 2**30 else f"{size / 2**20:.3g} MB"
 
 
-def _answer(message: bytes, seconds: float, memory: int) -> Any:
+def _answer(message: bytes, memory: int) -> Any:
     """The child's last message: its result, or the error it reported."""
     try:
         answer = json.loads(message)
