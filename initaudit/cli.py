@@ -26,6 +26,7 @@ from . import rules as rulebook
 from .activations import parse
 from .errors import InputError, NoWeights, did_you_mean
 from .printable import printable
+from .probe_command import probe, run_options, run_policy
 from .report import FAIL_ON, FileError, Results
 
 
@@ -58,6 +59,7 @@ _DEBUG = False
 def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     global _DEBUG
     _DEBUG = _DEBUG or value
+    ctx.meta["initaudit.debug"] = _DEBUG  # shared with every subcommand's context (probe shows a child's output)
 
 
 def _debug_option(command):
@@ -307,8 +309,10 @@ def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, opt
 @click.option("--in-place", is_flag=True, help="Replace each PATH itself (atomically). Without it an input is never written.")
 @click.option("--force", is_flag=True, help="Re-draw layers even where the weights look trained (discards what they learned).")
 @click.option("--probe", "probe_too", is_flag=True, help="Also measure the signal through depth before and after (as `probe`).")
+@run_options
 def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ignore, extend_exclude, config_path,
-        trust_pickle, state, color, out, output_dir, all_layers, only, seed, dry_run, in_place, force, probe_too):
+        trust_pickle, state, color, out, output_dir, all_layers, only, seed, dry_run, in_place, force, probe_too,
+        **run):
     """Re-initialize the badly initialized layers of the models in PATH... with the recommended scheme; write
     the same format: to -o OUT (one model), into --output-dir, or, with several models, beside each input as
     NAME.fixed.EXT. Nothing is written for a model with nothing to fix.
@@ -329,13 +333,14 @@ def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ig
     if clash:
         raise InputError(f"{clash}: two models would be written here; give them different names")
     view = reporters.View(color=reporters.use_color(color, sys.stdout), width=reporters.terminal_width(sys.stdout))
+    policy = run_policy(**run, pickled=factory is None, debug=_debugging()) if probe_too else None
     codes = []
     for model, target in plans:
         if several:
             click.echo(printable(f"{model}:"))
         try:
             codes.append(_fix_one(model, target, factory, trust_pickle, options, all_layers, only, seed, dry_run,
-                                  in_place, force, view, probe_too))
+                                  in_place, force, view, policy))
         except InputError as exc:
             if not several:
                 raise
@@ -345,7 +350,8 @@ def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ig
 
 
 def _fix_one(model, target, factory, trust_pickle, options, all_layers, only, seed, dry_run, in_place, force, view,
-             probe_too) -> int:
+             policy) -> int:
+    """`policy`: how `--probe` runs the model (None: no probe)."""
     with _heavy_imports():
         from .audit import analyse
         from .fixer import repair
@@ -354,15 +360,19 @@ def _fix_one(model, target, factory, trust_pickle, options, all_layers, only, se
         from .writers import check_target, write
 
     loaded = load(model, trust_pickle=trust_pickle, factory=factory)
+    if policy is not None:
+        from .probe import require_trust
+        require_trust(loaded, policy)  # before anything is written
     written = load(model, trust_pickle=trust_pickle) if factory else loaded
     if target is not None and not in_place:
         check_target(written, target)
     result = repair(analyse(loaded, options), all_layers, list(only), seed, force)
     written_to = target if target is not None and result.tensors else None  # nothing fixed: no file written
     notes = write(written, result.tensors, target, in_place) if written_to else []
-    if probe_too:
+    if policy is not None:
         from .probe import before_after
-        result.depth["measured"] = before_after(loaded, options, result.tensors, written_to, trust_pickle, factory)
+        result.depth["measured"] = before_after(loaded, options, result.tensors, written_to, trust_pickle, factory,
+                                                policy)
     fix_table.write(result, sys.stdout, None if written_to is None else str(written_to), dry_run, view)
     for note in notes:
         click.echo(printable(f"note: {note}"))
@@ -446,9 +456,7 @@ def explain(rule):
     return 0
 
 
-from .probe_command import probe  # noqa: E402 - its own module; imports nothing heavy until it runs
-
-for _command in (check, fix, list_rules, explain, probe):
+for _command in (check, fix, list_rules, explain, _debug_option(probe)):
     main.add_command(_command)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_flatten
 
-from . import __version__, depth
+from . import __version__, depth, sandbox
 from . import rules as rulebook
 from .audit import Analysis, Measured, analyse, evaluate
 from .config import Options
@@ -29,11 +29,14 @@ from .errors import InputError
 from .graph import Layer
 from .loaders import Loaded
 from .report import Finding, _finding
+from .sandbox import Policy
 
 # Inputs of tanh/sigmoid past these |z| sit on the flat tails (|tanh| > 0.99; sigmoid < 0.01 or > 0.99).
 SATURATION = {"tanh": math.atanh(0.99), "sigmoid": math.log(99), "hardtanh": 1.0, "hardsigmoid": 3.0}
 DEAD_ACTIVATIONS = frozenset({"relu", "relu6"})
 MAX_INPUT_VALUES = 1 << 21  # the automatic batch keeps one input under this many values
+FILE_GRAPHS = {"torchscript": "TorchScript", "onnx": "ONNX"}  # formats whose graph is code from the file
+GB, MB = 1 << 30, 1 << 20
 
 
 @dataclass
@@ -101,17 +104,34 @@ class _Seen:
     alive: torch.Tensor | None = None      # per unit: positive somewhere on the batch
     saturated: int = 0
 
+    def to_json(self) -> dict[str, Any]:
+        return {"squares": self.squares, "count": self.count, "grad_squares": self.grad_squares,
+                "grad_count": self.grad_count, "saturated": self.saturated,
+                "alive": None if self.alive is None else self.alive.tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "_Seen":
+        alive = data["alive"]
+        return cls(float(data["squares"]), int(data["count"]), float(data["grad_squares"]), int(data["grad_count"]),
+                   None if alive is None else torch.tensor([bool(a) for a in alive], dtype=torch.bool),
+                   int(data["saturated"]))
+
 
 def probe(loaded: Loaded, options: Options, input_shape: tuple[int, ...] | None = None, batch: int | None = None,
-          seed: int = 0) -> ProbeReport:
-    """Predict (as `check` does), then measure on a seeded synthetic batch; findings from the measurement."""
+          seed: int = 0, policy: Policy = Policy()) -> ProbeReport:
+    """Predict (as `check` does), then measure on a seeded synthetic batch; findings from the measurement.
+
+    A TorchScript or ONNX file's graph (and, with `policy.pickled`, an unpickled module's forward) runs in a child
+    process within the policy's limits, and only when it trusts code; a module built from code or from a Hugging
+    Face config runs here."""
+    require_trust(loaded, policy)
     analysis = analyse(loaded, options)
     layers = [layer for layer in analysis.graph if layer.weighted]
-    if loaded.format == "onnx":
-        seen, grad_norms, inputs, scale_in = _run_onnx(loaded, layers, input_shape, batch, seed)
-    elif loaded.format == "hf-folder":
-        module, names = hf_module(loaded)
+    if loaded.format == "hf-folder":
+        module, names = hf_module(loaded, policy.build_memory)
         seen, grad_norms, inputs, scale_in = _run_module(module, layers, input_shape, batch, seed, names)
+    elif loaded.format in FILE_GRAPHS or (policy.pickled and loaded.format == "torch-module" and loaded.path):
+        seen, grad_norms, inputs, scale_in = _run_in_child(loaded, layers, input_shape, batch, seed, policy)
     elif loaded.module is not None:
         seen, grad_norms, inputs, scale_in = _run_module(loaded.module, layers, input_shape, batch, seed)
     else:
@@ -122,8 +142,17 @@ def probe(loaded: Loaded, options: Options, input_shape: tuple[int, ...] | None 
                        _findings(analysis, layers, rows, options), list(analysis.report.notes))
 
 
+def require_trust(loaded: Loaded, policy: Policy) -> None:
+    """Refuse to run a TorchScript or ONNX file's own graph (code that came with the file) unless trusted."""
+    if loaded.format in FILE_GRAPHS and not policy.trust_code:
+        raise InputError(f"{loaded.name}: probe would run the {FILE_GRAPHS[loaded.format]} file's own graph, which "
+                         "is code from the file; pass --trust-code if you trust its source (it then runs in a child "
+                         "process, within --time-limit and --memory-limit)")
+
+
 def before_after(loaded: Loaded, options: Options, tensors: dict[str, torch.Tensor], written: Path | None,
-                 trust_pickle: bool = False, factory: str | None = None) -> tuple[list, list]:
+                 trust_pickle: bool = False, factory: str | None = None,
+                 policy: Policy = Policy()) -> tuple[list, list]:
     """`fix --probe`: the measured scales of the model before and after the re-draw (the written file, else, on a
     dry run, a copy of the live module with the new tensors)."""
     import copy
@@ -131,7 +160,7 @@ def before_after(loaded: Loaded, options: Options, tensors: dict[str, torch.Tens
     from .loaders import load, modules
     from .writers import apply_to_module
 
-    before = probe(loaded, options)
+    before = probe(loaded, options, policy=policy)
     if written is not None:
         after = load(written, trust_pickle=trust_pickle, factory=factory)
     elif loaded.module is not None and not isinstance(loaded.module, torch.jit.ScriptModule):
@@ -140,7 +169,7 @@ def before_after(loaded: Loaded, options: Options, tensors: dict[str, torch.Tens
         after = modules.from_module(twin, None)
     else:
         return before.scales(), []
-    return before.scales(), probe(after, options).scales()
+    return before.scales(), probe(after, options, policy=policy).scales()
 
 
 def _rows(analysis: Analysis, layers: list[Layer], seen: dict[str, _Seen], grad_norms: dict[str, float],
@@ -270,9 +299,11 @@ def _input_rms(args: tuple, kwargs: dict) -> float:
 
 # ---------------------------------------------------------------- torch
 
-def hf_module(loaded: Loaded) -> tuple[torch.nn.Module, dict[str, str]]:
+def hf_module(loaded: Loaded, budget: int | None = None) -> tuple[torch.nn.Module, dict[str, str]]:
     """A model folder's architecture built from its config.json on the CPU (transformers or timm, no code from the
-    folder, nothing downloaded) with the folder's weights; and file key -> the module's key."""
+    folder, nothing downloaded) with the folder's weights; and file key -> the module's key. Counted on the meta
+    device first: refused when its parameters and buffers would take more than `budget` bytes (default: half the
+    RAM), whatever the folder's own size."""
     import contextlib
     import io
     import warnings
@@ -280,16 +311,38 @@ def hf_module(loaded: Loaded) -> tuple[torch.nn.Module, dict[str, str]]:
     from . import meta_model
     from .loaders.hf_folder import _config
 
+    if loaded.path is None:
+        raise InputError(f"{loaded.name}: probe builds a model folder's architecture from a local copy only; "
+                         "download it first")
+    config = _config(loaded.path, [])
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            module, _ = meta_model._build(_config(loaded.path, []), device="cpu")
+            _check_build_size(loaded, meta_model._build(config, device="meta")[0], budget)
+            module, _ = meta_model._build(config, device="cpu")
     except meta_model.NotBuilt as exc:
         raise InputError(f"{loaded.path}: probe needs the architecture, and it could not be built ({exc})") from None
     keys = meta_model._key_map(module, loaded.tensors.shapes)
     state = {own: loaded.tensors[key] for key, own in keys.items()}
     module.load_state_dict(state, strict=False)
     return module.eval(), keys
+
+
+def _check_build_size(loaded: Loaded, module: torch.nn.Module, budget: int | None) -> None:
+    """Refuse a config whose parameters and buffers (counted on the meta device) would not fit in `budget` bytes."""
+    tensors = [*module.parameters(), *module.buffers()]
+    need = sum(t.numel() * t.element_size() for t in tensors)
+    budget = budget if budget is not None else default_build_memory()
+    if need > budget:
+        raise InputError(f"{loaded.path}: the architecture its config.json describes takes {sandbox.format_size(need)} "
+                         f"({sum(t.numel() for t in tensors):,} values), more than the {sandbox.format_size(budget)} "
+                         "probe may build (raise it with --max-build-memory)")
+
+
+def default_build_memory() -> int:
+    """Half the RAM (8 GB where the system does not say)."""
+    ram = sandbox.physical_memory()
+    return ram // 2 if ram else 8 * GB
 
 
 def _run_module(module: torch.nn.Module, layers: list[Layer], input_shape, batch, seed, keys: dict[str, str] | None = None):
@@ -416,20 +469,88 @@ def _run_script(module: torch.jit.ScriptModule, layers: list[Layer], args: tuple
     return seen, {}, _describe(args, kwargs), _input_rms(args, kwargs)
 
 
+# ---------------------------------------------------------------- in a child process
+
+def run_limits(loaded: Loaded, layers: list[Layer], batch: int | None, policy: Policy) -> tuple[float, int]:
+    """(seconds, bytes) the child may take: the policy's, else 2 minutes and 1 GB, more for a large model (a minute
+    and 4 bytes a weight byte per GB of weights) or batch (in proportion past 64; 32 MB a layer), the memory at
+    most 3/4 of the RAM."""
+    weights = sum(loaded.tensors.nbytes(key) for key in loaded.tensors)
+    work = max(1.0, (batch or 64) / 64)
+    seconds = policy.time_limit or 120 * work + 60 * weights / GB
+    memory = GB + 4 * weights + int(work * len(layers) * 32 * MB)
+    ram = sandbox.physical_memory()
+    return seconds, policy.memory_limit or (min(memory, ram * 3 // 4) if ram else memory)
+
+
+def _run_in_child(loaded: Loaded, layers: list[Layer], input_shape, batch, seed, policy: Policy):
+    """The file's graph run by `script_job`, `onnx_job` or `pickled_job` in a spawned child, within the limits."""
+    if loaded.path is None:
+        raise InputError(f"{loaded.name}: probe runs local files only; download the model first")
+    common = (layers, input_shape, batch, seed)
+    if loaded.format == "onnx":
+        job, args = "onnx_job", (str(loaded.path), dict(loaded.container.outputs), *common)
+    else:
+        job, args = ("script_job" if loaded.format == "torchscript" else "pickled_job"), (str(loaded.path), *common)
+    seconds, memory = run_limits(loaded, layers, batch, policy)
+    answer = sandbox.run(f"{__name__}:{job}", args, seconds, memory, policy.show_output)
+    return _measured_from_json(answer, layers)
+
+
+def script_job(path: str, layers: list[Layer], input_shape, batch, seed) -> dict[str, Any]:
+    """In the child: a TorchScript archive's graph on the synthetic batch."""
+    from .loaders.modules import read_torchscript
+
+    return _measured_to_json(_run_module(read_torchscript(Path(path)), layers, input_shape, batch, seed))
+
+
+def pickled_job(path: str, layers: list[Layer], input_shape, batch, seed) -> dict[str, Any]:
+    """In the child: a fully pickled module (trusted with --trust-pickle) forward and backward."""
+    from .loaders.torch_files import read
+
+    module = read(Path(path), trust_pickle=True)
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"{path}: no longer holds a pickled module")
+    return _measured_to_json(_run_module(module, layers, input_shape, batch, seed))
+
+
+def onnx_job(path: str, outputs: dict[str, str], layers: list[Layer], input_shape, batch, seed) -> dict[str, Any]:
+    """In the child: an ONNX model through onnxruntime."""
+    return _measured_to_json(_run_onnx(Path(path), outputs, layers, input_shape, batch, seed))
+
+
+def _measured_to_json(measured: tuple) -> dict[str, Any]:
+    seen, grad_norms, inputs, scale_in = measured
+    return {"seen": {name: s.to_json() for name, s in seen.items()}, "grad_norms": grad_norms, "inputs": inputs,
+            "scale_in": scale_in}
+
+
+def _measured_from_json(answer: Any, layers: list[Layer]) -> tuple:
+    """The child's answer as `_run_module` returns it, checked: only the layers asked for, numbers as numbers."""
+    names = {layer.name for layer in layers}
+    try:
+        seen = {name: _Seen.from_json(value) for name, value in answer["seen"].items() if name in names}
+        norms = {name: float(value) for name, value in answer["grad_norms"].items() if name in names}
+        return seen, norms, str(answer["inputs"]), float(answer["scale_in"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise InputError("the child process that ran the model answered in an unexpected form") from None
+
+
 # ---------------------------------------------------------------- ONNX
 
 _NUMPY = {1: "float32", 10: "float16", 11: "float64", 6: "int32", 7: "int64", 9: "bool"}
 
 
-def _run_onnx(loaded: Loaded, layers: list[Layer], input_shape, batch, seed):
-    """onnxruntime on a copy of the model whose layers' outputs are graph outputs too (forward only)."""
+def _run_onnx(path: Path, layer_outputs: dict[str, str], layers: list[Layer], input_shape, batch, seed):
+    """onnxruntime on a copy of the model whose layers' outputs are graph outputs too (forward only; its own log
+    lines silenced)."""
     import numpy as np
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(loaded.path))
-    outputs = {layer.name: loaded.container.outputs[layer.name] for layer in layers
-               if layer.name in loaded.container.outputs}
+    ort.set_default_logger_severity(3)
+    model = onnx.load(str(path))
+    outputs = {layer.name: layer_outputs[layer.name] for layer in layers if layer.name in layer_outputs}
     present = {o.name for o in model.graph.output}
     for value in dict.fromkeys(outputs.values()):
         if value not in present:
@@ -440,18 +561,18 @@ def _run_onnx(loaded: Loaded, layers: list[Layer], input_shape, batch, seed):
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are many
-        raise InputError(f"{loaded.path}: onnxruntime cannot run the model ({' '.join(str(exc).split())[:200]})") from None
+        raise InputError(f"{path}: onnxruntime cannot run the model ({' '.join(str(exc).split())[:200]})") from None
     rng = np.random.default_rng(seed)
     specs, runs = [], 1
     for node in session.get_inputs():
         dims = [d if isinstance(d, int) and d > 0 else None for d in node.shape]
         if input_shape:
             if len(input_shape) != len(dims) - 1 or any(d not in (None, n) for d, n in zip(dims[1:], input_shape)):
-                raise InputError(f"{loaded.path}: --input-shape {','.join(map(str, input_shape))} does not fit input "
+                raise InputError(f"{path}: --input-shape {','.join(map(str, input_shape))} does not fit input "
                                  f"{node.name!r}, whose shape is {node.shape} (the first dimension is the batch)")
             dims = [dims[0], *input_shape]
         if any(d is None for d in dims[1:]):
-            raise InputError(f"{loaded.path}: input {node.name!r} has shape {node.shape}; give --input-shape "
+            raise InputError(f"{path}: input {node.name!r} has shape {node.shape}; give --input-shape "
                              "(per sample, e.g. 3,32,32)")
         want = _batch(math.prod(dims[1:]), batch)
         if dims[0] is not None:  # a fixed batch: as many runs as the batch asked for takes
@@ -461,11 +582,11 @@ def _run_onnx(loaded: Loaded, layers: list[Layer], input_shape, batch, seed):
     seen = {layer.name: _Seen() for layer in layers}
     squares = count = 0.0
     for _ in range(runs):
-        feeds = {node.name: _feed(rng, model, node, shape, loaded.path) for node, shape in specs}
+        feeds = {node.name: _feed(rng, model, node, shape, path) for node, shape in specs}
         try:
             results = dict(zip(names, session.run(names, feeds)))
         except Exception as exc:  # noqa: BLE001
-            raise InputError(f"{loaded.path}: onnxruntime failed on the synthetic batch "
+            raise InputError(f"{path}: onnxruntime failed on the synthetic batch "
                              f"({' '.join(str(exc).split())[:200]}); give --input-shape") from None
         for layer in layers:
             if layer.name in outputs:

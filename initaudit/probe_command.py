@@ -3,6 +3,9 @@ imported when the command runs, so the CLI starts without them)."""
 
 from __future__ import annotations
 
+import functools
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +22,55 @@ def _shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
     if not dims or any(d <= 0 for d in dims):
         raise click.BadParameter(f"{value!r}: give positive dimensions of one sample, e.g. 3,32,32")
     return dims
+
+
+class Size(click.ParamType):
+    """A memory size: 512MB, 4GB, 1.5G, 800M (a bare number is MB)."""
+
+    name = "size"
+    UNITS = {"": 2**20, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        found = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?\s*", str(value), re.I)
+        size = float(found.group(1)) * self.UNITS[found.group(2).lower()] if found else 0
+        if size < 1:
+            self.fail(f"{value!r}: give a size such as 512MB or 4GB", param, ctx)
+        return int(size)
+
+
+# Running code that comes with the model: `probe` and `fix --probe` alike. Command line only, never a config file.
+RUN_OPTIONS = [
+    click.option("--trust-code", is_flag=True,
+                 help="Run the graph a TorchScript or ONNX file holds: code from the file, so trusted files only. It "
+                      "runs in a child process within --time-limit and --memory-limit, its output captured (shown "
+                      "with --debug). Only this flag enables it (not --trust-pickle, never a config file)."),
+    click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+                 help="Stop a model file's run after this long. [default: 120 s, more for large models and batches]"),
+    click.option("--memory-limit", type=Size(), metavar="SIZE",
+                 help="Stop a model file's run once it takes this much memory (e.g. 512MB, 4GB; enforced on Linux, "
+                      "best effort elsewhere). [default: 1 GB + 4x the weights, more for large batches, at most 3/4 "
+                      "of the RAM]"),
+    click.option("--max-build-memory", type=Size(), metavar="SIZE",
+                 help="Refuse to build a Hugging Face folder's architecture from its config.json when its weights "
+                      "would take more. [default: half the RAM]"),
+]
+
+
+def run_policy(trust_code: bool, time_limit: float | None, memory_limit: int | None, max_build_memory: int | None,
+               pickled: bool, debug: bool):
+    """The sandbox.Policy RUN_OPTIONS describe (`pickled`: a module in the file, not from --model; `debug`: show
+    the child's output)."""
+    from .sandbox import Policy
+
+    show_output = debug or bool(os.environ.get("INITAUDIT_DEBUG"))
+    return Policy(trust_code, time_limit, memory_limit, max_build_memory, show_output, pickled)
+
+
+def run_options(command):
+    """`command` with RUN_OPTIONS."""
+    return functools.reduce(lambda decorated, option: option(decorated), reversed(RUN_OPTIONS), command)
 
 
 @click.command()
@@ -38,12 +90,19 @@ def _shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="A pyproject.toml or TOML file of [tool.initaudit] keys (signal-band, fail-on...).")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled model (runs code from the file).")
-def probe(model_path, factory, input_shape, batch, seed, activation, fmt, plot_path, fail_on, config_path, trust_pickle):
+@run_options
+@click.pass_context
+def probe(ctx, model_path, factory, input_shape, batch, seed, activation, fmt, plot_path, fail_on, config_path,
+          trust_pickle, **run):
     """Run a seeded synthetic batch through MODEL and measure each layer's signal and gradient scale.
 
     Activation RMS per layer, dead ReLU and saturated tanh/sigmoid shares, and (torch modules) the gradient
     from one backward pass, beside what `check` predicts from the weights alone. signal-vanishing and
     signal-exploding findings are marked "measured". Exit codes as `check`: 0 clean, 1 findings, 2 bad input.
+
+    Running a model is running code: a TorchScript or ONNX file's graph runs only with --trust-code, in a
+    child process within --time-limit and --memory-limit. A --model factory's module (your code) and a Hugging
+    Face folder's architecture (built from config.json, within --max-build-memory) need no flag.
     """
     import json
 
@@ -60,7 +119,8 @@ def probe(model_path, factory, input_shape, batch, seed, activation, fmt, plot_p
     loaded = load(model_path, trust_pickle=trust_pickle, factory=factory)
     if plot_path is not None:
         Protected(loaded).guard(plot_path, "the plot")
-    report = run_probe(loaded, options, input_shape, batch, seed)
+    policy = run_policy(**run, pickled=factory is None, debug=bool(ctx.meta.get("initaudit.debug")))
+    report = run_probe(loaded, options, input_shape, batch, seed, policy)
     if fmt == "json":
         json.dump(report.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

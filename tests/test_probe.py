@@ -81,7 +81,7 @@ def test_seeded_batch_is_reproducible():
 def test_probe_on_an_onnx_export_matches_torch(name, code, cli, tmp_path):
     module = getattr(depth_models, name)()
     path = export_onnx(module, tmp_path / f"{name}.onnx")
-    result = cli("probe", path, "--format", "json", "--batch", "64")
+    result = cli("probe", path, "--trust-code", "--format", "json", "--batch", "64")
     assert result.exit_code == code, result.output
     data = json.loads(result.stdout)
     assert data["format"] == "onnx" and data["origin"] == "measured" and data["agreement"] < AGREEMENT
@@ -127,7 +127,7 @@ def test_probe_on_torchscript_runs_its_graph(cli, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.script(depth_models.relu_unit()).save(str(path))
-    result = cli("probe", path, "--format", "json")
+    result = cli("probe", path, "--trust-code", "--format", "json")
     assert result.exit_code == 1
     data = json.loads(result.stdout)
     assert data["format"] == "torchscript" and data["agreement"] < AGREEMENT
@@ -148,7 +148,7 @@ def test_torchscript_without_one_forward_graph_is_checked_and_refused_by_probe(c
     assert result.exit_code == 0, result.output
     assert [row["name"] for row in json.loads(result.stdout)["layers"]] == [
         "weight_ih_l0", "weight_hh_l0", "weight_ih_l1", "weight_hh_l1"]
-    refused = cli("probe", path, "--input-shape", "5,32")
+    refused = cli("probe", path, "--trust-code", "--input-shape", "5,32")
     assert refused.exit_code == 2 and "overloaded" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
@@ -189,11 +189,11 @@ def test_an_input_shape_the_onnx_model_cannot_take_is_refused(cli, tmp_path):
     """--input-shape is the user's word: one that does not fit the ONNX input is an error, not silently dropped."""
     path = export_onnx(depth_models.relu_kaiming(), tmp_path / "mlp.onnx")  # input [1, 64]
     for shape in ("3,3", "32"):
-        result = cli("probe", path, "--input-shape", shape)
+        result = cli("probe", path, "--trust-code", "--input-shape", shape)
         assert result.exit_code == 2, result.output
         (line,) = result.stderr.strip().splitlines()
         assert "--input-shape" in line and "does not fit input" in line
-    assert cli("probe", path, "--input-shape", "64", "--format", "json").exit_code == 0
+    assert cli("probe", path, "--trust-code", "--input-shape", "64", "--format", "json").exit_code == 0
 
 
 def test_chart_off_a_terminal_is_not_wrapped_padded_or_coloured(cli):
