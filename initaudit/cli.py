@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import sys
 import traceback
@@ -25,7 +26,7 @@ from . import discover, reporters
 from . import rules as rulebook
 from .activations import parse
 from .errors import InputError, NoWeights, did_you_mean
-from .printable import printable
+from .printable import printable, show_unencodable
 from .probe_command import probe, run_options, run_policy
 from .report import FAIL_ON, FileError, Results
 
@@ -60,6 +61,28 @@ def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     global _DEBUG
     _DEBUG = _DEBUG or value
     ctx.meta["initaudit.debug"] = _DEBUG  # shared with every subcommand's context (probe shows a child's output)
+    if value:
+        _show_library_output(True)
+
+
+def _show_library_output(show: bool) -> None:
+    """Other libraries' Python warnings and log records (torch, transformers, timm, onnx...) on stderr as they
+    come (--debug), or dropped: stderr carries initaudit's own lines only."""
+    warnings.simplefilter("default" if show else "ignore")
+    logging.disable(logging.NOTSET if show else logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def _library_output_kept_off_stderr():
+    """`_show_library_output` for one run of the command line; the process' filters and logging as they were
+    afterwards (the Python API and the test suite keep theirs)."""
+    disabled = logging.root.manager.disable
+    with warnings.catch_warnings():
+        _show_library_output(_debugging())
+        try:
+            yield
+        finally:
+            logging.disable(disabled)
 
 
 def _debug_option(command):
@@ -87,10 +110,10 @@ class _Group(click.Group):
         _DEBUG = False
         kwargs["standalone_mode"] = False
         kwargs["prog_name"] = "initaudit"
-        warnings.simplefilter("ignore", FutureWarning)  # libraries' deprecation notices (torch.jit...) are not ours to print
-        warnings.simplefilter("ignore", DeprecationWarning)
+        show_unencodable(sys.stdout)
         try:
-            code = super().main(*args, **kwargs)
+            with _library_output_kept_off_stderr():
+                code = super().main(*args, **kwargs)
         except InputError as exc:
             _fail(f"initaudit: error: {exc}")
         except click.exceptions.Abort:

@@ -265,7 +265,7 @@ def _torch_layout_swapped(layer: Layer, param: Param) -> bool:
 
 def _tensor_seed(seed: int, key: str) -> int:
     """Each tensor's draw depends on the seed and its name only, not on what else is fixed."""
-    return (seed * 0x9E3779B1 + zlib.crc32(key.encode())) % (2 ** 63)
+    return (seed * 0x9E3779B1 + zlib.crc32(key.encode("utf-8", "surrogatepass"))) % (2 ** 63)
 
 
 def _scheme_name(m: Measured) -> str:

@@ -12,11 +12,13 @@ LEVEL = {"error": "error", "warning": "warning", "info": "notice"}
 
 
 def _escape(text: str) -> str:
-    """Workflow-command escaping over `printable`: no control character reaches the log."""
-    return printable(text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A"))
+    """A workflow command's data: the text as `printable` shows it (so no line break ends the command early and
+    no control character reaches the log), then GitHub's own escape of '%'."""
+    return printable(text).replace("%", "%25")
 
 
 def _escape_property(text: str) -> str:
+    """A property (file=, title=): also ':' and ',', which would end it."""
     return _escape(text).replace(":", "%3A").replace(",", "%2C")
 
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 from typing import IO
 
+from ..printable import printable
 from ..report import Results
 from . import View, message
 
@@ -19,8 +20,8 @@ def issues(results: Results) -> list[dict]:
     out = []
     for report, f in results.findings:
         key = "\0".join((report.model, f.rule, f.tensor))
-        out.append({"description": f"{f.layer}: {message(f)}", "check_name": f"{f.code} {f.rule}",
-                    "fingerprint": hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest(),
+        out.append({"description": f"{printable(f.layer)}: {message(f)}", "check_name": f"{f.code} {f.rule}",
+                    "fingerprint": hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest(),
                     "severity": SEVERITY[f.severity], "location": {"path": report.model, "lines": {"begin": 1}}})
     return out
 
