@@ -4,6 +4,7 @@ commit of this repository, and every repository URL in the project is the one of
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shlex
@@ -184,6 +185,27 @@ def test_explain_and_sarif_link_into_the_repository():
 
 
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
+SOURCE_PATH = re.compile(r"`(initaudit/[\w/]+(?:\.py)?)`")
+
+
+def missing_paths(page: Path) -> list[str]:
+    return sorted(p for p in set(SOURCE_PATH.findall(page.read_text(encoding="utf-8"))) if not (ROOT / p).exists())
+
+
+def resolve(dotted: str):
+    """What a dotted name names: a module, or an attribute of one (AttributeError where there is none)."""
+    try:
+        return importlib.import_module(dotted)
+    except ModuleNotFoundError:
+        module, _, attr = dotted.rpartition(".")
+        return getattr(resolve(module), attr)
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p != ARCHITECTURE], ids=lambda p: p.name)
+def test_source_paths_and_public_names_shown_exist(page):
+    assert not missing_paths(page), f"{page.name} names files that do not exist"
+    for dotted in re.findall(r"`(initaudit(?:\.[A-Za-z_]\w*)+)`", page.read_text(encoding="utf-8")):
+        resolve(dotted)
 
 
 def test_the_architecture_page_names_paths_that_exist():
@@ -191,5 +213,5 @@ def test_the_architecture_page_names_paths_that_exist():
     if not (ROOT / "initaudit" / "pipeline.py").exists():
         pytest.skip("the stage packages of docs/architecture.md (initaudit/pipeline.py, load/, flow/...) are not "
                     "in place yet")
-    named = set(re.findall(r"`(initaudit/[\w/]+(?:\.py)?)`", ARCHITECTURE.read_text(encoding="utf-8")))
-    assert named and not [p for p in sorted(named) if not (ROOT / p).exists()]
+    assert SOURCE_PATH.findall(ARCHITECTURE.read_text(encoding="utf-8"))
+    assert not missing_paths(ARCHITECTURE), "docs/architecture.md names files that do not exist"
