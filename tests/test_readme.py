@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
+import click
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -89,8 +90,6 @@ def command_lines(page: Path) -> list[str]:
 
 
 def options_of(command) -> set[str]:
-    import click
-
     params = command.get_params(click.Context(command))
     return {name for p in params for name in (*p.opts, *p.secondary_opts)}
 
