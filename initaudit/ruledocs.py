@@ -14,9 +14,8 @@ from pathlib import Path
 import yaml
 
 from . import rules as rulebook
+from .project import RULE_DOCS_URL
 
-# Where the rendered pages are published (the repository's docs/rules folder).
-DOCS_URL = "https://github.com/initaudit/initaudit/blob/main/docs/rules/"
 FIXES = {
     "reinit": "`initaudit fix MODEL -o OUT` re-draws the layer with the scheme its activation calls for "
               "(`initaudit.fix(module)` on a live module).",
@@ -26,7 +25,7 @@ FIXES = {
 
 
 def url(rule: rulebook.Rule) -> str:
-    return f"{DOCS_URL}{rule.name}.md"
+    return f"{RULE_DOCS_URL}{rule.name}.md"
 
 
 def _condition(cond: dict) -> str:

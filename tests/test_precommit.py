@@ -1,6 +1,7 @@
-"""The pre-commit hook: the manifest validates, and a hook built from it runs through pre-commit itself on a
-temporary git repository holding a good and a bad checkpoint (offline: PRE_COMMIT_HOME in a temp folder,
-a `repo: local` hook with `language: system` running this checkout's CLI)."""
+"""The shipped pre-commit hook and GitHub Action, run as a user pastes them. The README's pre-commit snippet goes
+into a fresh repository whose `repo:` is a local git repository holding the shipped `.pre-commit-hooks.yaml`
+(committed: pre-commit clones it at `rev:` like the published one) and pre-commit itself runs it, offline:
+PRE_COMMIT_HOME in a temp folder, an `initaudit` first on PATH that runs this checkout's CLI."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ import pytest
 import yaml
 
 from conftest import ROOT
+from readme_snippets import action_step, precommit_repo
 
 FIXTURES = ROOT / "fixtures"
 MANIFEST = ROOT / ".pre-commit-hooks.yaml"
+BAD_FINDING = "models/bad.pt:4: IA101 zero-weights error: all 16384 weights are zero"
+QUIET_GIT = {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
 
 
 def pre_commit() -> str:
@@ -29,9 +33,56 @@ def pre_commit() -> str:
     return found
 
 
-def env(home: Path) -> dict:
+def env(home: Path, path: str | None = None) -> dict:
     return {**os.environ, "PRE_COMMIT_HOME": str(home / "cache"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-            "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "NO_COLOR": "1"}
+            **QUIET_GIT, "NO_COLOR": "1", "PATH": path or os.environ.get("PATH", "")}
+
+
+def git(repo: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo,
+                          env={**os.environ, **QUIET_GIT}, check=True, capture_output=True, text=True, timeout=60)
+    return done.stdout.strip()
+
+
+def hook_repository(where: Path) -> tuple[Path, str]:
+    """A git repository standing in for the published one: the shipped manifest, committed. Returns its path and
+    HEAD. With `language: system` pre-commit needs nothing else from it (it installs nothing)."""
+    where.mkdir()
+    shutil.copy(MANIFEST, where / MANIFEST.name)
+    git(where, "init", "-q")
+    git(where, "add", ".")
+    git(where, "commit", "-q", "-m", "hooks")
+    return where, git(where, "rev-parse", "HEAD")
+
+
+def consumer_repository(where: Path, hooks: Path, rev: str) -> Path:
+    """A fresh repository with the README's pre-commit snippet (its `repo:` and `rev:` pointed at `hooks`), a good
+    and a bad checkpoint and a script the hook must not read, all committed."""
+    entry = {**precommit_repo(), "repo": str(hooks), "rev": rev}
+    (where / "models").mkdir(parents=True)
+    (where / ".pre-commit-config.yaml").write_text(yaml.safe_dump({"repos": [entry]}))
+    shutil.copy(FIXTURES / "resnet_kaiming.pt", where / "models" / "good.pt")
+    shutil.copy(FIXTURES / "zero_layer_mlp.pt", where / "models" / "bad.pt")
+    (where / "train.py").write_text("print('not a model')\n")
+    git(where, "init", "-q")
+    git(where, "add", ".")
+    git(where, "commit", "-q", "-m", "models")
+    return where
+
+
+def initaudit_shim(folder: Path) -> Path:
+    """An `initaudit` executable that runs this checkout's CLI with this interpreter (what `pip install` puts on
+    PATH)."""
+    folder.mkdir()
+    shim = folder / "initaudit"
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m initaudit.cli "$@"\n')
+    shim.chmod(0o755)
+    return folder
+
+
+def run_all(exe: str, repo: Path, home: Path, path: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([exe, "run", "--all-files", "--color", "never"], cwd=repo, env=env(home, path),
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_the_manifest_is_valid(tmp_path):
@@ -40,43 +91,63 @@ def test_the_manifest_is_valid(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     (hook,) = yaml.safe_load(MANIFEST.read_text())
     assert hook["id"] == "initaudit" and hook["entry"] == "initaudit check" and hook.get("pass_filenames", True)
+    # pre-commit builds no environment of its own (a `python` hook would pip-install torch into it).
+    assert hook["language"] == "system" and "additional_dependencies" not in hook
     pattern = re.compile(hook["files"])
     assert all(pattern.search(n) for n in ("m.pt", "a/b.safetensors", "x.onnx", "c.ckpt", "w.bin", "m.pth"))
     assert not any(pattern.search(n) for n in ("train.py", "README.md", "m.pt.txt"))
 
 
-def test_the_hook_runs_through_pre_commit(tmp_path):
+def test_the_readme_snippet_runs_the_shipped_hook(tmp_path):
     exe = pre_commit()
-    (hook,) = yaml.safe_load(MANIFEST.read_text())
-    repo = tmp_path / "repo"
-    (repo / "models").mkdir(parents=True)
-    shutil.copy(FIXTURES / "resnet_kaiming.pt", repo / "models" / "good.pt")
-    shutil.copy(FIXTURES / "zero_layer_mlp.pt", repo / "models" / "bad.pt")
-    (repo / "train.py").write_text("print('not a model')\n")
-    # The published hook, as a local one: its entry run by this interpreter, its files pattern and settings.
-    local = {**{k: hook[k] for k in ("id", "name", "files", "types", "require_serial")},
-             "entry": f"{sys.executable} -m initaudit.cli {hook['entry'].split(' ', 1)[1]}", "language": "system"}
-    (repo / ".pre-commit-config.yaml").write_text(yaml.safe_dump({"repos": [{"repo": "local", "hooks": [local]}]}))
-    e = env(tmp_path)
+    hooks, rev = hook_repository(tmp_path / "hooks")
+    repo = consumer_repository(tmp_path / "repo", hooks, rev)
+    path = f"{initaudit_shim(tmp_path / 'bin')}{os.pathsep}{os.environ.get('PATH', '')}"
 
-    def git(*args):
-        subprocess.run(["git", *args], cwd=repo, env=e, check=True, capture_output=True, timeout=60)
-
-    git("init", "-q")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "add", ".")
-
-    def hook_run(*files):
-        return subprocess.run([exe, "run", "--color", "never", "--files", *files], cwd=repo, env=e,
-                              capture_output=True, text=True, timeout=300)
-
-    good = hook_run("models/good.pt", "train.py")
-    assert good.returncode == 0, good.stdout + good.stderr
-    assert re.search(r"initaudit\.+Passed", good.stdout)
-    both = hook_run("models/good.pt", "models/bad.pt", "train.py")
+    both = run_all(exe, repo, tmp_path, path)
     assert both.returncode == 1, both.stdout + both.stderr
     assert re.search(r"initaudit\.+Failed", both.stdout)
-    assert "models/bad.pt:4: IA101 zero-weights error: all 16384 weights are zero" in both.stdout
+    assert BAD_FINDING in both.stdout
     assert "2 files, " in both.stdout and "train.py" not in both.stdout.split("Failed", 1)[1]
+
+    git(repo, "rm", "-q", "models/bad.pt")
+    git(repo, "commit", "-q", "-m", "drop the bad model")
+    good = run_all(exe, repo, tmp_path, path)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert re.search(r"initaudit\.+Passed", good.stdout)
+
+
+def test_without_initaudit_installed_the_hook_says_so(tmp_path):
+    """The trade-off of `language: system`: the hook runs the `initaudit` on PATH, and says so when there is none."""
+    exe = pre_commit()
+    path = str(Path(shutil.which("git")).parent)
+    if shutil.which("initaudit", path=path):
+        pytest.skip(f"an initaudit is installed beside git ({path}): cannot run without one on PATH")
+    hooks, rev = hook_repository(tmp_path / "hooks")
+    repo = consumer_repository(tmp_path / "repo", hooks, rev)
+    done = run_all(exe, repo, tmp_path, path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Executable `initaudit` not found" in done.stdout
+
+
+def run_check_step(where: Path, inputs: dict) -> subprocess.CompletedProcess:
+    """action.yml's last step, run by bash in `where` as the runner would, with `initaudit` this checkout's CLI."""
+    check = yaml.safe_load((ROOT / "action.yml").read_text())["runs"]["steps"][-1]
+    shim = f'initaudit() {{ "{sys.executable}" -m initaudit.cli "$@"; }}\n'
+    return subprocess.run(["bash", "-c", shim + check["run"]], cwd=where, capture_output=True, text=True,
+                          env={**env(where), **inputs}, timeout=300)
+
+
+def test_the_readme_workflow_runs_the_action(tmp_path):
+    """The README's workflow step, its `with:` inputs over action.yml's defaults, fails on a bad model."""
+    action = yaml.safe_load((ROOT / "action.yml").read_text())
+    given = {**{k: v.get("default", "") for k, v in action["inputs"].items()}, **action_step().get("with", {})}
+    (tmp_path / "models").mkdir()
+    shutil.copy(FIXTURES / "zero_layer_mlp.pt", tmp_path / "models" / "bad.pt")
+    shutil.copy(FIXTURES / "resnet_kaiming.pt", tmp_path / "models" / "good.pt")
+    done = run_check_step(tmp_path, {"PATHS": given["paths"], "ARGS": given["args"], "FORMAT": given["format"]})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stdout.startswith("::error file=models/bad.pt,title=IA101 zero-weights (4)::")
 
 
 def test_the_github_action_runs_its_check_step(tmp_path):
@@ -92,10 +163,8 @@ def test_the_github_action_runs_its_check_step(tmp_path):
     (models / "deep").mkdir(parents=True)
     shutil.copy(FIXTURES / "zero_layer_mlp.pt", models / "deep" / "bad.pt")
     shutil.copy(FIXTURES / "resnet_kaiming.pt", models / "good.pt")
-    shim = f'initaudit() {{ "{sys.executable}" -m initaudit.cli "$@"; }}\n'
     inputs = {"PATHS": "models/**/*.pt", "ARGS": "--fail-on error", "FORMAT": action["inputs"]["format"]["default"]}
-    done = subprocess.run(["bash", "-c", shim + check["run"]], cwd=tmp_path, capture_output=True, text=True,
-                          env={**env(tmp_path), **inputs}, timeout=300)
+    done = run_check_step(tmp_path, inputs)
     assert done.returncode == 1, done.stderr
     assert done.stdout.splitlines() == [
         "::error file=models/deep/bad.pt,title=IA101 zero-weights (4)::4: all 16384 weights are zero; every unit "

@@ -10,6 +10,7 @@ from typing import IO
 from .. import __version__
 from .. import rules as rulebook
 from ..report import Results
+from ..project import REPOSITORY_URL
 from ..ruledocs import url
 from . import View
 
@@ -21,7 +22,7 @@ def to_sarif(results: Results) -> dict:
     rules = rulebook.builtin_rules()
     index = {rule.code: i for i, rule in enumerate(rules)}
     driver = {
-        "name": "initaudit", "version": __version__, "informationUri": "https://pypi.org/project/initaudit/",
+        "name": "initaudit", "version": __version__, "informationUri": REPOSITORY_URL,
         "rules": [{"id": r.code, "name": r.name, "shortDescription": {"text": r.summary},
                    "fullDescription": {"text": r.why}, "help": {"text": f"{r.why}\n\nRun `initaudit explain {r.name}`."},
                    "helpUri": url(r), "defaultConfiguration": {"level": LEVEL[r.severity]}} for r in rules],
