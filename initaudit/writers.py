@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .files import within
 from .loaders import Loaded
 from .loaders import safetensors_file
 from .outputs import Protected, atomic, atomic_folder, check_suffix
@@ -281,15 +282,21 @@ def _write_shard(loaded: Loaded, new: dict[str, torch.Tensor], shard: str, dest:
 
 
 def _copy_regular_files(src: Path, dest: Path, skip: set[str]) -> list[tuple[str, str]]:
-    """Copy the regular files of `src` (not following links, keeping their mode); return what was left out."""
+    """Copy the regular files of `src`, keeping their mode: a link only when the file policy lets the model
+    read what it leads to (in a Hugging Face cache snapshot, its blob); return what was left out."""
     left_out = []
     for item in sorted(src.iterdir()):
         if item.name in skip:
             continue
         try:
-            fd = os.open(item, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a link fails here, a FIFO never blocks
+            real = within(src, item.name, src) if item.is_symlink() else item
+        except InputError:
+            left_out.append((item.name, "a link leading outside the model's folder"))
+            continue
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO never blocks
         except OSError:
-            left_out.append((item.name, "a link" if item.is_symlink() else "not readable"))
+            left_out.append((item.name, "not readable"))
             continue
         with os.fdopen(fd, "rb") as source:
             st = os.fstat(fd)
