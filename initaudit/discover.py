@@ -6,20 +6,23 @@ folder is walked, and a file in it counts as a model when its first bytes say so
 legacy pickle, a safetensors header, an ONNX protobuf), whatever its name, and so does a file named like
 a model (`.pt`, `.pth`, `.ckpt`, `.safetensors`, `.onnx`), whatever its bytes, so that a truncated or
 overwritten checkpoint is reported as unreadable instead of skipped. A pattern with `*`, `?` or `[` that
-names no existing path is a glob (`**` recursive); the files it matches are taken as a walk's are
-(`models/*` skips a README). A `scheme://...` address is passed to the loader untouched. Folders and
-files matching `exclude` (ruff's defaults unless replaced) or `extend-exclude` are skipped while walking
-and globbing, never when named outright.
+names no existing path is a glob (`**` recursive, `*` skipping hidden names, as glob.glob has them); the
+files it matches are taken as a walk's are (`models/*` skips a README), and like a walk it follows no link:
+below the pattern's fixed leading folders (which may be links the user typed) links are neither matched nor
+entered. A file reached twice (named twice, or through a link the user typed) is audited once, by its real
+path. A `scheme://...` address is passed to the loader untouched. Folders and files matching `exclude`
+(ruff's defaults unless replaced) or `extend-exclude` are skipped while walking and globbing, never when
+named outright.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import glob
 import os
 import re
 import stat
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputError
@@ -110,8 +113,7 @@ def _expand_one(text: str, excluded: Excluder) -> list[str | Path]:
     if is_url(text):
         return [text]
     if _GLOB.search(text) and not os.path.lexists(text):
-        matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
-        matches = [m for m in matches if not any(excluded(p) for p in (m, *m.parents))]
+        matches = [m for m in _glob(text) if not any(excluded(p) for p in (m, *m.parents))]
         if not matches:
             raise InputError(f"{text}: no such file or directory (and no file matches it as a pattern)")
         found = [item for m in matches if m.is_dir() or _model_file(m)
@@ -122,6 +124,41 @@ def _expand_one(text: str, excluded: Excluder) -> list[str | Path]:
     path = Path(text)
     is_folder = model_kind(path) == "folder"  # a missing path, FIFO or device is refused here, before torch
     return _walk(path, excluded) if is_folder and not is_model_folder(path) else [path]
+
+
+def _glob(pattern: str) -> list[Path]:
+    """The paths `pattern` matches, sorted, as glob.glob(recursive=True) gives them but through no link: after the
+    pattern's fixed leading folders, a link (to a folder or a file) is neither entered nor matched."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if _GLOB.search(part))
+    segments = [s for i, s in enumerate(parts[fixed:], fixed) if s != "**" or parts[i - 1:i] != ("**",)]
+    return sorted(set(_matches(Path(*parts[:fixed]), segments)))
+
+
+def _matches(folder: Path, segments: list[str]) -> Iterator[Path]:
+    """What `segments` (`**`: any number of folders) match below `folder`, following no link."""
+    if not segments:
+        yield folder
+        return
+    head, rest = segments[0], segments[1:]
+    if head == "**":
+        yield from _matches(folder, rest)
+    for entry in _entries(folder):
+        if entry.is_symlink() or (entry.name.startswith(".") and not head.startswith(".")):
+            continue
+        is_dir = entry.is_dir(follow_symlinks=False)
+        if head == "**" and is_dir:
+            yield from _matches(folder / entry.name, segments)
+        elif head != "**" and fnmatch.fnmatch(entry.name, head) and (is_dir or not rest):
+            yield from _matches(folder / entry.name, rest)
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError:  # not a folder, gone, no permission: nothing matches there
+        return []
 
 
 def _walk(root: Path, excluded: Excluder) -> list[Path]:
@@ -154,9 +191,10 @@ def _model_file(path: Path) -> bool:
 
 
 def _unique(items: list[str | Path]) -> list[str | Path]:
+    """Each model once, by its real path (a URL by its text), in the order first named."""
     seen, out = set(), []
     for item in items:
-        key = item if isinstance(item, str) else os.path.abspath(item)
+        key = item if isinstance(item, str) else os.path.realpath(item)
         if key not in seen:
             seen.add(key)
             out.append(item)

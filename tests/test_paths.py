@@ -150,3 +150,54 @@ def test_only_links_may_reach_the_blobs_not_names_in_an_index(snapshot):
     line = one_stderr_line(result)
     assert result.exit_code == 2
     assert f"index.json: refers to '../../blobs/{blob.name}', outside the model's folder" in line
+
+
+# ---------------------------------------------------------------- globs: no folder links, each file once
+
+def linked_tree(tmp: Path, *links: tuple[str, str]) -> Path:
+    """d/m.pt and d/sub/n.pt (a small state_dict each), plus the links given as (name in d, target)."""
+    (tmp / "d" / "sub").mkdir(parents=True)
+    for name in ("m.pt", "sub/n.pt"):
+        torch.save({"fc.weight": torch.randn(8, 8) * 0.5}, tmp / "d" / name)
+    for name, target in links:
+        (tmp / "d" / name).symlink_to(target)
+    return tmp / "d"
+
+
+def audited(tmp: Path, *args: str) -> list[str]:
+    """The models `check` audits, in a child process (a glob that loops must not hang the test run)."""
+    done = subprocess.run([sys.executable, "-m", "initaudit.cli", "check", *args, "--format", "json"], cwd=tmp,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode in (0, 1) and not done.stderr, done.stderr
+    data = json.loads(done.stdout)
+    return sorted(f["model"] for f in data["files"]) if "files" in data else [data["model"]]
+
+
+def test_a_glob_with_two_links_back_to_its_folder_ends(tmp_path):
+    linked_tree(tmp_path, ("a", "."), ("b", "."))
+    assert audited(tmp_path, "d/**/*.pt") == ["d/m.pt", "d/sub/n.pt"]
+
+
+def test_a_glob_audits_a_file_once_through_a_link_back(tmp_path):
+    linked_tree(tmp_path, ("again", "."))
+    assert audited(tmp_path, "d/**/*.pt") == ["d/m.pt", "d/sub/n.pt"]
+    assert audited(tmp_path, "d/*/*.pt") == ["d/sub/n.pt"]
+
+
+def test_a_glob_does_not_follow_a_link_out_of_its_tree(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    torch.save({"fc.weight": torch.randn(8, 8)}, elsewhere / "secret.pt")
+    linked_tree(tmp_path, ("out", "../elsewhere"), ("file.pt", "../elsewhere/secret.pt"))
+    assert audited(tmp_path, "d/**/*.pt") == ["d/m.pt", "d/sub/n.pt"]
+    assert audited(tmp_path, "d/*") == ["d/m.pt", "d/sub/n.pt"]
+    result = run("check", tmp_path / "d" / "out" / "*.pt")  # the pattern's own fixed folders may be links
+    assert result.exit_code in (0, 1) and "secret.pt" in result.stdout
+    assert one_stderr_line(run("check", tmp_path / "d" / "o*" / "*.pt")).endswith("no file matches it as a pattern)")
+
+
+def test_a_file_named_twice_is_audited_once(tmp_path):
+    linked_tree(tmp_path, ("alias.pt", "m.pt"))
+    (tmp_path / "top.pt").symlink_to("d/m.pt")
+    assert audited(tmp_path, "d/m.pt", "top.pt", "d/*.pt") == ["d/m.pt"]
+    assert audited(tmp_path, "top.pt", "d") == ["d/sub/n.pt", "top.pt"]
