@@ -350,16 +350,18 @@ def _fix_one(model, target, factory, trust_pickle, options, all_layers, only, se
         from .audit import analyse
         from .fixer import repair
         from .loaders import load
+        from .outputs import Stamp
         from .reporters import fix_table
         from .writers import check_target, write
 
+    read_as = Stamp(Path(model)) if in_place else None  # before it is read: replaced only while unchanged
     loaded = load(model, trust_pickle=trust_pickle, factory=factory)
     written = load(model, trust_pickle=trust_pickle) if factory else loaded
     if target is not None and not in_place:
         check_target(written, target)
     result = repair(analyse(loaded, options), all_layers, list(only), seed, force)
     written_to = target if target is not None and result.tensors else None  # nothing fixed: no file written
-    notes = write(written, result.tensors, target, in_place) if written_to else []
+    notes = write(written, result.tensors, target, read_as) if written_to else []
     if probe_too:
         from .probe import before_after
         result.depth["measured"] = before_after(loaded, options, result.tensors, written_to, trust_pickle, factory)

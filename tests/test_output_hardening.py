@@ -3,6 +3,7 @@ crash-safe, links are never copied, every error is one escaped line on stderr.""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -403,3 +404,119 @@ def _partly_written(folder: Path) -> bool:
                    if ".initaudit-tmp" in str(p.relative_to(folder)))
     except OSError:  # renamed or removed while we looked
         return False
+
+
+# ---------------------------------------------------------------- the final step replaces nothing it did not mean to
+
+def _fix_in_child(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "initaudit.cli", "fix", *map(str, args), *PT], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _meanwhile(monkeypatch, action) -> list:
+    """Run `action` once, when this run's output is complete under its temporary name, before its final step."""
+    from initaudit import outputs
+
+    real, done = outputs._fsync, []
+
+    def fsync_then_act(path: Path) -> None:
+        real(path)
+        if not done:
+            done.append(action())
+
+    monkeypatch.setattr(outputs, "_fsync", fsync_then_act)
+    return done
+
+
+def _files(folder: Path, but: str = "\0") -> dict[str, bytes]:
+    """Every file under `folder` and its bytes (but those whose path holds `but`)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and but not in str(p)}
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "safetensors", "torchscript", "onnx_external", "hf_folder"])
+def test_of_two_runs_writing_the_same_name_the_second_loses_with_one_line(fmt, tmp_path, monkeypatch):
+    """Another `fix --output-dir OUT` process writes the same name while this one is between its temporary file
+    and its final step: the other's file stays, whole; this run exits 2 with one line and leaves nothing."""
+    model = DETERMINISTIC[fmt](tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    winner = _meanwhile(monkeypatch, lambda: (_fix_in_child(model, "--output-dir", out, "--seed", 1),
+                                              _files(out, but=".initaudit-tmp")))
+    result = run("fix", model, "--output-dir", out, "--seed", 2, *PT)
+    (other, written), = winner
+    assert other.returncode == 0 and written, other.stderr
+    line = one_stderr_line(result)
+    assert result.exit_code == 2
+    assert f"{out / model.name}: appeared while initaudit was writing it" in line or \
+        (fmt == "onnx_external" and f"{out / model.name}.data: appeared while" in line), line
+    assert _files(out) == written  # the winner's output, nothing of the loser's, no temporary file
+
+
+def test_fix_o_still_replaces_a_file_that_was_there_before(tmp_path):
+    model = save_as(models.zero_layer(), "state_dict", tmp_path)[0]
+    out = tmp_path / "fixed.pt"
+    out.write_bytes(b"an older fix")
+    assert run("fix", model, "-o", out, "--seed", 0, *PT).exit_code == 0
+    assert set(torch.load(out, weights_only=True)) == set(torch.load(model, weights_only=True))
+
+
+def _rewrite_same_size(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    with open(path, "r+b") as f:  # same file, same size: only its modification time tells
+        f.write(data)
+    time.sleep(0.02)  # past the file system's timestamp granularity
+
+
+def _replace_by_rename(path: Path) -> None:
+    shutil.copy(path, path.with_name("copy"))
+    os.replace(path.with_name("copy"), path)
+
+
+CHANGES = {"rewritten in place": _rewrite_same_size, "replaced by a rename": _replace_by_rename}
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "safetensors", "hf_folder"])
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_in_place_refuses_an_input_changed_since_it_was_read(change, fmt, tmp_path, monkeypatch):
+    """Another program writes MODEL after fix read it and before fix replaces it: its version stays."""
+    from initaudit import fixer
+
+    model = DETERMINISTIC[fmt](tmp_path)
+    changed = model / "model.safetensors" if model.is_dir() else model
+    theirs, repair = [], fixer.repair
+
+    def change_then_repair(*args, **kwargs):
+        CHANGES[change](changed)
+        theirs.append(changed.read_bytes())
+        return repair(*args, **kwargs)
+
+    monkeypatch.setattr(fixer, "repair", change_then_repair)
+    result = run("fix", model, "--in-place", "--seed", 0, *PT)
+    assert result.exit_code == 2 and one_stderr_line(result) == (
+        f"initaudit: error: {changed}: changed after initaudit started (another program wrote it); not replaced, "
+        "run initaudit again")
+    assert [changed.read_bytes()] == theirs
+    assert not [p for p in changed.parent.iterdir() if ".initaudit-tmp" in p.name]
+
+
+def test_without_hard_links_the_name_is_claimed_and_the_race_still_lost(tmp_path, monkeypatch):
+    """On a file system without hard links (link(2) fails with EPERM, as on FAT), a new file still never replaces
+    one that appeared meanwhile; with no competitor it is written as usual."""
+    def no_hard_links(src, dst, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    model = save_as(models.zero_layer(), "state_dict", tmp_path)[0]
+    assert run("fix", model, "-o", tmp_path / "alone.pt", "--seed", 0, *PT).exit_code == 0
+    assert set(torch.load(tmp_path / "alone.pt", weights_only=True)) == set(torch.load(model, weights_only=True))
+    out = tmp_path / "out"
+    out.mkdir()
+    winner = _meanwhile(monkeypatch, lambda: (_fix_in_child(model, "--output-dir", out, "--seed", 1),
+                                              _files(out, but=".initaudit-tmp")))
+    result = run("fix", model, "--output-dir", out, "--seed", 2, *PT)
+    (other, written), = winner
+    assert other.returncode == 0 and result.exit_code == 2
+    assert "model.pt: appeared while initaudit was writing it" in one_stderr_line(result)
+    assert _files(out) == written
