@@ -4,8 +4,9 @@ Every file goes through `outputs.atomic` (a temporary name beside the target, fs
 place only when complete, never over a file that appeared meanwhile) and a new Hugging Face folder
 through `outputs.atomic_folder`, so an interrupted run leaves the old files whole and nothing under
 the final name. No output may land on a file the model reads (`outputs.Protected`); `--in-place`
-replaces MODEL's files only while they are the versions that were read (`outputs.Stamp`). Tensors that were not replaced are written back bit
-for bit, and the same input and new tensors give the same bytes.
+replaces MODEL's files only while they are the versions that were read (`outputs.Stamp`). Tensors
+that were not replaced are written back bit for bit, and the same input and new tensors give the
+same bytes.
 """
 
 from __future__ import annotations
