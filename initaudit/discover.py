@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputError
-from .files import model_kind
+from .files import cache_link, model_kind
 
 # ruff's default exclusions: tool caches, virtual environments, build output, VCS folders.
 DEFAULT_EXCLUDE = (".bzr", ".direnv", ".eggs", ".git", ".git-rewrite", ".hg", ".ipynb_checkpoints", ".mypy_cache",
@@ -127,8 +127,9 @@ def _expand_one(text: str, excluded: Excluder) -> list[str | Path]:
 
 
 def _glob(pattern: str) -> list[Path]:
-    """The paths `pattern` matches, sorted, as glob.glob(recursive=True) gives them but through no link: after the
-    pattern's fixed leading folders, a link (to a folder or a file) is neither entered nor matched."""
+    """The paths `pattern` matches, sorted, as glob.glob(recursive=True) gives them but following no link: after
+    the pattern's fixed leading folders, a link is neither entered nor matched (but for a cache snapshot's link
+    to its blob, as in a walk)."""
     parts = Path(pattern).parts
     fixed = next(i for i, part in enumerate(parts) if _GLOB.search(part))
     segments = [s for i, s in enumerate(parts[fixed:], fixed) if s != "**" or parts[i - 1:i] != ("**",)]
@@ -136,21 +137,30 @@ def _glob(pattern: str) -> list[Path]:
 
 
 def _matches(folder: Path, segments: list[str]) -> Iterator[Path]:
-    """What `segments` (`**`: any number of folders) match below `folder`, following no link."""
+    """What `segments` (`**`: any number of folders) match below `folder`; `*` and `**` skip hidden names."""
     if not segments:
         yield folder
         return
     head, rest = segments[0], segments[1:]
     if head == "**":
         yield from _matches(folder, rest)
+        for sub in _subfolders(folder):
+            yield from _matches(sub, segments)
+        return
     for entry in _entries(folder):
-        if entry.is_symlink() or (entry.name.startswith(".") and not head.startswith(".")):
+        path = folder / entry.name
+        if not fnmatch.fnmatch(entry.name, head) or (entry.name.startswith(".") and not head.startswith(".")):
             continue
-        is_dir = entry.is_dir(follow_symlinks=False)
-        if head == "**" and is_dir:
-            yield from _matches(folder / entry.name, segments)
-        elif head != "**" and fnmatch.fnmatch(entry.name, head) and (is_dir or not rest):
-            yield from _matches(folder / entry.name, rest)
+        if rest and entry.is_dir(follow_symlinks=False):
+            yield from _matches(path, rest)
+        elif not rest and (not entry.is_symlink() or cache_link(path)):
+            yield path
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """The folders `**` enters below `folder`: real ones (not links), not hidden, as a walk would."""
+    names = [e.name for e in _entries(folder) if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+    return [folder / name for name in _cached_models(folder, names)]
 
 
 def _entries(folder: Path) -> list[os.DirEntry]:
@@ -167,7 +177,7 @@ def _walk(root: Path, excluded: Excluder) -> list[Path]:
     for folder, dirs, files in os.walk(root, onerror=None, followlinks=False):
         here = Path(folder)
         keep = []
-        for name in sorted(dirs):
+        for name in sorted(_cached_models(here, dirs)):
             sub = here / name
             if excluded(sub) or sub.is_symlink():
                 continue
@@ -185,9 +195,17 @@ def _walk(root: Path, excluded: Excluder) -> list[Path]:
     return sorted(found)
 
 
+def _cached_models(folder: Path, subfolders: list[str]) -> list[str]:
+    """The subfolders a walk enters: in a Hugging Face cache's `models--*` folder only `snapshots` (its `blobs`
+    are the same files under hash names, `.no_exist` holds empty markers of files the Hub lacks)."""
+    return [s for s in subfolders if s == "snapshots"] if folder.name.startswith("models--") else subfolders
+
+
 def _model_file(path: Path) -> bool:
-    """A regular file (not a link) that a walk or a glob takes for a model: by its bytes or by its name."""
-    return stat.S_ISREG(path.lstat().st_mode) and (path.suffix.lower() in MODEL_SUFFIXES or looks_like_model(path))
+    """A regular file (not a link, but for a cache snapshot's link to its blob) that a walk or a glob takes for a
+    model: by its bytes or by its name."""
+    return ((stat.S_ISREG(path.lstat().st_mode) or cache_link(path))
+            and (path.suffix.lower() in MODEL_SUFFIXES or looks_like_model(path)))
 
 
 def _unique(items: list[str | Path]) -> list[str | Path]:

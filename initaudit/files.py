@@ -68,6 +68,15 @@ def cached_repo(folder: Path) -> Path | None:
     return None
 
 
+def cache_link(path: Path) -> bool:
+    """Whether `path` is a link in a Hugging Face cache snapshot to a regular file inside its `models--*` folder."""
+    try:
+        return (path.is_symlink() and cached_repo(_resolved(path.parent, path)) is not None
+                and bool(inside(path.parent, path.name, path)))
+    except InputError:
+        return False
+
+
 def inside(folder: Path, name: str, referrer: Path) -> Path:
     """The real path of the regular file `name` (relative to the model's `folder`) that `referrer`
     points to, when it is `within` the folder's bounds; else one InputError line."""

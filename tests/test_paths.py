@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import scan_cache_dir
+from safetensors.torch import save_file
 from transformers import BertConfig, BertModel
 
 from conftest import ROOT
@@ -138,6 +139,30 @@ def test_a_snapshot_link_leaving_its_repo_is_refused_naming_it(case, typed, snap
     line = one_stderr_line(result)
     assert result.exit_code == 2
     assert f"{pointer}: leads outside the cached model's folder {snapshot.parents[1].resolve()};" in line
+
+
+def adapter_repo(cache: Path) -> Path:
+    """A cached PEFT adapter: adapter_config.json and adapter_model.safetensors, no config.json."""
+    saved = cache.parent / "adapter"
+    saved.mkdir()
+    (saved / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    save_file({"base_model.model.fc.lora_A.weight": torch.randn(4, 32) * 0.1,
+               "base_model.model.fc.lora_B.weight": torch.zeros(32, 4)}, str(saved / "adapter_model.safetensors"))
+    return hub_cache(cache, "org/lora", saved)
+
+
+def test_walking_a_cache_audits_each_snapshot_once_and_no_blob_or_marker(snapshot):
+    """`check ~/.cache/huggingface/hub`: the snapshots' models, through their links; not the blobs they name
+    (hash-named copies of the same bytes) nor the empty files huggingface_hub leaves in .no_exist/."""
+    cache = snapshot.parents[2]
+    adapter = adapter_repo(cache)
+    marker = adapter.parents[1] / ".no_exist" / REVISION / "model.safetensors"  # looked for, not on the Hub
+    marker.parent.mkdir(parents=True)
+    marker.touch()
+    found = audited(cache.parent, "hub")
+    assert found == sorted(str(p.relative_to(cache.parent)) for p in (snapshot, adapter / "adapter_model.safetensors"))
+    assert audited(cache.parent, "hub/**/*.safetensors") == sorted(
+        str(p.relative_to(cache.parent)) for p in (snapshot / "model.safetensors", adapter / "adapter_model.safetensors"))
 
 
 def test_only_links_may_reach_the_blobs_not_names_in_an_index(snapshot):
