@@ -159,10 +159,10 @@ def test_walking_a_cache_audits_each_snapshot_once_and_no_blob_or_marker(snapsho
     marker = adapter.parents[1] / ".no_exist" / REVISION / "model.safetensors"  # looked for, not on the Hub
     marker.parent.mkdir(parents=True)
     marker.touch()
-    found = audited(cache.parent, "hub")
-    assert found == sorted(str(p.relative_to(cache.parent)) for p in (snapshot, adapter / "adapter_model.safetensors"))
+    weights = adapter / "adapter_model.safetensors"
+    assert audited(cache.parent, "hub") == sorted(str(p.relative_to(cache.parent)) for p in (snapshot, weights))
     assert audited(cache.parent, "hub/**/*.safetensors") == sorted(
-        str(p.relative_to(cache.parent)) for p in (snapshot / "model.safetensors", adapter / "adapter_model.safetensors"))
+        str(p.relative_to(cache.parent)) for p in (snapshot / "model.safetensors", weights))
 
 
 def test_only_links_may_reach_the_blobs_not_names_in_an_index(snapshot):
