@@ -328,6 +328,8 @@ def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ig
     clash = next((t for t in chosen if chosen.count(t) > 1), None)
     if clash:
         raise InputError(f"{clash}: two models would be written here; give them different names")
+    from .outputs import Stamp  # what each output (or, --in-place, input) is now, before anything is read
+    stamps = {target: Stamp(target) for _, target in plans if target is not None}
     view = reporters.View(color=reporters.use_color(color, sys.stdout), width=reporters.terminal_width(sys.stdout))
     codes = []
     for model, target in plans:
@@ -335,7 +337,7 @@ def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ig
             click.echo(printable(f"{model}:"))
         try:
             codes.append(_fix_one(model, target, factory, trust_pickle, options, all_layers, only, seed, dry_run,
-                                  in_place, force, view, probe_too))
+                                  in_place, force, view, probe_too, stamps.get(target)))
         except InputError as exc:
             if not several:
                 raise
@@ -345,23 +347,21 @@ def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ig
 
 
 def _fix_one(model, target, factory, trust_pickle, options, all_layers, only, seed, dry_run, in_place, force, view,
-             probe_too) -> int:
+             probe_too, stamp=None) -> int:
     with _heavy_imports():
         from .audit import analyse
         from .fixer import repair
         from .loaders import load
-        from .outputs import Stamp
         from .reporters import fix_table
         from .writers import check_target, write
 
-    read_as = Stamp(Path(model)) if in_place else None  # before it is read: replaced only while unchanged
     loaded = load(model, trust_pickle=trust_pickle, factory=factory)
     written = load(model, trust_pickle=trust_pickle) if factory else loaded
     if target is not None and not in_place:
         check_target(written, target)
     result = repair(analyse(loaded, options), all_layers, list(only), seed, force)
     written_to = target if target is not None and result.tensors else None  # nothing fixed: no file written
-    notes = write(written, result.tensors, target, read_as) if written_to else []
+    notes = write(written, result.tensors, target, in_place, stamp) if written_to else []
     if probe_too:
         from .probe import before_after
         result.depth["measured"] = before_after(loaded, options, result.tensors, written_to, trust_pickle, factory)

@@ -5,15 +5,15 @@ the model reads, or lies inside a folder model's folder. Files are written under
 beside the target, fsynced and moved into place; folders are assembled in a scratch folder
 beside the target and moved into place when complete. A failed write leaves no temporary file.
 
-The final step never replaces what it did not mean to. A target absent when the write began is
+The final step never replaces what it did not mean to. A target absent when the run began is
 published without replacing anything: a file is hard-linked to its final name (link(2) fails when
 the name exists; on a file system without hard links the name is claimed with O_EXCL and the
 file renamed over the claim, so a crash there can leave an empty file under the name), a folder
 is renamed over an empty folder made with mkdir(2) (which fails when the name exists). Another
 run that took the name meanwhile keeps it, and this write fails with one line. A target present
 at the start (`-o` naming an existing file, `--in-place`) is replaced only while it is still the
-same file (device, inode, size, modification time): as it was when the write began, or, for
-`--in-place`, as it was before the model was read (`Stamp`). Between that last check and the
+same file (device, inode, size, modification time) as when the run began, before anything was
+read (`Stamp`; for `--in-place`, as MODEL was read). Between that last check and the
 rename, no lock is held: a writer that ignores initaudit can still change the file in that instant.
 """
 
@@ -121,32 +121,51 @@ class Identity(NamedTuple):
 
 
 def identity(path: Path) -> Identity | None:
-    """The Identity of what `path` names (links followed); None when nothing is there."""
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    """The Identity of what `path` names (a link followed; a broken one, itself); None when nothing is there."""
+    for stat_of in (os.stat, os.lstat):
+        try:
+            st = stat_of(path)
+        except OSError:
+            continue
+        return Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return None
 
 
 class Stamp:
-    """What MODEL's files were before the model was read (a folder: every file under it), so that `--in-place`
-    replaces one only while it is still the version that was read."""
+    """What a run's output held when the run began, before anything was read: the path itself and, for a folder,
+    every file under it, else every other entry of its folder (where companion files, such as an ONNX model's
+    data, are written). For --in-place the output is MODEL, so this is what was read."""
 
-    def __init__(self, model: Path):
-        files = [Path(d, n) for d, _, names in os.walk(model) for n in names] if model.is_dir() else [model]
-        self.seen = {os.path.abspath(f): identity(f) for f in files}
+    def __init__(self, output: Path):
+        if output.is_dir():
+            paths = [output, *(Path(d, n) for d, _, names in os.walk(output) for n in names)]
+        else:
+            paths = [output, *(output.parent / n for n in _names(output.parent))]
+        self.seen = {os.path.abspath(p): identity(p) for p in paths}
 
     def of(self, path: Path) -> Identity | None:
+        """What `path` was when the run began (None: nothing, or a name this run did not expect to write)."""
         return self.seen.get(os.path.abspath(path))
+
+    def check(self, path: Path) -> None:
+        """Refuse (one InputError line) a `path` that is no longer what it was when the run began."""
+        _unchanged(path, self.of(path))
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:  # no such folder: the write will say so
+        return []
 
 
 @contextmanager
-def atomic(target: Path, read_as: Stamp | None = None) -> Iterator[Path]:
-    """A temporary path beside `target`, fsynced and moved into place on success, removed on failure. An absent
-    `target` is never replaced by the final step; a present one only while it is the same version as at the
-    start (or, given `read_as`, as when the model was read)."""
-    expected = read_as.of(target) if read_as is not None else identity(target)
+def atomic(target: Path, before: Stamp | None = None) -> Iterator[Path]:
+    """A temporary path beside `target`, fsynced and moved into place on success, removed on failure. The final
+    step replaces only the version of `target` there when the run began (`before`; else when this write
+    began), and creates it, replacing nothing, where there was none."""
+    expected = _expected(target, before)
+    _unchanged(target, expected)  # early, to spare the write; the final step checks again
     try:
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:120]}.", suffix=TMP_SUFFIX)
     except OSError as exc:
@@ -163,6 +182,18 @@ def atomic(target: Path, read_as: Stamp | None = None) -> Iterator[Path]:
         raise write_error(target, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _expected(target: Path, before: Stamp | None) -> Identity | None:
+    return before.of(target) if before is not None else identity(target)
+
+
+def _unchanged(target: Path, expected: Identity | None) -> None:
+    """Refuse a `target` that is no longer what it was when the run began (absent, or that version)."""
+    if expected is None and os.path.lexists(target):
+        raise _taken(target)
+    if expected is not None:
+        _still(target, expected)
 
 
 def _publish(tmp: Path, target: Path, expected: Identity | None) -> None:
@@ -197,17 +228,19 @@ def _still(target: Path, expected: Identity) -> None:
 
 
 def _taken(target: Path) -> InputError:
-    return InputError(f"{target}: appeared while initaudit was writing it (another run or program took the name); "
+    return InputError(f"{target}: appeared after initaudit started (another run or program took the name); "
                       "not replaced, this run's output was discarded")
 
 
 @contextmanager
-def atomic_folder(target: Path) -> Iterator[Path]:
+def atomic_folder(target: Path, before: Stamp | None = None) -> Iterator[Path]:
     """A scratch folder beside `target` (which must be absent or empty), moved to it when complete: over the
-    empty folder that was there, else over a new empty one this run makes (never over another run's)."""
+    empty folder there when the run began (`before`; else when this write began), else over a new empty one
+    this run makes (never over another run's)."""
+    expected = _expected(target, before)
+    _unchanged(target, expected)
     if target.is_dir() and any(target.iterdir()):
         raise InputError(f"{target}: a folder that is not empty; give a new folder name for the fixed model")
-    expected = identity(target)
     try:
         scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name[:120]}.", suffix=TMP_SUFFIX))
     except OSError as exc:

@@ -3,10 +3,10 @@
 Every file goes through `outputs.atomic` (a temporary name beside the target, fsynced, moved into
 place only when complete, never over a file that appeared meanwhile) and a new Hugging Face folder
 through `outputs.atomic_folder`, so an interrupted run leaves the old files whole and nothing under
-the final name. No output may land on a file the model reads (`outputs.Protected`); `--in-place`
-replaces MODEL's files only while they are the versions that were read (`outputs.Stamp`). Tensors
-that were not replaced are written back bit for bit, and the same input and new tensors give the
-same bytes.
+the final name. No output may land on a file the model reads (`outputs.Protected`), nor on one
+written since the run began (`outputs.Stamp`; for `--in-place`, MODEL's files as they were read).
+Tensors that were not replaced are written back bit for bit, and the same input and new tensors
+give the same bytes.
 """
 
 from __future__ import annotations
@@ -36,18 +36,21 @@ def apply_to_module(module: torch.nn.Module, new: dict[str, torch.Tensor]) -> No
             state[key].copy_(tensor)
 
 
-def write(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, read_as: Stamp | None = None) -> list[str]:
-    """Write `loaded` with the tensors of `new` (by audited key) replaced, in its own format, to `out`; return
-    notes on what was left out. For --in-place, `out` is `loaded.path` and `read_as` its files before they were
-    read: a file changed since is not replaced."""
+def write(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, in_place: bool = False,
+          before: Stamp | None = None) -> list[str]:
+    """Write `loaded` with the tensors of `new` (by audited key) replaced, in its own format, to `out`
+    (`loaded.path` itself with `in_place`); return notes on what was left out. `before`: what `out` held when
+    the run began (for --in-place, before MODEL was read); nothing written since is replaced."""
     writer = {"torch-state-dict": _state_dict, "torch-module": _pickled_module, "torchscript": _torchscript,
               "safetensors": _safetensors, "onnx": _onnx, "hf-folder": _hf_folder}.get(loaded.format)
     if writer is None or (loaded.path is None and loaded.format != "safetensors"):
         raise InputError(f"cannot write the {loaded.format} format"
                          + (f" from {loaded.source}" if loaded.source else ""))
-    if read_as is None:
+    if not in_place:
+        if before is not None:
+            before.check(out)  # a name taken since the run began: said so, not "not empty" or the like
         check_target(loaded, out)
-    return writer(loaded, new, out, Protected(loaded), read_as) or []
+    return writer(loaded, new, out, Protected(loaded), before) or []
 
 
 def check_target(loaded: Loaded, out: Path) -> None:
@@ -82,10 +85,10 @@ class _Sink:
 _RELEASE_BYTES = 1 << 20  # records this large hand back the source's pages once written
 
 
-def _torch_save(obj, out: Path, read_as: Stamp | None, pages=None) -> None:
+def _torch_save(obj, out: Path, before: Stamp | None, pages=None) -> None:
     """torch.save through a file object: the archive's inner folder is then always 'archive', not the temp name.
     Untouched tensors are written straight from the mapped source (`pages`: where it is mapped)."""
-    with atomic(out, read_as) as tmp, open(tmp, "wb") as file:
+    with atomic(out, before) as tmp, open(tmp, "wb") as file:
         sink = _Sink(file, pages)
         try:
             torch.save(obj, sink)
@@ -96,7 +99,7 @@ def _torch_save(obj, out: Path, read_as: Stamp | None, pages=None) -> None:
 
 
 def _state_dict(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected,
-                read_as: Stamp | None) -> None:
+                before: Stamp | None) -> None:
     c = loaded.container
     levels = [c.root]
     for key in c.path:
@@ -109,25 +112,25 @@ def _state_dict(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protect
         parent = copy.copy(level)
         parent[key] = inner
         inner = parent
-    _torch_save(inner, out, read_as, c.pages)
+    _torch_save(inner, out, before, c.pages)
 
 
 def _pickled_module(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected,
-                    read_as: Stamp | None) -> None:
+                    before: Stamp | None) -> None:
     apply_to_module(loaded.module, new)
-    _torch_save(loaded.module, out, read_as)
+    _torch_save(loaded.module, out, before)
 
 
 def _torchscript(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected,
-                 read_as: Stamp | None) -> None:
+                 before: Stamp | None) -> None:
     apply_to_module(loaded.module, new)
-    with atomic(out, read_as) as tmp, open(tmp, "wb") as sink:
+    with atomic(out, before) as tmp, open(tmp, "wb") as sink:
         torch.jit.save(loaded.module, sink)
 
 
 def _safetensors(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected,
-                 read_as: Stamp | None) -> None:
-    with atomic(out, read_as) as tmp:
+                 before: Stamp | None) -> None:
+    with atomic(out, before) as tmp:
         stream_safetensors(loaded.container["file"], new, tmp)
 
 
@@ -172,7 +175,7 @@ def _bytes(tensor: torch.Tensor, code: str, key: str) -> memoryview:
 
 
 def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected,
-          read_as: Stamp | None) -> None:
+          before: Stamp | None) -> None:
     """Only the rewritten initializers change; external data is streamed tensor by tensor into a new data file.
     A model that kept every initializer external keeps the rewritten ones external too, however small."""
     import onnx  # only here: checking and fixing other formats never loads onnx
@@ -197,7 +200,7 @@ def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Pr
             data[views[key].index] = new[key].numpy().astype(data.dtype)
         proto.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(data), proto.name))
     if not any(uses_external_data(p) for p in loaded.container.sources.values()):
-        with atomic(out, read_as) as tmp:
+        with atomic(out, before) as tmp:
             onnx.save_model(model, str(tmp))
         return
     # A data file that is none of the model's files, so the old model and its data stay whole.
@@ -205,7 +208,7 @@ def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Pr
     while protected.clash(out.parent / location):
         n += 1
         location = f"{out.name}.{n}.data"
-    with atomic(out.parent / location) as data_tmp:
+    with atomic(out.parent / location, before) as data_tmp:
         with open(data_tmp, "wb") as sink:
             for proto in sources.values():
                 if uses_external_data(proto):
@@ -218,7 +221,7 @@ def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Pr
                 else:
                     continue
                 _point_to(proto, location, offset, sink.tell() - offset)
-    with atomic(out, read_as) as tmp:  # the data first: the model never points at a missing file
+    with atomic(out, before) as tmp:  # the data first: the model never points at a missing file
         onnx.save_model(model, str(tmp))
 
 
@@ -255,7 +258,7 @@ def _point_to(proto: onnx.TensorProto, location: str, offset: int, length: int) 
 
 
 def _hf_folder(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected,
-               read_as: Stamp | None) -> list[str]:
+               before: Stamp | None) -> list[str]:
     """A Hugging Face folder: the weight files that hold a new tensor rewritten; for a new folder, every
     other regular file copied (never a link leaving the model's folder, a device or a subfolder: those are
     listed in the notes)."""
@@ -264,12 +267,12 @@ def _hf_folder(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protecte
     touched = sorted({shards[k] for k in new})
     if out == src:  # --in-place: each rewritten shard replaced atomically, nothing else touched
         for shard in touched:
-            with atomic(src / shard, read_as) as tmp:
+            with atomic(src / shard, before) as tmp:
                 _write_shard(loaded, new, shard, tmp)
         return []
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: a file; a Hugging Face model folder is written to a folder")
-    with atomic_folder(out) as scratch:
+    with atomic_folder(out, before) as scratch:
         left_out = _copy_regular_files(src, scratch, skip=set(touched))
         for shard in touched:
             _write_shard(loaded, new, shard, scratch / shard)

@@ -413,18 +413,22 @@ def _fix_in_child(*args) -> subprocess.CompletedProcess:
                           text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
-def _meanwhile(monkeypatch, action) -> list:
-    """Run `action` once, when this run's output is complete under its temporary name, before its final step."""
-    from initaudit import outputs
+def _meanwhile(monkeypatch, when: str, action) -> list:
+    """Run `action` once, at `when`: "reading" (after MODEL is loaded, before fix re-draws anything), or
+    "writing" (this run's output complete under its temporary name, before its final step)."""
+    from initaudit import fixer, outputs
 
-    real, done = outputs._fsync, []
+    module, name = (fixer, "repair") if when == "reading" else (outputs, "_fsync")
+    real, done = getattr(module, name), []
 
-    def fsync_then_act(path: Path) -> None:
-        real(path)
+    def act_then_go_on(*args, **kwargs):
+        if when == "writing":
+            real(*args, **kwargs)
         if not done:
             done.append(action())
+        return real(*args, **kwargs) if when == "reading" else None
 
-    monkeypatch.setattr(outputs, "_fsync", fsync_then_act)
+    monkeypatch.setattr(module, name, act_then_go_on)
     return done
 
 
@@ -434,22 +438,24 @@ def _files(folder: Path, but: str = "\0") -> dict[str, bytes]:
             if p.is_file() and but not in str(p)}
 
 
+@pytest.mark.parametrize("when", ["reading", "writing"])
 @pytest.mark.parametrize("fmt", ["state_dict", "safetensors", "torchscript", "onnx_external", "hf_folder"])
-def test_of_two_runs_writing_the_same_name_the_second_loses_with_one_line(fmt, tmp_path, monkeypatch):
-    """Another `fix --output-dir OUT` process writes the same name while this one is between its temporary file
-    and its final step: the other's file stays, whole; this run exits 2 with one line and leaves nothing."""
+def test_of_two_runs_writing_the_same_name_the_second_loses_with_one_line(fmt, when, tmp_path, monkeypatch):
+    """Another `fix --output-dir OUT` process writes the same name while this one reads the model, or is between
+    its temporary file and its final step: the other's file stays, whole; this run exits 2 with one line and
+    leaves nothing."""
     model = DETERMINISTIC[fmt](tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    winner = _meanwhile(monkeypatch, lambda: (_fix_in_child(model, "--output-dir", out, "--seed", 1),
-                                              _files(out, but=".initaudit-tmp")))
+    winner = _meanwhile(monkeypatch, when, lambda: (_fix_in_child(model, "--output-dir", out, "--seed", 1),
+                                                    _files(out, but=".initaudit-tmp")))
     result = run("fix", model, "--output-dir", out, "--seed", 2, *PT)
     (other, written), = winner
     assert other.returncode == 0 and written, other.stderr
     line = one_stderr_line(result)
     assert result.exit_code == 2
-    assert f"{out / model.name}: appeared while initaudit was writing it" in line or \
-        (fmt == "onnx_external" and f"{out / model.name}.data: appeared while" in line), line
+    assert f"{out / model.name}: appeared after initaudit started" in line or \
+        (fmt == "onnx_external" and f"{out / model.name}.data: appeared after" in line), line
     assert _files(out) == written  # the winner's output, nothing of the loser's, no temporary file
 
 
@@ -513,10 +519,10 @@ def test_without_hard_links_the_name_is_claimed_and_the_race_still_lost(tmp_path
     assert set(torch.load(tmp_path / "alone.pt", weights_only=True)) == set(torch.load(model, weights_only=True))
     out = tmp_path / "out"
     out.mkdir()
-    winner = _meanwhile(monkeypatch, lambda: (_fix_in_child(model, "--output-dir", out, "--seed", 1),
-                                              _files(out, but=".initaudit-tmp")))
+    winner = _meanwhile(monkeypatch, "writing", lambda: (_fix_in_child(model, "--output-dir", out, "--seed", 1),
+                                                         _files(out, but=".initaudit-tmp")))
     result = run("fix", model, "--output-dir", out, "--seed", 2, *PT)
     (other, written), = winner
     assert other.returncode == 0 and result.exit_code == 2
-    assert "model.pt: appeared while initaudit was writing it" in one_stderr_line(result)
+    assert "model.pt: appeared after initaudit started" in one_stderr_line(result)
     assert _files(out) == written
