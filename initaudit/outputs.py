@@ -133,14 +133,14 @@ def identity(path: Path) -> Identity | None:
 
 class Stamp:
     """What a run's output held when the run began, before anything was read: the path itself and, for a folder,
-    every file under it, else every other entry of its folder (where companion files, such as an ONNX model's
-    data, are written). For --in-place the output is MODEL, so this is what was read."""
+    every file under it, else every entry of its folder named after it (its companions, such as the NAME.data
+    of an ONNX model). For --in-place the output is MODEL, so this is what was read."""
 
     def __init__(self, output: Path):
         if output.is_dir():
             paths = [output, *(Path(d, n) for d, _, names in os.walk(output) for n in names)]
         else:
-            paths = [output, *(output.parent / n for n in _names(output.parent))]
+            paths = [output, *(output.parent / n for n in _names(output.parent) if n.startswith(output.name))]
         self.seen = {os.path.abspath(p): identity(p) for p in paths}
 
     def of(self, path: Path) -> Identity | None:
