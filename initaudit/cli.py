@@ -355,6 +355,8 @@ def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ig
     clash = next((t for t in chosen if chosen.count(t) > 1), None)
     if clash:
         raise InputError(f"{clash}: two models would be written here; give them different names")
+    from .outputs import Stamp  # what each output (or, --in-place, input) is now, before anything is read
+    stamps = {target: Stamp(target) for _, target in plans if target is not None}
     view = reporters.View(color=reporters.use_color(color, sys.stdout), width=reporters.terminal_width(sys.stdout))
     policy = run_policy(**run, pickled=factory is None, debug=_debugging()) if probe_too else None
     codes = []
@@ -363,7 +365,7 @@ def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ig
             click.echo(printable(f"{model}:"))
         try:
             codes.append(_fix_one(model, target, factory, trust_pickle, options, all_layers, only, seed, dry_run,
-                                  in_place, force, view, policy))
+                                  in_place, force, view, policy, stamps.get(target)))
         except InputError as exc:
             if not several:
                 raise
@@ -373,8 +375,8 @@ def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ig
 
 
 def _fix_one(model, target, factory, trust_pickle, options, all_layers, only, seed, dry_run, in_place, force, view,
-             policy) -> int:
-    """`policy`: how `--probe` runs the model (None: no probe)."""
+             policy, stamp=None) -> int:
+    """`policy`: how `--probe` runs the model (None: no probe); `stamp`: the output as it was at the start."""
     with _heavy_imports():
         from .audit import analyse
         from .fixer import repair
@@ -391,7 +393,7 @@ def _fix_one(model, target, factory, trust_pickle, options, all_layers, only, se
         check_target(written, target)
     result = repair(analyse(loaded, options), all_layers, list(only), seed, force)
     written_to = target if target is not None and result.tensors else None  # nothing fixed: no file written
-    notes = write(written, result.tensors, target, in_place) if written_to else []
+    notes = write(written, result.tensors, target, in_place, stamp) if written_to else []
     if policy is not None:
         from .probe import before_after
         result.depth["measured"] = before_after(loaded, options, result.tensors, written_to, trust_pickle, factory,

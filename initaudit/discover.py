@@ -6,24 +6,27 @@ folder is walked, and a file in it counts as a model when its first bytes say so
 legacy pickle, a safetensors header, an ONNX protobuf), whatever its name, and so does a file named like
 a model (`.pt`, `.pth`, `.ckpt`, `.safetensors`, `.onnx`), whatever its bytes, so that a truncated or
 overwritten checkpoint is reported as unreadable instead of skipped. A pattern with `*`, `?` or `[` that
-names no existing path is a glob (`**` recursive); the files it matches are taken as a walk's are
-(`models/*` skips a README). A `scheme://...` address is passed to the loader untouched. Folders and
-files matching `exclude` (ruff's defaults unless replaced) or `extend-exclude` are skipped while walking
-and globbing, never when named outright.
+names no existing path is a glob (`**` recursive, `*` skipping hidden names, as glob.glob has them); the
+files it matches are taken as a walk's are (`models/*` skips a README), and like a walk it follows no link:
+below the pattern's fixed leading folders (which may be links the user typed) links are neither matched nor
+entered. A file reached twice (named twice, or through a link the user typed) is audited once, by its real
+path. A `scheme://...` address is passed to the loader untouched. Folders and files matching `exclude`
+(ruff's defaults unless replaced) or `extend-exclude` are skipped while walking and globbing, never when
+named outright.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import glob
 import os
 import re
 import stat
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputError
-from .files import model_kind
+from .files import cache_link, model_kind
 
 # ruff's default exclusions: tool caches, virtual environments, build output, VCS folders.
 DEFAULT_EXCLUDE = (".bzr", ".direnv", ".eggs", ".git", ".git-rewrite", ".hg", ".ipynb_checkpoints", ".mypy_cache",
@@ -110,8 +113,7 @@ def _expand_one(text: str, excluded: Excluder) -> list[str | Path]:
     if is_url(text):
         return [text]
     if _GLOB.search(text) and not os.path.lexists(text):
-        matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
-        matches = [m for m in matches if not any(excluded(p) for p in (m, *m.parents))]
+        matches = [m for m in _glob(text) if not any(excluded(p) for p in (m, *m.parents))]
         if not matches:
             raise InputError(f"{text}: no such file or directory (and no file matches it as a pattern)")
         found = [item for m in matches if m.is_dir() or _model_file(m)
@@ -124,13 +126,58 @@ def _expand_one(text: str, excluded: Excluder) -> list[str | Path]:
     return _walk(path, excluded) if is_folder and not is_model_folder(path) else [path]
 
 
+def _glob(pattern: str) -> list[Path]:
+    """The paths `pattern` matches, sorted, as glob.glob(recursive=True) gives them but following no link: after
+    the pattern's fixed leading folders, a link is neither entered nor matched (but for a cache snapshot's link
+    to its blob, as in a walk)."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if _GLOB.search(part))
+    segments = [s for i, s in enumerate(parts[fixed:], fixed) if s != "**" or parts[i - 1:i] != ("**",)]
+    return sorted(set(_matches(Path(*parts[:fixed]), segments)))
+
+
+def _matches(folder: Path, segments: list[str]) -> Iterator[Path]:
+    """What `segments` (`**`: any number of folders) match below `folder`; `*` and `**` skip hidden names."""
+    if not segments:
+        yield folder
+        return
+    head, rest = segments[0], segments[1:]
+    if head == "**":
+        yield from _matches(folder, rest)
+        for sub in _subfolders(folder):
+            yield from _matches(sub, segments)
+        return
+    for entry in _entries(folder):
+        path = folder / entry.name
+        if not fnmatch.fnmatch(entry.name, head) or (entry.name.startswith(".") and not head.startswith(".")):
+            continue
+        if rest and entry.is_dir(follow_symlinks=False):
+            yield from _matches(path, rest)
+        elif not rest and (not entry.is_symlink() or cache_link(path)):
+            yield path
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """The folders `**` enters below `folder`: real ones (not links), not hidden, as a walk would."""
+    names = [e.name for e in _entries(folder) if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+    return [folder / name for name in _cached_models(folder, names)]
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError:  # not a folder, gone, no permission: nothing matches there
+        return []
+
+
 def _walk(root: Path, excluded: Excluder) -> list[Path]:
     """Model files and model folders under `root`, sorted; links are not followed, excluded entries skipped."""
     found: list[Path] = []
     for folder, dirs, files in os.walk(root, onerror=None, followlinks=False):
         here = Path(folder)
         keep = []
-        for name in sorted(dirs):
+        for name in sorted(_cached_models(here, dirs)):
             sub = here / name
             if excluded(sub) or sub.is_symlink():
                 continue
@@ -148,15 +195,24 @@ def _walk(root: Path, excluded: Excluder) -> list[Path]:
     return sorted(found)
 
 
+def _cached_models(folder: Path, subfolders: list[str]) -> list[str]:
+    """The subfolders a walk enters: in a Hugging Face cache's `models--*` folder only `snapshots` (its `blobs`
+    are the same files under hash names, `.no_exist` holds empty markers of files the Hub lacks)."""
+    return [s for s in subfolders if s == "snapshots"] if folder.name.startswith("models--") else subfolders
+
+
 def _model_file(path: Path) -> bool:
-    """A regular file (not a link) that a walk or a glob takes for a model: by its bytes or by its name."""
-    return stat.S_ISREG(path.lstat().st_mode) and (path.suffix.lower() in MODEL_SUFFIXES or looks_like_model(path))
+    """A regular file (not a link, but for a cache snapshot's link to its blob) that a walk or a glob takes for a
+    model: by its bytes or by its name."""
+    return ((stat.S_ISREG(path.lstat().st_mode) or cache_link(path))
+            and (path.suffix.lower() in MODEL_SUFFIXES or looks_like_model(path)))
 
 
 def _unique(items: list[str | Path]) -> list[str | Path]:
+    """Each model once, by its real path (a URL by its text), in the order first named."""
     seen, out = set(), []
     for item in items:
-        key = item if isinstance(item, str) else os.path.abspath(item)
+        key = item if isinstance(item, str) else os.path.realpath(item)
         if key not in seen:
             seen.add(key)
             out.append(item)

@@ -1,10 +1,12 @@
 """Write a model back in the format it was read from, with some tensors replaced.
 
-Every file goes through `outputs.atomic` (a temporary name beside the target, fsynced, renamed
-over it only when complete) and a new Hugging Face folder through `outputs.atomic_folder`, so an
-interrupted run leaves the old files whole and nothing under the final name. No output may land on
-a file the model reads (`outputs.Protected`). Tensors that were not replaced are written back bit
-for bit, and the same input and new tensors give the same bytes.
+Every file goes through `outputs.atomic` (a temporary name beside the target, fsynced, moved into
+place only when complete, never over a file that appeared meanwhile) and a new Hugging Face folder
+through `outputs.atomic_folder`, so an interrupted run leaves the old files whole and nothing under
+the final name. No output may land on a file the model reads (`outputs.Protected`), nor on one
+written since the run began (`outputs.Stamp`; for `--in-place`, MODEL's files as they were read).
+Tensors that were not replaced are written back bit for bit, and the same input and new tensors
+give the same bytes.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .files import within
 from .loaders import Loaded
 from .loaders import safetensors_file
-from .outputs import Protected, atomic, atomic_folder, check_suffix
+from .outputs import Protected, Stamp, atomic, atomic_folder, check_suffix
 
 
 def apply_to_module(module: torch.nn.Module, new: dict[str, torch.Tensor]) -> None:
@@ -33,17 +36,21 @@ def apply_to_module(module: torch.nn.Module, new: dict[str, torch.Tensor]) -> No
             state[key].copy_(tensor)
 
 
-def write(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, in_place: bool = False) -> list[str]:
+def write(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, in_place: bool = False,
+          before: Stamp | None = None) -> list[str]:
     """Write `loaded` with the tensors of `new` (by audited key) replaced, in its own format, to `out`
-    (`loaded.path` itself with `in_place`); return notes on what was left out."""
+    (`loaded.path` itself with `in_place`); return notes on what was left out. `before`: what `out` held when
+    the run began (for --in-place, before MODEL was read); nothing written since is replaced."""
     writer = {"torch-state-dict": _state_dict, "torch-module": _pickled_module, "torchscript": _torchscript,
               "safetensors": _safetensors, "onnx": _onnx, "hf-folder": _hf_folder}.get(loaded.format)
     if writer is None or (loaded.path is None and loaded.format != "safetensors"):
         raise InputError(f"cannot write the {loaded.format} format"
                          + (f" from {loaded.source}" if loaded.source else ""))
     if not in_place:
+        if before is not None:
+            before.check(out)  # a name taken since the run began: said so, not "not empty" or the like
         check_target(loaded, out)
-    return writer(loaded, new, out, Protected(loaded)) or []
+    return writer(loaded, new, out, Protected(loaded), before) or []
 
 
 def check_target(loaded: Loaded, out: Path) -> None:
@@ -78,10 +85,10 @@ class _Sink:
 _RELEASE_BYTES = 1 << 20  # records this large hand back the source's pages once written
 
 
-def _torch_save(obj, out: Path, pages=None) -> None:
+def _torch_save(obj, out: Path, before: Stamp | None, pages=None) -> None:
     """torch.save through a file object: the archive's inner folder is then always 'archive', not the temp name.
     Untouched tensors are written straight from the mapped source (`pages`: where it is mapped)."""
-    with atomic(out) as tmp, open(tmp, "wb") as file:
+    with atomic(out, before) as tmp, open(tmp, "wb") as file:
         sink = _Sink(file, pages)
         try:
             torch.save(obj, sink)
@@ -91,7 +98,8 @@ def _torch_save(obj, out: Path, pages=None) -> None:
             raise
 
 
-def _state_dict(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
+def _state_dict(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected,
+                before: Stamp | None) -> None:
     c = loaded.container
     levels = [c.root]
     for key in c.path:
@@ -104,22 +112,25 @@ def _state_dict(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protect
         parent = copy.copy(level)
         parent[key] = inner
         inner = parent
-    _torch_save(inner, out, c.pages)
+    _torch_save(inner, out, before, c.pages)
 
 
-def _pickled_module(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
+def _pickled_module(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected,
+                    before: Stamp | None) -> None:
     apply_to_module(loaded.module, new)
-    _torch_save(loaded.module, out)
+    _torch_save(loaded.module, out, before)
 
 
-def _torchscript(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
+def _torchscript(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected,
+                 before: Stamp | None) -> None:
     apply_to_module(loaded.module, new)
-    with atomic(out) as tmp, open(tmp, "wb") as sink:
+    with atomic(out, before) as tmp, open(tmp, "wb") as sink:
         torch.jit.save(loaded.module, sink)
 
 
-def _safetensors(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
-    with atomic(out) as tmp:
+def _safetensors(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected,
+                 before: Stamp | None) -> None:
+    with atomic(out, before) as tmp:
         stream_safetensors(loaded.container["file"], new, tmp)
 
 
@@ -163,7 +174,8 @@ def _bytes(tensor: torch.Tensor, code: str, key: str) -> memoryview:
     return memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
 
 
-def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> None:
+def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected,
+          before: Stamp | None) -> None:
     """Only the rewritten initializers change; external data is streamed tensor by tensor into a new data file.
     A model that kept every initializer external keeps the rewritten ones external too, however small."""
     import onnx  # only here: checking and fixing other formats never loads onnx
@@ -188,7 +200,7 @@ def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Pr
             data[views[key].index] = new[key].numpy().astype(data.dtype)
         proto.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(data), proto.name))
     if not any(uses_external_data(p) for p in loaded.container.sources.values()):
-        with atomic(out) as tmp:
+        with atomic(out, before) as tmp:
             onnx.save_model(model, str(tmp))
         return
     # A data file that is none of the model's files, so the old model and its data stay whole.
@@ -196,7 +208,7 @@ def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Pr
     while protected.clash(out.parent / location):
         n += 1
         location = f"{out.name}.{n}.data"
-    with atomic(out.parent / location) as data_tmp:
+    with atomic(out.parent / location, before) as data_tmp:
         with open(data_tmp, "wb") as sink:
             for proto in sources.values():
                 if uses_external_data(proto):
@@ -209,7 +221,7 @@ def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Pr
                 else:
                     continue
                 _point_to(proto, location, offset, sink.tell() - offset)
-    with atomic(out) as tmp:  # the data first: the model never points at a missing file
+    with atomic(out, before) as tmp:  # the data first: the model never points at a missing file
         onnx.save_model(model, str(tmp))
 
 
@@ -245,20 +257,22 @@ def _point_to(proto: onnx.TensorProto, location: str, offset: int, length: int) 
         entry.key, entry.value = key, str(value)
 
 
-def _hf_folder(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected) -> list[str]:
+def _hf_folder(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Protected,
+               before: Stamp | None) -> list[str]:
     """A Hugging Face folder: the weight files that hold a new tensor rewritten; for a new folder, every
-    other regular file copied (never a link, a device or a subfolder: those are listed in the notes)."""
+    other regular file copied (never a link leaving the model's folder, a device or a subfolder: those are
+    listed in the notes)."""
     shards = loaded.container["shards"]  # key -> shard file name
     src = loaded.path
     touched = sorted({shards[k] for k in new})
     if out == src:  # --in-place: each rewritten shard replaced atomically, nothing else touched
         for shard in touched:
-            with atomic(src / shard) as tmp:
+            with atomic(src / shard, before) as tmp:
                 _write_shard(loaded, new, shard, tmp)
         return []
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: a file; a Hugging Face model folder is written to a folder")
-    with atomic_folder(out) as scratch:
+    with atomic_folder(out, before) as scratch:
         left_out = _copy_regular_files(src, scratch, skip=set(touched))
         for shard in touched:
             _write_shard(loaded, new, shard, scratch / shard)
@@ -281,15 +295,21 @@ def _write_shard(loaded: Loaded, new: dict[str, torch.Tensor], shard: str, dest:
 
 
 def _copy_regular_files(src: Path, dest: Path, skip: set[str]) -> list[tuple[str, str]]:
-    """Copy the regular files of `src` (not following links, keeping their mode); return what was left out."""
+    """Copy the regular files of `src`, keeping their mode: a link only when the file policy lets the model
+    read what it leads to (in a Hugging Face cache snapshot, its blob); return what was left out."""
     left_out = []
     for item in sorted(src.iterdir()):
         if item.name in skip:
             continue
         try:
-            fd = os.open(item, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a link fails here, a FIFO never blocks
+            real = within(src, item.name, src) if item.is_symlink() else item
+        except InputError:
+            left_out.append((item.name, "a link leading outside the model's folder"))
+            continue
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO never blocks
         except OSError:
-            left_out.append((item.name, "a link" if item.is_symlink() else "not readable"))
+            left_out.append((item.name, "not readable"))
             continue
         with os.fdopen(fd, "rb") as source:
             st = os.fstat(fd)

@@ -3,6 +3,7 @@ crash-safe, links are never copied, every error is one escaped line on stderr.""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -223,7 +224,7 @@ def test_fix_never_copies_a_link_out_of_a_model_folder(tmp_path):
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
     assert not any("$6$" in p.read_bytes().decode("latin-1") for p in out.iterdir())
-    assert "note: tokenizer.json: a link, not copied" in result.stdout
+    assert "note: tokenizer.json: a link leading outside the model's folder, not copied" in result.stdout
     assert (out / "notes.txt").stat().st_mode & 0o777 == 0o640
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch folder left
 
@@ -403,3 +404,125 @@ def _partly_written(folder: Path) -> bool:
                    if ".initaudit-tmp" in str(p.relative_to(folder)))
     except OSError:  # renamed or removed while we looked
         return False
+
+
+# ---------------------------------------------------------------- the final step replaces nothing it did not mean to
+
+def _fix_in_child(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "initaudit.cli", "fix", *map(str, args), *PT], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _meanwhile(monkeypatch, when: str, action) -> list:
+    """Run `action` once, at `when`: "reading" (after MODEL is loaded, before fix re-draws anything), or
+    "writing" (this run's output complete under its temporary name, before its final step)."""
+    from initaudit import fixer, outputs
+
+    module, name = (fixer, "repair") if when == "reading" else (outputs, "_fsync")
+    real, done = getattr(module, name), []
+
+    def act_then_go_on(*args, **kwargs):
+        if when == "writing":
+            real(*args, **kwargs)
+        if not done:
+            done.append(action())
+        return real(*args, **kwargs) if when == "reading" else None
+
+    monkeypatch.setattr(module, name, act_then_go_on)
+    return done
+
+
+def _files(folder: Path, but: str = "\0") -> dict[str, bytes]:
+    """Every file under `folder` and its bytes (but those whose path holds `but`)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and but not in str(p)}
+
+
+@pytest.mark.parametrize("when", ["reading", "writing"])
+@pytest.mark.parametrize("fmt", ["state_dict", "safetensors", "torchscript", "onnx_external", "hf_folder"])
+def test_of_two_runs_writing_the_same_name_the_second_loses_with_one_line(fmt, when, tmp_path, monkeypatch):
+    """Another `fix --output-dir OUT` process writes the same name while this one reads the model, or is between
+    its temporary file and its final step: the other's file stays, whole; this run exits 2 with one line and
+    leaves nothing."""
+    model = DETERMINISTIC[fmt](tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    winner = _meanwhile(monkeypatch, when, lambda: (_fix_in_child(model, "--output-dir", out, "--seed", 1),
+                                                    _files(out, but=".initaudit-tmp")))
+    result = run("fix", model, "--output-dir", out, "--seed", 2, *PT)
+    (other, written), = winner
+    assert other.returncode == 0 and written, other.stderr
+    line = one_stderr_line(result)
+    assert result.exit_code == 2
+    assert f"{out / model.name}: appeared after initaudit started" in line or \
+        (fmt == "onnx_external" and f"{out / model.name}.data: appeared after" in line), line
+    assert _files(out) == written  # the winner's output, nothing of the loser's, no temporary file
+
+
+def test_fix_o_still_replaces_a_file_that_was_there_before(tmp_path):
+    model = save_as(models.zero_layer(), "state_dict", tmp_path)[0]
+    out = tmp_path / "fixed.pt"
+    out.write_bytes(b"an older fix")
+    assert run("fix", model, "-o", out, "--seed", 0, *PT).exit_code == 0
+    assert set(torch.load(out, weights_only=True)) == set(torch.load(model, weights_only=True))
+
+
+def _rewrite_same_size(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    with open(path, "r+b") as f:  # same file, same size: only its modification time tells
+        f.write(data)
+    time.sleep(0.02)  # past the file system's timestamp granularity
+
+
+def _replace_by_rename(path: Path) -> None:
+    shutil.copy(path, path.with_name("copy"))
+    os.replace(path.with_name("copy"), path)
+
+
+CHANGES = {"rewritten in place": _rewrite_same_size, "replaced by a rename": _replace_by_rename}
+
+
+@pytest.mark.parametrize("fmt", ["state_dict", "safetensors", "hf_folder"])
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_in_place_refuses_an_input_changed_since_it_was_read(change, fmt, tmp_path, monkeypatch):
+    """Another program writes MODEL after fix read it and before fix replaces it: its version stays."""
+    from initaudit import fixer
+
+    model = DETERMINISTIC[fmt](tmp_path)
+    changed = model / "model.safetensors" if model.is_dir() else model
+    theirs, repair = [], fixer.repair
+
+    def change_then_repair(*args, **kwargs):
+        CHANGES[change](changed)
+        theirs.append(changed.read_bytes())
+        return repair(*args, **kwargs)
+
+    monkeypatch.setattr(fixer, "repair", change_then_repair)
+    result = run("fix", model, "--in-place", "--seed", 0, *PT)
+    assert result.exit_code == 2 and one_stderr_line(result) == (
+        f"initaudit: error: {changed}: changed after initaudit started (another program wrote it); not replaced, "
+        "run initaudit again")
+    assert [changed.read_bytes()] == theirs
+    assert not [p for p in changed.parent.iterdir() if ".initaudit-tmp" in p.name]
+
+
+def test_without_hard_links_the_name_is_claimed_and_the_race_still_lost(tmp_path, monkeypatch):
+    """On a file system without hard links (link(2) fails with EPERM, as on FAT), a new file still never replaces
+    one that appeared meanwhile; with no competitor it is written as usual."""
+    def no_hard_links(src, dst, *args, **kwargs):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    model = save_as(models.zero_layer(), "state_dict", tmp_path)[0]
+    assert run("fix", model, "-o", tmp_path / "alone.pt", "--seed", 0, *PT).exit_code == 0
+    assert set(torch.load(tmp_path / "alone.pt", weights_only=True)) == set(torch.load(model, weights_only=True))
+    out = tmp_path / "out"
+    out.mkdir()
+    winner = _meanwhile(monkeypatch, "writing", lambda: (_fix_in_child(model, "--output-dir", out, "--seed", 1),
+                                                         _files(out, but=".initaudit-tmp")))
+    result = run("fix", model, "--output-dir", out, "--seed", 2, *PT)
+    (other, written), = winner
+    assert other.returncode == 0 and result.exit_code == 2
+    assert "model.pt: appeared after initaudit started" in one_stderr_line(result)
+    assert _files(out) == written
