@@ -51,6 +51,9 @@ NOT_A_TIMM_NAME = re.compile(r"[:/\\]")
 # A string timm may take in model_args: a layer or pooling name ("gelu", "avg"), never a path or a URL.
 BARE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 MAX_NESTING = 32  # real configs nest a handful of levels
+# A build may hold this many times the file's tensors (heads, buffers, tied copies), plus this many, before it is
+# stopped: a config.json asking for 10^5 layers beside a small file would take hours to build and trace.
+TENSORS_PER_FILE_TENSOR, SPARE_TENSORS = 4, 1024
 # What tells the libraries the Hub is offline, and turns hub kernels and local kernel overrides off (None: unset).
 OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_HUB_KERNELS": "NO",
                        "LOCAL_KERNELS": None}
@@ -81,7 +84,7 @@ def from_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> Context:
     with offline(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        module, inputs = _build(config)
+        module, inputs = _build(config, most_tensors=TENSORS_PER_FILE_TENSOR * len(shapes) + SPARE_TENSORS)
         keys = _key_map(module, shapes)
         if len(keys) < len(shapes) / 2:
             raise NotBuilt(f"{type(module).__name__} built from config.json holds only {len(keys)} of the file's "
@@ -161,15 +164,41 @@ def _transformers_keys(module: torch.nn.Module, own: dict[str, tuple], shapes: d
         return {}
 
 
-def _build(config: dict, device: str = "meta") -> tuple[torch.nn.Module, object]:
+def _build(config: dict, device: str = "meta", most_tensors: int | None = None) -> tuple[torch.nn.Module, object]:
     """The module on the meta device (`probe`: on the CPU, with its own init), and a maker of its example input
-    (or None: from the module itself). Offline, whatever the config says (see the module's docstring)."""
-    with offline():
+    (or None: from the module itself). Offline, whatever the config says (see the module's docstring); stopped
+    once it registers more than `most_tensors` parameters and buffers."""
+    with offline(), _tensors_at_most(most_tensors):
         if _is_timm(config):
             return _build_timm(config, device)
         if isinstance(config.get("model_type"), str):
             return _build_transformers(config, device), None
     raise NotBuilt("config.json names neither a model_type (transformers) nor an architecture (timm)")
+
+
+@contextlib.contextmanager
+def _tensors_at_most(limit: int | None) -> Iterator[None]:
+    """While a module is built: an error as soon as it registers more than `limit` parameters and buffers."""
+    from torch.nn.modules.module import (register_module_buffer_registration_hook,
+                                         register_module_parameter_registration_hook)
+
+    registered = 0
+
+    def count(*_) -> None:
+        nonlocal registered
+        registered += 1
+        if registered > limit:
+            raise NotBuilt(f"the architecture holds more than {limit} tensors, far more than the file: config.json "
+                           "describes a larger model than the weights")
+    if limit is None:
+        yield
+        return
+    handles = [register_module_parameter_registration_hook(count), register_module_buffer_registration_hook(count)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _is_timm(config: dict) -> bool:

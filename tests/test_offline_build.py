@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -328,6 +329,16 @@ def test_a_config_nested_past_any_recursion_limit_is_not_built(nest):
         deep = nest(deep)
     with pytest.raises(meta_model.NotBuilt, match="nests deeper than"):
         meta_model.from_config({"model_type": "llama", "text_config": deep}, {"w": (1,)})
+
+
+@pytest.mark.parametrize("fixture, huge", [("llama", {"num_hidden_layers": 5000}),
+                                            ("timm_vit", {"model_args": {"depth": 5000}})])
+def test_a_config_asking_for_far_more_layers_than_the_file_holds_is_not_built(fixture, huge, request, tmp_path):
+    """5000 layers beside a file of 2 (6) took minutes to build and trace on the meta device; 10^5, hours."""
+    start = time.monotonic()
+    report = initaudit.audit(with_config(request.getfixturevalue(fixture), tmp_path, **huge))
+    assert "tensors, far more than the file: config.json describes a larger model" in report.notes[0], report.notes
+    assert time.monotonic() - start < 60
 
 
 # ---------------------------------------------------------------- every stock config of the sweep
