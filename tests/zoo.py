@@ -54,6 +54,7 @@ def _timm(name: str, **kwargs) -> Callable[[], nn.Module]:
     def make():
         import timm
         return timm.create_model(name, pretrained=False, **kwargs)
+    make.config_json = lambda: {"architecture": name, "model_args": kwargs}  # as timm's push_to_hub writes it
     return make
 
 
@@ -63,7 +64,20 @@ def _hf(model_cls: str, config_cls: str, **config) -> Callable[[], nn.Module]:
 
         transformers.logging.set_verbosity_error()
         return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
+
+    def config_json():
+        import transformers
+        return {**getattr(transformers, config_cls)(**config).to_dict(), "architectures": [model_cls]}
+    make.config_json = config_json
     return make
+
+
+def config_json(stock: Stock) -> dict | None:
+    """The config.json a folder of `stock` carries (transformers, timm), as read from the file; None: no config."""
+    import json
+
+    make = getattr(stock.make, "config_json", None)
+    return json.loads(json.dumps(make())) if make else None
 
 
 # Small transformer shapes: few layers, narrow, with the family's own init.

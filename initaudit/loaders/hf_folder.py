@@ -1,7 +1,8 @@
 """Hugging Face model folders: config.json + model.safetensors (or shards with an index), no code from the folder.
 
-The flow comes from the architecture config.json describes, built without weights and traced
-(see `meta_model`: transformers' classes for `model_type`, timm for `architecture`). Where that
+The flow comes from the architecture config.json describes, built without weights, offline and traced
+(see `meta_model`: transformers' classes for `model_type`, timm for `architecture`; an architecture on the
+Hub or in another folder is refused, settings that would download or read elsewhere are left out). Where that
 cannot be built (an unknown model type, the library missing, a forward pass that fails), the folder
 is read as a bare safetensors file is (names and shapes order the layers: `key_order`), and the
 config names the activation (`hidden_act`, `activation_function`, T5's `feed_forward_proj`) that
@@ -166,7 +167,7 @@ def load(path: Path, index: str | None = None) -> Loaded:
         if key not in handle.keys():
             raise InputError(f"{path}: the index puts {key!r} in {shards[key]}, which does not hold it")
         shapes[key] = handle.shape(key)
-    flow, modules, hints, notes = _context(config, shapes) if config else (None, {}, {}, [
+    flow, modules, hints, notes = _context(config, shapes, path / "config.json") if config else (None, {}, {}, [
         "no config.json beside the shards: activations are unknown; pass --activation (or --model "
         "package.module:factory) to check scales against them"])
     source = TensorSource(shapes, lambda k: handles[shards[k]].get(k), release=lambda k: handles[shards[k]].release(k),
@@ -176,16 +177,22 @@ def load(path: Path, index: str | None = None) -> Loaded:
                   files=[path.resolve(), *dict.fromkeys(files)])
 
 
-def _context(config: dict, shapes: dict[str, tuple[int, ...]]
+def _context(config: dict, shapes: dict[str, tuple[int, ...]], where: Path
              ) -> tuple[Flow | None, dict[str, ModuleInfo], dict[str, Activation], list[str]]:
-    """(flow, module kinds, activation hints, notes): the flow from the architecture config.json describes, built
-    without weights; else no flow, and the activations the config and the layer names suggest."""
+    """(flow, module kinds, activation hints, notes): the flow from the architecture config.json (at `where`)
+    describes, built without weights and offline; else no flow, and the activations the config and the layer names
+    suggest. An architecture that lives elsewhere (the Hub, another folder) is refused."""
     try:
         built = meta_model.from_config(config, shapes)
+    except meta_model.Refused as exc:
+        raise InputError(f"{where}: {exc}") from None
     except meta_model.NotBuilt as exc:
         reason = str(exc)
     else:
         notes = [f"activations traced from {built.architecture}, built from config.json without weights"]
+        if built.left_out:
+            notes.append(f"model_args left out of the build (not timm model arguments with plain values; nothing is "
+                         f"downloaded or read outside the folder): {', '.join(built.left_out)}")
         if built.unmatched:
             notes.append(f"{built.unmatched} tensors are not in {built.architecture}: their activations are unknown")
         return built.flow, built.modules, {}, notes
