@@ -15,7 +15,7 @@ import torch
 
 from ..errors import InputError
 from . import Loaded, TensorSource, check_count, natural_key
-from .safetensors_file import _MAX_HEADER, DTYPES, HeaderEntries, parse_header, view
+from .safetensors_file import MAX_HEADER, DTYPES, HeaderEntries, parse_header, view
 
 INDEX = "model.safetensors.index.json"
 LOCAL_ONLY = {".pt", ".pth", ".bin", ".ckpt", ".tar", ".jit", ".onnx", ".distcp", ".json", ".gguf", ".h5", ".npz"}
@@ -71,7 +71,7 @@ class RemoteSafetensors(HeaderEntries):
         shown = remote.shown(path)
         head = remote.read(path, 0, 8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < n <= _MAX_HEADER:
+        if not 0 < n <= MAX_HEADER:
             raise InputError(f"{shown}: not a safetensors file (no header length in its first 8 bytes)")
         raw = remote.read(path, 8, 8 + n)
         check_count(raw.count(b'"data_offsets"'), shown)
