@@ -105,6 +105,12 @@ class _Group(click.Group):
         except Exception as exc:  # noqa: BLE001 - a bug of ours still gets one line, not a traceback
             _fail(f"initaudit: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
                   "(run with --debug for the traceback, and please report it)")
+        except SystemExit:
+            raise
+        except BaseException as exc:  # a library's own BaseException (DCP's CheckpointException): one line, exit 2
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            _fail(f"initaudit: internal error: {type(exc).__name__}: {first} "
+                  "(run with --debug for the traceback, and please report it)")
         sys.exit(code or 0)
 
 
