@@ -24,6 +24,7 @@ from . import config as config_mod
 from . import discover, reporters
 from . import rules as rulebook
 from .activations import parse
+from .bounded import REMOTE, REMOTE_TIMEOUT
 from .errors import InputError, NoWeights, did_you_mean
 from .printable import printable
 from .report import FAIL_ON, FileError, Results
@@ -63,6 +64,10 @@ def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 def _debug_option(command):
     return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
                         help="Show the traceback of an error (also INITAUDIT_DEBUG=1).")(command)
+
+
+def _set_remote_timeout(ctx: click.Context, param: click.Parameter, value: float) -> None:
+    REMOTE.timeout = value
 
 
 def _error_line(message: str) -> None:
@@ -163,6 +168,10 @@ MODEL_OPTIONS = [
     click.option("--trust-pickle", is_flag=True,
                  help="Allow loading a fully pickled model (runs code from the file: trusted files only). "
                       "Only this flag enables it, never a config file."),
+    click.option("--remote-timeout", type=click.FloatRange(min=0, min_open=True), default=REMOTE_TIMEOUT,
+                 show_default=True, metavar="SECONDS", expose_value=False, callback=_set_remote_timeout,
+                 help="A URL's server must connect and go on answering within this many seconds (a read of n bytes "
+                      "gets this plus n at 64 kB/s in all)."),
     _debug_option,
     click.option("--state", type=_Choice(("auto", "fresh", "trained")), default="auto", show_default=True,
                  help="Whether the weights are fresh from init or trained: auto tells from the weights and the file."),
