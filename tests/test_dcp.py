@@ -249,7 +249,8 @@ HOSTILE = {  # how the metadata lies -> what the one line says
     "a size of 2^50": (_set("size", torch.Size([2 ** 50])), "model.0.weight claims 4,503,599,627,370,496 bytes, "
                                                             "more than this machine's memory"),
     "a negative size": (_set("size", torch.Size([-1, 96])), "its shape is not a list of at most 64 non-negative sizes"),
-    "a string dtype": (lambda m, md: setattr(md.properties, "dtype", "float32"), "its dtype is of type 'str', not a torch dtype"),
+    "a string dtype": (lambda m, md: setattr(md.properties, "dtype", "float32"),
+                       "its dtype is of type 'str', not a torch dtype"),
     "a hundred dimensions": (_set("size", torch.Size([1] * 100)), "its shape is not a list of at most 64"),
     "a shape of strings": (_set("size", ["96", "96"]), "its shape is not a list"),
     "a piece outside the shape": (_chunk(offsets=torch.Size([90, 0])), "a piece of it lies outside its shape (96, 96)"),
@@ -266,7 +267,8 @@ HOSTILE = {  # how the metadata lies -> what the one line says
     "a compressed piece": (_storage(lambda storage, index: setattr(storage[index], "transform_descriptors",
                                                                    ["stream.zstd/1"])),
                            "model.0.weight is stored compressed or transformed"),
-    "an entry named by a number": (lambda m, md: m.state_dict_metadata.update({5: md}), "an entry's name is of type 'int'"),
+    "an entry named by a number": (lambda m, md: m.state_dict_metadata.update({5: md}),
+                                   "an entry's name is of type 'int'"),
 }
 
 

@@ -142,7 +142,7 @@ def test_mutated_files_get_a_verdict_or_one_clear_line(seeds, fmt):
     example()
 
 
-# ---------------------------------------------------------------- parsers: config.json, DCP metadata, TOML, remote headers
+# ---------------------------------------------------------------- parsers: config.json, TOML, DCP, remote headers
 
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
@@ -155,7 +155,8 @@ DEEP = st.builds(lambda depth, opener, closed: opener * depth + ("1" + ("]" if o
 BASE_CONFIG = {"model_type": "not-a-real-type", "hidden_act": "gelu"}
 CONFIG_TEXT = st.one_of(
     JSON_VALUES.map(json.dumps),
-    st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=4).map(lambda extra: json.dumps({**BASE_CONFIG, **extra})),
+    st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=4).map(
+        lambda extra: json.dumps({**BASE_CONFIG, **extra})),
     DEEP.map(lambda deep: '{"model_type": "bert", "extra": ' + deep + "}"),
     st.lists(MUTATION, min_size=1, max_size=3).map(lambda m: _mutate(json.dumps(BASE_CONFIG).encode(), m).decode(
         "utf-8", "replace")),

@@ -85,7 +85,8 @@ class Remote:
             return {}
         import aiohttp
 
-        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(sock_connect=REMOTE.timeout, sock_read=REMOTE.timeout)}}
+        timeout = aiohttp.ClientTimeout(sock_connect=REMOTE.timeout, sock_read=REMOTE.timeout)
+        return {"client_kwargs": {"timeout": timeout}}
 
     def shown(self, path: str) -> str:
         return f"{self.scheme}://{path}" if "://" not in path else path
@@ -99,7 +100,8 @@ class Remote:
                 return getattr(self.fs, name)(path, **kwargs)
             call = _ranged_get if name == "cat_file" and self.scheme in ("http", "https") else None
             args = (self.fs, path) if call else (path,)
-            return sync(self.fs.loop, call or getattr(self.fs, "_" + name), *args, timeout=REMOTE.deadline(nbytes), **kwargs)
+            return sync(self.fs.loop, call or getattr(self.fs, "_" + name), *args, timeout=REMOTE.deadline(nbytes),
+                        **kwargs)
         except FileNotFoundError:
             raise InputError(f"{self.shown(path)}: no such file") from None
         except TimeoutError:  # fsspec's FSTimeoutError and aiohttp's timeouts are TimeoutErrors
@@ -118,7 +120,8 @@ class Remote:
         """The whole of a small file (a config, an index): more than `limit` bytes is refused."""
         data = self.read(path, 0, limit + 1)
         if len(data) > limit:
-            raise InputError(f"{self.shown(path)}: larger than {limit >> 20} MB, the most initaudit reads of a JSON file")
+            raise InputError(f"{self.shown(path)}: larger than {limit >> 20} MB, the most initaudit reads of a JSON "
+                             "file")
         return data
 
     def size(self, path: str) -> int | None:
