@@ -245,6 +245,13 @@ def _storage(change):
     return rewrite
 
 
+def _moved(storage: dict, index) -> None:
+    """The piece's record filed under another offset: the piece itself is stored nowhere."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    storage[MetadataIndex(index.fqn, (1, 0))] = storage.pop(index)
+
+
 HOSTILE = {  # how the metadata lies -> what the one line says
     "a size of 2^50": (_set("size", torch.Size([2 ** 50])), "model.0.weight claims 4,503,599,627,370,496 bytes, "
                                                             "more than this machine's memory"),
@@ -254,8 +261,10 @@ HOSTILE = {  # how the metadata lies -> what the one line says
     "a hundred dimensions": (_set("size", torch.Size([1] * 100)), "its shape is not a list of at most 64"),
     "a shape of strings": (_set("size", ["96", "96"]), "its shape is not a list"),
     "a piece outside the shape": (_chunk(offsets=torch.Size([90, 0])), "a piece of it lies outside its shape (96, 96)"),
-    "pieces that are no list": (_set("chunks", 5), "a piece of it lies outside its shape"),
-    "a piece stored nowhere": (_storage(lambda storage, index: storage.pop(index)), "a piece of it is stored nowhere"),
+    "pieces that are no list": (_set("chunks", 5), "its pieces are not a list of at most its 1 storage records"),
+    "a piece listed 100,000 times": (lambda m, md: setattr(md, "chunks", md.chunks * 100_000),
+                                     "its pieces are not a list of at most its 1 storage records"),
+    "a piece stored nowhere": (_storage(_moved), "a piece of it is stored nowhere"),
     "a piece longer than its storage": (_storage(lambda storage, index: setattr(storage[index], "length", 10)),
                                         "a piece of it claims more bytes than its 10 stored"),
     "storage past the end of its file": (_storage(lambda storage, index: setattr(storage[index], "offset", 10 ** 9)),

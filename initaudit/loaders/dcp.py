@@ -18,6 +18,7 @@ import math
 import pickle
 import threading
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -120,9 +121,10 @@ def _check_storage(folder: Path, storage: Any) -> dict[str, Path]:
     return files
 
 
-def _check_tensor(key: str, md, storage: dict, where: Path) -> int:
+def _check_tensor(key: str, md, storage: dict, records: int, where: Path) -> int:
     """A tensor's bytes, once its claims are checked (before anything is allocated): a torch dtype, a shape, a
-    size this machine can hold, and pieces inside the tensor, each stored somewhere with at least its bytes."""
+    size this machine can hold, and pieces inside the tensor (no more than its `records` in storage), each
+    stored somewhere with at least its bytes."""
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 
     dtype = getattr(getattr(md, "properties", None), "dtype", None)
@@ -134,7 +136,9 @@ def _check_tensor(key: str, md, storage: dict, where: Path) -> int:
     nbytes = math.prod(shape) * dtype.itemsize
     if not fits_in_memory(nbytes):
         raise InputError(f"{where}: {key} claims {nbytes:,} bytes, more than this machine's memory")
-    for chunk in chunks if isinstance(chunks, (list, tuple)) else [None]:
+    if not isinstance(chunks, (list, tuple)) or len(chunks) > records:
+        raise InputError(f"{where}: {key}: its pieces are not a list of at most its {records:,} storage records")
+    for chunk in chunks:
         offsets, sizes = getattr(chunk, "offsets", None), getattr(chunk, "sizes", None)
         if not (isinstance(chunk, ChunkStorageMetadata) and _sizes(offsets, len(shape)) and _sizes(sizes, len(shape))
                 and all(o + n <= d for o, n, d in zip(offsets, sizes, shape))):
@@ -155,13 +159,14 @@ def check(folder: Path, metadata) -> tuple[dict[str, Any], list[Path]]:
 
     where = folder / METADATA
     files = sorted(set(_check_storage(folder, metadata.storage_data).values()))
+    records = Counter(index.fqn for index in metadata.storage_data)
     tensors, claimed = {}, 0
     for key, md in metadata.state_dict_metadata.items():
         if not isinstance(key, str):
             raise InputError(f"{where}: not a distributed checkpoint's metadata (an entry's name is of type "
                              f"{type(key).__name__!r})")
         if isinstance(md, TensorStorageMetadata):
-            claimed += _check_tensor(key, md, metadata.storage_data, where)
+            claimed += _check_tensor(key, md, metadata.storage_data, records[key], where)
             tensors[key] = md
     stored = sum(file.stat().st_size for file in files)
     if claimed > stored:

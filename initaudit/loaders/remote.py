@@ -105,8 +105,9 @@ class Remote:
         except FileNotFoundError:
             raise InputError(f"{self.shown(path)}: no such file") from None
         except TimeoutError:  # fsspec's FSTimeoutError and aiohttp's timeouts are TimeoutErrors
-            raise TimedOut(f"{self.shown(path)}: no answer within the time allowed ({REMOTE.deadline(nbytes):.3g} s "
-                           f"for {nbytes:,} bytes; --remote-timeout sets it)") from None
+            allowed = f"{REMOTE.deadline(nbytes):.3g} s" + (f" for {nbytes:,} bytes" if nbytes else "")
+            raise TimedOut(f"{self.shown(path)}: no answer within the time allowed ({allowed}; --remote-timeout "
+                           "sets it)") from None
         except Exception as exc:  # noqa: BLE001 - credentials, network, permissions: all one line
             raise InputError(f"{self.shown(path)}: cannot be read ({type(exc).__name__}: {_first_line(exc)}); "
                              f"check the address and your credentials for {self.scheme}://") from None
