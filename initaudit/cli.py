@@ -25,6 +25,7 @@ from . import config as config_mod
 from . import discover, reporters
 from . import rules as rulebook
 from .activations import parse
+from .bounded import REMOTE, REMOTE_TIMEOUT
 from .errors import InputError, NoWeights, did_you_mean
 from .printable import printable, show_unencodable
 from .probe_command import probe, run_options, run_policy
@@ -90,6 +91,10 @@ def _debug_option(command):
                         help="Show the traceback of an error (also INITAUDIT_DEBUG=1).")(command)
 
 
+def _set_remote_timeout(ctx: click.Context, param: click.Parameter, value: float) -> None:
+    REMOTE.timeout = value
+
+
 def _error_line(message: str) -> None:
     """One line on stderr (the traceback above it with --debug)."""
     if _debugging() and sys.exc_info()[0] is not None:
@@ -129,6 +134,12 @@ class _Group(click.Group):
             _fail("initaudit: error: out of memory")
         except Exception as exc:  # noqa: BLE001 - a bug of ours still gets one line, not a traceback
             _fail(f"initaudit: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} "
+                  "(run with --debug for the traceback, and please report it)")
+        except SystemExit:
+            raise
+        except BaseException as exc:  # a library's own BaseException (DCP's CheckpointException): one line, exit 2
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            _fail(f"initaudit: internal error: {type(exc).__name__}: {first} "
                   "(run with --debug for the traceback, and please report it)")
         sys.exit(code or 0)
 
@@ -182,6 +193,10 @@ MODEL_OPTIONS = [
     click.option("--trust-pickle", is_flag=True,
                  help="Allow loading a fully pickled model (runs code from the file: trusted files only). "
                       "Only this flag enables it, never a config file."),
+    click.option("--remote-timeout", type=click.FloatRange(min=0, min_open=True), default=REMOTE_TIMEOUT,
+                 show_default=True, metavar="SECONDS", expose_value=False, callback=_set_remote_timeout,
+                 help="A URL's server must connect and go on answering within this many seconds (a read of n bytes "
+                      "gets this plus n at 64 kB/s in all)."),
     _debug_option,
     click.option("--state", type=_Choice(("auto", "fresh", "trained")), default="auto", show_default=True,
                  help="Whether the weights are fresh from init or trained: auto tells from the weights and the file."),

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import rules as rulebook
 from .activations import Activation, parse
+from .bounded import MAX_TOML_BYTES, Unreadable, loads_toml, read_regular
 from .errors import InputError
 from .report import FAIL_ON
 
@@ -72,14 +72,13 @@ def load(path: Path | None = None, start: Path | None = None) -> Options:
     path = path or find_pyproject(start or Path.cwd())
     if path is None:
         return Options()
+    raw = read_regular(path, MAX_TOML_BYTES, "a config file")  # a FIFO or /dev/zero is refused, not read
     try:
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+        data = loads_toml(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); a TOML file must be UTF-8") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{path}: not valid TOML ({exc})") from None
+    except Unreadable as exc:
+        raise InputError(f"{path}: not readable TOML ({exc})") from None
     return from_table(_initaudit_table(data, path), str(path))
 
 

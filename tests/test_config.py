@@ -1,13 +1,21 @@
-"""Config files: checked against a schema, never able to make initaudit run code."""
+"""Config files: checked against a schema, never able to make initaudit run code, read only when regular and
+small, and parsed within bounds on nesting and dotted keys (one line, never a RecursionError or a hang)."""
 
 from __future__ import annotations
 
+import os
+import resource
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from click.testing import CliRunner
+
 from initaudit import config
+from initaudit.cli import main
 from initaudit.errors import InputError
 from fixtures import models
 from test_output_hardening import one_stderr_line, run
@@ -43,7 +51,7 @@ BAD = [  # (file name, contents, fragment of the error)
     ("pyproject.toml", 'tool = 5\n', "pyproject.toml: `tool` must be a table"),
     ("pyproject.toml", '[tool]\ninitaudit = "x"\n', "[tool.initaudit] must be a table, not a string ('x')"),
     ("pyproject.toml", b'[tool.initaudit]\nactivation = "\xe9"\n', "pyproject.toml: not UTF-8 text"),
-    ("pyproject.toml", '[tool.initaudit\n', "pyproject.toml: not valid TOML"),
+    ("pyproject.toml", '[tool.initaudit\n', "pyproject.toml: not readable TOML"),
     ("pyproject.toml", '[tool.initaudit]\nselect = "zero-weights"\n', "select must be a list, not a string"),
     ("pyproject.toml", '[tool.initaudit]\nselect = [3]\n', "select must list rule names or codes as strings"),
     ("pyproject.toml", '[tool.initaudit]\nignore = ["nonzero-biass"]\n',
@@ -58,6 +66,14 @@ BAD = [  # (file name, contents, fragment of the error)
     ("pyproject.toml", '[tool.initaudit]\nselekt = ["IA1"]\n', "unknown [tool.initaudit] key 'selekt' (did you mean 'select'?"),
     ("other.toml", '[tool.black]\nline-length = 1\n', "other.toml: no [tool.initaudit] table"),
     ("other.toml", 'trust-pickle = false\n', "other.toml: trust-pickle cannot be set in a config file"),
+    # Nesting that the stdlib parser follows by recursion, and dotted keys whose cost grows with their square.
+    ("deep.toml", "x = " + "[" * 100_000 + "]" * 100_000, "not readable TOML (nested deeper than 32 levels)"),
+    ("deep.toml", "x = " + "{a = " * 3000 + "1" + "}" * 3000, "not readable TOML (nested deeper than 32 levels)"),
+    ("deep.toml", '[tool.initaudit]\nselect = ' + '[' * 40 + ']' * 40, "nested deeper than 32 levels"),
+    ("dotted.toml", ".".join(["a"] * 3000) + " = 1\n", "not readable TOML (more than 16 dots in a key"),
+    ("dotted.toml", "[" + ".".join(["a"] * 3000) + "]\n", "not readable TOML (more than 16 dots in a key"),
+    ("dotted.toml", "x = {b = 1, " + ".".join(["a"] * 3000) + " = 1}\n", "more than 16 dots in a key"),
+    ("huge-int.toml", "x = " + "9" * 5000 + "\n", "not readable TOML (Exceeds the limit"),
 ]
 
 
@@ -93,3 +109,55 @@ def test_per_layer_ignores_by_code_prefix_silence_just_that_layer(tmp_path):
     assert run("check", model, "--activation", "relu").exit_code == 1
     result = run("check", model, "--config", path)
     assert result.exit_code == 0 and "IA101" not in result.stdout
+
+
+def test_brackets_and_dots_in_strings_and_comments_do_not_count(tmp_path):
+    """The bounds are on structure: a config whose strings and comments hold brackets and dots is read whole, one
+    whose structure nests too deep is refused."""
+    path = tmp_path / "c.toml"
+    noise = "[" * 40 + "." * 40 + "{" * 40
+    path.write_text(f'[tool.other]\ndoc = """{noise}\n{noise}"""\nraw = \'\'\'{noise}\n\'\'\'\n'
+                    f'[tool.initaudit]\nactivation = "relu"  # {noise}\n[tool.initaudit.per-layer-ignores]\n'
+                    f'"{noise}" = ["IA1"]\n\'{noise}!\' = ["IA1"]\n')
+    assert list(config.load(path).per_layer_ignores) == [noise, noise + "!"]
+    path.write_text(f'activation = "relu"\n[per-layer-ignores]\n"{noise}" = {"[" * 33}"IA1"{"]" * 33}\n')
+    with pytest.raises(InputError, match="nested deeper than 32 levels"):
+        config.load(path)
+
+
+def test_a_config_larger_than_the_cap_is_refused_unread(tmp_path):
+    path = tmp_path / "big.toml"
+    path.write_text('fail-on = "warning"\n' + "# padding\n" * 110_000)  # 1.1 MB of valid TOML
+    with pytest.raises(InputError) as caught:
+        config.load(path)
+    assert str(caught.value) == f"{path}: larger than 1 MB, the most initaudit reads of a config file"
+
+
+def _limit_memory():
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # a config read until memory runs out stops here
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_config_that_is_no_regular_file_is_refused_without_blocking_or_reading(kind, tmp_path):
+    """In a subprocess: --config on a FIFO nobody writes would block the open forever, on /dev/zero read forever."""
+    if kind == "fifo":
+        os.mkfifo(tmp_path / "pyproject.toml")
+    path = tmp_path / "pyproject.toml" if kind == "fifo" else Path("/dev/zero")
+    model = tmp_path / "m.pt"
+    torch.save(models.zero_layer().state_dict(), model)
+    done = subprocess.run([sys.executable, "-m", "initaudit.cli", "check", "--config", str(path), str(model)],
+                          capture_output=True, text=True, timeout=120, preexec_fn=_limit_memory,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    what = "a FIFO (named pipe)" if kind == "fifo" else "a device file"
+    assert done.stderr.strip() == f"initaudit: error: {path}: {what}; initaudit reads only regular files"
+
+
+def test_a_deep_config_on_the_command_line_is_one_line(tmp_path):
+    path = tmp_path / "deep.toml"
+    path.write_text("x = " + "[" * 100_000 + "]" * 100_000)
+    model = tmp_path / "m.pt"
+    torch.save(models.zero_layer().state_dict(), model)
+    result = CliRunner().invoke(main, ["check", "--config", str(path), str(model)])
+    assert result.exit_code == 2, result.output
+    assert one_stderr_line(result) == f"initaudit: error: {path}: not readable TOML (nested deeper than 32 levels)"

@@ -5,7 +5,9 @@ metadata pickle read with an allowlist (no code from the folder runs)."""
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import sys
 import warnings
 from pathlib import Path
 
@@ -210,3 +212,172 @@ def test_optimizer_state_under_a_training_loops_wrapper_is_optimizer_state(tmp_p
     asked = initaudit.audit(folder, optimizer_state=True)
     assert [(f.rule, f.tensor) for f in asked.findings if ".optim." in f.tensor] == \
         [("non-finite", "app.optim.state.2.exp_avg_sq")]
+
+
+# ---------------------------------------------------------------- hostile metadata, damaged shards, many tensors
+
+def _hostile(tmp_path: Path, change) -> Path:
+    """A real DCP folder whose metadata `change(metadata, first_tensor_entry)` rewrote before it was pickled."""
+    from initaudit.loaders.dcp import read_metadata
+
+    folder = save_dcp({"model": net().state_dict()}, tmp_path / "ckpt")
+    metadata = read_metadata(folder)
+    change(metadata, metadata.state_dict_metadata["model.0.weight"])
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    return folder
+
+
+def _set(name: str, value):
+    return lambda metadata, md: setattr(md, name, value)
+
+
+def _chunk(**fields):
+    def change(metadata, md):
+        for name, value in fields.items():
+            setattr(md.chunks[0], name, value)
+    return change
+
+
+def _storage(change):
+    def rewrite(metadata, md):
+        index = next(i for i in metadata.storage_data if i.fqn == "model.0.weight")
+        change(metadata.storage_data, index)
+    return rewrite
+
+
+def _moved(storage: dict, index) -> None:
+    """The piece's record filed under another offset: the piece itself is stored nowhere."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    storage[MetadataIndex(index.fqn, (1, 0))] = storage.pop(index)
+
+
+HOSTILE = {  # how the metadata lies -> what the one line says
+    "a size of 2^50": (_set("size", torch.Size([2 ** 50])), "model.0.weight claims 4,503,599,627,370,496 bytes, "
+                                                            "more than this machine's memory"),
+    "a negative size": (_set("size", torch.Size([-1, 96])), "its shape is not a list of at most 64 non-negative sizes"),
+    "a string dtype": (lambda m, md: setattr(md.properties, "dtype", "float32"),
+                       "its dtype is of type 'str', not a torch dtype"),
+    "a hundred dimensions": (_set("size", torch.Size([1] * 100)), "its shape is not a list of at most 64"),
+    "a shape of strings": (_set("size", ["96", "96"]), "its shape is not a list"),
+    "a piece outside the shape": (_chunk(offsets=torch.Size([90, 0])), "a piece of it lies outside its shape (96, 96)"),
+    "pieces that are no list": (_set("chunks", 5), "its pieces are not a list of at most its 1 storage records"),
+    "a piece listed 100,000 times": (lambda m, md: setattr(md, "chunks", md.chunks * 100_000),
+                                     "its pieces are not a list of at most its 1 storage records"),
+    "a piece stored nowhere": (_storage(_moved), "a piece of it is stored nowhere"),
+    "a piece longer than its storage": (_storage(lambda storage, index: setattr(storage[index], "length", 10)),
+                                        "a piece of it claims more bytes than its 10 stored"),
+    "storage past the end of its file": (_storage(lambda storage, index: setattr(storage[index], "offset", 10 ** 9)),
+                                         "model.0.weight is stored past the end of __0_0.distcp"),
+    "a negative storage offset": (_storage(lambda storage, index: setattr(storage[index], "offset", -5)),
+                                  "malformed storage records"),
+    "storage records that are no dict": (lambda m, md: setattr(m, "storage_data", [1, 2]), "malformed storage records"),
+    "a shape far beyond its pieces": (_set("size", torch.Size([5000, 5000])), "more than its shard files hold"),
+    "a compressed piece": (_storage(lambda storage, index: setattr(storage[index], "transform_descriptors",
+                                                                   ["stream.zstd/1"])),
+                           "model.0.weight is stored compressed or transformed"),
+    "an entry named by a number": (lambda m, md: m.state_dict_metadata.update({5: md}),
+                                   "an entry's name is of type 'int'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_metadata_claims_are_checked_before_anything_is_allocated(case, tmp_path):
+    change, fragment = HOSTILE[case]
+    folder = _hostile(tmp_path, change)
+    result = CliRunner().invoke(main, ["check", str(folder)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"initaudit: error: {folder / '.metadata'}: ") and result.stderr.count("\n") == 1
+    assert fragment in result.stderr and "internal error" not in result.stderr
+
+
+def test_a_damaged_shard_is_one_line_not_dcps_traceback(tmp_path):
+    """DCP wraps the failure in its CheckpointException, a BaseException that `except Exception` misses."""
+    folder = save_dcp({"model": net().state_dict()}, tmp_path / "ckpt")
+    shard = next(folder.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[100:-100] = bytes(len(data) - 200)  # same length: the metadata's offsets still hold
+    shard.write_bytes(bytes(data))
+    result = CliRunner().invoke(main, ["check", str(folder)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith(f"initaudit: error: {folder}: model.") and result.stderr.count("\n") == 1
+    assert " cannot be read (UnpicklingError: " in result.stderr and "weights_only" not in result.stderr  # torch's
+    # advice to load without weights_only never reaches the user
+
+
+def test_an_interrupt_inside_dcp_is_still_an_interrupt(tmp_path, monkeypatch):
+    """DCP turns a KeyboardInterrupt raised while it reads into a CheckpointException: initaudit gives it back."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    folder = save_dcp({"model": net().state_dict()}, tmp_path / "ckpt")
+
+    def interrupted(self, plan, planner):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FileSystemReader, "read_data", interrupted)
+    result = CliRunner().invoke(main, ["check", str(folder)])
+    assert result.exit_code == 130 and result.stderr.split() == ["initaudit:", "aborted"]  # click's word for ^C
+
+
+def test_any_base_exception_a_library_raises_is_one_line_but_exits_keep_their_code(tmp_path, monkeypatch):
+    """The command line's last net: a library's BaseException that got past every precise handler is one line,
+    exit 2; SystemExit keeps its code."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    folder = save_dcp({"model": net().state_dict()}, tmp_path / "ckpt")
+
+    def failing(*args):
+        raise CheckpointException("load", {0: (EOFError("shard"), traceback.StackSummary())})
+
+    monkeypatch.setattr("initaudit.loaders.dcp.check", failing)
+    result = CliRunner().invoke(main, ["check", str(folder)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.stderr == ("initaudit: internal error: CheckpointException: CheckpointException ranks:dict_keys([0]) "
+                             "(run with --debug for the traceback, and please report it)\n")
+    monkeypatch.setattr("initaudit.loaders.dcp.check", lambda *args: sys.exit(3))
+    assert CliRunner().invoke(main, ["check", str(folder)]).exit_code == 3
+
+
+def _counting_reads(monkeypatch) -> list[int]:
+    """Every read the storage reader makes, as the number of storage records the metadata it was given holds."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    records: list[int] = []
+    read_data = FileSystemReader.read_data
+
+    def counted(self, plan, planner):
+        records.append(len(self.storage_data))
+        return read_data(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemReader, "read_data", counted)
+    return records
+
+
+def test_many_tensors_are_read_in_batches_with_metadata_cut_to_the_batch(tmp_path, monkeypatch):
+    """Structural, not timed: 3,000 tensors take ceil(3000 / BATCH_TENSORS) reads, each planned over its batch's
+    metadata alone (one read per tensor over the whole metadata was quadratic: minutes for 20,000 tensors)."""
+    from initaudit.loaders.dcp import BATCH_TENSORS
+
+    state = {f"layers.{i}.weight": torch.full((2, 3), float(i)) for i in range(3000)}
+    folder = save_dcp(state, tmp_path / "ckpt")
+    records = _counting_reads(monkeypatch)
+    loaded = load(folder)
+    assert all(torch.equal(loaded.tensors[k], state[k]) for k in loaded.tensors)
+    assert len(records) == math.ceil(3000 / BATCH_TENSORS) and max(records) <= BATCH_TENSORS
+    assert initaudit.audit(folder).summary["layers"] == 3000
+
+
+def test_read_ahead_stays_within_its_bytes_whatever_order_tensors_are_asked_in(tmp_path, monkeypatch):
+    monkeypatch.setattr("initaudit.loaders.dcp.BATCH_BYTES", 10 * 24)  # ten 2x3 float32 tensors a read...
+    monkeypatch.setattr("initaudit.loaders.dcp.READ_AHEAD_BYTES", 25 * 24)  # ...25 read ahead at most
+    state = {f"layers.{i}.weight": torch.full((2, 3), float(i)) for i in range(100)}
+    folder = save_dcp(state, tmp_path / "ckpt")
+    records = _counting_reads(monkeypatch)
+    loaded = load(folder)
+    reader = loaded.container.reader
+    for key in reversed(list(loaded.tensors)):  # the last first: what is read ahead waits, within its bound
+        assert torch.equal(loaded.tensors[key], state[key])
+        assert reader.waiting <= 25 * 24
+    assert len(records) < 100 and max(records) <= 10

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import warnings
@@ -168,6 +169,27 @@ def hf_fifo_shard(tmp: Path) -> Path:
     return folder
 
 
+def hf_json(tmp: Path, name: str, text: str) -> Path:
+    """A Hugging Face folder (with an index) whose `name` holds `text`."""
+    folder = hf(tmp, index={"fc.weight": "model.safetensors", "fc.bias": "model.safetensors"})
+    (folder / name).write_text(text)
+    return folder
+
+
+def hf_huge_config(tmp: Path) -> Path:
+    """A config.json of 65 MB (sparse: spaces, then a hole)."""
+    folder = hf_json(tmp, "config.json", "{}" + " " * 1000)
+    with open(folder / "config.json", "r+b") as f:
+        f.truncate(65 << 20)
+    return folder
+
+
+def safetensors_header(tmp: Path, header: bytes) -> Path:
+    path = tmp / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    return path
+
+
 def onnx_data_link_out(tmp: Path) -> Path:
     path = onnx_external(tmp)
     (outside(tmp) / "weights.bin").write_bytes((path.parent / "weights.bin").read_bytes())
@@ -229,6 +251,19 @@ BAD_INPUTS = {
     "ONNX offset past the end": (lambda tmp: onnx_external(tmp, offset="99999999"), "shorter than"),
     "over MAX_TENSORS": (many_tensors, "more than the 100 initaudit audits"),
     "over MAX_PICKLE_BYTES": (many_views, "initaudit.loaders.torch_files.MAX_PICKLE_BYTES"),
+    "HF config.json nested 100,000 deep": (lambda tmp: hf_json(tmp, "config.json", "[" * 100_000 + "]" * 100_000),
+                                           "config.json: not readable JSON (nested deeper than 32 levels)"),
+    "HF config.json objects nested deep": (lambda tmp: hf_json(tmp, "config.json",
+                                                               '{"a":' * 50_000 + "1" + "}" * 50_000),
+                                           "config.json: not readable JSON (nested deeper than 32 levels)"),
+    "HF index nested deep": (lambda tmp: hf_json(tmp, "model.safetensors.index.json",
+                                                 '{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+                             "model.safetensors.index.json: not readable JSON (nested deeper than 32 levels)"),
+    "HF config.json over the cap": (hf_huge_config,
+                                    "config.json: larger than 64 MB, the most initaudit reads of a JSON file"),
+    "safetensors header {}": (lambda tmp: safetensors_header(tmp, b"{}"), "holding no tensors: nothing to audit"),
+    "safetensors header of metadata alone": (lambda tmp: safetensors_header(tmp, b'{"__metadata__":{"format":"pt"}}'),
+                                             "holding no tensors: nothing to audit"),
 }
 
 
@@ -265,6 +300,27 @@ def test_fifo_as_model_is_refused_without_blocking(tmp_path):
     done = subprocess.run([sys.executable, "-m", "initaudit.cli", "check", str(path)], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "FIFO" in done.stderr
+
+
+def test_a_file_url_to_a_fifo_is_refused_without_blocking(tmp_path):
+    """`file://` is a local path: the same policy as a typed path (before, fsspec opened the FIFO and blocked)."""
+    path = tmp_path / "model.safetensors"
+    os.mkfifo(path)
+    done = subprocess.run([sys.executable, "-m", "initaudit.cli", "check", f"file://{path}"], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"initaudit: error: {path}: a FIFO (named pipe); initaudit reads only regular files\n"
+
+
+def test_a_file_url_folder_follows_the_folder_link_policy(cli, tmp_path):
+    folder = hf_shard_link_out(tmp_path)
+    result = cli("check", f"file://{folder}")
+    assert result.exit_code == 2 and "outside the model's folder" in one_stderr_line(result)
+    (tmp_path / "plain").mkdir()
+    plain = hf(tmp_path / "plain")
+    by_url, by_path = cli("check", f"file://{plain}", "--format", "json"), cli("check", plain, "--format", "json")
+    assert by_url.exit_code == by_path.exit_code == 0
+    assert json.loads(by_url.stdout)["layers"] == json.loads(by_path.stdout)["layers"]
 
 
 # ---------------------------------------------------------------- what the policy lets through

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import struct
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import initaudit
+from click.testing import CliRunner
+from initaudit.cli import main
 from initaudit.errors import InputError
 
 pytest.importorskip("fsspec")
@@ -35,10 +39,15 @@ def mlp(zeroed: int | None = None) -> dict[str, torch.Tensor]:
 
 
 class RangeServer:
-    """Serves a folder over HTTP/1.1 on 127.0.0.1 with Range requests (206), recording each request."""
+    """Serves a folder over HTTP/1.1 on 127.0.0.1 with Range requests (206), recording each request. Hostile on
+    demand: `pace` seconds between the bytes of each body, or `endless` bodies that ignore Range (up to
+    ENDLESS bytes, so that a client without a cap still ends); `sent` counts the body bytes that left."""
 
-    def __init__(self, folder: Path, status: int | None = None):
+    ENDLESS = 256 << 20
+
+    def __init__(self, folder: Path, status: int | None = None, pace: float | None = None, endless: bytes = b""):
         self.folder, self.status, self.requests = folder, status, []
+        self.pace, self.endless, self.sent = pace, endless, 0
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -57,6 +66,8 @@ class RangeServer:
                 path = server.folder / self.path.lstrip("/")
                 rng = self.headers.get("Range")
                 server.requests.append((self.command, self.path, rng))
+                if server.endless and body:
+                    return self._endless()
                 if server.status:
                     self.send_response(server.status)
                     self.send_header("Content-Length", "0")
@@ -81,7 +92,32 @@ class RangeServer:
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()
                 if body:
-                    self.wfile.write(part)
+                    self._send(part)
+
+            def _send(self, part: bytes):
+                step = 1 if server.pace else 1 << 16
+                try:
+                    for i in range(0, len(part), step):
+                        time.sleep(server.pace or 0)
+                        self.wfile.write(part[i:i + step])
+                        self.wfile.flush()
+                        server.sent += len(part[i:i + step])
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client hung up: what a bounded client does
+
+            def _endless(self):
+                self.send_response(200)  # whatever Range asked: the whole "file", its start first, then on and on
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                chunk = server.endless.ljust(1 << 16, b" ")
+                try:
+                    while server.sent < server.ENDLESS:
+                        self.wfile.write(chunk)
+                        server.sent += len(chunk)
+                        chunk = b" " * (1 << 16)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -210,3 +246,96 @@ def test_the_cli_checks_a_url_beside_a_local_file(tmp_path, served, cli):
     assert [f["model"] for f in data["files"]] == [f"{server.url}/m.safetensors", str(local / "ok.safetensors")]
     assert any(f["rule"] == "zero-weights" and f["layer"] == "net.2" for f in data["files"][0]["findings"])
     assert all(rng is not None for _, _, rng in server.gets())
+
+
+# ---------------------------------------------------------------- bounded in time and size
+
+def _timed_check(*args):
+    start = time.monotonic()
+    result = CliRunner().invoke(main, ["check", *map(str, args)])
+    return result, time.monotonic() - start
+
+
+def test_a_server_that_stalls_is_cut_off_by_the_remote_timeout(tmp_path, served):
+    """One byte every 3 s: aiohttp's own 300 s per request would hang the run; --remote-timeout 0.5 ends it."""
+    save_file(mlp(), tmp_path / "m.safetensors")
+    server = served(pace=3)
+    result, seconds = _timed_check(f"{server.url}/m.safetensors", "--remote-timeout", "0.5")
+    assert result.exit_code == 2 and seconds < 15, (result.output, seconds)
+    assert result.stderr == (f"initaudit: error: {server.url}/m.safetensors: no answer within the time allowed (0.5 s "
+                             "for 8 bytes; --remote-timeout sets it)\n")
+
+
+def test_a_server_trickling_within_the_timeout_is_cut_off_at_the_reads_deadline(tmp_path, served, monkeypatch):
+    """A byte every 0.3 s never trips a 1 s wait between bytes; the read's own deadline (1 s + 8 bytes at
+    64 kB/s) does."""
+    from initaudit.bounded import REMOTE
+
+    monkeypatch.setattr(REMOTE, "timeout", 1.0)
+    save_file(mlp(), tmp_path / "m.safetensors")
+    server = served(pace=0.3)
+    start = time.monotonic()
+    with pytest.raises(InputError, match=r"no answer within the time allowed \(1 s for 8 bytes"):
+        initaudit.audit(f"{server.url}/m.safetensors")
+    assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize("target", ["index", "safetensors"])
+def test_an_endless_body_is_read_no_further_than_asked(target, tmp_path, served, monkeypatch):
+    """A server that ignores Range and sends on and on: the index (a whole small file) is capped, a header range
+    is refused as soon as the answer is not one; the server gets to send a few MB at most."""
+    monkeypatch.setattr("initaudit.loaders.remote.MAX_JSON_BYTES", 1 << 20)
+    start = struct.pack("<Q", 100) + b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    server = served(endless=b'{"weight_map": {"a": "m.safetensors"}, "pad": "' if target == "index" else start)
+    url = f"{server.url}/model.safetensors.index.json" if target == "index" else f"{server.url}/m.safetensors"
+    result, seconds = _timed_check(url)
+    assert result.exit_code == 2, result.output
+    expected = "larger than 1 MB, the most initaudit reads of a JSON file" if target == "index" else \
+        "the server ignores byte ranges"
+    assert expected in result.stderr and result.stderr.count("\n") == 1
+    time.sleep(0.2)  # the server thread sees the hang-up
+    assert server.sent < 16 << 20, server.sent
+
+
+def _served_header(tmp_path: Path, header: bytes, data: bytes = b"") -> None:
+    (tmp_path / "m.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+@pytest.mark.parametrize("header, fragment", [
+    (b"[" * 100_000 + b"]" * 100_000, "not a readable safetensors header (nested deeper than 32 levels)"),
+    (b'{"a": ' * 50_000 + b"1" + b"}" * 50_000, "not a readable safetensors header (nested deeper than 32 levels)"),
+    (b"{}", "a safetensors file holding no tensors: nothing to audit"),
+    (b'{"__metadata__": {"format": "pt"}}', "a safetensors file holding no tensors: nothing to audit"),
+    (b'{"__metadata__": {"format": 5}}', "not a readable safetensors header (__metadata__ must map names to strings)"),
+    (b'[1, 2]', "not a readable safetensors header (the header is a JSON list, not an object)"),
+    (b'{"a": {"dtype": "F32", "shape": [1000000], "data_offsets": [0, 4000000]}}',
+     "not a readable safetensors header (a: its data ends past the end of the file (4,000,0"),
+    (b'{"a": {"dtype": "F32", "shape": [' + b"1, " * 70 + b'1], "data_offsets": [0, 4]}}',
+     "not a readable safetensors header (a: bad shape or offsets)"),
+], ids=["arrays 100,000 deep", "objects 50,000 deep", "empty", "metadata alone", "metadata not strings", "a list",
+        "past the end", "71 dimensions"])
+def test_a_hostile_remote_header_is_one_line(header, fragment, tmp_path, served):
+    _served_header(tmp_path, header, b"\0" * 4)
+    server = served()
+    result = CliRunner().invoke(main, ["check", f"{server.url}/m.safetensors"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"initaudit: error: {server.url}/m.safetensors: {fragment}")
+    assert result.stderr.count("\n") == 1 and "internal error" not in result.stderr
+
+
+def test_a_remote_folder_with_its_config_takes_activations_from_it(tmp_path, served):
+    save_file(mlp(), tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "not-a-real-type", "hidden_act": "tanh"}))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "model.safetensors"
+                                                                                    for k in mlp()}}))
+    server = served()
+    report = initaudit.audit(server.url)
+    assert report.format == "hf-folder" and len(report.layers) == 4
+    assert ("GET", "/config.json", "bytes=0-67108864") in server.requests  # read, within its cap
+
+
+def test_a_chained_url_is_refused_before_anything_is_read(tmp_path, served):
+    server = served()
+    with pytest.raises(InputError, match="a chained fsspec URL"):
+        initaudit.audit(f"zip://m.safetensors::{server.url}/m.zip")
+    assert not server.requests

@@ -103,13 +103,27 @@ def is_remote(path: object) -> bool:
     return isinstance(path, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
 
 
+_LOCAL_URL = re.compile(r"(?:file|local)://", re.IGNORECASE)
+
+
+def local_path(url: str) -> Path | None:
+    """The local path a `file://` (or fsspec's `local://`) URL names, as fsspec reads it (the rest of the URL,
+    verbatim); None for other URLs."""
+    named = _LOCAL_URL.match(url)
+    return Path(url[named.end():]) if named else None
+
+
 def load(path: str | Path | None, *, trust_pickle: bool = False, factory: str | None = None,
          module: torch.nn.Module | None = None, optimizer_state: bool = False) -> Loaded:
     """Load a model file, folder or URL (or a module built by `factory`, or a live `module`) for auditing.
 
+    A `file://` URL is a local path, read under the local file policy (FIFOs and devices refused, links
+    leaving a folder refused) like any other.
     `optimizer_state`: audit a distributed checkpoint's optimizer tensors too, for NaN/Inf (skipped by default;
     their presence is evidence that the weights are trained either way).
     """
+    if is_remote(path):
+        path = local_path(path) or path
     if is_remote(path) and module is None and not factory:
         from . import remote
         loaded = remote.load(path)

@@ -13,7 +13,6 @@ block feeds it, the pooler feeds tanh; every other layer's activation stays unkn
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import re
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ import torch
 
 from .. import meta_model
 from ..activations import Activation, canonical
+from ..bounded import MAX_JSON_BYTES, loads_json, read_regular
 from ..errors import InputError
 from ..files import inside
 from ..flow import Flow
@@ -50,7 +50,7 @@ def _json(path: Path, name: str, files: list[Path]) -> object:
     real = inside(path, name, path)
     files.append(real)
     try:
-        return json.loads(real.read_text(encoding="utf-8"))
+        return loads_json(read_regular(real, MAX_JSON_BYTES, "a JSON file", path / name))
     except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
         raise InputError(f"{path / name}: not readable JSON ({_first_line(exc)})") from None
 

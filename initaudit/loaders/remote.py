@@ -3,19 +3,24 @@ by byte ranges: a safetensors file's 8-byte length and header first, then each t
 is audited; nothing is downloaded whole. A URL names a `.safetensors` file, a shard index
 (`*.index.json`, its shards beside it) or a folder holding either (with its config.json, if any).
 Other formats need the whole file (a zip's directory, a pickle) and are refused: download them first.
+
+Every read is bounded (`bounded.REMOTE`, `--remote-timeout`): a connection and each piece of an answer
+within the timeout, a whole read of n bytes within timeout + n / min_rate seconds (async file systems:
+http(s), s3fs, gcsfs; the others keep their own timeouts), and no more bytes than were asked for, whatever
+the server sends. `file://` URLs never come here: they are local paths, read under the local file policy.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import posixpath
 
 import torch
 
-from ..errors import InputError
+from ..bounded import MAX_DIMS, MAX_JSON_BYTES, REMOTE, Unreadable, fits_in_memory, loads_json
+from ..errors import InputError, NoWeights
 from . import Loaded, TensorSource, check_count, natural_key
-from .safetensors_file import _MAX_HEADER, DTYPES, HeaderEntries, parse_header, view
+from .safetensors_file import DTYPES, MAX_HEADER, HeaderEntries, parse_header, view
 
 INDEX = "model.safetensors.index.json"
 LOCAL_ONLY = {".pt", ".pth", ".bin", ".ckpt", ".tar", ".jit", ".onnx", ".distcp", ".json", ".gguf", ".h5", ".npz"}
@@ -26,41 +31,112 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
+class TimedOut(InputError):
+    """A remote read that took longer than `bounded.REMOTE` allows."""
+
+
+async def _ranged_get(fs, url: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of an http(s) URL through fsspec's aiohttp session, never more: fsspec's own cat_file
+    reads whatever body the server sends (an endless one included)."""
+    headers = {**fs.kwargs.get("headers", {}), "Range": f"bytes={start}-{end - 1}"}
+    session = await fs.set_session()
+    async with session.get(fs.encode_url(url), **{**fs.kwargs, "headers": headers}) as response:
+        if response.status == 404:
+            raise FileNotFoundError(url)
+        if response.status == 416:  # the range starts at or past the end: nothing there
+            return b""
+        response.raise_for_status()
+        if response.status != 206 and start:
+            raise ValueError("the server ignores byte ranges (it answered the whole file)")
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(1 << 20):
+            body += chunk[:end - start - len(body)]
+            if len(body) == end - start:
+                break
+        return bytes(body)
+
+
 class Remote:
-    """One fsspec file system and the URL the user gave; every call's failure is one InputError line."""
+    """One fsspec file system and the URL the user gave; every call's failure is one InputError line, every
+    call bounded in time (`bounded.REMOTE`) and every read in size."""
 
     def __init__(self, url: str):
         self.url = url
         self.scheme = url.split("://", 1)[0]
+        if "::" in url:
+            raise InputError(f"{url}: a chained fsspec URL; give the file's own URL (or download it first)")
         try:
             import fsspec
         except ImportError:
             raise InputError(f"{url}: reading a remote checkpoint needs fsspec: pip install 'initaudit[remote]'") from None
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(url)
+            self.fs, self.root = fsspec.core.url_to_fs(url, **self._options())
         except ImportError as exc:  # e.g. "Install s3fs to access S3"
             raise InputError(f"{url}: {self.scheme}:// needs a package fsspec lacks ({_first_line(exc)})") from None
         except Exception as exc:  # noqa: BLE001 - an unknown protocol, a malformed URL
             raise InputError(f"{url}: not a URL fsspec can open ({_first_line(exc)})") from None
+        from fsspec.asyn import AsyncFileSystem
+
+        self.bounded = isinstance(self.fs, AsyncFileSystem)
+
+    def _options(self) -> dict:
+        """fsspec's options for the URL's protocol: aiohttp's connect and read timeouts for http(s)."""
+        if self.scheme not in ("http", "https"):
+            return {}
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(sock_connect=REMOTE.timeout, sock_read=REMOTE.timeout)
+        return {"client_kwargs": {"timeout": timeout}}
 
     def shown(self, path: str) -> str:
         return f"{self.scheme}://{path}" if "://" not in path else path
 
-    def read(self, path: str, start: int | None = None, end: int | None = None) -> bytes:
-        """Bytes [start, end) of `path` (a range request), or the whole of a small file."""
+    def _call(self, name: str, path: str, nbytes: int = 0, **kwargs):
+        """`fs.<name>(path, **kwargs)` within REMOTE's deadline for `nbytes`, every failure one InputError line."""
+        from fsspec.asyn import sync
+
         try:
-            return self.fs.cat_file(path, start=start, end=end)
+            if not self.bounded:
+                return getattr(self.fs, name)(path, **kwargs)
+            call = _ranged_get if name == "cat_file" and self.scheme in ("http", "https") else None
+            args = (self.fs, path) if call else (path,)
+            return sync(self.fs.loop, call or getattr(self.fs, "_" + name), *args, timeout=REMOTE.deadline(nbytes),
+                        **kwargs)
         except FileNotFoundError:
             raise InputError(f"{self.shown(path)}: no such file") from None
+        except TimeoutError:  # fsspec's FSTimeoutError and aiohttp's timeouts are TimeoutErrors
+            allowed = f"{REMOTE.deadline(nbytes):.3g} s" + (f" for {nbytes:,} bytes" if nbytes else "")
+            raise TimedOut(f"{self.shown(path)}: no answer within the time allowed ({allowed}; --remote-timeout "
+                           "sets it)") from None
         except Exception as exc:  # noqa: BLE001 - credentials, network, permissions: all one line
             raise InputError(f"{self.shown(path)}: cannot be read ({type(exc).__name__}: {_first_line(exc)}); "
                              f"check the address and your credentials for {self.scheme}://") from None
 
+    def read(self, path: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of `path` (a range request), never more."""
+        data = self._call("cat_file", path, end - start, start=start, end=end) if end > start else b""
+        return data[:end - start]
+
+    def read_small(self, path: str, limit: int) -> bytes:
+        """The whole of a small file (a config, an index): more than `limit` bytes is refused."""
+        data = self.read(path, 0, limit + 1)
+        if len(data) > limit:
+            raise InputError(f"{self.shown(path)}: larger than {limit >> 20} MB, the most initaudit reads of a JSON "
+                             "file")
+        return data
+
+    def size(self, path: str) -> int | None:
+        """The file's size where the store tells it."""
+        size = self._call("size", path)
+        return size if isinstance(size, int) else None
+
     def exists(self, path: str) -> bool:
         try:
-            return bool(self.fs.exists(path))
-        except Exception:  # noqa: BLE001 - no permission to look is not a missing file: reading it says why
-            return True
+            return bool(self._call("exists", path))
+        except TimedOut:
+            raise
+        except InputError:
+            return True  # no permission to look is not a missing file: reading it says why
 
 
 class RemoteSafetensors(HeaderEntries):
@@ -71,13 +147,13 @@ class RemoteSafetensors(HeaderEntries):
         shown = remote.shown(path)
         head = remote.read(path, 0, 8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 0 < n <= _MAX_HEADER:
+        if not 0 < n <= MAX_HEADER:
             raise InputError(f"{shown}: not a safetensors file (no header length in its first 8 bytes)")
         raw = remote.read(path, 8, 8 + n)
         check_count(raw.count(b'"data_offsets"'), shown)
         try:
             self.entries, self.metadata = parse_header(raw)
-            _check(self.entries)
+            _check(self.entries, remote.size(path), 8 + n)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise InputError(f"{shown}: not a readable safetensors header ({_first_line(exc)})") from None
         self.base = 8 + n
@@ -101,17 +177,31 @@ class RemoteSafetensors(HeaderEntries):
         return sorted(self.entries, key=lambda k: self.entries[k]["data_offsets"][0])
 
 
-def _check(entries: dict) -> None:
-    """Every entry names a dtype, a shape and data offsets that agree (bytes = values × element size)."""
+def _check(entries: dict, size: int | None, base: int) -> None:
+    """Every entry names a dtype, a shape and data offsets that agree (bytes = values × element size), inside
+    the file (of `size` bytes, where the store tells it; the data from `base`) and within this machine's memory,
+    before any of it is fetched."""
     for key, entry in entries.items():
         begin, end = entry["data_offsets"]
         shape = entry["shape"]
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
-                and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end and isinstance(shape, list)
+                and len(shape) <= MAX_DIMS and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise ValueError(f"{key}: bad shape or offsets")
         dtype = DTYPES.get(entry["dtype"])
         if dtype is not None and math.prod(shape) * dtype.itemsize != end - begin:
             raise ValueError(f"{key}: {end - begin} bytes for {math.prod(shape)} {entry['dtype']} values")
+        if size is not None and base + end > size:
+            raise ValueError(f"{key}: its data ends past the end of the file ({base + end:,} > {size:,} bytes)")
+        if not fits_in_memory(end - begin):
+            raise ValueError(f"{key}: {end - begin:,} bytes, more than this machine's memory")
+
+
+def _json(remote: Remote, path: str) -> object:
+    """A small JSON file (a config, an index), its size and nesting bounded."""
+    try:
+        return loads_json(remote.read_small(path, MAX_JSON_BYTES))
+    except Unreadable as exc:
+        raise InputError(f"{remote.shown(path)}: not readable JSON ({exc})") from None
 
 
 def _shard_path(remote: Remote, folder: str, name: str, index: str) -> str:
@@ -126,6 +216,8 @@ def load(url: str) -> Loaded:
     root = remote.root.rstrip("/")
     if root.endswith(".safetensors"):
         file = RemoteSafetensors(remote, root)
+        if not file.entries:
+            raise NoWeights(f"{url}: a safetensors file holding no tensors: nothing to audit")
         keys = sorted(file.keys(), key=natural_key)
         note = ("activations are unknown in a bare safetensors file: pass --activation (or --model"
                 " package.module:factory) to check scales against them")
@@ -155,10 +247,8 @@ def _sharded(remote: Remote, url: str, folder: str, index: str | None) -> Loaded
         shards = None
         files = {"model.safetensors": RemoteSafetensors(remote, posixpath.join(folder, "model.safetensors"))}
     else:
-        try:
-            weight_map = json.loads(remote.read(index)).get("weight_map")
-        except (ValueError, AttributeError):
-            weight_map = None
+        weight_map = _json(remote, index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                        for k, v in weight_map.items()):
             raise InputError(f"{remote.shown(index)}: not a shard index (its \"weight_map\" must map tensor names "
@@ -174,18 +264,14 @@ def _sharded(remote: Remote, url: str, folder: str, index: str | None) -> Loaded
             raise InputError(f"{url}: the index puts {key!r} in {name}, which does not hold it")
     shapes = {k: files[shards[k]].shape(k) for k in sorted(shards, key=natural_key)}
     config_path = posixpath.join(folder, "config.json")
-    config = {}
-    if remote.exists(config_path):
-        try:
-            config = json.loads(remote.read(config_path))
-        except ValueError:
-            raise InputError(f"{remote.shown(config_path)}: not readable JSON") from None
+    config = _json(remote, config_path) if remote.exists(config_path) else {}
     if isinstance(config, dict) and config:
-        flow, modules, notes = _context(config, shapes)
+        flow, modules, hints, notes = _context(config, shapes)
     else:
-        flow, modules, notes = None, {}, ["no config.json beside the weights: activations are unknown; pass "
-                                          "--activation (or --model package.module:factory) to check scales against them"]
+        flow, modules, hints, notes = None, {}, {}, [
+            "no config.json beside the weights: activations are unknown; pass --activation (or --model "
+            "package.module:factory) to check scales against them"]
     source = TensorSource(shapes, lambda k: files[shards[k]].get(k), nbytes={k: files[shards[k]].nbytes(k) for k in shapes})
-    return Loaded(None, "hf-folder", source, flow=flow, modules=modules,
+    return Loaded(None, "hf-folder", source, flow=flow, modules=modules, activations=hints,
                   container={"shards": shards, "metadata": {n: f.metadata for n, f in files.items()}},
                   notes=notes, source=url)

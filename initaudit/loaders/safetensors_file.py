@@ -7,7 +7,6 @@ audited, so a file far larger than memory is read in the memory of its largest t
 
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import warnings
@@ -16,11 +15,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import InputError
+from ..bounded import loads_json
+from ..errors import InputError, NoWeights
 from . import Loaded, TensorSource, check_count, natural_key
 from .pages import MappedFile
 
-_MAX_HEADER = 100_000_000  # safetensors' own limit on the header's size
+MAX_HEADER = 100_000_000  # safetensors' own limit on the header's size
 # The header's dtype names; others (sub-byte, new ones) are read through safetensors itself.
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
@@ -35,7 +35,7 @@ def _count(path: Path, shown: Path) -> int:
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
-            header = f.read(min(size, _MAX_HEADER))
+            header = f.read(min(size, MAX_HEADER))
     except OSError as exc:
         raise InputError(f"{shown}: cannot be read ({exc.strerror or exc})") from None
     return header.count(b'"data_offsets"')
@@ -52,9 +52,14 @@ def _open(path: Path, shown: Path | None = None):
 
 
 def parse_header(raw: bytes) -> tuple[dict[str, dict], dict[str, str]]:
-    """The tensor entries (name -> dtype, shape, data_offsets) and the metadata of a header's JSON."""
-    header = json.loads(raw)
+    """The tensor entries (name -> dtype, shape, data_offsets) and the metadata of a header's JSON (its size and
+    nesting bounded); ValueError where it is not a JSON object, or its metadata not strings by name."""
+    header = loads_json(raw)
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("__metadata__ must map names to strings")
     return header, metadata
 
 
@@ -126,6 +131,8 @@ def read_all(path: Path) -> dict[str, torch.Tensor]:
 
 def load(path: Path) -> Loaded:
     file = SafetensorsFile(path)
+    if not file.entries:
+        raise NoWeights(f"{path}: a safetensors file holding no tensors: nothing to audit")
     keys = sorted(file.keys(), key=natural_key)
     note = ("activations are unknown in a bare safetensors file: pass --activation (or --model"
             " package.module:factory) to check scales against them")

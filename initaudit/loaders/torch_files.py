@@ -114,9 +114,9 @@ def read(path: Path, trust_pickle: bool) -> Any:
                 raise InputError(f"{path}: the file pickles Python objects ({found.group(1)}), and loading it would "
                                  "run code from the file; save a state_dict instead, or pass --trust-pickle if you "
                                  "trust its source") from None
-            raise InputError(f"{path}: not a readable PyTorch checkpoint ({_cause(exc)})") from None
+            raise InputError(f"{path}: not a readable PyTorch checkpoint ({load_error_reason(exc)})") from None
         except Exception as exc:  # noqa: BLE001 - a crafted file can make torch's reader raise anything
-            raise InputError(f"{path}: not a readable PyTorch checkpoint ({_cause(exc)})") from None
+            raise InputError(f"{path}: not a readable PyTorch checkpoint ({load_error_reason(exc)})") from None
 
 
 def _check_pickle_size(path: Path) -> None:
@@ -132,7 +132,7 @@ def _check_pickle_size(path: Path) -> None:
                          "objects to load in bounded time")
 
 
-def _cause(exc: Exception) -> str:
+def load_error_reason(exc: BaseException) -> str:
     """The reason in torch's message, without its advice (e.g. to set weights_only=False)."""
     text = str(exc)
     found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
