@@ -167,7 +167,7 @@ def load(path: Path, index: str | None = None) -> Loaded:
         if key not in handle.keys():
             raise InputError(f"{path}: the index puts {key!r} in {shards[key]}, which does not hold it")
         shapes[key] = handle.shape(key)
-    flow, modules, hints, notes = _context(config, shapes, path / "config.json") if config else (None, {}, {}, [
+    flow, modules, hints, notes = config_context(config, shapes, path / "config.json") if config else (None, {}, {}, [
         "no config.json beside the shards: activations are unknown; pass --activation (or --model "
         "package.module:factory) to check scales against them"])
     source = TensorSource(shapes, lambda k: handles[shards[k]].get(k), release=lambda k: handles[shards[k]].release(k),
@@ -177,7 +177,7 @@ def load(path: Path, index: str | None = None) -> Loaded:
                   files=[path.resolve(), *dict.fromkeys(files)])
 
 
-def _context(config: dict, shapes: dict[str, tuple[int, ...]], where: Path
+def config_context(config: dict, shapes: dict[str, tuple[int, ...]], where: Path | str
              ) -> tuple[Flow | None, dict[str, ModuleInfo], dict[str, Activation], list[str]]:
     """(flow, module kinds, activation hints, notes): the flow from the architecture config.json (at `where`)
     describes, built without weights and offline; else no flow, and the activations the config and the layer names

@@ -241,7 +241,7 @@ def load(url: str) -> Loaded:
 
 
 def _sharded(remote: Remote, url: str, folder: str, index: str | None) -> Loaded:
-    from .hf_folder import _context
+    from .hf_folder import config_context
 
     if index is None:
         shards = None
@@ -266,7 +266,7 @@ def _sharded(remote: Remote, url: str, folder: str, index: str | None) -> Loaded
     config_path = posixpath.join(folder, "config.json")
     config = _json(remote, config_path) if remote.exists(config_path) else {}
     if isinstance(config, dict) and config:
-        flow, modules, hints, notes = _context(config, shapes)
+        flow, modules, hints, notes = config_context(config, shapes, remote.shown(config_path))
     else:
         flow, modules, hints, notes = None, {}, {}, [
             "no config.json beside the weights: activations are unknown; pass --activation (or --model "
