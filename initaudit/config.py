@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import rules as rulebook
-from .activations import Activation, parse
-from .bounded import MAX_TOML_BYTES, Unreadable, loads_toml, read_regular
-from .errors import InputError
-from .report import FAIL_ON
+from initaudit.judge import rules as rulebook
+from initaudit.flow.activations import Activation, parse
+from initaudit.load.bounded import MAX_TOML_BYTES, Unreadable, loads_toml, read_regular
+from initaudit.common.errors import InputError
+from initaudit.judge.report import FAIL_ON
 
 _KEYS = ("fail-on", "activation", "activations", "select", "ignore", "per-layer-ignores", "exclude", "extend-exclude",
          "signal-band")

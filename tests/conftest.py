@@ -77,7 +77,7 @@ BARE = ("state_dict", "checkpoint", "safetensors")  # formats that carry no acti
 def cli():
     from click.testing import CliRunner
 
-    from initaudit.cli import main
+    from initaudit.cli.main import main
 
     runner = CliRunner()
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import initaudit
-from initaudit.activations import canonical, parse
+from initaudit.flow.activations import canonical, parse
 
 
 class Functional(nn.Module):
@@ -96,9 +96,9 @@ def test_tracing_leaves_the_module_as_it_found_it(model):
 
 
 def test_residual_joins_end_a_run():
-    from initaudit.audit import build_graph
+    from initaudit.pipeline import build_graph
     from initaudit.config import Options
-    from initaudit.loaders import modules
+    from initaudit.load import modules
 
     for module in (Functional(), DataDependent()):
         loaded = modules.from_module(module, None)
@@ -129,9 +129,10 @@ class Gated(nn.Module):
 def test_a_gate_ends_a_run_and_self_gating_does_not(trace, tmp_path):
     """The squeeze-excite branch's output only scales the signal: its run ends there (a mis-scaled SE layer is
     not compounded through depth); x·sigmoid(x) and GLU multiply what the layer itself computed."""
-    from initaudit.audit import analyse
+    from initaudit.pipeline import analyse
     from initaudit.config import Options
-    from initaudit.loaders import load, modules
+    from initaudit.load.dispatch import load
+    from initaudit.load import modules
 
     model = Gated().eval()
     path = tmp_path / ("gated.onnx" if trace == "onnx" else "gated.pt")
@@ -161,9 +162,10 @@ class ShapeReader(nn.Module):
 
 @pytest.mark.parametrize("trace", ["fx", "torchscript", "onnx"])
 def test_reading_a_shape_carries_no_signal(trace, tmp_path):
-    from initaudit.audit import analyse
+    from initaudit.pipeline import analyse
     from initaudit.config import Options
-    from initaudit.loaders import load, modules
+    from initaudit.load.dispatch import load
+    from initaudit.load import modules
 
     model = ShapeReader().eval()
     path = tmp_path / ("shape.onnx" if trace == "onnx" else "shape.pt")
@@ -241,5 +243,5 @@ def test_parse_and_gains_follow_calculate_gain():
     assert parse("selu").gain == pytest.approx(nn.init.calculate_gain("selu"))
     assert parse("gelu").gain == pytest.approx(nn.init.calculate_gain("relu"))  # ReLU-like
     assert canonical("NewGELUActivation", loose=True) == "gelu"
-    with pytest.raises(initaudit.errors.InputError):
+    with pytest.raises(initaudit.common.errors.InputError):
         parse("banana")

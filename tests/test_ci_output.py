@@ -65,9 +65,9 @@ def test_help_rules_explain_and_usage_errors_never_import_torch(args):
 
 def test_the_package_api_still_answers_lazily():
     import initaudit
-    from initaudit.audit import analyse  # the submodule of the same name does not shadow the function
+    from initaudit.pipeline import analyse
 
-    assert callable(analyse) and callable(initaudit.audit) and initaudit.audit.__module__ == "initaudit.audit"
+    assert callable(analyse) and callable(initaudit.audit) and initaudit.audit.__module__ == "initaudit.pipeline"
     assert initaudit.Report.__name__ == "Report" and callable(initaudit.fix)
     report = initaudit.audit(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()))
     assert isinstance(report, initaudit.Report) and not report.failed()
@@ -213,8 +213,8 @@ def test_per_layer_ignore_on_the_command_line():
 # ---------------------------------------------------------------- rule docs
 
 def test_rule_docs_are_in_sync_and_linked():
-    from initaudit import ruledocs
-    from initaudit.rules import builtin_rules
+    from initaudit.judge import ruledocs
+    from initaudit.judge.rules import builtin_rules
 
     folder = ROOT / "docs" / "rules"
     pages = ruledocs.pages()
@@ -249,7 +249,7 @@ class _Terminal(io.StringIO):
 @pytest.mark.parametrize("delay, tty, quiet, shown", [(0.0, True, False, True), (5.0, True, False, False),
                                                       (0.0, False, False, False), (0.0, True, True, False)])
 def test_progress_appears_on_a_terminal_after_its_delay(monkeypatch, delay, tty, quiet, shown):
-    from initaudit import progress as progress_mod
+    from initaudit.common import progress as progress_mod
 
     stderr = _Terminal() if tty else io.StringIO()
     monkeypatch.setattr(sys, "stderr", stderr)

@@ -174,7 +174,7 @@ def test_the_report_never_overwrites_the_model(cli, tmp_path):
 def test_safetensors_header_length_with_a_pickle_like_first_byte(tmp_path):
     from safetensors.torch import save_file
 
-    from initaudit.loaders import sniff
+    from initaudit.load.paths import sniff
 
     for pad in range(300):  # find a header whose length's low byte is 0x80 (as torchvision's googlenet has)
         path = tmp_path / "m.safetensors"

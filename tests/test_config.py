@@ -15,8 +15,8 @@ import torch
 from click.testing import CliRunner
 
 from initaudit import config
-from initaudit.cli import main
-from initaudit.errors import InputError
+from initaudit.cli.main import main
+from initaudit.common.errors import InputError
 from fixtures import models
 from test_output_hardening import one_stderr_line, run
 

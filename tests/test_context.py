@@ -12,9 +12,9 @@ from safetensors.torch import save_file, save_model
 from torch import nn
 
 import initaudit
-from initaudit.audit import analyse
+from initaudit.pipeline import analyse
 from initaudit.config import Options
-from initaudit.loaders import load
+from initaudit.load.dispatch import load
 
 
 def verdicts(report) -> Counter:
@@ -135,7 +135,7 @@ def test_a_large_config_costs_no_weight_memory():
     import time
 
     transformers = pytest.importorskip("transformers")
-    from initaudit import meta_model
+    from initaudit.flow import meta_model
 
     config = transformers.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                       num_attention_heads=32, vocab_size=32000, architectures=["LlamaForCausalLM"])

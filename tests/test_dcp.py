@@ -16,9 +16,9 @@ import torch
 from click.testing import CliRunner
 
 import initaudit
-from initaudit.cli import main
-from initaudit.errors import InputError
-from initaudit.loaders import load
+from initaudit.cli.main import main
+from initaudit.common.errors import InputError
+from initaudit.load.dispatch import load
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 
@@ -112,7 +112,7 @@ def test_metadata_that_would_run_code_is_refused(tmp_path):
 
 def test_a_shard_file_outside_the_folder_is_refused(tmp_path):
     folder = save_dcp({"model": net().state_dict()}, tmp_path / "ckpt")
-    from initaudit.loaders.dcp import read_metadata
+    from initaudit.load.dcp import read_metadata
 
     metadata = read_metadata(folder)
     for info in metadata.storage_data.values():
@@ -218,7 +218,7 @@ def test_optimizer_state_under_a_training_loops_wrapper_is_optimizer_state(tmp_p
 
 def _hostile(tmp_path: Path, change) -> Path:
     """A real DCP folder whose metadata `change(metadata, first_tensor_entry)` rewrote before it was pickled."""
-    from initaudit.loaders.dcp import read_metadata
+    from initaudit.load.dcp import read_metadata
 
     folder = save_dcp({"model": net().state_dict()}, tmp_path / "ckpt")
     metadata = read_metadata(folder)
@@ -331,12 +331,12 @@ def test_any_base_exception_a_library_raises_is_one_line_but_exits_keep_their_co
     def failing(*args):
         raise CheckpointException("load", {0: (EOFError("shard"), traceback.StackSummary())})
 
-    monkeypatch.setattr("initaudit.loaders.dcp.check", failing)
+    monkeypatch.setattr("initaudit.load.dcp.check", failing)
     result = CliRunner().invoke(main, ["check", str(folder)])
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
     assert result.stderr == ("initaudit: internal error: CheckpointException: CheckpointException ranks:dict_keys([0]) "
                              "(run with --debug for the traceback, and please report it)\n")
-    monkeypatch.setattr("initaudit.loaders.dcp.check", lambda *args: sys.exit(3))
+    monkeypatch.setattr("initaudit.load.dcp.check", lambda *args: sys.exit(3))
     assert CliRunner().invoke(main, ["check", str(folder)]).exit_code == 3
 
 
@@ -358,7 +358,7 @@ def _counting_reads(monkeypatch) -> list[int]:
 def test_many_tensors_are_read_in_batches_with_metadata_cut_to_the_batch(tmp_path, monkeypatch):
     """Structural, not timed: 3,000 tensors take ceil(3000 / BATCH_TENSORS) reads, each planned over its batch's
     metadata alone (one read per tensor over the whole metadata was quadratic: minutes for 20,000 tensors)."""
-    from initaudit.loaders.dcp import BATCH_TENSORS
+    from initaudit.load.dcp import BATCH_TENSORS
 
     state = {f"layers.{i}.weight": torch.full((2, 3), float(i)) for i in range(3000)}
     folder = save_dcp(state, tmp_path / "ckpt")
@@ -370,8 +370,8 @@ def test_many_tensors_are_read_in_batches_with_metadata_cut_to_the_batch(tmp_pat
 
 
 def test_read_ahead_stays_within_its_bytes_whatever_order_tensors_are_asked_in(tmp_path, monkeypatch):
-    monkeypatch.setattr("initaudit.loaders.dcp.BATCH_BYTES", 10 * 24)  # ten 2x3 float32 tensors a read...
-    monkeypatch.setattr("initaudit.loaders.dcp.READ_AHEAD_BYTES", 25 * 24)  # ...25 read ahead at most
+    monkeypatch.setattr("initaudit.load.dcp.BATCH_BYTES", 10 * 24)  # ten 2x3 float32 tensors a read...
+    monkeypatch.setattr("initaudit.load.dcp.READ_AHEAD_BYTES", 25 * 24)  # ...25 read ahead at most
     state = {f"layers.{i}.weight": torch.full((2, 3), float(i)) for i in range(100)}
     folder = save_dcp(state, tmp_path / "ckpt")
     records = _counting_reads(monkeypatch)

@@ -11,10 +11,10 @@ import torch
 
 import initaudit
 from fixtures import depth_models
-from initaudit import depth
-from initaudit.activations import Activation, parse
+from initaudit.measure import depth
+from initaudit.flow.activations import Activation, parse
 from initaudit.config import from_table
-from initaudit.errors import InputError
+from initaudit.common.errors import InputError
 
 SIGNAL = ("signal-vanishing", "signal-exploding")
 BAND = depth.DEFAULT_BAND
@@ -191,8 +191,8 @@ def test_a_residual_branch_may_start_near_zero_but_not_explode(std, residual, ex
 
 
 def _graph(module):
-    from initaudit.audit import analyse
+    from initaudit.pipeline import analyse
     from initaudit.config import Options
-    from initaudit.loaders import modules
+    from initaudit.load import modules
 
     return [layer for layer in analyse(modules.from_module(module, None), Options()).graph if layer.weighted]

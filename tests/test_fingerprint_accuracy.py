@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 import initaudit
-from initaudit import rules, schemes, stats
-from initaudit.graph import UNIT_KINDS, fans
+from initaudit.judge import rules
+from initaudit.measure import schemes, stats
+from initaudit.flow.layers import UNIT_KINDS, fans
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MISMATCH = "init-activation-mismatch"

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from conftest import export_onnx
 from fixtures import models
-from initaudit.cli import main
+from initaudit.cli.main import main
 
 EXAMPLES = int(os.environ.get("INITAUDIT_FUZZ_EXAMPLES", "0")) or 20
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize="INITAUDIT_FUZZ_EXAMPLES" not in os.environ,
@@ -240,7 +240,7 @@ def _lie(metadata, field: str, value) -> None:
 
 def test_fuzzed_dcp_metadata_gets_a_verdict_or_one_clear_line(dcp_seed):
     """The metadata pickle mutated as bytes, or re-pickled with claims turned into anything."""
-    from initaudit.loaders.dcp import read_metadata
+    from initaudit.load.dcp import read_metadata
 
     @SETTINGS
     @given(mutations=st.lists(MUTATION, max_size=3), lies=st.dictionaries(FIELDS, ANY_VALUE, max_size=3))

@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
 
 import initaudit
-from initaudit.loaders import load
+from initaudit.load.dispatch import load
 
 ROOT = Path(__file__).resolve().parents[1]
 RNG = torch.Generator().manual_seed(0)
@@ -250,7 +250,7 @@ BAD_INPUTS = {
     "ONNX fractional length": (lambda tmp: onnx_external(tmp, length="1.5"), "length '1.5'"),
     "ONNX offset past the end": (lambda tmp: onnx_external(tmp, offset="99999999"), "shorter than"),
     "over MAX_TENSORS": (many_tensors, "more than the 100 initaudit audits"),
-    "over MAX_PICKLE_BYTES": (many_views, "initaudit.loaders.torch_files.MAX_PICKLE_BYTES"),
+    "over MAX_PICKLE_BYTES": (many_views, "initaudit.load.torch_files.MAX_PICKLE_BYTES"),
     "HF config.json nested 100,000 deep": (lambda tmp: hf_json(tmp, "config.json", "[" * 100_000 + "]" * 100_000),
                                            "config.json: not readable JSON (nested deeper than 32 levels)"),
     "HF config.json objects nested deep": (lambda tmp: hf_json(tmp, "config.json",
@@ -277,8 +277,8 @@ def one_stderr_line(result) -> str:
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_one_line_naming_the_file(case, cli, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("initaudit.loaders.MAX_TENSORS", 100)
-    monkeypatch.setattr("initaudit.loaders.torch_files.MAX_PICKLE_BYTES", 50_000)
+    monkeypatch.setattr("initaudit.load.source.MAX_TENSORS", 100)
+    monkeypatch.setattr("initaudit.load.torch_files.MAX_PICKLE_BYTES", 50_000)
     build, fragment = BAD_INPUTS[case]
     path = build(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
@@ -444,7 +444,7 @@ def test_sparse_and_quantized_tensors_are_audited_as_dense(tmp_path):
 
 
 def test_large_sparse_tensor_is_skipped_with_a_note(tmp_path, monkeypatch):
-    monkeypatch.setattr("initaudit.stats.SPARSE_DENSE_LIMIT", 1000)
+    monkeypatch.setattr("initaudit.measure.stats.SPARSE_DENSE_LIMIT", 1000)
     path = pt(tmp_path, {"fc.weight": kaiming(64, 64).to_sparse(), "fc.bias": torch.zeros(64)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

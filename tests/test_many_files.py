@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from conftest import ROOT, save_as
 from fixtures import models
-from initaudit import discover
-from initaudit.errors import InputError
+from initaudit.load import discover
+from initaudit.common.errors import InputError
 from test_output_hardening import one_stderr_line, run
 
 FIXTURES = ROOT / "fixtures"

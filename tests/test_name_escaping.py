@@ -18,8 +18,8 @@ import torch
 from click.testing import CliRunner
 
 from conftest import ROOT
-from initaudit.cli import main
-from initaudit.printable import printable
+from initaudit.cli.main import main
+from initaudit.common.printable import printable
 from initaudit.reporters import FORMATS
 
 # layer names a file can hold: a lone surrogate; ESC, newline and a bidi override; a GitHub command injection

@@ -23,8 +23,8 @@ from safetensors import safe_open
 
 import initaudit
 import zoo
-from initaudit import meta_model
-from initaudit.report import Report
+from initaudit.flow import meta_model
+from initaudit.judge.report import Report
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the `arch` extra")
 timm = pytest.importorskip("timm", reason="timm is in the `arch` extra")
@@ -194,8 +194,8 @@ def test_probe_builds_the_built_in_attention_and_experts_whatever_the_config_ask
     config = {**plain, "experts_implementation": experts, "attn_implementation": "kernels-community/flash-attn2",
               "use_kernels": True,
               "kernel_config": {"kernel_mapping": {"RMSNorm": "kernels-community/liger_kernels:LigerRMSNorm"}}}
-    module, _ = meta_model._build(config, device="cpu")
-    assert implementations(module) == implementations(meta_model._build(plain, device="cpu")[0])
+    module, _ = meta_model.build_module(config, device="cpu")
+    assert implementations(module) == implementations(meta_model.build_module(plain, device="cpu")[0])
     assert implementations(module) <= {("sdpa", "grouped_mm"), ("sdpa", "eager"), ("eager", "grouped_mm"),
                                        ("eager", "eager")}
     module(input_ids=torch.randint(0, 100, (1, 4)))
@@ -353,7 +353,7 @@ def test_every_stock_config_is_built_with_sockets_blocked(name, network):
     """Each stock model of the sweep, from the config.json its folder carries: built and traced on the meta device
     (or built, where a forward pass on fake tensors fails), and nothing reaches for the network."""
     config = zoo.config_json(STOCK[name])
-    module, _ = meta_model._build(config)
+    module, _ = meta_model.build_module(config)
     shapes = {key: tuple(tensor.shape) for key, tensor in module.state_dict().items()}
     try:
         assert meta_model.from_config(config, shapes).unmatched == 0

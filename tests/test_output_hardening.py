@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 from conftest import ROOT, export_onnx, save_as
 from fixtures import models
-from initaudit.cli import main
-from initaudit.printable import printable
+from initaudit.cli.main import main
+from initaudit.common.printable import printable
 
 PYTHON = sys.executable
 
@@ -416,7 +416,7 @@ def _fix_in_child(*args) -> subprocess.CompletedProcess:
 def _meanwhile(monkeypatch, when: str, action) -> list:
     """Run `action` once, at `when`: "reading" (after MODEL is loaded, before fix re-draws anything), or
     "writing" (this run's output complete under its temporary name, before its final step)."""
-    from initaudit import fixer, outputs
+    from initaudit.repair import fixer, outputs
 
     module, name = (fixer, "repair") if when == "reading" else (outputs, "_fsync")
     real, done = getattr(module, name), []
@@ -487,7 +487,7 @@ CHANGES = {"rewritten in place": _rewrite_same_size, "replaced by a rename": _re
 @pytest.mark.parametrize("change", sorted(CHANGES))
 def test_in_place_refuses_an_input_changed_since_it_was_read(change, fmt, tmp_path, monkeypatch):
     """Another program writes MODEL after fix read it and before fix replaces it: its version stays."""
-    from initaudit import fixer
+    from initaudit.repair import fixer
 
     model = DETERMINISTIC[fmt](tmp_path)
     changed = model / "model.safetensors" if model.is_dir() else model

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from transformers import BertConfig, BertModel
 
 from conftest import ROOT
-from initaudit.loaders import load
+from initaudit.load.dispatch import load
 from test_output_hardening import one_stderr_line, run
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"

@@ -11,8 +11,8 @@ import torch
 from conftest import export_onnx
 from fixtures import depth_models
 from initaudit.config import Options
-from initaudit.loaders import load
-from initaudit.probe import probe
+from initaudit.load.dispatch import load
+from initaudit.probe.run import probe
 
 SIGNAL = ("signal-vanishing", "signal-exploding")
 AGREEMENT = 2.0  # prediction and measurement agree within this factor on every layer of these models

@@ -19,8 +19,8 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import ROOT
-from initaudit.cli import main
-from initaudit.project import REPOSITORY_URL
+from initaudit.cli.main import main
+from initaudit.common.project import REPOSITORY_URL
 from readme_snippets import README, action_step, code_blocks, inline_code, links, precommit_repo, tokens
 
 FIRST_SCREEN = 60  # lines: what a new user reads before scrolling far

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 import initaudit
 from click.testing import CliRunner
-from initaudit.cli import main
-from initaudit.errors import InputError
+from initaudit.cli.main import main
+from initaudit.common.errors import InputError
 
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
@@ -196,10 +196,10 @@ def test_refused_access_is_one_line_naming_credentials(tmp_path, served):
 def test_memory_filesystem_and_fix_to_a_local_file(tmp_path):
     import fsspec
 
-    from initaudit import writers
-    from initaudit.audit import analyse, make_options
-    from initaudit.fixer import repair
-    from initaudit.loaders import load
+    from initaudit.repair import writers
+    from initaudit.pipeline import analyse, make_options
+    from initaudit.repair.fixer import repair
+    from initaudit.load.dispatch import load
 
     data = tmp_path / "m.safetensors"
     save_file(mlp(zeroed=1), data, metadata={"format": "pt"})
@@ -269,7 +269,7 @@ def test_a_server_that_stalls_is_cut_off_by_the_remote_timeout(tmp_path, served)
 def test_a_server_trickling_within_the_timeout_is_cut_off_at_the_reads_deadline(tmp_path, served, monkeypatch):
     """A byte every 0.3 s never trips a 1 s wait between bytes; the read's own deadline (1 s + 8 bytes at
     64 kB/s) does."""
-    from initaudit.bounded import REMOTE
+    from initaudit.load.bounded import REMOTE
 
     monkeypatch.setattr(REMOTE, "timeout", 1.0)
     save_file(mlp(), tmp_path / "m.safetensors")
@@ -284,7 +284,7 @@ def test_a_server_trickling_within_the_timeout_is_cut_off_at_the_reads_deadline(
 def test_an_endless_body_is_read_no_further_than_asked(target, tmp_path, served, monkeypatch):
     """A server that ignores Range and sends on and on: the index (a whole small file) is capped, a header range
     is refused as soon as the answer is not one; the server gets to send a few MB at most."""
-    monkeypatch.setattr("initaudit.loaders.remote.MAX_JSON_BYTES", 1 << 20)
+    monkeypatch.setattr("initaudit.load.remote.MAX_JSON_BYTES", 1 << 20)
     start = struct.pack("<Q", 100) + b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
     server = served(endless=b'{"weight_map": {"a": "m.safetensors"}, "pad": "' if target == "index" else start)
     url = f"{server.url}/model.safetensors.index.json" if target == "index" else f"{server.url}/m.safetensors"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from initaudit import rules
-from initaudit.errors import InputError
+from initaudit.judge import rules
+from initaudit.common.errors import InputError
 
 CONTRACT = {"zero-weights", "constant-weights", "non-finite", "dead-units", "duplicate-units",
             "init-activation-mismatch", "variance-out-of-range", "nonzero-bias"}

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from initaudit import schemes, stats
-from initaudit.activations import Activation
+from initaudit.measure import schemes, stats
+from initaudit.flow.activations import Activation
 
 OUT, IN = 256, 512  # a non-square layer: Xavier, LeCun, Kaiming fan_in and fan_out all differ
 
@@ -85,7 +85,7 @@ def test_unnamed_scale_is_unknown_with_nearest():
     ("identity", "lecun-normal", math.sqrt(1 / IN)),
 ])
 def test_recommendation_follows_the_selection_guide(act, scheme, std):
-    from initaudit.activations import parse
+    from initaudit.flow.activations import parse
 
     rec = schemes.recommend(parse(act), IN, OUT)
     assert rec.scheme == scheme and rec.std == pytest.approx(std)
@@ -96,7 +96,7 @@ def test_recommendation_follows_the_selection_guide(act, scheme, std):
 
 
 def fp_of(w: torch.Tensor, kind: str = "linear", **kw) -> schemes.Fingerprint:
-    from initaudit.graph import fans
+    from initaudit.flow.layers import fans
 
     fan_in, fan_out, axis = fans(kind, tuple(w.shape))
     return schemes.fingerprint(stats.compute(w, axis), fan_in, fan_out, kind, weight=w, **kw)
@@ -193,7 +193,7 @@ def test_depthwise_fan_out_kaiming_is_named_and_not_an_error():
 
 
 def test_a_rule_judges_every_name_of_a_near_tie():
-    from initaudit import rules
+    from initaudit.judge import rules
 
     mismatch = next(r for r in rules.builtin_rules() if r.name == "init-activation-mismatch")
     base = {"role": "weight", "kind": "linear", "activation_family": "relu", "run_depth": 12, "norm_after": False,

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import initaudit
-from initaudit import writers
-from initaudit.audit import analyse, make_options
-from initaudit.errors import InputError
-from initaudit.fixer import repair
-from initaudit.loaders import load
+from initaudit.repair import writers
+from initaudit.pipeline import analyse, make_options
+from initaudit.common.errors import InputError
+from initaudit.repair.fixer import repair
+from initaudit.load.dispatch import load
 
 RNG = torch.Generator().manual_seed(41)
 

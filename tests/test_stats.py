@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import initaudit
-from initaudit import stats
+from initaudit.measure import stats
 
 
 def test_moments_match_torch_and_known_kurtosis():

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import initaudit
-from initaudit.report import Report
+from initaudit.judge.report import Report
 
 import zoo
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 from fixtures import models
 from initaudit import Report
-from initaudit.errors import InputError
+from initaudit.common.errors import InputError
 from initaudit.testing import assert_well_initialized
 
 FIXTURES = ROOT / "fixtures"

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import initaudit
-from initaudit import schemes
+from initaudit.measure import schemes
 
 
 def serious(report) -> set[tuple[str, str]]:
