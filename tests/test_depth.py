@@ -11,13 +11,13 @@ import torch
 
 import initaudit
 from fixtures import depth_models
+from initaudit.config import SIGNAL_BAND, from_table
 from initaudit.measure import depth
 from initaudit.flow.activations import Activation, parse
-from initaudit.config import from_table
 from initaudit.common.errors import InputError
 
 SIGNAL = ("signal-vanishing", "signal-exploding")
-BAND = depth.DEFAULT_BAND
+BAND = SIGNAL_BAND
 
 
 def signal(report) -> set[tuple[str, str, str]]:

@@ -27,7 +27,7 @@ from initaudit import reporters
 from initaudit.judge import rules as rulebook
 from initaudit.flow.activations import parse
 from initaudit.load.bounded import REMOTE, REMOTE_TIMEOUT
-from initaudit.common.errors import InputError, NoWeights, did_you_mean
+from initaudit.common.errors import InputError, NoWeights, did_you_mean, first_line
 from initaudit.common.printable import printable, show_unencodable
 from initaudit.cli.probe_command import probe, run_options, run_policy
 from initaudit.judge.report import FAIL_ON, FileError, Results
@@ -139,8 +139,7 @@ class _Group(click.Group):
         except SystemExit:
             raise
         except BaseException as exc:  # a library's own BaseException (DCP's CheckpointException): one line, exit 2
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            _fail(f"initaudit: internal error: {type(exc).__name__}: {first} "
+            _fail(f"initaudit: internal error: {type(exc).__name__}: {first_line(exc)} "
                   "(run with --debug for the traceback, and please report it)")
         sys.exit(code or 0)
 

@@ -33,7 +33,7 @@ import torch
 
 from initaudit.flow import trace
 from initaudit.flow.dynamic_trace import dynamic_flow, example_inputs
-from initaudit.common.errors import InputError
+from initaudit.common.errors import InputError, first_line
 from initaudit.flow.dataflow import Flow
 from initaudit.flow.layers import ModuleInfo, split_key
 
@@ -216,7 +216,7 @@ def _build_transformers(config: dict, device: str = "meta") -> torch.nn.Module:
     try:
         cfg = transformers.AutoConfig.for_model(config["model_type"], **settings)
     except Exception as exc:  # noqa: BLE001 - malformed settings raise anything
-        raise NotBuilt(f"transformers cannot read it ({_first_line(exc)})") from None
+        raise NotBuilt(f"transformers cannot read it ({first_line(exc)})") from None
     default_implementations(cfg, transformers.PretrainedConfig)
     names = config.get("architectures") or []
     classes = [getattr(transformers, n, None) for n in names if isinstance(n, str)]
@@ -229,7 +229,7 @@ def _build_transformers(config: dict, device: str = "meta") -> torch.nn.Module:
                 return cls(cfg)
             return transformers.AutoModel.from_config(cfg, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - model code raises anything on an odd config
-        raise NotBuilt(f"transformers could not build {config['model_type']!r} ({_first_line(exc)})") from None
+        raise NotBuilt(f"transformers could not build {config['model_type']!r} ({first_line(exc)})") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
 
@@ -247,7 +247,7 @@ def _build_timm(config: dict, device: str = "meta") -> tuple[torch.nn.Module, ob
         with torch.device(device):
             module = timm.create_model(config["architecture"], pretrained=False, **args)
     except Exception as exc:  # noqa: BLE001 - unknown names and bad arguments alike
-        raise NotBuilt(f"timm could not build {config['architecture']!r} ({_first_line(exc)})") from None
+        raise NotBuilt(f"timm could not build {config['architecture']!r} ({first_line(exc)})") from None
     size = _input_size(config.get("pretrained_cfg")) or _input_size(module.pretrained_cfg)
 
     def inputs():
@@ -418,8 +418,4 @@ def _prefixes(own: dict[str, tuple], file: dict[str, tuple]) -> tuple[str, str]:
         return sum(own.get(strip + k[len(add):]) == tuple(s) for k, s in file.items() if k.startswith(add))
     return max(sorted(candidates), key=score)
 
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
 

@@ -41,7 +41,6 @@ _RULE_KEYS = frozenset({"code", "name", "summary", "severity", "applies_to", "wh
                         "fix", "expected", "actual", "why", "example", "metadata"})
 _REQUIRED = ("code", "name", "summary", "severity", "when", "message", "why")
 _OPERATORS = frozenset({"lt", "le", "gt", "ge", "ne", "in", "not_in", "between", "outside"})
-_COMBINATORS = frozenset({"any", "all", "not"})
 
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from initaudit.common.errors import InputError
+from initaudit.common.errors import InputError, first_line
 from initaudit.load.files import regular
 
 MAX_DEPTH = 32  # a config.json nests ~5 levels, a safetensors header 3, a TOML config 4
@@ -120,7 +120,7 @@ def loads_json(data: bytes) -> Any:
     try:
         return json.loads(data.decode("utf-8"))
     except ValueError as exc:  # bad JSON, bad UTF-8, a number of more than 4300 digits
-        raise Unreadable(str(exc).splitlines()[0][:200]) from None
+        raise Unreadable(first_line(exc)) from None
 
 
 def _key_dots(line: str) -> int:
@@ -145,4 +145,4 @@ def loads_toml(text: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except ValueError as exc:  # TOMLDecodeError, or an integer of more than 4300 digits
-        raise Unreadable(str(exc).splitlines()[0][:200]) from None
+        raise Unreadable(first_line(exc)) from None

@@ -23,7 +23,7 @@ import torch
 from initaudit.flow import meta_model
 from initaudit.flow.activations import Activation, canonical
 from initaudit.load.bounded import MAX_JSON_BYTES, loads_json, read_regular
-from initaudit.common.errors import InputError
+from initaudit.common.errors import InputError, first_line
 from initaudit.load.files import inside
 from initaudit.flow.dataflow import Flow
 from initaudit.flow.layers import ModuleInfo, group_layers, split_key
@@ -53,12 +53,7 @@ def _json(path: Path, name: str, files: list[Path]) -> object:
     try:
         return loads_json(read_regular(real, MAX_JSON_BYTES, "a JSON file", path / name))
     except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
-        raise InputError(f"{path / name}: not readable JSON ({_first_line(exc)})") from None
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(getattr(exc, "strerror", None) or exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+        raise InputError(f"{path / name}: not readable JSON ({first_line(exc)})") from None
 
 
 def read_config(path: Path, files: list[Path]) -> dict:

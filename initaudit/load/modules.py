@@ -12,7 +12,7 @@ import torch
 
 from initaudit.flow import trace
 from initaudit.flow.dynamic_trace import dynamic_flow, example_inputs
-from initaudit.common.errors import InputError
+from initaudit.common.errors import InputError, first_line
 from initaudit.load.source import Loaded, TensorSource
 from initaudit.load.torch_files import STRIPPED_PREFIXES
 
@@ -88,8 +88,7 @@ def read_torchscript(path: Path) -> torch.jit.ScriptModule:
             warnings.simplefilter("ignore")
             return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001
-        text = str(exc).strip()
-        raise InputError(f"{path}: not a readable TorchScript archive ({text.splitlines()[0][:200] if text else type(exc).__name__})") from None
+        raise InputError(f"{path}: not a readable TorchScript archive ({first_line(exc)})") from None
 
 
 def from_torchscript(path: Path) -> Loaded:

@@ -11,7 +11,7 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from initaudit.common.errors import InputError
+from initaudit.common.errors import InputError, first_line
 from initaudit.load.files import inside
 from initaudit.flow.onnx_graph import View, analyse, scopes, walk
 from initaudit.load.source import Loaded, TensorSource
@@ -33,7 +33,7 @@ def read(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, OSError, ValueError, RuntimeError) as exc:
-        raise InputError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+        raise InputError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
     real = path.resolve()
     data_files = {}  # in order, once each
     for proto in sources_of(model.graph).values():
@@ -42,13 +42,8 @@ def read(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
     try:
         onnx.checker.check_model(str(real))  # by path: handles external data and models over 2 GB
     except (onnx.checker.ValidationError, DecodeError, OSError, ValueError, RuntimeError) as exc:
-        raise InputError(f"{path}: the ONNX checker rejects the model ({_first_line(exc)})") from None
+        raise InputError(f"{path}: the ONNX checker rejects the model ({first_line(exc)})") from None
     return model, list(data_files)
-
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def _check_external(proto: onnx.TensorProto, path: Path) -> Path:
@@ -83,7 +78,7 @@ def array(proto: onnx.TensorProto, folder: Path) -> np.ndarray:
     try:
         return numpy_helper.to_array(proto, base_dir=str(folder))
     except (OSError, ValueError) as exc:
-        raise InputError(f"tensor {proto.name!r} cannot be read ({_first_line(exc)})") from None
+        raise InputError(f"tensor {proto.name!r} cannot be read ({first_line(exc)})") from None
 
 
 def _shape(dims: tuple[int, ...], index: tuple) -> tuple[int, ...]:

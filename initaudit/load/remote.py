@@ -18,17 +18,12 @@ import posixpath
 import torch
 
 from initaudit.load.bounded import MAX_DIMS, MAX_JSON_BYTES, REMOTE, Unreadable, fits_in_memory, loads_json
-from initaudit.common.errors import InputError, NoWeights
+from initaudit.common.errors import InputError, NoWeights, first_line
 from initaudit.load.source import Loaded, TensorSource, check_count, natural_key
 from initaudit.load.safetensors_file import DTYPES, MAX_HEADER, HeaderEntries, parse_header, view
 
 INDEX = "model.safetensors.index.json"
 LOCAL_ONLY = {".pt", ".pth", ".bin", ".ckpt", ".tar", ".jit", ".onnx", ".distcp", ".json", ".gguf", ".h5", ".npz"}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 class TimedOut(InputError):
@@ -72,9 +67,9 @@ class Remote:
         try:
             self.fs, self.root = fsspec.core.url_to_fs(url, **self._options())
         except ImportError as exc:  # e.g. "Install s3fs to access S3"
-            raise InputError(f"{url}: {self.scheme}:// needs a package fsspec lacks ({_first_line(exc)})") from None
+            raise InputError(f"{url}: {self.scheme}:// needs a package fsspec lacks ({first_line(exc)})") from None
         except Exception as exc:  # noqa: BLE001 - an unknown protocol, a malformed URL
-            raise InputError(f"{url}: not a URL fsspec can open ({_first_line(exc)})") from None
+            raise InputError(f"{url}: not a URL fsspec can open ({first_line(exc)})") from None
         from fsspec.asyn import AsyncFileSystem
 
         self.bounded = isinstance(self.fs, AsyncFileSystem)
@@ -109,7 +104,7 @@ class Remote:
             raise TimedOut(f"{self.shown(path)}: no answer within the time allowed ({allowed}; --remote-timeout "
                            "sets it)") from None
         except Exception as exc:  # noqa: BLE001 - credentials, network, permissions: all one line
-            raise InputError(f"{self.shown(path)}: cannot be read ({type(exc).__name__}: {_first_line(exc)}); "
+            raise InputError(f"{self.shown(path)}: cannot be read ({type(exc).__name__}: {first_line(exc)}); "
                              f"check the address and your credentials for {self.scheme}://") from None
 
     def read(self, path: str, start: int, end: int) -> bytes:
@@ -155,7 +150,7 @@ class RemoteSafetensors(HeaderEntries):
             self.entries, self.metadata = parse_header(raw)
             _check(self.entries, remote.size(path), 8 + n)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise InputError(f"{shown}: not a readable safetensors header ({_first_line(exc)})") from None
+            raise InputError(f"{shown}: not a readable safetensors header ({first_line(exc)})") from None
         self.base = 8 + n
 
     def get(self, key: str) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from initaudit.common.errors import InputError, NoWeights
+from initaudit.common.errors import InputError, NoWeights, first_line
 from initaudit.load.source import Loaded, TensorSource
 from initaudit.load.pages import MappedFile
 
@@ -141,12 +141,7 @@ def load_error_reason(exc: BaseException) -> str:
     elif "weights_only" in text:
         text = type(exc).__name__
     text = re.split(r"(?<=[a-z])\. ", text.strip(), maxsplit=1)[0]  # the first sentence
-    return _first_line(text) if text.strip() else type(exc).__name__
-
-
-def _first_line(exc: Exception | str) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return first_line(text) if text.strip() else type(exc).__name__
 
 
 def _tensors_in(obj: Any) -> dict[str, torch.Tensor] | None:

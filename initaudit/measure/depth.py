@@ -34,7 +34,6 @@ from initaudit.flow.activations import IDENTITY, UNKNOWN, Activation
 from initaudit.flow.dataflow import ACT, ADD, LAYER, NORM, OUTPUT, STOP, Flow
 from initaudit.flow.layers import Layer, LayerGraph
 
-DEFAULT_BAND = (1e-2, 1e2)
 DEEP_RUN = 5  # judged: runs of this many weighted layers or more (the selection guide: < 5 is shallow)
 RULES = ("signal-vanishing", "signal-exploding")  # the rules the depth analysis feeds (predicted or measured)
 # Kinds whose gain is fan_in·E[w²]; recurrent cells and fused attention pass the scale on unjudged.

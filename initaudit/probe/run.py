@@ -30,7 +30,7 @@ from initaudit.measure.tensors import Measured
 from initaudit.pipeline import Analysis, analyse
 from initaudit.config import Options
 from initaudit.flow.dynamic_trace import example_inputs
-from initaudit.common.errors import InputError
+from initaudit.common.errors import InputError, one_line
 from initaudit.flow.layers import Layer
 from initaudit.load.source import Loaded
 from initaudit.judge.report import Finding, finding_dict
@@ -397,7 +397,7 @@ def _forward_backward(module: torch.nn.Module, layers: list[Layer], args: tuple,
         raise
     except Exception as exc:  # noqa: BLE001 - the user's forward can raise anything
         raise InputError(f"the model's forward pass failed on the synthetic batch ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:200]}); give --input-shape") from None
+                         f"{one_line(exc)}); give --input-shape") from None
     finally:
         for h in handles:
             h.remove()
@@ -468,7 +468,7 @@ def _run_script(module: torch.jit.ScriptModule, layers: list[Layer], args: tuple
             outputs = fn(module._c, *args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - the archive's forward can raise anything
         raise InputError(f"the TorchScript forward pass failed on the synthetic batch ({type(exc).__name__}: "
-                         f"{' '.join(str(exc).split())[:200]}); give --input-shape") from None
+                         f"{one_line(exc)}); give --input-shape") from None
     seen = {name: _Seen() for name in wanted}
     for name, value in zip(found, outputs):
         _record(seen[name], wanted[name], value)
@@ -544,7 +544,6 @@ def _measured_from_json(answer: Any, layers: list[Layer]) -> tuple:
 
 # ---------------------------------------------------------------- ONNX
 
-_NUMPY = {1: "float32", 10: "float16", 11: "float64", 6: "int32", 7: "int64", 9: "bool"}
 
 
 def _run_onnx(path: Path, layer_outputs: dict[str, str], layers: list[Layer], input_shape, batch, seed):
@@ -567,7 +566,7 @@ def _run_onnx(path: Path, layer_outputs: dict[str, str], layers: list[Layer], in
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are many
-        raise InputError(f"{path}: onnxruntime cannot run the model ({' '.join(str(exc).split())[:200]})") from None
+        raise InputError(f"{path}: onnxruntime cannot run the model ({one_line(exc)})") from None
     rng = np.random.default_rng(seed)
     specs, runs = [], 1
     for node in session.get_inputs():
@@ -593,7 +592,7 @@ def _run_onnx(path: Path, layer_outputs: dict[str, str], layers: list[Layer], in
             results = dict(zip(names, session.run(names, feeds)))
         except Exception as exc:  # noqa: BLE001
             raise InputError(f"{path}: onnxruntime failed on the synthetic batch "
-                             f"({' '.join(str(exc).split())[:200]}); give --input-shape") from None
+                             f"({one_line(exc)}); give --input-shape") from None
         for layer in layers:
             if layer.name in outputs:
                 _record(seen[layer.name], layer, torch.from_numpy(np.asarray(results[outputs[layer.name]], dtype=np.float64)))
