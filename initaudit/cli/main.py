@@ -26,11 +26,12 @@ from initaudit.load import discover
 from initaudit import reporters
 from initaudit.judge import rules as rulebook
 from initaudit.flow.activations import parse
-from initaudit.load.bounded import REMOTE, REMOTE_TIMEOUT
 from initaudit.common.errors import InputError, NoWeights, did_you_mean, first_line
 from initaudit.common.printable import printable, show_unencodable
-from initaudit.cli.probe_command import probe, run_options, run_policy
-from initaudit.judge.report import FAIL_ON, FileError, Results
+from initaudit.cli.options import (MODEL_OPTIONS, OUTPUT_OPTIONS, apply, debug_option, debugging, reset_debug,
+                                   run_options, run_policy, show_library_output)
+from initaudit.cli.probe_command import probe
+from initaudit.judge.report import FileError, Results
 
 
 @contextlib.contextmanager
@@ -52,53 +53,22 @@ def _heavy_imports():
         gc.enable()
 
 
-def _debugging() -> bool:
-    return bool(os.environ.get("INITAUDIT_DEBUG")) or _DEBUG
-
-
-_DEBUG = False
-
-
-def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
-    global _DEBUG
-    _DEBUG = _DEBUG or value
-    ctx.meta["initaudit.debug"] = _DEBUG  # shared with every subcommand's context (probe shows a child's output)
-    if value:
-        _show_library_output(True)
-
-
-def _show_library_output(show: bool) -> None:
-    """Other libraries' Python warnings and log records (torch, transformers, timm, onnx...) on stderr as they
-    come (--debug), or dropped: stderr carries initaudit's own lines only."""
-    warnings.simplefilter("default" if show else "ignore")
-    logging.disable(logging.NOTSET if show else logging.CRITICAL)
-
-
 @contextlib.contextmanager
 def _library_output_kept_off_stderr():
     """`_show_library_output` for one run of the command line; the process' filters and logging as they were
     afterwards (the Python API and the test suite keep theirs)."""
     disabled = logging.root.manager.disable
     with warnings.catch_warnings():
-        _show_library_output(_debugging())
+        show_library_output(debugging())
         try:
             yield
         finally:
             logging.disable(disabled)
 
 
-def _debug_option(command):
-    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
-                        help="Show the traceback of an error (also INITAUDIT_DEBUG=1).")(command)
-
-
-def _set_remote_timeout(ctx: click.Context, param: click.Parameter, value: float) -> None:
-    REMOTE.timeout = value
-
-
 def _error_line(message: str) -> None:
     """One line on stderr (the traceback above it with --debug)."""
-    if _debugging() and sys.exc_info()[0] is not None:
+    if debugging() and sys.exc_info()[0] is not None:
         traceback.print_exc()
     click.echo(printable(message), err=True)
 
@@ -112,8 +82,7 @@ class _Group(click.Group):
     """Usage and input errors: one line on stderr, exit 2, never a traceback (unless --debug)."""
 
     def main(self, *args, **kwargs):
-        global _DEBUG
-        _DEBUG = False
+        reset_debug()
         kwargs["standalone_mode"] = False
         kwargs["prog_name"] = "initaudit"
         show_unencodable(sys.stdout)
@@ -144,78 +113,11 @@ class _Group(click.Group):
         sys.exit(code or 0)
 
 
-class _Choice(click.Choice):
-    """click.Choice whose error suggests the nearest choice ('jsn' → did you mean 'json'?)."""
-
-    def convert(self, value, param, ctx):
-        try:
-            return super().convert(value, param, ctx)
-        except click.BadParameter:
-            self.fail(f"{value!r} is not one of {', '.join(self.choices)}{did_you_mean(str(value), self.choices, 1)}",
-                      param, ctx)
-
-
 @click.group(cls=_Group)
 @click.version_option(__version__, prog_name="initaudit")
-@_debug_option
+@debug_option
 def main() -> None:
     """Lint the weight initialization of neural networks (PyTorch, safetensors, TorchScript, ONNX)."""
-
-
-def _apply(options: list):
-    def decorate(command):
-        for option in reversed(options):
-            command = option(command)
-        return command
-    return decorate
-
-
-# What to load, how to read it, which rules count: `check` and `fix` alike.
-MODEL_OPTIONS = [
-    click.argument("paths", metavar="PATH...", nargs=-1),
-    click.option("--model", "factory", metavar="PKG.MOD:FACTORY",
-                 help="Build the architecture from code (a callable returning an nn.Module); "
-                      "the weights of PATH, if given, are loaded into it."),
-    click.option("--activation", metavar="NAME",
-                 help="Activation for layers whose activation is unknown (relu, tanh, leaky_relu:0.2, ...)."),
-    click.option("--activation-for", "activation_for", metavar="PATTERN=NAME", multiple=True,
-                 help="Activation for the layers matching a glob pattern, e.g. 'encoder.*.fc1=gelu'. Repeatable."),
-    click.option("--select", multiple=True, metavar="RULE", help="Only these rules (name, code or code prefix). Repeatable."),
-    click.option("--ignore", multiple=True, metavar="RULE", help="Skip these rules. Repeatable."),
-    click.option("--per-layer-ignore", "per_layer_ignore", multiple=True, metavar="PATTERN=RULE[,RULE]",
-                 help="Skip rules on the layers matching a glob, e.g. 'head.*=IA301'. Repeatable."),
-    click.option("--extend-exclude", "extend_exclude", multiple=True, metavar="PATTERN",
-                 help="Skip files and folders matching this glob while walking folders (beside the config's "
-                      "exclude / extend-exclude). Repeatable."),
-    click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-                 help="A TOML file: its [tool.initaudit] table, or the same keys at its top level. "
-                      "[default: the nearest pyproject.toml]"),
-    click.option("--trust-pickle", is_flag=True,
-                 help="Allow loading a fully pickled model (runs code from the file: trusted files only). "
-                      "Only this flag enables it, never a config file."),
-    click.option("--remote-timeout", type=click.FloatRange(min=0, min_open=True), default=REMOTE_TIMEOUT,
-                 show_default=True, metavar="SECONDS", expose_value=False, callback=_set_remote_timeout,
-                 help="A URL's server must connect and go on answering within this many seconds (a read of n bytes "
-                      "gets this plus n at 64 kB/s in all)."),
-    _debug_option,
-    click.option("--state", type=_Choice(("auto", "fresh", "trained")), default="auto", show_default=True,
-                 help="Whether the weights are fresh from init or trained: auto tells from the weights and the file."),
-    click.option("--color", type=_Choice(reporters.COLOR_MODES), default="auto", show_default=True,
-                 help="Colour the text output: auto = on a terminal, unless NO_COLOR is set (FORCE_COLOR forces it)."),
-]
-
-# How `check` reports.
-OUTPUT_OPTIONS = [
-    click.option("--format", "fmt", type=_Choice(tuple(reporters.FORMATS)), default=None,
-                 help="Report format: concise (one line per finding; the default off a terminal), full (per-layer "
-                      "table; the default on one; `table` is its old name), json, sarif, github, junit, gitlab."),
-    click.option("--fail-on", type=_Choice(FAIL_ON), default=None, help="Lowest severity that fails (exit 1). [default: error]"),
-    click.option("-o", "--output", "--output-file", "output", type=click.Path(path_type=Path, dir_okay=False),
-                 help="Write the report here instead of stdout."),
-    click.option("-q", "--quiet", is_flag=True, help="Findings only: no table, notes, summary or progress."),
-    click.option("--statistics", is_flag=True, help="Count the findings per rule instead of listing them."),
-    click.option("--exit-zero", is_flag=True, help="Exit 0 even when findings fail (input errors still exit 2)."),
-]
 
 
 def _options(config_path, activation, activation_for, select, ignore, per_layer_ignore=(), state="auto"):
@@ -255,7 +157,7 @@ def _targets(paths, factory, options, extend_exclude, problems: list | None = No
 
 
 @click.command()
-@_apply(MODEL_OPTIONS + OUTPUT_OPTIONS)
+@apply(MODEL_OPTIONS + OUTPUT_OPTIONS)
 @click.option("--optimizer-state", "optimizer_state", is_flag=True,
               help="Also audit a distributed checkpoint's optimizer state, for NaN/Inf only. Without it that "
                    "state is skipped, and only taken as evidence that the weights are trained.")
@@ -335,7 +237,7 @@ def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, opt
 
 
 @click.command()
-@_apply(MODEL_OPTIONS)
+@apply(MODEL_OPTIONS)
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path),
               help="Where to write the fixed model (same format as PATH; one PATH only).")
 @click.option("--output-dir", type=click.Path(path_type=Path, file_okay=False),
@@ -373,7 +275,7 @@ def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ig
     from initaudit.repair.outputs import Stamp  # what each output (or, --in-place, input) is now, before anything is read
     stamps = {target: Stamp(target) for _, target in plans if target is not None}
     view = reporters.View(color=reporters.use_color(color, sys.stdout), width=reporters.terminal_width(sys.stdout))
-    policy = run_policy(**run, pickled=factory is None, debug=_debugging()) if probe_too else None
+    policy = run_policy(**run, pickled=factory is None, debug=debugging()) if probe_too else None
     codes = []
     for model, target in plans:
         if several:
@@ -463,7 +365,7 @@ def _fix_target(model, factory: str | None, out: Path | None, output_dir: Path |
 
 
 @click.command("rules")
-@_debug_option
+@debug_option
 @click.option("--facts", is_flag=True, help="List the facts rule conditions can test instead.")
 def list_rules(facts):
     """List the rules (code, name, default severity, summary), read from their YAML."""
@@ -477,7 +379,7 @@ def list_rules(facts):
 
 
 @click.command()
-@_debug_option
+@debug_option
 @click.argument("rule")
 def explain(rule):
     """Explain a rule (by name or code): what it does, why it matters, an example, the fix, its docs page."""
@@ -496,7 +398,7 @@ def explain(rule):
     return 0
 
 
-for _command in (check, fix, list_rules, explain, _debug_option(probe)):
+for _command in (check, fix, list_rules, explain, debug_option(probe)):
     main.add_command(_command)
 
 

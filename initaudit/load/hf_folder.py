@@ -26,7 +26,7 @@ from initaudit.load.bounded import MAX_JSON_BYTES, loads_json, read_regular
 from initaudit.common.errors import InputError, first_line
 from initaudit.load.files import inside
 from initaudit.flow.dataflow import Flow
-from initaudit.flow.layers import ModuleInfo, group_layers, split_key
+from initaudit.flow.layers import ModuleInfo, split_key
 from initaudit.load.source import Loaded, TensorSource, check_count, natural_key
 from initaudit.load.paths import sniff
 from initaudit.load.safetensors_file import SafetensorsFile, open_file

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from initaudit.flow.activations import Activation
-from initaudit.measure.stats import COLUMN_SAMPLE, TensorStats, column_sample, sample_indices
+from initaudit.measure.stats import TensorStats, column_sample, sample_indices
 
 GAINS = {name: torch.nn.init.calculate_gain(name) for name in ("relu", "linear", "tanh", "selu")}
 """torch.nn.init.calculate_gain's gains: linear, conv and sigmoid 1; leaky_relu at its default slope 0.01 is
