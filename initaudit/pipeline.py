@@ -10,14 +10,15 @@ from pathlib import Path
 import torch
 
 from initaudit.config import Options
-from initaudit.flow.layers import LayerGraph, annotate, context, group_layers
+from initaudit.flow.layers import annotate, context, group_layers
+from initaudit.flow.layer import LayerGraph
 from initaudit.judge import rules as rulebook
 from initaudit.judge.evaluate import evaluate, layer_rows, set_aside
 from initaudit.judge.facts import add_recipe_shares, short_list, signal_facts, tensor_facts
 from initaudit.judge.report import Report
 from initaudit.load.dispatch import load
 from initaudit.load.source import Loaded
-from initaudit.load.training_signs import file_signs
+from initaudit.load.containers import file_signs
 from initaudit.measure import depth, weight_state
 from initaudit.measure.tensors import Measured, measure
 

@@ -17,7 +17,8 @@ from torch import nn
 import initaudit
 from initaudit.judge import rules
 from initaudit.measure import schemes, stats
-from initaudit.flow.layers import UNIT_KINDS, fans
+from initaudit.flow.layers import fans
+from initaudit.flow.layer import UNIT_KINDS
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MISMATCH = "init-activation-mismatch"

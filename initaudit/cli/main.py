@@ -23,6 +23,7 @@ import click
 from initaudit import __version__
 from initaudit import config as config_mod
 from initaudit.load import discover
+from initaudit.load.paths import is_remote
 from initaudit import reporters
 from initaudit.judge import rules as rulebook
 from initaudit.flow.activations import parse
@@ -329,7 +330,7 @@ def _fix_target(model, factory: str | None, out: Path | None, output_dir: Path |
                          if factory else "give a model file to fix")
     if dry_run:
         return None
-    remote = discover.is_url(model)
+    remote = is_remote(model)
     path = None if remote else Path(model)
     if output_dir is not None and (in_place or out is not None):
         raise InputError("give one of -o OUT, --output-dir DIR or --in-place")

@@ -15,7 +15,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from initaudit.flow.dataflow import LAYER, NORM, OUTPUT, PASS, Flow
-from initaudit.flow.layers import WEIGHTED_KINDS, ModuleInfo
+from initaudit.flow.layers import ModuleInfo
+from initaudit.flow.layer import WEIGHTED_KINDS
 from initaudit.flow.trace import LAYER_FUNCTIONS, function_role, left_as_found, module_role
 
 

@@ -17,10 +17,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import count
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from initaudit.flow.layers import Layer
+from initaudit.flow.layer import Layer, run_lengths
 
 _MAX_ORDERS = 6        # alternative orders of one module's children weighed against the chosen one
 _MAX_SEARCHED_PIECES = 256  # siblings whose order is searched (the search recurses once per piece)
@@ -189,16 +187,13 @@ def _in_numbered_block(name: str) -> bool:
 
 
 def _facts(order: list[Layer]) -> dict[str, tuple[bool, int]]:
-    """(norm after, run depth) of every weighted layer of a chain in this order, as the walk over the
-    chain flow and graph._assign_runs find them."""
-    facts, run, normed = {}, [], False
+    """(norm after, run depth) of every weighted layer of a chain in this order, as the walk over the chain flow
+    finds them: a layer is normalized where a norm follows it before the next weighted layer."""
+    names, normed = [], []
     for layer in order:
-        if layer.kind == "norm":
-            normed = bool(run)
+        if layer.kind == "norm" and normed:
+            normed[-1] = True
         elif layer.weighted:
-            if normed:
-                facts.update((name, (name == run[-1], len(run))) for name in run)
-                run, normed = [], False
-            run.append(layer.name)
-    facts.update((name, (name == run[-1] and normed, len(run))) for name in run)
-    return facts
+            names.append(layer.name)
+            normed.append(False)
+    return dict(zip(names, zip(normed, run_lengths(normed))))

@@ -5,17 +5,13 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from dataclasses import dataclass, field
-from functools import cached_property
+from dataclasses import dataclass
 
 from initaudit.flow.activations import IDENTITY, UNKNOWN, Activation
 from initaudit.flow import key_order
 from initaudit.flow.dataflow import LAYER, NORM, OUTPUT, PASS, Downstream, Flow
+from initaudit.flow.layer import WEIGHTED_KINDS, Layer, LayerGraph, Param, run_lengths
 
-WEIGHTED_KINDS = frozenset({"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
-                            "conv_transpose3d", "recurrent", "attention"})
-# The weight of these kinds is a set of output units (rows), each a neuron or filter.
-UNIT_KINDS = WEIGHTED_KINDS
 OPTIMIZER_STATE = "optimizer_state"  # kind and role of an optimizer's tensors, audited only when asked (health rules)
 
 _EMBEDDING_NAME = re.compile(r"(^|[._])([a-z0-9]*embed\w*|wte|wpe|tok_emb\w*|pos_emb\w*|shared|relative_attention_bias)$",
@@ -29,62 +25,6 @@ def embedding_name(name: str) -> bool:
 
 _RECURRENT_KEY = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
 _BUFFER_KEYS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
-
-
-@dataclass
-class Param:
-    """One tensor of a layer, with the fan convention of its format."""
-
-    key: str                 # the tensor's name in the file
-    role: str                # weight | bias | norm_weight | norm_bias | buffer | parameter | optimizer_state
-    shape: tuple[int, ...]
-    fan_in: int = 0
-    fan_out: int = 0
-    unit_axis: int = 0       # the axis that indexes output units/filters
-    hidden: int | None = None  # recurrent hidden size (torch's RNN default is uniform ±1/sqrt(hidden))
-    shared_with: str | None = None  # another key holding the very same tensor (tied weights)
-
-    @property
-    def is_weight(self) -> bool:
-        return self.role == "weight"
-
-
-@dataclass
-class Layer:
-    name: str
-    kind: str
-    params: list[Param] = field(default_factory=list)
-    module_type: str | None = None
-    activation: Activation = UNKNOWN
-    norm_after: bool = False
-    residual_after: bool = False  # the layer's output joins a residual sum before the next layer
-    gate_after: bool = False  # the layer feeds a gate (sigmoid/tanh scaling another signal: squeeze-excite, GLU)
-    residual_branch: bool = False  # the output joins a residual sum, through any layers, before a normalization
-    position: int = -1       # index among weighted layers, in order
-    run_depth: int = 0       # weighted layers in this layer's run between normalizations
-    is_output: bool = False
-    order_known: bool = True  # False where a bare file's names and shapes leave the layer's place ambiguous
-    norm_folded: bool = False  # an exporter folded a BatchNorm into the weights (its scale, zero-init too, is in them)
-
-    @property
-    def weighted(self) -> bool:
-        return self.kind in WEIGHTED_KINDS
-
-    def param(self, role: str) -> Param | None:
-        return next((p for p in self.params if p.role == role), None)
-
-
-@dataclass
-class LayerGraph:
-    layers: list[Layer]
-
-    @cached_property
-    def depth(self) -> int:
-        """Weighted layers in the whole model (counted once: every tensor's facts ask)."""
-        return sum(layer.weighted for layer in self.layers)
-
-    def __iter__(self):
-        return iter(self.layers)
 
 
 # ---------------------------------------------------------------- kinds from class names
@@ -337,10 +277,5 @@ def _assign_runs(weighted: list[Layer]) -> None:
     """Split the ordered weighted layers of a bare file (no flow: `Flow.run_lengths` does it along a flow's
     paths) into runs that end at a normalization (the signal there no longer compounds layer by layer);
     each layer knows its run's length."""
-    run: list[Layer] = []
-    for layer in weighted:
-        run.append(layer)
-        if layer.norm_after or layer is weighted[-1]:
-            for member in run:
-                member.run_depth = len(run)
-            run = []
+    for layer, length in zip(weighted, run_lengths([layer.norm_after for layer in weighted])):
+        layer.run_depth = length

@@ -10,7 +10,8 @@ import torch
 
 from initaudit.flow.activations import Activation, canonical
 from initaudit.flow.dataflow import ACT, ADD, LAYER, MUL, NORM, OUTPUT, PASS, STOP, Flow
-from initaudit.flow.layers import WEIGHTED_KINDS, ModuleInfo, kind_of_class
+from initaudit.flow.layers import ModuleInfo, kind_of_class
+from initaudit.flow.layer import WEIGHTED_KINDS
 
 _ADD_NAMES = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "iadd"})
 _MUL_NAMES = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "imul"})

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from initaudit.flow.layers import Layer, LayerGraph
+from initaudit.flow.layer import Layer, LayerGraph
 from initaudit.judge.catalogue import ALTERNATIVES
 from initaudit.measure import schemes
 from initaudit.measure.depth import LayerDepth, detail

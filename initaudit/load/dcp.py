@@ -29,9 +29,10 @@ from initaudit.load.bounded import MAX_DIMS, fits_in_memory, read_regular
 from initaudit.common.errors import InputError
 from initaudit.load.files import inside
 from initaudit.flow.layers import OPTIMIZER_STATE, ModuleInfo, split_key
-from initaudit.load.training_signs import OPTIMIZER_KEYS
+from initaudit.load.containers import OPTIMIZER_KEYS
 from initaudit.load.source import Loaded, TensorSource, check_count
-from initaudit.load.torch_files import STRIPPED_PREFIXES, WRAPPER_KEYS, load_error_reason
+from initaudit.load.containers import STRIPPED_PREFIXES, WRAPPER_KEYS
+from initaudit.load.torch_files import load_error_reason
 
 METADATA = ".metadata"
 _MAX_METADATA = 256 << 20
@@ -60,13 +61,9 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
 
 
-def is_dcp_folder(path: Path) -> bool:
-    return (path / METADATA).exists() and any(path.glob("*.distcp"))
-
-
 @dataclass
 class DcpContainer:
-    """What training_signs.file_signs reads (`root`) and the reader of the tensors."""
+    """What containers.file_signs reads (`root`) and the reader of the tensors."""
 
     root: dict
     reader: BatchReader

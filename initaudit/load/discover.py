@@ -21,65 +21,21 @@ import fnmatch
 import os
 import re
 import stat
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from initaudit.common.errors import InputError
 from initaudit.load.files import cache_link, model_kind
+from initaudit.load.paths import folder_kind, is_remote, looks_like_model
 
 # ruff's default exclusions: tool caches, virtual environments, build output, VCS folders.
 DEFAULT_EXCLUDE = (".bzr", ".direnv", ".eggs", ".git", ".git-rewrite", ".hg", ".ipynb_checkpoints", ".mypy_cache",
                    ".nox", ".pants.d", ".pyenv", ".pytest_cache", ".pytype", ".ruff_cache", ".svn", ".tox", ".venv",
                    ".vscode", "__pypackages__", "_build", "buck-out", "build", "dist", "node_modules",
                    "site-packages", "venv")
-URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _GLOB = re.compile(r"[*?[]")
-# torch.save's legacy (non-zip) format opens with the pickled magic number 0x1950a86a20f9469cfc6c.
-_LEGACY_TORCH = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-# ModelProto fields that may follow ir_version: producer name/version, domain, model_version, doc, graph...
-_ONNX_NEXT_TAGS = {0x12, 0x1a, 0x22, 0x28, 0x32, 0x3a, 0x42, 0x72, 0x7a, 0x8a}
 # Names that say "model": such a file is checked even when its bytes are not one (`.bin` is too common for data).
 MODEL_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".onnx")
-
-
-def is_url(arg: str | Path) -> bool:
-    return isinstance(arg, str) and bool(URL.match(arg))
-
-
-def is_model_folder(folder: Path) -> bool:
-    """A folder that is one model: Hugging Face / timm (`config.json`, in any form: the loader refuses a link or
-    FIFO there; or a shard index, whose shards are parts of one model), or torch.distributed (`.metadata` +
-    `*.distcp`)."""
-    if os.path.lexists(folder / "config.json") or any(folder.glob("*.index.json")):
-        return True
-    return os.path.lexists(folder / ".metadata") and any(folder.glob("*.distcp"))
-
-
-def looks_like_model(path: Path) -> bool:
-    """Whether a file's first bytes are those of a model initaudit reads (its name does not matter)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-            size = os.fstat(f.fileno()).st_size
-    except OSError:
-        return False
-    if len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8:
-        return True  # safetensors: an 8-byte header length, then the JSON header
-    if head.startswith(_LEGACY_TORCH):
-        return True
-    if head.startswith(b"PK\x03\x04"):
-        return _torch_zip(path)
-    return len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 30 and head[2] in _ONNX_NEXT_TAGS
-
-
-def _torch_zip(path: Path) -> bool:
-    """A zip written by torch.save or torch.jit.save (not any zip: a data archive is no model)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(name.endswith(("/data.pkl", "/constants.pkl")) for name in archive.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return False
 
 
 class Excluder:
@@ -110,20 +66,20 @@ def expand(args: list[str | Path], excluded: Excluder | None = None,
 
 
 def _expand_one(text: str, excluded: Excluder) -> list[str | Path]:
-    if is_url(text):
+    if is_remote(text):
         return [text]
     if _GLOB.search(text) and not os.path.lexists(text):
         matches = [m for m in _glob(text) if not any(excluded(p) for p in (m, *m.parents))]
         if not matches:
             raise InputError(f"{text}: no such file or directory (and no file matches it as a pattern)")
         found = [item for m in matches if m.is_dir() or _model_file(m)
-                 for item in (_walk(m, excluded) if m.is_dir() and not is_model_folder(m) else [m])]
+                 for item in (_walk(m, excluded) if m.is_dir() and folder_kind(m) is None else [m])]
         if not found:
             raise InputError(f"{text}: no model file matches it as a pattern")
         return found
     path = Path(text)
     is_folder = model_kind(path) == "folder"  # a missing path, FIFO or device is refused here, before torch
-    return _walk(path, excluded) if is_folder and not is_model_folder(path) else [path]
+    return _walk(path, excluded) if is_folder and folder_kind(path) is None else [path]
 
 
 def _glob(pattern: str) -> list[Path]:
@@ -181,7 +137,7 @@ def _walk(root: Path, excluded: Excluder) -> list[Path]:
             sub = here / name
             if excluded(sub) or sub.is_symlink():
                 continue
-            if is_model_folder(sub):
+            if folder_kind(sub) is not None:
                 found.append(sub)
             else:
                 keep.append(name)

@@ -8,7 +8,7 @@ import torch
 
 from initaudit.common.errors import InputError
 from initaudit.load import files as file_policy
-from initaudit.load.paths import is_remote, local_path, sniff
+from initaudit.load.paths import folder_kind, is_remote, local_path, sniff
 from initaudit.load.source import Loaded, check_count
 
 
@@ -57,15 +57,14 @@ def _load(path: str | Path | None, *, trust_pickle: bool = False, factory: str |
         return module_loader.from_module(module, p)
     if p is None:
         raise InputError("give a model file, or --model package.module:factory")
-    if where == "folder" and dcp.is_dcp_folder(p):
+    kind = folder_kind(p) if where == "folder" else kind
+    if kind == "dcp":
         return dcp.load(p, optimizer_state)
-    if where == "folder" and hf_folder.is_hf_folder(p):
+    if kind in ("hf", "shards"):
         return hf_folder.load(p)
     if where == "folder":
-        index = hf_folder.index_of(p)
-        also = f", or its shard index ({p / index}) without one" if index else ""
-        raise InputError(f"{p}: a folder without config.json (nor a distributed checkpoint's .metadata); give a model "
-                         f"file (.pt, .pth, .bin, .ckpt, .safetensors, .onnx), a Hugging Face model folder{also}")
+        raise InputError(f"{p}: a folder without config.json, a shard index or a distributed checkpoint's .metadata; "
+                         "give a model file (.pt, .pth, .bin, .ckpt, .safetensors, .onnx) or a model folder")
     if p.name.endswith(".index.json"):
         return hf_folder.load(p.parent, index=p.name)
     if kind == "safetensors":

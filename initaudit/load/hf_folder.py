@@ -28,7 +28,7 @@ from initaudit.load.files import inside
 from initaudit.flow.dataflow import Flow
 from initaudit.flow.layers import ModuleInfo, split_key
 from initaudit.load.source import Loaded, TensorSource, check_count, natural_key
-from initaudit.load.paths import sniff
+from initaudit.load.paths import index_of, sniff
 from initaudit.load.safetensors_file import SafetensorsFile, open_file
 
 # The layer that feeds a transformer block's activation, across families
@@ -39,11 +39,6 @@ FFN_IN = ("*intermediate.dense", "*mlp.c_fc", "*.fc1", "*mlp.gate_proj", "*Dense
 POOLER = ("*pooler.dense",)
 # Model types whose projections are HF's Conv1D, stored [in, out].
 CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
-
-
-def is_hf_folder(path: Path) -> bool:
-    """A folder holding config.json (in any form: a link or FIFO there is refused when it is read)."""
-    return path.is_dir() and os.path.lexists(path / "config.json")
 
 
 def _json(path: Path, name: str, files: list[Path]) -> object:
@@ -72,18 +67,6 @@ def activation_of(config: dict) -> Activation | None:
             if name:
                 return Activation(name)
     return None
-
-
-INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def index_of(path: Path) -> str | None:
-    """The shard index of a folder: safetensors' or torch's (.bin), else any `*.index.json`."""
-    for name in INDEXES:
-        if os.path.lexists(path / name):
-            return name
-    found = sorted(p.name for p in path.glob("*.index.json"))
-    return found[0] if found else None
 
 
 class _TorchShard:

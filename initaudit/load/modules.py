@@ -14,7 +14,7 @@ from initaudit.flow import trace
 from initaudit.flow.dynamic_trace import dynamic_flow, example_inputs
 from initaudit.common.errors import InputError, first_line
 from initaudit.load.source import Loaded, TensorSource
-from initaudit.load.torch_files import STRIPPED_PREFIXES
+from initaudit.load.containers import STRIPPED_PREFIXES
 
 
 def build(spec: str) -> torch.nn.Module:

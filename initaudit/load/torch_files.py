@@ -15,17 +15,14 @@ import torch
 
 from initaudit.common.errors import InputError, NoWeights, first_line
 from initaudit.load.source import Loaded, TensorSource
+from initaudit.load import modules
+from initaudit.load.containers import STRIPPED_PREFIXES, WRAPPER_KEYS
 from initaudit.load.pages import MappedFile
 
-# Where training checkpoints keep the model's weights, most specific first.
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network",
-                "weights", "params", "ema_state_dict", "ema")
 # The largest pickle (a torch file's structure, not its tensor data) read: torch's weights_only reader takes
 # about 150 microseconds and a few kB per tensor, so 10^6 views of one storage (an 85 MB pickle) would take
 # minutes and gigabytes. A state_dict of MAX_TENSORS tensors pickles to about 20 MB.
 MAX_PICKLE_BYTES = 48 << 20
-# Prefixes that wrappers add to every key: DDP (module.), Lightning (model.), torch.compile (_orig_mod.).
-STRIPPED_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 @dataclass
@@ -176,7 +173,6 @@ def unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], TorchContaine
 
 def state_dict_of(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     """Just the (unwrapped) state_dict of a torch file, to load into a module built from code."""
-    from initaudit.load import modules
 
     check_pickle_size(path)
     if is_torchscript(path):
@@ -188,7 +184,6 @@ def state_dict_of(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def load(path: Path, trust_pickle: bool) -> Loaded:
-    from initaudit.load import modules
 
     check_pickle_size(path)
     if is_torchscript(path):

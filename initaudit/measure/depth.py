@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from initaudit.flow.activations import IDENTITY, UNKNOWN, Activation
 from initaudit.flow.dataflow import ACT, ADD, LAYER, NORM, OUTPUT, STOP, Flow
-from initaudit.flow.layers import Layer, LayerGraph
+from initaudit.flow.layer import Layer, LayerGraph
 
 DEEP_RUN = 5  # judged: runs of this many weighted layers or more (the selection guide: < 5 is shallow)
 RULES = ("signal-vanishing", "signal-exploding")  # the rules the depth analysis feeds (predicted or measured)

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 
 from initaudit.common.progress import byte_bar
-from initaudit.flow.layers import UNIT_KINDS, Layer, LayerGraph, Param
+from initaudit.flow.layer import UNIT_KINDS, Layer, LayerGraph, Param
 from initaudit.measure import schemes, stats, weight_state
 
 

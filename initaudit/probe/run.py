@@ -31,7 +31,7 @@ from initaudit.pipeline import Analysis, analyse
 from initaudit.config import Options
 from initaudit.flow.dynamic_trace import example_inputs
 from initaudit.common.errors import InputError, one_line
-from initaudit.flow.layers import Layer
+from initaudit.flow.layer import Layer
 from initaudit.load.source import Loaded
 from initaudit.judge.report import Finding, finding_dict
 from initaudit.probe.sandbox import Policy

@@ -29,7 +29,7 @@ from initaudit.measure.tensors import Measured, block_pattern
 from initaudit.pipeline import Analysis, analyse, make_options
 from initaudit.config import Options
 from initaudit.common.errors import InputError
-from initaudit.flow.layers import Layer, Param
+from initaudit.flow.layer import Layer, Param
 from initaudit.load.source import TensorSource
 from initaudit.judge.report import Finding, Report
 from initaudit.measure.schemes import Recommendation

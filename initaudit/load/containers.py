@@ -1,5 +1,6 @@
-"""Signs of training a checkpoint carries beside its weights (optimizer state, step and epoch counters): what the
-loaders know of a file's containers, for the fresh/trained verdict."""
+"""What checkpoints hold around a model's weights: the keys wrappers put them under and the prefixes they add
+to every name, and the signs of training beside them (optimizer state, step and epoch counters) that the
+fresh/trained verdict weighs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from typing import Any
 
 import torch
 
+# Where training checkpoints keep the model's weights, most specific first.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network",
+                "weights", "params", "ema_state_dict", "ema")
+# Prefixes that wrappers add to every key: DDP (module.), Lightning (model.), torch.compile (_orig_mod.).
+STRIPPED_PREFIXES = ("module.", "_orig_mod.", "model.")
 STEP_KEYS = ("step", "global_step", "steps", "epoch", "epochs", "iteration", "iter", "num_updates", "total_steps")
 OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_states", "optim", "opt", "optimizer_state")
 
