@@ -66,10 +66,19 @@ def test_bin_shards_keep_their_prefixes(tmp_path):
     assert sorted(load(index).tensors) == sorted(state)
 
 
-def test_a_folder_without_config_names_its_index(tmp_path):
-    index = shard(mlp(), tmp_path / "m", "bin")
-    with pytest.raises(InputError, match="without config.json.*pytorch_model.bin.index.json"):
-        load(index.parent)
+def test_a_folder_holding_a_shard_index_is_one_model_to_walking_and_loading_alike(tmp_path):
+    """The one model-folder rule (load/paths.folder_kind): a folder of shards and their index, without
+    config.json, is read as its index names them, whether named itself, named by its index or met in a walk."""
+    from initaudit.load import discover
+
+    (tmp_path / "runs").mkdir()
+    index = shard(mlp(), tmp_path / "runs" / "m", "bin")
+    named = load(index.parent)
+    assert sorted(named.tensors.shapes) == sorted(load(index).tensors.shapes) == sorted(mlp())
+    assert discover.expand([str(tmp_path / "runs")]) == [index.parent]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="a folder without config.json, a shard index or a distributed checkpoint"):
+        load(tmp_path / "empty")
 
 
 def test_bin_shard_that_pickles_code_is_refused(tmp_path):
