@@ -219,7 +219,7 @@ def test_rule_docs_are_in_sync_and_linked():
     folder = ROOT / "docs" / "rules"
     pages = ruledocs.pages()
     on_disk = {p.name: p.read_text(encoding="utf-8") for p in folder.glob("*.md")}
-    assert on_disk == pages, "docs/rules/ is stale: run `python -m initaudit.ruledocs`"
+    assert on_disk == pages, "docs/rules/ is stale: run `python -m initaudit.judge.ruledocs`"
     rules = builtin_rules()
     for rule in rules:
         page = pages[f"{rule.name}.md"]
