@@ -35,6 +35,7 @@ from initaudit.load.bounded import MAX_TOML_BYTES, Unreadable, loads_toml, read_
 from initaudit.common.errors import InputError
 from initaudit.judge.report import FAIL_ON
 
+MAX_PATTERNS = 1000  # glob patterns per table: each is matched against every layer (and finding)
 SIGNAL_BAND = (1e-2, 1e2)  # the RMS scale, relative to the input's, the signal must keep through depth
 _KEYS = ("fail-on", "activation", "activations", "select", "ignore", "per-layer-ignores", "exclude", "extend-exclude",
          "signal-band")
@@ -56,7 +57,7 @@ class Options:
     signal_band: tuple[float, float] = SIGNAL_BAND  # initaudit.depth: the RMS scale the signal must stay within
 
     def ignored(self, layer: str, rule: str, code: str) -> bool:
-        return any(fnmatch.fnmatchcase(layer, pattern) and (rule in names or any(code.startswith(n) for n in names))
+        return any((rule in names or any(code.startswith(n) for n in names)) and fnmatch.fnmatchcase(layer, pattern)
                    for pattern, names in self.per_layer_ignores.items())
 
 
@@ -114,6 +115,10 @@ def from_table(table: dict[str, Any], where: str = "config") -> Options:
     activation = _typed(table, "activation", str, where, None)
     activations = _typed(table, "activations", dict, where, {})
     per_layer = _typed(table, "per-layer-ignores", dict, where, {})
+    for key, patterns in (("activations", activations), ("per-layer-ignores", per_layer)):
+        if len(patterns) > MAX_PATTERNS:
+            raise InputError(f"{where}: {key} holds {len(patterns):,} patterns, more than the {MAX_PATTERNS:,} "
+                             "initaudit matches layer names against")
     try:
         return Options(
             fail_on=fail_on,

@@ -54,6 +54,12 @@ MAX_NESTING = 32  # real configs nest a handful of levels
 # A build may hold this many times the file's tensors (heads, buffers, tied copies), plus this many, before it is
 # stopped: a config.json asking for 10^5 layers beside a small file would take hours to build and trace.
 TENSORS_PER_FILE_TENSOR, SPARE_TENSORS = 4, 1024
+
+
+def most_tensors(in_file: int) -> int:
+    """The most tensors a build from config.json may make beside a file of `in_file` tensors: a config describing
+    a far larger model than its weights is not built."""
+    return TENSORS_PER_FILE_TENSOR * in_file + SPARE_TENSORS
 # What tells the libraries the Hub is offline, and turns hub kernels and local kernel overrides off (None: unset).
 OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "USE_HUB_KERNELS": "NO",
                        "LOCAL_KERNELS": None}
@@ -84,7 +90,7 @@ def from_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> Context:
     with offline(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
             contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        module, inputs = build_module(config, most_tensors=TENSORS_PER_FILE_TENSOR * len(shapes) + SPARE_TENSORS)
+        module, inputs = build_module(config, most_tensors=most_tensors(len(shapes)))
         keys = key_map(module, shapes)
         if len(keys) < len(shapes) / 2:
             raise NotBuilt(f"{type(module).__name__} built from config.json holds only {len(keys)} of the file's "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 import warnings
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -81,8 +82,33 @@ def from_module(module: torch.nn.Module, path: Path | None, fmt: str = "torch-mo
     return Loaded(path, fmt, TensorSource.of(state), module=module, flow=flow, modules=infos, notes=notes)
 
 
+MAX_SCRIPT_CODE = 64 << 20  # the most TorchScript source read to find a __setstate__ before loading an archive
+
+
+def loads_code(path: Path) -> bool:
+    """Whether loading a TorchScript archive runs code from it: torch.jit.load compiles the archive's source
+    (`code/…py`) and runs nothing of it but a class's `__setstate__`, which it calls while restoring that
+    object's state. An archive whose source is too large to read through counts as running code."""
+    read = 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for entry in archive.infolist():
+                if "/code/" not in f"/{entry.filename}" or not entry.filename.endswith(".py"):
+                    continue
+                read += entry.file_size
+                if read > MAX_SCRIPT_CODE or b"__setstate__" in archive.read(entry):
+                    return True
+    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError, RuntimeError):
+        return False  # not a zip this reader takes: torch.jit.load gives its own answer
+    return False
+
+
 def read_torchscript(path: Path) -> torch.jit.ScriptModule:
-    """torch.jit.load, its warnings kept off stderr and any failure (a crafted archive can raise anything) one line."""
+    """torch.jit.load, its warnings kept off stderr and any failure (a crafted archive can raise anything) one line;
+    an archive whose loading would run its own code (a scripted `__setstate__`) is refused before it is opened."""
+    if loads_code(path):
+        raise InputError(f"{path}: a TorchScript archive whose scripted __setstate__ runs when it is loaded: initaudit "
+                         "does not load it (save the weights with torch.save(model.state_dict()) to check them)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

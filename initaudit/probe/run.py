@@ -324,8 +324,9 @@ def hf_module(loaded: Loaded, budget: int | None = None) -> tuple[torch.nn.Modul
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            _check_build_size(loaded, meta_model.build_module(config, device="meta")[0], budget)
-            module, _ = meta_model.build_module(config, device="cpu")
+            most = meta_model.most_tensors(len(loaded.tensors.shapes))
+            _check_build_size(loaded, meta_model.build_module(config, device="meta", most_tensors=most)[0], budget)
+            module, _ = meta_model.build_module(config, device="cpu", most_tensors=most)
     except meta_model.NotBuilt as exc:
         raise InputError(f"{loaded.path}: probe needs the architecture, and it could not be built ({exc})") from None
     keys = meta_model.key_map(module, loaded.tensors.shapes)

@@ -38,6 +38,7 @@ POLL_SECONDS = 0.02         # how often the parent looks at the child's time and
 MAX_RESULT_BYTES = 64 << 20  # the largest answer read from the child
 MAX_OUTPUT_BYTES = 1 << 20  # the child's captured output (and any file it writes) stops growing here
 DATA_SLACK = 256 << 20      # RLIMIT_DATA sits this far above the memory limit: the watchdog speaks first
+PR_SET_PDEATHSIG = 1         # prctl option: the signal a child gets when its parent dies (Linux)
 READY = b"ready"            # the child's first message: set up, the model's code runs from now on
 # What an allocation refused by RLIMIT_DATA looks like once torch or onnxruntime has turned it into an exception.
 OUT_OF_MEMORY_MARKS = ("not enough memory", "can't allocate memory", "cannot allocate memory", "failed to allocate",
@@ -72,7 +73,8 @@ def run(job: str, args: tuple, seconds: float, memory: int, show_output: bool = 
         output = Path(folder) / "output"
         output.touch()
         receive, send = context.Pipe(duplex=False)
-        child = context.Process(target=child_main, args=(send, str(output), memory, job, args), daemon=True)
+        child = context.Process(target=child_main, args=(send, str(output), memory, job, args, os.getpid()),
+                                daemon=True)
         try:
             child.start()
             send.close()
@@ -177,8 +179,10 @@ def _echo(output: Path) -> None:
 
 # ---------------------------------------------------------------- in the child
 
-def child_main(send, output: str, memory: int, job: str, args: tuple) -> None:
-    """The child's entry point: capture fds 1 and 2, import the job, cap memory and files, say ready, run it."""
+def child_main(send, output: str, memory: int, job: str, args: tuple, parent: int | None = None) -> None:
+    """The child's entry point: end with its parent, capture fds 1 and 2, import the job, cap memory and files,
+    say ready, run it."""
+    _end_with_parent(parent)
     _capture(output)
     module, _, name = job.partition(":")
     function = getattr(importlib.import_module(module), name)
@@ -193,6 +197,20 @@ def child_main(send, output: str, memory: int, job: str, args: tuple) -> None:
     send.send_bytes(json.dumps(answer).encode())
     sys.stdout.flush()
     sys.stderr.flush()
+
+
+def _end_with_parent(parent: int | None) -> None:
+    """Linux: the kernel kills this child when the process that started it dies (a CI job cancelled, `timeout`
+    sending SIGTERM), so a model's run never outlives initaudit; a parent already gone ends it at once."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent's own clean-up is what stops the child
+        return
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def _capture(output: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -164,6 +165,7 @@ def atomic(target: Path, before: Stamp | None = None) -> Iterator[Path]:
     """A temporary path beside `target`, fsynced and moved into place on success, removed on failure. The final
     step replaces only the version of `target` there when the run began (`before`; else when this write
     began), and creates it, replacing nothing, where there was none."""
+    _only_a_regular_file(target)
     expected = _expected(target, before)
     _unchanged(target, expected)  # early, to spare the write; the final step checks again
     try:
@@ -182,6 +184,23 @@ def atomic(target: Path, before: Stamp | None = None) -> Iterator[Path]:
         raise write_error(target, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _only_a_regular_file(target: Path) -> None:
+    """Refuse an output that exists and is not a regular file (a device such as /dev/null, a FIFO, a folder) or is
+    a link (/dev/stdout's link to a descriptor, a link elsewhere): the final rename would put a file in its place."""
+    try:
+        st = target.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as exc:
+        raise write_error(target, exc) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise InputError(f"{target}: a link; initaudit replaces only regular files, never a link (name the file it "
+                         "leads to, or leave out -o to print the report)")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{target}: not a regular file (a device, FIFO, socket or folder); initaudit writes "
+                         "only regular files, created or replaced whole (leave out -o to print the report)")
 
 
 def _expected(target: Path, before: Stamp | None) -> Identity | None:
