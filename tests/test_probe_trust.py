@@ -288,7 +288,7 @@ def test_the_default_build_budget_is_a_share_of_the_ram(tmp_path):
 @pytest.mark.parametrize("text, size", [("512MB", 512 << 20), ("4GB", 4 << 30), ("1.5G", 3 << 29), ("800", 800 << 20),
                                         ("2GiB", 2 << 30), ("64k", 64 << 10)])
 def test_memory_sizes_read_as_people_write_them(text, size):
-    from initaudit.cli.probe_command import Size
+    from initaudit.cli.options import Size
 
     assert Size().convert(text, None, None) == size
 
