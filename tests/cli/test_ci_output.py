@@ -16,11 +16,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import ROOT
 from fixtures import models
-from test_output_hardening import run
+from helpers import FIXTURES, ROOT
+from helpers.cli import run
 
-FIXTURES = ROOT / "fixtures"
 ZERO, CLEAN, XAVIER = (FIXTURES / n for n in ("zero_layer_mlp.pt", "deep_relu_mlp_kaiming.pt", "deep_relu_mlp_xavier.pt"))
 ESCAPE = re.compile(r"\x1b\[")
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

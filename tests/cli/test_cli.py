@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import initaudit
-from conftest import ROOT, save_as
 from fixtures import models
+from helpers import FIXTURES
+from helpers.cli import one_error_line
+from helpers.formats import export_onnx, save_as
 
-FIXTURES = ROOT / "fixtures"
 
 
 def test_clean_model_exits_0(cli):
@@ -64,14 +65,6 @@ def test_pyproject_config_and_per_layer_ignores(cli, tmp_path, monkeypatch):
     assert cli("check", FIXTURES / "zero_layer_mlp.pt").exit_code == 0
     result = cli("check", FIXTURES / "deep_relu_mlp_xavier.pt")  # activation and fail-on from config
     assert result.exit_code == 1 and "init-activation-mismatch" in result.output
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def test_bad_inputs_exit_2_with_one_line(cli, tmp_path):
@@ -151,7 +144,6 @@ def test_truncated_and_corrupted_files_never_traceback(cli, tmp_path, fmt):
 
 
 def test_files_are_read_by_content_not_suffix(tmp_path):
-    from conftest import export_onnx
 
     module = models.zero_layer()
     expected = {(f.rule, f.layer) for f in initaudit.audit(module).findings}

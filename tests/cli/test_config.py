@@ -14,11 +14,12 @@ import torch
 
 from click.testing import CliRunner
 
+from fixtures import models
+from helpers import ROOT
+from helpers.cli import one_stderr_line, run
 from initaudit import config
 from initaudit.cli.main import main
 from initaudit.common.errors import InputError
-from fixtures import models
-from test_output_hardening import one_stderr_line, run
 
 
 class _Payload:
@@ -147,7 +148,7 @@ def test_a_config_that_is_no_regular_file_is_refused_without_blocking_or_reading
     torch.save(models.zero_layer().state_dict(), model)
     done = subprocess.run([sys.executable, "-m", "initaudit.cli", "check", "--config", str(path), str(model)],
                           capture_output=True, text=True, timeout=120, preexec_fn=_limit_memory,
-                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     what = "a FIFO (named pipe)" if kind == "fifo" else "a device file"
     assert done.stderr.strip() == f"initaudit: error: {path}: {what}; initaudit reads only regular files"

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
-from readme_snippets import action_step, precommit_repo
+from helpers import FIXTURES, ROOT
+from helpers.readme_snippets import action_step, precommit_repo
 
-FIXTURES = ROOT / "fixtures"
 MANIFEST = ROOT / ".pre-commit-hooks.yaml"
 BAD_FINDING = "models/bad.pt:4: IA101 zero-weights error: all 16384 weights are zero"
 QUIET_GIT = {"GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}

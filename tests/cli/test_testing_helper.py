@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ROOT
 from fixtures import models
+from helpers import FIXTURES, ROOT
 from initaudit import Report
 from initaudit.common.errors import InputError
 from initaudit.testing import assert_well_initialized
 
-FIXTURES = ROOT / "fixtures"
 pytest_plugins = ["pytester"]  # a user's own pytest run, in a subprocess
 
 

@@ -18,10 +18,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from conftest import ROOT
+from helpers import ROOT
+from helpers.readme_snippets import README, action_step, code_blocks, inline_code, links, precommit_repo, tokens
 from initaudit.cli.main import main
 from initaudit.common.project import REPOSITORY_URL
-from readme_snippets import README, action_step, code_blocks, inline_code, links, precommit_repo, tokens
 
 FIRST_SCREEN = 60  # lines: what a new user reads before scrolling far
 DOCS = sorted((ROOT / "docs").glob("*.md"))

@@ -18,6 +18,7 @@ from torch import nn
 
 import initaudit
 from fixtures import models
+from helpers.cli import one_error_line
 
 
 def _tv(name: str, **kwargs) -> Callable[[], nn.Module]:
@@ -247,7 +248,6 @@ def test_hugging_face_folder_fault_is_found_and_fixed(tmp_path, cli):
 
 
 def test_broken_hugging_face_folders_are_clear_errors(tmp_path, cli):
-    from test_cli import one_error_line
 
     model = build("hf-llama")
     model.save_pretrained(tmp_path, max_shard_size="200KB")

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from conftest import export_onnx
 from fixtures import models
+from helpers.formats import export_onnx
 from initaudit.cli.main import main
 
 EXAMPLES = int(os.environ.get("INITAUDIT_FUZZ_EXAMPLES", "0")) or 20
@@ -263,7 +263,7 @@ def test_fuzzed_dcp_metadata_gets_a_verdict_or_one_clear_line(dcp_seed):
 def test_fuzzed_remote_safetensors_headers_get_a_verdict_or_one_clear_line(seeds):
     """A served file whose header is mutated, replaced by any JSON, or nested without end."""
     pytest.importorskip("aiohttp")
-    from test_remote import RangeServer
+    from helpers.range_server import RangeServer
 
     data = seeds["model.safetensors"].read_bytes()
     n = int.from_bytes(data[:8], "little")

@@ -11,14 +11,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import ROOT, save_as
 from fixtures import models
-from initaudit.load import discover
+from helpers import FIXTURES, SARIF_SCHEMA
+from helpers.cli import one_stderr_line, run
+from helpers.formats import save_as
 from initaudit.common.errors import InputError
-from test_output_hardening import one_stderr_line, run
-
-FIXTURES = ROOT / "fixtures"
-SCHEMA = ROOT.parent / "shared" / "schemas" / "sarif-schema-2.1.0.json"
+from initaudit.load import discover
 ZERO, CLEAN, XAVIER = (FIXTURES / n for n in ("zero_layer_mlp.pt", "deep_relu_mlp_kaiming.pt", "deep_relu_mlp_xavier.pt"))
 
 
@@ -83,8 +81,8 @@ def test_files_folders_and_globs_in_one_run(tmp_path, monkeypatch):
         assert uris[location["index"]] == location["uri"]
     assert sorted({r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] for r in sarif_run["results"]}) == \
         ["loose/a_xavier.pt", "models/hf", "models/runs/zero.weights"]
-    if SCHEMA.exists():  # the official schema lies in ../shared beside the main checkout
-        pytest.importorskip("jsonschema").validate(sarif, json.loads(SCHEMA.read_text()))
+    if SARIF_SCHEMA.exists():  # the official schema lies in ../shared beside the main checkout
+        pytest.importorskip("jsonschema").validate(sarif, json.loads(SARIF_SCHEMA.read_text()))
 
     assert run(*args, "--fail-on", "never").exit_code == 0
     assert run("check", "loose/b_clean.pt", "models/clean.safetensors", "--config", "ci.toml").exit_code == 0

@@ -31,7 +31,7 @@ from torch import nn
 import initaudit
 from initaudit.judge.report import Report
 
-import zoo
+from helpers import zoo
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 import initaudit
-import zoo
+from helpers import zoo
 from initaudit.flow import meta_model
 from initaudit.judge.report import Report
 

@@ -10,10 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import initaudit
-from conftest import export_onnx
 from fixtures import models
-from test_cli import one_error_line
-from test_fixture_verdicts import EXPECTED
+from helpers.cli import one_error_line
+from helpers.formats import export_onnx
+from helpers.verdicts import EXPECTED
 
 EXPORTS = [pytest.param(13, False, id="legacy-opset13"), pytest.param(17, False, id="legacy-opset17"),
            pytest.param(18, True, id="dynamo-opset18")]

@@ -13,8 +13,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import initaudit
-from conftest import save_as
-from test_fixture_verdicts import serious
+from helpers.formats import save_as
+from helpers.verdicts import serious
 
 N = helper.make_node
 RNG = np.random.default_rng(7)

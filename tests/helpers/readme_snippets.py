@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from markdown_it import MarkdownIt
 
-from conftest import ROOT
+from helpers import ROOT
 
 README = ROOT / "README.md"
 

@@ -21,9 +21,9 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
 
 import initaudit
+from helpers import ROOT
 from initaudit.load.dispatch import load
 
-ROOT = Path(__file__).resolve().parents[1]
 RNG = torch.Generator().manual_seed(0)
 
 

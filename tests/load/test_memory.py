@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
+from helpers import ROOT
+
 LAYERS, WIDTH = 100, 1024          # 100 fp32 weights of 4 MiB: a 400 MiB file
 LARGEST = WIDTH * WIDTH * 4
 SLACK = 96 << 20                    # working memory beyond the tensors in flight (stats, reports, allocator)

@@ -18,9 +18,9 @@ from huggingface_hub import scan_cache_dir
 from safetensors.torch import save_file
 from transformers import BertConfig, BertModel
 
-from conftest import ROOT
+from helpers import ROOT
+from helpers.cli import one_stderr_line, run
 from initaudit.load.dispatch import load
-from test_output_hardening import one_stderr_line, run
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 TENSORS = 41  # the glob test's file count: one per tensor a link used to multiply

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 import initaudit
-import trained_models as tm
-from conftest import save_as
 from fixtures import models
+from helpers import trained_models as tm
+from helpers.formats import save_as
+from helpers.verdicts import serious
 
 NAMES = sorted(tm.BUILDERS)
 SCHEME_RULES = {"init-activation-mismatch", "variance-out-of-range"}
@@ -48,10 +49,6 @@ def save(model: torch.nn.Module, fmt: str, folder, optimizer=None):
         return folder / "model.safetensors"
     torch.jit.script(model).save(str(folder / "scripted.pt"))
     return folder / "scripted.pt"
-
-
-def serious(report) -> set[tuple[str, str, str]]:
-    return {(f.rule, f.layer, f.severity) for f in report.findings if f.severity != "info"}
 
 
 def states(report) -> dict[str, str]:

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from conftest import export_onnx
 from fixtures import depth_models
+from helpers.formats import export_onnx
 from initaudit.config import Options
 from initaudit.load.dispatch import load
 from initaudit.probe.run import probe

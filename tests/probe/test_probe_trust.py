@@ -21,9 +21,11 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ROOT
+from helpers import ROOT
 
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+# tests/ and this folder too: the CLI process unpickles a module whose class is defined here
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [ROOT, ROOT / "tests", Path(__file__).parent])),
+       "OMP_NUM_THREADS": "1"}
 ENV.pop("INITAUDIT_DEBUG", None)
 SAFETY_NET = 4 << 30  # the data segment each CLI process gets here: without the fix, an attack fails, never the machine
 

@@ -12,9 +12,10 @@ from onnx import numpy_helper
 from safetensors import safe_open
 
 import initaudit
-from conftest import BARE, save_as
 from fixtures import models
-from test_fixture_verdicts import EXPECTED, serious
+from helpers.cli import one_error_line
+from helpers.formats import BARE, export_onnx, save_as
+from helpers.verdicts import EXPECTED, serious
 
 FILE_FORMATS = ("state_dict", "checkpoint", "safetensors", "torchscript", "pickled_module", "onnx")
 FAULTY = sorted(name for name, (_, expected) in EXPECTED.items() if expected)
@@ -93,7 +94,6 @@ def test_safetensors_metadata_and_dtypes_are_kept(tmp_path, cli):
 
 
 def test_onnx_external_data_stays_external_and_shared_zero_biases_are_left(tmp_path, cli):
-    from conftest import export_onnx
 
     exported = export_onnx(models.zero_layer(), tmp_path / "exported.onnx")
     src = tmp_path / "ext"
@@ -132,7 +132,6 @@ def test_dry_run_writes_nothing_and_seed_reproduces(tmp_path, cli):
 
 
 def test_input_is_never_overwritten_without_in_place(tmp_path, cli):
-    from test_cli import one_error_line
 
     path, _ = save_as(models.zero_layer(), "state_dict", tmp_path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -249,7 +248,6 @@ def test_fix_with_the_architecture_from_code_writes_the_checkpoint_format(tmp_pa
 
 
 def test_output_must_be_a_file_name_for_a_file(tmp_path, cli):
-    from test_cli import one_error_line
 
     path, _ = save_as(models.zero_layer(), "state_dict", tmp_path)
     (tmp_path / "folder").mkdir()

@@ -17,27 +17,15 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from conftest import ROOT, export_onnx, save_as
 from fixtures import models
-from initaudit.cli.main import main
+from helpers import ROOT
+from helpers.cli import one_stderr_line, run
+from helpers.formats import export_onnx, save_as
 from initaudit.common.printable import printable
 
 PYTHON = sys.executable
-
-
-def run(*args, env: dict | None = None):
-    """The CLI in-process, stdout and stderr apart."""
-    return CliRunner(env=env).invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_stderr_line(result) -> str:
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def state_dict_file(folder: Path) -> Path:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import ROOT
+from helpers import ROOT
 from initaudit.cli.main import main
 from initaudit.common.printable import printable
 from initaudit.reporters import FORMATS

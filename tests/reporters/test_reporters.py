@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from conftest import ROOT
+from helpers import FIXTURES, SARIF_SCHEMA
 
-SCHEMA = ROOT.parent / "shared" / "schemas" / "sarif-schema-2.1.0.json"
-ZERO = ROOT / "fixtures" / "zero_layer_mlp.pt"
+ZERO = FIXTURES / "zero_layer_mlp.pt"
 
 
 def test_sarif_is_valid_and_carries_findings(cli):
@@ -21,10 +20,10 @@ def test_sarif_is_valid_and_carries_findings(cli):
     assert res["ruleId"] == "IA101" and res["level"] == "error"
     assert res["locations"][0]["logicalLocations"][0]["name"] == "4.weight"
     assert run["tool"]["driver"]["rules"][res["ruleIndex"]]["name"] == "zero-weights"
-    if not SCHEMA.exists():
-        pytest.skip(f"the SARIF schema is not at {SCHEMA} (shared/ is not beside this checkout)")
+    if not SARIF_SCHEMA.exists():
+        pytest.skip(f"the SARIF schema is not at {SARIF_SCHEMA} (shared/ is not beside this checkout)")
     jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is a test extra")
-    jsonschema.validate(sarif, json.loads(SCHEMA.read_text()))
+    jsonschema.validate(sarif, json.loads(SARIF_SCHEMA.read_text()))
 
 
 def test_github_annotations(cli):
