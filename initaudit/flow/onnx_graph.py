@@ -8,16 +8,15 @@ become one activation node of the flow.
 
 Subgraphs (`If` branches, `Loop` and `Scan` bodies, any graph attribute) are walked like the main
 graph: their weights are audited, names they take from enclosing graphs resolve there, and their
-outputs flow on to the consumers of the control-flow node's outputs.
+outputs flow on to the consumers of the control-flow node's outputs. The graphs themselves, their
+scopes and tensor keys, are in `onnx_scopes`.
 """
 
 from __future__ import annotations
 
-import ast
-import re
 from collections import ChainMap, deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -25,9 +24,8 @@ import onnx
 from initaudit.flow.activations import UNKNOWN, Activation
 from initaudit.flow.dataflow import ACT, ADD, LAYER, MUL, NORM, OUTPUT, PASS, STOP, Flow
 from initaudit.flow.layers import ModuleInfo, embedding_name, split_key
-
-FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                         onnx.TensorProto.BFLOAT16})
+from initaudit.flow.onnx_scopes import (EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, attribute, scope_of, scopes,
+                                        walk)
 
 _ACT_OPS = {"Relu": "relu", "LeakyRelu": "leaky_relu", "PRelu": "prelu", "Elu": "elu", "Celu": "celu",
             "Selu": "selu", "Sigmoid": "sigmoid", "HardSigmoid": "hardsigmoid", "HardSwish": "hardswish",
@@ -39,10 +37,6 @@ _STOP_OPS = {"Softmax", "LogSoftmax", "Hardmax"}
 _ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Softplus", "Sqrt", "Identity", "Cast", "Constant"}
 _SHAPE_ONLY = frozenset({"Shape", "Size"})  # read a tensor's shape, not its values: no signal flows through
 _RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-# Names exporters give the constants they make (initial states, shapes, folded values), not parameters.
-_EXPORTER_CONSTANT = re.compile(r"^(onnx::|/)|^val_\d+$")
-# Node names exporters make up: the legacy exporter's scope paths, the dynamo exporter's node_<op>.
-_EXPORTER_NODE = re.compile(r"^(/|node_)")
 # Cores of the activations exporters decompose, closed by a Mul with the activation's input x.
 _PATTERN_CORES = {"Sigmoid": "silu", "HardSigmoid": "hardswish", "Erf": "gelu", "Tanh": "gelu"}
 
@@ -64,150 +58,6 @@ class OnnxLayers:
     outputs: dict[str, str] = field(default_factory=dict)        # layer -> its node's output value (main graph)
 
 
-@dataclass
-class Scope:
-    """One graph of a model (the main graph or a subgraph) and the model-wide keys of the tensors it holds."""
-
-    graph: onnx.GraphProto
-    keys: dict[str, str] = field(default_factory=dict)                  # local tensor name -> model-wide key
-    children: dict[int, list[Scope]] = field(default_factory=dict)      # node index -> its subgraphs
-
-    def tensors(self) -> Iterator[tuple[str, onnx.TensorProto, str]]:
-        """(key, proto, the name a user sees) of every initializer and Constant-node tensor of this graph."""
-        for name, proto, shown in _local_tensors(self.graph):
-            yield self.keys[name], proto, shown
-
-
-def _local_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorProto, str]]:
-    """(name the graph uses, proto, name a user sees) of the graph's initializers and Constant tensors."""
-    for t in graph.initializer:
-        yield t.name, t, t.name
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    yield node.output[0], a.t, _constant_name(node)
-
-
-def _constant_name(node: onnx.NodeProto) -> str:
-    """A Constant's output name, or its node name where the output name is one an exporter made up."""
-    out = node.output[0]
-    if _EXPORTER_CONSTANT.match(out) and node.name and not _EXPORTER_NODE.match(node.name):
-        return node.name
-    return out
-
-
-def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The graphs a node holds as attributes (Loop/Scan bodies, If branches: then before else)."""
-    found = []
-    for a in sorted(node.attribute, key=lambda a: a.name != "then_branch"):
-        if a.type == onnx.AttributeProto.GRAPH:
-            found.append(a.g)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            found.extend(a.graphs)
-    return found
-
-
-def scopes(graph: onnx.GraphProto) -> Scope:
-    """The scope tree of a model's graph, each tensor keyed by its name, made unique (`w#2`) across subgraphs."""
-    taken: set[str] = set()
-
-    def visit(g: onnx.GraphProto) -> Scope:
-        scope = Scope(g)
-        for name, _, _ in _local_tensors(g):
-            key, n = name, 1
-            while key in taken:
-                n += 1
-                key = f"{name}#{n}"
-            taken.add(key)
-            scope.keys[name] = key
-        for i, node in enumerate(g.node):
-            subs = subgraphs(node)
-            if subs:
-                scope.children[i] = [visit(sub) for sub in subs]
-        return scope
-
-    return visit(graph)
-
-
-def walk(scope: Scope) -> Iterator[Scope]:
-    """A scope and every scope inside it, depth first in node order."""
-    yield scope
-    for subs in scope.children.values():
-        for sub in subs:
-            yield from walk(sub)
-
-
-class _Graph:
-    """Producers and consumers of the tensors of one ONNX graph; names it does not define resolve in its parent."""
-
-    def __init__(self, scope: Scope, sources: dict[str, onnx.TensorProto], parent: _Graph | None = None):
-        self.scope = scope
-        self.nodes = list(scope.graph.node)
-        self.sources = sources
-        self.parent = parent
-        self.alias: dict[str, str] = {}
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[int]] = {}
-        self.defined = {i.name for i in scope.graph.input}
-        for i, node in enumerate(self.nodes):
-            if node.op_type == "Identity" and self.source(node.input[0]) is not None:
-                self.alias[node.output[0]] = self.source(node.input[0])
-            for name in node.output:
-                self.producer[name] = i
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(i)
-        self.defined |= set(self.producer)
-        self.children = {i: [_Graph(sub, sources, self) for sub in subs] for i, subs in scope.children.items()}
-
-    def source(self, name: str) -> str | None:
-        """The initializer (or Constant) key a tensor name stands for, through Identity aliases and outer scopes."""
-        if name in self.alias:
-            return self.alias[name]
-        if name in self.scope.keys:
-            return self.scope.keys[name]
-        if name in self.producer or name in self.defined or self.parent is None:
-            return None  # a value computed here (or a graph input) shadows the outer scopes
-        return self.parent.source(name)
-
-    def float_source(self, name: str, rank: int | None = None) -> str | None:
-        src = self.source(name) if name else None
-        if src is None or self.sources[src].data_type not in FLOAT_TYPES:
-            return None
-        return src if rank is None or len(self.sources[src].dims) == rank else None
-
-    def dims(self, name: str) -> tuple[int, ...]:
-        return tuple(self.sources[name].dims)
-
-
-def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def scope_of(node: onnx.NodeProto) -> str | None:
-    """The module path the exporter recorded for a node, if any."""
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                break
-            if len(scopes) >= 3 and scopes[-2]:
-                return str(scopes[-2])
-    # The legacy exporter: "/layer3/layer3.0/conv1/Conv", "/features/features.1/conv/conv.0/Conv": a part is
-    # a name within the parent, a container's child named after the container ("conv.0" under "conv").
-    parts = node.name.strip("/").split("/")[:-1] if node.name.startswith("/") else []
-    path = ""
-    for part in filter(None, parts):
-        segments = path.split(".") if path else []
-        shared = next((k for k in range(len(segments)) if part.startswith(".".join(segments[k:]) + ".")), None)
-        path = ".".join([*segments[:shared], part]) if shared is not None else f"{path}.{part}" if path else part
-    return path or None
-
-
 def _layer_name(node: onnx.NodeProto, weight: str) -> str:
     if not weight.startswith("onnx::") and "." in weight:
         return split_key(weight)[0]
@@ -220,11 +70,11 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
 
     `sources` is keyed as `scopes` keys them (the main graph's tensors by their own names).
     """
-    root = _Graph(scopes(graph), sources)
+    root = GraphIndex(scopes(graph), sources)
     shown = {key: name for scope in walk(root.scope) for key, _, name in scope.tensors()}
     out = OnnxLayers()
-    layer_of: dict[tuple[_Graph, int], str] = {}
-    folded: set[tuple[_Graph, int]] = set()
+    layer_of: dict[tuple[GraphIndex, int], str] = {}
+    folded: set[tuple[GraphIndex, int]] = set()
     taken: dict[str, str] = {}  # layer name -> the weight source that claimed it
 
     def claim(node: onnx.NodeProto, weight: str) -> str:
@@ -238,13 +88,13 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
 
     recurrent_count: dict[str, int] = {}
 
-    def visit(g: _Graph) -> None:
+    def visit(g: GraphIndex) -> None:
         for i, node in enumerate(g.nodes):
             layer(g, i, node)
             for sub in g.children.get(i, ()):
                 visit(sub)
 
-    def layer(g: _Graph, i: int, node: onnx.NodeProto) -> None:
+    def layer(g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
         op = node.op_type
         if op in ("Gemm", "MatMul", "Conv", "ConvTranspose"):
             weight = g.float_source(node.input[1]) if len(node.input) > 1 else None
@@ -260,7 +110,7 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
             elif op == "ConvTranspose":
                 kind, transposed = f"conv_transpose{rank - 2}d", False
             else:
-                kind, transposed = "linear", op == "MatMul" or not _attr(node, "transB", 0)
+                kind, transposed = "linear", op == "MatMul" or not attribute(node, "transB", 0)
             fused = op == "Conv" and _bn_folded(node, weight)
             out.modules[name] = ModuleInfo(kind, op, transposed, norm_folded=fused)
             out.views.setdefault(f"{name}.weight", View(weight))
@@ -316,7 +166,7 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
     used = {v.source for v in out.views.values()}
     for key, name in shown.items():  # free parameters (cls tokens, position tables...) keep their names
         proto = sources[key]
-        if (key not in used and not _EXPORTER_CONSTANT.match(name) and name not in out.views
+        if (key not in used and not EXPORTER_CONSTANT.match(name) and name not in out.views
                 and proto.data_type in FLOAT_TYPES and np.prod(proto.dims) > 1):
             out.views[name] = View(key)
 
@@ -330,7 +180,7 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
     return out
 
 
-def _bias_of(g: _Graph, i: int, node: onnx.NodeProto, width: int | None) -> str | None:
+def _bias_of(g: GraphIndex, i: int, node: onnx.NodeProto, width: int | None) -> str | None:
     """The bias input of Gemm/Conv, or the Add right after a MatMul that adds a [out] initializer."""
     if node.op_type != "MatMul":
         return g.float_source(node.input[2], rank=1) if len(node.input) > 2 else None
@@ -352,7 +202,7 @@ def _bn_folded(node: onnx.NodeProto, weight: str) -> bool:
 
 # ---------------------------------------------------------------- flow
 
-def _flow(root: _Graph, layer_of: dict[tuple[_Graph, int], str], folded: set[tuple[_Graph, int]],
+def _flow(root: GraphIndex, layer_of: dict[tuple[GraphIndex, int], str], folded: set[tuple[GraphIndex, int]],
           value: Callable[[str], np.ndarray]) -> Flow:
     flow = Flow()
     unknown: list[int] = []  # the one "activation unknown" node, made when a subgraph's outputs lead nowhere known
@@ -362,7 +212,7 @@ def _flow(root: _Graph, layer_of: dict[tuple[_Graph, int], str], folded: set[tup
             unknown.append(flow.add(ACT, activation=UNKNOWN))
         return unknown[0]
 
-    def build(g: _Graph, made: ChainMap) -> None:
+    def build(g: GraphIndex, made: ChainMap) -> None:
         """Add the nodes of `g`; `made` maps tensor names (of `g` and the graphs around it) to flow nodes."""
         patterns = _decomposed(g)
         for i, node in enumerate(g.nodes):
@@ -386,7 +236,7 @@ def _flow(root: _Graph, layer_of: dict[tuple[_Graph, int], str], folded: set[tup
             for name in node.output:
                 made[name] = tail
 
-    def control(g: _Graph, i: int, node: onnx.NodeProto, made: ChainMap) -> None:
+    def control(g: GraphIndex, i: int, node: onnx.NodeProto, made: ChainMap) -> None:
         """An If/Loop/Scan (or other graph-holding) node: its subgraphs' values flow on to its outputs."""
         outs = [flow.add(PASS) for _ in node.output]
         if node.op_type not in _CONTROL_OPS:
@@ -447,7 +297,7 @@ def _returns(node: onnx.NodeProto, k: int, ins: list[int], outs: list[int]) -> l
         if k <= carried and k + 1 < len(ins):
             targets.append(ins[k + 1])
     elif op == "Scan":  # body: (state..., scan outputs...) -> node: the same; the state feeds the next step
-        state = len(node.input) - int(_attr(node, "num_scan_inputs", 0))
+        state = len(node.input) - int(attribute(node, "num_scan_inputs", 0))
         targets = [outs[k]] if k < len(outs) else []
         if k < state and k < len(ins):
             targets.append(ins[k])
@@ -456,7 +306,7 @@ def _returns(node: onnx.NodeProto, k: int, ins: list[int], outs: list[int]) -> l
     return targets or None
 
 
-def _role(g: _Graph, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> tuple[str, Activation | None]:
+def _role(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> tuple[str, Activation | None]:
     op = node.op_type
     if op in _STOP_OPS:
         return STOP, None
@@ -467,7 +317,7 @@ def _role(g: _Graph, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -
     if op == "Mul":
         return MUL, None
     if op == "LeakyRelu":
-        return ACT, Activation("leaky_relu", float(_attr(node, "alpha", 0.01)))
+        return ACT, Activation("leaky_relu", float(attribute(node, "alpha", 0.01)))
     if op == "PRelu":
         src = g.float_source(node.input[1])
         return ACT, Activation("prelu", float(np.mean(value(src))) if src else 0.25)
@@ -478,12 +328,12 @@ def _role(g: _Graph, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -
     return PASS, None
 
 
-def _clip(g: _Graph, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> tuple[str, Activation | None]:
+def _clip(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> tuple[str, Activation | None]:
     def bound(pos: int, attr: str) -> float | None:
         if len(node.input) > pos and node.input[pos]:
             src = g.source(node.input[pos])
             return float(value(src)) if src else None
-        found = _attr(node, attr)
+        found = attribute(node, attr)
         return float(found) if found is not None else None
 
     low, high = bound(1, "min"), bound(2, "max")
@@ -496,7 +346,7 @@ def _clip(g: _Graph, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -
     return PASS, None
 
 
-def _decomposed(g: _Graph) -> dict[int, Activation]:
+def _decomposed(g: GraphIndex) -> dict[int, Activation]:
     """Nodes that together spell an activation as elementwise ops, each mapped to that activation.
 
     A core (Sigmoid, HardSigmoid, Erf, Tanh) computed from x closes in a Mul by x (or by x·c):
@@ -522,7 +372,7 @@ def _decomposed(g: _Graph) -> dict[int, Activation]:
     return found
 
 
-def _ancestors(g: _Graph, i: int, hops: int = 6) -> set[str]:
+def _ancestors(g: GraphIndex, i: int, hops: int = 6) -> set[str]:
     """Tensor names the core is computed from, through elementwise ops only."""
     seen: set[str] = set()
     queue = deque((name, 0) for name in g.nodes[i].input)
@@ -537,7 +387,7 @@ def _ancestors(g: _Graph, i: int, hops: int = 6) -> set[str]:
     return seen
 
 
-def _closing_mul(g: _Graph, core: int, ancestors: set[str], hops: int = 3) -> tuple[int, str] | None:
+def _closing_mul(g: GraphIndex, core: int, ancestors: set[str], hops: int = 3) -> tuple[int, str] | None:
     """The Mul downstream of the core that multiplies by one of its ancestors x (or x times a constant)."""
     queue = deque((j, 1) for j in g.consumers.get(g.nodes[core].output[0], []))
     while queue:
@@ -558,7 +408,7 @@ def _closing_mul(g: _Graph, core: int, ancestors: set[str], hops: int = 3) -> tu
     return None
 
 
-def _region(g: _Graph, closing: int, x: str, hops: int = 8) -> set[int]:
+def _region(g: GraphIndex, closing: int, x: str, hops: int = 8) -> set[int]:
     """The nodes on the paths from tensor x to the closing node."""
     region, queue = set(), deque([(closing, 0)])
     while queue:
