@@ -35,6 +35,8 @@ class View:
 
 @dataclass
 class OnnxLayers:
+    """What `onnx_graph.analyse` finds in a model: the audited tensors, the layers and the flow between them."""
+
     views: dict[str, View] = field(default_factory=dict)        # audited key -> where it lives
     modules: dict[str, ModuleInfo] = field(default_factory=dict)
     flow: Flow = field(default_factory=Flow)
