@@ -8,210 +8,28 @@ become one activation node of the flow.
 
 Subgraphs (`If` branches, `Loop` and `Scan` bodies, any graph attribute) are walked like the main
 graph: their weights are audited, names they take from enclosing graphs resolve there, and their
-outputs flow on to the consumers of the control-flow node's outputs.
+outputs flow on to the consumers of the control-flow node's outputs. What each operator means is
+in the tables of `onnx_ops`; the graphs themselves in `onnx_scopes`.
 """
 
 from __future__ import annotations
 
-import ast
-import re
 from collections import ChainMap, deque
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator
+from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 import onnx
 
 from initaudit.flow.activations import UNKNOWN, Activation
-from initaudit.flow.dataflow import ACT, ADD, LAYER, MUL, NORM, OUTPUT, PASS, STOP, Flow
-from initaudit.flow.layers import ModuleInfo, embedding_name, split_key
+from initaudit.flow.dataflow import ACT, LAYER, NORM, OUTPUT, PASS, Flow
+from initaudit.flow.onnx_ops import (SHAPE_ONLY, SUBGRAPH_OPS, FoundLayers, OnnxLayers, SubgraphContract, View,
+                                     find_layers, flow_role)
+from initaudit.flow.onnx_scopes import EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, scopes, walk
 
-FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
-                         onnx.TensorProto.BFLOAT16})
-
-_ACT_OPS = {"Relu": "relu", "LeakyRelu": "leaky_relu", "PRelu": "prelu", "Elu": "elu", "Celu": "celu",
-            "Selu": "selu", "Sigmoid": "sigmoid", "HardSigmoid": "hardsigmoid", "HardSwish": "hardswish",
-            "Tanh": "tanh", "Gelu": "gelu", "FastGelu": "gelu", "BiasGelu": "gelu", "QuickGelu": "gelu",
-            "Softplus": "softplus", "Softsign": "softsign", "Mish": "mish", "ThresholdedRelu": "relu", "Erf": "gelu"}
-_NORM_OPS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
-             "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "LpNormalization"}
-_STOP_OPS = {"Softmax", "LogSoftmax", "Hardmax"}
 _ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Softplus", "Sqrt", "Identity", "Cast", "Constant"}
-_SHAPE_ONLY = frozenset({"Shape", "Size"})  # read a tensor's shape, not its values: no signal flows through
-_RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-# Names exporters give the constants they make (initial states, shapes, folded values), not parameters.
-_EXPORTER_CONSTANT = re.compile(r"^(onnx::|/)|^val_\d+$")
-# Node names exporters make up: the legacy exporter's scope paths, the dynamo exporter's node_<op>.
-_EXPORTER_NODE = re.compile(r"^(/|node_)")
 # Cores of the activations exporters decompose, closed by a Mul with the activation's input x.
 _PATTERN_CORES = {"Sigmoid": "silu", "HardSigmoid": "hardswish", "Erf": "gelu", "Tanh": "gelu"}
-
-
-@dataclass(frozen=True)
-class View:
-    """Where one audited tensor lives: an initializer (or Constant) and an index into it."""
-
-    source: str
-    index: tuple = ()
-
-
-@dataclass
-class OnnxLayers:
-    views: dict[str, View] = field(default_factory=dict)        # audited key -> where it lives
-    modules: dict[str, ModuleInfo] = field(default_factory=dict)
-    flow: Flow = field(default_factory=Flow)
-    notes: list[str] = field(default_factory=list)
-    outputs: dict[str, str] = field(default_factory=dict)        # layer -> its node's output value (main graph)
-
-
-@dataclass
-class Scope:
-    """One graph of a model (the main graph or a subgraph) and the model-wide keys of the tensors it holds."""
-
-    graph: onnx.GraphProto
-    keys: dict[str, str] = field(default_factory=dict)                  # local tensor name -> model-wide key
-    children: dict[int, list[Scope]] = field(default_factory=dict)      # node index -> its subgraphs
-
-    def tensors(self) -> Iterator[tuple[str, onnx.TensorProto, str]]:
-        """(key, proto, the name a user sees) of every initializer and Constant-node tensor of this graph."""
-        for name, proto, shown in _local_tensors(self.graph):
-            yield self.keys[name], proto, shown
-
-
-def _local_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorProto, str]]:
-    """(name the graph uses, proto, name a user sees) of the graph's initializers and Constant tensors."""
-    for t in graph.initializer:
-        yield t.name, t, t.name
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    yield node.output[0], a.t, _constant_name(node)
-
-
-def _constant_name(node: onnx.NodeProto) -> str:
-    """A Constant's output name, or its node name where the output name is one an exporter made up."""
-    out = node.output[0]
-    if _EXPORTER_CONSTANT.match(out) and node.name and not _EXPORTER_NODE.match(node.name):
-        return node.name
-    return out
-
-
-def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    """The graphs a node holds as attributes (Loop/Scan bodies, If branches: then before else)."""
-    found = []
-    for a in sorted(node.attribute, key=lambda a: a.name != "then_branch"):
-        if a.type == onnx.AttributeProto.GRAPH:
-            found.append(a.g)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            found.extend(a.graphs)
-    return found
-
-
-def scopes(graph: onnx.GraphProto) -> Scope:
-    """The scope tree of a model's graph, each tensor keyed by its name, made unique (`w#2`) across subgraphs."""
-    taken: set[str] = set()
-
-    def visit(g: onnx.GraphProto) -> Scope:
-        scope = Scope(g)
-        for name, _, _ in _local_tensors(g):
-            key, n = name, 1
-            while key in taken:
-                n += 1
-                key = f"{name}#{n}"
-            taken.add(key)
-            scope.keys[name] = key
-        for i, node in enumerate(g.node):
-            subs = subgraphs(node)
-            if subs:
-                scope.children[i] = [visit(sub) for sub in subs]
-        return scope
-
-    return visit(graph)
-
-
-def walk(scope: Scope) -> Iterator[Scope]:
-    """A scope and every scope inside it, depth first in node order."""
-    yield scope
-    for subs in scope.children.values():
-        for sub in subs:
-            yield from walk(sub)
-
-
-class _Graph:
-    """Producers and consumers of the tensors of one ONNX graph; names it does not define resolve in its parent."""
-
-    def __init__(self, scope: Scope, sources: dict[str, onnx.TensorProto], parent: _Graph | None = None):
-        self.scope = scope
-        self.nodes = list(scope.graph.node)
-        self.sources = sources
-        self.parent = parent
-        self.alias: dict[str, str] = {}
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[int]] = {}
-        self.defined = {i.name for i in scope.graph.input}
-        for i, node in enumerate(self.nodes):
-            if node.op_type == "Identity" and self.source(node.input[0]) is not None:
-                self.alias[node.output[0]] = self.source(node.input[0])
-            for name in node.output:
-                self.producer[name] = i
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(i)
-        self.defined |= set(self.producer)
-        self.children = {i: [_Graph(sub, sources, self) for sub in subs] for i, subs in scope.children.items()}
-
-    def source(self, name: str) -> str | None:
-        """The initializer (or Constant) key a tensor name stands for, through Identity aliases and outer scopes."""
-        if name in self.alias:
-            return self.alias[name]
-        if name in self.scope.keys:
-            return self.scope.keys[name]
-        if name in self.producer or name in self.defined or self.parent is None:
-            return None  # a value computed here (or a graph input) shadows the outer scopes
-        return self.parent.source(name)
-
-    def float_source(self, name: str, rank: int | None = None) -> str | None:
-        src = self.source(name) if name else None
-        if src is None or self.sources[src].data_type not in FLOAT_TYPES:
-            return None
-        return src if rank is None or len(self.sources[src].dims) == rank else None
-
-    def dims(self, name: str) -> tuple[int, ...]:
-        return tuple(self.sources[name].dims)
-
-
-def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def scope_of(node: onnx.NodeProto) -> str | None:
-    """The module path the exporter recorded for a node, if any."""
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                break
-            if len(scopes) >= 3 and scopes[-2]:
-                return str(scopes[-2])
-    # The legacy exporter: "/layer3/layer3.0/conv1/Conv", "/features/features.1/conv/conv.0/Conv": a part is
-    # a name within the parent, a container's child named after the container ("conv.0" under "conv").
-    parts = node.name.strip("/").split("/")[:-1] if node.name.startswith("/") else []
-    path = ""
-    for part in filter(None, parts):
-        segments = path.split(".") if path else []
-        shared = next((k for k in range(len(segments)) if part.startswith(".".join(segments[k:]) + ".")), None)
-        path = ".".join([*segments[:shared], part]) if shared is not None else f"{path}.{part}" if path else part
-    return path or None
-
-
-def _layer_name(node: onnx.NodeProto, weight: str) -> str:
-    if not weight.startswith("onnx::") and "." in weight:
-        return split_key(weight)[0]
-    return scope_of(node) or node.name or weight
 
 
 def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
@@ -220,283 +38,127 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
 
     `sources` is keyed as `scopes` keys them (the main graph's tensors by their own names).
     """
-    root = _Graph(scopes(graph), sources)
+    root = GraphIndex(scopes(graph), sources)
     shown = {key: name for scope in walk(root.scope) for key, _, name in scope.tensors()}
-    out = OnnxLayers()
-    layer_of: dict[tuple[_Graph, int], str] = {}
-    folded: set[tuple[_Graph, int]] = set()
-    taken: dict[str, str] = {}  # layer name -> the weight source that claimed it
-
-    def claim(node: onnx.NodeProto, weight: str) -> str:
-        name = _layer_name(node, shown[weight])
-        base, n = name, 1
-        while taken.get(name, weight) != weight:
-            n += 1
-            name = f"{base}#{n}"
-        taken[name] = weight
-        return name
-
-    recurrent_count: dict[str, int] = {}
-
-    def visit(g: _Graph) -> None:
-        for i, node in enumerate(g.nodes):
-            layer(g, i, node)
-            for sub in g.children.get(i, ()):
-                visit(sub)
-
-    def layer(g: _Graph, i: int, node: onnx.NodeProto) -> None:
-        op = node.op_type
-        if op in ("Gemm", "MatMul", "Conv", "ConvTranspose"):
-            weight = g.float_source(node.input[1]) if len(node.input) > 1 else None
-            if weight is None or len(g.dims(weight)) < 2 or (op in ("Gemm", "MatMul") and len(g.dims(weight)) != 2):
-                return
-            name = claim(node, weight)
-            layer_of[g, i] = name
-            if g is root:
-                out.outputs.setdefault(name, node.output[0])
-            rank = len(g.dims(weight))
-            if op == "Conv":
-                kind, transposed = f"conv{rank - 2}d", False
-            elif op == "ConvTranspose":
-                kind, transposed = f"conv_transpose{rank - 2}d", False
-            else:
-                kind, transposed = "linear", op == "MatMul" or not _attr(node, "transB", 0)
-            fused = op == "Conv" and _bn_folded(node, weight)
-            out.modules[name] = ModuleInfo(kind, op, transposed, norm_folded=fused)
-            out.views.setdefault(f"{name}.weight", View(weight))
-            bias = _bias_of(g, i, node, g.dims(weight)[1 if transposed else 0] if kind == "linear" else None)
-            if bias is not None:
-                out.views.setdefault(f"{name}.bias", View(bias))
-            if fused:
-                folded.add((g, i))
-        elif op in _RECURRENT_GATES:
-            w = g.float_source(node.input[1], rank=3)
-            r = g.float_source(node.input[2], rank=3) if len(node.input) > 2 else None
-            if w is None:
-                return
-            name = _layer_name(node, shown[w])  # stacked layers share one scope: lstm.weight_ih_l0, _l1...
-            layer_of[g, i] = name
-            k = recurrent_count.get(name, 0)
-            recurrent_count[name] = k + 1
-            out.modules[name] = ModuleInfo("recurrent", op)
-            b = g.float_source(node.input[3], rank=2) if len(node.input) > 3 else None
-            size = g.dims(w)[1]
-            for d in range(g.dims(w)[0]):
-                sfx = f"_l{k}" + ("_reverse" if d else "")
-                out.views[f"{name}.weight_ih{sfx}"] = View(w, (d,))
-                if r is not None:
-                    out.views[f"{name}.weight_hh{sfx}"] = View(r, (d,))
-                if b is not None:
-                    out.views[f"{name}.bias_ih{sfx}"] = View(b, (d, slice(0, size)))
-                    out.views[f"{name}.bias_hh{sfx}"] = View(b, (d, slice(size, 2 * size)))
-        elif op == "Gather":
-            table = g.float_source(node.input[0], rank=2)
-            if table is not None:
-                name = claim(node, table)
-                # indices fixed in the file (relative-position bias tables, LeViT's attention biases) read the
-                # table at set places: a free parameter, as in PyTorch, not a lookup of the model's input; a
-                # table named as an embedding (BERT's position_embeddings at its position_ids) stays one
-                fixed = len(node.input) > 1 and g.source(node.input[1]) is not None and not embedding_name(name)
-                out.modules[name] = ModuleInfo("parameter" if fixed else "embedding", op)
-                own = shown[table]
-                key = own if fixed and split_key(own)[0] == name else f"{name}.weight"
-                out.views.setdefault(key, View(table))
-        elif op in _NORM_OPS or op == "PRelu":
-            params = [g.float_source(n) for n in node.input[1:]]
-            if not params or params[0] is None:
-                return
-            name = claim(node, params[0])
-            roles = ("weight", "bias", "running_mean", "running_var") if op != "PRelu" else ("weight",)
-            out.modules[name] = ModuleInfo("norm" if op != "PRelu" else "parameter", op)
-            for role, src in zip(roles, params):
-                if src is not None:
-                    out.views.setdefault(f"{name}.{role}", View(src))
-
-    visit(root)
-    used = {v.source for v in out.views.values()}
-    for key, name in shown.items():  # free parameters (cls tokens, position tables...) keep their names
-        proto = sources[key]
-        if (key not in used and not _EXPORTER_CONSTANT.match(name) and name not in out.views
-                and proto.data_type in FLOAT_TYPES and np.prod(proto.dims) > 1):
-            out.views[name] = View(key)
-
-    out.flow = _flow(root, layer_of, folded, value)
-    if folded:
-        for name in out.flow.shortcut_layers():  # a folded norm there closes no residual branch
-            if out.modules[name].norm_folded:
-                out.modules[name] = replace(out.modules[name], norm_folded=False)
-        out.notes.append(f"the exporter folded BatchNorm into {len(folded)} convolution(s); "
-                         "they are audited as normalized layers")
+    found = find_layers(root, shown)
+    out = found.out
+    _add_free_parameters(out, shown, sources)
+    out.flow = _FlowBuilder(found, value).model(root)
+    if found.folded:
+        _note_folded(out, len(found.folded))
     return out
 
 
-def _bias_of(g: _Graph, i: int, node: onnx.NodeProto, width: int | None) -> str | None:
-    """The bias input of Gemm/Conv, or the Add right after a MatMul that adds a [out] initializer."""
-    if node.op_type != "MatMul":
-        return g.float_source(node.input[2], rank=1) if len(node.input) > 2 else None
-    users = g.consumers.get(node.output[0], [])
-    if len(users) != 1 or g.nodes[users[0]].op_type != "Add":
-        return None
-    for name in g.nodes[users[0]].input:
-        src = g.float_source(name, rank=1)
-        if src is not None and g.dims(src) == (width,):
-            return src
-    return None
+def _add_free_parameters(out: OnnxLayers, shown: dict[str, str], sources: dict[str, onnx.TensorProto]) -> None:
+    """Float tensors no layer took (cls tokens, position tables...) are audited under their own names."""
+    used = {v.source for v in out.views.values()}
+    for key, name in shown.items():
+        proto = sources[key]
+        if (key not in used and not EXPORTER_CONSTANT.match(name) and name not in out.views
+                and proto.data_type in FLOAT_TYPES and np.prod(proto.dims) > 1):
+            out.views[name] = View(key)
 
 
-def _bn_folded(node: onnx.NodeProto, weight: str) -> bool:
-    """The exporter fused a BatchNorm into this Conv (legacy exporter: renamed weight; dynamo: says so)."""
-    rewrites = next((p.value for p in node.metadata_props if p.key == "pkg.onnxscript.rewriter.rule_name"), "")
-    return "BatchNorm" in rewrites or weight.startswith("onnx::Conv")
+def _note_folded(out: OnnxLayers, count: int) -> None:
+    """Say BatchNorm was folded into `count` convolutions; a folded norm on a shortcut closes no residual branch."""
+    for name in out.flow.shortcut_layers():
+        if out.modules[name].norm_folded:
+            out.modules[name] = replace(out.modules[name], norm_folded=False)
+    out.notes.append(f"the exporter folded BatchNorm into {count} convolution(s); "
+                     "they are audited as normalized layers")
 
 
 # ---------------------------------------------------------------- flow
 
-def _flow(root: _Graph, layer_of: dict[tuple[_Graph, int], str], folded: set[tuple[_Graph, int]],
-          value: Callable[[str], np.ndarray]) -> Flow:
-    flow = Flow()
-    unknown: list[int] = []  # the one "activation unknown" node, made when a subgraph's outputs lead nowhere known
+class _FlowBuilder:
+    """The flow of a graph and its subgraphs: per ONNX node a layer, an activation spelled out in elementwise ops
+    or the role its op plays, linked along the tensors; subgraph values flow on to their node's outputs."""
 
-    def unknown_node() -> int:
-        if not unknown:
-            unknown.append(flow.add(ACT, activation=UNKNOWN))
-        return unknown[0]
+    def __init__(self, found: FoundLayers, value: Callable[[str], np.ndarray]):
+        self.flow = Flow()
+        self.layer_of, self.folded, self.value = found.layer_of, found.folded, value
+        self.unknown: int | None = None
 
-    def build(g: _Graph, made: ChainMap) -> None:
+    def unknown_node(self) -> int:
+        """The one "activation unknown" node, made when a subgraph's outputs lead nowhere known."""
+        if self.unknown is None:
+            self.unknown = self.flow.add(ACT, activation=UNKNOWN)
+        return self.unknown
+
+    def model(self, root: GraphIndex) -> Flow:
+        """The flow of the main graph `root`, its outputs linked to the flow's output node."""
+        made: ChainMap = ChainMap()
+        self.graph(root, made)
+        out = self.flow.add(OUTPUT)
+        for o in root.scope.graph.output:
+            if o.name in made:
+                self.flow.link(made[o.name], out)
+        return self.flow
+
+    def graph(self, g: GraphIndex, made: ChainMap) -> None:
         """Add the nodes of `g`; `made` maps tensor names (of `g` and the graphs around it) to flow nodes."""
         patterns = _decomposed(g)
         for i, node in enumerate(g.nodes):
             if i in g.children:
-                control(g, i, node, made)
-                continue
-            if (g, i) in layer_of:
-                idx = flow.add(LAYER, layer_of[g, i])
-            elif i in patterns:
-                idx = flow.add(ACT, activation=patterns[i])
+                self.control(g, i, node, made)
             else:
-                role, act = _role(g, node, value)
-                idx = flow.add(role, activation=act)
-            for name in node.input if node.op_type not in _SHAPE_ONLY else ():
-                if name in made:
-                    flow.link(made[name], idx)
-            tail = idx
-            if (g, i) in folded:
-                tail = flow.add(NORM)
-                flow.link(idx, tail)
-            for name in node.output:
-                made[name] = tail
+                self.node(g, i, node, patterns.get(i), made)
 
-    def control(g: _Graph, i: int, node: onnx.NodeProto, made: ChainMap) -> None:
+    def node(self, g: GraphIndex, i: int, node: onnx.NodeProto, pattern: Activation | None, made: ChainMap) -> None:
+        """Node i of g (`pattern`: the activation it is part of, if any) and the edges from its inputs."""
+        if (g, i) in self.layer_of:
+            idx = self.flow.add(LAYER, self.layer_of[g, i])
+        elif pattern is not None:
+            idx = self.flow.add(ACT, activation=pattern)
+        else:
+            role, act = flow_role(g, node, self.value)
+            idx = self.flow.add(role, activation=act)
+        for name in node.input if node.op_type not in SHAPE_ONLY else ():
+            if name in made:
+                self.flow.link(made[name], idx)
+        tail = idx
+        if (g, i) in self.folded:
+            tail = self.flow.add(NORM)
+            self.flow.link(idx, tail)
+        for name in node.output:
+            made[name] = tail
+
+    def control(self, g: GraphIndex, i: int, node: onnx.NodeProto, made: ChainMap) -> None:
         """An If/Loop/Scan (or other graph-holding) node: its subgraphs' values flow on to its outputs."""
-        outs = [flow.add(PASS) for _ in node.output]
-        if node.op_type not in _CONTROL_OPS:
+        outs = [self.flow.add(PASS) for _ in node.output]
+        contract = SUBGRAPH_OPS.get(node.op_type)
+        if contract is None:
             for name in node.input:
                 if name in made:
-                    flow.link(made[name], unknown_node())
+                    self.flow.link(made[name], self.unknown_node())
         for sub in g.children[i]:
-            inner = made.new_child()
-            ins = [flow.add(PASS) for _ in sub.scope.graph.input]
-            for value_info, idx in zip(sub.scope.graph.input, ins):
-                inner[value_info.name] = idx
-            for k, name in _feeds(node, len(ins)):
-                if name in made:
-                    flow.link(made[name], ins[k])
-            build(sub, inner)
-            for k, result in enumerate(sub.scope.graph.output):
-                if result.name not in inner:
-                    continue
-                targets = _returns(node, k, ins, outs)
-                for target in targets if targets is not None else [unknown_node()]:
-                    flow.link(inner[result.name], target)
+            self.subgraph(sub, node, contract, made, outs)
         for name, idx in zip(node.output, outs):
             made[name] = idx
 
-    made: ChainMap = ChainMap()
-    build(root, made)
-    out = flow.add(OUTPUT)
-    for o in root.scope.graph.output:
-        if o.name in made:
-            flow.link(made[o.name], out)
-    return flow
+    def subgraph(self, sub: GraphIndex, node: onnx.NodeProto, contract: SubgraphContract | None, made: ChainMap,
+                 outs: list[int]) -> None:
+        """One subgraph of `node`: fed from the values `contract` passes in, its outputs led where it says
+        (to the unknown activation where no contract is known)."""
+        inner = made.new_child()
+        ins = [self.flow.add(PASS) for _ in sub.scope.graph.input]
+        for value_info, idx in zip(sub.scope.graph.input, ins):
+            inner[value_info.name] = idx
+        for k, name in contract.feeds(node, len(ins)) if contract else ():
+            if name in made:
+                self.flow.link(made[name], ins[k])
+        self.graph(sub, inner)
+        for k, result in enumerate(sub.scope.graph.output):
+            if result.name not in inner:
+                continue
+            targets = contract.returns(node, k, ins, outs) if contract else None
+            for target in targets if targets is not None else [self.unknown_node()]:
+                self.flow.link(inner[result.name], target)
 
 
-_CONTROL_OPS = {"If", "Loop", "Scan"}
+# ---------------------------------------------------------------- activations spelled out in elementwise ops
 
-
-def _feeds(node: onnx.NodeProto, n_body_inputs: int) -> list[tuple[int, str]]:
-    """(body input index, outer tensor name) pairs a Loop or Scan passes into its body."""
-    first = {"Loop": 2, "Scan": 0}.get(node.op_type)  # Loop's trip count and condition steer, they carry no signal
-    if first is None:
-        return []
-    return [(k, node.input[k]) for k in range(first, min(len(node.input), n_body_inputs))]
-
-
-def _returns(node: onnx.NodeProto, k: int, ins: list[int], outs: list[int]) -> list[int] | None:
-    """Flow nodes the subgraph's k-th output reaches: the node's outputs and, for carried state, the body's inputs.
-
-    None where the op is not one whose subgraph contract is known (or the counts do not fit).
-    """
-    op = node.op_type
-    if op == "If":
-        targets = [outs[k]] if k < len(outs) else []
-    elif op == "Loop":  # body: (cond, carried..., scan outputs...) -> node: (carried..., scan outputs...)
-        if k == 0:
-            return []
-        carried = len(node.input) - 2
-        targets = [outs[k - 1]] if k - 1 < len(outs) else []
-        if k <= carried and k + 1 < len(ins):
-            targets.append(ins[k + 1])
-    elif op == "Scan":  # body: (state..., scan outputs...) -> node: the same; the state feeds the next step
-        state = len(node.input) - int(_attr(node, "num_scan_inputs", 0))
-        targets = [outs[k]] if k < len(outs) else []
-        if k < state and k < len(ins):
-            targets.append(ins[k])
-    else:
-        return None
-    return targets or None
-
-
-def _role(g: _Graph, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> tuple[str, Activation | None]:
-    op = node.op_type
-    if op in _STOP_OPS:
-        return STOP, None
-    if op in _NORM_OPS:
-        return NORM, None
-    if op in ("Add", "Sum"):
-        return ADD, None
-    if op == "Mul":
-        return MUL, None
-    if op == "LeakyRelu":
-        return ACT, Activation("leaky_relu", float(_attr(node, "alpha", 0.01)))
-    if op == "PRelu":
-        src = g.float_source(node.input[1])
-        return ACT, Activation("prelu", float(np.mean(value(src))) if src else 0.25)
-    if op == "Clip":
-        return _clip(g, node, value)
-    if op in _ACT_OPS:
-        return ACT, Activation(_ACT_OPS[op])
-    return PASS, None
-
-
-def _clip(g: _Graph, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> tuple[str, Activation | None]:
-    def bound(pos: int, attr: str) -> float | None:
-        if len(node.input) > pos and node.input[pos]:
-            src = g.source(node.input[pos])
-            return float(value(src)) if src else None
-        found = _attr(node, attr)
-        return float(found) if found is not None else None
-
-    low, high = bound(1, "min"), bound(2, "max")
-    if low == 0 and high == 6:
-        return ACT, Activation("relu6")
-    if low == 0:
-        return ACT, Activation("relu")
-    if low is not None and high is not None:
-        return ACT, Activation("hardtanh")
-    return PASS, None
-
-
-def _decomposed(g: _Graph) -> dict[int, Activation]:
+def _decomposed(g: GraphIndex) -> dict[int, Activation]:
     """Nodes that together spell an activation as elementwise ops, each mapped to that activation.
 
     A core (Sigmoid, HardSigmoid, Erf, Tanh) computed from x closes in a Mul by x (or by x·c):
@@ -522,7 +184,7 @@ def _decomposed(g: _Graph) -> dict[int, Activation]:
     return found
 
 
-def _ancestors(g: _Graph, i: int, hops: int = 6) -> set[str]:
+def _ancestors(g: GraphIndex, i: int, hops: int = 6) -> set[str]:
     """Tensor names the core is computed from, through elementwise ops only."""
     seen: set[str] = set()
     queue = deque((name, 0) for name in g.nodes[i].input)
@@ -537,7 +199,7 @@ def _ancestors(g: _Graph, i: int, hops: int = 6) -> set[str]:
     return seen
 
 
-def _closing_mul(g: _Graph, core: int, ancestors: set[str], hops: int = 3) -> tuple[int, str] | None:
+def _closing_mul(g: GraphIndex, core: int, ancestors: set[str], hops: int = 3) -> tuple[int, str] | None:
     """The Mul downstream of the core that multiplies by one of its ancestors x (or x times a constant)."""
     queue = deque((j, 1) for j in g.consumers.get(g.nodes[core].output[0], []))
     while queue:
@@ -558,7 +220,7 @@ def _closing_mul(g: _Graph, core: int, ancestors: set[str], hops: int = 3) -> tu
     return None
 
 
-def _region(g: _Graph, closing: int, x: str, hops: int = 8) -> set[int]:
+def _region(g: GraphIndex, closing: int, x: str, hops: int = 8) -> set[int]:
     """The nodes on the paths from tensor x to the closing node."""
     region, queue = set(), deque([(closing, 0)])
     while queue:

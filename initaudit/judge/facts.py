@@ -21,11 +21,23 @@ def tensor_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
     With the activation unknown a weight is held to the envelope of every common scheme (schemes.envelope):
     its expected std is the envelope's nearest edge, its own std when inside.
     """
-    layer, param, st, fp, rec, bias = m.layer, m.param, m.stats, m.fingerprint, m.recommended, m.bias
-    dead = st.zero_units
-    if bias is not None and dead and bias.numel() == st.n_units:
-        b = bias.detach().reshape(-1)
-        dead = [u for u in dead if float(b[u]) <= 0]
+    layer, param, st, rec = m.layer, m.param, m.stats, m.recommended
+    expected, expected_scheme, envelope_ratio = _expectation(m)
+    ratio = st.std / expected if expected and math.isfinite(st.std) else None
+    return {
+        **_context_facts(graph, m), "envelope_ratio": envelope_ratio, "is_last": layer.position == graph.depth - 1,
+        "fan_in": param.fan_in, "fan_out": param.fan_out, **_stats_facts(m), **_scheme_facts(m),
+        "expected_scheme": expected_scheme,
+        "expected_std": expected, "expected_call": rec.call if rec else None,
+        "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
+        "shared": param.shared_with is not None, "bias_ratio": _bias_ratio(m),
+    }
+
+
+def _expectation(m: Measured) -> tuple[float | None, str | None, float | None]:
+    """(expected std, the scheme that gives it, the std over the nearest edge of the envelope of common schemes):
+    the recommended scheme's std, else (activation unknown) the envelope's nearest edge."""
+    layer, param, st, rec = m.layer, m.param, m.stats, m.recommended
     expected, expected_scheme = (rec.std, rec.scheme) if rec else (None, None)
     envelope_ratio = None
     if param.is_weight and layer.weighted and math.isfinite(st.std) and st.std > 0:
@@ -34,11 +46,12 @@ def tensor_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         envelope_ratio = st.std / edge
         if rec is None:
             expected, expected_scheme = edge, f"{nearest} (activation unknown)"
-    ratio = st.std / expected if expected and math.isfinite(st.std) else None
-    groups = st.duplicate_groups
-    bias_ratio = None
-    if bias is not None and param.is_weight and param.fan_in and st.std > 0 and math.isfinite(st.std):
-        bias_ratio = float(bias.detach().float().pow(2).mean().sqrt()) / (st.std * math.sqrt(param.fan_in))
+    return expected, expected_scheme, envelope_ratio
+
+
+def _context_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
+    """Where the tensor sits: its layer, the layer's kind and activation, and what follows it in the model."""
+    layer, param = m.layer, m.param
     return {
         "layer": layer.name, "tensor": param.key, "role": param.role, "kind": layer.kind,
         "module_type": layer.module_type, "activation": str(layer.activation),
@@ -46,9 +59,17 @@ def tensor_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         "residual_after": layer.residual_after, "gate_after": layer.gate_after,
         "residual_branch": layer.residual_branch, "position": layer.position,
         "depth": graph.depth, "run_depth": layer.run_depth, "is_output": layer.is_output,
-        "order_known": layer.order_known, "norm_folded": layer.norm_folded, "envelope_ratio": envelope_ratio,
-        "is_last": layer.position == graph.depth - 1,
-        "fan_in": param.fan_in, "fan_out": param.fan_out, "numel": st.numel, "units": st.n_units,
+        "order_known": layer.order_known, "norm_folded": layer.norm_folded,
+    }
+
+
+def _stats_facts(m: Measured) -> dict[str, Any]:
+    """What the measuring pass found in the values: moments, extremes, and dead and duplicate units."""
+    st = m.stats
+    dead = _dead_units(m)
+    groups = st.duplicate_groups
+    return {
+        "numel": st.numel, "units": st.n_units,
         "non_finite": st.non_finite, "nan": st.nan, "inf": st.inf, "mean": st.mean, "std": st.std,
         "min": st.min, "max": st.max, "abs_max": st.abs_max, "kurtosis": st.excess_kurtosis,
         "zero_fraction": st.zero_fraction, "distinct": st.distinct, "constant": st.constant,
@@ -59,17 +80,37 @@ def tensor_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         "dead_fraction": len(dead) / st.n_units if st.n_units else 0.0,
         "peak_share": _peak_share(st),
         "duplicate_example": short_list(groups[0]) if groups else None,
+    }
+
+
+def _dead_units(m: Measured) -> list[int]:
+    """The all-zero units that stay off: with a bias, only those whose bias is not positive."""
+    dead, bias = m.stats.zero_units, m.bias
+    if bias is not None and dead and bias.numel() == m.stats.n_units:
+        b = bias.detach().reshape(-1)
+        dead = [u for u in dead if float(b[u]) <= 0]
+    return dead
+
+
+def _scheme_facts(m: Measured) -> dict[str, Any]:
+    """The init scheme the fingerprint names (and, for a near-tie, each alternative)."""
+    fp = m.fingerprint
+    return {
         "scheme": fp.scheme if fp else None, "scheme_family": fp.family if fp else None,
         "scheme_gain": fp.gain if fp else None, "scheme_fan": fp.fan if fp else None,
         "scheme_ambiguous": fp.ambiguous if fp else False,
         ALTERNATIVES: [{"scheme": a.scheme, "scheme_family": a.family, "scheme_gain": a.gain,
                                  "scheme_fan": a.fan, "implied_std": a.implied_std} for a in fp.alternatives] if fp else [],
         "implied_std": fp.implied_std if fp else None,
-        "expected_scheme": expected_scheme,
-        "expected_std": expected, "expected_call": rec.call if rec else None,
-        "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
-        "shared": param.shared_with is not None, "bias_ratio": bias_ratio,
     }
+
+
+def _bias_ratio(m: Measured) -> float | None:
+    """The bias's RMS over the weight's output scale std·√fan_in: how much of a unit's input the bias is."""
+    bias, param, st = m.bias, m.param, m.stats
+    if bias is not None and param.is_weight and param.fan_in and st.std > 0 and math.isfinite(st.std):
+        return float(bias.detach().float().pow(2).mean().sqrt()) / (st.std * math.sqrt(param.fan_in))
+    return None
 
 
 def _peak_share(st: TensorStats) -> float | None:

@@ -334,14 +334,19 @@ def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "line
     if not stats.std > 0:
         return Fingerprint("unknown", "unknown", "any", math.nan, math.nan)
     family = "recurrent" if kind == "recurrent" else activation.family if activation else ""
-    paired = PAIRED.get(family, [])
+    candidates = _candidates(max(fan_in, 1), max(fan_out, 1), kind, hidden, repeats)
     u = _roundoff(weight)
-    judged = [_judge(c, stats, u) for c in _distinct(_candidates(max(fan_in, 1), max(fan_out, 1), kind, hidden,
-                                                                 repeats), paired)]
-    fits = sorted((j for j in judged if j.fits), key=lambda j: -j.loglik)
+    judged = [_judge(c, stats, u) for c in _distinct(candidates, PAIRED.get(family, []))]
     evidence: dict[str, Any] = {"values": stats.finite}
     if ortho is not None:
         evidence["orthogonality"] = _round(ortho["gram"])
+    return _best_named(stats, judged, evidence)
+
+
+def _best_named(stats: TensorStats, judged: list[_Judged], evidence: dict[str, Any]) -> Fingerprint:
+    """The scheme the judged candidates name: the likeliest that fits, a near-tie of a few, else unknown with the
+    nearest; `evidence` gets how close the runner-up came."""
+    fits = sorted((j for j in judged if j.fits), key=lambda j: -j.loglik)
     # the likeliest schemes first (those whose bound the tensor passes last, nearest std first)
     ranked = sorted(judged, key=lambda j: (-j.loglik, abs(j.std_z)))
     if not fits:
@@ -365,6 +370,12 @@ def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "line
     if len(tie) == 1:
         return Fingerprint(c.scheme, c.family, c.shape, c.std, stats.std / c.std, gain=c.gain, fan=c.fan,
                            evidence=evidence)
+    return _near_tie(stats, best, tie, evidence)
+
+
+def _near_tie(stats: TensorStats, best: _Judged, tie: list[_Judged], evidence: dict[str, Any]) -> Fingerprint:
+    """A few schemes the tensor fits about as well as the best: named `a|b`, each an alternative."""
+    c = best.candidate
     evidence["tie"] = {j.candidate.scheme: {"std_z": _round(j.std_z), "log_likelihood_ratio":
                                             _round(best.loglik - j.loglik)} for j in tie}
     families = list(dict.fromkeys(j.candidate.family for j in tie))

@@ -551,40 +551,12 @@ def _run_onnx(path: Path, layer_outputs: dict[str, str], layers: list[Layer], in
     """onnxruntime on a copy of the model whose layers' outputs are graph outputs too (forward only; its own log
     lines silenced)."""
     import numpy as np
-    import onnx
-    import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)
-    model = onnx.load(str(path))
     outputs = {layer.name: layer_outputs[layer.name] for layer in layers if layer.name in layer_outputs}
-    present = {o.name for o in model.graph.output}
-    for value in dict.fromkeys(outputs.values()):
-        if value not in present:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(value))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are many
-        raise InputError(f"{path}: onnxruntime cannot run the model ({one_line(exc)})") from None
-    rng = np.random.default_rng(seed)
-    specs, runs = [], 1
-    for node in session.get_inputs():
-        dims = [d if isinstance(d, int) and d > 0 else None for d in node.shape]
-        if input_shape:
-            if len(input_shape) != len(dims) - 1 or any(d not in (None, n) for d, n in zip(dims[1:], input_shape)):
-                raise InputError(f"{path}: --input-shape {','.join(map(str, input_shape))} does not fit input "
-                                 f"{node.name!r}, whose shape is {node.shape} (the first dimension is the batch)")
-            dims = [dims[0], *input_shape]
-        if any(d is None for d in dims[1:]):
-            raise InputError(f"{path}: input {node.name!r} has shape {node.shape}; give --input-shape "
-                             "(per sample, e.g. 3,32,32)")
-        want = _batch(math.prod(dims[1:]), batch)
-        if dims[0] is not None:  # a fixed batch: as many runs as the batch asked for takes
-            runs = max(runs, -(-want // dims[0]))
-        specs.append((node, [dims[0] or want, *dims[1:]]))
     names = list(dict.fromkeys(outputs.values()))
+    model, session = _onnx_session(path, names)
+    rng = np.random.default_rng(seed)
+    specs, runs = _onnx_inputs(path, session, input_shape, batch)
     seen = {layer.name: _Seen() for layer in layers}
     squares = count = 0.0
     for _ in range(runs):
@@ -603,6 +575,48 @@ def _run_onnx(path: Path, layer_outputs: dict[str, str], layers: list[Layer], in
                 count += v.size
     shapes = ", ".join(f"{tuple(shape)}" for _, shape in specs) + (f" x {runs} runs" if runs > 1 else "")
     return seen, {}, shapes, math.sqrt(squares / count) if count else 1.0
+
+
+def _onnx_session(path: Path, outputs: list[str]) -> tuple:
+    """(the model, an onnxruntime session on it: one thread, CPU, quiet), `outputs` made graph outputs too."""
+    import onnx
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    model = onnx.load(str(path))
+    present = {o.name for o in model.graph.output}
+    for value in outputs:
+        if value not in present:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(value))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors are many
+        raise InputError(f"{path}: onnxruntime cannot run the model ({one_line(exc)})") from None
+    return model, session
+
+
+def _onnx_inputs(path: Path, session, input_shape, batch) -> tuple[list, int]:
+    """([(input, the shape to feed it)], how many runs): per-sample shapes from the model or --input-shape, the
+    batch by size; an input whose batch is fixed takes as many runs as the batch asked for needs."""
+    specs, runs = [], 1
+    for node in session.get_inputs():
+        dims = [d if isinstance(d, int) and d > 0 else None for d in node.shape]
+        if input_shape:
+            if len(input_shape) != len(dims) - 1 or any(d not in (None, n) for d, n in zip(dims[1:], input_shape)):
+                raise InputError(f"{path}: --input-shape {','.join(map(str, input_shape))} does not fit input "
+                                 f"{node.name!r}, whose shape is {node.shape} (the first dimension is the batch)")
+            dims = [dims[0], *input_shape]
+        if any(d is None for d in dims[1:]):
+            raise InputError(f"{path}: input {node.name!r} has shape {node.shape}; give --input-shape "
+                             "(per sample, e.g. 3,32,32)")
+        want = _batch(math.prod(dims[1:]), batch)
+        if dims[0] is not None:  # a fixed batch: as many runs as the batch asked for takes
+            runs = max(runs, -(-want // dims[0]))
+        specs.append((node, [dims[0] or want, *dims[1:]]))
+    return specs, runs
 
 
 def _feed(rng, model, node, shape: list[int], path: Path):
