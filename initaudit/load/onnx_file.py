@@ -13,7 +13,9 @@ from onnx import numpy_helper
 
 from initaudit.common.errors import InputError, first_line
 from initaudit.load.files import inside
-from initaudit.flow.onnx_graph import View, analyse, scopes, walk
+from initaudit.flow.onnx_graph import analyse
+from initaudit.flow.onnx_ops import View
+from initaudit.flow.onnx_scopes import scopes, walk
 from initaudit.load.source import Loaded, TensorSource
 
 

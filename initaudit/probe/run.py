@@ -546,7 +546,6 @@ def _measured_from_json(answer: Any, layers: list[Layer]) -> tuple:
 # ---------------------------------------------------------------- ONNX
 
 
-
 def _run_onnx(path: Path, layer_outputs: dict[str, str], layers: list[Layer], input_shape, batch, seed):
     """onnxruntime on a copy of the model whose layers' outputs are graph outputs too (forward only; its own log
     lines silenced)."""
