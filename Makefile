@@ -16,7 +16,7 @@ demo: $(BIN)/initaudit
 	$(BIN)/initaudit check fixtures/resnet_kaiming.pt
 
 test: $(BIN)/initaudit
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto
 
 bench: $(BIN)/initaudit
 	$(BIN)/python benchmarks/bench_check.py

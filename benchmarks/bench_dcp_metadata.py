@@ -5,7 +5,7 @@
 
 Writes a DCP folder of `--entries` tiny tensors (2x3 float32, as a mixture-of-experts checkpoint's many
 norms and biases are) with torch.distributed.checkpoint.save, then prints: the time to read and check its
-metadata (`initaudit.loaders.load`), the time to read every tensor through initaudit's batched reader and
+metadata (`initaudit.load.dispatch.load`), the time to read every tensor through initaudit's batched reader and
 the number of reads the storage reader made, and, for comparison, the cost per tensor of one `dcp.load`
 per tensor over the whole metadata (what initaudit did before: quadratic in the number of tensors),
 measured on `--sample` tensors. `--audit` also times a whole `initaudit check`. Nothing is asserted: the
@@ -31,8 +31,8 @@ from torch.distributed.checkpoint import FileSystemReader
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from initaudit.loaders import load  # noqa: E402 - after the path is set
-from initaudit.loaders.dcp import checked_reader, read_metadata  # noqa: E402
+from initaudit.load.dispatch import load  # noqa: E402 - after the path is set
+from initaudit.load.dcp import checked_reader, read_metadata  # noqa: E402
 
 
 def write(folder: Path, entries: int) -> float:

@@ -9,13 +9,12 @@ The Python API (each name is imported on first use, so `import initaudit` stays 
 `initaudit.testing.assert_well_initialized(model_or_path)` is the pytest helper.
 """
 
-import sys
-import types
 from importlib import import_module
 
 __version__ = "0.1.0"
 
-_LAZY = {"audit": "audit", "fix": "fixer", "Report": "report", "Finding": "report", "LayerRow": "report"}
+_LAZY = {"audit": "pipeline", "fix": "repair.fixer", "Report": "judge.report", "Finding": "judge.report",
+         "LayerRow": "judge.report"}
 
 __all__ = ["audit", "fix", "Report", "Finding", "LayerRow", "__version__"]
 
@@ -31,16 +30,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """`initaudit.audit` is the function, as it always was, even once the submodule of that name is loaded
-    (importing a submodule binds its name on the package; the module stays in sys.modules['initaudit.audit'])."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

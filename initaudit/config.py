@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import rules as rulebook
-from .activations import Activation, parse
-from .bounded import MAX_TOML_BYTES, Unreadable, loads_toml, read_regular
-from .errors import InputError
-from .report import FAIL_ON
+from initaudit.judge import rules as rulebook
+from initaudit.flow.activations import Activation, parse
+from initaudit.load.bounded import MAX_TOML_BYTES, Unreadable, loads_toml, read_regular
+from initaudit.common.errors import InputError
+from initaudit.judge.report import FAIL_ON
 
+MAX_PATTERNS = 1000  # glob patterns per table: each is matched against every layer (and finding)
+SIGNAL_BAND = (1e-2, 1e2)  # the RMS scale, relative to the input's, the signal must keep through depth
 _KEYS = ("fail-on", "activation", "activations", "select", "ignore", "per-layer-ignores", "exclude", "extend-exclude",
          "signal-band")
 _TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
@@ -52,10 +54,10 @@ class Options:
     state: str = "auto"  # fresh/trained verdict on the weights: auto, or forced (--state)
     exclude: list[str] | None = None  # folder-walk exclusions replacing the defaults (initaudit.discover)
     extend_exclude: list[str] = field(default_factory=list)
-    signal_band: tuple[float, float] = (1e-2, 1e2)  # initaudit.depth: the RMS scale the signal must stay within
+    signal_band: tuple[float, float] = SIGNAL_BAND  # initaudit.depth: the RMS scale the signal must stay within
 
     def ignored(self, layer: str, rule: str, code: str) -> bool:
-        return any(fnmatch.fnmatchcase(layer, pattern) and (rule in names or any(code.startswith(n) for n in names))
+        return any((rule in names or any(code.startswith(n) for n in names)) and fnmatch.fnmatchcase(layer, pattern)
                    for pattern, names in self.per_layer_ignores.items())
 
 
@@ -113,6 +115,10 @@ def from_table(table: dict[str, Any], where: str = "config") -> Options:
     activation = _typed(table, "activation", str, where, None)
     activations = _typed(table, "activations", dict, where, {})
     per_layer = _typed(table, "per-layer-ignores", dict, where, {})
+    for key, patterns in (("activations", activations), ("per-layer-ignores", per_layer)):
+        if len(patterns) > MAX_PATTERNS:
+            raise InputError(f"{where}: {key} holds {len(patterns):,} patterns, more than the {MAX_PATTERNS:,} "
+                             "initaudit matches layer names against")
     try:
         return Options(
             fail_on=fail_on,
@@ -158,7 +164,7 @@ def _string_list(table: dict[str, Any], key: str, where: str) -> list[str]:
 
 def _band(table: dict[str, Any], where: str) -> tuple[float, float]:
     """`signal-band = [low, high]`: positive numbers around 1."""
-    band = _typed(table, "signal-band", list, where, [1e-2, 1e2])
+    band = _typed(table, "signal-band", list, where, list(SIGNAL_BAND))
     if (len(band) != 2 or not all(type(v) in (int, float) for v in band)
             or not 0 < band[0] < 1 < band[1] < float("inf")):
         raise InputError(f"{where}: signal-band must be [low, high] with 0 < low < 1 < high, not {band!r}")

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .report import Report
-from .reporters import View, render
-from .reporters.table import draw_report
-from .rules import SEVERITIES
+from initaudit.judge.report import Report
+from initaudit.reporters import View, render
+from initaudit.reporters.table import draw_report
+from initaudit.judge.rules import SEVERITIES
 
 
 def assert_well_initialized(model_or_path: Any, *, fail_on: str = "warning", **options: Any) -> Report:
@@ -22,7 +22,7 @@ def assert_well_initialized(model_or_path: Any, *, fail_on: str = "warning", **o
     or info). `options` are those of `initaudit.audit` (activation=, activations=, select=, ignore=, state=,
     model=, trust_pickle=, options=). Returns the report when the model passes."""
     __tracebackhide__ = True  # pytest shows the caller's line, not this one
-    from .audit import audit
+    from initaudit.pipeline import audit
 
     report = audit(model_or_path, **options)
     if report.failed(fail_on):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import IO, Callable
 
-from ..printable import printable
+from initaudit.common.printable import printable
 
 # format name -> module. `full` is the human table (`table` its old name); `concise` one line per finding.
 FORMATS = {"concise": "concise", "full": "table", "table": "table", "json": "json_report", "sarif": "sarif",

@@ -8,10 +8,10 @@ from typing import IO
 
 from rich.text import Text
 
-from ..printable import printable
-from ..report import Results
-from . import View, message, render, statistics, totals
-from .table import STYLE
+from initaudit.common.printable import printable
+from initaudit.judge.report import Results
+from initaudit.reporters import View, message, render, statistics, totals
+from initaudit.reporters.table import STYLE
 
 
 def write(results: Results, out: IO[str], view: View) -> None:

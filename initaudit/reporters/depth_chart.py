@@ -13,9 +13,9 @@ from dataclasses import replace
 from rich.table import Table
 from rich.text import Text
 
-from ..printable import printable
-from . import View, render
-from .table import STYLE, _num
+from initaudit.common.printable import printable
+from initaudit.reporters import View, render
+from initaudit.reporters.table import STYLE, number
 
 AXIS = 25  # characters per log axis
 WIDTH = 140
@@ -90,9 +90,9 @@ def _draw(console, report, band: tuple[float, float]) -> None:
     flagged = {f.layer: f.severity for f in report.findings}
     for i, r in enumerate(rows):
         table.add_row(str(i), Text(printable(r.name), style=STYLE.get(flagged.get(r.name, ""), "")), r.activation,
-                      bar(r.predicted_scale, r.scale, forward, band), _num(r.predicted_scale), _num(r.scale),
-                      bar(r.predicted_grad_scale, r.grad_scale, backward, band), _num(r.predicted_grad_scale),
-                      _num(r.grad_scale), _share(r.dead_fraction), _share(r.saturated_fraction))
+                      bar(r.predicted_scale, r.scale, forward, band), number(r.predicted_scale), number(r.scale),
+                      bar(r.predicted_grad_scale, r.grad_scale, backward, band), number(r.predicted_grad_scale),
+                      number(r.grad_scale), _share(r.dead_fraction), _share(r.saturated_fraction))
     console.print(table)
     console.print(Text(f"log axes; ○ predicted, ● measured (◉ both), band {band[0]:g}…{band[1]:g} shaded; forward: RMS "
                        "of the layer's output / the input's; gradient: RMS at the layer's output / at the last hidden "

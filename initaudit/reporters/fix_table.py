@@ -7,10 +7,10 @@ from typing import IO
 from rich.table import Table
 from rich.text import Text
 
-from ..fixer import FixResult
-from ..printable import printable
-from . import View, render
-from .table import _num
+from initaudit.repair.fixer import FixResult
+from initaudit.common.printable import printable
+from initaudit.reporters import View, render
+from initaudit.reporters.table import number
 
 
 def _range(rows: list, column: int) -> str:
@@ -42,8 +42,8 @@ def _draw(console, result: FixResult, written_to: str | None, dry_run: bool) -> 
     for col in ("layer", "tensor", "old scheme", "old std", "new scheme", "new std", "call"):
         table.add_column(col, justify="right" if "std" in col else "left")
     for c in result.changes:
-        table.add_row(*(Text(printable(v)) for v in (c.layer, c.tensor, c.old_scheme, _num(c.old_std),
-                                                       c.new_scheme, _num(c.new_std), c.call)))
+        table.add_row(*(Text(printable(v)) for v in (c.layer, c.tensor, c.old_scheme, number(c.old_std),
+                                                       c.new_scheme, number(c.new_std), c.call)))
     if result.changes:
         console.print(table)
     for s in result.skipped:

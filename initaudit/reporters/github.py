@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import IO
 
-from ..printable import printable
-from ..report import Results
-from . import View
+from initaudit.common.printable import printable
+from initaudit.judge.report import Results
+from initaudit.reporters import View
 
 LEVEL = {"error": "error", "warning": "warning", "info": "notice"}
 

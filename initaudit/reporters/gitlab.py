@@ -9,9 +9,9 @@ import hashlib
 import json
 from typing import IO
 
-from ..printable import printable
-from ..report import Results
-from . import View, message
+from initaudit.common.printable import printable
+from initaudit.judge.report import Results
+from initaudit.reporters import View, message
 
 SEVERITY = {"error": "major", "warning": "minor", "info": "info"}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import IO
 
-from ..report import Results
-from . import View
+from initaudit.judge.report import Results
+from initaudit.reporters import View
 
 
 def write(results: Results, out: IO[str], view: View) -> None:

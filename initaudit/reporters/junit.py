@@ -7,10 +7,10 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from typing import IO
 
-from ..printable import printable
-from ..report import Results
-from ..rules import SEVERITIES
-from . import View, message
+from initaudit.common.printable import printable
+from initaudit.judge.report import Results
+from initaudit.judge.rules import SEVERITIES
+from initaudit.reporters import View, message
 
 
 def _fails(severity: str, fail_on: str) -> bool:

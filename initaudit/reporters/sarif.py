@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 from typing import IO
 
-from .. import __version__
-from .. import rules as rulebook
-from ..report import Results
-from ..project import REPOSITORY_URL
-from ..ruledocs import url
-from . import View
+from initaudit import __version__
+from initaudit.judge import rules as rulebook
+from initaudit.judge.report import Results
+from initaudit.common.project import REPOSITORY_URL
+from initaudit.judge.ruledocs import url
+from initaudit.reporters import View
 
 LEVEL = {"error": "error", "warning": "warning", "info": "note"}
 SCHEMA = "https://json.schemastore.org/sarif-2.1.0.json"

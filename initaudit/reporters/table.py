@@ -7,15 +7,15 @@ from typing import IO
 from rich.table import Table
 from rich.text import Text
 
-from ..printable import printable
-from ..report import Report, Results
-from ..rules import SEVERITIES
-from . import View, render, statistics, totals
+from initaudit.common.printable import printable
+from initaudit.judge.report import Report, Results
+from initaudit.judge.rules import SEVERITIES
+from initaudit.reporters import View, render, statistics, totals
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
 
-def _num(value: float | None) -> str:
+def number(value: float | None) -> str:
     return "–" if value is None or value != value else f"{value:.3g}"
 
 
@@ -35,8 +35,8 @@ def layer_table(report: Report) -> Table:
         act = row.activation + (" +norm" if row.norm_after else "")
         style = STYLE.get(worst.get(row.name, ""), "")
         cells = (row.name if row.tensor in (row.name, f"{row.name}.weight") else row.tensor, row.kind,
-                 f"{row.fan_in}→{row.fan_out}", act, row.scheme, _num(row.std), _num(row.expected_std),
-                 _num(ratio), " ".join(sorted(set(codes.get(row.name, [])))))
+                 f"{row.fan_in}→{row.fan_out}", act, row.scheme, number(row.std), number(row.expected_std),
+                 number(ratio), " ".join(sorted(set(codes.get(row.name, [])))))
         table.add_row(*(Text(printable(c)) for c in cells), style=style)
     return table
 

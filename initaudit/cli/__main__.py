@@ -1,0 +1,5 @@
+"""`python -m initaudit.cli`."""
+
+from initaudit.cli.main import main
+
+main()

@@ -1,0 +1,226 @@
+"""A format-neutral data-flow graph, and the forward walk that finds what follows each layer.
+
+Front ends (torch.fx, TorchScript, ONNX, module order) turn their graphs into `FlowNode`s; one
+walker then answers, for every weighted layer: which activation comes first downstream, and
+whether a normalization sits between the layer and it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from initaudit.flow.activations import IDENTITY, UNKNOWN, Activation
+
+# Node roles.
+LAYER = "layer"    # a weighted layer (Linear, Conv, Gemm...): `layer` names it
+ACT = "act"        # a non-linearity: `activation` says which
+NORM = "norm"      # BatchNorm/LayerNorm/GroupNorm/RMSNorm...
+STOP = "stop"      # softmax and the like: the layer before it is linear (identity)
+OUTPUT = "output"  # the graph's output
+ADD = "add"        # an elementwise sum: with two computed inputs, a residual join
+MUL = "mul"        # an elementwise product: with two computed inputs, where a gate scales a signal
+PASS = "pass"      # anything that carries the signal on (reshape, dropout, pooling, matmul...)
+
+
+@dataclass
+class FlowNode:
+    role: str
+    layer: str | None = None
+    activation: Activation | None = None
+    users: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Downstream:
+    """What the walk found after one layer."""
+
+    activation: Activation
+    norm_after: bool
+    residual_after: bool = False
+    gate_after: bool = False  # the activation (sigmoid, tanh...) is a gate: its output scales another signal
+    residual_branch: bool = False  # the output joins a residual sum, through any layers, before a normalization
+
+
+class Flow:
+    """Nodes plus edges; `add` returns an id, `link` adds an edge from producer to consumer."""
+
+    def __init__(self, sees_activations: bool = True) -> None:
+        self.nodes: list[FlowNode] = []
+        self.sees_activations = sees_activations  # False: functional activations between layers went unseen
+
+    def add(self, role: str, layer: str | None = None, activation: Activation | None = None) -> int:
+        self.nodes.append(FlowNode(role, layer, activation))
+        return len(self.nodes) - 1
+
+    def link(self, src: int, dst: int) -> None:
+        if dst not in self.nodes[src].users:
+            self.nodes[src].users.append(dst)
+
+    @classmethod
+    def chain(cls, items: list[tuple[str, str | None, Activation | None]], sees_activations: bool = True) -> "Flow":
+        """A linear flow from an ordered list of (role, layer, activation), e.g. module registration order."""
+        flow = cls(sees_activations)
+        prev = None
+        for role, layer, act in items:
+            node = flow.add(role, layer, act)
+            if prev is not None:
+                flow.link(prev, node)
+            prev = node
+        if prev is not None:
+            flow.link(prev, flow.add(OUTPUT))
+        return flow
+
+    def downstream(self, unknown_between_layers: bool = False) -> dict[str, Downstream]:
+        """For each layer: the first activation reached walking forward (breadth first).
+
+        A path that reaches another weighted layer, a softmax or the output with no
+        non-linearity on the way means the layer is linear (identity) — unless
+        `unknown_between_layers`, for flows (bare state_dicts) whose activations were never seen.
+        Norms passed on the way set `norm_after`, sums of two computed tensors (residual joins)
+        `residual_after`; a saturating activation whose output scales a signal the layer did not
+        compute (a product: squeeze-excite, gated units) is a gate: `gate_after` (x·sigmoid(x) and
+        GLU's halves multiply what the layer computed: an activation, no gate); a layer whose output
+        reaches a residual sum before any normalization, through whatever layers, sits on a residual
+        branch: `residual_branch`. A layer seen twice keeps its first answer.
+        """
+        producers = self.producers()
+        joins = self._joins(producers)
+        found: dict[str, Downstream] = {}
+        for start, node in enumerate(self.nodes):
+            if node.role == LAYER and node.layer not in found:
+                walked = self._walk(start, unknown_between_layers, producers)
+                found[node.layer] = replace(walked, residual_branch=joins[start])
+        return found
+
+    def run_lengths(self, gated: set[str]) -> dict[str, int]:
+        """Per layer: the weighted layers on the longest chain through it with no normalization, softmax or
+        residual sum between two of them, and none past a layer in `gated` (its output only scales a signal):
+        the run its scale compounds in. Parallel branches (detection heads, q/k/v) are runs of their own."""
+        producers = self.producers()
+        order = [i for i in self.topological(producers) if self.nodes[i].role == LAYER]
+        feeds: dict[int, list[int]] = {i: [] for i in order}
+        for i in order:
+            queue, seen = deque(producers[i]), set()
+            while queue:
+                j = queue.popleft()
+                if j in seen:
+                    continue
+                seen.add(j)
+                node = self.nodes[j]
+                if node.role == LAYER:
+                    if node.layer not in gated and j in feeds:
+                        feeds[j].append(i)
+                elif node.role not in (NORM, STOP, OUTPUT) and not (node.role == ADD and len(producers[j]) >= 2):
+                    queue.extend(producers[j])
+        up = {i: 1 for i in order}
+        for i in order:
+            for k in feeds[i]:
+                up[k] = max(up[k], up[i] + 1)
+        down = {i: 1 for i in order}
+        for i in reversed(order):
+            for k in feeds[i]:
+                down[i] = max(down[i], down[k] + 1)
+        runs: dict[str, int] = {}
+        for i in order:
+            name = self.nodes[i].layer
+            runs[name] = max(runs.get(name, 0), up[i] + down[i] - 1)
+        return runs
+
+    def shortcut_layers(self) -> set[str]:
+        """Layers on the shortcut of a residual sum: the summand with fewer layers since the two summands part
+        (a ResNet's downsample conv), not the branch the sum closes."""
+        producers = self.producers()
+        out: set[str] = set()
+        for idx, node in enumerate(self.nodes):
+            if node.role == ADD and len(producers[idx]) == 2:
+                sides = [self._reach(p, lambda _: True, producers) | {p} for p in producers[idx]]
+                common = sides[0] & sides[1]
+                layers = [{self.nodes[j].layer for j in side - common if self.nodes[j].role == LAYER} for side in sides]
+                if len(layers[0]) != len(layers[1]):
+                    out |= min(layers, key=len)
+        return out
+
+    def producers(self) -> list[list[int]]:
+        """Each node's producers (the nodes it is a user of)."""
+        producers: list[list[int]] = [[] for _ in self.nodes]
+        for i, node in enumerate(self.nodes):
+            for u in node.users:
+                producers[u].append(i)
+        return producers
+
+    def topological(self, producers: list[list[int]]) -> list[int]:
+        """The nodes in topological order (Kahn's, ties in insertion order); nodes on a cycle are left out."""
+        waiting = [len(p) for p in producers]
+        ready = deque(i for i, n in enumerate(waiting) if n == 0)
+        order = []
+        while ready:
+            idx = ready.popleft()
+            order.append(idx)
+            for u in self.nodes[idx].users:
+                waiting[u] -= 1
+                if waiting[u] == 0:
+                    ready.append(u)
+        return order
+
+    def _joins(self, producers: list[list[int]]) -> list[bool]:
+        """Per node: its output reaches a residual sum (two computed tensors added) before a normalization, a
+        softmax or the output; over the nodes in topological order, from the last back."""
+        joins = [False] * len(self.nodes)
+        for idx in reversed(self.topological(producers)):
+            joins[idx] = any((self.nodes[u].role == ADD and len(producers[u]) >= 2)
+                             or (self.nodes[u].role not in (NORM, STOP, OUTPUT) and joins[u])
+                             for u in self.nodes[idx].users)
+        return joins
+
+    def _walk(self, start: int, unknown_between_layers: bool, producers: list[list[int]]) -> Downstream:
+        queue = deque((u, False, False) for u in self.nodes[start].users)
+        seen = {start}
+        own: set[int] | None = None  # the products the layer's signal reaches with no layer, sum or softmax between
+        while queue:
+            idx, normed, joined = queue.popleft()
+            if idx in seen:
+                continue
+            seen.add(idx)
+            node = self.nodes[idx]
+            if node.role == ACT:
+                gate = node.activation.family == "saturating" and self._gates(start, idx, producers)
+                return Downstream(node.activation, normed, joined, gate)
+            if node.role == LAYER:
+                if own is None:
+                    own = {i for i in self._reach(start, lambda n: n.role in (PASS, NORM, MUL))
+                           if self.nodes[i].role == MUL}
+                if own and self._reach(idx, lambda n: n.role in (PASS, ACT, LAYER)) & own:
+                    continue  # a squeeze-excite gate computed from the signal, scaling it: the signal goes on
+                return Downstream(UNKNOWN if unknown_between_layers else IDENTITY, normed, joined)
+            if node.role in (STOP, OUTPUT):
+                return Downstream(IDENTITY, normed, joined)
+            normed = normed or node.role == NORM
+            joined = joined or (node.role == ADD and len(producers[idx]) >= 2)
+            queue.extend((u, normed, joined) for u in node.users)
+        return Downstream(IDENTITY, False)
+
+    def _gates(self, layer: int, act: int, producers: list[list[int]]) -> bool:
+        """The activation's output reaches, through pass-through nodes, a product with a tensor that the
+        layer's output does not make without another layer."""
+        own = self._reach(layer, lambda node: node.role != LAYER) | {layer}
+        for idx in self._reach(act, lambda node: node.role in (PASS, MUL)):
+            if self.nodes[idx].role == MUL and any(p not in own for p in producers[idx]):
+                return True
+        return False
+
+    def _reach(self, start: int, through, producers: list[list[int]] | None = None) -> set[int]:
+        """The nodes reached from `start` walking forward (backward along `producers`, where given), passing on
+        only from nodes that `through` accepts."""
+        def after(idx: int) -> list[int]:
+            return producers[idx] if producers is not None else self.nodes[idx].users
+
+        reached, queue = set(), deque(after(start))
+        while queue:
+            idx = queue.popleft()
+            if idx in reached:
+                continue
+            reached.add(idx)
+            if through(self.nodes[idx]):
+                queue.extend(after(idx))
+        return reached

@@ -1,0 +1,358 @@
+"""What each ONNX operator means to the audit, as tables of small handlers keyed by op type.
+
+- `LAYER_OPS`: ops whose initializer inputs are a layer's parameters (Gemm, MatMul, Conv, LSTM, Gather,
+  norms...): each handler names the layer, its kind and the views of its tensors.
+- `FLOW_ROLES`: the role an op plays in the data flow (activation, norm, sum, product, softmax); any
+  other op passes the signal on.
+- `SUBGRAPH_OPS`: how If, Loop and Scan pass values into their subgraphs and take their outputs back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from initaudit.flow.activations import Activation
+from initaudit.flow.dataflow import ACT, ADD, MUL, NORM, PASS, STOP, Flow
+from initaudit.flow.layers import ModuleInfo, embedding_name, split_key
+from initaudit.flow.onnx_scopes import GraphIndex, attribute, scope_of
+
+SHAPE_ONLY = frozenset({"Shape", "Size"})  # read a tensor's shape, not its values: no signal flows through
+_NORM_OPS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
+             "RMSNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "LpNormalization"}
+
+
+@dataclass(frozen=True)
+class View:
+    """Where one audited tensor lives: an initializer (or Constant) and an index into it."""
+
+    source: str
+    index: tuple = ()
+
+
+@dataclass
+class OnnxLayers:
+    """What `onnx_graph.analyse` finds in a model: the audited tensors, the layers and the flow between them."""
+
+    views: dict[str, View] = field(default_factory=dict)        # audited key -> where it lives
+    modules: dict[str, ModuleInfo] = field(default_factory=dict)
+    flow: Flow = field(default_factory=Flow)
+    notes: list[str] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)        # layer -> its node's output value (main graph)
+
+
+# ---------------------------------------------------------------- layers
+
+@dataclass
+class FoundLayers:
+    """The layers found so far in a model's graphs, and which node became which layer."""
+
+    root: GraphIndex
+    shown: dict[str, str]                                             # tensor key -> the name a user sees
+    out: OnnxLayers = field(default_factory=OnnxLayers)
+    layer_of: dict[tuple[GraphIndex, int], str] = field(default_factory=dict)
+    folded: set[tuple[GraphIndex, int]] = field(default_factory=set)  # Conv nodes with a BatchNorm folded in
+    taken: dict[str, str] = field(default_factory=dict)               # layer name -> the weight that claimed it
+    recurrent_count: dict[str, int] = field(default_factory=dict)     # layer name -> its recurrent nodes so far
+
+    def claim(self, node: onnx.NodeProto, weight: str) -> str:
+        """A layer name for the node whose weight this is, made unique (`name#2`) against other weights."""
+        name = _layer_name(node, self.shown[weight])
+        base, n = name, 1
+        while self.taken.get(name, weight) != weight:
+            n += 1
+            name = f"{base}#{n}"
+        self.taken[name] = weight
+        return name
+
+    def add_layer(self, g: GraphIndex, i: int, node: onnx.NodeProto, weight: str, module: ModuleInfo) -> str:
+        """Node i of g becomes the layer `module` whose weight is `weight`; returns the layer's name."""
+        name = self.claim(node, weight)
+        self.layer_of[g, i] = name
+        if g is self.root:
+            self.out.outputs.setdefault(name, node.output[0])
+        self.out.modules[name] = module
+        self.add_view(f"{name}.weight", weight)
+        return name
+
+    def add_view(self, key: str, source: str | None) -> None:
+        """Audit `source` (if any) as `key`, unless another tensor already has that key."""
+        if source is not None:
+            self.out.views.setdefault(key, View(source))
+
+
+LayerHandler = Callable[[FoundLayers, GraphIndex, int, onnx.NodeProto], None]
+
+
+def find_layers(root: GraphIndex, shown: dict[str, str]) -> FoundLayers:
+    """The layers of a graph and its subgraphs, each node handled by its op's entry in `LAYER_OPS`."""
+    found = FoundLayers(root, shown)
+
+    def visit(g: GraphIndex) -> None:
+        for i, node in enumerate(g.nodes):
+            handler = LAYER_OPS.get(node.op_type)
+            if handler is not None:
+                handler(found, g, i, node)
+            for sub in g.children.get(i, ()):
+                visit(sub)
+
+    visit(root)
+    return found
+
+
+def _layer_name(node: onnx.NodeProto, weight: str) -> str:
+    if not weight.startswith("onnx::") and "." in weight:
+        return split_key(weight)[0]
+    return scope_of(node) or node.name or weight
+
+
+def _weight_input(g: GraphIndex, node: onnx.NodeProto) -> str | None:
+    """The float initializer a Gemm, MatMul or convolution takes as its second input."""
+    return g.float_source(node.input[1]) if len(node.input) > 1 else None
+
+
+def _bias_input(g: GraphIndex, node: onnx.NodeProto) -> str | None:
+    """The bias of Gemm or a convolution: its third input, a 1-d float initializer."""
+    return g.float_source(node.input[2], rank=1) if len(node.input) > 2 else None
+
+
+def _added_bias(g: GraphIndex, node: onnx.NodeProto, width: int) -> str | None:
+    """The bias of a MatMul: a [width] initializer that the one Add right after it adds."""
+    users = g.consumers.get(node.output[0], [])
+    if len(users) != 1 or g.nodes[users[0]].op_type != "Add":
+        return None
+    for name in g.nodes[users[0]].input:
+        src = g.float_source(name, rank=1)
+        if src is not None and g.dims(src) == (width,):
+            return src
+    return None
+
+
+def _linear_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
+    """Gemm or MatMul by a 2-d weight: a linear layer (MatMul's weight, and Gemm's without transB, is [in, out])."""
+    weight = _weight_input(g, node)
+    if weight is None or len(g.dims(weight)) != 2:
+        return
+    matmul = node.op_type == "MatMul"
+    transposed = matmul or not attribute(node, "transB", 0)
+    name = found.add_layer(g, i, node, weight, ModuleInfo("linear", node.op_type, transposed))
+    width = g.dims(weight)[1 if transposed else 0]
+    found.add_view(f"{name}.bias", _added_bias(g, node, width) if matmul else _bias_input(g, node))
+
+
+def _conv_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
+    """Conv or ConvTranspose: a convolution of the weight's rank (a Conv may hold a BatchNorm the exporter folded)."""
+    weight = _weight_input(g, node)
+    if weight is None or len(g.dims(weight)) < 2:
+        return
+    spatial = len(g.dims(weight)) - 2
+    plain = node.op_type == "Conv"
+    folded = plain and _bn_folded(node, weight)
+    kind = f"conv{spatial}d" if plain else f"conv_transpose{spatial}d"
+    name = found.add_layer(g, i, node, weight, ModuleInfo(kind, node.op_type, False, norm_folded=folded))
+    found.add_view(f"{name}.bias", _bias_input(g, node))
+    if folded:
+        found.folded.add((g, i))
+
+
+def _bn_folded(node: onnx.NodeProto, weight: str) -> bool:
+    """The exporter fused a BatchNorm into this Conv (legacy exporter: renamed weight; dynamo: says so)."""
+    rewrites = next((p.value for p in node.metadata_props if p.key == "pkg.onnxscript.rewriter.rule_name"), "")
+    return "BatchNorm" in rewrites or weight.startswith("onnx::Conv")
+
+
+def _recurrent_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
+    """LSTM, GRU or RNN: per direction, the input and hidden weights and the two halves of the bias, named as
+    PyTorch names them (`weight_ih_l0`, `bias_hh_l1_reverse`...)."""
+    w = g.float_source(node.input[1], rank=3)
+    r = g.float_source(node.input[2], rank=3) if len(node.input) > 2 else None
+    if w is None:
+        return
+    name = _layer_name(node, found.shown[w])  # stacked layers share one scope: lstm.weight_ih_l0, _l1...
+    found.layer_of[g, i] = name
+    k = found.recurrent_count.get(name, 0)
+    found.recurrent_count[name] = k + 1
+    found.out.modules[name] = ModuleInfo("recurrent", node.op_type)
+    b = g.float_source(node.input[3], rank=2) if len(node.input) > 3 else None
+    size = g.dims(w)[1]
+    views = found.out.views
+    for d in range(g.dims(w)[0]):
+        sfx = f"_l{k}" + ("_reverse" if d else "")
+        views[f"{name}.weight_ih{sfx}"] = View(w, (d,))
+        if r is not None:
+            views[f"{name}.weight_hh{sfx}"] = View(r, (d,))
+        if b is not None:
+            views[f"{name}.bias_ih{sfx}"] = View(b, (d, slice(0, size)))
+            views[f"{name}.bias_hh{sfx}"] = View(b, (d, slice(size, 2 * size)))
+
+
+def _gather_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
+    """Gather from a 2-d float table: an embedding looked up by the model's input, or a free parameter."""
+    table = g.float_source(node.input[0], rank=2)
+    if table is None:
+        return
+    name = found.claim(node, table)
+    # indices fixed in the file (relative-position bias tables, LeViT's attention biases) read the table at set
+    # places: a free parameter, as in PyTorch, not a lookup of the model's input; a table named as an embedding
+    # (BERT's position_embeddings at its position_ids) stays one
+    fixed = len(node.input) > 1 and g.source(node.input[1]) is not None and not embedding_name(name)
+    found.out.modules[name] = ModuleInfo("parameter" if fixed else "embedding", node.op_type)
+    own = found.shown[table]
+    found.add_view(own if fixed and split_key(own)[0] == name else f"{name}.weight", table)
+
+
+def _norm_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
+    """A normalization: its scale, shift and (BatchNorm) running statistics."""
+    _parameter_layer(found, g, node, "norm", ("weight", "bias", "running_mean", "running_var"))
+
+
+def _prelu_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
+    """PRelu: its learned negative slope."""
+    _parameter_layer(found, g, node, "parameter", ("weight",))
+
+
+def _parameter_layer(found: FoundLayers, g: GraphIndex, node: onnx.NodeProto, kind: str,
+                     roles: tuple[str, ...]) -> None:
+    """A layer of `kind` whose inputs after the first are its parameters, in the order of `roles`."""
+    params = [g.float_source(n) for n in node.input[1:]]
+    if not params or params[0] is None:
+        return
+    name = found.claim(node, params[0])
+    found.out.modules[name] = ModuleInfo(kind, node.op_type)
+    for role, src in zip(roles, params):
+        found.add_view(f"{name}.{role}", src)
+
+
+LAYER_OPS: dict[str, LayerHandler] = {
+    "Gemm": _linear_layer, "MatMul": _linear_layer, "Conv": _conv_layer, "ConvTranspose": _conv_layer,
+    "LSTM": _recurrent_layer, "GRU": _recurrent_layer, "RNN": _recurrent_layer, "Gather": _gather_layer,
+    "PRelu": _prelu_layer, **dict.fromkeys(_NORM_OPS, _norm_layer),
+}
+
+
+# ---------------------------------------------------------------- roles in the flow
+
+Role = tuple[str, Activation | None]
+RoleHandler = Callable[[GraphIndex, onnx.NodeProto, Callable[[str], np.ndarray]], Role]
+
+_ACT_OPS = {"Relu": "relu", "Elu": "elu", "Celu": "celu", "Selu": "selu", "Sigmoid": "sigmoid",
+            "HardSigmoid": "hardsigmoid", "HardSwish": "hardswish", "Tanh": "tanh", "Gelu": "gelu", "FastGelu": "gelu",
+            "BiasGelu": "gelu", "QuickGelu": "gelu", "Softplus": "softplus", "Softsign": "softsign", "Mish": "mish",
+            "ThresholdedRelu": "relu", "Erf": "gelu"}
+
+
+def flow_role(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> Role:
+    """The node's role in the flow and, for an activation, which; `value` reads a (small) source tensor."""
+    handler = FLOW_ROLES.get(node.op_type)
+    return handler(g, node, value) if handler is not None else (PASS, None)
+
+
+def _plain(role: str) -> RoleHandler:
+    """The handler of ops whose role is all there is to say of them."""
+    def handler(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> Role:
+        return role, None
+    return handler
+
+
+def _activation(name: str) -> RoleHandler:
+    """The handler of an op that is the activation `name`."""
+    def handler(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> Role:
+        return ACT, Activation(name)
+    return handler
+
+
+def _leaky_relu(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> Role:
+    return ACT, Activation("leaky_relu", float(attribute(node, "alpha", 0.01)))
+
+
+def _prelu(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> Role:
+    """PRelu's slope is its mean learned one (0.25, PyTorch's initial value, where the slope is computed)."""
+    src = g.float_source(node.input[1])
+    return ACT, Activation("prelu", float(np.mean(value(src))) if src else 0.25)
+
+
+def _clip(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> Role:
+    """Clip from 0 is ReLU (ReLU6 up to 6), between two bounds hardtanh; the bounds are inputs or (old opsets)
+    attributes."""
+    def bound(pos: int, attr: str) -> float | None:
+        if len(node.input) > pos and node.input[pos]:
+            src = g.source(node.input[pos])
+            return float(value(src)) if src else None
+        found = attribute(node, attr)
+        return float(found) if found is not None else None
+
+    low, high = bound(1, "min"), bound(2, "max")
+    if low == 0 and high == 6:
+        return ACT, Activation("relu6")
+    if low == 0:
+        return ACT, Activation("relu")
+    if low is not None and high is not None:
+        return ACT, Activation("hardtanh")
+    return PASS, None
+
+
+FLOW_ROLES: dict[str, RoleHandler] = {
+    **{op: _activation(name) for op, name in _ACT_OPS.items()},
+    "LeakyRelu": _leaky_relu, "PRelu": _prelu, "Clip": _clip,
+    **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), _plain(STOP)),
+    **dict.fromkeys(_NORM_OPS, _plain(NORM)),
+    "Add": _plain(ADD), "Sum": _plain(ADD), "Mul": _plain(MUL),
+}
+
+
+# ---------------------------------------------------------------- subgraphs
+
+@dataclass(frozen=True)
+class SubgraphContract:
+    """How a control-flow op feeds its subgraphs and where their outputs go.
+
+    `first_feed`: the node's first input passed to the body's inputs, in order (None: none is);
+    `returns(node, k, ins, outs)`: the flow nodes the body's k-th output reaches, given the flow nodes of the
+    body's inputs and of the node's outputs (None: not known).
+    """
+
+    first_feed: int | None
+    returns: Callable[[onnx.NodeProto, int, list[int], list[int]], list[int] | None]
+
+    def feeds(self, node: onnx.NodeProto, n_body_inputs: int) -> list[tuple[int, str]]:
+        """(body input index, outer tensor name) pairs the node passes into its body."""
+        if self.first_feed is None:
+            return []
+        return [(k, node.input[k]) for k in range(self.first_feed, min(len(node.input), n_body_inputs))]
+
+
+def _if_returns(node: onnx.NodeProto, k: int, ins: list[int], outs: list[int]) -> list[int] | None:
+    """A branch's k-th output is the If's k-th."""
+    return [outs[k]] if k < len(outs) else None
+
+
+def _loop_returns(node: onnx.NodeProto, k: int, ins: list[int], outs: list[int]) -> list[int] | None:
+    """Body (cond, carried..., scan outputs...) -> node (carried..., scan outputs...); carried state is also the
+    next iteration's input. The condition steers and carries no signal."""
+    if k == 0:
+        return []
+    carried = len(node.input) - 2
+    targets = [outs[k - 1]] if k - 1 < len(outs) else []
+    if k <= carried and k + 1 < len(ins):
+        targets.append(ins[k + 1])
+    return targets or None
+
+
+def _scan_returns(node: onnx.NodeProto, k: int, ins: list[int], outs: list[int]) -> list[int] | None:
+    """Body (state..., scan outputs...) -> node: the same; the state also feeds the next step."""
+    state = len(node.input) - int(attribute(node, "num_scan_inputs", 0))
+    targets = [outs[k]] if k < len(outs) else []
+    if k < state and k < len(ins):
+        targets.append(ins[k])
+    return targets or None
+
+
+# Loop's first two inputs (trip count, condition) steer, they carry no signal.
+SUBGRAPH_OPS: dict[str, SubgraphContract] = {
+    "If": SubgraphContract(None, _if_returns),
+    "Loop": SubgraphContract(2, _loop_returns),
+    "Scan": SubgraphContract(0, _scan_returns),
+}

@@ -1,0 +1,63 @@
+"""The facts a rule's conditions may name, with what each means (`initaudit rules --facts` prints them); every
+one of them is made by `facts.py` beside this file, and a test holds the two equal."""
+
+# The facts of each name of a near-tie (scheme, scheme_family, scheme_gain, scheme_fan, implied_std): not a
+# condition's fact, but what Rule.verdict judges each name by.
+ALTERNATIVES = "scheme_alternatives"
+
+# Every fact a condition may name (made by judge/facts.py), with what it means: printed by `initaudit rules --facts`.
+FACTS = {
+    "layer": "the layer's name", "tensor": "the tensor's name", "role": "weight, bias, norm_weight, ...",
+    "kind": "linear, conv2d, embedding, norm, recurrent, attention, parameter...", "module_type": "class name",
+    "activation": "the activation that follows (relu, tanh, identity, unknown...)",
+    "activation_family": "relu (ReLU-like), saturating (tanh/sigmoid), selu, identity, unknown",
+    "norm_after": "a normalization follows before the activation", "position": "index among weighted layers",
+    "residual_after": "the output joins a residual sum before the next layer",
+    "gate_after": "the activation after the layer is a gate: its output scales a signal the layer did not compute "
+                  "(squeeze-excite); the run ends there",
+    "residual_branch": "the output joins a residual sum, through any layers, before a normalization (the layer sits "
+                       "on a residual branch)",
+    "depth": "weighted layers in the model", "run_depth": "weighted layers in this layer's run between norms",
+    "is_output": "the model's last layer, linear", "fan_in": "fan in", "fan_out": "fan out",
+    "order_known": "the layer's place in the forward order is known (a bare file's names and shapes can leave it"
+                   " ambiguous: then norm_after, run_depth, position and is_output are guesses)",
+    "norm_folded": "an exporter folded a BatchNorm into the weights (ONNX): its scale, a zero-init residual's 0 "
+                   "too, is in them (false on a residual sum's shortcut, such as a downsample conv)",
+    "numel": "entries", "units": "output units", "non_finite": "NaN + Inf count", "nan": "NaN count",
+    "inf": "Inf count", "mean": "mean", "std": "standard deviation", "min": "minimum", "max": "maximum",
+    "abs_max": "largest |value|", "kurtosis": "excess kurtosis", "zero_fraction": "fraction of entries equal to 0",
+    "distinct": "distinct values", "constant": "all finite entries equal", "value": "the constant value",
+    "zero_units": "units whose weights are all 0", "dead_units": "zero units whose bias is <= 0 (or absent)",
+    "dead_unit_list": "the first dead units", "duplicate_units": "units repeating another one",
+    "duplicate_groups": "groups of identical units",
+    "duplicate_fraction": "duplicate_units / units", "duplicate_example": "the first group",
+    "scheme": "the fingerprinted init scheme", "scheme_family": "kaiming, xavier, lecun, torch-default, fixed...",
+    "scheme_gain": "the calculate_gain nonlinearity of the fingerprinted scheme: linear (1), relu (√2), tanh (5/3), "
+                   "selu (3/4); empty for fixed stds, defaults and orthogonal",
+    "scheme_fan": "the fan mode of the fingerprinted scheme: fan_in, fan_out, both (Xavier) or empty",
+    "scheme_ambiguous": "the fingerprint is a near-tie of several schemes (scheme 'a|b'); a condition on the scheme "
+                        "facts fires at its severity only when it holds for every name, at info when for some",
+    "implied_std": "the std the fingerprinted scheme implies", "expected_scheme": "the recommended scheme",
+    "expected_std": "the recommended scheme's std", "std_ratio": "std / expected_std",
+    "variance_gain": "std_ratio squared: the per-layer forward variance gain relative to a variance-preserving init",
+    "expected_call": "the torch.nn.init call that draws the recommended scheme", "shared": "tied to another tensor",
+    "recipe_share": "share of the model's weighted layers drawn with a fixed std (0 unless this one is too)",
+    "is_last": "the last weighted layer in forward order, whatever follows it",
+    "bias_ratio": "the bias's RMS over the weights' share of a unit-RMS input's output (std·√fan_in): how far "
+                  "the layer starts at its bias (None without a bias)",
+    "envelope_ratio": "std / the nearest edge of the stds any common scheme gives this layer, whatever its "
+                      "activation (1 inside)",
+    "state": "the weights as rules see them: fresh, trained or unknown (the layer's own verdict; every layer of a "
+             "trained model; --state overrides)",
+    "layer_state": "this layer's own verdict: fresh (fits an iid init draw), trained (does not) or unknown (too few values)",
+    "dead_fraction": "dead_units / units",
+    "peak_share": "the share of the tensor's squared deviations from its mean held by its largest entry",
+    "substantial_duplicate_units": "duplicate units whose norm is not negligible (not weight decay's near-zeros)",
+    "predicted_gain": "fan_in·E[w²]·the activation's second-moment factor at the layer's operating point (initaudit.depth)",
+    "predicted_scale": "RMS of the layer's output relative to the input's, predicted (or measured, by probe) through depth",
+    "predicted_grad_scale": "RMS of the loss gradient at the layer's output relative to the output's, through depth",
+    "signal_exit": "vanishing/exploding where the forward scale leaves the signal band at this layer, else none",
+    "gradient_exit": "vanishing/exploding where the gradient's scale, going back, leaves the signal band here",
+    "signal_detail": "what the depth analysis found at this layer, in words",
+    "origin": "predicted (check: from the weights) or measured (probe: a forward and backward pass)",
+}

@@ -1,0 +1,147 @@
+"""The audit's result: per-layer rows, findings, a summary, and the exit code they imply."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from initaudit import __version__
+from initaudit.common.errors import InputError, did_you_mean
+from initaudit.judge.rules import SEVERITIES
+
+FAIL_ON = ("error", "warning", "info", "never")
+
+
+@dataclass
+class Finding:
+    rule: str
+    code: str
+    severity: str
+    layer: str
+    tensor: str
+    message: str
+    expected: Any = None
+    actual: Any = None
+    fix: str | None = None
+    origin: str | None = None  # signal-* findings: "predicted" (check) or "measured" (probe)
+
+
+@dataclass
+class LayerRow:
+    name: str
+    kind: str
+    fan_in: int
+    fan_out: int
+    activation: str
+    std: float | None
+    expected_std: float | None
+    scheme: str
+    tensor: str = ""
+    norm_after: bool = False
+    run_depth: int = 0
+    state: str = "unknown"   # the layer's weights: fresh | trained | unknown (initaudit.weight_state)
+    fit: dict[str, Any] | None = None  # the fingerprint's evidence: std z-scores of the named scheme and runner-up
+    predicted_gain: float | None = None        # initaudit.depth: fan_in·E[w²]·activation factor
+    predicted_scale: float | None = None       # RMS of the output through depth, for a unit input
+    predicted_grad_scale: float | None = None  # RMS of the gradient at the output, for a unit one at the model's output
+
+
+@dataclass
+class Report:
+    model: str
+    format: str
+    layers: list[LayerRow] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    weights_state: str = "unknown"  # fresh | trained | mixed | unknown
+    state_evidence: dict[str, Any] = field(default_factory=dict)
+
+    def count(self, severity: str) -> int:
+        return sum(f.severity == severity for f in self.findings)
+
+    @property
+    def summary(self) -> dict[str, int]:
+        return {"layers": len({row.name for row in self.layers}), "errors": self.count("error"),
+                "warnings": self.count("warning"), "infos": self.count("info")}
+
+    def failed(self, fail_on: str = "error") -> bool:
+        """Any finding at or above `fail_on` ('never' never fails)."""
+        if fail_on not in FAIL_ON:
+            raise InputError(f"fail_on must be one of {', '.join(FAIL_ON)}, not {fail_on!r}"
+                             + did_you_mean(fail_on, FAIL_ON))
+        if fail_on == "never":
+            return False
+        floor = SEVERITIES.index(fail_on)
+        return any(SEVERITIES.index(f.severity) >= floor for f in self.findings)
+
+    def exit_code(self, fail_on: str = "error") -> int:
+        return 1 if self.failed(fail_on) else 0
+
+    def by_rule(self) -> set[tuple[str, str]]:
+        """(rule, layer) pairs: what a comparison across formats looks at."""
+        return {(f.rule, f.layer) for f in self.findings}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tool": "initaudit", "version": __version__, "model": self.model, "format": self.format,
+                "layers": [_clean(asdict(row)) for row in self.layers],
+                "findings": [finding_dict(f) for f in self.findings],
+                "summary": self.summary, "notes": self.notes,
+                "weights_state": self.weights_state, "state_evidence": self.state_evidence}
+
+
+@dataclass
+class FileError:
+    """A model of a several-model run that could not be audited (exit 2), and why."""
+
+    path: str
+    message: str
+
+
+@dataclass
+class Results:
+    """One run: the reports of every model it covered and the ones it could not read.
+
+    `combined` is False when the run named a single model: its JSON keeps the single-report shape.
+    """
+
+    reports: list[Report] = field(default_factory=list)
+    unreadable: list[FileError] = field(default_factory=list)
+    skipped: list[FileError] = field(default_factory=list)  # files of a combined run that hold no model weights
+    combined: bool = True
+
+    @property
+    def summary(self) -> dict[str, int]:
+        total = {"files": len(self.reports) + len(self.unreadable), "unreadable": len(self.unreadable),
+                 "skipped": len(self.skipped),
+                 "layers": 0, "errors": 0, "warnings": 0, "infos": 0}
+        for report in self.reports:
+            for key, value in report.summary.items():
+                if isinstance(value, int):  # counts add up across models
+                    total[key] = total.get(key, 0) + value
+        return total
+
+    @property
+    def findings(self) -> list[tuple[Report, Finding]]:
+        return [(report, f) for report in self.reports for f in report.findings]
+
+    def exit_code(self, fail_on: str = "error") -> int:
+        """The worst of all: 2 when a model could not be read, else 1 when one has findings at or above `fail_on`."""
+        return 2 if self.unreadable else max((r.exit_code(fail_on) for r in self.reports), default=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.combined and len(self.reports) == 1:
+            return self.reports[0].to_dict()
+        return {"tool": "initaudit", "version": __version__, "files": [r.to_dict() for r in self.reports],
+                "unreadable": [asdict(e) for e in self.unreadable], "skipped": [asdict(e) for e in self.skipped],
+                "summary": self.summary}
+
+
+def finding_dict(f: Finding) -> dict[str, Any]:
+    """A finding's JSON; `origin` only where it has one (the signal rules')."""
+    return {k: v for k, v in _clean(asdict(f)).items() if k != "origin" or v is not None}
+
+
+def _clean(d: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN: unknown numbers become null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}

@@ -1,0 +1,38 @@
+"""What checkpoints hold around a model's weights: the keys wrappers put them under and the prefixes they add
+to every name, and the signs of training beside them (optimizer state, step and epoch counters) that the
+fresh/trained verdict weighs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+# Where training checkpoints keep the model's weights, most specific first.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network",
+                "weights", "params", "ema_state_dict", "ema")
+# Prefixes that wrappers add to every key: DDP (module.), Lightning (model.), torch.compile (_orig_mod.).
+STRIPPED_PREFIXES = ("module.", "_orig_mod.", "model.")
+STEP_KEYS = ("step", "global_step", "steps", "epoch", "epochs", "iteration", "iter", "num_updates", "total_steps")
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_states", "optim", "opt", "optimizer_state")
+
+
+def file_signs(root: Any) -> list[str]:
+    """Signs of training in a checkpoint's top level: optimizer state, step/epoch counters."""
+    if not isinstance(root, Mapping):
+        return []
+    signs = []
+    for key in OPTIMIZER_KEYS:
+        opt = root.get(key)
+        if isinstance(opt, Mapping) and isinstance(opt.get("state"), Mapping) and opt["state"]:
+            signs.append(f"optimizer state under '{key}' ({len(opt['state'])} parameters)")
+        elif isinstance(opt, (list, tuple)) and any(isinstance(o, Mapping) and o.get("state") for o in opt):
+            signs.append(f"optimizer state under '{key}'")
+    for key in STEP_KEYS:
+        value = root.get(key)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            signs.append(f"{key} = {value:g}")
+    return signs

@@ -1,0 +1,133 @@
+"""ONNX models: the graph is parsed whole, tensors (external data included) are read one at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from google.protobuf.message import DecodeError
+from onnx import numpy_helper
+
+from initaudit.common.errors import InputError, first_line
+from initaudit.load.files import inside
+from initaudit.flow.onnx_graph import analyse
+from initaudit.flow.onnx_ops import View
+from initaudit.flow.onnx_scopes import scopes, walk
+from initaudit.load.source import Loaded, TensorSource
+
+
+@dataclass
+class OnnxContainer:
+    """What `fix` needs to write the model back: the proto (external data not loaded) and where each tensor lives."""
+
+    model: onnx.ModelProto
+    views: dict[str, View]
+    sources: dict[str, onnx.TensorProto]
+    outputs: dict[str, str] = field(default_factory=dict)  # layer -> its node's output value (for `probe`)
+
+
+# The most nodes (subgraphs' included) one model may hold: the checker and the graph walk cost about 40 µs and
+# 2 kB a node, so a 30 MB file of a million empty nodes would take 40 s and 2 GB; the largest exported LLMs
+# hold tens of thousands.
+MAX_NODES = 250_000
+
+
+def node_count(graph: onnx.GraphProto) -> int:
+    """Nodes in a graph and every subgraph its nodes hold (If branches, Loop and Scan bodies)."""
+    count = 0
+    pending = [graph]
+    while pending:
+        current = pending.pop()
+        count += len(current.node)
+        for node in current.node:
+            for attribute in node.attribute:
+                pending.extend([attribute.g] if attribute.HasField("g") else [])
+                pending.extend(attribute.graphs)
+    return count
+
+
+def read(path: Path) -> tuple[onnx.ModelProto, list[Path]]:
+    """Parse and validate; a broken graph or bad external data is an InputError. Returns the model and
+    the real paths of its external data files (each one inside the model's folder)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{path}: not a readable ONNX model ({first_line(exc)})") from None
+    nodes = node_count(model.graph)
+    if nodes > MAX_NODES:
+        raise InputError(f"{path}: {nodes:,} graph nodes, more than the {MAX_NODES:,} initaudit walks in one model")
+    real = path.resolve()
+    data_files = {}  # in order, once each
+    for proto in sources_of(model.graph).values():
+        if proto.data_location == onnx.TensorProto.EXTERNAL:
+            data_files[_check_external(proto, path)] = None
+    try:
+        onnx.checker.check_model(str(real))  # by path: handles external data and models over 2 GB
+    except (onnx.checker.ValidationError, DecodeError, OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"{path}: the ONNX checker rejects the model ({first_line(exc)})") from None
+    return model, list(data_files)
+
+
+def _check_external(proto: onnx.TensorProto, path: Path) -> Path:
+    """The real path of a tensor's external data file, once its location, offset and length are sound."""
+    info = {e.key: e.value for e in proto.external_data}
+    if not info.get("location"):
+        raise InputError(f"{path}: tensor {proto.name!r} is stored externally but names no file")
+    target = inside(path.resolve().parent, info["location"], path)
+    offset, length = (_whole(info.get(key, "0"), key, proto, path) for key in ("offset", "length"))
+    if offset + length > target.stat().st_size:  # no length: the rest of the file
+        raise InputError(f"{path}: external data file {info['location']!r} is shorter than tensor {proto.name!r} needs")
+    return target
+
+
+def _whole(value: str, key: str, proto: onnx.TensorProto, path: Path) -> int:
+    if not (value.isascii() and value.isdigit()):
+        raise InputError(f"{path}: tensor {proto.name!r} has external-data {key} {value!r}, not a non-negative "
+                         "whole number")
+    return int(value)
+
+
+def sources_of(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant-node tensors of the graph and every subgraph in it (If branches,
+    Loop/Scan bodies), by the key `analyse` gives them: the tensor's name, made unique across subgraphs.
+
+    The protos are the graph's own, so a writer that changes them changes the model.
+    """
+    return {key: proto for scope in walk(scopes(graph)) for key, proto, _ in scope.tensors()}
+
+
+def array(proto: onnx.TensorProto, folder: Path) -> np.ndarray:
+    try:
+        return numpy_helper.to_array(proto, base_dir=str(folder))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"tensor {proto.name!r} cannot be read ({first_line(exc)})") from None
+
+
+def _shape(dims: tuple[int, ...], index: tuple) -> tuple[int, ...]:
+    return np.broadcast_to(np.zeros((), dtype=bool), dims)[index].shape
+
+
+def load(path: Path) -> Loaded:
+    model, data_files = read(path)
+    sources = sources_of(model.graph)
+    folder = path.resolve().parent
+
+    def value(name: str) -> np.ndarray:
+        return array(sources[name], folder)
+
+    layers = analyse(model.graph, sources, value)
+
+    def get(key: str) -> torch.Tensor:
+        view = layers.views[key]
+        data = value(view.source)[view.index]
+        if data.dtype not in (np.float16, np.float32, np.float64):
+            data = data.astype(np.float32)  # bfloat16 and the like
+        return torch.from_numpy(np.array(data, order="C"))  # a copy: numpy_helper's arrays are read-only
+
+    shapes = {k: _shape(tuple(sources[v.source].dims), v.index) for k, v in layers.views.items()}
+    return Loaded(path, "onnx", TensorSource(shapes, get), flow=layers.flow, modules=layers.modules,
+                  container=OnnxContainer(model, layers.views, sources, layers.outputs), notes=layers.notes,
+                  files=[path.resolve(), *data_files])

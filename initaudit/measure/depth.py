@@ -1,0 +1,291 @@
+"""Depth analysis: the predicted scale of the signal (forward) and of the gradient (backward) at every layer.
+
+Mean-field propagation over the model's data flow, for a unit-RMS input and a unit-RMS gradient at the
+output. Each quantity is a second moment (E[x²]); what is reported is its square root, an RMS:
+
+- a weighted layer multiplies it by fan_in·E[w²] forward (and adds E[b²]) and by fan_out·E[w²] backward;
+- an activation φ maps it to E[φ(z)²] forward and multiplies the gradient by E[φ'(z)²], z ~ N(0, q) at
+  the layer's own operating point q. These Gaussian expectations are computed numerically (a fine grid
+  over ±10σ), so ReLU gives 1/2 and leaky ReLU (1+a²)/2 exactly, and tanh, sigmoid, GELU, SiLU, SELU…
+  the factor of the scale they actually see (tanh: 1 for small signals, ≈0.39 at q=1, → 1/q saturated);
+- a normalization resets the signal to 1 and divides the gradient by the signal it normalized;
+- a residual sum adds the second moments of its inputs (the gradient is copied to both);
+- a softmax (attention weights) carries no signal of its own; everything else passes the scale on;
+- what a recurrent cell or a fused attention module puts out is not modelled: unknown until a normalization.
+- the signal starts at the first weighted layer or normalization: what comes before it (the model's inputs,
+  weights and constants the graph shows as sources, an embedding lookup) is taken as unit scale there.
+
+A layer's `gain` is fan_in·E[w²] times its activation's factor at its operating point (the variance gain
+a plain stack multiplies, layer after layer); `scale` the RMS of its output; `grad_scale` the RMS of the
+loss gradient at its output, relative to the last hidden layer's (`relative_grads`). `judged` says where,
+in forward order (backward: from the output), the scale leaves the band.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from initaudit.flow.activations import IDENTITY, UNKNOWN, Activation
+from initaudit.flow.dataflow import ACT, ADD, LAYER, NORM, OUTPUT, STOP, Flow
+from initaudit.flow.layer import Layer, LayerGraph
+
+DEEP_RUN = 5  # judged: runs of this many weighted layers or more (the selection guide: < 5 is shallow)
+RULES = ("signal-vanishing", "signal-exploding")  # the rules the depth analysis feeds (predicted or measured)
+# Kinds whose gain is fan_in·E[w²]; recurrent cells and fused attention pass the scale on unjudged.
+_PLAIN = ("linear", "conv")
+_GRID = torch.linspace(-10, 10, 8000, dtype=torch.float64)  # an even count: no node at the kinks of ReLU & co.
+_DENSITY = torch.exp(-_GRID ** 2 / 2)
+_DENSITY /= _DENSITY.sum()
+_NO_SIGNAL = None  # a softmax's output: weights for other signals, no scale of its own
+
+_FUNCTIONS = {
+    "relu": F.relu, "relu6": F.relu6, "gelu": F.gelu, "silu": F.silu, "mish": F.mish, "elu": F.elu,
+    "celu": F.celu, "selu": F.selu, "hardswish": F.hardswish, "softplus": F.softplus, "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid, "hardtanh": F.hardtanh, "hardsigmoid": F.hardsigmoid, "softsign": F.softsign,
+    "identity": lambda x: x,
+}
+
+
+def function(activation: Activation):
+    """The torch function of an activation (None when unknown)."""
+    if activation.name in ("leaky_relu", "prelu"):
+        slope = 0.01 if activation.param is None else activation.param
+        return lambda x: F.leaky_relu(x, slope)
+    return _FUNCTIONS.get(activation.name)
+
+
+def moments(activation: Activation, q: float) -> tuple[float, float]:
+    """(E[φ(z)²], E[φ'(z)²]) for z ~ N(0, q): what the activation makes of a signal and a gradient of that scale."""
+    if activation == IDENTITY:
+        return q, 1.0
+    if not (q > 0 and math.isfinite(q)) or function(activation) is None:
+        return math.nan, math.nan
+    return _moments(activation, float(f"{q:.4g}"))
+
+
+@lru_cache(maxsize=4096)
+def _moments(activation: Activation, q: float) -> tuple[float, float]:
+    z = (_GRID * math.sqrt(q)).requires_grad_(True)
+    y = function(activation)(z)
+    (slope,) = torch.autograd.grad(y.sum(), z)
+    return float((y.detach() ** 2 * _DENSITY).sum()), float((slope ** 2 * _DENSITY).sum())
+
+
+def factor(activation: Activation, q: float = 1.0) -> float:
+    """The activation's forward second-moment factor E[φ(z)²]/q at scale q (ReLU 1/2, leaky ReLU (1+a²)/2)."""
+    return moments(activation, q)[0] / q
+
+
+@dataclass(frozen=True)
+class Weights:
+    """What the propagation needs of one layer's tensors."""
+
+    fan_in: int
+    fan_out: int
+    second_moment: float        # E[w²]
+    bias_moment: float = 0.0    # E[b²]
+
+
+@dataclass
+class LayerDepth:
+    name: str
+    gain: float | None = None        # fan_in·E[w²]·the activation's factor at the layer's operating point
+    scale: float | None = None       # RMS of the layer's output, for a unit-RMS input
+    grad_scale: float | None = None  # RMS of the loss gradient at the layer's output (relative: `relative_grads`)
+
+
+def chain(graph: LayerGraph) -> Flow:
+    """A flow for a model whose data flow is not known (bare files, module order): its layers in forward order,
+    each followed by its activation (as named by the user) and its normalization."""
+    items = []
+    for layer in sorted((layer for layer in graph if layer.weighted), key=lambda layer: layer.position):
+        items.append((LAYER, layer.name, None))
+        if layer.norm_after:
+            items.append((NORM, None, None))
+        if layer.activation != IDENTITY:
+            items.append((ACT, None, layer.activation))
+    return Flow.chain(items)
+
+
+def _order(flow: Flow) -> tuple[list[int], list[list[int]]]:
+    """Topological order of the flow's nodes (ties in insertion order; any on a cycle last) and each node's
+    producers."""
+    producers = flow.producers()
+    order = flow.topological(producers)
+    seen = set(order)
+    return order + [i for i in range(len(flow.nodes)) if i not in seen], producers
+
+
+def _gathered(values: list[float | None]) -> float | None:
+    """The scale a pass-through node carries on: the largest of its inputs' (unknown wins, softmax weights don't count)."""
+    signal = [v for v in values if v is not _NO_SIGNAL]
+    if any(math.isnan(v) for v in signal):
+        return math.nan
+    return max(signal) if signal else _NO_SIGNAL
+
+
+def propagate(flow: Flow, weights: dict[str, Weights], kinds: dict[str, str]) -> dict[str, LayerDepth]:
+    """Forward and backward second moments along the flow; per layer (its first node) the RMS values."""
+    order, producers = _order(flow)
+    fwd: list[float | None] = [_NO_SIGNAL] * len(flow.nodes)
+    inputs: list[float | None] = [_NO_SIGNAL] * len(flow.nodes)
+    for idx in order:
+        node = flow.nodes[idx]
+        ins = [fwd[p] for p in producers[idx]]
+        q = _gathered(ins)
+        inputs[idx] = q
+        if node.role == LAYER:
+            w = weights.get(node.layer)
+            base = 1.0 if q is _NO_SIGNAL else q
+            plain = w is not None and kinds.get(node.layer, "").startswith(_PLAIN)
+            fwd[idx] = w.fan_in * w.second_moment * base + w.bias_moment if plain else math.nan
+        elif node.role == ACT:
+            fwd[idx] = q if q is _NO_SIGNAL else moments(node.activation or UNKNOWN, q)[0]
+        elif node.role == NORM:
+            fwd[idx] = 1.0
+        elif node.role == STOP:
+            fwd[idx] = _NO_SIGNAL
+        elif node.role == ADD:
+            signal = [v for v in ins if v is not _NO_SIGNAL]
+            fwd[idx] = sum(signal) if signal else _NO_SIGNAL
+        else:
+            fwd[idx] = q
+    back: list[float | None] = [None] * len(flow.nodes)
+    for idx in reversed(order):
+        parts = [_passed_back(flow.nodes[u], inputs[u], back[u], weights, kinds) for u in flow.nodes[idx].users]
+        parts = [p for p in parts if p is not None]
+        back[idx] = (math.nan if any(math.isnan(p) for p in parts) else sum(parts)) if parts else None
+    out: dict[str, LayerDepth] = {}
+    for idx in order:
+        node = flow.nodes[idx]
+        if node.role == LAYER and node.layer and node.layer not in out:
+            out[node.layer] = LayerDepth(node.layer, scale=_rms(fwd[idx]), grad_scale=_rms(back[idx]))
+    return out
+
+
+def _passed_back(user, q_in: float | None, g: float | None, weights: dict[str, Weights],
+                 kinds: dict[str, str]) -> float | None:
+    """The gradient second moment `user` hands back to one of its inputs (None: no gradient path)."""
+    if user.role == OUTPUT:
+        return 1.0
+    if g is None or user.role == STOP:
+        return None
+    if user.role == LAYER:
+        w = weights.get(user.layer)
+        plain = w is not None and kinds.get(user.layer, "").startswith(_PLAIN)
+        return w.fan_out * w.second_moment * g if plain else g
+    if user.role == ACT:
+        return g if q_in is _NO_SIGNAL else moments(user.activation or UNKNOWN, q_in)[1] * g
+    if user.role == NORM:
+        return g if q_in is _NO_SIGNAL else g / q_in if q_in > 0 else math.nan
+    return g
+
+
+def _rms(m: float | None) -> float | None:
+    return None if m is None or math.isnan(m) or m < 0 else math.sqrt(m)
+
+
+def predict(graph: LayerGraph, flow: Flow | None, weights: dict[str, Weights]) -> dict[str, LayerDepth]:
+    """Every weighted layer's predicted gain, scale and gradient scale (the flow: `chain` where none is known, or
+    where it is module order, blind to functional calls)."""
+    kinds = {layer.name: layer.kind for layer in graph}
+    found = propagate(flow if flow is not None and flow.sees_activations else chain(graph), weights, kinds)
+    for layer in graph:
+        depth = found.get(layer.name)
+        w = weights.get(layer.name)
+        if depth is None or w is None or not layer.kind.startswith(_PLAIN):
+            continue
+        q = 1.0 if layer.norm_after else depth.scale ** 2 if depth.scale else math.nan
+        f = 1.0 if layer.activation == IDENTITY else factor(layer.activation, q) if q > 0 else math.nan
+        gain = w.fan_in * w.second_moment * f
+        depth.gain = gain if math.isfinite(gain) else None
+    relative = relative_grads(list(graph), {name: d.grad_scale for name, d in found.items()})
+    for name, d in found.items():
+        d.grad_scale = relative[name]
+    return found
+
+
+def classify(value: float | None, band: tuple[float, float]) -> str | None:
+    """'vanishing' below the band, 'exploding' above, 'stable' inside; None when unknown, or exactly 0 (a zeroed
+    layer: the zero-weights rule's finding, not a matter of depth)."""
+    if value is None or math.isnan(value) or value == 0:
+        return None
+    return "vanishing" if value < band[0] else "exploding" if value > band[1] else "stable"
+
+
+def crossings(values: list[tuple[str, float | None]], band: tuple[float, float]) -> list[tuple[str, str | None, str]]:
+    """(layer, the layer before it, verdict) wherever the value, in the order given, leaves the band (again, after
+    coming back into it)."""
+    state, out, previous = "stable", [], None
+    for name, value in values:
+        verdict = classify(value, band)
+        if verdict is None:
+            continue
+        if verdict != "stable" and verdict != state:
+            out.append((name, previous, verdict))
+        state, previous = verdict, name
+    return out
+
+
+def judged_layers(layers: list[Layer]) -> list[Layer]:
+    """The layers whose scale is judged, in forward order: plain layers (not recurrent or fused attention, whose gain
+    is not modelled) in runs of at least DEEP_RUN weighted layers with no normalization or residual sum between them
+    (graph._assign_runs), not right before a normalization. Elsewhere norms and residual sums keep the scale from
+    compounding (the selection guide: shallow stacks do fine with any plain random init), and what a squeeze-excite
+    gate or an attention softmax does to a gradient is not modelled."""
+    return sorted((layer for layer in layers if layer.kind.startswith(_PLAIN) and not layer.norm_after
+                   and layer.run_depth >= DEEP_RUN), key=lambda layer: layer.position)
+
+
+def relative_grads(layers: list[Layer], grads: dict[str, float | None]) -> dict[str, float | None]:
+    """Gradient scales relative to the one the output layer hands back: at the last hidden layer's output (the
+    last judged layer in forward order that is not an output). A narrow head (10 classes from 4096 features)
+    shrinks every gradient below it alike; that is no vanishing."""
+    hidden = [layer for layer in judged_layers(layers) if not layer.is_output and not layer.norm_after
+              and grads.get(layer.name)]
+    last = max(hidden, key=lambda layer: layer.position, default=None)
+    ref = grads[last.name] if last is not None else 1.0
+    return {name: (g / ref if g is not None else None) for name, g in grads.items()}
+
+
+def judged(layers: list[Layer], scales: dict[str, float | None], grads: dict[str, float | None],
+           band: tuple[float, float]) -> tuple[dict[str, str], dict[str, str]]:
+    """(forward exits, backward exits) over the judged layers (`_judged`): forward in order, backward from the
+    output (`grads` relative, see `relative_grads`). On a residual branch only exploding counts, either way: the
+    sum carries the stream (and its gradient) on, and a branch that starts near zero is what zero-init residuals,
+    LayerScale and FocalNet's modulation at normal(0.02) do on purpose; a branch that swamps the stream is not."""
+    ordered = judged_layers(layers)
+    branch = {layer.name for layer in ordered if layer.residual_branch}
+    forward = {name: verdict for name, _, verdict in
+               _exits([(layer.name, scales.get(layer.name)) for layer in ordered], branch, band)}
+    backward = {}
+    for name, above, verdict in _exits([(layer.name, grads.get(layer.name)) for layer in reversed(ordered)], branch, band):
+        # Going back, the layer above handed the gradient down out of the band (its weights): it is blamed, unless
+        # the forward signal left the band the same way on this very layer (one fault, both directions).
+        backward[name if above is None or forward.get(name) == verdict else above] = verdict
+    return forward, backward
+
+
+def _exits(values: list[tuple[str, float | None]], branch: set[str],
+           band: tuple[float, float]) -> list[tuple[str, str | None, str]]:
+    """`crossings` off the residual branches, and where a branch explodes."""
+    off = crossings([(name, value) for name, value in values if name not in branch], band)
+    return off + [c for c in crossings(values, band) if c[0] in branch and c[2] == "exploding"]
+
+
+def detail(forward: str | None, backward: str | None, depth: LayerDepth, origin: str) -> str | None:
+    """One clause per direction in which the scale leaves the band at this layer."""
+    parts = []
+    if forward:
+        parts.append(f"the forward signal's RMS reaches {depth.scale:.3g}x the input's ({forward})")
+    if backward:
+        parts.append(f"the gradient's RMS reaches {depth.grad_scale:.3g}x the last hidden layer's ({backward} going back)")
+    if not parts:
+        return None
+    gain = f"; per-layer variance gain {depth.gain:.3g}" if depth.gain is not None else ""
+    return f"{origin}: " + " and ".join(parts) + gain

@@ -1,0 +1,146 @@
+"""The pipeline, one way through the stages: load → flow (the layer graph) → measure → judge → report; and the
+Python API's `audit()`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from initaudit.config import Options
+from initaudit.flow.layers import annotate, context, group_layers
+from initaudit.flow.layer import LayerGraph
+from initaudit.judge import rules as rulebook
+from initaudit.judge.evaluate import evaluate, layer_rows, set_aside
+from initaudit.judge.facts import add_recipe_shares, short_list, signal_facts, tensor_facts
+from initaudit.judge.report import Report
+from initaudit.load.dispatch import load
+from initaudit.load.source import Loaded
+from initaudit.load.containers import file_signs
+from initaudit.measure import depth, weight_state
+from initaudit.measure.tensors import Measured, measure
+
+
+def build_graph(loaded: Loaded, options: Options) -> LayerGraph:
+    """The layer graph of a loaded model, each layer with its context (activation, norms, depth)."""
+    shapes = {k: s for k, s in loaded.tensors.shapes.items()}
+    layers = group_layers(shapes, loaded.modules)
+    # sorted, not registered (a Hugging Face folder's names are put in natural order when read)
+    names_sorted = loaded.format in ("safetensors", "hf-folder") or list(shapes) == sorted(shapes)
+    downstream, order = context(layers, loaded.flow, names_sorted)
+    return annotate(layers, downstream, options.activation, options.activations, hints=loaded.activations, **order)
+
+
+def measure_and_describe(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
+    """Every audited tensor measured, with its facts; tensors holding no real numbers become notes."""
+    done = measure(loaded.tensors, graph)
+    for m in done.measured:
+        m.facts = tensor_facts(graph, m)
+    add_recipe_shares(done.measured)
+    for reason, keys in done.skipped.items():
+        note = f"not audited ({reason}): {short_list(keys, 5)}"
+        if note not in loaded.notes:
+            loaded.notes.append(note)
+    return done.measured
+
+
+def depth_weights(measured: list[Measured]) -> dict[str, depth.Weights]:
+    """Each weighted layer's fans and second moments (E[w²], E[b²]), for the depth analysis."""
+    out, biases = {}, {}
+    for m in measured:
+        moment = m.stats.std ** 2 + m.stats.mean ** 2
+        if m.param.role == "bias":
+            biases[m.layer.name] = moment
+        elif m.param is m.layer.param("weight") and m.layer.weighted:
+            out[m.layer.name] = depth.Weights(m.param.fan_in, m.param.fan_out, moment)
+    return {name: depth.Weights(w.fan_in, w.fan_out, w.second_moment, biases.get(name, 0.0))
+            for name, w in out.items() if math.isfinite(w.second_moment)}
+
+
+def predict_depth(loaded: Loaded, graph: LayerGraph, measured: list[Measured],
+                  band: tuple[float, float]) -> dict[str, depth.LayerDepth]:
+    """The depth analysis (measure/depth.py): each weighted layer's predicted gain and scales, as facts of its weight."""
+    found = depth.predict(graph, loaded.flow, depth_weights(measured))
+    forward, backward = depth.judged(list(graph), {n: d.scale for n, d in found.items()},
+                                     {n: d.grad_scale for n, d in found.items()}, band)
+    for m in measured:
+        if m.param is m.layer.param("weight") and m.layer.weighted:
+            m.facts.update(signal_facts(m.layer, found.get(m.layer.name), forward, backward))
+    return found
+
+
+@dataclass
+class Analysis:
+    """Everything one pass produced: the graph, the measured tensors and the report (the fixer needs all three)."""
+
+    loaded: Loaded
+    graph: LayerGraph
+    measured: list[Measured]
+    report: Report
+    options: Options | None = None
+
+
+def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None = None) -> Analysis:
+    """Audit an already loaded model."""
+    rules = rulebook.select(rules if rules is not None else rulebook.builtin_rules(), options.select, options.ignore)
+    graph = build_graph(loaded, options)
+    measured = measure_and_describe(loaded, graph)
+    signs = file_signs(getattr(loaded.container, "root", None))
+    state = weight_state.assess(loaded.tensors, measured, signs, options.state)
+    weight_state.apply(measured, state)
+    predict_depth(loaded, graph, measured, options.signal_band)
+    aside = set_aside(measured, rules)
+    notes = list(loaded.notes)
+    if options.activation is not None or options.activations:
+        notes = [n for n in notes if "activations are unknown" not in n]
+    notes += [line for line in [weight_state.note(state, aside)] if line]
+    report = Report(model=loaded.name, format=loaded.format,
+                    layers=layer_rows(measured), findings=evaluate(measured, rules, options.ignored), notes=notes,
+                    weights_state=state.state, state_evidence={**state.evidence(), "rules_set_aside": aside})
+    return Analysis(loaded, graph, measured, report, options)
+
+
+def run(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None = None) -> Report:
+    """The report of an already loaded model."""
+    return analyse(loaded, options, rules).report
+
+
+def make_options(options: Options | None = None, activation: str | None = None,
+                 activations: dict[str, str] | None = None, select: list[str] | None = None,
+                 ignore: list[str] | None = None, state: str | None = None) -> Options:
+    """Options for the Python API: keyword arguments over `options` (or the defaults)."""
+    from initaudit.flow.activations import parse
+
+    options = options or Options()
+    if activation is not None:
+        options.activation = parse(activation)
+    if activations:
+        options.activations = {**options.activations, **{k: parse(v) for k, v in activations.items()}}
+    options.select = select if select is not None else options.select
+    options.ignore = ignore if ignore is not None else options.ignore
+    options.state = state if state is not None else options.state
+    return options
+
+
+def audit(target: str | Path | torch.nn.Module | None = None, *, model: str | None = None,
+          activation: str | None = None, activations: dict[str, str] | None = None,
+          trust_pickle: bool = False, select: list[str] | None = None, ignore: list[str] | None = None,
+          state: str | None = None, optimizer_state: bool = False, options: Options | None = None) -> Report:
+    """Audit a model file, a live `nn.Module`, or a module built by `model='package.module:factory'`.
+
+    >>> report = audit(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()))
+    >>> report.summary["errors"]
+    0
+
+    `state` ('auto', 'fresh' or 'trained') overrides the fresh/trained verdict on the weights;
+    `optimizer_state` audits a distributed checkpoint's optimizer state too (health rules only apply to it).
+    """
+    options = make_options(options, activation, activations, select, ignore, state)
+    if isinstance(target, torch.nn.Module):
+        from initaudit.load import modules
+        loaded = modules.from_module(target, None)
+    else:
+        loaded = load(target, trust_pickle=trust_pickle, factory=model, optimizer_state=optimizer_state)
+    return run(loaded, options)
