@@ -37,8 +37,8 @@ from initaudit.load.torch_files import load_error_reason
 METADATA = ".metadata"
 _MAX_METADATA = 256 << 20
 BATCH_TENSORS = 1024  # the most tensors one dcp.load reads
-BATCH_BYTES = 16 << 20  # tensors read ahead with the one asked for: at most this many bytes in a load...
-READ_AHEAD_BYTES = 64 << 20  # ...and in all, read but not yet asked for
+BATCH_BYTES = 4 << 20  # tensors read ahead with the one asked for: at most this many bytes in a load...
+READ_AHEAD_BYTES = 8 << 20  # ...and in all, read but not yet asked for (memory stays at about 2x the largest tensor)
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
                                               "TensorStorageMetadata", "ChunkStorageMetadata", "BytesStorageMetadata",
