@@ -9,7 +9,6 @@ strings and refuses what is deeper than real files ever are. In TOML it also cou
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import os
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from initaudit.common.memory import physical_memory
 from initaudit.common.errors import InputError, first_line
 from initaudit.load.files import regular
 
@@ -59,16 +59,9 @@ REMOTE = RemoteLimits()  # --remote-timeout sets its timeout
 def fits_in_memory(nbytes: int) -> bool:
     """Whether `nbytes` (a tensor a file claims, before it is allocated) fit in this machine's memory (yes
     where the system does not tell its size)."""
-    total = _memory()
+    total = physical_memory()
     return total is None or nbytes <= total
 
-
-@functools.cache
-def _memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
-        return None
 
 
 def read_regular(path: Path, limit: int, what: str, shown: Path | None = None) -> bytes:

@@ -30,6 +30,7 @@ from initaudit.measure.tensors import Measured
 from initaudit.pipeline import Analysis, analyse
 from initaudit.config import Options
 from initaudit.flow.dynamic_trace import example_inputs
+from initaudit.common.memory import physical_memory
 from initaudit.common.errors import InputError, one_line
 from initaudit.flow.layer import Layer
 from initaudit.load.source import Loaded
@@ -348,7 +349,7 @@ def _check_build_size(loaded: Loaded, module: torch.nn.Module, budget: int | Non
 
 def default_build_memory() -> int:
     """Half the RAM (8 GB where the system does not say)."""
-    ram = sandbox.physical_memory()
+    ram = physical_memory()
     return ram // 2 if ram else 8 * GB
 
 
@@ -486,7 +487,7 @@ def run_limits(loaded: Loaded, layers: list[Layer], batch: int | None, policy: P
     work = max(1.0, (batch or 64) / 64)
     seconds = policy.time_limit or 120 * work + 60 * weights / GB
     memory = GB + 4 * weights + int(work * len(layers) * 32 * MB)
-    ram = sandbox.physical_memory()
+    ram = physical_memory()
     return seconds, policy.memory_limit or (min(memory, ram * 3 // 4) if ram else memory)
 
 

@@ -57,14 +57,6 @@ class Policy:
     pickled: bool = False             # a live module was unpickled from its file: its forward runs in the child too
 
 
-def physical_memory() -> int | None:
-    """The machine's RAM in bytes, where the system says (Linux, macOS)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
 def run(job: str, args: tuple, seconds: float, memory: int, show_output: bool = False) -> Any:
     """`job(*args)` (job: 'package.module:function', returning JSON-able data) in a spawned child within `seconds`
     and `memory` bytes; its answer, or an InputError of one line when it overran, failed or died."""
