@@ -60,4 +60,9 @@ FACTS = {
     "gradient_exit": "vanishing/exploding where the gradient's scale, going back, leaves the signal band here",
     "signal_detail": "what the depth analysis found at this layer, in words",
     "origin": "predicted (check: from the weights) or measured (probe: a forward and backward pass)",
+    "torch_fan_mistake": "a transposed conv drawn with Kaiming/LeCun at torch's fan (weight dim 1: out·k) where the "
+                         "signal sees a different one (in·k/stride²)",
+    "fan_note": "words on the fan the std was judged at, where it is not torch's (a transposed conv), else empty",
+    "snn_band": "below/above where a SELU layer's fan_in·E[w²] is outside the SNN paper's stable band [0.95, 1.1] "
+                "beyond 3 standard errors of its estimate, else inside (none for other activations)",
 }
