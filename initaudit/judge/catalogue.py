@@ -52,6 +52,7 @@ FACTS = {
     "layer_state": "this layer's own verdict: fresh (fits an iid init draw), trained (does not) or unknown (too few values)",
     "dead_fraction": "dead_units / units",
     "peak_share": "the share of the tensor's squared deviations from its mean held by its largest entry",
+    "spike_ratio": "the largest entry's distance from the mean in standard deviations of all the other entries",
     "substantial_duplicate_units": "duplicate units whose norm is not negligible (not weight decay's near-zeros)",
     "predicted_gain": "fan_in·E[w²]·the activation's second-moment factor at the layer's operating point (initaudit.depth)",
     "predicted_scale": "RMS of the layer's output relative to the input's, predicted (or measured, by probe) through depth",

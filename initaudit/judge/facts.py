@@ -98,7 +98,7 @@ def _stats_facts(m: Measured) -> dict[str, Any]:
         "duplicate_fraction": st.duplicate_units / st.n_units if st.n_units else 0.0,
         "substantial_duplicate_units": st.substantial_duplicate_units,
         "dead_fraction": len(dead) / st.n_units if st.n_units else 0.0,
-        "peak_share": _peak_share(st),
+        "peak_share": _peak_share(st), "spike_ratio": _spike_ratio(st),
         "duplicate_example": short_list(groups[0]) if groups else None,
     }
 
@@ -140,6 +140,15 @@ def _peak_share(st: TensorStats) -> float | None:
         return None
     peak = max(abs(st.max - st.mean), abs(st.min - st.mean))
     return min(peak * peak / (st.finite * st.std * st.std), 1.0)
+
+
+def _spike_ratio(st: TensorStats) -> float | None:
+    """The largest entry's distance from the mean, in standard deviations of all the other entries."""
+    if not st.std > 0 or st.finite < 3:
+        return None
+    peak = max(abs(st.max - st.mean), abs(st.min - st.mean))
+    rest = st.finite * st.std * st.std - peak * peak
+    return peak / math.sqrt(rest / (st.finite - 1)) if rest > 0 else math.inf
 
 
 def short_list(units: list[int], most: int = 8) -> str:
