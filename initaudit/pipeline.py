@@ -54,7 +54,7 @@ def depth_weights(measured: list[Measured]) -> dict[str, depth.Weights]:
         if m.param.role == "bias":
             biases[m.layer.name] = moment
         elif m.param is m.layer.param("weight") and m.layer.weighted:
-            out[m.layer.name] = depth.Weights(m.param.fan_in, m.param.fan_out, moment)
+            out[m.layer.name] = depth.Weights(*m.param.signal_fans, moment)
     return {name: depth.Weights(w.fan_in, w.fan_out, w.second_moment, biases.get(name, 0.0))
             for name, w in out.items() if math.isfinite(w.second_moment)}
 

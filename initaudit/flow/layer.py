@@ -26,6 +26,12 @@ class Param:
     unit_axis: int = 0       # the axis that indexes output units/filters
     hidden: int | None = None  # recurrent hidden size (torch's RNN default is uniform ±1/sqrt(hidden))
     shared_with: str | None = None  # another key holding the very same tensor (tied weights)
+    flow_fans: tuple[int, int] | None = None  # (forward, backward) fans the signal sees, where not torch's (a transposed conv)
+
+    @property
+    def signal_fans(self) -> tuple[int, int]:
+        """The (forward, backward) fans the data flow sees: the depth model's and the expected std's."""
+        return self.flow_fans or (self.fan_in, self.fan_out)
 
     @property
     def is_weight(self) -> bool:

@@ -74,6 +74,17 @@ def fans(kind: str, shape: tuple[int, ...], transposed: bool = False) -> tuple[i
     return shape[1] * receptive, shape[0] * receptive, unit_axis
 
 
+def transposed_flow_fans(shape: tuple[int, ...], strides: tuple[int, ...] = (), groups: int = 1) -> tuple[int, int]:
+    """(forward, backward) fans a transposed conv's signal sees, for its weight [in, out/groups, *k]: each output
+    sums (in/groups)·k/stride inputs (torch's init counts dim 1, out·k, as fan_in instead). Going back, each input
+    gathers (out/groups)·k gradients from stride times as many positions: counted per output position, as a
+    strided conv's torch fan_out counts its gradient, that is (out/groups)·k/stride. A stride not given (a bare
+    file) is taken as 1."""
+    receptive = math.prod(shape[2:])
+    step = max(math.prod(strides) if strides else 1, 1)
+    return max(shape[0] // max(groups, 1) * receptive // step, 1), max(shape[1] * receptive // step, 1)
+
+
 # ---------------------------------------------------------------- building
 
 @dataclass
@@ -84,6 +95,8 @@ class ModuleInfo:
     module_type: str
     transposed: bool = False
     norm_folded: bool = False  # an exporter folded a BatchNorm into this layer's weights (ONNX), not on a shortcut
+    strides: tuple[int, ...] = ()  # a (transposed) conv's strides, where the module or graph says them
+    groups: int = 1
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -111,7 +124,8 @@ def _kind_from_tensors(name: str, suffixes: dict[str, tuple[int, ...]]) -> str:
     return "parameter"
 
 
-def _params_of(kind: str, prefix: str, suffixes: dict[str, tuple[int, ...]], transposed: bool) -> list[Param]:
+def _params_of(kind: str, prefix: str, suffixes: dict[str, tuple[int, ...]], transposed: bool,
+               info: ModuleInfo | None = None) -> list[Param]:
     params = []
     hidden = None
     if kind == "recurrent":
@@ -132,8 +146,11 @@ def _params_of(kind: str, prefix: str, suffixes: dict[str, tuple[int, ...]], tra
         else:
             role = "parameter"
         fan_in, fan_out, axis = fans(kind, shape, transposed) if role == "weight" else (0, 0, 0)
+        flow_fans = None
+        if role == "weight" and kind.startswith("conv_transpose"):
+            flow_fans = transposed_flow_fans(shape, info.strides if info else (), info.groups if info else 1)
         params.append(Param(key, role, tuple(shape), fan_in, fan_out, axis,
-                            hidden if kind == "recurrent" else None))
+                            hidden if kind == "recurrent" else None, flow_fans=flow_fans))
     return params
 
 
@@ -154,7 +171,7 @@ def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleIn
         transposed = bool(info and info.transposed) or (kind == "linear" and prefix in flipped)
         if kind.startswith("conv") and prefix in flipped:
             kind = kind.replace("conv", "conv_transpose")
-        layers.append(Layer(prefix, kind, _params_of(kind, prefix, suffixes, transposed),
+        layers.append(Layer(prefix, kind, _params_of(kind, prefix, suffixes, transposed, info),
                             module_type=info.module_type if info else None, norm_folded=bool(info and info.norm_folded)))
     return layers
 

@@ -152,7 +152,9 @@ def _conv_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto)
     plain = node.op_type == "Conv"
     folded = plain and _bn_folded(node, weight)
     kind = f"conv{spatial}d" if plain else f"conv_transpose{spatial}d"
-    name = found.add_layer(g, i, node, weight, ModuleInfo(kind, node.op_type, False, norm_folded=folded))
+    name = found.add_layer(g, i, node, weight, ModuleInfo(kind, node.op_type, False, norm_folded=folded,
+                                                          strides=tuple(attribute(node, "strides", ())),
+                                                          groups=int(attribute(node, "group", 1))))
     found.add_view(f"{name}.bias", _bias_input(g, node))
     if folded:
         found.folded.add((g, i))

@@ -40,7 +40,10 @@ def module_infos(root: torch.nn.Module) -> dict[str, ModuleInfo]:
         names = class_names(module)
         kind = kind_of_class(names)
         if kind is not None:
-            infos[name] = ModuleInfo(kind, names[0], transposed=names[0] == "Conv1D")
+            conv = kind.startswith("conv") and isinstance(getattr(module, "stride", None), tuple)
+            infos[name] = ModuleInfo(kind, names[0], transposed=names[0] == "Conv1D",
+                                     strides=tuple(module.stride) if conv else (),
+                                     groups=int(getattr(module, "groups", 1)) if conv else 1)
     return infos
 
 

@@ -52,6 +52,7 @@ FACTS = {
     "layer_state": "this layer's own verdict: fresh (fits an iid init draw), trained (does not) or unknown (too few values)",
     "dead_fraction": "dead_units / units",
     "peak_share": "the share of the tensor's squared deviations from its mean held by its largest entry",
+    "spike_ratio": "the largest entry's distance from the mean in standard deviations of all the other entries",
     "substantial_duplicate_units": "duplicate units whose norm is not negligible (not weight decay's near-zeros)",
     "predicted_gain": "fan_in·E[w²]·the activation's second-moment factor at the layer's operating point (initaudit.depth)",
     "predicted_scale": "RMS of the layer's output relative to the input's, predicted (or measured, by probe) through depth",
@@ -60,4 +61,9 @@ FACTS = {
     "gradient_exit": "vanishing/exploding where the gradient's scale, going back, leaves the signal band here",
     "signal_detail": "what the depth analysis found at this layer, in words",
     "origin": "predicted (check: from the weights) or measured (probe: a forward and backward pass)",
+    "torch_fan_mistake": "a transposed conv drawn with Kaiming/LeCun at torch's fan (weight dim 1: out·k) where the "
+                         "signal sees a different one (in·k/stride²)",
+    "fan_note": "words on the fan the std was judged at, where it is not torch's (a transposed conv), else empty",
+    "snn_band": "below/above where a SELU layer's fan_in·E[w²] is outside the SNN paper's stable band [0.95, 1.1] "
+                "beyond 3 standard errors of its estimate, else inside (none for other activations)",
 }

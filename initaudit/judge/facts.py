@@ -30,8 +30,28 @@ def tensor_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         "expected_scheme": expected_scheme,
         "expected_std": expected, "expected_call": rec.call if rec else None,
         "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
-        "shared": param.shared_with is not None, "bias_ratio": _bias_ratio(m),
+        "shared": param.shared_with is not None, "bias_ratio": _bias_ratio(m), **_fan_facts(m),
     }
+
+
+# The SNN paper's stable band for a SELU layer's fan_in·Var(w) (Klambauer et al. 2017, Theorem 1's domain).
+SNN_BAND = (0.95, 1.1)
+
+
+def _fan_facts(m: Measured) -> dict[str, Any]:
+    """Where the signal's fan is not torch's (a transposed conv): the known mistake of Kaiming at torch's fan;
+    and a SELU layer's variance gain against the SNN band, beyond the sampling error of its estimate."""
+    param, fp, st = m.param, m.fingerprint, m.stats
+    forward = param.signal_fans[0]
+    mistake = bool(fp and param.flow_fans and forward != param.fan_in and fp.fan == "fan_in"
+                   and fp.family in ("kaiming", "lecun"))
+    note = (f"; torch.nn.init counted this transposed conv's fan from weight dim 1 ({param.fan_in}), its signal "
+            f"sees in·k/stride² = {forward}") if mistake else ""
+    band = None
+    if m.layer.activation.family == "selu" and param.is_weight and st.numel and math.isfinite(st.std):
+        gain, error = forward * (st.std ** 2 + st.mean ** 2), 3 * math.sqrt(2 / st.numel)
+        band = "below" if gain * (1 + error) < SNN_BAND[0] else "above" if gain * (1 - error) > SNN_BAND[1] else "inside"
+    return {"torch_fan_mistake": mistake, "fan_note": note, "snn_band": band}
 
 
 def _expectation(m: Measured) -> tuple[float | None, str | None, float | None]:
@@ -78,7 +98,7 @@ def _stats_facts(m: Measured) -> dict[str, Any]:
         "duplicate_fraction": st.duplicate_units / st.n_units if st.n_units else 0.0,
         "substantial_duplicate_units": st.substantial_duplicate_units,
         "dead_fraction": len(dead) / st.n_units if st.n_units else 0.0,
-        "peak_share": _peak_share(st),
+        "peak_share": _peak_share(st), "spike_ratio": _spike_ratio(st),
         "duplicate_example": short_list(groups[0]) if groups else None,
     }
 
@@ -108,8 +128,9 @@ def _scheme_facts(m: Measured) -> dict[str, Any]:
 def _bias_ratio(m: Measured) -> float | None:
     """The bias's RMS over the weight's output scale std·√fan_in: how much of a unit's input the bias is."""
     bias, param, st = m.bias, m.param, m.stats
-    if bias is not None and param.is_weight and param.fan_in and st.std > 0 and math.isfinite(st.std):
-        return float(bias.detach().float().pow(2).mean().sqrt()) / (st.std * math.sqrt(param.fan_in))
+    fan = param.signal_fans[0]
+    if bias is not None and param.is_weight and fan and st.std > 0 and math.isfinite(st.std):
+        return float(bias.detach().float().pow(2).mean().sqrt()) / (st.std * math.sqrt(fan))
     return None
 
 
@@ -119,6 +140,15 @@ def _peak_share(st: TensorStats) -> float | None:
         return None
     peak = max(abs(st.max - st.mean), abs(st.min - st.mean))
     return min(peak * peak / (st.finite * st.std * st.std), 1.0)
+
+
+def _spike_ratio(st: TensorStats) -> float | None:
+    """The largest entry's distance from the mean, in standard deviations of all the other entries."""
+    if not st.std > 0 or st.finite < 3:
+        return None
+    peak = max(abs(st.max - st.mean), abs(st.min - st.mean))
+    rest = st.finite * st.std * st.std - peak * peak
+    return peak / math.sqrt(rest / (st.finite - 1)) if rest > 0 else math.inf
 
 
 def short_list(units: list[int], most: int = 8) -> str:

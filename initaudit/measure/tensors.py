@@ -99,7 +99,12 @@ def _scheme(layer: Layer, param: Param, st: stats.TensorStats, tensor: torch.Ten
     fp = schemes.fingerprint(st, param.fan_in, param.fan_out, layer.kind, layer.activation,
                              tensor, param.hidden, n_blocks)
     role = "weight_hh" if "weight_hh" in param.key else "weight"
-    return fp, schemes.recommend(layer.activation, param.fan_in, param.fan_out, layer.kind, param.hidden, role)
+    rec = schemes.recommend(layer.activation, *param.signal_fans, layer.kind, param.hidden, role)
+    if rec is not None and param.signal_fans != (param.fan_in, param.fan_out):
+        # torch.nn.init would count a transposed conv's fan from dim 1: the std itself is what to draw
+        rec = schemes.Recommendation(f"{rec.scheme} (at the signal's fan {param.signal_fans[0]})", rec.std, "normal_",
+                                     (("std", float(f"{rec.std:.4g}")),), rec.basis)
+    return fp, rec
 
 
 def _measure_one(tensors: Tensors, layer: Layer, param: Param, n_blocks: int,
