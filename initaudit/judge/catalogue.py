@@ -60,4 +60,11 @@ FACTS = {
     "gradient_exit": "vanishing/exploding where the gradient's scale, going back, leaves the signal band here",
     "signal_detail": "what the depth analysis found at this layer, in words",
     "origin": "predicted (check: from the weights) or measured (probe: a forward and backward pass)",
+    "expected_state": "the state the user declared for the layer (expect: trained or fresh), else undeclared",
+    "model_trained_share": "the share of the model's classified weight values in layers seen trained",
+    "siblings_trained": "the share of the same layer in the other blocks (3 or more) seen trained; none without",
+    "recipe": "the init recipe declared for the tensor (config file or the model's config), e.g. normal(0.02)",
+    "recipe_source": "where the recipe is declared: [tool.initaudit] recipe, or config.json initializer_range",
+    "recipe_fits": "the tensor fits its declared recipe (shape and std within sampling error); none without one",
+    "recipe_contradiction": "how the tensor contradicts its declared recipe, in words",
 }

@@ -153,7 +153,7 @@ def load(path: Path, index: str | None = None) -> Loaded:
                           nbytes={k: handles[shards[k]].nbytes(k) for k in shapes})
     return Loaded(path, "hf-folder", source, flow=flow, modules=modules, activations=hints,
                   container={"shards": shards, "metadata": metadata, "handles": handles}, notes=notes,
-                  files=[path.resolve(), *dict.fromkeys(files)])
+                  files=[path.resolve(), *dict.fromkeys(files)], config=config or None)
 
 
 def config_context(config: dict, shapes: dict[str, tuple[int, ...]], where: Path | str

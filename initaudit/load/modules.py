@@ -79,7 +79,18 @@ def from_module(module: torch.nn.Module, path: Path | None, fmt: str = "torch-mo
         notes.append("neither torch.fx nor a forward pass on a tiny input traced the model; activations were "
                      "read from module order, which does not see functional calls")
     state = {k: v.detach() for k, v in module.state_dict(keep_vars=True).items()}
-    return Loaded(path, fmt, TensorSource.of(state), module=module, flow=flow, modules=infos, notes=notes)
+    return Loaded(path, fmt, TensorSource.of(state), module=module, flow=flow, modules=infos, notes=notes,
+                  config=declared_config(module))
+
+
+def declared_config(module: torch.nn.Module) -> dict | None:
+    """A Hugging Face model's config as a plain dict (what it declares: initializer_range, ties...), else None."""
+    to_dict = getattr(getattr(module, "config", None), "to_dict", None)
+    try:
+        config = to_dict() if callable(to_dict) else None
+    except Exception:  # a foreign object's to_dict: what it declares is unknown, not an error
+        return None
+    return config if isinstance(config, dict) else None
 
 
 MAX_SCRIPT_CODE = 64 << 20  # the most TorchScript source read to find a __setstate__ before loading an archive

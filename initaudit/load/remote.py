@@ -269,4 +269,4 @@ def _sharded(remote: Remote, url: str, folder: str, index: str | None) -> Loaded
     source = TensorSource(shapes, lambda k: files[shards[k]].get(k), nbytes={k: files[shards[k]].nbytes(k) for k in shapes})
     return Loaded(None, "hf-folder", source, flow=flow, modules=modules, activations=hints,
                   container={"shards": shards, "metadata": {n: f.metadata for n, f in files.items()}},
-                  notes=notes, source=url)
+                  notes=notes, source=url, config=config if isinstance(config, dict) and config else None)
