@@ -91,7 +91,7 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     signs = file_signs(getattr(loaded.container, "root", None))
     state = weight_state.assess(loaded.tensors, measured, signs, options.state)
     weight_state.apply(measured, state)
-    add_declared_facts(measured, options.expect, options.recipes, loaded.config)
+    add_declared_facts(measured, options.expect, options.recipes, loaded.declared_init)
     predict_depth(loaded, graph, measured, options.signal_band)
     aside = set_aside(measured, rules)
     notes = list(loaded.notes)
@@ -101,7 +101,7 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     report = Report(model=loaded.name, format=loaded.format,
                     layers=layer_rows(measured), findings=evaluate(measured, rules, options.ignored), notes=notes,
                     weights_state=state.state, state_evidence={**state.evidence(), "rules_set_aside": aside},
-                    declared=declarations(options.expect, options.recipes, loaded.config))
+                    declared=declarations(options.expect, options.recipes, loaded.declared_init))
     return Analysis(loaded, graph, measured, report, options)
 
 

@@ -1,12 +1,12 @@
 """What the user or the model declares about its weights, held against what was measured: the state each layer
 should be in (`expect`: trained or fresh, per glob pattern over layer names) and the recipe each tensor was drawn
-with (`recipe`: glob patterns over tensor names; a Hugging Face config's `initializer_range`). Facts for the
-`unexpected-fresh` and `recipe-mismatch` rules; the most specific pattern wins (the most literal characters)."""
+with (`recipe`: glob patterns over tensor names, first; else what a transformers family's own init declares for it,
+flow/family_init.py). Facts for the `unexpected-fresh` and `recipe-mismatch` rules; the most specific pattern wins
+(the most literal characters)."""
 
 from __future__ import annotations
 
 import fnmatch
-import math
 from collections import defaultdict
 from typing import Any, TypeVar
 
@@ -14,11 +14,8 @@ from initaudit.measure.recipes import Recipe, contradiction, parse
 from initaudit.measure.tensors import Measured, block_pattern
 
 T = TypeVar("T")
-# Hugging Face configs: the std every Linear and Embedding weight is drawn with by the family's _init_weights.
-HF_STD_KEYS = ("initializer_range", "init_std")
-HF_DEPTH_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-HF_RECIPE_KINDS = ("linear", "embedding")
 CONFIG_SOURCE = "[tool.initaudit] recipe"
+FAMILY_SOURCE = "the model family's own init"
 
 
 def most_specific(patterns: dict[str, T], name: str) -> T | None:
@@ -29,38 +26,27 @@ def most_specific(patterns: dict[str, T], name: str) -> T | None:
     return patterns[max(reversed(matching), key=lambda p: len(p) - sum(p.count(c) for c in "*?[]"))]
 
 
-def hf_recipe(config: dict[str, Any] | None) -> tuple[Recipe, tuple[float, ...], str] | None:
-    """(normal(initializer_range), its depth scale 1/sqrt(2·n_layer), the config key) a Hugging Face config declares
-    for its Linear and Embedding weights, or None."""
-    if not config:
-        return None
-    key = next((k for k in HF_STD_KEYS if isinstance(config.get(k), (int, float)) and config[k] > 0), None)
-    if key is None:
-        return None
-    depth = next((config[k] for k in HF_DEPTH_KEYS if isinstance(config.get(k), int) and config[k] > 0), None)
-    return parse(f"normal({config[key]:g})"), ((1 / math.sqrt(2 * depth),) if depth else ()), f"config.json {key}"
-
-
 def add_declared_facts(measured: list[Measured], expect: dict[str, str], recipes: dict[str, Recipe],
-                       config: dict[str, Any] | None) -> None:
-    """The facts of `unexpected-fresh` and `recipe-mismatch` on every measured tensor (after the state verdicts)."""
+                       family: dict[str, str]) -> None:
+    """The facts of `unexpected-fresh` and `recipe-mismatch` on every measured tensor (after the state verdicts);
+    `family`: tensor -> the recipe its model family's own init declares."""
     trained_share, siblings = _training_context(measured)
-    from_config = hf_recipe(config)
     for m in measured:
         m.facts["expected_state"] = most_specific(expect, m.layer.name) or "undeclared"
         m.facts["model_trained_share"] = trained_share
         m.facts["siblings_trained"] = siblings.get(m.layer.name)
-        m.facts.update(_recipe_facts(m, recipes, from_config))
+        m.facts.update(_recipe_facts(m, recipes, family))
 
 
-def declarations(expect: dict[str, str], recipes: dict[str, Recipe], config: dict[str, Any] | None) -> dict[str, Any]:
-    """The report's `expect` and `recipe` (patterns to what is declared, and where the recipe comes from), if any."""
+def declarations(expect: dict[str, str], recipes: dict[str, Recipe], family: dict[str, str]) -> dict[str, Any]:
+    """The report's `expect` and `recipe` (where recipes are declared: the config file's patterns, and how many
+    tensors the model family's own init declares one for), where there are any."""
     out: dict[str, Any] = {"expect": dict(expect)} if expect else {}
-    from_config, sources = hf_recipe(config), []
+    sources = []
     if recipes:
         sources.append({"source": CONFIG_SOURCE, "patterns": {p: str(r) for p, r in recipes.items()}})
-    if from_config:
-        sources.append({"source": from_config[2], "patterns": {"linear and embedding weights": str(from_config[0])}})
+    if family:
+        sources.append({"source": FAMILY_SOURCE, "tensors": len(family)})
     return {**out, "recipe": sources} if sources else out
 
 
@@ -83,18 +69,19 @@ def _training_context(measured: list[Measured]) -> tuple[float, dict[str, float]
     return share, siblings
 
 
-def _recipe_facts(m: Measured, recipes: dict[str, Recipe],
-                  from_config: tuple[Recipe, tuple[float, ...], str] | None) -> dict[str, Any]:
-    """The recipe declared for the tensor (config file first, then the model's config), and how it contradicts it."""
-    recipe, scales, source = most_specific(recipes, m.param.key), (), CONFIG_SOURCE
-    if recipe is None and from_config and m.param.is_weight and m.layer.kind in HF_RECIPE_KINDS:
-        recipe, scales, source = from_config
-        scales = (*scales, *((1 / math.sqrt(2 * m.n_blocks),) if m.n_blocks > 1 else ()))
+def _recipe_facts(m: Measured, recipes: dict[str, Recipe], family: dict[str, str]) -> dict[str, Any]:
+    """The recipe declared for the tensor (config file first, then the model family's init), and how the tensor
+    contradicts it."""
+    recipe, source = most_specific(recipes, m.param.key), CONFIG_SOURCE
+    if recipe is None and m.param.key in family:
+        recipe, source = parse(family[m.param.key]), FAMILY_SOURCE
     if recipe is None:
         return {"recipe": None, "recipe_source": None, "recipe_fits": None, "recipe_contradiction": None}
     st = m.stats
     found = contradiction(recipe, std=st.std, mean=st.mean, kurtosis=st.excess_kurtosis, values=st.finite,
                           constant=st.constant, value=st.max if st.constant else None, fan_in=m.param.fan_in,
-                          fan_out=m.param.fan_out, depth_scales=scales) if st.finite else None
+                          fan_out=m.param.fan_out) if st.finite else None
+    if found and m.fingerprint is not None and m.fingerprint.family != "unknown":
+        found += f" (they look {m.fingerprint.scheme})"
     return {"recipe": str(recipe), "recipe_source": source, "recipe_fits": found is None and bool(st.finite),
             "recipe_contradiction": found}

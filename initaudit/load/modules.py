@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from initaudit.flow import trace
+from initaudit.flow import meta_model, trace
 from initaudit.flow.dynamic_trace import dynamic_flow, example_inputs
 from initaudit.common.errors import InputError, first_line
 from initaudit.load.source import Loaded, TensorSource
@@ -80,17 +80,7 @@ def from_module(module: torch.nn.Module, path: Path | None, fmt: str = "torch-mo
                      "read from module order, which does not see functional calls")
     state = {k: v.detach() for k, v in module.state_dict(keep_vars=True).items()}
     return Loaded(path, fmt, TensorSource.of(state), module=module, flow=flow, modules=infos, notes=notes,
-                  config=declared_config(module))
-
-
-def declared_config(module: torch.nn.Module) -> dict | None:
-    """A Hugging Face model's config as a plain dict (what it declares: initializer_range, ties...), else None."""
-    to_dict = getattr(getattr(module, "config", None), "to_dict", None)
-    try:
-        config = to_dict() if callable(to_dict) else None
-    except Exception:  # a foreign object's to_dict: what it declares is unknown, not an error
-        return None
-    return config if isinstance(config, dict) else None
+                  declared_init=meta_model.family_init(module))
 
 
 MAX_SCRIPT_CODE = 64 << 20  # the most TorchScript source read to find a __setstate__ before loading an archive
