@@ -8,6 +8,16 @@
     exclude = ["old-runs"]                 # replaces the default exclusions of folder walks (ruff's)
     extend-exclude = ["*.tmp.pt"]          # adds to them
     signal-band = [0.01, 100]              # the RMS scale the signal must keep through depth (initaudit.depth)
+    expect = "trained"                     # the state the weights must be in (or a table, below)
+
+    [tool.initaudit.expect]                # per layer: glob patterns over layer names, the most specific wins
+    "backbone.*" = "trained"
+    "head.*" = "fresh"
+
+    [tool.initaudit.recipe]                # the declared init, per tensor: glob patterns over tensor names
+    "*.weight" = "normal(0.02)"            # torch.nn.init names: normal(std), trunc_normal(std, a, b), uniform(a, b),
+    "*.bias" = "zeros"                     # kaiming_normal(mode=fan_out, nonlinearity=relu), xavier_uniform(gain=1),
+    "*.c_proj.weight" = "normal(0.0029)"   # orthogonal(gain=1), zeros, ones, constant(val)
 
     [tool.initaudit.activations]           # per-layer activations, glob patterns over layer names
     "head.*" = "identity"
@@ -34,11 +44,13 @@ from initaudit.flow.activations import Activation, parse
 from initaudit.load.bounded import MAX_TOML_BYTES, Unreadable, loads_toml, read_regular
 from initaudit.common.errors import InputError
 from initaudit.judge.report import FAIL_ON
+from initaudit.measure.recipes import Recipe, parse as parse_recipe
 
 MAX_PATTERNS = 1000  # glob patterns per table: each is matched against every layer (and finding)
 SIGNAL_BAND = (1e-2, 1e2)  # the RMS scale, relative to the input's, the signal must keep through depth
 _KEYS = ("fail-on", "activation", "activations", "select", "ignore", "per-layer-ignores", "exclude", "extend-exclude",
-         "signal-band")
+         "signal-band", "expect", "recipe")
+STATES = ("trained", "fresh")
 _TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
                dict: "a table"}
 
@@ -55,6 +67,8 @@ class Options:
     exclude: list[str] | None = None  # folder-walk exclusions replacing the defaults (initaudit.discover)
     extend_exclude: list[str] = field(default_factory=list)
     signal_band: tuple[float, float] = SIGNAL_BAND  # initaudit.depth: the RMS scale the signal must stay within
+    expect: dict[str, str] = field(default_factory=dict)  # layer pattern -> the state its weights must be in
+    recipes: dict[str, Recipe] = field(default_factory=dict)  # tensor pattern -> the declared init
 
     def ignored(self, layer: str, rule: str, code: str) -> bool:
         return any((rule in names or any(code.startswith(n) for n in names)) and fnmatch.fnmatchcase(layer, pattern)
@@ -115,7 +129,8 @@ def from_table(table: dict[str, Any], where: str = "config") -> Options:
     activation = _typed(table, "activation", str, where, None)
     activations = _typed(table, "activations", dict, where, {})
     per_layer = _typed(table, "per-layer-ignores", dict, where, {})
-    for key, patterns in (("activations", activations), ("per-layer-ignores", per_layer)):
+    recipes = _typed(table, "recipe", dict, where, {})
+    for key, patterns in (("activations", activations), ("per-layer-ignores", per_layer), ("recipe", recipes)):
         if len(patterns) > MAX_PATTERNS:
             raise InputError(f"{where}: {key} holds {len(patterns):,} patterns, more than the {MAX_PATTERNS:,} "
                              "initaudit matches layer names against")
@@ -130,7 +145,8 @@ def from_table(table: dict[str, Any], where: str = "config") -> Options:
                                for pattern in per_layer},
             exclude=_string_list(table, "exclude", where) if "exclude" in table else None,
             extend_exclude=_string_list(table, "extend-exclude", where),
-            signal_band=_band(table, where))
+            signal_band=_band(table, where), expect=_expect(table, where),
+            recipes={pattern: parse_recipe(_typed(recipes, pattern, str, where, None, "recipe")) for pattern in recipes})
     except InputError as exc:
         if str(exc).startswith(where):
             raise
@@ -169,6 +185,21 @@ def _band(table: dict[str, Any], where: str) -> tuple[float, float]:
             or not 0 < band[0] < 1 < band[1] < float("inf")):
         raise InputError(f"{where}: signal-band must be [low, high] with 0 < low < 1 < high, not {band!r}")
     return float(band[0]), float(band[1])
+
+
+def expect_table(value: Any, where: str) -> dict[str, str]:
+    """`expect = "trained"` (every layer) or a table of layer patterns to trained/fresh."""
+    table = {"*": value} if isinstance(value, str) else value
+    if not isinstance(table, dict) or len(table) > MAX_PATTERNS:
+        raise InputError(f"{where}: expect must be trained, fresh or a table of layer patterns to them")
+    for pattern, state in table.items():
+        if state not in STATES:
+            raise InputError(f"{where}: expect {pattern!r} must be one of {', '.join(STATES)}, not {state!r}")
+    return dict(table)
+
+
+def _expect(table: dict[str, Any], where: str) -> dict[str, str]:
+    return expect_table(table["expect"], where) if "expect" in table else {}
 
 
 def _rule_list(table: dict[str, Any], key: str, where: str, within: str = "") -> list[str]:

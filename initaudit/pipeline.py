@@ -13,6 +13,7 @@ from initaudit.config import Options
 from initaudit.flow.layers import annotate, context, group_layers
 from initaudit.flow.layer import LayerGraph
 from initaudit.judge import rules as rulebook
+from initaudit.judge.declared import add_declared_facts, declarations
 from initaudit.judge.evaluate import evaluate, layer_rows, set_aside
 from initaudit.judge.facts import add_recipe_shares, short_list, signal_facts, tensor_facts
 from initaudit.judge.report import Report
@@ -90,6 +91,7 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     signs = file_signs(getattr(loaded.container, "root", None))
     state = weight_state.assess(loaded.tensors, measured, signs, options.state)
     weight_state.apply(measured, state)
+    add_declared_facts(measured, options.expect, options.recipes, loaded.declared_init)
     predict_depth(loaded, graph, measured, options.signal_band)
     aside = set_aside(measured, rules)
     notes = list(loaded.notes)
@@ -98,7 +100,8 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     notes += [line for line in [weight_state.note(state, aside)] if line]
     report = Report(model=loaded.name, format=loaded.format,
                     layers=layer_rows(measured), findings=evaluate(measured, rules, options.ignored), notes=notes,
-                    weights_state=state.state, state_evidence={**state.evidence(), "rules_set_aside": aside})
+                    weights_state=state.state, state_evidence={**state.evidence(), "rules_set_aside": aside},
+                    declared=declarations(options.expect, options.recipes, loaded.declared_init))
     return Analysis(loaded, graph, measured, report, options)
 
 

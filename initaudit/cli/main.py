@@ -121,7 +121,7 @@ def main() -> None:
     """Lint the weight initialization of neural networks (PyTorch, safetensors, TorchScript, ONNX)."""
 
 
-def _options(config_path, activation, activation_for, select, ignore, per_layer_ignore=(), state="auto"):
+def _options(config_path, activation, activation_for, select, ignore, per_layer_ignore=(), state="auto", expect=None):
     """The config file's options under the command line's, every rule name checked (no torch needed)."""
     options = config_mod.load(config_path)
     if activation:
@@ -142,6 +142,8 @@ def _options(config_path, activation, activation_for, select, ignore, per_layer_
     options.ignore = list(ignore) + options.ignore
     rulebook.check_names(rulebook.builtin_rules(), [*options.select, *options.ignore])
     options.state = state
+    if expect:
+        options.expect = {"*": expect}
     return options
 
 
@@ -163,14 +165,14 @@ def _targets(paths, factory, options, extend_exclude, problems: list | None = No
               help="Also audit a distributed checkpoint's optimizer state, for NaN/Inf only. Without it that "
                    "state is skipped, and only taken as evidence that the weights are trained.")
 def check(paths, factory, activation, activation_for, select, ignore, per_layer_ignore, extend_exclude, config_path,
-          trust_pickle, state, color, fmt, fail_on, output, quiet, statistics, exit_zero, optimizer_state):
+          trust_pickle, state, expect, color, fmt, fail_on, output, quiet, statistics, exit_zero, optimizer_state):
     """Audit the initialization of the models in PATH...: files (.pt/.pth/.bin/.ckpt, TorchScript, .safetensors,
     .onnx), Hugging Face folders, folders to walk (model files found by content) and glob patterns.
 
     Exit 0 clean, 1 findings at or above --fail-on, 2 when a model cannot be read or a flag is wrong
     (the worst over all models).
     """
-    options = _options(config_path, activation, activation_for, select, ignore, per_layer_ignore, state)
+    options = _options(config_path, activation, activation_for, select, ignore, per_layer_ignore, state, expect)
     options.fail_on = fail_on or options.fail_on
     problems: list = [] if len(paths) > 1 else None  # several PATHs: one that names nothing does not stop the run
     targets = _targets(paths, factory, options, extend_exclude, problems)
@@ -252,8 +254,8 @@ def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, opt
 @click.option("--probe", "probe_too", is_flag=True, help="Also measure the signal through depth before and after (as `probe`).")
 @run_options
 def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ignore, extend_exclude, config_path,
-        trust_pickle, state, color, out, output_dir, all_layers, only, seed, dry_run, in_place, force, probe_too,
-        **run):
+        trust_pickle, state, expect, color, out, output_dir, all_layers, only, seed, dry_run, in_place, force,
+        probe_too, **run):
     """Re-initialize the badly initialized layers of the models in PATH... with the recommended scheme; write
     the same format: to -o OUT (one model), into --output-dir, or, with several models, beside each input as
     NAME.fixed.EXT. Nothing is written for a model with nothing to fix.
@@ -262,7 +264,7 @@ def fix(paths, factory, activation, activation_for, select, ignore, per_layer_ig
     still finds an error or warning on them, 2 on bad input (and when weights that look trained would be
     re-drawn without --force: nothing is written); the worst over all models.
     """
-    options = _options(config_path, activation, activation_for, select, ignore, per_layer_ignore, state)
+    options = _options(config_path, activation, activation_for, select, ignore, per_layer_ignore, state, expect)
     targets = _targets(paths, factory, options, extend_exclude)
     several = len(targets) > 1
     if several and out is not None:

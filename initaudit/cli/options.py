@@ -145,6 +145,9 @@ MODEL_OPTIONS = [
     debug_option,
     click.option("--state", type=Choice(("auto", "fresh", "trained")), default="auto", show_default=True,
                  help="Whether the weights are fresh from init or trained: auto tells from the weights and the file."),
+    click.option("--expect", type=Choice(("trained", "fresh")), default=None,
+                 help="The state every layer's weights must be in: a layer that looks freshly initialized where "
+                      "trained weights are expected is an error (per layer: [tool.initaudit.expect])."),
     click.option("--color", type=Choice(reporters.COLOR_MODES), default="auto", show_default=True,
                  help="Colour the text output: auto = on a terminal, unless NO_COLOR is set (FORCE_COLOR forces it)."),
 ]

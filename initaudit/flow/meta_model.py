@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from initaudit.flow import trace
+from initaudit.flow.family_init import declared_init
 from initaudit.flow.dynamic_trace import dynamic_flow, example_inputs
 from initaudit.common.errors import InputError, first_line
 from initaudit.flow.dataflow import Flow
@@ -83,6 +84,7 @@ class Context:
     architecture: str
     unmatched: int                   # the file's tensors the built model does not hold
     left_out: list[str] = field(default_factory=list)  # model_args the build did not use
+    init: dict[str, str] = field(default_factory=dict)  # file key -> the recipe the family's own init declares
 
 
 def from_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> Context:
@@ -99,6 +101,7 @@ def from_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> Context:
         flow = trace.fx_flow(module, infos)
         if flow is None:
             flow = _fake_flow(module, infos, inputs)
+        declared = declared_init(module)
     if flow is None:
         raise NotBuilt(f"a forward pass of {type(module).__name__} on fake tensors failed")
     layers: dict[str, list[str]] = {}  # model layer -> the file layers whose tensors it holds
@@ -108,7 +111,26 @@ def from_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> Context:
             names.append(split_key(file_key)[0])
     modules = {name: infos[own] for own, names in layers.items() if own in infos for name in names}
     left_out = timm_model_args(config.get("model_args"))[1] if _is_timm(config) else []
-    return Context(_renamed(flow, layers), modules, type(module).__name__, len(shapes) - len(keys), left_out)
+    init = {file_key: declared[own] for file_key, own in keys.items() if own in declared}
+    return Context(_renamed(flow, layers), modules, type(module).__name__, len(shapes) - len(keys), left_out, init)
+
+
+def family_init(module: torch.nn.Module) -> dict[str, str]:
+    """A live transformers model's tensor names -> the recipe its family's own init declares (from a copy built on
+    the meta device from its config, offline); {} for any other module."""
+    to_dict = getattr(getattr(module, "config", None), "to_dict", None)
+    if not type(module).__module__.startswith("transformers.") or not callable(to_dict):
+        return {}
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
+    with offline(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            replica, _ = build_module(to_dict(), most_tensors=most_tensors(len(shapes)))
+        except (NotBuilt, Refused):
+            return {}
+        declared = declared_init(replica)
+        return {key: declared[own] for key, own in key_map(replica, shapes).items() if own in declared}
 
 
 def _renamed(flow: Flow, layers: dict[str, list[str]]) -> Flow:

@@ -66,4 +66,11 @@ FACTS = {
     "fan_note": "words on the fan the std was judged at, where it is not torch's (a transposed conv), else empty",
     "snn_band": "below/above where a SELU layer's fan_in·E[w²] is outside the SNN paper's stable band [0.95, 1.1] "
                 "beyond 3 standard errors of its estimate, else inside (none for other activations)",
+    "expected_state": "the state the user declared for the layer (expect: trained or fresh), else undeclared",
+    "model_trained_share": "the share of the model's classified weight values in layers seen trained",
+    "siblings_trained": "the share of the same layer in the other blocks (3 or more) seen trained; none without",
+    "recipe": "the init recipe declared for the tensor (config file or the model's config), e.g. normal(0.02)",
+    "recipe_source": "where the recipe is declared: [tool.initaudit] recipe, or the model family's own init",
+    "recipe_fits": "the tensor fits its declared recipe (shape and std within sampling error); none without one",
+    "recipe_contradiction": "how the tensor contradicts its declared recipe, in words",
 }

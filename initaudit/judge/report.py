@@ -56,6 +56,7 @@ class Report:
     notes: list[str] = field(default_factory=list)
     weights_state: str = "unknown"  # fresh | trained | mixed | unknown
     state_evidence: dict[str, Any] = field(default_factory=dict)
+    declared: dict[str, Any] = field(default_factory=dict)  # `expect` and `recipe`, where the user or model declared them
 
     def count(self, severity: str) -> int:
         return sum(f.severity == severity for f in self.findings)
@@ -87,7 +88,7 @@ class Report:
                 "layers": [_clean(asdict(row)) for row in self.layers],
                 "findings": [finding_dict(f) for f in self.findings],
                 "summary": self.summary, "notes": self.notes,
-                "weights_state": self.weights_state, "state_evidence": self.state_evidence}
+                "weights_state": self.weights_state, "state_evidence": self.state_evidence, **self.declared}
 
 
 @dataclass

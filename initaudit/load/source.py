@@ -91,6 +91,8 @@ class Loaded:
     files: list[Path] = field(default_factory=list)  # every file the model's bytes come from (weights, external
     # data, shards, index, config): no output may land on one of them (or, for a folder model, inside its folder)
     source: str | None = None        # the URL of a remote model (path is then None)
+    declared_init: dict[str, str] = field(default_factory=dict)  # tensor -> the recipe the model family's own init
+    # declares for it (a transformers model's initialize_weights, recorded on a meta-device copy)
 
     @property
     def name(self) -> str:

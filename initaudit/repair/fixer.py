@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from initaudit.measure import depth, schemes, stats
+from initaudit.measure import depth, recipes, schemes, stats
 from initaudit.measure.tensors import Measured, block_pattern
 from initaudit.pipeline import Analysis, analyse, make_options
 from initaudit.config import Options
@@ -116,7 +116,9 @@ def plan(measured: list[Measured], chosen: list[Layer], shared: dict[str, list[s
             continue
         for m in items:
             old = read(m.param.key)
-            rec = m.recommended or _fallback(m, _common_scheme(by_pattern[block_pattern(layer.name)]) or model_scheme)
+            declared = m.facts.get("recipe")
+            rec = (recipes.parse(declared).recommendation(m.param.fan_in, m.param.fan_out) if declared else
+                   m.recommended or _fallback(m, _common_scheme(by_pattern[block_pattern(layer.name)]) or model_scheme))
             new = _draw(layer, m, rec, old, seed)
             only_units = (units or {}).get(layer.name)
             if new is not None and only_units:
