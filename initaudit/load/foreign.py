@@ -13,6 +13,7 @@ import _compat_pickle
 import copyreg
 import pickle
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,29 +153,37 @@ class Foreign:
             return None
         outer = outermost(root)
         inside = len(self.classes) - len(outer)
-        return (f"the checkpoint holds objects of classes initaudit did not import: {self.listing(outer)}"
-                + (f" (and {inside} more classes inside them)" if outer and inside else "")
-                + " — read as inert placeholders (never imported, never run); only its tensors are audited")
+        return ("the checkpoint holds objects of classes initaudit did not import, read as inert placeholders "
+                f"(never imported, never run; only its tensors are audited): {self.listing(outer)}"
+                + (f"; {inside} more classes inside them" if outer and inside else ""))
 
 
 def outermost(root: Any) -> Counter[str]:
-    """The placeholders reachable from `root` through plain containers (dicts, lists, tuples, sets) by class: the
-    objects a reader of the checkpoint meets, not those inside them."""
-    found: Counter[str] = Counter()
+    """How many placeholders of each class `placeholders_in(root)` finds."""
+    return Counter(obj.foreign_name for obj in placeholders_in(root))
+
+
+def placeholders_in(root: Any) -> Iterator[Placeholder | PlaceholderType]:
+    """The placeholders reachable from `root` through plain containers (dicts, lists, tuples, sets): the objects a
+    reader of the checkpoint meets, not those inside them."""
+    return (obj for obj in walk(root, into_placeholders=False) if is_placeholder(obj))
+
+
+def walk(root: Any, into_placeholders: bool) -> Iterator[Any]:
+    """`root` and every object in it, once each: through plain containers, and placeholders if asked."""
     stack, seen = [root], set()
     while stack:
         obj = stack.pop()
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        if is_placeholder(obj):
-            found[obj.foreign_name] += 1
-        elif isinstance(obj, dict):
-            stack.extend(obj.keys())
-            stack.extend(obj.values())
+        yield obj
+        if isinstance(obj, dict):
+            stack.extend([*obj.keys(), *obj.values()])
         elif isinstance(obj, (list, tuple, set, frozenset)):
             stack.extend(obj)
-    return found
+        elif into_placeholders and isinstance(obj, Placeholder):
+            stack.extend([*obj.args, *obj.kwargs.values(), obj.state, *obj.items, *(x for e in obj.entries for x in e)])
 
 
 def is_placeholder(obj: Any) -> bool:

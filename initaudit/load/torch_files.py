@@ -17,7 +17,7 @@ from initaudit.common.errors import InputError, NoWeights, first_line
 from initaudit.load.source import Loaded, TensorSource
 from initaudit.load import modules
 from initaudit.load.containers import STRIPPED_PREFIXES, WRAPPER_KEYS
-from initaudit.load.foreign import Foreign, is_placeholder, placeholder_pickle
+from initaudit.load.foreign import Foreign, is_placeholder, placeholder_pickle, placeholders_in, walk
 from initaudit.load.pages import MappedFile
 
 # The largest pickle (a torch file's structure, not its tensor data) read: torch's weights_only reader takes
@@ -74,7 +74,7 @@ def _load_any(path: Path, trust_pickle: bool, foreign: Foreign | None = None) ->
 
 
 def refusal(path: Path, names: list[str]) -> InputError:
-    """The one line that refuses a pickle needing code: the globals it names that only running code reads."""
+    """The one line that refuses a pickle whose objects need code to be read, naming the globals that do."""
     return InputError(f"{path}: the file pickles Python objects ({', '.join(names)}), and loading it would run code "
                       "from the file; save a state_dict instead, or pass --trust-pickle if you trust its source")
 
@@ -115,11 +115,6 @@ def read_objects(path: Path, trust_pickle: bool) -> tuple[Any, Foreign]:
             return _read_objects(path, trust_pickle, foreign), foreign
         except InputError:
             raise
-        except pickle.UnpicklingError as exc:
-            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            if found:
-                raise refusal(path, [found.group(1)]) from None
-            raise InputError(f"{path}: not a readable PyTorch checkpoint ({load_error_reason(exc)})") from None
         except Exception as exc:  # noqa: BLE001 - a crafted file can make torch's reader raise anything
             raise InputError(f"{path}: not a readable PyTorch checkpoint ({load_error_reason(exc)})") from None
 
@@ -184,7 +179,7 @@ def unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], TorchContaine
     return stripped, TorchContainer(root, trail, prefix)
 
 
-def _weights_in(obj: Any, foreign: Foreign, path: Path) -> tuple[dict[str, torch.Tensor], TorchContainer]:
+def _weights_in(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], TorchContainer]:
     """`unwrap`, where weights found outside placeholders are the file's weights: a file whose only weights sit
     inside a placeholder (a pickled module) needs its code to be read, and is refused as one that runs it."""
     if is_placeholder(obj):
@@ -192,8 +187,10 @@ def _weights_in(obj: Any, foreign: Foreign, path: Path) -> tuple[dict[str, torch
     try:
         return unwrap(obj, path)
     except NoWeights:
-        if foreign.classes:
-            raise refusal(path, list(foreign.classes)[:1]) from None
+        holders = [p.foreign_name for p in placeholders_in(obj) if any(isinstance(inner, torch.Tensor)
+                                                                       for inner in walk(p, into_placeholders=True))]
+        if holders:
+            raise refusal(path, list(dict.fromkeys(holders))) from None
         raise
 
 
@@ -203,10 +200,10 @@ def state_dict_of(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     check_pickle_size(path)
     if is_torchscript(path):
         return modules.read_torchscript(path).state_dict()
-    obj, foreign = read_objects(path, trust_pickle)
+    obj = read(path, trust_pickle)
     if isinstance(obj, torch.nn.Module):
         return obj.state_dict()
-    return _weights_in(obj, foreign, path)[0]
+    return _weights_in(obj, path)[0]
 
 
 def load(path: Path, trust_pickle: bool) -> Loaded:
@@ -217,7 +214,7 @@ def load(path: Path, trust_pickle: bool) -> Loaded:
     obj, foreign = read_objects(path, trust_pickle)
     if isinstance(obj, torch.nn.Module):
         return modules.from_module(obj, path, fmt="torch-module")
-    state, container = _weights_in(obj, foreign, path)
+    state, container = _weights_in(obj, path)
     container.pages = MappedFile(path)
     notes = ["activations are unknown in a bare state_dict: pass --activation (or --model package.module:factory)"
              " to check scales against them", foreign.note(obj)]

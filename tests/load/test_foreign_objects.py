@@ -151,7 +151,7 @@ class Popen:
 ATTACKS = {"system": System, "eval": Eval, "popen": Popen}
 
 
-def save(path, zero_layer, protocol, attack):
+def save(path, zero_layer, protocol, attack, weights):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
                               torch.nn.ReLU(), torch.nn.Linear(128, 10))
@@ -168,10 +168,12 @@ def save(path, zero_layer, protocol, attack):
         sized=trainlib.InitOnLoad(4), counts=defaultdict(int, {"a": 1}), order=OrderedDict(a=1),
         extra=trainlib.AttributeDict(a=1, b=[2]))
     hyper.update({name: cls() for name, cls in ATTACKS.items() if name in attack})
-    checkpoint = {"epoch": 2, "global_step": 40, "pytorch-lightning_version": "2.4.0",
+    checkpoint = {"epoch": 2, "global_step": 40, "pytorch-lightning_version": "2.4.0", "hyper_parameters": hyper,
                   "state_dict": OrderedDict((f"model.{k}", v) for k, v in net.state_dict().items()),
-                  "optimizer_states": [optimizer.state_dict()], "lr_schedulers": [], "hparams_name": "kwargs",
-                  "hyper_parameters": hyper}
+                  "optimizer_states": [optimizer.state_dict()], "lr_schedulers": [], "hparams_name": "kwargs"}
+    if weights != "state_dict":  # none, or a pickled module
+        del checkpoint["state_dict"], checkpoint["optimizer_states"]
+        checkpoint.update({"model": net} if weights == "module" else {})
     torch.save(checkpoint, path, pickle_protocol=protocol)
 
 
@@ -185,7 +187,8 @@ def write_package(folder: Path, name: str, files: dict[str, str]) -> None:
         (folder / name / file).write_text(textwrap.dedent(source))
 
 
-VARIANTS = {"fixed": {}, "zero-layer": {"zero_layer": True}, "attack": {"attack": ["system", "eval", "popen"]}}
+VARIANTS = {"fixed": {}, "zero-layer": {"zero_layer": True}, "attack": {"attack": ["system", "eval", "popen"]},
+            "no-weights": {"weights": "none"}, "pickled-module": {"weights": "module"}}
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +199,8 @@ def written(tmp_path_factory) -> Path:
     write_package(folder, "omegaconf", OMEGACONF)
     write_package(folder, "trainlib", TRAINLIB)
     specs = [{"path": str(folder / f"{name}-p{protocol}.ckpt"), "zero_layer": False, "protocol": protocol,
-              "attack": [], **variant} for name, variant in VARIANTS.items() for protocol in (2, 4)]
+              "attack": [], "weights": "state_dict", **variant}
+             for name, variant in VARIANTS.items() for protocol in (2, 4)]
     subprocess.run([sys.executable, "-c", MAKE_CHECKPOINT, json.dumps(specs)], cwd=folder, check=True, timeout=300,
                    env={"PYTHONPATH": str(folder), "PATH": "/usr/bin:/bin"})
     assert (folder / "imported-omegaconf").exists() and (folder / "init-ran").exists()  # the traces work
@@ -241,9 +245,9 @@ def test_lightning_checkpoint_is_audited_without_running_its_classes(cli, classe
     assert errors == ({"2"} if zero_layer else set())
     assert {layer["name"] for layer in report["layers"]} == {"0", "2", "4"}  # Lightning's "model." prefix stripped
     note = next(n for n in report["notes"] if "placeholders" in n)
-    assert ("did not import: omegaconf.dictconfig.DictConfig (3), collections.defaultdict (1), "
-            "argparse.Namespace (1)") in note
-    assert "more classes inside them" in note
+    assert "did not import, read as inert placeholders (never imported, never run" in note
+    assert ("audited): omegaconf.dictconfig.DictConfig (3), collections.defaultdict (1), argparse.Namespace (1), "
+            "trainlib.Optim (1), trainlib.Stage (1), and 4 more; 7 more classes inside them") in note
 
 
 def test_placeholders_keep_what_the_pickle_gave_them(classes):
@@ -273,6 +277,15 @@ def test_callables_that_run_code_are_refused_and_named(cli, classes, protocol):
     assert str(path) in line
     nothing_ran(classes)
     assert not [p for p in classes.iterdir() if p.name.endswith("-ran")]
+
+
+def test_weights_inside_placeholders_are_refused_and_hyper_parameters_alone_hold_no_weights(cli, classes):
+    """A pickled module's weights need its code; a file of hyper-parameters alone holds no weights to audit."""
+    line = cli("check", checkpoint(classes, "pickled-module")).stderr.strip()
+    assert "pickles Python objects (torch.nn.modules.container.Sequential)" in line and "--trust-pickle" in line
+    line = cli("check", checkpoint(classes, "no-weights")).stderr.strip()
+    assert "no state_dict found in the checkpoint (top level: epoch, global_step" in line
+    nothing_ran(classes)
 
 
 def test_fix_writes_no_placeholder_back(cli, classes):
