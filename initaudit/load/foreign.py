@@ -93,6 +93,7 @@ class Placeholder(metaclass=PlaceholderType):
 
 
 def _refuse_writing_class(cls: PlaceholderType):
+    """What pickle calls to write a placeholder class: it refuses (pickle's own way would import the module)."""
     raise cls.seen.not_writable()
 
 

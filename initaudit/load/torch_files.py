@@ -120,8 +120,11 @@ def read_objects(path: Path, trust_pickle: bool) -> tuple[Any, Foreign]:
 
 
 def read(path: Path, trust_pickle: bool) -> Any:
-    """What `read_objects` reads, without the list of placeholders."""
-    return read_objects(path, trust_pickle)[0]
+    """What `read_objects` reads, where nothing may be a placeholder (a shard of named tensors)."""
+    obj, foreign = read_objects(path, trust_pickle)
+    if foreign.classes:
+        raise refusal(path, list(foreign.classes)[:1])
+    return obj
 
 
 def check_pickle_size(path: Path) -> None:
@@ -200,7 +203,7 @@ def state_dict_of(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     check_pickle_size(path)
     if is_torchscript(path):
         return modules.read_torchscript(path).state_dict()
-    obj = read(path, trust_pickle)
+    obj = read_objects(path, trust_pickle)[0]
     if isinstance(obj, torch.nn.Module):
         return obj.state_dict()
     return _weights_in(obj, path)[0]
