@@ -18,7 +18,7 @@ import onnx
 from initaudit.flow.activations import Activation
 from initaudit.flow.dataflow import ACT, ADD, MUL, NORM, PASS, STOP, Flow
 from initaudit.flow.layers import ModuleInfo, embedding_name, split_key
-from initaudit.flow.onnx_scopes import GraphIndex, attribute, scope_of
+from initaudit.flow.onnx_scopes import GraphIndex, ModuleNames, attribute, fused_norm
 
 SHAPE_ONLY = frozenset({"Shape", "Size"})  # read a tensor's shape, not its values: no signal flows through
 _NORM_OPS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
@@ -52,15 +52,22 @@ class FoundLayers:
 
     root: GraphIndex
     shown: dict[str, str]                                             # tensor key -> the name a user sees
+    names: ModuleNames
     out: OnnxLayers = field(default_factory=OnnxLayers)
     layer_of: dict[tuple[GraphIndex, int], str] = field(default_factory=dict)
     folded: set[tuple[GraphIndex, int]] = field(default_factory=set)  # Conv nodes with a BatchNorm folded in
     taken: dict[str, str] = field(default_factory=dict)               # layer name -> the weight that claimed it
     recurrent_count: dict[str, int] = field(default_factory=dict)     # layer name -> its recurrent nodes so far
 
-    def claim(self, node: onnx.NodeProto, weight: str) -> str:
-        """A layer name for the node whose weight this is, made unique (`name#2`) against other weights."""
-        name = _layer_name(node, self.shown[weight])
+    def seen(self, g: GraphIndex, read: str) -> str:
+        """The name a user knows the tensor a node reads as `read` by: the parameter an alias stands for, else
+        the initializer's own."""
+        return g.alias_name(read) or self.shown[g.source(read)]
+
+    def claim(self, g: GraphIndex, node: onnx.NodeProto, read: str) -> str:
+        """A layer name for the node whose weight it reads as `read`, made unique (`name#2`) against other weights."""
+        weight = g.source(read)
+        name = self.names.layer(node, self.seen(g, read))
         base, n = name, 1
         while self.taken.get(name, weight) != weight:
             n += 1
@@ -69,8 +76,8 @@ class FoundLayers:
         return name
 
     def add_layer(self, g: GraphIndex, i: int, node: onnx.NodeProto, weight: str, module: ModuleInfo) -> str:
-        """Node i of g becomes the layer `module` whose weight is `weight`; returns the layer's name."""
-        name = self.claim(node, weight)
+        """Node i of g becomes the layer `module` whose weight is `weight` (its second input); returns its name."""
+        name = self.claim(g, node, node.input[1])
         self.layer_of[g, i] = name
         if g is self.root:
             self.out.outputs.setdefault(name, node.output[0])
@@ -87,9 +94,9 @@ class FoundLayers:
 LayerHandler = Callable[[FoundLayers, GraphIndex, int, onnx.NodeProto], None]
 
 
-def find_layers(root: GraphIndex, shown: dict[str, str]) -> FoundLayers:
+def find_layers(root: GraphIndex, shown: dict[str, str], names: ModuleNames) -> FoundLayers:
     """The layers of a graph and its subgraphs, each node handled by its op's entry in `LAYER_OPS`."""
-    found = FoundLayers(root, shown)
+    found = FoundLayers(root, shown, names)
 
     def visit(g: GraphIndex) -> None:
         for i, node in enumerate(g.nodes):
@@ -101,12 +108,6 @@ def find_layers(root: GraphIndex, shown: dict[str, str]) -> FoundLayers:
 
     visit(root)
     return found
-
-
-def _layer_name(node: onnx.NodeProto, weight: str) -> str:
-    if not weight.startswith("onnx::") and "." in weight:
-        return split_key(weight)[0]
-    return scope_of(node) or node.name or weight
 
 
 def _weight_input(g: GraphIndex, node: onnx.NodeProto) -> str | None:
@@ -160,8 +161,7 @@ def _conv_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto)
 
 def _bn_folded(node: onnx.NodeProto, weight: str) -> bool:
     """The exporter fused a BatchNorm into this Conv (legacy exporter: renamed weight; dynamo: says so)."""
-    rewrites = next((p.value for p in node.metadata_props if p.key == "pkg.onnxscript.rewriter.rule_name"), "")
-    return "BatchNorm" in rewrites or weight.startswith("onnx::Conv")
+    return fused_norm(node) or weight.startswith("onnx::Conv")
 
 
 def _recurrent_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
@@ -171,7 +171,7 @@ def _recurrent_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeP
     r = g.float_source(node.input[2], rank=3) if len(node.input) > 2 else None
     if w is None:
         return
-    name = _layer_name(node, found.shown[w])  # stacked layers share one scope: lstm.weight_ih_l0, _l1...
+    name = found.names.layer(node, found.seen(g, node.input[1]))  # stacked layers share one scope: lstm.weight_ih_l0, _l1...
     found.layer_of[g, i] = name
     k = found.recurrent_count.get(name, 0)
     found.recurrent_count[name] = k + 1
@@ -194,13 +194,13 @@ def _gather_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProt
     table = g.float_source(node.input[0], rank=2)
     if table is None:
         return
-    name = found.claim(node, table)
+    name = found.claim(g, node, node.input[0])
     # indices fixed in the file (relative-position bias tables, LeViT's attention biases) read the table at set
     # places: a free parameter, as in PyTorch, not a lookup of the model's input; a table named as an embedding
     # (BERT's position_embeddings at its position_ids) stays one
     fixed = len(node.input) > 1 and g.source(node.input[1]) is not None and not embedding_name(name)
     found.out.modules[name] = ModuleInfo("parameter" if fixed else "embedding", node.op_type)
-    own = found.shown[table]
+    own = found.seen(g, node.input[0])
     found.add_view(own if fixed and split_key(own)[0] == name else f"{name}.weight", table)
 
 
@@ -220,7 +220,7 @@ def _parameter_layer(found: FoundLayers, g: GraphIndex, node: onnx.NodeProto, ki
     params = [g.float_source(n) for n in node.input[1:]]
     if not params or params[0] is None:
         return
-    name = found.claim(node, params[0])
+    name = found.claim(g, node, node.input[1])
     found.out.modules[name] = ModuleInfo(kind, node.op_type)
     for role, src in zip(roles, params):
         found.add_view(f"{name}.{role}", src)
