@@ -57,6 +57,7 @@ class FoundLayers:
     layer_of: dict[tuple[GraphIndex, int], str] = field(default_factory=dict)
     folded: set[tuple[GraphIndex, int]] = field(default_factory=set)  # Conv nodes with a BatchNorm folded in
     taken: dict[str, str] = field(default_factory=dict)               # layer name -> the weight that claimed it
+    lookups: dict[str, bool] = field(default_factory=dict)            # layer name -> claimed by a Gather
     recurrent_count: dict[str, int] = field(default_factory=dict)     # layer name -> its recurrent nodes so far
 
     def seen(self, g: GraphIndex, read: str) -> str:
@@ -66,18 +67,22 @@ class FoundLayers:
 
     def claim(self, g: GraphIndex, node: onnx.NodeProto, read: str) -> str:
         """A layer name for the node whose weight it reads as `read`, made unique (`name#2`) against other weights."""
-        weight = g.source(read)
+        weight, lookup = g.source(read), node.op_type == "Gather"
         name = self.names.layer(node, self.seen(g, read))
+        if self.lookups.get(name, lookup) != lookup:  # a table tied to a head: each layer under its own module
+            name = self.names.scope(node) or name
         base, n = name, 1
-        while self.taken.get(name, weight) != weight:
+        while self.taken.get(name, weight) != weight or self.lookups.get(name, lookup) != lookup:
             n += 1
             name = f"{base}#{n}"
-        self.taken[name] = weight
+        self.taken[name], self.lookups[name] = weight, lookup
         return name
 
-    def add_layer(self, g: GraphIndex, i: int, node: onnx.NodeProto, weight: str, module: ModuleInfo) -> str:
-        """Node i of g becomes the layer `module` whose weight is `weight` (its second input); returns its name."""
-        name = self.claim(g, node, node.input[1])
+    def add_layer(self, g: GraphIndex, i: int, node: onnx.NodeProto, weight: str, module: ModuleInfo,
+                  read: str | None = None) -> str:
+        """Node i of g becomes the layer `module` whose weight is `weight`, read as `read` (default: the node's
+        second input); returns the layer's name."""
+        name = self.claim(g, node, read or node.input[1])
         self.layer_of[g, i] = name
         if g is self.root:
             self.out.outputs.setdefault(name, node.output[0])
@@ -134,14 +139,25 @@ def _added_bias(g: GraphIndex, node: onnx.NodeProto, width: int) -> str | None:
 
 def _linear_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
     """Gemm or MatMul by a 2-d weight: a linear layer (MatMul's weight, and Gemm's without transB, is [in, out])."""
-    weight = _weight_input(g, node)
+    read, flipped = _untransposed(g, node.input[1]) if len(node.input) > 1 else (None, False)
+    weight = g.float_source(read) if read else None
     if weight is None or len(g.dims(weight)) != 2:
         return
     matmul = node.op_type == "MatMul"
-    transposed = matmul or not attribute(node, "transB", 0)
-    name = found.add_layer(g, i, node, weight, ModuleInfo("linear", node.op_type, transposed))
+    transposed = (matmul or not attribute(node, "transB", 0)) != flipped
+    name = found.add_layer(g, i, node, weight, ModuleInfo("linear", node.op_type, transposed), read)
     width = g.dims(weight)[1 if transposed else 0]
     found.add_view(f"{name}.bias", _added_bias(g, node, width) if matmul else _bias_input(g, node))
+
+
+def _untransposed(g: GraphIndex, name: str) -> tuple[str, bool]:
+    """The tensor a 2-d `Transpose` of an initializer reads (a head tied to a token table: MatMul by its
+    transpose), and whether one was undone; else `name` itself."""
+    p = g.producer.get(name)
+    node = g.nodes[p] if p is not None else None
+    if node is None or node.op_type != "Transpose" or g.float_source(node.input[0], rank=2) is None:
+        return name, False
+    return (node.input[0], True) if list(attribute(node, "perm", [1, 0])) == [1, 0] else (name, False)
 
 
 def _conv_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:

@@ -217,6 +217,11 @@ class ModuleNames:
             return scope if recorded == WHOLE else self.completed(scope)
         return own or node.name or weight
 
+    def scope(self, node: onnx.NodeProto) -> str | None:
+        """The module path of the node's own scope (the legacy exporter's completed), if it has one."""
+        scope, recorded = scope_of(node)
+        return scope if scope is None or recorded != LEGACY else self.completed(scope)
+
     def moved(self, own: str, weight: str, norm: str) -> str:
         """The layer a fused node computes, `norm` the scope of the BatchNorm fused into it: its weight's module,
         moved to the block that norm sits in where a node of another block read the same (identical) weight
