@@ -84,6 +84,7 @@ class ModuleInfo:
     module_type: str
     transposed: bool = False
     norm_folded: bool = False  # an exporter folded a BatchNorm into this layer's weights (ONNX), not on a shortcut
+    folded_norm: str | None = None  # that BatchNorm's module path, where the exporter recorded it
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -155,7 +156,8 @@ def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleIn
         if kind.startswith("conv") and prefix in flipped:
             kind = kind.replace("conv", "conv_transpose")
         layers.append(Layer(prefix, kind, _params_of(kind, prefix, suffixes, transposed),
-                            module_type=info.module_type if info else None, norm_folded=bool(info and info.norm_folded)))
+                            module_type=info.module_type if info else None, norm_folded=bool(info and info.norm_folded),
+                            folded_norm=info.folded_norm if info else None))
     return layers
 
 

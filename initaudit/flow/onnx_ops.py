@@ -169,7 +169,8 @@ def _conv_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto)
     plain = node.op_type == "Conv"
     folded = plain and _bn_folded(node, weight)
     kind = f"conv{spatial}d" if plain else f"conv_transpose{spatial}d"
-    name = found.add_layer(g, i, node, weight, ModuleInfo(kind, node.op_type, False, norm_folded=folded))
+    norm = found.names.folded_norm(node) if folded else None
+    name = found.add_layer(g, i, node, weight, ModuleInfo(kind, node.op_type, False, norm_folded=folded, folded_norm=norm))
     found.add_view(f"{name}.bias", _bias_input(g, node))
     if folded:
         found.folded.add((g, i))

@@ -222,6 +222,12 @@ class ModuleNames:
         scope, recorded = scope_of(node)
         return scope if scope is None or recorded != LEGACY else self.completed(scope)
 
+    @staticmethod
+    def folded_norm(node: onnx.NodeProto) -> str | None:
+        """The module path of the BatchNorm the dynamo exporter fused into the node (the legacy one keeps none)."""
+        scope, recorded = scope_of(node)
+        return scope if recorded == FUSED else None
+
     def moved(self, own: str, weight: str, norm: str) -> str:
         """The layer a fused node computes, `norm` the scope of the BatchNorm fused into it: its weight's module,
         moved to the block that norm sits in where a node of another block read the same (identical) weight

@@ -153,3 +153,22 @@ def test_a_per_layer_ignore_written_for_the_module_holds_for_its_onnx_export(dyn
     kept = {(f.rule, f.layer) for f in initaudit.audit(path, options=options).findings}
     assert kept == {(f.rule, f.layer) for f in initaudit.audit(module, options=options).findings}
     assert not any(layer.startswith("transformer.h.") for _, layer in kept)
+
+
+@pytest.mark.parametrize("dynamo, norm", [(False, "the weight of the BatchNorm after it"), (True, "`layer1.0.bn1` weight")],
+                         ids=["legacy", "dynamo"])
+def test_a_zero_conv_from_a_folded_zeroed_batchnorm_gain_names_the_batchnorm(dynamo, norm, tmp_path):
+    """Exported in eval mode, a BatchNorm is folded into the conv before it: a zeroed gain zeroes the conv, and
+    the finding says so (the dynamo exporter records which BatchNorm; the legacy one does not)."""
+    module = SmallResNet()
+    nn.init.zeros_(module.layer1[0].bn1.weight)
+    found = [f for f in onnx_report(module, tmp_path, dynamo).findings if f.severity == "error"]
+    assert [(f.rule, f.layer) for f in found] == [("zero-weights", "layer1.0.conv1")]
+    assert f"(BatchNorm gain folded in: {norm} is zero, or the conv's own)" in found[0].message
+
+
+@pytest.mark.parametrize("dynamo", EXPORTS)
+def test_a_zero_init_residual_resnet_stays_clean_once_its_gains_are_folded(dynamo, tmp_path):
+    report = onnx_report(SmallResNet(zero_init_residual=True), tmp_path, dynamo)
+    assert [f for f in report.findings if f.severity != "info"] == []
+    assert {f.layer for f in report.findings if f.rule == "zero-weights"} == {f"layer1.{i}.conv2" for i in range(3)}
