@@ -18,8 +18,9 @@ def evaluate(measured: list[Measured], rules: list[rulebook.Rule],
     kind once, under its first name; a head tied to an embedding as both; `ignored(layer, rule name, code)`: the
     per-layer ignores)."""
     findings = []
-    kind_of = {m.param.key: m.layer.kind for m in measured}
+    kind_of: dict[str, str] = {}  # a tensor's key -> the kind of its first layer
     for m in measured:
+        kind_of.setdefault(m.param.key, m.layer.kind)
         if m.param.shared_with is not None and kind_of.get(m.param.shared_with) == m.layer.kind:
             continue  # the same finding under another name
         for rule in rules:

@@ -79,3 +79,22 @@ def test_one_onnx_initializer_read_by_a_gather_and_a_head_is_both_layers(head, t
     assert rows == {"transformer.wte": ("embedding", 64, 50), "lm_head": ("linear", 64, 50)}
     assert serious(report) == {("variance-out-of-range", "lm_head", "warning")}
     assert serious(tied_graph(tmp_path, head, std=0.02)) == set()
+
+
+# ---------------------------------------------------------------- a Hugging Face folder saves the tied head once
+
+@pytest.mark.parametrize("std, expected", [(1.0, {("variance-out-of-range", "lm_head", "warning")}), (0.02, set())],
+                         ids=["n01-table", "gpt2-recipe"])
+def test_a_hugging_face_folder_judges_the_head_its_config_ties_to_the_token_table(std, expected, tmp_path):
+    """save_pretrained keeps `transformer.wte.weight` only; the architecture built from config.json ties `lm_head`
+    to it, and the folder is judged as the model is."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=1000,
+                                                                 n_positions=128))
+    torch.nn.init.normal_(model.transformer.wte.weight, 0.0, std)
+    model.save_pretrained(tmp_path / "gpt2")
+    assert serious(initaudit.audit(model)) == expected
+    report = initaudit.audit(tmp_path / "gpt2")
+    assert serious(report) == expected
+    assert {row.name for row in report.layers} >= {"transformer.wte", "lm_head"}
