@@ -54,6 +54,7 @@ class Layer:
     is_output: bool = False
     order_known: bool = True  # False where a bare file's names and shapes leave the layer's place ambiguous
     norm_folded: bool = False  # an exporter folded a BatchNorm into the weights (its scale, zero-init too, is in them)
+    folded_norm: str | None = None  # that BatchNorm's module path, where the exporter recorded it
 
     @property
     def weighted(self) -> bool:

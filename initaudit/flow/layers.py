@@ -97,6 +97,8 @@ class ModuleInfo:
     norm_folded: bool = False  # an exporter folded a BatchNorm into this layer's weights (ONNX), not on a shortcut
     strides: tuple[int, ...] = ()  # a (transposed) conv's strides, where the module or graph says them
     groups: int = 1
+    folded_norm: str | None = None  # that BatchNorm's module path, where the exporter recorded it
+    tied_to: str | None = None  # the file key holding this layer's weight, tied to another layer's (saved once)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -161,6 +163,8 @@ def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleIn
     for key, shape in shapes.items():
         prefix, suffix = split_key(key)
         groups.setdefault(prefix, {})[suffix] = tuple(shape)
+    tied = {name: info for name, info in (modules or {}).items()
+            if info.tied_to in shapes and name not in groups and info.kind in WEIGHTED_KINDS}
     bare = {prefix: _kind_from_tensors(prefix, suffixes) for prefix, suffixes in groups.items()
             if prefix not in (modules or {})}
     flipped = _bare_layouts(bare, groups)
@@ -172,8 +176,17 @@ def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleIn
         if kind.startswith("conv") and prefix in flipped:
             kind = kind.replace("conv", "conv_transpose")
         layers.append(Layer(prefix, kind, _params_of(kind, prefix, suffixes, transposed, info),
-                            module_type=info.module_type if info else None, norm_folded=bool(info and info.norm_folded)))
-    return layers
+                            module_type=info.module_type if info else None, norm_folded=bool(info and info.norm_folded),
+                            folded_norm=info.folded_norm if info else None))
+    return layers + [_tied_layer(name, info, shapes[info.tied_to]) for name, info in tied.items()]
+
+
+def _tied_layer(name: str, info: ModuleInfo, shape: tuple[int, ...]) -> Layer:
+    """A layer whose weight the file holds under the name of the layer it is tied to (a head tied to its token
+    table): judged as itself, at its own fans, reading that tensor."""
+    fan_in, fan_out, axis = fans(info.kind, shape, info.transposed)
+    return Layer(name, info.kind, [Param(info.tied_to, "weight", tuple(shape), fan_in, fan_out, axis)],
+                 module_type=info.module_type)
 
 
 def _bare_layouts(kinds: dict[str, str], groups: dict[str, dict[str, tuple[int, ...]]]) -> set[str]:

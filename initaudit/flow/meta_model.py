@@ -27,7 +27,7 @@ import re
 import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -109,6 +109,10 @@ def from_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> Context:
         names = layers.setdefault(split_key(own_key)[0], [])
         if split_key(file_key)[0] not in names:
             names.append(split_key(file_key)[0])
+    for layer, held in tied_layers(module, keys).items():  # a head the file holds as the table it is tied to
+        if layer in infos:
+            layers.setdefault(layer, [layer])
+            infos[layer] = replace(infos[layer], tied_to=held)
     modules = {name: infos[own] for own, names in layers.items() if own in infos for name in names}
     left_out = timm_model_args(config.get("model_args"))[1] if _is_timm(config) else []
     init = {file_key: declared[own] for file_key, own in keys.items() if own in declared}
@@ -131,6 +135,20 @@ def family_init(module: torch.nn.Module) -> dict[str, str]:
             return {}
         declared = declared_init(replica)
         return {key: declared[own] for key, own in key_map(replica, shapes).items() if own in declared}
+
+
+def tied_layers(module: torch.nn.Module, keys: dict[str, str]) -> dict[str, str]:
+    """Layers of `module` whose weight the file holds only under another name, the tensor being tied (transformers
+    saves a head tied to its token table once): layer -> the file key that holds its weight."""
+    file_of = {own: file for file, own in keys.items()}
+    users: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        users.setdefault(id(param), []).append(name)
+    tied = {}
+    for names in users.values():
+        held = next((file_of[n] for n in names if n in file_of), None)
+        tied.update({split_key(n)[0]: held for n in names if held and n not in file_of and n.endswith(".weight")})
+    return tied
 
 
 def _renamed(flow: Flow, layers: dict[str, list[str]]) -> Flow:

@@ -25,7 +25,7 @@ from initaudit.flow.activations import UNKNOWN, Activation
 from initaudit.flow.dataflow import ACT, LAYER, NORM, OUTPUT, PASS, Flow
 from initaudit.flow.onnx_ops import (SHAPE_ONLY, SUBGRAPH_OPS, FoundLayers, OnnxLayers, SubgraphContract, View,
                                      find_layers, flow_role)
-from initaudit.flow.onnx_scopes import EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, scopes, walk
+from initaudit.flow.onnx_scopes import EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, ModuleNames, scopes, walk
 
 _ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Softplus", "Sqrt", "Identity", "Cast", "Constant"}
 # Cores of the activations exporters decompose, closed by a Mul with the activation's input x.
@@ -40,13 +40,18 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
     """
     root = GraphIndex(scopes(graph), sources)
     shown = {key: name for scope in walk(root.scope) for key, _, name in scope.tensors()}
-    found = find_layers(root, shown)
+    found = find_layers(root, shown, ModuleNames([*shown.values(), *_alias_names(root)]))
     out = found.out
     _add_free_parameters(out, shown, sources)
     out.flow = _FlowBuilder(found, value).model(root)
     if found.folded:
         _note_folded(out, len(found.folded))
     return out
+
+
+def _alias_names(g: GraphIndex) -> list[str]:
+    """The parameter names aliasing nodes give initializers, in `g` and its subgraphs."""
+    return [*g.alias, *(name for subs in g.children.values() for sub in subs for name in _alias_names(sub))]
 
 
 def _add_free_parameters(out: OnnxLayers, shown: dict[str, str], sources: dict[str, onnx.TensorProto]) -> None:

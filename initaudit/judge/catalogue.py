@@ -23,6 +23,8 @@ FACTS = {
                    " ambiguous: then norm_after, run_depth, position and is_output are guesses)",
     "norm_folded": "an exporter folded a BatchNorm into the weights (ONNX): its scale, a zero-init residual's 0 "
                    "too, is in them (false on a residual sum's shortcut, such as a downsample conv)",
+    "folded_in": "where a BatchNorm was folded into the weights, the words naming it as a zero's possible cause "
+                 "(empty otherwise)",
     "numel": "entries", "units": "output units", "non_finite": "NaN + Inf count", "nan": "NaN count",
     "inf": "Inf count", "mean": "mean", "std": "standard deviation", "min": "minimum", "max": "maximum",
     "abs_max": "largest |value|", "kurtosis": "excess kurtosis", "zero_fraction": "fraction of entries equal to 0",

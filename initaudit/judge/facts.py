@@ -79,8 +79,16 @@ def _context_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         "residual_after": layer.residual_after, "gate_after": layer.gate_after,
         "residual_branch": layer.residual_branch, "position": layer.position,
         "depth": graph.depth, "run_depth": layer.run_depth, "is_output": layer.is_output,
-        "order_known": layer.order_known, "norm_folded": layer.norm_folded,
+        "order_known": layer.order_known, "norm_folded": layer.norm_folded, "folded_in": _folded_in(layer),
     }
+
+
+def _folded_in(layer: Layer) -> str:
+    """What a zero in the weights may come from where an exporter folded a BatchNorm into them: its gain."""
+    if not layer.norm_folded:
+        return ""
+    norm = f"`{layer.folded_norm}` weight" if layer.folded_norm else "the weight of the BatchNorm after it"
+    return f" (BatchNorm gain folded in: {norm} is zero, or the conv's own)"
 
 
 def _stats_facts(m: Measured) -> dict[str, Any]:
