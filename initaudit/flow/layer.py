@@ -48,6 +48,7 @@ class Layer:
     is_output: bool = False
     order_known: bool = True  # False where a bare file's names and shapes leave the layer's place ambiguous
     norm_folded: bool = False  # an exporter folded a BatchNorm into the weights (its scale, zero-init too, is in them)
+    weight_scale: float = 1.0  # the constant the forward pass multiplies the weight (or the pre-activation) by
 
     @property
     def weighted(self) -> bool:
