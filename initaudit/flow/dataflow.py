@@ -243,10 +243,10 @@ class Flow:
     def _scaled(self, scale: float | None, idx: int, producers: list[list[int]]) -> float | None:
         """The constant a layer's output has been multiplied by, once the walk passed node `idx`: a SCALE's
         factor counts; past a normalization or a node mixing the signal with another computed one (q·kᵀ, a
-        concatenation; a residual sum does not) the constants are no longer the layer's own (None)."""
+        residual sum, a concatenation) the constants are no longer the layer's own (None)."""
         node = self.nodes[idx]
         computed = [p for p in producers[idx] if producers[p]]
-        if scale is None or node.role == NORM or (node.role != ADD and len(computed) >= 2):
+        if scale is None or node.role == NORM or len(computed) >= 2:
             return None
         return scale * node.factor if node.role == SCALE else scale
 

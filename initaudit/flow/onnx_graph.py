@@ -112,7 +112,8 @@ class _FlowBuilder:
             idx = self.flow.add(ACT, activation=pattern)
         else:
             role, act = flow_role(g, node, self.value)
-            idx = self.flow.add(role, activation=act, factor=constant_factor(g, node, self.value) if role == SCALE else 1.0)
+            factor = constant_factor(g, node, self.value) if role == SCALE else 1.0
+            idx = self.flow.add(role, activation=act, factor=factor)
         for name in node.input if node.op_type not in SHAPE_ONLY else ():
             if name in made:
                 self.flow.link(made[name], idx)
