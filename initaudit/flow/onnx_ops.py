@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -300,7 +301,7 @@ def constant_factor(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], 
     if len(node.input) != 2:
         return None
     sources = [g.float_source(name) for name in node.input]
-    constants = [float(np.asarray(value(src)).reshape(-1)[0]) if src and np.asarray(value(src)).size == 1 else None
+    constants = [float(np.asarray(value(src)).reshape(-1)[0]) if src and math.prod(g.dims(src)) == 1 else None
                  for src in sources]
     if any(src is not None and c is None for src, c in zip(sources, constants)):
         return None  # a product by a tensor held in the file (LayerScale's γ): no constant scale

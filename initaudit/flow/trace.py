@@ -97,16 +97,18 @@ def function_role(name: str, args: tuple, kwargs: dict) -> tuple[str, Activation
 
 
 def constant_value(value) -> float | None:
-    """A Python number's value, or a one-element tensor's (the caller leaves learnable parameters out); None
-    for anything else."""
+    """A Python number's value, or a one-element real tensor's (the caller leaves learnable parameters out); None
+    for anything else, and for a tensor without values (on the meta device)."""
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
         return float(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool:
-        found = float(value.detach().reshape(()))
-        return found if math.isfinite(found) else None
-    return None
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.is_meta:
+        return None
+    if value.dtype.is_complex or value.dtype == torch.bool:
+        return None
+    found = float(value.detach().reshape(()))
+    return found if math.isfinite(found) else None
 
 
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))  # _parameters, _buffers, _modules, hooks, training
