@@ -170,3 +170,14 @@ def test_weight_times_constant_folds_through_fx():
 
     found = downstream(nn.Sequential(Scaled()))
     assert found["0"].weight_scale == pytest.approx(0.125) and str(found["0"].activation) == "tanh"
+
+
+def test_dynamic_trace_reads_the_same_constants():
+    """Models fx cannot trace (Hugging Face...) are run once: the weight's scale and the gain after the
+    activation are read from that forward pass as from fx."""
+    from initaudit.flow.dynamic_trace import dynamic_flow
+
+    module = em.mapping(depth=2, width=64)
+    found = dynamic_flow(module, module_infos(module), ((torch.randn(2, 64),), {})).downstream()
+    assert {name: round(d.weight_scale, 6) for name, d in found.items()} == {"0": 0.00125, "1": 0.00125}
+    assert {str(d.activation) for d in found.values()} == {"leaky_relu(0.2)·1.414"}
