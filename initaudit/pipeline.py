@@ -15,7 +15,7 @@ from initaudit.flow.layer import LayerGraph
 from initaudit.judge import rules as rulebook
 from initaudit.judge.declared import add_declared_facts, declarations
 from initaudit.judge.evaluate import evaluate, layer_rows, set_aside
-from initaudit.judge.facts import add_recipe_shares, short_list, signal_facts, tensor_facts
+from initaudit.judge.facts import add_recipe_shares, effective_stats, short_list, signal_facts, tensor_facts
 from initaudit.judge.report import Report
 from initaudit.load.dispatch import load
 from initaudit.load.source import Loaded
@@ -48,10 +48,12 @@ def measure_and_describe(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
 
 
 def depth_weights(measured: list[Measured]) -> dict[str, depth.Weights]:
-    """Each weighted layer's fans and second moments (E[w²], E[b²]), for the depth analysis."""
+    """Each weighted layer's fans and second moments (E[w²], E[b²]) of the weight the forward pass uses (times the
+    layer's `weight_scale`), for the depth analysis."""
     out, biases = {}, {}
     for m in measured:
-        moment = m.stats.std ** 2 + m.stats.mean ** 2
+        st = effective_stats(m)
+        moment = st.std ** 2 + st.mean ** 2
         if m.param.role == "bias":
             biases[m.layer.name] = moment
         elif m.param is m.layer.param("weight") and m.layer.weighted:

@@ -55,6 +55,7 @@ class Layer:
     order_known: bool = True  # False where a bare file's names and shapes leave the layer's place ambiguous
     norm_folded: bool = False  # an exporter folded a BatchNorm into the weights (its scale, zero-init too, is in them)
     folded_norm: str | None = None  # that BatchNorm's module path, where the exporter recorded it
+    weight_scale: float = 1.0  # the constant the forward pass multiplies the weight (or the pre-activation) by
 
     @property
     def weighted(self) -> bool:

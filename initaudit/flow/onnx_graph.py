@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 
 from initaudit.flow.activations import UNKNOWN, Activation
-from initaudit.flow.dataflow import ACT, LAYER, NORM, OUTPUT, PASS, Flow
+from initaudit.flow.dataflow import ACT, LAYER, NORM, OUTPUT, PASS, SCALE, Flow
 from initaudit.flow.onnx_ops import (SHAPE_ONLY, SUBGRAPH_OPS, FoundLayers, OnnxLayers, SubgraphContract, View,
-                                     find_layers, flow_role)
+                                     constant_factor, find_layers, flow_role)
 from initaudit.flow.onnx_scopes import EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, ModuleNames, scopes, walk
 
 _ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Softplus", "Sqrt", "Identity", "Cast", "Constant"}
@@ -98,7 +98,7 @@ class _FlowBuilder:
         for o in root.scope.graph.output:
             if o.name in made:
                 self.flow.link(made[o.name], out)
-        return self.flow
+        return self.flow.fold_gains()
 
     def graph(self, g: GraphIndex, made: ChainMap) -> None:
         """Add the nodes of `g`; `made` maps tensor names (of `g` and the graphs around it) to flow nodes."""
@@ -117,7 +117,8 @@ class _FlowBuilder:
             idx = self.flow.add(ACT, activation=pattern)
         else:
             role, act = flow_role(g, node, self.value)
-            idx = self.flow.add(role, activation=act)
+            factor = constant_factor(g, node, self.value) if role == SCALE else 1.0
+            idx = self.flow.add(role, activation=act, factor=factor)
         for name in node.input if node.op_type not in SHAPE_ONLY else ():
             if name in made:
                 self.flow.link(made[name], idx)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,7 +17,7 @@ import numpy as np
 import onnx
 
 from initaudit.flow.activations import Activation
-from initaudit.flow.dataflow import ACT, ADD, MUL, NORM, PASS, STOP, Flow
+from initaudit.flow.dataflow import ACT, ADD, MUL, NORM, PASS, SCALE, STOP, Flow, scale_factor
 from initaudit.flow.layers import ModuleInfo, embedding_name, split_key
 from initaudit.flow.onnx_scopes import GraphIndex, ModuleNames, attribute, fused_norm
 
@@ -260,7 +261,7 @@ RoleHandler = Callable[[GraphIndex, onnx.NodeProto, Callable[[str], np.ndarray]]
 _ACT_OPS = {"Relu": "relu", "Elu": "elu", "Celu": "celu", "Selu": "selu", "Sigmoid": "sigmoid",
             "HardSigmoid": "hardsigmoid", "HardSwish": "hardswish", "Tanh": "tanh", "Gelu": "gelu", "FastGelu": "gelu",
             "BiasGelu": "gelu", "QuickGelu": "gelu", "Softplus": "softplus", "Softsign": "softsign", "Mish": "mish",
-            "ThresholdedRelu": "relu", "Erf": "gelu"}
+            "ThresholdedRelu": "relu", "Erf": "unknown", "Sin": "sin", "Cos": "cos"}  # Erf outside GELU: unmodelled
 
 
 def flow_role(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> Role:
@@ -313,12 +314,32 @@ def _clip(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray
     return PASS, None
 
 
+def constant_factor(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> float | None:
+    """The constant a Mul or Div of one computed tensor by a one-element initializer or Constant multiplies it by
+    (the exporter's `x * 30`, `leaky_relu(x) * √2`); None for anything else."""
+    if len(node.input) != 2:
+        return None
+    sources = [g.float_source(name) for name in node.input]
+    constants = [float(np.asarray(value(src)).reshape(-1)[0]) if src and math.prod(g.dims(src)) == 1 else None
+                 for src in sources]
+    if any(src is not None and c is None for src, c in zip(sources, constants)):
+        return None  # a product by a tensor held in the file (LayerScale's γ): no constant scale
+    return scale_factor(node.op_type, constants)
+
+
+def _product(role: str) -> RoleHandler:
+    """Mul or Div: a constant scale where one operand is a one-element constant, else `role`."""
+    def handler(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> Role:
+        return (SCALE, None) if constant_factor(g, node, value) is not None else (role, None)
+    return handler
+
+
 FLOW_ROLES: dict[str, RoleHandler] = {
     **{op: _activation(name) for op, name in _ACT_OPS.items()},
     "LeakyRelu": _leaky_relu, "PRelu": _prelu, "Clip": _clip,
     **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), _plain(STOP)),
     **dict.fromkeys(_NORM_OPS, _plain(NORM)),
-    "Add": _plain(ADD), "Sum": _plain(ADD), "Mul": _plain(MUL),
+    "Add": _plain(ADD), "Sum": _plain(ADD), "Mul": _product(MUL), "Div": _product(PASS),
 }
 
 

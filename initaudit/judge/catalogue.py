@@ -27,6 +27,11 @@ FACTS = {
                  "(empty otherwise)",
     "numel": "entries", "units": "output units", "non_finite": "NaN + Inf count", "nan": "NaN count",
     "inf": "Inf count", "mean": "mean", "std": "standard deviation", "min": "minimum", "max": "maximum",
+    "effective_scale": "the constant the forward pass multiplies a layer's weight (or its pre-activation) by: "
+                       "equalized learning rate, SIREN's ω0, a scale in a buffer or attribute (1 where none); "
+                       "mean, std, min, max, abs_max and the fingerprint are of the weight times it",
+    "stored_std": "the standard deviation of the tensor as stored (std is of the effective weight)",
+    "std_label": "how a message names the std: 'std', or 'effective std (stored std … × …)'",
     "abs_max": "largest |value|", "kurtosis": "excess kurtosis", "zero_fraction": "fraction of entries equal to 0",
     "distinct": "distinct values", "constant": "all finite entries equal", "value": "the constant value",
     "zero_units": "units whose weights are all 0", "dead_units": "zero units whose bias is <= 0 (or absent)",

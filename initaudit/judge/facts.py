@@ -21,11 +21,13 @@ def tensor_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
     With the activation unknown a weight is held to the envelope of every common scheme (schemes.envelope):
     its expected std is the envelope's nearest edge, its own std when inside.
     """
-    layer, param, st, rec = m.layer, m.param, m.stats, m.recommended
-    expected, expected_scheme, envelope_ratio = _expectation(m)
+    layer, param, rec = m.layer, m.param, m.recommended
+    st = effective_stats(m)
+    expected, expected_scheme, envelope_ratio = _expectation(m, _fed_by(graph, m.layer))
     ratio = st.std / expected if expected and math.isfinite(st.std) else None
     return {
-        **_context_facts(graph, m), "envelope_ratio": envelope_ratio, "is_last": layer.position == graph.depth - 1,
+        **_context_facts(graph, m), **_scale_facts(m), "envelope_ratio": envelope_ratio,
+        "is_last": layer.position == graph.depth - 1,
         "fan_in": param.fan_in, "fan_out": param.fan_out, **_stats_facts(m), **_scheme_facts(m),
         "expected_scheme": expected_scheme,
         "expected_std": expected, "expected_call": rec.call if rec else None,
@@ -41,7 +43,7 @@ SNN_BAND = (0.95, 1.1)
 def _fan_facts(m: Measured) -> dict[str, Any]:
     """Where the signal's fan is not torch's (a transposed conv): the known mistake of Kaiming at torch's fan;
     and a SELU layer's variance gain against the SNN band, beyond the sampling error of its estimate."""
-    param, fp, st = m.param, m.fingerprint, m.stats
+    param, fp, st = m.param, m.fingerprint, effective_stats(m)
     forward = param.signal_fans[0]
     mistake = bool(fp and param.flow_fans and forward != param.fan_in and fp.fan == "fan_in"
                    and fp.family in ("kaiming", "lecun"))
@@ -54,11 +56,35 @@ def _fan_facts(m: Measured) -> dict[str, Any]:
     return {"torch_fan_mistake": mistake, "fan_note": note, "snn_band": band}
 
 
-def _expectation(m: Measured) -> tuple[float | None, str | None, float | None]:
+def effective_scale(m: Measured) -> float:
+    """The constant the forward pass multiplies this tensor by (a layer's weight: `Layer.weight_scale`), else 1."""
+    return m.layer.weight_scale if m.param is m.layer.param("weight") else 1.0
+
+
+def effective_stats(m: Measured) -> TensorStats:
+    """The tensor's stats as the forward pass uses it: times its `effective_scale`."""
+    return m.stats.scaled(effective_scale(m))
+
+
+def _scale_facts(m: Measured) -> dict[str, Any]:
+    """The effective scale, the stored tensor's std, and how a message names the std it speaks of."""
+    scale, stored = effective_scale(m), m.stats.std
+    label = "std" if scale == 1.0 else f"effective std (stored std {stored:.3g} × {scale:.3g} at run time)"
+    return {"effective_scale": scale, "stored_std": stored, "std_label": label}
+
+
+def _fed_by(graph: LayerGraph, layer: Layer) -> Layer | None:
+    """The weighted layer right before this one in forward order, if any."""
+    return next((other for other in graph if other.weighted and other.position == layer.position - 1), None)
+
+
+def _expectation(m: Measured, before: Layer | None = None) -> tuple[float | None, str | None, float | None]:
     """(expected std, the scheme that gives it, the std over the nearest edge of the envelope of common schemes):
-    the recommended scheme's std, else (activation unknown) the envelope's nearest edge."""
-    layer, param, st, rec = m.layer, m.param, m.stats, m.recommended
+    the recommended scheme's std, else (activation unknown) the envelope's nearest edge; all of the effective
+    weight. SIREN (`_siren`) has its own first layer and readout."""
+    layer, param, st, rec = m.layer, m.param, effective_stats(m), m.recommended
     expected, expected_scheme = (rec.std, rec.scheme) if rec else (None, None)
+    expected, expected_scheme = _siren(m, before) or (expected, expected_scheme)
     envelope_ratio = None
     if param.is_weight and layer.weighted and math.isfinite(st.std) and st.std > 0:
         bounds = schemes.envelope(param.fan_in, param.fan_out, layer.kind, param.hidden, m.n_blocks)
@@ -67,6 +93,21 @@ def _expectation(m: Measured) -> tuple[float | None, str | None, float | None]:
         if rec is None:
             expected, expected_scheme = edge, f"{nearest} (activation unknown)"
     return expected, expected_scheme, envelope_ratio
+
+
+def _siren(m: Measured, before: Layer | None) -> tuple[float, str] | None:
+    """SIREN's (Sitzmann et al. 2020) own expected stds: its first sine layer U(±1/n) before ω0 (the input
+    coordinates are no unit-variance signal), and a linear readout after a sine layer U(±√(6/n)/ω0), ω0 that
+    layer's; None elsewhere."""
+    layer, n = m.layer, max(m.param.fan_in, 1)
+    if not (m.param is layer.param("weight") and m.recommended is not None):
+        return None
+    if layer.activation.family == "periodic" and layer.position == 0:
+        return effective_scale(m) / (n * math.sqrt(3)), "siren-first-layer"
+    if layer.is_output and layer.activation.name == "identity" and before is not None \
+            and before.activation.family == "periodic" and before.weight_scale != 1.0:
+        return math.sqrt(2 / n) / before.weight_scale, "siren-readout"
+    return None
 
 
 def _context_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
@@ -92,8 +133,9 @@ def _folded_in(layer: Layer) -> str:
 
 
 def _stats_facts(m: Measured) -> dict[str, Any]:
-    """What the measuring pass found in the values: moments, extremes, and dead and duplicate units."""
-    st = m.stats
+    """What the measuring pass found in the values (times the effective scale): moments, extremes, and dead and
+    duplicate units."""
+    st = effective_stats(m)
     dead = _dead_units(m)
     groups = st.duplicate_groups
     return {
@@ -135,7 +177,7 @@ def _scheme_facts(m: Measured) -> dict[str, Any]:
 
 def _bias_ratio(m: Measured) -> float | None:
     """The bias's RMS over the weight's output scale std·√fan_in: how much of a unit's input the bias is."""
-    bias, param, st = m.bias, m.param, m.stats
+    bias, param, st = m.bias, m.param, effective_stats(m)
     fan = param.signal_fans[0]
     if bias is not None and param.is_weight and fan and st.std > 0 and math.isfinite(st.std):
         return float(bias.detach().float().pow(2).mean().sqrt()) / (st.std * math.sqrt(fan))

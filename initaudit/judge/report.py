@@ -45,6 +45,7 @@ class LayerRow:
     predicted_gain: float | None = None        # initaudit.depth: fan_in·E[w²]·activation factor
     predicted_scale: float | None = None       # RMS of the output through depth, for a unit input
     predicted_grad_scale: float | None = None  # RMS of the gradient at the output, for a unit one at the model's output
+    effective_scale: float = 1.0  # the constant the forward pass multiplies the weight by (std is the stored one's)
 
 
 @dataclass

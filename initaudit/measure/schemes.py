@@ -436,6 +436,10 @@ def recommend(activation: Activation, fan_in: int, fan_out: int, kind: str = "li
         gain_of = activation.name if activation.name in ("tanh", "sigmoid") else "tanh"
         return Recommendation("xavier-uniform", activation.gain * math.sqrt(2 / (fan_in + fan_out)), "xavier_uniform_",
                               (("gain", activation.gain),), f"Xavier (Glorot) for {activation}", gain_of)
+    if family == "periodic":  # SIREN: hidden weights U(±√(6/n)/ω0), that is U(±√(6/n)) once ω0 is folded in
+        bound = activation.gain * math.sqrt(3 / fan_in)
+        return Recommendation("siren-uniform", activation.gain / math.sqrt(fan_in), "uniform_",
+                              (("a", -bound), ("b", bound)), f"SIREN (Sitzmann et al.) for {activation}")
     if family in ("selu", "identity"):
         return Recommendation("lecun-normal", 1 / math.sqrt(fan_in), "kaiming_normal_",
                               (("mode", "fan_in"), ("nonlinearity", "linear")),

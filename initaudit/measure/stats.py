@@ -16,7 +16,7 @@ import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -59,6 +59,16 @@ class TensorStats:
     zero_units: list[int] = field(default_factory=list)      # output units whose weights are all 0
     duplicate_groups: list[list[int]] = field(default_factory=list)  # groups of identical units (>= 2 each)
     negligible_groups: int = 0     # of those, groups whose units have a negligible norm (weight decay's near-zeros)
+
+    def scaled(self, factor: float) -> "TensorStats":
+        """The stats of the tensor times a constant `factor` > 0 (the weight the forward pass uses)."""
+        if factor == 1.0:
+            return self
+        def times(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t * factor
+        return replace(self, mean=self.mean * factor, std=self.std * factor, min=self.min * factor,
+                       max=self.max * factor, abs_max=self.abs_max * factor, unit_norms=times(self.unit_norms),
+                       input_norms=times(self.input_norms), unit_sums=times(self.unit_sums))
 
     @property
     def non_finite(self) -> int:

@@ -96,8 +96,9 @@ def _scheme(layer: Layer, param: Param, st: stats.TensorStats, tensor: torch.Ten
     """A weight's fingerprint and the scheme recommended for it."""
     if not param.is_weight:
         return None, None
-    fp = schemes.fingerprint(st, param.fan_in, param.fan_out, layer.kind, layer.activation,
-                             tensor, param.hidden, n_blocks)
+    scale = layer.weight_scale if param is layer.param("weight") else 1.0  # the weight the forward pass uses
+    fp = schemes.fingerprint(st.scaled(scale), param.fan_in, param.fan_out, layer.kind, layer.activation,
+                             tensor * scale if tensor is not None and scale != 1.0 else tensor, param.hidden, n_blocks)
     role = "weight_hh" if "weight_hh" in param.key else "weight"
     rec = schemes.recommend(layer.activation, *param.signal_fans, layer.kind, param.hidden, role)
     if rec is not None and param.signal_fans != (param.fan_in, param.fan_out):
