@@ -91,6 +91,7 @@ class Loaded:
     files: list[Path] = field(default_factory=list)  # every file the model's bytes come from (weights, external
     # data, shards, index, config): no output may land on one of them (or, for a folder model, inside its folder)
     source: str | None = None        # the URL of a remote model (path is then None)
+    ties: list[tuple[str, str]] = field(default_factory=list)  # tensor names the module or config ties together
 
     @property
     def name(self) -> str:
