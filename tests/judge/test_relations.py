@@ -11,6 +11,7 @@ nanoGPT-like GPT; transformers' GPT-2 for declared ties):
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import warnings
@@ -66,7 +67,9 @@ def head_copy(model: nn.Module, embedding: nn.Embedding) -> nn.Module:
 
 # ------------------------------------------------------------------ IA501 tied-weights-diverged
 
-def test_a_live_head_copied_off_its_embedding_is_a_broken_tie_even_with_equal_values():
+def test_a_live_head_copied_off_its_embedding_is_a_broken_tie_even_with_equal_values(tmp_path):
+    """Live, the tie is judged by identity: a copy is two Parameters. In a file, by value: torch.save keeps shared
+    storage but safetensors' save_file cannot, and a copy is how a tie is saved there."""
     assert relations(audit(models.gpt())) == set()
     broken = audit(models.untied_head())
     assert relations(broken) == {(TIE, "lm_head.weight", "warning")}
@@ -74,6 +77,11 @@ def test_a_live_head_copied_off_its_embedding_is_a_broken_tie_even_with_equal_va
     assert json_relations(check_json("--model", "fixtures.relations_models:untied_head")) == \
         {(TIE, "lm_head.weight", "warning")}
     assert json_relations(check_json("--model", "fixtures.relations_models:gpt")) == set()
+    state = {k: v.detach().clone().contiguous() for k, v in models.untied_head().state_dict().items()}
+    torch.save(state, tmp_path / "copy.pt")
+    save_file(state, tmp_path / "copy.safetensors")
+    assert relations(audit(tmp_path / "copy.pt")) == set()
+    assert relations(audit(tmp_path / "copy.safetensors")) == set()
 
 
 def test_a_tie_the_config_declares_broken_in_a_live_model_is_an_error():
@@ -108,26 +116,13 @@ def hf_folder(folder: Path, head: str, tie: bool = True, weights: str = "safeten
 def test_a_file_whose_head_differs_from_the_embedding_its_config_ties_it_to(tmp_path, weights):
     assert relations(audit(hf_folder(tmp_path / "equal", "equal", weights=weights))) == set()
     assert relations(audit(hf_folder(tmp_path / "untied", "differs", tie=False, weights=weights))) == set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_gpt2().save_pretrained(tmp_path / "saved")  # keeps one tensor for the tie
+    assert relations(audit(tmp_path / "saved")) == set()
     broken = audit(hf_folder(tmp_path / "differs", "differs", weights=weights))
     assert relations(broken) == {(TIE, "lm_head.weight", "error")}
     assert json_relations(check_json(tmp_path / "differs")) == {(TIE, "lm_head.weight", "error")}
-
-
-def test_a_folder_saved_by_transformers_keeps_one_tensor_for_the_tie(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf_gpt2().save_pretrained(tmp_path / "hf")
-    assert relations(audit(tmp_path / "hf")) == set()
-
-
-def test_in_a_file_a_head_saved_as_a_copy_of_its_embedding_is_its_tie(tmp_path):
-    """torch.save keeps shared storage, safetensors' save_file cannot: a copy is how a tie is saved there."""
-    for name, model in [("tied", models.gpt()), ("copy", models.untied_head())]:
-        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-        torch.save(state, tmp_path / f"{name}.pt")
-        save_file(state, tmp_path / f"{name}.safetensors")
-        assert relations(audit(tmp_path / f"{name}.pt")) == set()
-        assert relations(audit(tmp_path / f"{name}.safetensors")) == set()
 
 
 # ------------------------------------------------------------------ IA502 sibling-scale-mismatch
@@ -194,12 +189,16 @@ def test_blocks_drawn_after_resetting_the_seed_are_identical_layers(tmp_path):
         {(IDENTICAL, f"h.0.{p}.weight", "error") for p in projections}
 
 
-def test_shared_storage_is_not_identical_layers():
-    """One block registered at every position (weight sharing, ALBERT-style) holds one tensor, not copies."""
-    model = models.gpt()
-    for i in range(1, len(model.h)):
-        model.h[i] = model.h[0]
-    assert relations(audit(model)) == set()
+def test_one_block_deep_copied_into_every_position_is_found_and_one_block_shared_is_not():
+    """A block registered at every position (weight sharing, ALBERT-style) holds one tensor; a block deep-copied
+    into every position holds copies."""
+    shared, copied = models.gpt(), models.gpt()
+    for i in range(1, len(shared.h)):
+        shared.h[i] = shared.h[0]
+        copied.h[i] = copy.deepcopy(copied.h[0])
+    assert relations(audit(shared)) == set()
+    projections = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    assert relations(audit(copied)) == {(IDENTICAL, f"h.0.{p}.weight", "error") for p in projections}
 
 
 # ------------------------------------------------------------------ trained weights
@@ -209,17 +208,12 @@ def trained() -> nn.Module:
     return models.trained()
 
 
-def test_a_trained_tiny_gpt_stays_quiet(trained, tmp_path):
+def test_a_trained_tiny_gpt_stays_quiet_and_faults_planted_in_it_are_caught(trained, tmp_path):
     report = audit(trained)
     assert report.weights_state == "trained"
     assert relations(report) == set() and not any(f.severity == "error" for f in report.findings)
     torch.save(trained.state_dict(), tmp_path / "trained.pt")
     assert relations(audit(tmp_path / "trained.pt")) == set()
-
-
-def test_faults_planted_in_a_trained_gpt_are_caught(trained):
-    import copy
-
     untied = copy.deepcopy(trained)
     assert relations(audit(head_copy(untied, untied.wte))) == {(TIE, "lm_head.weight", "warning")}
     copied = copy.deepcopy(trained)
