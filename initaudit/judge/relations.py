@@ -47,7 +47,7 @@ def relate(measured: list[Measured], tensors: Tensors, ties: list[tuple[str, str
     declared = declared_ties(by_key, ties)
     tie_pairs = declared + copied_ties([m for m in measured if m.param.key not in {a for a, _, _ in declared}], equal)
     broken_ties(by_key, tie_pairs, equal, live)
-    random = [m for m in measured if is_random_weight(m)]
+    random = [m for m in measured if is_random_weight(m) and m.layer.weighted]  # not embeddings (sinusoidal tables)
     for group in sibling_groups(random).values():
         fit_siblings(group)
     tied = {frozenset(pair[:2]) for pair in tie_pairs}
@@ -77,7 +77,7 @@ class ValuesEqual:
 
 def one_tensor(a: Measured, b: Measured) -> bool:
     """The two names hold one tensor (the measuring pass found them sharing storage)."""
-    return a.param.shared_with == b.param.key or b.param.shared_with == a.param.key or \
+    return a.param.key == b.param.key or a.param.shared_with == b.param.key or b.param.shared_with == a.param.key or \
         (a.param.shared_with is not None and a.param.shared_with == b.param.shared_with)
 
 

@@ -147,6 +147,25 @@ def test_sibling_scales_are_judged_in_a_saved_state_dict_and_from_a_factory(tmp_
         {(SIBLING, "h.1.mlp.c_fc.weight", "warning"), (SIBLING, "h.3.mlp.c_fc.weight", "warning")}
 
 
+def test_timm_beits_per_layer_rescale_is_a_recipe_and_one_block_rescaled_twice_is_not():
+    """timm's BEiT divides each block's output projections by √(2(l+1)) (`fix_init_weight`): a recipe, fitted as
+    such; one block's projection rescaled a second time departs from it."""
+    timm = pytest.importorskip("timm")
+
+    def beit() -> nn.Module:
+        torch.manual_seed(0)
+        return timm.create_model("beit_base_patch16_224", pretrained=False, depth=6, embed_dim=64, num_heads=2,
+                                 img_size=32, num_classes=10)
+
+    assert relations(audit(beit())) == set()
+    twice = beit()
+    with torch.no_grad():
+        twice.blocks[3].attn.proj.weight.div_(math.sqrt(2 * 4))
+    assert relations(audit(twice)) == {(SIBLING, "blocks.3.attn.proj.weight", "warning")}
+    finding = next(f for f in audit(twice).findings if f.rule == SIBLING)
+    assert "1/√(l+1)" in finding.message
+
+
 def blocks(stds: list[float], width: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """One square projection per block, block l drawn at stds[l]."""
     g = torch.Generator().manual_seed(seed)
