@@ -50,7 +50,12 @@ def relate(measured: list[Measured], tensors: Tensors, ties: list[tuple[str, str
     random = [m for m in measured if is_random_weight(m) and m.layer.weighted]  # not embeddings (sinusoidal tables)
     for group in sibling_groups(random).values():
         fit_siblings(group)
-    tied = {frozenset(pair[:2]) for pair in tie_pairs}
+    identical_facts(random, equal, {frozenset(pair[:2]) for pair in tie_pairs})
+
+
+def identical_facts(random: list[Measured], equal: "ValuesEqual", tied: set[frozenset]) -> None:
+    """`identical_to` and `identical_count` on the first of each group of random weights holding equal values
+    (a declared tie's pair is the tie rules' concern)."""
     for group in identical_groups(random, equal):
         if len(group) > 1 and frozenset(m.param.key for m in group) not in tied:
             first, *others = group
@@ -119,10 +124,11 @@ def is_random_weight(m: Measured) -> bool:
 
 
 def identical_groups(candidates: list[Measured], equal: ValuesEqual) -> list[list[Measured]]:
-    """The tensors grouped by equal values (only same-shaped tensors with equal extremes are compared)."""
+    """The tensors grouped by equal values: only same-shaped tensors with equal extremes and stds (to 7 digits:
+    summing in another order may move the last ones) are compared."""
     buckets: dict[tuple, list[Measured]] = defaultdict(list)
     for m in candidates:
-        buckets[(m.param.shape, m.stats.min, m.stats.max)].append(m)
+        buckets[(m.param.shape, m.stats.min, m.stats.max, f"{m.stats.std:.6e}")].append(m)
     groups: list[list[Measured]] = []
     for bucket in buckets.values():
         classes: list[list[Measured]] = []
