@@ -71,6 +71,6 @@ FACTS = {
     "sibling_off": "the std departs from the sibling blocks' recipe beyond sampling error (6 standard errors) and 10 %",
     "siblings": "blocks that repeat this layer (fitted together)",
     "sibling_off_layers": "the layers of this group that depart from the recipe",
-    "identical_to": "the other same-shaped random weights bitwise identical to this one (set on the first of them)",
-    "identical_count": "how many weights hold these identical values",
+    "identical_to": "the first of the same-shaped random weights bitwise identical to this one (set on the others)",
+    "identical_count": "how many weights hold these identical values (set where identical_to is)",
 }

@@ -54,12 +54,13 @@ def relate(measured: list[Measured], tensors: Tensors, ties: list[tuple[str, str
 
 
 def identical_facts(random: list[Measured], equal: "ValuesEqual", tied: set[frozenset]) -> None:
-    """`identical_to` and `identical_count` on the first of each group of random weights holding equal values
-    (a declared tie's pair is the tie rules' concern)."""
+    """`identical_to` (the first of them) and `identical_count` on each copy in a group of random weights holding
+    equal values: the first stays, the others are the copies (a declared tie's pair is the tie rules' concern)."""
     for group in identical_groups(random, equal):
         if len(group) > 1 and frozenset(m.param.key for m in group) not in tied:
-            first, *others = group
-            first.facts.update(identical_to=short_list([m.param.key for m in others], 5), identical_count=len(group))
+            first, *copies = group
+            for m in copies:
+                m.facts.update(identical_to=first.param.key, identical_count=len(group))
 
 
 class ValuesEqual:

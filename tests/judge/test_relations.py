@@ -195,17 +195,19 @@ def test_per_layer_depth_recipes_are_fitted_against_the_block_index(tmp_path):
 
 # ------------------------------------------------------------------ IA503 identical-layers
 
+PROJECTIONS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+COPIES = {(IDENTICAL, f"h.{b}.{p}.weight", "error") for b in (1, 2, 3) for p in PROJECTIONS}  # each one h.0's copy
+
+
 def test_blocks_drawn_after_resetting_the_seed_are_identical_layers(tmp_path):
     assert relations(audit(models.gpt())) == set()
     report = audit(models.reseeded_blocks())
-    projections = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
-    assert relations(report) == {(IDENTICAL, f"h.0.{p}.weight", "error") for p in projections}
-    message = next(f.message for f in report.findings if f.tensor == "h.0.mlp.c_fc.weight")
-    assert all(f"h.{b}.mlp.c_fc.weight" in message for b in (1, 2, 3)) and "(4 layers)" in message
+    assert relations(report) == COPIES
+    message = next(f.message for f in report.findings if f.tensor == "h.3.mlp.c_fc.weight")
+    assert "identical to h.0.mlp.c_fc.weight" in message and "4 layers" in message
     state = {k: v.detach().clone().contiguous() for k, v in models.reseeded_blocks().state_dict().items()}
     save_file(state, tmp_path / "reseeded.safetensors")
-    assert json_relations(check_json(tmp_path / "reseeded.safetensors")) == \
-        {(IDENTICAL, f"h.0.{p}.weight", "error") for p in projections}
+    assert json_relations(check_json(tmp_path / "reseeded.safetensors")) == COPIES
 
 
 def test_one_block_deep_copied_into_every_position_is_found_and_one_block_shared_is_not():
@@ -216,8 +218,7 @@ def test_one_block_deep_copied_into_every_position_is_found_and_one_block_shared
         shared.h[i] = shared.h[0]
         copied.h[i] = copy.deepcopy(copied.h[0])
     assert relations(audit(shared)) == set()
-    projections = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
-    assert relations(audit(copied)) == {(IDENTICAL, f"h.0.{p}.weight", "error") for p in projections}
+    assert relations(audit(copied)) == COPIES
 
 
 # ------------------------------------------------------------------ trained weights
@@ -239,4 +240,4 @@ def test_a_trained_tiny_gpt_stays_quiet_and_faults_planted_in_it_are_caught(trai
     with torch.no_grad():
         for block in copied.h[1:]:
             block.mlp["c_fc"].weight.copy_(copied.h[0].mlp["c_fc"].weight)
-    assert relations(audit(copied)) == {(IDENTICAL, "h.0.mlp.c_fc.weight", "warning")}
+    assert relations(audit(copied)) == {(IDENTICAL, f"h.{b}.mlp.c_fc.weight", "warning") for b in (1, 2, 3)}
