@@ -125,6 +125,23 @@ def test_a_file_whose_head_differs_from_the_embedding_its_config_ties_it_to(tmp_
     assert json_relations(check_json(tmp_path / "differs")) == {(TIE, "lm_head.weight", "error")}
 
 
+def test_a_config_that_ties_an_architecture_not_built_is_read_by_the_usual_names(tmp_path):
+    """An architecture transformers does not know: `tie_word_embeddings` and the names (`lm_head.weight`,
+    `model.embed_tokens.weight`) declare the tie."""
+    g = torch.Generator().manual_seed(0)
+    embedding = torch.randn(96, 64, generator=g) * 0.02
+    state = {"model.embed_tokens.weight": embedding, "model.layers.0.mlp.up_proj.weight": torch.randn(128, 64) * 0.02,
+             "lm_head.weight": torch.randn(96, 64, generator=g) * 0.02}
+    verdicts = {}
+    for tie in (True, False):
+        folder = tmp_path / f"tie-{tie}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "not-in-transformers", "tie_word_embeddings": tie}))
+        save_file(state, folder / "model.safetensors")
+        verdicts[tie] = relations(audit(folder))
+    assert verdicts == {True: {(TIE, "lm_head.weight", "error")}, False: set()}
+
+
 # ------------------------------------------------------------------ IA502 sibling-scale-mismatch
 
 def test_depth_scaling_on_the_wrong_projection_of_some_blocks_is_found():
