@@ -24,6 +24,7 @@ from torch import nn
 
 from fixtures import relations_models as models
 from helpers.cli import run as cli
+import initaudit
 from initaudit import audit
 
 TIE, SIBLING, IDENTICAL = "tied-weights-diverged", "sibling-scale-mismatch", "identical-layers"
@@ -258,3 +259,14 @@ def test_a_trained_tiny_gpt_stays_quiet_and_faults_planted_in_it_are_caught(trai
         for block in copied.h[1:]:
             block.mlp["c_fc"].weight.copy_(copied.h[0].mlp["c_fc"].weight)
     assert relations(audit(copied)) == {(IDENTICAL, f"h.{b}.mlp.c_fc.weight", "warning") for b in (1, 2, 3)}
+
+
+def test_fix_redraws_copies_and_an_off_block_like_their_sibling_blocks():
+    """`fix` draws a layer of a repeated block as the other blocks draw it (normal(0.02) here, not the selection
+    guide's Kaiming, which would leave it off its siblings)."""
+    for bug in (models.reseeded_blocks, models.scaled_fc_one_block):
+        model = bug()
+        changed = {c.layer for c in initaudit.fix(model).changes}
+        assert changed == {f.layer for f in audit(bug()).findings if f.rule in RELATIONS}, bug.__name__
+        assert relations(audit(model)) == set(), bug.__name__
+        assert all(abs(model.h[b].mlp["c_fc"].weight.std().item() - 0.02) < 0.002 for b in range(4))
