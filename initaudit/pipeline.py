@@ -16,6 +16,7 @@ from initaudit.judge import rules as rulebook
 from initaudit.judge.declared import add_declared_facts, declarations
 from initaudit.judge.evaluate import evaluate, layer_rows, set_aside
 from initaudit.judge.facts import add_recipe_shares, effective_stats, short_list, signal_facts, tensor_facts
+from initaudit.judge.relations import relate
 from initaudit.judge.report import Report
 from initaudit.load.dispatch import load
 from initaudit.load.source import Loaded
@@ -90,6 +91,7 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     rules = rulebook.select(rules if rules is not None else rulebook.builtin_rules(), options.select, options.ignore)
     graph = build_graph(loaded, options)
     measured = measure_and_describe(loaded, graph)
+    relate(measured, loaded.tensors, loaded.ties, live=loaded.module is not None)
     signs = file_signs(getattr(loaded.container, "root", None))
     state = weight_state.assess(loaded.tensors, measured, signs, options.state)
     weight_state.apply(measured, state)

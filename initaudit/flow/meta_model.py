@@ -37,6 +37,7 @@ from initaudit.flow.dynamic_trace import dynamic_flow, example_inputs
 from initaudit.common.errors import InputError, first_line
 from initaudit.flow.dataflow import Flow
 from initaudit.flow.layers import ModuleInfo, split_key
+from initaudit.flow.ties import module_ties
 
 # Settings that choose how a model runs, not what it is: an attention or experts implementation can name a kernel
 # that transformers loads from the Hub (its `kernels` integration); the others switch kernels on, name code to
@@ -85,6 +86,7 @@ class Context:
     unmatched: int                   # the file's tensors the built model does not hold
     left_out: list[str] = field(default_factory=list)  # model_args the build did not use
     init: dict[str, str] = field(default_factory=dict)  # file key -> the recipe the family's own init declares
+    ties: list[tuple[str, str]] = field(default_factory=list)  # the file's tensor names the architecture ties
 
 
 def from_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> Context:
@@ -116,7 +118,9 @@ def from_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> Context:
     modules = {name: infos[own] for own, names in layers.items() if own in infos for name in names}
     left_out = timm_model_args(config.get("model_args"))[1] if _is_timm(config) else []
     init = {file_key: declared[own] for file_key, own in keys.items() if own in declared}
-    return Context(_renamed(flow, layers), modules, type(module).__name__, len(shapes) - len(keys), left_out, init)
+    file_key = {own: name for name, own in keys.items()}
+    ties = [(file_key[a], file_key[b]) for a, b in module_ties(module) if a in file_key and b in file_key]
+    return Context(_renamed(flow, layers), modules, type(module).__name__, len(shapes) - len(keys), left_out, init, ties)
 
 
 def family_init(module: torch.nn.Module) -> dict[str, str]:

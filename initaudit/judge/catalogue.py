@@ -80,4 +80,17 @@ FACTS = {
     "recipe_source": "where the recipe is declared: [tool.initaudit] recipe, or the model family's own init",
     "recipe_fits": "the tensor fits its declared recipe (shape and std within sampling error); none without one",
     "recipe_contradiction": "how the tensor contradicts its declared recipe, in words",
+    "tie_broken_with": "the tensor a declared tie links this one to, where the two are not one tensor (live: not one "
+                       "Parameter; in a file: different values)",
+    "tie_declared_by": "what declares that tie: config (the config's tie_word_embeddings, through the architecture's "
+                       "tied-weights map) or copy (a live head holding a bitwise copy of an embedding table)",
+    "tie_values_equal": "the two tensors of a broken tie still hold equal values",
+    "sibling_ratio": "std / the std the layer's sibling blocks give its block (the best-fitting depth recipe)",
+    "sibling_recipe": "the depth recipe fitted across the sibling blocks: constant, ∝ 1/√(l+1) or ∝ 1/(l+1)",
+    "sibling_expected_std": "the std the sibling blocks' recipe gives this block",
+    "sibling_off": "the std departs from the sibling blocks' recipe beyond sampling error (6 standard errors) and 10 %",
+    "siblings": "blocks that repeat this layer (fitted together)",
+    "sibling_off_layers": "the layers of this group that depart from the recipe",
+    "identical_to": "the first of the same-shaped random weights bitwise identical to this one (set on the others)",
+    "identical_count": "how many weights hold these identical values (set where identical_to is)",
 }

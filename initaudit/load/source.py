@@ -93,6 +93,7 @@ class Loaded:
     source: str | None = None        # the URL of a remote model (path is then None)
     declared_init: dict[str, str] = field(default_factory=dict)  # tensor -> the recipe the model family's own init
     # declares for it (a transformers model's initialize_weights, recorded on a meta-device copy)
+    ties: list[tuple[str, str]] = field(default_factory=list)  # tensor names the module or config ties together
 
     @property
     def name(self) -> str:
