@@ -91,6 +91,8 @@ class Loaded:
     files: list[Path] = field(default_factory=list)  # every file the model's bytes come from (weights, external
     # data, shards, index, config): no output may land on one of them (or, for a folder model, inside its folder)
     source: str | None = None        # the URL of a remote model (path is then None)
+    unread: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (kind, reason) -> names of tensors
+    # the loader found but hands on to no layer (an ONNX graph's initializers of ops not audited yet)
 
     @property
     def name(self) -> str:
