@@ -18,7 +18,7 @@ from initaudit.judge.facts import add_recipe_shares, signal_facts, tensor_facts
 from initaudit.judge.report import Coverage, Report
 from initaudit.load.dispatch import load
 from initaudit.load.source import Loaded
-from initaudit.load.containers import file_signs, optimizer_tensors
+from initaudit.load.containers import file_signs, optimizer_tensors, packed_tensors
 from initaudit.measure import depth, weight_state
 from initaudit.measure.tensors import Measured, Pass, measure
 
@@ -45,7 +45,12 @@ def measure_and_describe(loaded: Loaded, graph: LayerGraph) -> Pass:
 def coverage(loaded: Loaded, done: Pass) -> Coverage:
     """What of the model was audited: its stored tensors, those the loader left out, the optimizer's state."""
     skipped = {**{(kind, reason): list(keys) for (kind, reason), keys in loaded.unread.items()}, **done.skipped}
-    optimizer = optimizer_tensors(getattr(loaded.container, "root", None))
+    root = getattr(loaded.container, "root", None)
+    trail = getattr(loaded.container, "path", ())  # a torch checkpoint's keys down to its state_dict
+    packed = packed_tensors(root, trail) if isinstance(trail, tuple) else []
+    if packed:
+        skipped[("packed weight", "packed in a quantized layer's parameters: not audited yet")] = packed
+    optimizer = optimizer_tensors(root)
     if optimizer:
         skipped[("optimizer tensor", "an optimizer's state, taken as a sign of training, not audited")] = optimizer
     return Coverage.of(list(loaded.tensors.shapes), done.audited, skipped)

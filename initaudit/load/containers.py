@@ -57,3 +57,15 @@ def optimizer_tensors(root: Any) -> list[str]:
     for key in OPTIMIZER_KEYS:
         walk(root.get(key), key, 0)
     return found
+
+
+def packed_tensors(root: Any, trail: tuple[str, ...]) -> list[str]:
+    """Tensors a state_dict (at `trail` in `root`) holds inside other values, named `key.i`: torch's dynamically
+    quantized Linear keeps its weight and bias in a `_packed_params` tuple."""
+    state = root
+    for key in trail:
+        state = state.get(key) if isinstance(state, Mapping) else None
+    if not isinstance(state, Mapping):
+        return []
+    return [f"{key}.{i}" for key, value in state.items() if isinstance(value, (list, tuple))
+            for i, item in enumerate(value) if isinstance(item, torch.Tensor)]
