@@ -103,8 +103,9 @@ def measure(tensors: Tensors, graph: LayerGraph) -> Pass:
     meanwhile), and each one's memory is handed back to its file as soon as it is measured (`release`):
     everything that reads its values runs while it is in memory. Ties are told by storage only where the source
     holds every tensor (a lazily read tensor's freed memory may be reused by the next one); ONNX shares
-    initializers on purpose and audits them once per layer that uses them. Tensors that hold no real numbers
-    (`stats.auditable`) are skipped, by reason.
+    initializers on purpose and audits them once per layer that uses them. A parametrized weight (weight norm,
+    spectral norm) is measured as the weight its module computes (`Effective`). Tensors that hold no real numbers
+    (`stats.auditable`) and the layers' buffers are skipped, by kind and reason.
     """
     tensors = Effective(tensors, graph)
     repeats = Counter(block_pattern(layer.name) for layer in graph if layer.weighted)

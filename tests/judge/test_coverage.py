@@ -4,6 +4,7 @@ with a reason (JSON `coverage`, a text line, CI formats); a model with nothing a
 from __future__ import annotations
 
 import json
+import warnings
 import xml.etree.ElementTree as ET
 
 import onnx
@@ -64,6 +65,28 @@ def test_checkpoint_counts_buffers_and_optimizer_state(tmp_path):
     (counter,) = [e for e in coverage["not_audited"] if e["count"] == 1]
     assert counter["tensor"] == "1.num_batches_tracked"
     assert_accounted(coverage)
+
+
+def test_distributed_checkpoint_names_its_optimizer_state_unless_asked_to_audit_it(tmp_path):
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    model = bn_mlp()
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(8, 16)).square().mean().backward()
+    optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled…"
+        dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp_path / "ckpt"),
+                 no_dist=True)
+    held = sum(isinstance(v, torch.Tensor) for per_param in optimizer.state_dict()["state"].values()
+               for v in per_param.values())
+    plain, code = check_json(tmp_path / "ckpt")
+    optimizer_left_out = {e["reason"]: e["count"] for e in plain["coverage"]["not_audited"] if e["kind"] == "optimizer tensor"}
+    assert code == 0 and plain["coverage"]["audited"] == 6
+    assert list(optimizer_left_out) == ["an optimizer's state, --optimizer-state audits it"]
+    assert list(optimizer_left_out.values()) == [held]
+    asked, _ = check_json(tmp_path / "ckpt", "--optimizer-state")
+    assert asked["coverage"]["audited"] == 6 + held
+    assert not any(e["kind"] == "optimizer tensor" for e in asked["coverage"]["not_audited"])
 
 
 def test_safetensors_and_model_factory_count_the_same_tensors(tmp_path):
