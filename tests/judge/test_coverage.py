@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import initaudit
+
 from helpers.cli import one_stderr_line, run
 from helpers.formats import export_onnx
 
@@ -139,6 +141,17 @@ def test_nothing_auditable_is_exit_2_with_one_line(tmp_path):
     assert coverage["audited"] == 0 and not_audited(coverage) == {"integer or bool values": 3}
     text = run("check", path, "--format", "concise")
     assert text.exit_code == 2 and "coverage: 0 of 3 tensors audited" in text.stdout
+
+
+def test_nothing_auditable_fails_the_pytest_helper_and_the_api_exit_code(tmp_path):
+    from initaudit.testing import assert_well_initialized
+
+    path = tmp_path / "ints.pt"
+    integer_only(path)
+    with pytest.raises(AssertionError, match="nothing audited: coverage: 0 of 3 tensors audited"):
+        assert_well_initialized(path)
+    report = initaudit.audit(path)
+    assert report.nothing_audited and report.exit_code() == 2 and report.findings == []
 
 
 def test_nothing_auditable_is_an_error_in_ci_formats(tmp_path):
