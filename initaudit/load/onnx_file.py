@@ -148,6 +148,7 @@ def unread(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto], views: 
                                  onnx.TensorProto.BFLOAT16):
             group = ("tensor", f"input of {op}, which no audited layer reads")
         else:
-            group = ("non-float tensor", f"{onnx.TensorProto.DataType.Name(proto.data_type).lower()} input of {op}")
+            group = ("non-float tensor", f"{onnx.TensorProto.DataType.Name(proto.data_type).lower()} values: shapes or "
+                     "indices, not weights")
         out.setdefault(group, []).append(key)
     return out
