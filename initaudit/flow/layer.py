@@ -26,6 +26,8 @@ class Param:
     unit_axis: int = 0       # the axis that indexes output units/filters
     hidden: int | None = None  # recurrent hidden size (torch's RNN default is uniform ±1/sqrt(hidden))
     shared_with: str | None = None  # another key holding the very same tensor (tied weights)
+    parametrization: str | None = None  # weight_norm | spectral_norm: the weight is computed from stored tensors
+    parts: tuple[str, ...] = ()  # the stored tensors a parametrized weight is computed from (its key is not stored)
     flow_fans: tuple[int, int] | None = None  # (forward, backward) fans the signal sees, where not torch's (a transposed conv)
 
     @property

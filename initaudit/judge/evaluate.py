@@ -77,7 +77,8 @@ def layer_rows(measured: list[Measured]) -> list[LayerRow]:
             norm_after=m.layer.norm_after, run_depth=m.layer.run_depth, state=m.facts.get("layer_state", "unknown"),
             fit=_fit_evidence(m.fingerprint),
             predicted_gain=m.facts.get("predicted_gain"), predicted_scale=m.facts.get("predicted_scale"),
-            predicted_grad_scale=m.facts.get("predicted_grad_scale"), effective_scale=m.facts["effective_scale"]))
+            predicted_grad_scale=m.facts.get("predicted_grad_scale"), effective_scale=m.facts["effective_scale"],
+            parametrization=m.param.parametrization))
     return rows
 
 

@@ -149,6 +149,8 @@ def _why_not(layer: Layer, items: list[Measured], shared: dict[str, list[str]]) 
     if layer.kind == "parameter":
         return "a free parameter: no scheme to re-draw it with"
     for m in items:
+        if m.param.parts:
+            return f"a {m.param.parametrization} weight, computed from {', '.join(m.param.parts)}: not re-drawn"
         others = [k for k in shared.get(m.param.key, []) if k != m.param.key]
         already_zero = m.stats.constant and m.stats.max == 0 and m.param.role in ("bias", "norm_bias")
         if others and not already_zero:
