@@ -13,6 +13,7 @@ Gram test. Where no candidate fits, the scheme is `unknown`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,8 +26,9 @@ from initaudit.measure.stats import TensorStats, column_sample, sample_indices
 GAINS = {name: torch.nn.init.calculate_gain(name) for name in ("relu", "linear", "tanh", "selu")}
 """torch.nn.init.calculate_gain's gains: linear, conv and sigmoid 1; leaky_relu at its default slope 0.01 is
 ReLU's gain to 0.005 % (Kaiming's default nonlinearity), and at slope √5 torch's module default, a candidate
-of its own. Other slopes are a continuum no list covers: within sampling error of ReLU's they are named so."""
-
+of its own. Other slopes are a continuum no list covers: within sampling error of ReLU's they are named so,
+beyond it the slope is fitted (`_leaky_fits`)."""
+MAX_SLOPE = 0.5  # leaky slopes fitted: up to 0.5 (GANs' 0.2, PReLU's 0.25, 1/√5); beyond, the gain nears LeCun's
 TRUNC_BOUND = 2.0  # trunc-normal schemes cut at ±2σ
 
 
@@ -67,6 +69,8 @@ TAIL_NATS = 13.8   # an order statistic this unlikely (e^-13.8 ≈ 1e-6) under a
 TIE_NATS = 5.0     # candidates whose likelihood is within this of the best are a near-tie (odds < e^5 ≈ 150:1)
 ALIAS = 1e-4       # candidates whose stds differ by less than this (relative) draw the same distribution
 MAX_TIE = 4        # a near-tie of more names than this is reported as unknown
+LEAKY_Z = 2.0      # a scale this many standard errors below ReLU's gain is fitted a leaky slope
+LEAKY_REACH = 0.2  # a scale up to this far (relative) below MAX_SLOPE's gain is judged at MAX_SLOPE
 MIN_ORTHO_LENGTH = 4
 
 # Which schemes (family, gain, fan mode; "" for either) suit which activation family, in order of
@@ -106,6 +110,7 @@ class Fingerprint:
     gain: str = ""         # the calculate_gain nonlinearity of the scheme (linear, relu, tanh, selu)
     fan: str = ""          # fan_in | fan_out | both (Xavier) | "" (fixed stds, defaults, orthogonal)
     alternatives: tuple[Alternative, ...] = ()   # the names of a near-tie, best first (empty when one name)
+    slope: float | None = None   # the fitted leaky_relu slope `a` where the gain is "leaky_relu"
     evidence: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -121,6 +126,7 @@ class _Candidate:
     std: float
     gain: str = ""
     fan: str = ""
+    slope: float | None = None
 
     def alternative(self) -> Alternative:
         return Alternative(self.scheme, self.family, self.gain, self.fan, self.std)
@@ -337,10 +343,52 @@ def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "line
     candidates = _candidates(max(fan_in, 1), max(fan_out, 1), kind, hidden, repeats)
     u = _roundoff(weight)
     judged = [_judge(c, stats, u) for c in _distinct(candidates, PAIRED.get(family, []))]
+    if kind not in ("embedding", "recurrent"):
+        judged += _leaky_fits(stats, max(fan_in, 1), max(fan_out, 1), judged, u)
     evidence: dict[str, Any] = {"values": stats.finite}
     if ortho is not None:
         evidence["orthogonality"] = _round(ortho["gram"])
     return _best_named(stats, judged, evidence)
+
+
+def _leaky_fits(stats: TensorStats, fan_in: int, fan_out: int, judged: list[_Judged], u: float) -> list[_Judged]:
+    """Kaiming at a leaky_relu slope in (0, MAX_SLOPE], the gain fitted to the measured scale (per shape and fan
+    mode), where the scale sets the slope apart from ReLU's 0 (Kaiming at ReLU's gain is off by LEAKY_Z standard
+    errors or more). Its likelihood pays ½·ln n nats for the fitted slope (BIC): a named scheme the tensor fits
+    about as well (ReLU's gain, or Xavier where fan_out ≤ fan_in/4 draws the same std) stays a near-tie."""
+    # the scale's maximum-likelihood estimate: a normal's RMS, a uniform's largest |w| (its bound) / √3
+    scales = {"normal": math.sqrt(stats.std ** 2 + stats.mean ** 2),
+              "uniform": stats.abs_max * (1 + 1 / stats.finite) / _BOUND["uniform"]}
+    low = torch.nn.init.calculate_gain("leaky_relu", MAX_SLOPE)
+    fans = {"fan_in": fan_in} if fan_in == fan_out else {"fan_in": fan_in, "fan_out": fan_out}
+    out = []
+    for shape, scale in scales.items():
+        for fan, n in fans.items():
+            gain = scale * math.sqrt(n)
+            if not low * (1 - LEAKY_REACH) <= gain < GAINS["relu"] or _near_relu(judged, shape, GAINS["relu"] / math.sqrt(n)):
+                continue
+            gain = max(gain, low)
+            slope = math.sqrt(2 / gain ** 2 - 1)
+            name, _ = _kaiming_name("relu", shape, fan)
+            c = _Candidate(f"{name}(a={slope:.2g})", "kaiming", shape, gain / math.sqrt(n), "leaky_relu", fan, slope)
+            j = _judge(c, stats, u)
+            out.append(dataclasses.replace(j, loglik=_capped(j, judged, u) - 0.5 * math.log(stats.finite)))
+    return out
+
+
+def _capped(fitted: _Judged, judged: list[_Judged], u: float) -> float:
+    """The fitted candidate's log-likelihood, or that of a named scheme of its shape whose std the dtype's rounding
+    cannot tell from it (bf16 moves a uniform's extremes by up to 2u either way): the two are then alike."""
+    c = fitted.candidate
+    close = [j.loglik for j in judged if j.fits and j.candidate.shape == c.shape
+             and abs(math.log(j.candidate.std / c.std)) <= 4 * u]
+    return max(close) if close else fitted.loglik
+
+
+def _near_relu(judged: list[_Judged], shape: str, relu_std: float) -> bool:
+    """A candidate at ReLU's std of this shape fits within LEAKY_Z standard errors: no slope to tell from 0."""
+    return any(j.fits and abs(j.std_z) <= LEAKY_Z and j.candidate.shape == shape
+               and abs(math.log(j.candidate.std / relu_std)) < ALIAS for j in judged)
 
 
 def _best_named(stats: TensorStats, judged: list[_Judged], evidence: dict[str, Any]) -> Fingerprint:
@@ -367,9 +415,11 @@ def _best_named(stats: TensorStats, judged: list[_Judged], evidence: dict[str, A
         return Fingerprint("unknown", "unknown", best.candidate.shape, math.nan, math.nan,
                            nearest=best.candidate.scheme, evidence=evidence)
     c = best.candidate
+    if c.slope is not None:
+        evidence["slope"] = _round(c.slope)
     if len(tie) == 1:
         return Fingerprint(c.scheme, c.family, c.shape, c.std, stats.std / c.std, gain=c.gain, fan=c.fan,
-                           evidence=evidence)
+                           slope=c.slope, evidence=evidence)
     return _near_tie(stats, best, tie, evidence)
 
 
@@ -380,7 +430,7 @@ def _near_tie(stats: TensorStats, best: _Judged, tie: list[_Judged], evidence: d
                                             _round(best.loglik - j.loglik)} for j in tie}
     families = list(dict.fromkeys(j.candidate.family for j in tie))
     return Fingerprint("|".join(j.candidate.scheme for j in tie), "|".join(families), c.shape, c.std,
-                       stats.std / c.std, gain=c.gain, fan=c.fan,
+                       stats.std / c.std, gain=c.gain, fan=c.fan, slope=c.slope,
                        alternatives=tuple(j.candidate.alternative() for j in tie), evidence=evidence)
 
 
