@@ -52,6 +52,13 @@ FACTS = {
     "layer_state": "this layer's own verdict: fresh (fits an iid init draw), trained (does not) or unknown (too few values)",
     "dead_fraction": "dead_units / units",
     "peak_share": "the share of the tensor's squared deviations from its mean held by its largest entry",
+    "edge_values": "entries exactly on a truncation bound (±2 absolute, a symmetric repeated clamp, or 2σ) beyond what "
+                   "the draw's density puts on that value at the dtype's resolution (0 when none)",
+    "edge_bound": "the magnitude of that truncation bound",
+    "edge_allowance": "the most entries a correct draw leaves on the bound: its density there, its Poisson spread and "
+                      "the handful float rounding adds (trunc_normal_ lands on a bound when its uniform draw hits an end)",
+    "edge_pile": "edge_values beyond edge_allowance: a pile on the bound no correct draw leaves",
+    "edge_peak": "the largest |value| is on that truncation bound",
     "substantial_duplicate_units": "duplicate units whose norm is not negligible (not weight decay's near-zeros)",
     "predicted_gain": "fan_in·E[w²]·the activation's second-moment factor at the layer's operating point (initaudit.depth)",
     "predicted_scale": "RMS of the layer's output relative to the input's, predicted (or measured, by probe) through depth",

@@ -79,8 +79,17 @@ def _stats_facts(m: Measured) -> dict[str, Any]:
         "substantial_duplicate_units": st.substantial_duplicate_units,
         "dead_fraction": len(dead) / st.n_units if st.n_units else 0.0,
         "peak_share": _peak_share(st),
-        "duplicate_example": short_list(groups[0]) if groups else None,
+        "duplicate_example": short_list(groups[0]) if groups else None, **_edge_facts(st),
     }
+
+
+def _edge_facts(st: TensorStats) -> dict[str, Any]:
+    """Entries exactly on a truncation bound (schemes.truncation_edges), against what a correct draw leaves."""
+    edges = schemes.truncation_edges(st)
+    if edges is None:
+        return {"edge_values": 0, "edge_bound": None, "edge_allowance": None, "edge_pile": False, "edge_peak": False}
+    return {"edge_values": edges.count, "edge_bound": edges.bound, "edge_allowance": edges.allowance,
+            "edge_pile": edges.pile, "edge_peak": any(abs(v) == st.abs_max for v in edges.values)}
 
 
 def _dead_units(m: Measured) -> list[int]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from initaudit.flow.activations import Activation
-from initaudit.measure.stats import TensorStats, column_sample, sample_indices
+from initaudit.measure.stats import DISTINCT_SAMPLE, TensorStats, column_sample, compute, sample_indices
 
 GAINS = {name: torch.nn.init.calculate_gain(name) for name in ("relu", "linear", "tanh", "selu")}
 """torch.nn.init.calculate_gain's gains: linear, conv and sigmoid 1; leaky_relu at its default slope 0.01 is
@@ -222,6 +222,97 @@ def _roundoff(weight: torch.Tensor | None) -> float:
     return torch.finfo(dtype).eps / 2
 
 
+# ---------------------------------------------------------------- values on a truncation bound
+
+ABSOLUTE_BOUND = 2.0     # trunc_normal_'s default bounds a=-2, b=2 are absolute (torch's and timm's): 100σ at std 0.02
+EDGE_ARTIFACT = 2.0 ** -22  # per value and bound: trunc_normal_ lands exactly on a bound where its uniform draw hits an end
+HANDFUL = 8              # values float rounding may leave on a bound beyond that
+Z_EDGE = 6.0             # standard errors of a Poisson count
+BOUND_REACH = 0.05       # how far (relative) from 2σ (or a uniform's bound) a repeated extreme still sits on it
+
+
+@dataclass(frozen=True)
+class Edges:
+    """Values exactly on a truncation bound, against what a correct draw leaves there."""
+
+    values: tuple[float, ...]  # the bounds held: the minimum and/or the maximum
+    count: int                 # entries exactly on them
+    bound: float               # the largest bound's magnitude
+    natural: float             # what the draw's own density puts there at the dtype's (or grid's) resolution
+    allowance: float           # that, its Poisson spread, and the handful rounding leaves: more is a pile
+
+    @property
+    def pile(self) -> bool:
+        return self.count > self.allowance
+
+
+def truncation_edges(stats: TensorStats) -> Edges | None:
+    """Entries sitting exactly on a truncation bound beyond what the draw's density puts on that value, or None.
+
+    An extreme is a bound where it is ±2 exactly (trunc_normal_'s default, absolute), where both extremes are
+    equal in magnitude and repeated (a symmetric clamp), or where it repeats at 2σ of a normal truncated there
+    (trunc_normal_(std=σ, a=-2σ, b=2σ), timm's trunc_normal_tf_ and lecun_normal_)."""
+    if not stats.finite or stats.constant or not stats.std > 0:
+        return None
+    ends = ((stats.min, stats.min_count), (stats.max, stats.max_count))
+    symmetric = stats.min == -stats.max and min(stats.min_count, stats.max_count) >= 2
+    on = [(v, k) for v, k in ends if v != 0 and (symmetric or abs(v) == ABSOLUTE_BOUND or k >= 2 and _at_two_sigma(v, stats))]
+    if not on:
+        return None
+    n, count = stats.finite, sum(k for _, k in on)
+    natural = sum(n * _density(abs(v), stats) * _resolution(v, stats) for v, _ in on)
+    beyond = natural + Z_EDGE * math.sqrt(natural)
+    if count <= beyond:
+        return None  # the dtype's resolution puts this many there (bf16's top bin)
+    allowance = beyond + HANDFUL + n * EDGE_ARTIFACT * len(on)
+    return Edges(tuple(v for v, _ in on), count, max(abs(v) for v, _ in on), natural, allowance)
+
+
+def _at_two_sigma(value: float, stats: TensorStats) -> bool:
+    sigma = stats.std / TRUNC_2SIGMA_STD
+    return abs(abs(value) / (TRUNC_BOUND * sigma) - 1) <= BOUND_REACH
+
+
+def _density(x: float, stats: TensorStats) -> float:
+    """The largest density at |value| x any init family at the measured std gives (0 beyond a bounded family's
+    reach): normal, normal truncated at ±2σ, uniform."""
+    std = stats.std
+    normal = math.exp(-0.5 * (x / std) ** 2) / (std * math.sqrt(2 * math.pi))
+    sigma = std / TRUNC_2SIGMA_STD
+    t = min(x / sigma, TRUNC_BOUND)
+    trunc = math.exp(-0.5 * t * t) / (sigma * math.sqrt(2 * math.pi)) / math.erf(TRUNC_BOUND / math.sqrt(2))
+    half_width = _BOUND["uniform"] * std
+    uniform = 1 / (2 * half_width)
+    return max(normal, trunc if x <= TRUNC_BOUND * sigma * (1 + BOUND_REACH) else 0.0,
+               uniform if x <= half_width * (1 + BOUND_REACH) else 0.0)
+
+
+def _resolution(value: float, stats: TensorStats) -> float:
+    """The width of values that round to `value`: the dtype's spacing there, or a coarse grid's (quantized, fp8)."""
+    dtype = stats.dtype if stats.dtype is not None and stats.dtype.is_floating_point else torch.float32
+    spacing = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(abs(value)))
+    seen = min(stats.numel, DISTINCT_SAMPLE)
+    if 1 < stats.distinct < seen / 4:  # few distinct values: a grid
+        spacing = max(spacing, (stats.max - stats.min) / (stats.distinct - 1))
+    return spacing
+
+
+def without_edges(stats: TensorStats, tensor: torch.Tensor | None, unit_axis: int = 0,
+                  units: bool = False) -> tuple[TensorStats, torch.Tensor | None]:
+    """The stats of `tensor` with its values on a truncation bound left out (NaN: counted nowhere), and that
+    tensor: they are a finding of their own (truncation-edge), not part of the draw, nor a tail of it."""
+    edges = truncation_edges(stats)
+    if edges is None or tensor is None:
+        return stats, tensor
+    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        tensor = tensor.to(torch.float32)
+    on = torch.zeros(tensor.shape, dtype=torch.bool)
+    for value in edges.values:
+        on |= tensor == value
+    masked = tensor.detach().masked_fill(on, math.nan)
+    return compute(masked, unit_axis, units=units, split=False), masked
+
+
 def _judge(c: _Candidate, stats: TensorStats, u: float) -> _Judged:
     """Does the tensor fit an iid draw of this scheme within sampling error, and how likely is it under it?"""
     n, s, shape = stats.finite, c.std, c.shape
@@ -328,6 +419,7 @@ def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "line
     `weight` (the tensor itself) allows the orthogonality test and gives the dtype whose rounding sets
     the floor of the tolerances (the orthogonality test flattens from dim 0, as torch's orthogonal_ does).
     """
+    stats, weight = without_edges(stats, weight)
     if stats.finite == 0:
         return Fingerprint("unknown", "unknown", "any", math.nan, math.nan)
     if stats.constant:

@@ -61,6 +61,7 @@ class TensorStats:
     negligible_groups: int = 0     # of those, groups whose units have a negligible norm (weight decay's near-zeros)
     min_count: int = 0             # entries exactly equal to the minimum
     max_count: int = 0             # entries exactly equal to the maximum
+    dtype: torch.dtype | None = None  # the tensor's own dtype (its rounding)
 
     @property
     def non_finite(self) -> int:
@@ -462,7 +463,7 @@ def _assemble(tensor: torch.Tensor, rows: torch.Tensor, part: _Part, shift: floa
         zero_fraction=part.zeros / rows.numel(), distinct=_distinct(tensor),
         norm_spread=spread, unit_norms=unit_norms, input_norms=input_norms,
         unit_sums=unit_sums, zero_units=part.zero_units, duplicate_groups=groups, negligible_groups=negligible,
-        min_count=part.lo_count, max_count=part.hi_count)
+        min_count=part.lo_count, max_count=part.hi_count, dtype=tensor.dtype)
 
 
 def _basis(width: int, dtype: torch.dtype) -> torch.Tensor:
