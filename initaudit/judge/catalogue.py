@@ -45,6 +45,9 @@ FACTS = {
     "is_last": "the last weighted layer in forward order, whatever follows it",
     "bias_ratio": "the bias's RMS over the weights' share of a unit-RMS input's output (std·√fan_in): how far "
                   "the layer starts at its bias (None without a bias)",
+    "bias_recipe": "the published recipe a non-zero bias follows (a constant bias; an LSTM's forget-gate bias, gate "
+                   "biases set gate by gate), else None",
+    "bias_reading": "a non-zero bias in words: its largest |b| and the recipe it follows, or the guide's zero",
     "envelope_ratio": "std / the nearest edge of the stds any common scheme gives this layer, whatever its "
                       "activation (1 inside)",
     "state": "the weights as rules see them: fresh, trained or unknown (the layer's own verdict; every layer of a "
