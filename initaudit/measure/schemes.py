@@ -446,8 +446,8 @@ def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "line
 def _leaky_fits(stats: TensorStats, fan_in: int, fan_out: int, judged: list[_Judged], u: float) -> list[_Judged]:
     """Kaiming at a leaky_relu slope in (0, MAX_SLOPE], the gain fitted to the measured scale (per shape and fan
     mode), where the scale sets the slope apart from ReLU's 0 (Kaiming at ReLU's gain is off by LEAKY_Z standard
-    errors or more). Its likelihood pays ½·ln n nats for the fitted slope (BIC): a named scheme the tensor fits
-    about as well (ReLU's gain, or Xavier where fan_out ≤ fan_in/4 draws the same std) stays a near-tie."""
+    errors or more). Its likelihood pays ½·ln n nats for the fitted slope (BIC), unless a named scheme draws the
+    same std (Xavier where fan_out ≤ fan_in/4): the two are then a near-tie."""
     # the scale's maximum-likelihood estimate: a normal's RMS, a uniform's largest |w| (its bound) / √3
     scales = {"normal": math.sqrt(stats.std ** 2 + stats.mean ** 2),
               "uniform": stats.abs_max * (1 + 1 / stats.finite) / _BOUND["uniform"]}
@@ -464,17 +464,19 @@ def _leaky_fits(stats: TensorStats, fan_in: int, fan_out: int, judged: list[_Jud
             name, _ = _kaiming_name("relu", shape, fan)
             c = _Candidate(f"{name}(a={slope:.2g})", "kaiming", shape, gain / math.sqrt(n), "leaky_relu", fan, slope)
             j = _judge(c, stats, u)
-            out.append(dataclasses.replace(j, loglik=_capped(j, judged, u) - 0.5 * math.log(stats.finite)))
+            out.append(dataclasses.replace(j, loglik=_fitted_loglik(j, judged, u, stats.finite)))
     return out
 
 
-def _capped(fitted: _Judged, judged: list[_Judged], u: float) -> float:
-    """The fitted candidate's log-likelihood, or that of a named scheme of its shape whose std the dtype's rounding
-    cannot tell from it (bf16 moves a uniform's extremes by up to 2u either way): the two are then alike."""
+def _fitted_loglik(fitted: _Judged, judged: list[_Judged], u: float, n: int) -> float:
+    """The fitted candidate's log-likelihood less ½·ln n for its fitted slope; or, where a named scheme of its shape
+    draws a std the sample cannot tell from it (within LEAKY_Z standard errors, or the dtype's rounding: bf16 moves
+    a uniform's extremes by up to 2u either way), that scheme's: the slope then names the same distribution."""
     c = fitted.candidate
+    window = max(4 * u, LEAKY_Z * math.sqrt((EXCESS_KURTOSIS[c.shape] + 2) / (4 * n)))
     close = [j.loglik for j in judged if j.fits and j.candidate.shape == c.shape
-             and abs(math.log(j.candidate.std / c.std)) <= 4 * u]
-    return max(close) if close else fitted.loglik
+             and abs(math.log(j.candidate.std / c.std)) <= window]
+    return max(close) if close else fitted.loglik - 0.5 * math.log(n)
 
 
 def _near_relu(judged: list[_Judged], shape: str, relu_std: float) -> bool:
