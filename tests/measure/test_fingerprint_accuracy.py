@@ -272,11 +272,11 @@ def test_deep_stacks_warn_every_mismatch_and_no_pairing(name, dtype):
 SLOPES = [0.0, 0.01, 0.1, 0.2, 0.3, 1 / math.sqrt(5), 0.5]  # 1/√5: the slope whose square torch's default √5 inverts
 
 
-def leaky_named(fp: schemes.Fingerprint, st: stats.TensorStats, dist: str, std: float) -> bool:
+def leaky_named(fp: schemes.Fingerprint, st: stats.TensorStats, dtype: torch.dtype, dist: str, std: float) -> bool:
     """The fingerprint names Kaiming (alone or in a near-tie) of the drawn shape at a std within sampling error
     (Z_STD standard errors, the dtype's rounding too) of the drawn one: the slope it states fits the draw."""
     names = fp.alternatives or (schemes.Alternative(fp.scheme, fp.family, fp.gain, fp.fan, fp.implied_std),)
-    half_ulp = torch.finfo(st.dtype).eps / 4
+    half_ulp = torch.finfo(dtype).eps / 4
     se = math.sqrt((schemes.EXCESS_KURTOSIS[dist] + 2) / (4 * st.finite) + half_ulp ** 2)
     return any(a.family == "kaiming" and a.scheme.startswith(f"kaiming-{dist}")
                and abs(math.log(a.implied_std / std)) <= schemes.Z_STD * se for a in names)
@@ -301,7 +301,7 @@ def leaky_grid(specs: list[Shape], dtypes: list[str], seeds: list[int]) -> list[
                             st = stats.compute(w, unit_axis, units=spec.kind in UNIT_KINDS)
                             fp = schemes.fingerprint(st, fan_in, fan_out, spec.kind, weight=w)
                             out.append((spec.label, f"kaiming_{dist}_(a={a:.3g}, {mode}) {dt} seed {seed}: {fp.scheme}",
-                                        leaky_named(fp, st, dist, std)))
+                                        leaky_named(fp, st, w.dtype, dist, std)))
     return out
 
 
