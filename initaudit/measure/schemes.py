@@ -7,8 +7,12 @@ error: the std against the family's standard error (from its kurtosis), the extr
 bound a uniform or truncated normal cannot pass (and an order-statistics test of how close the
 largest value comes to it), the kurtosis against the family's. Of the candidates that fit, the
 likelihood (from the sufficient statistics n, Σw², max|w|) ranks them: those within
-TIE_NATS of the best are a near-tie, named `a|b`. Orthogonal weights are recognised by a sampled
-Gram test. Where no candidate fits, the scheme is `unknown`.
+TIE_NATS of the best are a near-tie, named `a|b`. Kaiming at a leaky_relu slope other than torch's
+named ones has its slope fitted to the measured scale (`kaiming-normal(a=0.2)`). Orthogonal weights
+are recognised by a sampled Gram test. Where no candidate fits, the scheme is `unknown`.
+
+Values exactly on a truncation bound beyond what a correct draw leaves there (`truncation_edges`) are
+left out of the fit: rounding's handful (trunc_normal_'s lone -2.0 at 100σ) is no tail of the draw.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""One pass over a tensor, in cache-sized chunks of units (rows): moments, extremes, zeros, non-finite
+"""One pass over a tensor, in cache-sized chunks of units (rows): moments, extremes (and how many values sit
+exactly on them: counted only in chunks that reach the running extremes), zeros, non-finite
 values, zero units, the spread of unit norms, and groups of identical (or near-identical) units
 found by hashing each row to a random projection (no comparison of all pairs).
 
@@ -208,8 +209,12 @@ class _Part:
     def count_extremes(self, values: torch.Tensor, lo: float, hi: float) -> None:
         """Merge a chunk's extremes: its values are counted on them only where they reach the running ones (a new
         extreme in a chunk of random order is rare: about log(chunks) counts in all, not one per chunk)."""
-        lo_count = int(torch.count_nonzero(values == lo)) if lo <= self.lo else 0
-        hi_count = int(torch.count_nonzero(values == hi)) if hi >= self.hi else 0
+        if values.numel() <= _SMALL:  # a tiny tensor (a bias): counted in Python, far cheaper than torch calls
+            listed = values.reshape(-1).tolist()
+            lo_count, hi_count = listed.count(lo), listed.count(hi)
+        else:
+            lo_count = int(torch.count_nonzero(values == lo)) if lo <= self.lo else 0
+            hi_count = int(torch.count_nonzero(values == hi)) if hi >= self.hi else 0
         self.extremes(lo, lo_count, hi, hi_count)
 
     def merge(self, other: "_Part") -> None:

@@ -89,3 +89,23 @@ def test_what_half_precision_rounds_onto_the_bound_is_no_edge(dtype):
     st = stats.compute(w)
     assert st.max_count > 1 or dtype == torch.float16
     assert schemes.truncation_edges(st) is None
+
+
+def head_with(value: float) -> nn.Sequential:
+    """A small ViT-style head (192→10, trunc_normal_(std=.02)) with one entry set to `value`."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(192), nn.Linear(192, 10))
+    with torch.no_grad():
+        nn.init.trunc_normal_(model[1].weight, std=0.02)
+        nn.init.zeros_(model[1].bias)
+        model[1].weight[3, 7] = value
+    return model
+
+
+def test_a_lone_bound_value_in_a_small_layer_is_no_spike_but_a_real_spike_is():
+    """One -2.0 holds most of a 1920-entry head's variance: trunc_normal_'s rounding, named truncation-edge (info),
+    not weight-spike; a 1e4 entry is still a spike."""
+    bound = {(f.rule, f.severity) for f in initaudit.audit(head_with(-2.0)).findings}
+    assert (EDGE, "info") in bound and not {r for r, _ in bound} & {"weight-spike"}
+    spike = {(f.rule, f.severity) for f in initaudit.audit(head_with(1e4)).findings}
+    assert ("weight-spike", "error") in spike and EDGE not in {r for r, _ in spike}
