@@ -33,6 +33,7 @@ ReLU's gain to 0.005 % (Kaiming's default nonlinearity), and at slope √5 torch
 of its own. Other slopes are a continuum no list covers: within sampling error of ReLU's they are named so,
 beyond it the slope is fitted (`_leaky_fits`)."""
 MAX_SLOPE = 0.5  # leaky slopes fitted: up to 0.5 (GANs' 0.2, PReLU's 0.25, 1/√5); beyond, the gain nears LeCun's
+MIN_SLOPE = 0.05  # ... from 0.05: below, the gain is ReLU's within 0.13 % (torch's default 0.01: 0.005 %), named so
 TRUNC_BOUND = 2.0  # trunc-normal schemes cut at ±2σ
 
 
@@ -74,7 +75,6 @@ TIE_NATS = 5.0     # candidates whose likelihood is within this of the best are 
 ALIAS = 1e-4       # candidates whose stds differ by less than this (relative) draw the same distribution
 MAX_TIE = 4        # a near-tie of more names than this is reported as unknown
 LEAKY_Z = 2.0      # a scale this many standard errors below ReLU's gain is fitted a leaky slope
-LEAKY_REACH = 0.2  # a scale up to this far (relative) below MAX_SLOPE's gain is judged at MAX_SLOPE
 MIN_ORTHO_LENGTH = 4
 
 # Which schemes (family, gain, fan mode; "" for either) suit which activation family, in order of
@@ -448,44 +448,46 @@ def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "line
 
 
 def _leaky_fits(stats: TensorStats, fan_in: int, fan_out: int, judged: list[_Judged], u: float) -> list[_Judged]:
-    """Kaiming at a leaky_relu slope in (0, MAX_SLOPE], the gain fitted to the measured scale (per shape and fan
-    mode), where the scale sets the slope apart from ReLU's 0 (Kaiming at ReLU's gain is off by LEAKY_Z standard
-    errors or more). Its likelihood pays ½·ln n nats for the fitted slope (BIC), unless a named scheme draws the
-    same std (Xavier where fan_out ≤ fan_in/4): the two are then a near-tie."""
+    """Kaiming at a leaky_relu slope in [MIN_SLOPE, MAX_SLOPE], the gain fitted to the measured scale (per shape
+    and fan mode), where the scale sets the slope apart from ReLU's 0 (Kaiming at ReLU's gain is off by LEAKY_Z
+    standard errors or more). Its likelihood pays ½·ln n nats for the fitted slope (BIC): a named scheme that
+    draws the same std (Xavier where fan_out ≤ fan_in/4) keeps its name, a near-tie where n is small."""
+    n = stats.finite
+    se = math.sqrt(1 / (2 * n) + (u / 2) ** 2)  # a normal's relative std error (a uniform's scale is surer)
     # the scale's maximum-likelihood estimate: a normal's RMS, a uniform's largest |w| (its bound) / √3
     scales = {"normal": math.sqrt(stats.std ** 2 + stats.mean ** 2),
-              "uniform": stats.abs_max * (1 + 1 / stats.finite) / _BOUND["uniform"]}
-    low = torch.nn.init.calculate_gain("leaky_relu", MAX_SLOPE)
+              "uniform": stats.abs_max * (1 + 1 / n) / _BOUND["uniform"]}
+    low, high = (torch.nn.init.calculate_gain("leaky_relu", a) for a in (MAX_SLOPE, MIN_SLOPE))
     fans = {"fan_in": fan_in} if fan_in == fan_out else {"fan_in": fan_in, "fan_out": fan_out}
     out = []
     for shape, scale in scales.items():
-        for fan, n in fans.items():
-            gain = scale * math.sqrt(n)
-            if not low * (1 - LEAKY_REACH) <= gain < GAINS["relu"] or _near_relu(judged, shape, GAINS["relu"] / math.sqrt(n)):
+        for fan, size in fans.items():
+            gain = scale * math.sqrt(size)
+            if not low * (1 - Z_STD * se) <= gain < high or _near_relu(judged, shape, GAINS["relu"] / math.sqrt(size)):
                 continue
             gain = max(gain, low)
             slope = math.sqrt(2 / gain ** 2 - 1)
             name, _ = _kaiming_name("relu", shape, fan)
-            c = _Candidate(f"{name}(a={slope:.2g})", "kaiming", shape, gain / math.sqrt(n), "leaky_relu", fan, slope)
+            c = _Candidate(f"{name}(a={slope:.2g})", "kaiming", shape, gain / math.sqrt(size), "leaky_relu", fan, slope)
             j = _judge(c, stats, u)
-            out.append(dataclasses.replace(j, loglik=_fitted_loglik(j, judged, u, stats.finite)))
+            out.append(dataclasses.replace(j, loglik=_rounded_alike(j, judged, u) - 0.5 * math.log(n)))
     return out
 
 
-def _fitted_loglik(fitted: _Judged, judged: list[_Judged], u: float, n: int) -> float:
-    """The fitted candidate's log-likelihood less ½·ln n for its fitted slope; or, where a named scheme of its shape
-    draws a std the sample cannot tell from it (within LEAKY_Z standard errors, or the dtype's rounding: bf16 moves
-    a uniform's extremes by up to 2u either way), that scheme's: the slope then names the same distribution."""
+def _rounded_alike(fitted: _Judged, judged: list[_Judged], u: float) -> float:
+    """The fitted candidate's log-likelihood, or a named scheme's of its shape whose std the dtype's rounding cannot
+    tell from it (bf16 moves a uniform's extremes by up to 2u either way): a bound fitted closer than that wins
+    nothing over it."""
     c = fitted.candidate
-    window = max(4 * u, LEAKY_Z * math.sqrt((EXCESS_KURTOSIS[c.shape] + 2) / (4 * n)))
     close = [j.loglik for j in judged if j.fits and j.candidate.shape == c.shape
-             and abs(math.log(j.candidate.std / c.std)) <= window]
-    return max(close) if close else fitted.loglik - 0.5 * math.log(n)
+             and abs(math.log(j.candidate.std / c.std)) <= 4 * u]
+    return max(close) if close else fitted.loglik
 
 
 def _near_relu(judged: list[_Judged], shape: str, relu_std: float) -> bool:
-    """A candidate at ReLU's std of this shape fits within LEAKY_Z standard errors: no slope to tell from 0."""
-    return any(j.fits and abs(j.std_z) <= LEAKY_Z and j.candidate.shape == shape
+    """A candidate at ReLU's std of this shape fits (a normal's within LEAKY_Z standard errors): no slope to tell
+    from 0. A uniform's bound tells slopes apart far better than its std: where ReLU's bound fits, none is seen."""
+    return any(j.fits and (shape == "uniform" or abs(j.std_z) <= LEAKY_Z) and j.candidate.shape == shape
                and abs(math.log(j.candidate.std / relu_std)) < ALIAS for j in judged)
 
 
