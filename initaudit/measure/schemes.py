@@ -33,7 +33,6 @@ ReLU's gain to 0.005 % (Kaiming's default nonlinearity), and at slope √5 torch
 of its own. Other slopes are a continuum no list covers: within sampling error of ReLU's they are named so,
 beyond it the slope is fitted (`_leaky_fits`)."""
 MAX_SLOPE = 0.5  # leaky slopes fitted: up to 0.5 (GANs' 0.2, PReLU's 0.25, 1/√5); beyond, the gain nears LeCun's
-MIN_SLOPE = 0.05  # ... from 0.05: below, the gain is ReLU's within 0.13 % (torch's default 0.01: 0.005 %), named so
 TRUNC_BOUND = 2.0  # trunc-normal schemes cut at ±2σ
 
 
@@ -448,7 +447,7 @@ def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "line
 
 
 def _leaky_fits(stats: TensorStats, fan_in: int, fan_out: int, judged: list[_Judged], u: float) -> list[_Judged]:
-    """Kaiming at a leaky_relu slope in [MIN_SLOPE, MAX_SLOPE], the gain fitted to the measured scale (per shape
+    """Kaiming at a leaky_relu slope in (0, MAX_SLOPE], the gain fitted to the measured scale (per shape
     and fan mode), where the scale sets the slope apart from ReLU's 0 (Kaiming at ReLU's gain is off by LEAKY_Z
     standard errors or more). Its likelihood pays ½·ln n nats for the fitted slope (BIC): a named scheme that
     draws the same std (Xavier where fan_out ≤ fan_in/4) keeps its name, a near-tie where n is small."""
@@ -457,7 +456,7 @@ def _leaky_fits(stats: TensorStats, fan_in: int, fan_out: int, judged: list[_Jud
     # the scale's maximum-likelihood estimate: a normal's RMS, a uniform's largest |w| (its bound) / √3
     scales = {"normal": math.sqrt(stats.std ** 2 + stats.mean ** 2),
               "uniform": stats.abs_max * (1 + 1 / n) / _BOUND["uniform"]}
-    low, high = (torch.nn.init.calculate_gain("leaky_relu", a) for a in (MAX_SLOPE, MIN_SLOPE))
+    low, high = torch.nn.init.calculate_gain("leaky_relu", MAX_SLOPE), GAINS["relu"]
     fans = {"fan_in": fan_in} if fan_in == fan_out else {"fan_in": fan_in, "fan_out": fan_out}
     out = []
     for shape, scale in scales.items():
