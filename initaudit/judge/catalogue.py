@@ -52,6 +52,9 @@ FACTS = {
     "is_last": "the last weighted layer in forward order, whatever follows it",
     "bias_ratio": "the bias's RMS over the weights' share of a unit-RMS input's output (std·√fan_in): how far "
                   "the layer starts at its bias (None without a bias)",
+    "bias_recipe": "the published recipe a non-zero bias follows (a constant bias; an LSTM's forget-gate bias, gate "
+                   "biases set gate by gate), else None",
+    "bias_reading": "a non-zero bias in words: its largest |b| and the recipe it follows, or the guide's zero",
     "envelope_ratio": "std / the nearest edge of the stds any common scheme gives this layer, whatever its "
                       "activation (1 inside)",
     "state": "the weights as rules see them: fresh, trained or unknown (the layer's own verdict; every layer of a "
@@ -60,6 +63,13 @@ FACTS = {
     "dead_fraction": "dead_units / units",
     "peak_share": "the share of the tensor's squared deviations from its mean held by its largest entry",
     "spike_ratio": "the largest entry's distance from the mean in standard deviations of all the other entries",
+    "edge_values": "entries exactly on a truncation bound (±2 absolute, a symmetric repeated clamp, or 2σ) beyond what "
+                   "the draw's density puts on that value at the dtype's resolution (0 when none)",
+    "edge_bound": "the magnitude of that truncation bound",
+    "edge_allowance": "the most entries a correct draw leaves on the bound: its density there, its Poisson spread and "
+                      "the handful float rounding adds (trunc_normal_ lands on a bound when its uniform draw hits an end)",
+    "edge_pile": "edge_values beyond edge_allowance: a pile on the bound no correct draw leaves",
+    "edge_peak": "the largest |value| is on that truncation bound",
     "substantial_duplicate_units": "duplicate units whose norm is not negligible (not weight decay's near-zeros)",
     "predicted_gain": "fan_in·E[w²]·the activation's second-moment factor at the layer's operating point (initaudit.depth)",
     "predicted_scale": "RMS of the layer's output relative to the input's, predicted (or measured, by probe) through depth",

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from initaudit.flow.layer import Layer, LayerGraph
 from initaudit.judge.catalogue import ALTERNATIVES
 from initaudit.measure import schemes
@@ -32,7 +34,7 @@ def tensor_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         "expected_scheme": expected_scheme,
         "expected_std": expected, "expected_call": rec.call if rec else None,
         "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
-        "shared": param.shared_with is not None, "bias_ratio": _bias_ratio(m), **_fan_facts(m),
+        "shared": param.shared_with is not None, "bias_ratio": _bias_ratio(m), **_fan_facts(m), **_bias_facts(m),
     }
 
 
@@ -149,8 +151,17 @@ def _stats_facts(m: Measured) -> dict[str, Any]:
         "substantial_duplicate_units": st.substantial_duplicate_units,
         "dead_fraction": len(dead) / st.n_units if st.n_units else 0.0,
         "peak_share": _peak_share(st), "spike_ratio": _spike_ratio(st),
-        "duplicate_example": short_list(groups[0]) if groups else None,
+        "duplicate_example": short_list(groups[0]) if groups else None, **_edge_facts(st),
     }
+
+
+def _edge_facts(st: TensorStats) -> dict[str, Any]:
+    """Entries exactly on a truncation bound (schemes.truncation_edges), against what a correct draw leaves."""
+    edges = schemes.truncation_edges(st)
+    if edges is None:
+        return {"edge_values": 0, "edge_bound": None, "edge_allowance": None, "edge_pile": False, "edge_peak": False}
+    return {"edge_values": edges.count, "edge_bound": edges.bound, "edge_allowance": edges.allowance,
+            "edge_pile": edges.pile, "edge_peak": any(abs(v) == st.abs_max for v in edges.values)}
 
 
 def _dead_units(m: Measured) -> list[int]:
@@ -182,6 +193,48 @@ def _bias_ratio(m: Measured) -> float | None:
     if bias is not None and param.is_weight and fan and st.std > 0 and math.isfinite(st.std):
         return float(bias.detach().float().pow(2).mean().sqrt()) / (st.std * math.sqrt(fan))
     return None
+
+
+def _bias_facts(m: Measured) -> dict[str, Any]:
+    """A non-zero bias read: the published recipe it follows, if one, and what it is in words (for messages)."""
+    if m.param.role != "bias" or not m.stats.abs_max > 0:
+        return {"bias_recipe": None, "bias_reading": None}
+    recipe = _bias_recipe(m)
+    reading = f"bias is not zero (|b| up to {m.stats.abs_max:.3g}); " + (
+        f"{recipe}: a published recipe, not the guide's zero" if recipe else "the guide initializes biases to zero")
+    return {"bias_recipe": recipe, "bias_reading": reading}
+
+
+def _bias_recipe(m: Measured) -> str | None:
+    """A constant bias (no draw is constant: someone set it), or a recurrent layer's biases set gate by gate."""
+    st, bias, hidden = m.stats, m.bias, m.param.hidden
+    if st.constant:
+        return (f"a constant bias of {st.min:g}, set on purpose (StyleGAN's style affines and gates start at 1, "
+                "a classifier's prior at -log((1-p)/p))")
+    if bias is None or m.layer.kind != "recurrent" or not hidden or bias.numel() % hidden:
+        return None
+    gates = bias.detach().reshape(-1, hidden).to(torch.float64)
+    return _gate_recipe(gates, hidden) if gates.shape[0] in GATE_NAMES else None
+
+
+GATE_NAMES = {3: "GRU", 4: "LSTM"}  # gates per hidden unit; PyTorch's order: LSTM i, f, g, o; GRU r, z, n
+FORGET_GATE = 1
+
+
+def _gate_recipe(gates: torch.Tensor, hidden: int) -> str | None:
+    """Gate biases set per gate (each gate's block one value, the others zero or torch's default U(±1/√hidden)):
+    the LSTM forget-gate bias (Jozefowicz et al. 2015) where only the forget gate holds a non-zero value."""
+    constant = [bool((g == g[0]).all()) for g in gates]
+    values = [float(g[0]) if c else None for c, g in zip(constant, gates)]
+    drawn = [not c and float(g.abs().max()) <= hidden ** -0.5 * (1 + 1e-6) for c, g in zip(constant, gates)]
+    if not any(v for v in values) or not all(c or d for c, d in zip(constant, drawn)):
+        return None
+    rest = "; the other gates keep torch's default draw" if any(drawn) else ""
+    set_gates = {i for i, v in enumerate(values) if v}
+    if len(gates) == 4 and set_gates == {FORGET_GATE}:
+        return f"the LSTM forget-gate bias {values[FORGET_GATE]:g} (Jozefowicz et al. 2015){rest}"
+    shown = ", ".join("drawn" if v is None else f"{v:g}" for v in values)
+    return f"{GATE_NAMES[len(gates)]} biases set gate by gate ({shown}){rest}"
 
 
 def _peak_share(st: TensorStats) -> float | None:

@@ -136,7 +136,7 @@ def measure(tensors: Tensors, graph: LayerGraph) -> Pass:
             param.shared_with = params[owner[i]][1].key
             fp, rec = _scheme(layer, param, st, stats.auditable(tensors[param.key])[0], n_blocks)
             verdict = None
-        out.append(Measured(layer, param, st, fp, rec, _bias_of(tensors, layer, biases), n_blocks, verdict))
+        out.append(Measured(layer, param, st, fp, rec, _bias_of(tensors, layer, biases, param), n_blocks, verdict))
     return Pass(out, skipped, audited)
 
 
@@ -225,8 +225,9 @@ def _identity(tensor: torch.Tensor) -> tuple:
         return (id(tensor),)
 
 
-def _bias_of(tensors: Tensors, layer: Layer, read: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    bias = layer.param("bias")
+def _bias_of(tensors: Tensors, layer: Layer, read: dict[str, torch.Tensor], param: Param) -> torch.Tensor | None:
+    """The layer's bias; a bias's own values (an LSTM's bias_hh_l1 is not its bias_ih_l0)."""
+    bias = param if param.role == "bias" else layer.param("bias")
     if bias is not None and bias.key in read:
         return read[bias.key]
     return stats.auditable(tensors[bias.key])[0] if bias is not None else None
