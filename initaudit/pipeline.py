@@ -14,7 +14,7 @@ from initaudit.flow.layers import annotate, context, group_layers
 from initaudit.flow.layer import LayerGraph
 from initaudit.judge import rules as rulebook
 from initaudit.judge.evaluate import evaluate, layer_rows, set_aside
-from initaudit.judge.facts import add_recipe_shares, short_list, signal_facts, tensor_facts
+from initaudit.judge.facts import add_block_zeros, add_recipe_shares, short_list, signal_facts, tensor_facts
 from initaudit.judge.report import Report
 from initaudit.load.dispatch import load
 from initaudit.load.source import Loaded
@@ -39,6 +39,7 @@ def measure_and_describe(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
     for m in done.measured:
         m.facts = tensor_facts(graph, m)
     add_recipe_shares(done.measured)
+    add_block_zeros(done.measured)
     for reason, keys in done.skipped.items():
         note = f"not audited ({reason}): {short_list(keys, 5)}"
         if note not in loaded.notes:
@@ -63,6 +64,7 @@ def predict_depth(loaded: Loaded, graph: LayerGraph, measured: list[Measured],
                   band: tuple[float, float]) -> dict[str, depth.LayerDepth]:
     """The depth analysis (measure/depth.py): each weighted layer's predicted gain and scales, as facts of its weight."""
     found = depth.predict(graph, loaded.flow, depth_weights(measured))
+    depth.judge_streams(found, band)
     forward, backward = depth.judged(list(graph), {n: d.scale for n, d in found.items()},
                                      {n: d.grad_scale for n, d in found.items()}, band)
     for m in measured:

@@ -84,6 +84,7 @@ class ModuleInfo:
     module_type: str
     transposed: bool = False
     norm_folded: bool = False  # an exporter folded a BatchNorm into this layer's weights (ONNX), not on a shortcut
+    gain_offset: bool | None = None  # a norm that scales by (1 + weight) (Gemma); None: not known
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -155,7 +156,8 @@ def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleIn
         if kind.startswith("conv") and prefix in flipped:
             kind = kind.replace("conv", "conv_transpose")
         layers.append(Layer(prefix, kind, _params_of(kind, prefix, suffixes, transposed),
-                            module_type=info.module_type if info else None, norm_folded=bool(info and info.norm_folded)))
+                            module_type=info.module_type if info else None, norm_folded=bool(info and info.norm_folded),
+                            gain_offset=info.gain_offset if info else None))
     return layers
 
 
@@ -263,6 +265,9 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
         for pattern, act in (overrides or {}).items():
             if fnmatch.fnmatchcase(layer.name, pattern):
                 layer.activation = act
+    for layer in layers:
+        if layer.kind == "norm" and layer.name in downstream:  # a norm whose output joins a residual sum
+            layer.residual_branch = downstream[layer.name].residual_branch
     if runs is not None:
         for layer in weighted + unseen:
             layer.run_depth = runs.get(layer.name, 1)

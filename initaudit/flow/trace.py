@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
+import re
 from collections.abc import Iterator
 
 import torch
@@ -40,8 +42,24 @@ def module_infos(root: torch.nn.Module) -> dict[str, ModuleInfo]:
         names = class_names(module)
         kind = kind_of_class(names)
         if kind is not None:
-            infos[name] = ModuleInfo(kind, names[0], transposed=names[0] == "Conv1D")
+            infos[name] = ModuleInfo(kind, names[0], transposed=names[0] == "Conv1D",
+                                     gain_offset=one_plus_gain(module) if kind == "norm" else None)
     return infos
+
+
+_ONE_PLUS = re.compile(r"\b1(\.0*)?\s*\+\s*self\.weight\b|\bself\.weight(\.\w+\(\))?\s*\+\s*1(\.0*)?\b")
+
+
+def one_plus_gain(module: torch.nn.Module) -> bool | None:
+    """Whether a norm module scales by (1 + weight), as its forward's source says (Gemma's RMSNorm: a zero weight is
+    its identity); None where the source is not there to read (TorchScript)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return None
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return None
+    return bool(_ONE_PLUS.search(source))
 
 
 def activation_of_module(module: torch.nn.Module) -> Activation | None:
@@ -136,7 +154,7 @@ def fx_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow | None:
         if node.op == "call_module":
             info = infos.get(node.target)
             role, act = module_role(traced.get_submodule(node.target), info.kind if info else None)
-            ids[node] = flow.add(role, node.target if role == LAYER else None, act)
+            ids[node] = flow.add(role, node.target if role in (LAYER, NORM) else None, act)
         elif node.op in ("call_function", "call_method"):
             name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
             layer = _functional_layer(node, name)

@@ -5,6 +5,7 @@ layers drawn at a fixed std. The fresh/trained facts (`state`, `layer_state`) ar
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from initaudit.flow.layer import Layer, LayerGraph
@@ -30,7 +31,7 @@ def tensor_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         "expected_scheme": expected_scheme,
         "expected_std": expected, "expected_call": rec.call if rec else None,
         "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
-        "shared": param.shared_with is not None, "bias_ratio": _bias_ratio(m),
+        "shared": param.shared_with is not None, "bias_ratio": _bias_ratio(m), "zero_in_every_block": False,
     }
 
 
@@ -59,8 +60,20 @@ def _context_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         "residual_after": layer.residual_after, "gate_after": layer.gate_after,
         "residual_branch": layer.residual_branch, "position": layer.position,
         "depth": graph.depth, "run_depth": layer.run_depth, "is_output": layer.is_output,
-        "order_known": layer.order_known, "norm_folded": layer.norm_folded,
+        "order_known": layer.order_known, "norm_folded": layer.norm_folded, "norm_convention": _convention(layer),
     }
+
+
+def _convention(layer: Layer) -> str | None:
+    """A norm's gain convention: "one_plus" (x·(1+w): zero is its identity), "scale" (x·w), or "unknown" where no
+    module says and the keys are an RMSNorm's (a weight alone), which both conventions share."""
+    if layer.kind != "norm":
+        return None
+    if layer.gain_offset is not None:
+        return "one_plus" if layer.gain_offset else "scale"
+    roles = {p.role for p in layer.params}
+    return "unknown" if roles == {"norm_weight"} else "scale"
+
 
 
 def _stats_facts(m: Measured) -> dict[str, Any]:
@@ -140,6 +153,33 @@ def add_recipe_shares(measured: list[Measured]) -> None:
         m.facts["recipe_share"] = share if fixed(m) else 0.0
 
 
+_BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")  # parent, block index, the rest: "layer1.0.bn2.weight"
+
+
+def add_block_zeros(measured: list[Measured]) -> None:
+    """`zero_in_every_block`: the tensor is all zero, and so is the same tensor of every numbered sibling block
+    (layer1.0.bn2.weight, layer1.1.bn2.weight...: at least two), while each of those blocks holds a tensor of the
+    same role that is not zero. That is how Fixup, SkipInit, zero_init_residual and adaLN-zero start every block
+    at the identity; an init loop that zeroes every gain (or every layer) leaves no live one in the block."""
+    def zero(m: Measured) -> bool:
+        return m.stats.zero_fraction >= 0.999
+
+    siblings: dict[tuple[str, str, str], list[Measured]] = {}
+    live: set[tuple[str, str, str]] = set()
+    for m in measured:
+        found = _BLOCK.match(m.param.key)
+        if found:
+            parent, index, rest = found.groups()
+            siblings.setdefault((parent, rest, m.param.role), []).append(m)
+            if not zero(m):
+                live.add((parent, index, m.param.role))
+    for (parent, rest, role), group in siblings.items():
+        recipe = len(group) >= 2 and all(zero(m) and (parent, _BLOCK.match(m.param.key).group(2), role) in live
+                                         for m in group)
+        for m in group:
+            m.facts["zero_in_every_block"] = recipe
+
+
 def signal_facts(layer: Layer, depth: LayerDepth | None, forward: dict[str, str], backward: dict[str, str],
                  origin: str = "predicted") -> dict:
     """The facts the signal rules test, for one layer: its predicted (or measured) gain and scales, and where the
@@ -147,4 +187,5 @@ def signal_facts(layer: Layer, depth: LayerDepth | None, forward: dict[str, str]
     depth = depth or LayerDepth(layer.name)
     return {"predicted_gain": depth.gain, "predicted_scale": depth.scale, "predicted_grad_scale": depth.grad_scale,
             "signal_exit": forward.get(layer.name), "gradient_exit": backward.get(layer.name), "origin": origin,
+            "stream_exit": depth.stream_exit, "stream_growth": depth.stream.growth if depth.stream else None,
             "signal_detail": detail(forward.get(layer.name), backward.get(layer.name), depth, origin)}
