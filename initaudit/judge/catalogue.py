@@ -68,6 +68,8 @@ FACTS = {
     "norm_convention": "a norm's gain convention: one_plus (x·(1+w), Gemma's RMSNorm: zero is its identity, read from "
                        "the module's forward), scale (x·w), unknown (no module to read, and an RMSNorm's keys, a "
                        "weight alone, which both share); none for other layers",
+    "signal_dead": "measured (probe): the layer's output is all zeros or all its units are dead, and every layer "
+                   "after it puts out the same for every input",
     "zero_in_every_block": "all zero, as is the same tensor of every numbered sibling block (2 or more), each of "
                            "which holds a live tensor of the same role: Fixup's, SkipInit's, zero_init_residual's "
                            "and adaLN-zero's zero at each block's end (what a bare file shows of them)",

@@ -103,6 +103,7 @@ class LayerDepth:
     grad_scale: float | None = None  # RMS of the loss gradient at the layer's output (relative: `relative_grads`)
     stream: "StreamSum | None" = None  # the residual sum this layer's output (a branch end) joins, where one does
     stream_exit: str | None = None   # "exploding" where the residual stream leaves the band growing exponentially
+    dead: str | None = None          # measured (probe): how the signal died at this layer, everything after it dead
 
 
 @dataclass(frozen=True)
@@ -377,7 +378,9 @@ def _exits(values: list[tuple[str, float | None]], branch: set[str],
 def detail(forward: str | None, backward: str | None, depth: LayerDepth, origin: str) -> str | None:
     """One clause per direction in which the scale leaves the band at this layer."""
     parts = []
-    if forward:
+    if depth.dead:
+        parts.append(f"the signal dies here ({depth.dead}): every layer after it puts out the same for every input")
+    elif forward:
         parts.append(f"the forward signal's RMS reaches {depth.scale:.3g}x the input's ({forward})")
     if backward:
         parts.append(f"the gradient's RMS reaches {depth.grad_scale:.3g}x the last hidden layer's ({backward} going back)")
