@@ -49,6 +49,7 @@ class Layer:
     order_known: bool = True  # False where a bare file's names and shapes leave the layer's place ambiguous
     norm_folded: bool = False  # an exporter folded a BatchNorm into the weights (its scale, zero-init too, is in them)
     gain_offset: bool | None = None  # a norm that scales by (1 + weight): zero is its identity (None: not known)
+    in_flow: bool = False  # a norm the flow names: its residual context (residual_branch) is known
 
     @property
     def weighted(self) -> bool:

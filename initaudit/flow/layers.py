@@ -195,7 +195,7 @@ def order_flow(layers: list[Layer], outputs: set[str] | frozenset = frozenset(),
         if layer.name in outputs:
             continue
         role = LAYER if layer.weighted else NORM if layer.kind == "norm" else PASS
-        node = flow.add(role, layer.name if role == LAYER else None)
+        node = flow.add(role, layer.name if role in (LAYER, NORM) else None)
         if prev is not None:
             flow.link(prev, node)
         prev = node
@@ -266,8 +266,8 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
             if fnmatch.fnmatchcase(layer.name, pattern):
                 layer.activation = act
     for layer in layers:
-        if layer.kind == "norm" and layer.name in downstream:  # a norm whose output joins a residual sum
-            layer.residual_branch = downstream[layer.name].residual_branch
+        if layer.kind == "norm" and layer.name in downstream:  # the flow names the norm: does it join a residual sum?
+            layer.residual_branch, layer.in_flow = downstream[layer.name].residual_branch, True
     if runs is not None:
         for layer in weighted + unseen:
             layer.run_depth = runs.get(layer.name, 1)

@@ -77,6 +77,7 @@ class _FlowBuilder:
     def __init__(self, found: FoundLayers, value: Callable[[str], np.ndarray]):
         self.flow = Flow()
         self.layer_of, self.folded, self.value = found.layer_of, found.folded, value
+        self.norm_of = found.norm_of
         self.unknown: int | None = None
 
     def unknown_node(self) -> int:
@@ -112,7 +113,7 @@ class _FlowBuilder:
             idx = self.flow.add(ACT, activation=pattern)
         else:
             role, act = flow_role(g, node, self.value)
-            idx = self.flow.add(role, activation=act)
+            idx = self.flow.add(role, self.norm_of.get((g, i)) if role == NORM else None, activation=act)
         for name in node.input if node.op_type not in SHAPE_ONLY else ():
             if name in made:
                 self.flow.link(made[name], idx)

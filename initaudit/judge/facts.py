@@ -61,6 +61,7 @@ def _context_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         "residual_branch": layer.residual_branch, "position": layer.position,
         "depth": graph.depth, "run_depth": layer.run_depth, "is_output": layer.is_output,
         "order_known": layer.order_known, "norm_folded": layer.norm_folded, "norm_convention": _convention(layer),
+        "in_flow": layer.in_flow,
     }
 
 
@@ -153,30 +154,30 @@ def add_recipe_shares(measured: list[Measured]) -> None:
         m.facts["recipe_share"] = share if fixed(m) else 0.0
 
 
-_BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")  # parent, block index, the rest: "layer1.0.bn2.weight"
+_BLOCK = re.compile(r"^(.*?\.\d+)\.(.+)$")  # the outermost numbered block, the rest: "layer1.0" "bn2.weight"
 
 
 def add_block_zeros(measured: list[Measured]) -> None:
     """`zero_in_every_block`: the tensor is all zero, and so is the same tensor of every numbered sibling block
-    (layer1.0.bn2.weight, layer1.1.bn2.weight...: at least two), while each of those blocks holds a tensor of the
-    same role that is not zero. That is how Fixup, SkipInit, zero_init_residual and adaLN-zero start every block
-    at the identity; an init loop that zeroes every gain (or every layer) leaves no live one in the block."""
+    (layer1.0.bn2.weight, layer2.1.bn2.weight...: at least two, every number read as a wildcard), while each of
+    those blocks (up to the first number: layer1.0) holds a tensor of the same role that is not zero. That is how Fixup, SkipInit, zero_init_residual
+    and adaLN-zero start every block at the identity; an init loop that zeroes every gain (or every layer) leaves
+    no live one in the block."""
     def zero(m: Measured) -> bool:
         return m.stats.zero_fraction >= 0.999
 
-    siblings: dict[tuple[str, str, str], list[Measured]] = {}
-    live: set[tuple[str, str, str]] = set()
+    siblings: dict[tuple[str, str], list[tuple[str, Measured]]] = {}
+    live: set[tuple[str, str]] = set()
     for m in measured:
         found = _BLOCK.match(m.param.key)
         if found:
-            parent, index, rest = found.groups()
-            siblings.setdefault((parent, rest, m.param.role), []).append(m)
+            block, rest = found.groups()
+            siblings.setdefault((re.sub(r"\.\d+(?=\.)", ".*", m.param.key), m.param.role), []).append((block, m))
             if not zero(m):
-                live.add((parent, index, m.param.role))
-    for (parent, rest, role), group in siblings.items():
-        recipe = len(group) >= 2 and all(zero(m) and (parent, _BLOCK.match(m.param.key).group(2), role) in live
-                                         for m in group)
-        for m in group:
+                live.add((block, m.param.role))
+    for (_, role), group in siblings.items():
+        recipe = len(group) >= 2 and all(zero(m) and (block, role) in live for block, m in group)
+        for _, m in group:
             m.facts["zero_in_every_block"] = recipe
 
 
