@@ -72,8 +72,8 @@ FACTS = {
                    "after it puts out the same for every input",
     "in_flow": "a norm the model's flow names, so whether its output joins a residual sum (residual_branch) is "
                "known; false for weighted layers and for norms no flow names",
-    "zero_in_every_block": "all zero, as is the same tensor of every numbered sibling block (2 or more), each of "
-                           "which holds a live tensor of the same role: Fixup's, SkipInit's, zero_init_residual's "
+    "zero_in_every_block": "all zero, as is the same tensor of another numbered sibling block (2 or more in all), "
+                           "each of which holds a live tensor of the same role: Fixup's, SkipInit's, zero_init_residual's "
                            "and adaLN-zero's zero at each block's end (what a bare file shows of them)",
     "origin": "predicted (check: from the weights) or measured (probe: a forward and backward pass)",
 }

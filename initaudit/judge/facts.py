@@ -154,15 +154,15 @@ def add_recipe_shares(measured: list[Measured]) -> None:
         m.facts["recipe_share"] = share if fixed(m) else 0.0
 
 
-_BLOCK = re.compile(r"^(.*?\.\d+)\.(.+)$")  # the outermost numbered block, the rest: "layer1.0" "bn2.weight"
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")  # the outermost numbered block: "layer1.0" of "layer1.0.bn2.weight"
 
 
 def add_block_zeros(measured: list[Measured]) -> None:
-    """`zero_in_every_block`: the tensor is all zero, and so is the same tensor of every numbered sibling block
-    (layer1.0.bn2.weight, layer2.1.bn2.weight...: at least two, every number read as a wildcard), while each of
-    those blocks (up to the first number: layer1.0) holds a tensor of the same role that is not zero. That is how Fixup, SkipInit, zero_init_residual
-    and adaLN-zero start every block at the identity; an init loop that zeroes every gain (or every layer) leaves
-    no live one in the block."""
+    """`zero_in_every_block`: the tensor is all zero, and so is the same tensor of at least one numbered sibling block
+    (layer1.0.bn2.weight, layer2.1.bn2.weight...: every number read as a wildcard; siblings without a residual sum
+    keep theirs), while each of those blocks (up to the first number: layer1.0) holds a live tensor of that role.
+    That is how Fixup, SkipInit, zero_init_residual and adaLN-zero start every block at the identity; an init loop
+    that zeroes every gain (or every layer) leaves no live one in the block, a single zeroed layer has no twin."""
     def zero(m: Measured) -> bool:
         return m.stats.zero_fraction >= 0.999
 
@@ -171,13 +171,14 @@ def add_block_zeros(measured: list[Measured]) -> None:
     for m in measured:
         found = _BLOCK.match(m.param.key)
         if found:
-            block, rest = found.groups()
+            block = found.group(1)
             siblings.setdefault((re.sub(r"\.\d+(?=\.)", ".*", m.param.key), m.param.role), []).append((block, m))
             if not zero(m):
                 live.add((block, m.param.role))
     for (_, role), group in siblings.items():
-        recipe = len(group) >= 2 and all(zero(m) and (block, role) in live for block, m in group)
-        for _, m in group:
+        zeros = [(block, m) for block, m in group if zero(m)]
+        recipe = len(zeros) >= 2 and all((block, role) in live for block, _ in zeros)
+        for _, m in zeros:
             m.facts["zero_in_every_block"] = recipe
 
 

@@ -153,3 +153,14 @@ def test_a_zeroed_standard_rmsnorm_on_the_main_path_is_an_error(tmp_path):
     severities = {f.layer: f.severity for f in report.findings if f.rule == "zero-weights"}
     assert severities["final_norm"] == "error"
     assert {severities[f"norms.{i}"] for i in range(4)} == {"info"}  # pre-norm: the stream goes around them
+
+
+@pytest.mark.parametrize("fmt", ["module", "state_dict"])
+def test_every_gain_zeroed_is_no_zero_init_residual(fmt, tmp_path):
+    """zero_init_residual zeroes each block's last gain beside live ones; a loop that zeroes them all kills the
+    blocks' first norms, on the main path: errors there, in a bare file too (no live twin). (The stem's norm feeds
+    the stream itself; its output reaches a sum, which is all `residual_branch` sees: info with a flow.)"""
+    report = audited("resnet_all_gains_zeroed", fmt, tmp_path)
+    errors = {f.layer for f in report.findings if f.rule == "zero-weights" and f.severity == "error"}
+    assert {"layer1.0.bn1", "layer2.0.bn1", "layer4.1.bn1"} <= errors
+    assert not any(name.endswith("bn2") for name in errors) or fmt == "state_dict"
