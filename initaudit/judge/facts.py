@@ -154,13 +154,14 @@ def add_recipe_shares(measured: list[Measured]) -> None:
         m.facts["recipe_share"] = share if fixed(m) else 0.0
 
 
-_BLOCK = re.compile(r"^(.*?\.\d+)\.")  # the outermost numbered block: "layer1.0" of "layer1.0.bn2.weight"
+_BLOCK = re.compile(r"^([^.]*?\d[^.]*|.*?\.[^.]*?\d[^.]*)\.")  # up to the first numbered name: "layer1", "s1"
 
 
 def add_block_zeros(measured: list[Measured]) -> None:
     """`zero_in_every_block`: the tensor is all zero, and so is the same tensor of at least one numbered sibling block
-    (layer1.0.bn2.weight, layer2.1.bn2.weight...: every number read as a wildcard; siblings without a residual sum
-    keep theirs), while each of those blocks (up to the first number: layer1.0) holds a live tensor of that role.
+    (layer1.0.bn2.weight, layer2.1.bn2.weight, s1.b2.conv3.bn.weight...: every number in a module name read as a
+    wildcard; siblings without a residual sum keep theirs), while each of those blocks (up to the first numbered
+    name: layer1, s1) holds a live tensor of that role.
     That is how Fixup, SkipInit, zero_init_residual and adaLN-zero start every block at the identity; an init loop
     that zeroes every gain (or every layer) leaves no live one in the block, a single zeroed layer has no twin."""
     def zero(m: Measured) -> bool:
@@ -172,7 +173,7 @@ def add_block_zeros(measured: list[Measured]) -> None:
         found = _BLOCK.match(m.param.key)
         if found:
             block = found.group(1)
-            siblings.setdefault((re.sub(r"\.\d+(?=\.)", ".*", m.param.key), m.param.role), []).append((block, m))
+            siblings.setdefault((re.sub(r"\d+(?=[^.]*\.)", "*", m.param.key), m.param.role), []).append((block, m))
             if not zero(m):
                 live.add((block, m.param.role))
     for (_, role), group in siblings.items():
