@@ -126,8 +126,8 @@ class Flow:
         producers = self.producers()
         joins = self._joins(producers)
         found: dict[str, Downstream] = {}
-        for start, node in enumerate(self.nodes):
-            if node.role == LAYER and node.layer not in found:
+        for start, node in enumerate(self.nodes):  # a norm module's node, where named, too (its residual_branch)
+            if node.role in (LAYER, NORM) and node.layer and node.layer not in found:
                 walked = self._walk(start, unknown_between_layers, producers)
                 found[node.layer] = replace(walked, residual_branch=joins[start])
         return found

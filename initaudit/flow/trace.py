@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import math
+import re
 from collections.abc import Iterator
 
 import torch
@@ -44,8 +46,24 @@ def module_infos(root: torch.nn.Module) -> dict[str, ModuleInfo]:
             conv = kind.startswith("conv") and isinstance(getattr(module, "stride", None), tuple)
             infos[name] = ModuleInfo(kind, names[0], transposed=names[0] == "Conv1D",
                                      strides=tuple(module.stride) if conv else (),
-                                     groups=int(getattr(module, "groups", 1)) if conv else 1)
+                                     groups=int(getattr(module, "groups", 1)) if conv else 1,
+                                     gain_offset=one_plus_gain(module) if kind == "norm" else None)
     return infos
+
+
+_ONE_PLUS = re.compile(r"\b1(\.0*)?\s*\+\s*self\.weight\b|\bself\.weight(\.\w+\(\))?\s*\+\s*1(\.0*)?\b")
+
+
+def one_plus_gain(module: torch.nn.Module) -> bool | None:
+    """Whether a norm module scales by (1 + weight), as its forward's source says (Gemma's RMSNorm: a zero weight is
+    its identity); None where the source is not there to read (TorchScript)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return None
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return None
+    return bool(_ONE_PLUS.search(source))
 
 
 def activation_of_module(module: torch.nn.Module) -> Activation | None:
@@ -170,7 +188,7 @@ def _fx_node(flow: Flow, traced: torch.fx.GraphModule, node: torch.fx.Node,
     if node.op == "call_module":
         info = infos.get(node.target)
         role, act = module_role(traced.get_submodule(node.target), info.kind if info else None)
-        idx = flow.add(role, node.target if role == LAYER else None, act)
+        idx = flow.add(role, node.target if role in (LAYER, NORM) else None, act)
         return idx, idx
     if node.op == "output":
         idx = flow.add(OUTPUT)

@@ -76,7 +76,23 @@ FACTS = {
     "predicted_grad_scale": "RMS of the loss gradient at the layer's output relative to the output's, through depth",
     "signal_exit": "vanishing/exploding where the forward scale leaves the signal band at this layer, else none",
     "gradient_exit": "vanishing/exploding where the gradient's scale, going back, leaves the signal band here",
+    "stream_exit": "exploding on the branch end whose residual sum takes the residual stream (sums with no "
+                   "normalization between them) out of the signal band while its second moment grows by 1.1x or "
+                   "more per block (fitted over the last 4 blocks): exponential in depth, not a pre-norm's additive "
+                   "growth",
+    "stream_growth": "the residual stream's per-block growth factor of its second moment at the sum this layer "
+                     "joins, fitted over the last 4 blocks (None off a stream or before 5 sums)",
     "signal_detail": "what the depth analysis found at this layer, in words",
+    "norm_convention": "a norm's gain convention: one_plus (x·(1+w), Gemma's RMSNorm: zero is its identity, read from "
+                       "the module's forward), scale (x·w), unknown (no module to read, and an RMSNorm's keys, a "
+                       "weight alone, which both share); none for other layers",
+    "signal_dead": "measured (probe): the layer's output is all zeros or all its units are dead, and every layer "
+                   "after it puts out the same for every input",
+    "in_flow": "a norm the model's flow names, so whether its output joins a residual sum (residual_branch) is "
+               "known; false for weighted layers and for norms no flow names",
+    "zero_in_every_block": "all zero, as is the same tensor of another numbered sibling block (2 or more in all), "
+                           "each of which holds a live tensor of the same role: Fixup's, SkipInit's, zero_init_residual's "
+                           "and adaLN-zero's zero at each block's end (what a bare file shows of them)",
     "origin": "predicted (check: from the weights) or measured (probe: a forward and backward pass)",
     "torch_fan_mistake": "a transposed conv drawn with Kaiming/LeCun at torch's fan (weight dim 1: out·k) where the "
                          "signal sees a different one (in·k/stride²)",
