@@ -293,8 +293,8 @@ _BLOCK = re.compile(r"^([^.]*?\d[^.]*|.*?\.[^.]*?\d[^.]*)\.")  # up to the first
 
 def add_block_zeros(measured: list[Measured]) -> None:
     """`zero_in_every_block`: the tensor is all zero, and so is the same tensor of at least one numbered sibling block
-    (layer1.0.bn2.weight, layer2.1.bn2.weight, s1.b2.conv3.bn.weight...: every number in a module name read as a
-    wildcard; siblings without a residual sum keep theirs), while each of those blocks (up to the first numbered
+    (layer1.0.bn2.weight, layer2.1.bn2.weight, s1.b2.conv3.bn.weight...: block numbers read as wildcards,
+    `_sibling_key`; siblings without a residual sum keep theirs), while each of those blocks (up to the first numbered
     name: layer1, s1) holds a live tensor of that role.
     That is how Fixup, SkipInit, zero_init_residual and adaLN-zero start every block at the identity; an init loop
     that zeroes every gain (or every layer) leaves no live one in the block, a single zeroed layer has no twin."""
@@ -307,7 +307,7 @@ def add_block_zeros(measured: list[Measured]) -> None:
         found = _BLOCK.match(m.param.key)
         if found:
             block = found.group(1)
-            siblings.setdefault((re.sub(r"\d+(?=[^.]*\.)", "*", m.param.key), m.param.role), []).append((block, m))
+            siblings.setdefault((_sibling_key(m.param.key), m.param.role), []).append((block, m))
             if not zero(m):
                 live.add((block, m.param.role))
     for (_, role), group in siblings.items():
@@ -315,6 +315,14 @@ def add_block_zeros(measured: list[Measured]) -> None:
         recipe = len(zeros) >= 2 and all((block, role) in live for block, _ in zeros)
         for _, m in zeros:
             m.facts["zero_in_every_block"] = recipe
+
+
+def _sibling_key(key: str) -> str:
+    """The tensor's name with its block numbers as wildcards: every numeric component, and the digits of named
+    components before the layer's own (layer2.0.conv1.weight -> layer*.*.conv1.weight: conv1 and conv2 differ)."""
+    parts = key.split(".")
+    own = max((i for i, p in enumerate(parts) if re.search(r"\d", p) and not p.isdigit()), default=-1)
+    return ".".join("*" if p.isdigit() else re.sub(r"\d+", "*", p) if i < own else p for i, p in enumerate(parts))
 
 
 def signal_facts(layer: Layer, depth: LayerDepth | None, forward: dict[str, str], backward: dict[str, str],
