@@ -73,4 +73,12 @@ FACTS = {
     "recipe_source": "where the recipe is declared: [tool.initaudit] recipe, or the model family's own init",
     "recipe_fits": "the tensor fits its declared recipe (shape and std within sampling error); none without one",
     "recipe_contradiction": "how the tensor contradicts its declared recipe, in words",
+    "convention": "the published convention of the family the tensor belongs to, where one is known (a Mamba/SSM "
+                  "mixer's A_log, D, dt bias and dt_proj weight, told by their names), else none",
+    "convention_fits": "the tensor fits its family's convention; false where it contradicts it; none without one (or "
+                       "where the values say nothing of it: a D that is not all ones)",
+    "convention_contradiction": "how the tensor contradicts its family's convention, in words",
+    "mean_resized_rows": "trailing units equal to the mean of the units before them: the rows transformers' "
+                         "resize_token_embeddings appends by mean-resizing (0 without)",
+    "duplicates_mean_resized": "the only repeated units are the rows appended by mean-resizing",
 }
