@@ -242,10 +242,12 @@ def test_mean_resized_rows_are_named_not_duplicates(vocab, tmp_path):
 
 
 def test_copies_beside_mean_resized_rows_stay_flagged(tmp_path):
-    """Mean-resized rows excuse only themselves: a row copied over another elsewhere in the head is a duplicate."""
+    """Mean-resized rows excuse only themselves: a row copied over another in the head before it was resized is a
+    duplicate, and the appended rows are still named."""
     model = llama(1000)
-    model.resize_token_embeddings(1008)
     with torch.no_grad():
         model.lm_head.weight[10] = model.lm_head.weight[20]
+    model.resize_token_embeddings(1008)
     for report in both_ways(model, tmp_path):
         assert findings(report, {"duplicate-units"}, ("warning", "error"), "") == {("duplicate-units", "lm_head.weight")}
+        assert [f.tensor for f in report.findings if f.rule == "mean-resized-rows"] == ["lm_head.weight"]
