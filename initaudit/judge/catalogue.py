@@ -74,7 +74,8 @@ FACTS = {
     "recipe_fits": "the tensor fits its declared recipe (shape and std within sampling error); none without one",
     "recipe_contradiction": "how the tensor contradicts its declared recipe, in words",
     "convention": "the published convention of the family the tensor belongs to, where one is known (a Mamba/SSM "
-                  "mixer's A_log, D, dt bias and dt_proj weight, told by their names), else none",
+                  "mixer's A_log, D, dt bias and dt_proj weight, told by their names; an offset norm's gain, where "
+                  "norm_convention is one_plus), else none",
     "convention_fits": "the tensor fits its family's convention; false where it contradicts it; none without one (or "
                        "where the values say nothing of it: a D that is not all ones)",
     "convention_contradiction": "how the tensor contradicts its family's convention, in words",

@@ -1,7 +1,8 @@
 """Conventions known by family, held against the measured tensors: a Mamba/SSM mixer's parameters (told by its
 names: a layer holding `A_log`, with its `D`, `dt_bias` or `dt_proj`) judged in the published recipe
 (state-spaces/mamba `mamba_simple.py`, transformers' `MambaMixer`/`Mamba2Mixer`), and the rows a transformers
-`resize_token_embeddings` appends by mean-resizing. Facts for `convention-mismatch`, `mean-resized-rows`, and the
+`resize_token_embeddings` appends by mean-resizing, and an offset norm (x·(1+w), as the flow reads it from the
+module: the `norm_convention` fact) left at ones. Facts for `convention-mismatch`, `mean-resized-rows`, and the
 exceptions they make to `constant-weights`, `duplicate-units` and `nonzero-bias`.
 
 The published SSM recipe: A_log = log(1..N) repeated for every channel (Mamba-1, [d_inner, N]) or the log of A
@@ -31,6 +32,7 @@ SSM_CONVENTION = {
     "dt_bias": f"dt bias = inverse softplus of dt drawn log-uniform in [{DT_MIN:g}, {DT_MAX:g}]",
     "dt_proj_weight": "dt_proj weight = dt_rank^-0.5 (constant) or uniform ±dt_rank^-0.5",
 }
+OFFSET_NORM = "an offset norm computes x·(1+w): w = 0 is its identity (Gemma, Qwen3-Next)"
 
 
 def add_convention_facts(measured: list[Measured], values: Callable[[str], torch.Tensor]) -> None:
@@ -45,6 +47,9 @@ def add_convention_facts(measured: list[Measured], values: Callable[[str], torch
         if role is not None and m.stats.finite:
             fits, words = SSM_JUDGES[role](values(m.param.key).detach().float().flatten(), m)
             facts.update(convention=SSM_CONVENTION[role], convention_fits=fits, convention_contradiction=words)
+        if m.facts.get("norm_convention") == "one_plus" and m.param.role == "norm_weight" and m.stats.finite:
+            fits, words = judge_offset_norm(m)
+            facts.update(convention=OFFSET_NORM, convention_fits=fits, convention_contradiction=words)
         if m.stats.duplicate_groups:
             rows = mean_resized_rows(values(m.param.key), m)
             facts.update(mean_resized_rows=rows, duplicates_mean_resized=bool(rows) and len(
@@ -123,6 +128,15 @@ def judge_dt_proj_weight(v: torch.Tensor, m: Measured) -> Verdict:
         return FITS
     return contradicts(f"have std {m.stats.std:.3g}, {ratio:.2g}x the {bound / math.sqrt(3):.3g} of uniform "
                        "±dt_rank^-0.5: a model-wide init overwrote them?")
+
+
+def judge_offset_norm(m: Measured) -> Verdict:
+    """An offset norm's gain at ones doubles the signal (the standard RMSNorm init, 1, applied where the forward adds
+    1: huggingface/transformers#40796); any other gain says nothing here."""
+    if m.stats.constant and m.stats.max == 1.0:
+        return contradicts("are all 1: the norm scales by 1 + 1 = 2, doubling the signal (its variance 4x) at every "
+                           "such norm")
+    return UNJUDGED
 
 
 SSM_JUDGES = {"A_log": judge_a_log, "D": judge_d, "dt_bias": judge_dt_bias, "dt_proj_weight": judge_dt_proj_weight}

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from initaudit.flow.layer import Layer
 from initaudit.pipeline import audit
 
 transformers = pytest.importorskip("transformers")
@@ -251,3 +252,32 @@ def test_copies_beside_mean_resized_rows_stay_flagged(tmp_path):
     for report in both_ways(model, tmp_path):
         assert findings(report, {"duplicate-units"}, ("warning", "error"), "") == {("duplicate-units", "lm_head.weight")}
         assert [f.tensor for f in report.findings if f.rule == "mean-resized-rows"] == ["lm_head.weight"]
+
+
+def gemma(norms_at_ones: bool):
+    """transformers' Gemma at its own init (RMSNorm weights 0: the forward computes x·(1+w)), or with every RMSNorm
+    filled with ones as transformers' standard init did before PR #40796."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(GemmaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, head_dim=16))
+    if norms_at_ones:
+        for module in model.modules():
+            if "RMSNorm" in type(module).__name__:
+                nn.init.ones_(module.weight)
+    return model
+
+
+@pytest.mark.skipif("gain_offset" not in Layer.__dataclass_fields__,
+                    reason="offset norms are read from the module by the depth work (Layer.gain_offset, norm_convention)")
+def test_offset_norm_filled_with_ones():
+    """https://github.com/huggingface/transformers/pull/40796: Gemma's and Qwen3-Next's RMSNorm compute x·(1+w) but
+    were initialized with ones (1 + 1 = 2, doubling the signal at every norm): convention-mismatch on every norm of the
+    live model; the fixed init (zeros) is clean."""
+    bug = audit(gemma(norms_at_ones=True))
+    norms = {f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")}
+    assert {f.tensor for f in bug.findings if f.rule == "convention-mismatch" and f.severity == "error"} == {
+        *norms, "model.norm.weight"}
+    fixed = audit(gemma(norms_at_ones=False))
+    assert not [f for f in fixed.findings if f.rule == "convention-mismatch"]
