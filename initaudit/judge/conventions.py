@@ -38,20 +38,21 @@ OFFSET_NORM = "an offset norm computes x·(1+w): w = 0 is its identity (Gemma, Q
 def add_convention_facts(measured: list[Measured], values: Callable[[str], torch.Tensor]) -> None:
     """The convention facts of every measured tensor; `values(key)` reads a tensor again (only SSM parameters and
     heads with duplicate rows are read)."""
-    mixers = {m.param.key.rsplit(".", 1)[0] if "." in m.param.key else "" for m in measured
-              if m.param.key.split(".")[-1] == "A_log"}
+    mixers = {m.param.key.rpartition(".")[0] for m in measured if m.param.key.rpartition(".")[2] == "A_log"}
     for m in measured:
         facts: dict[str, Any] = {"convention": None, "convention_fits": None, "convention_contradiction": None,
                                  "mean_resized_rows": 0, "duplicates_mean_resized": False}
         role = ssm_role(m.param.key, mixers)
-        if role is not None and m.stats.finite:
-            fits, words = SSM_JUDGES[role](values(m.param.key).detach().float().flatten(), m)
+        v = values(m.param.key).detach().float().flatten() if role is not None else None
+        if v is not None and v.numel() and bool(v.isfinite().all()):  # non-finite values are non-finite's
+            fits, words = SSM_JUDGES[role](v, m)
             facts.update(convention=SSM_CONVENTION[role], convention_fits=fits, convention_contradiction=words)
         if m.facts.get("norm_convention") == "one_plus" and m.param.role == "norm_weight" and m.stats.finite:
             fits, words = judge_offset_norm(m)
             facts.update(convention=OFFSET_NORM, convention_fits=fits, convention_contradiction=words)
-        if m.stats.duplicate_groups:
-            rows = mean_resized_rows(values(m.param.key), m)
+        tail = trailing_group(m) if m.stats.duplicate_groups else None
+        if tail:
+            rows = mean_resized_rows(values(m.param.key), m, len(tail))
             facts.update(mean_resized_rows=rows, duplicates_mean_resized=bool(rows) and len(
                 m.stats.duplicate_groups) == 1)
         m.facts.update(facts)
@@ -142,17 +143,19 @@ def judge_offset_norm(m: Measured) -> Verdict:
 SSM_JUDGES = {"A_log": judge_a_log, "D": judge_d, "dt_bias": judge_dt_bias, "dt_proj_weight": judge_dt_proj_weight}
 
 
-def mean_resized_rows(tensor: torch.Tensor, m: Measured) -> int:
-    """How many trailing units equal the mean of the units before them — what transformers' resize_token_embeddings
-    appends by mean-resizing (the mean itself, or a draw around it with covariance 1e-9·Σ) — where they form one
-    of the duplicate groups; 0 otherwise."""
+def trailing_group(m: Measured) -> list[int] | None:
+    """The duplicate group made of the tensor's last units (fewer than all of them), if there is one."""
     units = m.stats.n_units
-    tail = next((g for g in m.stats.duplicate_groups if sorted(g) == list(range(units - len(g), units))), None)
-    if tail is None or len(tail) >= units:
-        return 0
-    rows = tensor.detach().movedim(m.param.unit_axis, 0).reshape(units, -1).float()
-    old, new = rows[: units - len(tail)], rows[units - len(tail):]
-    mean = old.mean(0)
+    return next((g for g in m.stats.duplicate_groups
+                 if len(g) < units and sorted(g) == list(range(units - len(g), units))), None)
+
+
+def mean_resized_rows(tensor: torch.Tensor, m: Measured, appended: int) -> int:
+    """`appended` (the trailing duplicate group's size) where those units equal the mean of the units before them —
+    what transformers' resize_token_embeddings appends by mean-resizing: the mean itself, or a draw around it with
+    covariance 1e-9·Σ, to within 1e-3 of the tensor's std and the dtype's rounding; 0 otherwise."""
+    rows = tensor.detach().movedim(m.param.unit_axis, 0).reshape(m.stats.n_units, -1)
+    mean = rows[:-appended].mean(0, dtype=torch.float32)
     eps = torch.finfo(tensor.dtype).eps if tensor.dtype.is_floating_point else 0.0
-    tolerance = 1e-3 * old.std().item() + 2 * eps * mean.abs().max().item()
-    return len(tail) if (new - mean).abs().max().item() <= tolerance else 0
+    tolerance = 1e-3 * m.stats.std + 2 * eps * mean.abs().max().item()
+    return appended if (rows[-appended:].float() - mean).abs().max().item() <= tolerance else 0
