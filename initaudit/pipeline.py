@@ -13,6 +13,7 @@ from initaudit.config import Options
 from initaudit.flow.layers import annotate, context, group_layers
 from initaudit.flow.layer import LayerGraph
 from initaudit.judge import rules as rulebook
+from initaudit.judge.conventions import add_convention_facts
 from initaudit.judge.declared import add_declared_facts, declarations
 from initaudit.judge.evaluate import evaluate, layer_rows, set_aside
 from initaudit.judge.facts import add_block_zeros, add_recipe_shares, effective_stats, signal_facts, tensor_facts
@@ -109,6 +110,7 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     state = weight_state.assess(loaded.tensors, measured, signs, options.state)
     weight_state.apply(measured, state)
     add_declared_facts(measured, options.expect, options.recipes, loaded.declared_init)
+    add_convention_facts(measured, loaded.tensors.__getitem__)
     predict_depth(loaded, graph, measured, options.signal_band)
     aside = set_aside(measured, rules)
     notes = list(loaded.notes)

@@ -119,4 +119,13 @@ FACTS = {
     "sibling_off_layers": "the layers of this group that depart from the recipe",
     "identical_to": "the first of the same-shaped random weights bitwise identical to this one (set on the others)",
     "identical_count": "how many weights hold these identical values (set where identical_to is)",
+    "convention": "the published convention of the family the tensor belongs to, where one is known (a Mamba/SSM "
+                  "mixer's A_log, D, dt bias and dt_proj weight, told by their names; an offset norm's gain, where "
+                  "norm_convention is one_plus), else none",
+    "convention_fits": "the tensor fits its family's convention; false where it contradicts it; none without one (or "
+                       "where the values say nothing of it: a D that is not all ones)",
+    "convention_contradiction": "how the tensor contradicts its family's convention, in words",
+    "mean_resized_rows": "trailing units equal to the mean of the units before them: the rows transformers' "
+                         "resize_token_embeddings appends by mean-resizing (0 without)",
+    "duplicates_mean_resized": "the only repeated units are the rows appended by mean-resizing",
 }
