@@ -1281,13 +1281,16 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """A DiT (Peebles & Xie 2023), unconditional, at a fixed timestep so the forward takes the latent only."""
+    """A DiT (Peebles & Xie 2023), unconditional, at a fixed timestep so the forward takes the latent only; DiT's
+    256-dimensional sinusoidal timestep embedding."""
+
+    FREQUENCIES = 128
 
     def __init__(self, d: int = 32, depth: int = 4):
         super().__init__()
         self.x_embedder = nn.Conv2d(4, d, 2, 2)
         self.pos_embed = nn.Parameter(torch.randn(1, 16, d) * 0.02, requires_grad=False)
-        self.t_embedder = nn.Sequential(nn.Linear(32, d), nn.SiLU(), nn.Linear(d, d))
+        self.t_embedder = nn.Sequential(nn.Linear(2 * self.FREQUENCIES, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(DiTBlock(d, 2) for _ in range(depth))
         self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
@@ -1310,7 +1313,7 @@ class DiT(nn.Module):
             nn.init.zeros_(linear.bias)
 
     def forward(self, x):
-        half = 16
+        half = self.FREQUENCIES
         freqs = torch.exp(-math.log(10000) * torch.arange(half) / half)
         t = torch.full((x.shape[0], 1), 500.0) * freqs
         c = self.t_embedder(torch.cat([torch.cos(t), torch.sin(t)], -1))
