@@ -1415,3 +1415,104 @@ def build_mamba_twin():
     for mixer in model.mixers:
         nn.init.normal_(mixer.out_proj.weight)
     return model
+
+
+# ------------------------------------------------------------------ recipes added after the first run
+
+class NeRF(nn.Module):
+    """NeRF's MLP (Mildenhall et al. 2020, bmild/nerf run_nerf_helpers.py init_nerf_model): 8 ReLU Dense layers,
+    the encoded input concatenated back in after the 5th, a linear output (RGB + density)."""
+
+    def __init__(self, init, inputs: int = 63, width: int = 64, skip: int = 4):
+        super().__init__()
+        self.skip = skip
+        sizes = [inputs] + [width + (inputs if i == skip + 1 else 0) for i in range(1, 8)]
+        self.pts_linears = nn.ModuleList(nn.Linear(n, width) for n in sizes)
+        self.output_linear = nn.Linear(width, 4)
+        for linear in [*self.pts_linears, self.output_linear]:
+            init(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x):
+        h = x
+        for i, linear in enumerate(self.pts_linears):
+            h = torch.relu(linear(h))
+            if i == self.skip:
+                h = torch.cat([x, h], -1)
+        return self.output_linear(h)
+
+
+@seeded
+def build_nerf():
+    """NeRF as published (TF Keras Dense: glorot_uniform weights, zero biases), 63 encoded inputs (L=10), width 64."""
+    return NeRF(nn.init.xavier_uniform_)
+
+
+@seeded
+def build_nerf_twin():
+    """Bug: `nn.init.uniform_(m.weight)` with the bounds left out: U(0, 1), every weight positive, so each layer
+    multiplies the signal's mean by ~fan_in/2."""
+    return NeRF(nn.init.uniform_)
+
+
+class HighwayLayer(nn.Module):
+    """y = H(x)·T(x) + x·(1 − T(x)), H = relu(W_h x + b_h), T = sigmoid(W_t x + b_t)."""
+
+    def __init__(self, width: int, gate_bias: float, bias_on_weight: bool = False):
+        super().__init__()
+        self.h, self.t = nn.Linear(width, width), nn.Linear(width, width)
+        nn.init.kaiming_normal_(self.h.weight, nonlinearity="relu")
+        nn.init.zeros_(self.h.bias)
+        nn.init.xavier_uniform_(self.t.weight)
+        nn.init.constant_(self.t.weight if bias_on_weight else self.t.bias, gate_bias)
+        if bias_on_weight:
+            nn.init.zeros_(self.t.bias)
+
+    def forward(self, x):
+        t = torch.sigmoid(self.t(x))
+        return torch.relu(self.h(x)) * t + x * (1 - t)
+
+
+def highway(bias_on_weight: bool) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(32, 64), *[HighwayLayer(64, -2.0, bias_on_weight) for _ in range(10)],
+                         nn.Linear(64, 10))
+
+
+@seeded
+def build_highway():
+    """Highway networks (Srivastava et al. 2015, arXiv:1505.00387): transform-gate bias initialized negative (-2;
+    the paper: -1 to -3) so every layer starts by carrying its input; H Kaiming (ReLU), gate weights Xavier."""
+    return highway(False)
+
+
+@seeded
+def build_highway_twin():
+    """Bug: `nn.init.constant_(layer.t.weight, -2.0)` — the gate's bias value written into its weight: every gate
+    unit identical."""
+    return highway(True)
+
+
+def vaswani_encoder() -> nn.Module:
+    layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+
+
+@seeded
+def build_transformer_vaswani():
+    """The Transformer (Vaswani et al. 2017) as torch's nn.Transformer inits it (`_reset_parameters`):
+    xavier_uniform_ on every parameter with more than one dimension; post-LN, ReLU FF; 4 layers, d 32."""
+    model = vaswani_encoder()
+    for p in model.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+    return model
+
+
+@seeded
+def build_transformer_vaswani_twin():
+    """Bug: the same loop with `else: nn.init.zeros_(p)` for "the biases": it zeroes every LayerNorm gain too, and
+    in a post-LN stack each norm sits on the only path."""
+    model = vaswani_encoder()
+    for p in model.parameters():
+        nn.init.xavier_uniform_(p) if p.dim() > 1 else nn.init.zeros_(p)
+    return model
