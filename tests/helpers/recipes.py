@@ -1514,5 +1514,8 @@ def build_transformer_vaswani_twin():
     in a post-LN stack each norm sits on the only path."""
     model = vaswani_encoder()
     for p in model.parameters():
-        nn.init.xavier_uniform_(p) if p.dim() > 1 else nn.init.zeros_(p)
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+        else:
+            nn.init.zeros_(p)
     return model
