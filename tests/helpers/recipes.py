@@ -237,7 +237,7 @@ class ResMLP(nn.Module):
         self.patch_embed = nn.Conv2d(3, dim, 4, 4)
         self.blocks = nn.Sequential(*[ResMLPBlock(dim, patches, init_values) for _ in range(depth)])
         self.norm, self.head = Affine(dim), nn.Linear(dim, 10)
-        for m in self.modules():  # timm resmlp: trunc_normal_(std=.02) on Linear, zero biases
+        for m in self.modules():  # facebookresearch/deit resmlp_models.py: trunc_normal_(std=.02) on Linear, zero biases
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 zero_bias(m)
@@ -1099,8 +1099,9 @@ class Mixer(nn.Module):
                 else:
                     nn.init.xavier_uniform_(m.weight)
                     nn.init.normal_(m.bias, std=1e-6)
-            elif isinstance(m, nn.Conv2d):  # lecun_normal_
-                nn.init.trunc_normal_(m.weight, std=math.sqrt(1 / m.weight[0].numel()) / 0.87962566103423978)
+            elif isinstance(m, nn.Conv2d):  # timm's lecun_normal_: truncated at ±2σ, σ rescaled for the cut
+                std = math.sqrt(1 / m.weight[0].numel()) / 0.87962566103423978
+                nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
                 nn.init.zeros_(m.bias)
 
     def forward(self, x):
