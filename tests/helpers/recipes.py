@@ -237,7 +237,7 @@ class ResMLP(nn.Module):
         self.patch_embed = nn.Conv2d(3, dim, 4, 4)
         self.blocks = nn.Sequential(*[ResMLPBlock(dim, patches, init_values) for _ in range(depth)])
         self.norm, self.head = Affine(dim), nn.Linear(dim, 10)
-        for m in self.modules():  # facebookresearch/deit resmlp_models.py: trunc_normal_(std=.02) on Linear, zero biases
+        for m in self.modules():  # deit's resmlp_models.py: trunc_normal_(std=.02) on Linear, zero biases
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 zero_bias(m)
@@ -380,7 +380,8 @@ def build_dcgan_twin():
 class LSTMLM(nn.Module):
     def __init__(self, vocab: int = 64, dim: int = 32):
         super().__init__()
-        self.embed, self.rnn, self.head = nn.Embedding(vocab, dim), nn.LSTM(dim, dim, 2, batch_first=True), nn.Linear(dim, vocab)
+        self.embed, self.rnn = nn.Embedding(vocab, dim), nn.LSTM(dim, dim, 2, batch_first=True)
+        self.head = nn.Linear(dim, vocab)
 
     def forward(self, tokens):
         return self.head(self.rnn(self.embed(tokens))[0])
@@ -445,8 +446,10 @@ class UNet(nn.Module):
         self.inc = nn.Sequential(*conv_bn_relu(3, c), *conv_bn_relu(c, c))
         self.down1 = nn.Sequential(nn.MaxPool2d(2), *conv_bn_relu(c, 2 * c), *conv_bn_relu(2 * c, 2 * c))
         self.down2 = nn.Sequential(nn.MaxPool2d(2), *conv_bn_relu(2 * c, 4 * c), *conv_bn_relu(4 * c, 4 * c))
-        self.up1, self.conv1 = nn.ConvTranspose2d(4 * c, 2 * c, 2, 2), nn.Sequential(*conv_bn_relu(4 * c, 2 * c), *conv_bn_relu(2 * c, 2 * c))
-        self.up2, self.conv2 = nn.ConvTranspose2d(2 * c, c, 2, 2), nn.Sequential(*conv_bn_relu(2 * c, c), *conv_bn_relu(c, c))
+        self.up1 = nn.ConvTranspose2d(4 * c, 2 * c, 2, 2)
+        self.conv1 = nn.Sequential(*conv_bn_relu(4 * c, 2 * c), *conv_bn_relu(2 * c, 2 * c))
+        self.up2 = nn.ConvTranspose2d(2 * c, c, 2, 2)
+        self.conv2 = nn.Sequential(*conv_bn_relu(2 * c, c), *conv_bn_relu(c, c))
         self.outc = nn.Conv2d(c, 2, 1)
 
     def forward(self, x):
@@ -673,7 +676,8 @@ class MBConv(nn.Module):
         super().__init__()
         mid = n_in * expand
         self.expand = nn.Sequential(nn.Conv2d(n_in, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.SiLU())
-        self.dw = nn.Sequential(nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.SiLU())
+        depthwise = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False)
+        self.dw = nn.Sequential(depthwise, nn.BatchNorm2d(mid), nn.SiLU())
         self.se_reduce, self.se_expand = nn.Conv2d(mid, max(1, n_in // 4), 1), nn.Conv2d(max(1, n_in // 4), mid, 1)
         self.project = nn.Sequential(nn.Conv2d(mid, n_out, 1, bias=False), nn.BatchNorm2d(n_out))
         self.residual = stride == 1 and n_in == n_out
@@ -724,7 +728,8 @@ class ConvNeXtBlock(nn.Module):
     def __init__(self, dim: int, layer_scale: float = 1e-6):
         super().__init__()
         self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
-        self.norm, self.pwconv1, self.pwconv2 = nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1, self.pwconv2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
         self.gamma = nn.Parameter(layer_scale * torch.ones(dim))
 
     def forward(self, x):
@@ -911,7 +916,8 @@ class Conv1D(nn.Module):
 
     def __init__(self, n_out: int, n_in: int):
         super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.empty(n_in, n_out).normal_(0, 0.02)), nn.Parameter(torch.zeros(n_out))
+        self.weight = nn.Parameter(torch.empty(n_in, n_out).normal_(0, 0.02))
+        self.bias = nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x):
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
