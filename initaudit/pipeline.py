@@ -110,6 +110,9 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     state = weight_state.assess(loaded.tensors, measured, signs, options.state)
     weight_state.apply(measured, state)
     add_declared_facts(measured, options.expect, options.recipes, loaded.declared_init)
+    flow_seen = loaded.flow is not None and loaded.flow.sees_activations
+    for m in measured:
+        m.facts["flow_seen"] = flow_seen
     add_convention_facts(measured, loaded.tensors.__getitem__)
     predict_depth(loaded, graph, measured, options.signal_band)
     aside = set_aside(measured, rules)

@@ -128,4 +128,6 @@ FACTS = {
     "mean_resized_rows": "trailing units equal to the mean of the units before them: the rows transformers' "
                          "resize_token_embeddings appends by mean-resizing (0 without)",
     "duplicates_mean_resized": "the only repeated units are the rows appended by mean-resizing",
+    "flow_seen": "the model's data flow was read (a module, TorchScript, ONNX, a config-built architecture): its "
+                 "activations and residual sums are known, not guessed from a bare file's names and order",
 }
