@@ -73,4 +73,14 @@ FACTS = {
     "recipe_source": "where the recipe is declared: [tool.initaudit] recipe, or the model family's own init",
     "recipe_fits": "the tensor fits its declared recipe (shape and std within sampling error); none without one",
     "recipe_contradiction": "how the tensor contradicts its declared recipe, in words",
+    "subnormal_share": "share of the finite entries that are subnormal (denormal) in the tensor's dtype",
+    "subnormal_excess": "the share of subnormal entries beyond 10x what a normal at the tensor's mean and std "
+                        "predicts for its dtype, and beyond 4 standard errors (0 for an init draw, fp16 too)",
+    "magnitude_decades": "log10 of the 90th percentile over the median of the nonzero |values| (a normal draw: 0.39)",
+    "huge_share": "share of the finite entries beyond 1e6 in magnitude",
+    "median_magnitude": "the median nonzero |value|",
+    "pile_share": "share of the finite entries on the most common value 8 robust stds or more from the median of "
+                  "the nonzero values (at least 8 entries of the sample; on the min or max only with a gap of a robust std "
+                  "to the other values: else a truncation bound's), else 0",
+    "pile_value": "the value pile_share counts, else none",
 }

@@ -100,7 +100,16 @@ def _stats_facts(m: Measured) -> dict[str, Any]:
         "dead_fraction": len(dead) / st.n_units if st.n_units else 0.0,
         "peak_share": _peak_share(st), "spike_ratio": _spike_ratio(st),
         "duplicate_example": short_list(groups[0]) if groups else None,
+        **_garbage_facts(st),
     }
+
+
+def _garbage_facts(st: TensorStats) -> dict[str, Any]:
+    """The signs of uninitialized memory the measuring pass read from the values (measure/garbage.py)."""
+    g = st.garbage
+    return {"subnormal_share": g.subnormal_share, "subnormal_excess": g.subnormal_excess,
+            "magnitude_decades": g.magnitude_decades, "huge_share": g.huge_share,
+            "median_magnitude": g.median_magnitude, "pile_share": g.pile_share, "pile_value": g.pile_value}
 
 
 def _dead_units(m: Measured) -> list[int]:

@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from initaudit.measure import garbage
+from initaudit.measure.garbage import Garbage
+
 CHUNK_ELEMENTS = 1 << 18        # units are read in chunks of about this many values (1 MB of fp32: fits L2)
 SPLIT_ELEMENTS = 1 << 24        # a tensor this large is shared out over the cores in row ranges
 DISTINCT_SAMPLE = 1 << 14       # distinct values are counted exactly up to this many entries
@@ -55,6 +58,7 @@ class TensorStats:
     excess_kurtosis: float
     zero_fraction: float
     distinct: int                 # exact for tensors up to DISTINCT_SAMPLE entries, else counted in a sample
+    garbage: Garbage = field(default_factory=Garbage)  # signs of uninitialized memory, read from the sample
     norm_spread: float = math.nan  # (max - min) / mean of the unit norms (of the columns, for tall matrices)
     unit_norms: torch.Tensor | None = field(default=None, repr=False)   # each unit's (row's) norm
     input_norms: torch.Tensor | None = field(default=None, repr=False)  # each column's norm
@@ -469,6 +473,7 @@ def _assemble(tensor: torch.Tensor, rows: torch.Tensor, part: _Part, scan: _Scan
         min=lo if found else math.nan, max=hi if found else math.nan,
         abs_max=max(abs(lo), abs(hi)) if found else math.nan, excess_kurtosis=kurt,
         zero_fraction=part.zeros / rows.numel(), distinct=_distinct(tensor),
+        garbage=garbage.evidence(sorted_sample(tensor), tensor.dtype, mean, std, lo, hi) if found else Garbage(),
         norm_spread=spread, unit_norms=unit_norms, input_norms=input_norms,
         unit_sums=unit_sums, zero_units=part.zero_units, duplicate_groups=groups, negligible_groups=negligible)
 
