@@ -15,13 +15,14 @@ from initaudit.flow.layer import LayerGraph
 from initaudit.judge import rules as rulebook
 from initaudit.judge.declared import add_declared_facts, declarations
 from initaudit.judge.evaluate import evaluate, layer_rows, set_aside
-from initaudit.judge.facts import add_recipe_shares, short_list, signal_facts, tensor_facts
-from initaudit.judge.report import Report
+from initaudit.judge.facts import add_recipe_shares, effective_stats, signal_facts, tensor_facts
+from initaudit.judge.relations import relate
+from initaudit.judge.report import Coverage, Report
 from initaudit.load.dispatch import load
 from initaudit.load.source import Loaded
-from initaudit.load.containers import file_signs
+from initaudit.load.containers import file_signs, optimizer_tensors, packed_tensors
 from initaudit.measure import depth, weight_state
-from initaudit.measure.tensors import Measured, measure
+from initaudit.measure.tensors import Measured, Pass, measure
 
 
 def build_graph(loaded: Loaded, options: Options) -> LayerGraph:
@@ -34,24 +35,36 @@ def build_graph(loaded: Loaded, options: Options) -> LayerGraph:
     return annotate(layers, downstream, options.activation, options.activations, hints=loaded.activations, **order)
 
 
-def measure_and_describe(loaded: Loaded, graph: LayerGraph) -> list[Measured]:
-    """Every audited tensor measured, with its facts; tensors holding no real numbers become notes."""
+def measure_and_describe(loaded: Loaded, graph: LayerGraph) -> Pass:
+    """Every audited tensor measured, with its facts; those left out are in the pass's `skipped`."""
     done = measure(loaded.tensors, graph)
     for m in done.measured:
         m.facts = tensor_facts(graph, m)
     add_recipe_shares(done.measured)
-    for reason, keys in done.skipped.items():
-        note = f"not audited ({reason}): {short_list(keys, 5)}"
-        if note not in loaded.notes:
-            loaded.notes.append(note)
-    return done.measured
+    return done
+
+
+def coverage(loaded: Loaded, done: Pass) -> Coverage:
+    """What of the model was audited: its stored tensors, those the loader left out, the optimizer's state."""
+    skipped = {**{(kind, reason): list(keys) for (kind, reason), keys in loaded.unread.items()}, **done.skipped}
+    root = getattr(loaded.container, "root", None)
+    trail = getattr(loaded.container, "path", ())  # a torch checkpoint's keys down to its state_dict
+    packed = packed_tensors(root, trail) if isinstance(trail, tuple) else []
+    if packed:
+        skipped[("packed weight", "packed in a quantized layer's parameters: not audited yet")] = packed
+    optimizer = optimizer_tensors(root)
+    if optimizer:
+        skipped[("optimizer tensor", "an optimizer's state, taken as a sign of training, not audited")] = optimizer
+    return Coverage.of(list(loaded.tensors.shapes), done.audited, skipped)
 
 
 def depth_weights(measured: list[Measured]) -> dict[str, depth.Weights]:
-    """Each weighted layer's fans and second moments (E[w²], E[b²]), for the depth analysis."""
+    """Each weighted layer's fans and second moments (E[w²], E[b²]) of the weight the forward pass uses (times the
+    layer's `weight_scale`), for the depth analysis."""
     out, biases = {}, {}
     for m in measured:
-        moment = m.stats.std ** 2 + m.stats.mean ** 2
+        st = effective_stats(m)
+        moment = st.std ** 2 + st.mean ** 2
         if m.param.role == "bias":
             biases[m.layer.name] = moment
         elif m.param is m.layer.param("weight") and m.layer.weighted:
@@ -87,7 +100,9 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     """Audit an already loaded model."""
     rules = rulebook.select(rules if rules is not None else rulebook.builtin_rules(), options.select, options.ignore)
     graph = build_graph(loaded, options)
-    measured = measure_and_describe(loaded, graph)
+    done = measure_and_describe(loaded, graph)
+    measured = done.measured
+    relate(measured, loaded.tensors, loaded.ties, live=loaded.module is not None)
     signs = file_signs(getattr(loaded.container, "root", None))
     state = weight_state.assess(loaded.tensors, measured, signs, options.state)
     weight_state.apply(measured, state)
@@ -101,7 +116,8 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     report = Report(model=loaded.name, format=loaded.format,
                     layers=layer_rows(measured), findings=evaluate(measured, rules, options.ignored), notes=notes,
                     weights_state=state.state, state_evidence={**state.evidence(), "rules_set_aside": aside},
-                    declared=declarations(options.expect, options.recipes, loaded.declared_init))
+                    declared=declarations(options.expect, options.recipes, loaded.declared_init),
+                    coverage=coverage(loaded, done))
     return Analysis(loaded, graph, measured, report, options)
 
 

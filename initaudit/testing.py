@@ -19,12 +19,14 @@ from initaudit.judge.rules import SEVERITIES
 def assert_well_initialized(model_or_path: Any, *, fail_on: str = "warning", **options: Any) -> Report:
     """Audit `model_or_path` (an nn.Module, a path, or None with model='pkg.mod:factory') and raise
     AssertionError, its message the findings table, when a finding is at or above `fail_on` (error, warning
-    or info). `options` are those of `initaudit.audit` (activation=, activations=, select=, ignore=, state=,
+    or info), or when nothing of the model could be audited. `options` are those of `initaudit.audit` (activation=, activations=, select=, ignore=, state=,
     model=, trust_pickle=, options=). Returns the report when the model passes."""
     __tracebackhide__ = True  # pytest shows the caller's line, not this one
     from initaudit.pipeline import audit
 
     report = audit(model_or_path, **options)
+    if report.nothing_audited:
+        raise AssertionError(f"{report.model}: {report.no_verdict()}")
     if report.failed(fail_on):
         raise AssertionError(describe(report, fail_on))
     return report

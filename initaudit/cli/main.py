@@ -237,6 +237,9 @@ def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, opt
                 results.reports.append(run(loaded, options))
             except InputError as exc:
                 unreadable(target, exc)
+                continue
+            if results.reports[-1].no_verdict():
+                _error_line(f"initaudit: error: {loaded.name}: {results.reports[-1].no_verdict()}")
 
 
 @click.command()

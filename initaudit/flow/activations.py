@@ -11,7 +11,16 @@ from initaudit.common.errors import InputError
 # ReLU-like: zero (or nearly) for negative inputs, so they halve the forward variance.
 RELU_FAMILY = frozenset({"relu", "relu6", "leaky_relu", "prelu", "gelu", "silu", "mish", "elu", "celu", "hardswish", "softplus"})
 SATURATING = frozenset({"tanh", "sigmoid", "hardtanh", "hardsigmoid", "softsign"})
-KNOWN = RELU_FAMILY | SATURATING | {"selu", "identity", "unknown"}
+PERIODIC = frozenset({"sin", "cos"})  # SIREN's activations
+KNOWN = RELU_FAMILY | SATURATING | PERIODIC | {"selu", "identity", "unknown"}
+# Value-changing elementwise functions whose effect on a signal's scale is not modelled: where one follows a
+# layer, the layer's activation is unknown (never identity). Normalization ingredients (pow, sqrt, rsqrt,
+# reciprocal, div) and the shape-keeping pass-throughs (reshape, dropout, pooling, indexing, cat) are not here.
+UNMODELLED = frozenset({
+    "erf", "erfc", "erfinv", "exp", "exp2", "expm1", "tan", "sinh", "cosh", "asin", "acos", "atan", "arcsin",
+    "arccos", "arctan", "asinh", "acosh", "atanh", "arcsinh", "arccosh", "arctanh", "sinc", "sign", "sgn", "abs",
+    "logsigmoid", "log_sigmoid", "tanhshrink", "softshrink", "hardshrink", "threshold", "logit",
+})
 
 # Lower-cased spellings used by torch modules, functionals, TorchScript/ONNX ops and HF configs.
 _ALIASES = {
@@ -22,16 +31,18 @@ _ALIASES = {
     "elu": "elu", "elu_": "elu", "celu": "celu", "selu": "selu", "hardswish": "hardswish", "hard_swish": "hardswish",
     "softplus": "softplus", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
     "hardtanh": "hardtanh", "hardtanh_": "hardtanh", "hardsigmoid": "hardsigmoid", "hard_sigmoid": "hardsigmoid",
-    "softsign": "softsign", "identity": "identity", "linear": "identity", "none": "identity", "unknown": "unknown",
+    "softsign": "softsign", "sin": "sin", "sin_": "sin", "cos": "cos", "cos_": "cos", "identity": "identity", "linear": "identity", "none": "identity", "unknown": "unknown",
 }
 
 
 @dataclass(frozen=True)
 class Activation:
-    """The non-linearity that follows a layer; `param` is the negative slope of leaky_relu/prelu."""
+    """The non-linearity that follows a layer; `param` is the negative slope of leaky_relu/prelu; `scale` a
+    constant its output is multiplied by (StyleGAN's leaky_relu(x, 0.2)·√2)."""
 
     name: str = "unknown"
     param: float | None = None
+    scale: float = 1.0
 
     @property
     def family(self) -> str:
@@ -39,6 +50,8 @@ class Activation:
             return "relu"
         if self.name in SATURATING:
             return "saturating"
+        if self.name in PERIODIC:
+            return "periodic"
         return self.name  # selu, identity, unknown
 
     @property
@@ -47,9 +60,17 @@ class Activation:
 
     @property
     def gain(self) -> float:
-        """The gain torch.nn.init uses for this activation (ReLU-like ones take ReLU's)."""
+        """The gain torch.nn.init uses for this activation (ReLU-like ones take ReLU's), over the constant its
+        output is multiplied by (leaky_relu(0.2)·√2 needs √2 less from its weights); sin and cos take SIREN's √2
+        (hidden weights U(±√(6/n)) once ω0 is folded in: std √(2/n))."""
+        return self._unscaled_gain / self.scale
+
+    @property
+    def _unscaled_gain(self) -> float:
         import torch.nn.init as init  # here, not at the top: parsing a flag or config must not import torch
 
+        if self.family == "periodic":
+            return math.sqrt(2)
         if self.name in ("leaky_relu", "prelu"):
             return init.calculate_gain("leaky_relu", 0.01 if self.param is None else self.param)
         if self.family == "relu":
@@ -68,7 +89,8 @@ class Activation:
         return "leaky_relu" if self.name in ("leaky_relu", "prelu") else "relu"
 
     def __str__(self) -> str:
-        return self.name if self.param is None else f"{self.name}({self.param:g})"
+        text = self.name if self.param is None else f"{self.name}({self.param:g})"
+        return text if self.scale == 1 else f"{text}·{self.scale:.4g}"
 
 
 IDENTITY = Activation("identity")
@@ -92,6 +114,12 @@ def canonical(name: str, loose: bool = False) -> str | None:
         return found
     flat = key.replace("_", "")
     return next((_ALIASES[part] for part in _NAME_PARTS if part in flat), None)
+
+
+def unmodelled(name: str) -> bool:
+    """A value-changing elementwise function ('erf', 'aten::exp', 'Tanhshrink') whose effect is not modelled."""
+    key = re.sub(r"^(aten::|torch\.|f\.|nn\.|special_)", "", name.strip().lower()).rstrip("_")
+    return key in UNMODELLED or key.replace("_", "") in UNMODELLED
 
 
 def parse(spec: str) -> Activation:

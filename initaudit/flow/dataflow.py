@@ -7,6 +7,7 @@ whether a normalization sits between the layer and it.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 
@@ -21,6 +22,25 @@ OUTPUT = "output"  # the graph's output
 ADD = "add"        # an elementwise sum: with two computed inputs, a residual join
 MUL = "mul"        # an elementwise product: with two computed inputs, where a gate scales a signal
 PASS = "pass"      # anything that carries the signal on (reshape, dropout, pooling, matmul...)
+SCALE = "scale"    # a product by a constant (not a learnable parameter): `factor` says which
+
+MUL_NAMES = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "imul", "Mul"})
+DIV_NAMES = frozenset({"div", "div_", "truediv", "__truediv__", "__itruediv__", "itruediv", "Div"})
+
+
+def scale_factor(op: str, constants: list[float | None]) -> float | None:
+    """The constant a product or quotient of one signal and one constant (x·c, c·x, x/c) multiplies the
+    signal's RMS by, given each operand's constant value (None: a computed tensor, or a learnable parameter);
+    None for anything else, and for a product by 0 (a switch, not a scale: ReZero's α, frozen in ONNX)."""
+    if len(constants) != 2 or (constants[0] is None) == (constants[1] is None):
+        return None
+    if op in MUL_NAMES:
+        c = constants[0] if constants[1] is None else constants[1]
+    elif op in DIV_NAMES and constants[1] is not None:
+        c = 1 / constants[1] if constants[1] else math.inf
+    else:
+        return None
+    return abs(c) if c and math.isfinite(c) else None
 
 
 @dataclass
@@ -29,6 +49,7 @@ class FlowNode:
     layer: str | None = None
     activation: Activation | None = None
     users: list[int] = field(default_factory=list)
+    factor: float = 1.0  # a SCALE node's constant
 
 
 @dataclass(frozen=True)
@@ -40,6 +61,7 @@ class Downstream:
     residual_after: bool = False
     gate_after: bool = False  # the activation (sigmoid, tanh...) is a gate: its output scales another signal
     residual_branch: bool = False  # the output joins a residual sum, through any layers, before a normalization
+    weight_scale: float = 1.0  # the constants the output is multiplied by before the activation (SIREN's ω0)
 
 
 class Flow:
@@ -49,9 +71,26 @@ class Flow:
         self.nodes: list[FlowNode] = []
         self.sees_activations = sees_activations  # False: functional activations between layers went unseen
 
-    def add(self, role: str, layer: str | None = None, activation: Activation | None = None) -> int:
-        self.nodes.append(FlowNode(role, layer, activation))
+    def add(self, role: str, layer: str | None = None, activation: Activation | None = None,
+            factor: float = 1.0) -> int:
+        self.nodes.append(FlowNode(role, layer, activation, factor=factor))
         return len(self.nodes) - 1
+
+    def fold_gains(self) -> "Flow":
+        """Fold each run of constant products right after an activation, where they are all its output goes
+        to (StyleGAN's leaky_relu(x, 0.2)·√2), into the activation's `scale`; those products then pass the
+        signal on (the activation carries them). Returns the flow."""
+        for act in self.nodes:
+            if act.role != ACT or act.activation is None:
+                continue
+            gain, node = 1.0, act
+            while len(node.users) == 1 and self.nodes[node.users[0]].role == SCALE:
+                node = self.nodes[node.users[0]]
+                gain *= node.factor
+                node.role = PASS
+            if gain != 1.0:
+                act.activation = replace(act.activation, scale=act.activation.scale * gain)
+        return self
 
     def link(self, src: int, dst: int) -> None:
         if dst not in self.nodes[src].users:
@@ -174,37 +213,48 @@ class Flow:
         return joins
 
     def _walk(self, start: int, unknown_between_layers: bool, producers: list[list[int]]) -> Downstream:
-        queue = deque((u, False, False) for u in self.nodes[start].users)
+        queue = deque((u, False, False, 1.0) for u in self.nodes[start].users)
         seen = {start}
         own: set[int] | None = None  # the products the layer's signal reaches with no layer, sum or softmax between
         while queue:
-            idx, normed, joined = queue.popleft()
+            idx, normed, joined, scale = queue.popleft()
             if idx in seen:
                 continue
             seen.add(idx)
             node = self.nodes[idx]
             if node.role == ACT:
                 gate = node.activation.family == "saturating" and self._gates(start, idx, producers)
-                return Downstream(node.activation, normed, joined, gate)
+                return Downstream(node.activation, normed, joined, gate, weight_scale=scale or 1.0)
             if node.role == LAYER:
                 if own is None:
-                    own = {i for i in self._reach(start, lambda n: n.role in (PASS, NORM, MUL))
+                    own = {i for i in self._reach(start, lambda n: n.role in (PASS, SCALE, NORM, MUL))
                            if self.nodes[i].role == MUL}
-                if own and self._reach(idx, lambda n: n.role in (PASS, ACT, LAYER)) & own:
+                if own and self._reach(idx, lambda n: n.role in (PASS, SCALE, ACT, LAYER)) & own:
                     continue  # a squeeze-excite gate computed from the signal, scaling it: the signal goes on
-                return Downstream(UNKNOWN if unknown_between_layers else IDENTITY, normed, joined)
-            if node.role in (STOP, OUTPUT):
-                return Downstream(IDENTITY, normed, joined)
+                return Downstream(UNKNOWN if unknown_between_layers else IDENTITY, normed, joined,
+                                  weight_scale=scale or 1.0)
+            if node.role in (STOP, OUTPUT):  # a constant before a softmax is a temperature, not the layer's
+                return Downstream(IDENTITY, normed, joined, weight_scale=scale or 1.0 if node.role == OUTPUT else 1.0)
             normed = normed or node.role == NORM
             joined = joined or (node.role == ADD and len(producers[idx]) >= 2)
-            queue.extend((u, normed, joined) for u in node.users)
+            queue.extend((u, normed, joined, self._scaled(scale, idx, producers)) for u in node.users)
         return Downstream(IDENTITY, False)
+
+    def _scaled(self, scale: float | None, idx: int, producers: list[list[int]]) -> float | None:
+        """The constant a layer's output has been multiplied by, once the walk passed node `idx`: a SCALE's
+        factor counts; past a normalization or a node mixing the signal with another computed one (q·kᵀ, a
+        residual sum, a concatenation) the constants are no longer the layer's own (None)."""
+        node = self.nodes[idx]
+        computed = [p for p in producers[idx] if producers[p]]
+        if scale is None or node.role == NORM or len(computed) >= 2:
+            return None
+        return scale * node.factor if node.role == SCALE else scale
 
     def _gates(self, layer: int, act: int, producers: list[list[int]]) -> bool:
         """The activation's output reaches, through pass-through nodes, a product with a tensor that the
         layer's output does not make without another layer."""
         own = self._reach(layer, lambda node: node.role != LAYER) | {layer}
-        for idx in self._reach(act, lambda node: node.role in (PASS, MUL)):
+        for idx in self._reach(act, lambda node: node.role in (PASS, SCALE, MUL)):
             if self.nodes[idx].role == MUL and any(p not in own for p in producers[idx]):
                 return True
         return False

@@ -14,11 +14,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from initaudit.flow.dataflow import LAYER, NORM, OUTPUT, PASS, Flow
+from initaudit.flow.dataflow import DIV_NAMES, LAYER, MUL_NAMES, NORM, OUTPUT, PASS, SCALE, Flow, scale_factor
 from initaudit.flow.layers import ModuleInfo
 from initaudit.flow.layer import WEIGHTED_KINDS
-from initaudit.flow.trace import LAYER_FUNCTIONS, function_role, left_as_found, module_role
-
+from initaudit.flow.trace import LAYER_FUNCTIONS, constant_value, function_role, left_as_found, module_role
 
 
 def _tensors(values: Any) -> list[torch.Tensor]:
@@ -33,19 +32,22 @@ class _Recorder(TorchFunctionMode):
         self.flow = Flow()
         self.params = params                 # id(parameter) -> its state_dict key
         self.made: dict[int, tuple[torch.Tensor, int]] = {}  # id(tensor) -> (tensor, producing node)
+        self.scaled: dict[int, tuple[torch.Tensor, str, float]] = {}  # id(w·c) -> (w·c, w's key, c)
         self.inside = 0                      # depth inside modules read as one node
 
-    def node(self, role: str, inputs: Any, outputs: Any, layer: str | None = None, act=None) -> None:
+    def node(self, role: str, inputs: Any, outputs: Any, layer: str | None = None, act=None,
+             factor: float = 1.0) -> int | None:
         outs = _tensors(outputs)
         if not outs:
-            return
-        idx = self.flow.add(role, layer, act)
+            return None
+        idx = self.flow.add(role, layer, act, factor)
         for t in _tensors(inputs):
             found = self.made.get(id(t))
             if found is not None and found[0] is t:
                 self.flow.link(found[1], idx)
         for t in outs:
             self.made[id(t)] = (t, idx)
+        return idx
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -53,13 +55,49 @@ class _Recorder(TorchFunctionMode):
         if self.inside:
             return out
         name = getattr(func, "__name__", "")
-        weight = next((t for t in _tensors((args, kwargs)) if id(t) in self.params), None)
+        weight = next((t for t in _tensors((args, kwargs)) if id(t) in self.params or self.weight(t)), None)
+        factor = self.scale(name, args, kwargs)
         if name in LAYER_FUNCTIONS and weight is not None and weight.dim() >= 2:
-            self.node(LAYER, (args, kwargs), out, self.params[id(weight)].rsplit(".", 1)[0])
+            self.layer(args, kwargs, out, weight)
+        elif factor is not None and isinstance(out, torch.Tensor) and self.weight(factor[1]):
+            key, before = self.weight(factor[1])
+            self.scaled[id(out)] = (out, key, before * factor[0])
+        elif factor is not None:
+            self.node(SCALE, (args, kwargs), out, factor=factor[0])
         else:
             role, act = function_role(name, args, kwargs)
             self.node(role, (args, kwargs), out, act=act)
         return out
+
+    def weight(self, t: Any) -> tuple[str, float] | None:
+        """(the parameter's key, the constant it was multiplied by) of a parameter, or of one times a constant."""
+        if not isinstance(t, torch.Tensor):
+            return None
+        if id(t) in self.params:
+            return self.params[id(t)], 1.0
+        found = self.scaled.get(id(t))
+        return (found[1], found[2]) if found is not None and found[0] is t else None
+
+    def computed(self, t: Any) -> bool:
+        """The tensor was made by a node of the flow."""
+        found = self.made.get(id(t)) if isinstance(t, torch.Tensor) else None
+        return found is not None and found[0] is t
+
+    def layer(self, args: tuple, kwargs: dict, out: Any, weight: torch.Tensor) -> None:
+        """A layer function's node, and after it the constant its weight was multiplied by (if any)."""
+        key, factor = self.weight(weight)
+        self.node(LAYER, (args, kwargs), out, key.rsplit(".", 1)[0])
+        if factor != 1.0:
+            self.node(SCALE, out, out, factor=factor)  # fed by the layer's node, which made `out`
+
+    def scale(self, name: str, args: tuple, kwargs: dict) -> tuple[float, Any] | None:
+        """(the constant, the other operand) of a product or quotient of one tensor and one constant (a number
+        or a one-element tensor no node made and no parameter is), else None."""
+        if name not in MUL_NAMES | DIV_NAMES or len(args) != 2 or kwargs:
+            return None
+        constants = [None if self.weight(a) or self.computed(a) else constant_value(a) for a in args]
+        factor = scale_factor(name, constants)
+        return None if factor is None else (factor, args[0] if constants[0] is None else args[1])
 
 
 def dynamic_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo], inputs: tuple[tuple, dict]) -> Flow | None:
@@ -89,7 +127,7 @@ def dynamic_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo], inputs: tu
     finally:
         for h in handles:
             h.remove()
-    return recorder.flow
+    return recorder.flow.fold_gains()
 
 
 def _enter(recorder: _Recorder):

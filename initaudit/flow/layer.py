@@ -26,6 +26,8 @@ class Param:
     unit_axis: int = 0       # the axis that indexes output units/filters
     hidden: int | None = None  # recurrent hidden size (torch's RNN default is uniform ±1/sqrt(hidden))
     shared_with: str | None = None  # another key holding the very same tensor (tied weights)
+    parametrization: str | None = None  # weight_norm | spectral_norm: the weight is computed from stored tensors
+    parts: tuple[str, ...] = ()  # the stored tensors a parametrized weight is computed from (its key is not stored)
     flow_fans: tuple[int, int] | None = None  # (forward, backward) fans the signal sees, where not torch's (a transposed conv)
 
     @property
@@ -54,6 +56,8 @@ class Layer:
     is_output: bool = False
     order_known: bool = True  # False where a bare file's names and shapes leave the layer's place ambiguous
     norm_folded: bool = False  # an exporter folded a BatchNorm into the weights (its scale, zero-init too, is in them)
+    folded_norm: str | None = None  # that BatchNorm's module path, where the exporter recorded it
+    weight_scale: float = 1.0  # the constant the forward pass multiplies the weight (or the pre-activation) by
 
     @property
     def weighted(self) -> bool:

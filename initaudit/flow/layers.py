@@ -23,6 +23,7 @@ def embedding_name(name: str) -> bool:
     return bool(_EMBEDDING_NAME.search(name))
 
 
+_NORM_NAME = re.compile(r"(^|[._])\w*(norm|ln)(_?\d+|_f)?$", re.I)  # ln_f, norm1, input_layernorm, post_ln
 _RECURRENT_KEY = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
 _BUFFER_KEYS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 
@@ -54,6 +55,93 @@ def kind_of_class(class_names: list[str]) -> str | None:
         if re.search(r"Norm(\dd)?$", name) or "BatchNorm" in name or "GroupNorm" in name:
             return "norm"
     return None
+
+
+# ---------------------------------------------------------------- parametrized weights
+
+WEIGHT_NORM, SPECTRAL_NORM = "weight_norm", "spectral_norm"
+# How torch stores a parametrized weight `{o}{n}` (o: its module's prefix, n: its name): the method, the stored
+# tensors it is computed from, and the method's own state (not weights). torch.nn.utils.weight_norm and
+# spectral_norm first, then their torch.nn.utils.parametrizations versions.
+_LAYOUTS = (
+    (WEIGHT_NORM, ("{o}{n}_g", "{o}{n}_v"), ()),
+    (SPECTRAL_NORM, ("{o}{n}_orig",), ("{o}{n}_u", "{o}{n}_v")),
+    (WEIGHT_NORM, ("{o}parametrizations.{n}.original0", "{o}parametrizations.{n}.original1"), ()),
+    (SPECTRAL_NORM, ("{o}parametrizations.{n}.original",), ("{o}parametrizations.{n}.0._u", "{o}parametrizations.{n}.0._v")),
+)
+# Why a tensor of a layer is not audited, by its name's last part.
+BUFFER_REASONS = {"running_mean": "normalization running statistics, not weights",
+                  "running_var": "normalization running statistics, not weights",
+                  "num_batches_tracked": "a batch counter, not weights"}
+POWER_ITERATION_REASON = "spectral norm's power-iteration state, not weights"
+
+
+@dataclass
+class Parametrized:
+    """A weight its module computes from stored tensors (`parts`) by `method`; `state`: the method's own tensors."""
+
+    key: str
+    method: str
+    parts: tuple[str, ...]
+    state: tuple[str, ...]
+
+
+def _layout_pattern(template: str) -> re.Pattern:
+    o, n = re.escape("{o}"), re.escape("{n}")
+    return re.compile("^" + re.escape(template).replace(o, r"(?P<o>(?:.*\.)?)").replace(n, r"(?P<n>[^.]+)") + "$")
+
+
+_LAYOUT_PATTERNS = [(_layout_pattern(parts[0]), method, parts, state) for method, parts, state in _LAYOUTS]
+
+
+def parametrized_weights(keys) -> list[Parametrized]:
+    """The parametrized weights among these tensor names (weight norm's g and v, spectral norm's original)."""
+    keys = set(keys)
+    found = []
+    for key in sorted(keys):
+        for pattern, method, parts, state in _LAYOUT_PATTERNS:
+            match = pattern.match(key)
+            names = [t.format(**match.groupdict()) for t in parts + state] if match else []
+            if names and all(name in keys for name in names):
+                found.append(Parametrized(f"{match['o']}{match['n']}", method, tuple(names[:len(parts)]),
+                                          tuple(names[len(parts):])))
+                break
+    return found
+
+
+def unparametrize(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, tuple[int, ...]], list[Parametrized]]:
+    """`shapes` with each parametrized weight under the name its module reads (in place of its first stored
+    part, with the last part's shape: weight norm's v, spectral norm's original) and its stored tensors gone."""
+    found = parametrized_weights(shapes)
+    first = {p.parts[0]: p for p in found}
+    gone = {key for p in found for key in p.parts + p.state}
+    out = {}
+    for key, shape in shapes.items():
+        if key in first:
+            out[first[key].key] = tuple(shapes[first[key].parts[-1]])
+        elif key not in gone:
+            out[key] = shape
+    return out, found
+
+
+def attach_parametrizations(layers: list[Layer], found: list[Parametrized], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Name each parametrized weight's method and stored parts on its Param; its state joins the layer as buffers."""
+    by_key = {p.key: p for p in found}
+    for layer in layers:
+        for param in list(layer.params):
+            p = by_key.get(param.key)
+            if p is not None:
+                param.parametrization, param.parts = p.method, p.parts
+                layer.params += [Param(key, "buffer", tuple(shapes[key]), parametrization=p.method) for key in p.state]
+
+
+def not_audited_reason(param: Param) -> str | None:
+    """Why a layer's tensor is not audited (buffers: running statistics, counters, power-iteration vectors)."""
+    if param.role != "buffer":
+        return None
+    if param.parametrization == SPECTRAL_NORM:
+        return POWER_ITERATION_REASON
+    return BUFFER_REASONS.get(split_key(param.key)[1], "a buffer, not weights")
 
 
 # ---------------------------------------------------------------- fans
@@ -97,6 +185,8 @@ class ModuleInfo:
     norm_folded: bool = False  # an exporter folded a BatchNorm into this layer's weights (ONNX), not on a shortcut
     strides: tuple[int, ...] = ()  # a (transposed) conv's strides, where the module or graph says them
     groups: int = 1
+    folded_norm: str | None = None  # that BatchNorm's module path, where the exporter recorded it
+    tied_to: str | None = None  # the file key holding this layer's weight, tied to another layer's (saved once)
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -115,8 +205,8 @@ def _kind_from_tensors(name: str, suffixes: dict[str, tuple[int, ...]]) -> str:
     weight = suffixes.get("weight")
     if weight is None:
         return "parameter"
-    if len(weight) == 1:
-        return "norm"
+    if len(weight) == 1 or suffixes.get("bias") == weight or _NORM_NAME.search(name):
+        return "norm"  # a norm over several dims (LayerNorm([1, 264])) holds a bias of its weight's own shape
     if len(weight) == 2:  # an embedding's name, unless it has a bias (MobileBERT's embedding_transformation)
         return "embedding" if embedding_name(name) and "bias" not in suffixes else "linear"
     if len(weight) in (3, 4, 5):
@@ -157,10 +247,14 @@ def _params_of(kind: str, prefix: str, suffixes: dict[str, tuple[int, ...]], tra
 def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleInfo] | None = None) -> list[Layer]:
     """Group tensors into layers by name prefix, in file order; kinds from `modules` where known, else
     from names and shapes (`_kind_from_tensors`, `_bare_layouts`)."""
+    stored = shapes  # the file's own names; grouped are parametrized weights under the name their module reads
+    shapes, found = unparametrize(stored)
     groups: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, shape in shapes.items():
         prefix, suffix = split_key(key)
         groups.setdefault(prefix, {})[suffix] = tuple(shape)
+    tied = {name: info for name, info in (modules or {}).items()
+            if info.tied_to in shapes and name not in groups and info.kind in WEIGHTED_KINDS}
     bare = {prefix: _kind_from_tensors(prefix, suffixes) for prefix, suffixes in groups.items()
             if prefix not in (modules or {})}
     flipped = _bare_layouts(bare, groups)
@@ -172,8 +266,18 @@ def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleIn
         if kind.startswith("conv") and prefix in flipped:
             kind = kind.replace("conv", "conv_transpose")
         layers.append(Layer(prefix, kind, _params_of(kind, prefix, suffixes, transposed, info),
-                            module_type=info.module_type if info else None, norm_folded=bool(info and info.norm_folded)))
-    return layers
+                            module_type=info.module_type if info else None, norm_folded=bool(info and info.norm_folded),
+                            folded_norm=info.folded_norm if info else None))
+    attach_parametrizations(layers, found, stored)
+    return layers + [_tied_layer(name, info, shapes[info.tied_to]) for name, info in tied.items()]
+
+
+def _tied_layer(name: str, info: ModuleInfo, shape: tuple[int, ...]) -> Layer:
+    """A layer whose weight the file holds under the name of the layer it is tied to (a head tied to its token
+    table): judged as itself, at its own fans, reading that tensor."""
+    fan_in, fan_out, axis = fans(info.kind, shape, info.transposed)
+    return Layer(name, info.kind, [Param(info.tied_to, "weight", tuple(shape), fan_in, fan_out, axis)],
+                 module_type=info.module_type)
 
 
 def _bare_layouts(kinds: dict[str, str], groups: dict[str, dict[str, tuple[int, ...]]]) -> set[str]:
@@ -271,6 +375,7 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
         if found is not None:
             layer.activation, layer.norm_after, layer.residual_after = found.activation, found.norm_after, found.residual_after
             layer.gate_after, layer.residual_branch = found.gate_after, found.residual_branch
+            layer.weight_scale = found.weight_scale
         if layer.kind == "recurrent":
             layer.activation = Activation("tanh")  # gates are sigmoid/tanh inside the cell
         layer.is_output = (layer.name in outputs if outputs is not None else

@@ -27,7 +27,7 @@ import re
 import threading
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -37,6 +37,7 @@ from initaudit.flow.dynamic_trace import dynamic_flow, example_inputs
 from initaudit.common.errors import InputError, first_line
 from initaudit.flow.dataflow import Flow
 from initaudit.flow.layers import ModuleInfo, split_key
+from initaudit.flow.ties import module_ties
 
 # Settings that choose how a model runs, not what it is: an attention or experts implementation can name a kernel
 # that transformers loads from the Hub (its `kernels` integration); the others switch kernels on, name code to
@@ -85,6 +86,7 @@ class Context:
     unmatched: int                   # the file's tensors the built model does not hold
     left_out: list[str] = field(default_factory=list)  # model_args the build did not use
     init: dict[str, str] = field(default_factory=dict)  # file key -> the recipe the family's own init declares
+    ties: list[tuple[str, str]] = field(default_factory=list)  # the file's tensor names the architecture ties
 
 
 def from_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> Context:
@@ -109,10 +111,16 @@ def from_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> Context:
         names = layers.setdefault(split_key(own_key)[0], [])
         if split_key(file_key)[0] not in names:
             names.append(split_key(file_key)[0])
+    for layer, held in tied_layers(module, keys).items():  # a head the file holds as the table it is tied to
+        if layer in infos:
+            layers.setdefault(layer, [layer])
+            infos[layer] = replace(infos[layer], tied_to=held)
     modules = {name: infos[own] for own, names in layers.items() if own in infos for name in names}
     left_out = timm_model_args(config.get("model_args"))[1] if _is_timm(config) else []
     init = {file_key: declared[own] for file_key, own in keys.items() if own in declared}
-    return Context(_renamed(flow, layers), modules, type(module).__name__, len(shapes) - len(keys), left_out, init)
+    file_key = {own: name for name, own in keys.items()}
+    ties = [(file_key[a], file_key[b]) for a, b in module_ties(module) if a in file_key and b in file_key]
+    return Context(_renamed(flow, layers), modules, type(module).__name__, len(shapes) - len(keys), left_out, init, ties)
 
 
 def family_init(module: torch.nn.Module) -> dict[str, str]:
@@ -131,6 +139,20 @@ def family_init(module: torch.nn.Module) -> dict[str, str]:
             return {}
         declared = declared_init(replica)
         return {key: declared[own] for key, own in key_map(replica, shapes).items() if own in declared}
+
+
+def tied_layers(module: torch.nn.Module, keys: dict[str, str]) -> dict[str, str]:
+    """Layers of `module` whose weight the file holds only under another name, the tensor being tied (transformers
+    saves a head tied to its token table once): layer -> the file key that holds its weight."""
+    file_of = {own: file for file, own in keys.items()}
+    users: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        users.setdefault(id(param), []).append(name)
+    tied = {}
+    for names in users.values():
+        held = next((file_of[n] for n in names if n in file_of), None)
+        tied.update({split_key(n)[0]: held for n in names if held and n not in file_of and n.endswith(".weight")})
+    return tied
 
 
 def _renamed(flow: Flow, layers: dict[str, list[str]]) -> Flow:

@@ -22,10 +22,10 @@ import numpy as np
 import onnx
 
 from initaudit.flow.activations import UNKNOWN, Activation
-from initaudit.flow.dataflow import ACT, LAYER, NORM, OUTPUT, PASS, Flow
+from initaudit.flow.dataflow import ACT, LAYER, NORM, OUTPUT, PASS, SCALE, Flow
 from initaudit.flow.onnx_ops import (SHAPE_ONLY, SUBGRAPH_OPS, FoundLayers, OnnxLayers, SubgraphContract, View,
-                                     find_layers, flow_role)
-from initaudit.flow.onnx_scopes import EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, scopes, walk
+                                     constant_factor, find_layers, flow_role)
+from initaudit.flow.onnx_scopes import EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, ModuleNames, scopes, walk
 
 _ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Softplus", "Sqrt", "Identity", "Cast", "Constant"}
 # Cores of the activations exporters decompose, closed by a Mul with the activation's input x.
@@ -40,13 +40,18 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
     """
     root = GraphIndex(scopes(graph), sources)
     shown = {key: name for scope in walk(root.scope) for key, _, name in scope.tensors()}
-    found = find_layers(root, shown)
+    found = find_layers(root, shown, ModuleNames([*shown.values(), *_alias_names(root)]))
     out = found.out
     _add_free_parameters(out, shown, sources)
     out.flow = _FlowBuilder(found, value).model(root)
     if found.folded:
         _note_folded(out, len(found.folded))
     return out
+
+
+def _alias_names(g: GraphIndex) -> list[str]:
+    """The parameter names aliasing nodes give initializers, in `g` and its subgraphs."""
+    return [*g.alias, *(name for subs in g.children.values() for sub in subs for name in _alias_names(sub))]
 
 
 def _add_free_parameters(out: OnnxLayers, shown: dict[str, str], sources: dict[str, onnx.TensorProto]) -> None:
@@ -93,7 +98,7 @@ class _FlowBuilder:
         for o in root.scope.graph.output:
             if o.name in made:
                 self.flow.link(made[o.name], out)
-        return self.flow
+        return self.flow.fold_gains()
 
     def graph(self, g: GraphIndex, made: ChainMap) -> None:
         """Add the nodes of `g`; `made` maps tensor names (of `g` and the graphs around it) to flow nodes."""
@@ -112,7 +117,8 @@ class _FlowBuilder:
             idx = self.flow.add(ACT, activation=pattern)
         else:
             role, act = flow_role(g, node, self.value)
-            idx = self.flow.add(role, activation=act)
+            factor = constant_factor(g, node, self.value) if role == SCALE else 1.0
+            idx = self.flow.add(role, activation=act, factor=factor)
         for name in node.input if node.op_type not in SHAPE_ONLY else ():
             if name in made:
                 self.flow.link(made[name], idx)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,9 +17,9 @@ import numpy as np
 import onnx
 
 from initaudit.flow.activations import Activation
-from initaudit.flow.dataflow import ACT, ADD, MUL, NORM, PASS, STOP, Flow
+from initaudit.flow.dataflow import ACT, ADD, MUL, NORM, PASS, SCALE, STOP, Flow, scale_factor
 from initaudit.flow.layers import ModuleInfo, embedding_name, split_key
-from initaudit.flow.onnx_scopes import GraphIndex, attribute, scope_of
+from initaudit.flow.onnx_scopes import GraphIndex, ModuleNames, attribute, fused_norm
 
 SHAPE_ONLY = frozenset({"Shape", "Size"})  # read a tensor's shape, not its values: no signal flows through
 _NORM_OPS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
@@ -52,25 +53,37 @@ class FoundLayers:
 
     root: GraphIndex
     shown: dict[str, str]                                             # tensor key -> the name a user sees
+    names: ModuleNames
     out: OnnxLayers = field(default_factory=OnnxLayers)
     layer_of: dict[tuple[GraphIndex, int], str] = field(default_factory=dict)
     folded: set[tuple[GraphIndex, int]] = field(default_factory=set)  # Conv nodes with a BatchNorm folded in
     taken: dict[str, str] = field(default_factory=dict)               # layer name -> the weight that claimed it
+    lookups: dict[str, bool] = field(default_factory=dict)            # layer name -> claimed by a Gather
     recurrent_count: dict[str, int] = field(default_factory=dict)     # layer name -> its recurrent nodes so far
 
-    def claim(self, node: onnx.NodeProto, weight: str) -> str:
-        """A layer name for the node whose weight this is, made unique (`name#2`) against other weights."""
-        name = _layer_name(node, self.shown[weight])
+    def seen(self, g: GraphIndex, read: str) -> str:
+        """The name a user knows the tensor a node reads as `read` by: the parameter an alias stands for, else
+        the initializer's own."""
+        return g.alias_name(read) or self.shown[g.source(read)]
+
+    def claim(self, g: GraphIndex, node: onnx.NodeProto, read: str) -> str:
+        """A layer name for the node whose weight it reads as `read`, made unique (`name#2`) against other weights."""
+        weight, lookup = g.source(read), node.op_type == "Gather"
+        name = self.names.layer(node, self.seen(g, read))
+        if self.lookups.get(name, lookup) != lookup:  # a table tied to a head: each layer under its own module
+            name = self.names.scope(node) or name
         base, n = name, 1
-        while self.taken.get(name, weight) != weight:
+        while self.taken.get(name, weight) != weight or self.lookups.get(name, lookup) != lookup:
             n += 1
             name = f"{base}#{n}"
-        self.taken[name] = weight
+        self.taken[name], self.lookups[name] = weight, lookup
         return name
 
-    def add_layer(self, g: GraphIndex, i: int, node: onnx.NodeProto, weight: str, module: ModuleInfo) -> str:
-        """Node i of g becomes the layer `module` whose weight is `weight`; returns the layer's name."""
-        name = self.claim(node, weight)
+    def add_layer(self, g: GraphIndex, i: int, node: onnx.NodeProto, weight: str, module: ModuleInfo,
+                  read: str | None = None) -> str:
+        """Node i of g becomes the layer `module` whose weight is `weight`, read as `read` (default: the node's
+        second input); returns the layer's name."""
+        name = self.claim(g, node, read or node.input[1])
         self.layer_of[g, i] = name
         if g is self.root:
             self.out.outputs.setdefault(name, node.output[0])
@@ -87,9 +100,9 @@ class FoundLayers:
 LayerHandler = Callable[[FoundLayers, GraphIndex, int, onnx.NodeProto], None]
 
 
-def find_layers(root: GraphIndex, shown: dict[str, str]) -> FoundLayers:
+def find_layers(root: GraphIndex, shown: dict[str, str], names: ModuleNames) -> FoundLayers:
     """The layers of a graph and its subgraphs, each node handled by its op's entry in `LAYER_OPS`."""
-    found = FoundLayers(root, shown)
+    found = FoundLayers(root, shown, names)
 
     def visit(g: GraphIndex) -> None:
         for i, node in enumerate(g.nodes):
@@ -101,12 +114,6 @@ def find_layers(root: GraphIndex, shown: dict[str, str]) -> FoundLayers:
 
     visit(root)
     return found
-
-
-def _layer_name(node: onnx.NodeProto, weight: str) -> str:
-    if not weight.startswith("onnx::") and "." in weight:
-        return split_key(weight)[0]
-    return scope_of(node) or node.name or weight
 
 
 def _weight_input(g: GraphIndex, node: onnx.NodeProto) -> str | None:
@@ -133,14 +140,25 @@ def _added_bias(g: GraphIndex, node: onnx.NodeProto, width: int) -> str | None:
 
 def _linear_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
     """Gemm or MatMul by a 2-d weight: a linear layer (MatMul's weight, and Gemm's without transB, is [in, out])."""
-    weight = _weight_input(g, node)
+    read, flipped = _untransposed(g, node.input[1]) if len(node.input) > 1 else (None, False)
+    weight = g.float_source(read) if read else None
     if weight is None or len(g.dims(weight)) != 2:
         return
     matmul = node.op_type == "MatMul"
-    transposed = matmul or not attribute(node, "transB", 0)
-    name = found.add_layer(g, i, node, weight, ModuleInfo("linear", node.op_type, transposed))
+    transposed = (matmul or not attribute(node, "transB", 0)) != flipped
+    name = found.add_layer(g, i, node, weight, ModuleInfo("linear", node.op_type, transposed), read)
     width = g.dims(weight)[1 if transposed else 0]
     found.add_view(f"{name}.bias", _added_bias(g, node, width) if matmul else _bias_input(g, node))
+
+
+def _untransposed(g: GraphIndex, name: str) -> tuple[str, bool]:
+    """The tensor a 2-d `Transpose` of an initializer reads (a head tied to a token table: MatMul by its
+    transpose), and whether one was undone; else `name` itself."""
+    p = g.producer.get(name)
+    node = g.nodes[p] if p is not None else None
+    if node is None or node.op_type != "Transpose" or g.float_source(node.input[0], rank=2) is None:
+        return name, False
+    return (node.input[0], True) if list(attribute(node, "perm", [1, 0])) == [1, 0] else (name, False)
 
 
 def _conv_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
@@ -152,7 +170,8 @@ def _conv_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto)
     plain = node.op_type == "Conv"
     folded = plain and _bn_folded(node, weight)
     kind = f"conv{spatial}d" if plain else f"conv_transpose{spatial}d"
-    name = found.add_layer(g, i, node, weight, ModuleInfo(kind, node.op_type, False, norm_folded=folded,
+    norm = found.names.folded_norm(node) if folded else None
+    name = found.add_layer(g, i, node, weight, ModuleInfo(kind, node.op_type, False, norm_folded=folded, folded_norm=norm,
                                                           strides=tuple(attribute(node, "strides", ())),
                                                           groups=int(attribute(node, "group", 1))))
     found.add_view(f"{name}.bias", _bias_input(g, node))
@@ -162,8 +181,7 @@ def _conv_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto)
 
 def _bn_folded(node: onnx.NodeProto, weight: str) -> bool:
     """The exporter fused a BatchNorm into this Conv (legacy exporter: renamed weight; dynamo: says so)."""
-    rewrites = next((p.value for p in node.metadata_props if p.key == "pkg.onnxscript.rewriter.rule_name"), "")
-    return "BatchNorm" in rewrites or weight.startswith("onnx::Conv")
+    return fused_norm(node) or weight.startswith("onnx::Conv")
 
 
 def _recurrent_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
@@ -173,7 +191,7 @@ def _recurrent_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeP
     r = g.float_source(node.input[2], rank=3) if len(node.input) > 2 else None
     if w is None:
         return
-    name = _layer_name(node, found.shown[w])  # stacked layers share one scope: lstm.weight_ih_l0, _l1...
+    name = found.names.layer(node, found.seen(g, node.input[1]))  # stacked layers share one scope: lstm.weight_ih_l0, _l1...
     found.layer_of[g, i] = name
     k = found.recurrent_count.get(name, 0)
     found.recurrent_count[name] = k + 1
@@ -196,13 +214,13 @@ def _gather_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProt
     table = g.float_source(node.input[0], rank=2)
     if table is None:
         return
-    name = found.claim(node, table)
+    name = found.claim(g, node, node.input[0])
     # indices fixed in the file (relative-position bias tables, LeViT's attention biases) read the table at set
     # places: a free parameter, as in PyTorch, not a lookup of the model's input; a table named as an embedding
     # (BERT's position_embeddings at its position_ids) stays one
     fixed = len(node.input) > 1 and g.source(node.input[1]) is not None and not embedding_name(name)
     found.out.modules[name] = ModuleInfo("parameter" if fixed else "embedding", node.op_type)
-    own = found.shown[table]
+    own = found.seen(g, node.input[0])
     found.add_view(own if fixed and split_key(own)[0] == name else f"{name}.weight", table)
 
 
@@ -222,7 +240,7 @@ def _parameter_layer(found: FoundLayers, g: GraphIndex, node: onnx.NodeProto, ki
     params = [g.float_source(n) for n in node.input[1:]]
     if not params or params[0] is None:
         return
-    name = found.claim(node, params[0])
+    name = found.claim(g, node, node.input[1])
     found.out.modules[name] = ModuleInfo(kind, node.op_type)
     for role, src in zip(roles, params):
         found.add_view(f"{name}.{role}", src)
@@ -243,7 +261,7 @@ RoleHandler = Callable[[GraphIndex, onnx.NodeProto, Callable[[str], np.ndarray]]
 _ACT_OPS = {"Relu": "relu", "Elu": "elu", "Celu": "celu", "Selu": "selu", "Sigmoid": "sigmoid",
             "HardSigmoid": "hardsigmoid", "HardSwish": "hardswish", "Tanh": "tanh", "Gelu": "gelu", "FastGelu": "gelu",
             "BiasGelu": "gelu", "QuickGelu": "gelu", "Softplus": "softplus", "Softsign": "softsign", "Mish": "mish",
-            "ThresholdedRelu": "relu", "Erf": "gelu"}
+            "ThresholdedRelu": "relu", "Erf": "unknown", "Sin": "sin", "Cos": "cos"}  # Erf outside GELU: unmodelled
 
 
 def flow_role(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> Role:
@@ -296,12 +314,32 @@ def _clip(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray
     return PASS, None
 
 
+def constant_factor(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> float | None:
+    """The constant a Mul or Div of one computed tensor by a one-element initializer or Constant multiplies it by
+    (the exporter's `x * 30`, `leaky_relu(x) * √2`); None for anything else."""
+    if len(node.input) != 2:
+        return None
+    sources = [g.float_source(name) for name in node.input]
+    constants = [float(np.asarray(value(src)).reshape(-1)[0]) if src and math.prod(g.dims(src)) == 1 else None
+                 for src in sources]
+    if any(src is not None and c is None for src, c in zip(sources, constants)):
+        return None  # a product by a tensor held in the file (LayerScale's γ): no constant scale
+    return scale_factor(node.op_type, constants)
+
+
+def _product(role: str) -> RoleHandler:
+    """Mul or Div: a constant scale where one operand is a one-element constant, else `role`."""
+    def handler(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> Role:
+        return (SCALE, None) if constant_factor(g, node, value) is not None else (role, None)
+    return handler
+
+
 FLOW_ROLES: dict[str, RoleHandler] = {
     **{op: _activation(name) for op, name in _ACT_OPS.items()},
     "LeakyRelu": _leaky_relu, "PRelu": _prelu, "Clip": _clip,
     **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), _plain(STOP)),
     **dict.fromkeys(_NORM_OPS, _plain(NORM)),
-    "Add": _plain(ADD), "Sum": _plain(ADD), "Mul": _plain(MUL),
+    "Add": _plain(ADD), "Sum": _plain(ADD), "Mul": _product(MUL), "Div": _product(PASS),
 }
 
 

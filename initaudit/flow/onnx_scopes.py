@@ -1,7 +1,9 @@
 """ONNX graphs and their subgraphs: the scope tree, model-wide tensor keys, and who makes and reads each tensor.
 
 Subgraphs (`If` branches, `Loop` and `Scan` bodies, any graph attribute) are scopes of their own: names
-they take from enclosing graphs resolve there, and an `Identity` of a weight is that weight.
+they take from enclosing graphs resolve there, and an `Identity` (or `Cast`) of a weight is that weight: the
+torch exporter keeps one of several identical initializers and makes the others `Identity` nodes named as the
+parameters they stand for, so each layer keeps its own name (`ModuleNames`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import ast
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import onnx
 
@@ -17,6 +19,8 @@ FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.
                          onnx.TensorProto.BFLOAT16})
 # Names exporters give the constants they make (initial states, shapes, folded values), not parameters.
 EXPORTER_CONSTANT = re.compile(r"^(onnx::|/)|^val_\d+$")
+# Ops whose output is their input's values in the input's layout: an initializer read through one is that initializer.
+ALIASING_OPS = frozenset({"Identity", "Cast"})
 # Node names exporters make up: the legacy exporter's scope paths, the dynamo exporter's node_<op>.
 _EXPORTER_NODE = re.compile(r"^(/|node_)")
 
@@ -108,7 +112,7 @@ class GraphIndex:
         self.consumers: dict[str, list[int]] = {}
         self.defined = {i.name for i in scope.graph.input}
         for i, node in enumerate(self.nodes):
-            if node.op_type == "Identity" and self.source(node.input[0]) is not None:
+            if node.op_type in ALIASING_OPS and self.source(node.input[0]) is not None:
                 self.alias[node.output[0]] = self.source(node.input[0])
             for name in node.output:
                 self.producer[name] = i
@@ -126,6 +130,11 @@ class GraphIndex:
         if name in self.producer or name in self.defined or self.parent is None:
             return None  # a value computed here (or a graph input) shadows the outer scopes
         return self.parent.source(name)
+
+    def alias_name(self, name: str) -> str | None:
+        """The parameter name an aliasing node gave an initializer (`layer2.weight` for an `Identity` of
+        `layer1.weight`), None where the name is the initializer's own or one the exporter made up."""
+        return name if name in self.alias and not EXPORTER_CONSTANT.match(name) else None
 
     def float_source(self, name: str, rank: int | None = None) -> str | None:
         src = self.source(name) if name else None
@@ -145,8 +154,13 @@ def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     return default
 
 
-def scope_of(node: onnx.NodeProto) -> str | None:
-    """The module path the exporter recorded for a node, if any."""
+WHOLE, FUSED, LEGACY = "whole", "fused", "legacy"
+
+
+def scope_of(node: onnx.NodeProto) -> tuple[str | None, str]:
+    """The module path the exporter recorded for a node, if any, and what it is: the whole path (WHOLE, the
+    dynamo exporter's), the path of a BatchNorm that exporter fused into the node (FUSED), or the legacy
+    exporter's (LEGACY), which leaves out modules whose `forward` was not called."""
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
             try:
@@ -154,7 +168,7 @@ def scope_of(node: onnx.NodeProto) -> str | None:
             except (ValueError, SyntaxError):
                 break
             if len(scopes) >= 3 and scopes[-2]:
-                return str(scopes[-2])
+                return str(scopes[-2]), FUSED if fused_norm(node) else WHOLE
     # The legacy exporter: "/layer3/layer3.0/conv1/Conv", "/features/features.1/conv/conv.0/Conv": a part is
     # a name within the parent, a container's child named after the container ("conv.0" under "conv").
     parts = node.name.strip("/").split("/")[:-1] if node.name.startswith("/") else []
@@ -163,4 +177,77 @@ def scope_of(node: onnx.NodeProto) -> str | None:
         segments = path.split(".") if path else []
         shared = next((k for k in range(len(segments)) if part.startswith(".".join(segments[k:]) + ".")), None)
         path = ".".join([*segments[:shared], part]) if shared is not None else f"{path}.{part}" if path else part
-    return path or None
+    return path or None, LEGACY
+
+
+def fused_norm(node: onnx.NodeProto) -> bool:
+    """The dynamo exporter's rewriter fused a BatchNorm into this node."""
+    rules = next((p.value for p in node.metadata_props if p.key == "pkg.onnxscript.rewriter.rule_name"), "")
+    return "BatchNorm" in rules
+
+
+class ModuleNames:
+    """Layer names as PyTorch names the modules, from the parameter names a graph holds and its nodes' scopes.
+
+    A weight's own name wins (`layer1.0.conv1.weight` → `layer1.0.conv1`), unless the dynamo exporter's scope,
+    a whole module path, says another module reads it: that exporter shares identical initializers without
+    `Identity` nodes (every LayerNorm reading `h.0.ln_1.weight`), and names a tied table after its last user.
+    A weight the exporter named (a folded `onnx::Conv_12`) takes its node's scope; the legacy exporter's scope
+    leaves out modules whose `forward` was not called (`h.0.attn` for `transformer.h.0.attn`), put back where
+    the graph's parameter names hold one module path that ends so.
+    """
+
+    def __init__(self, parameter_names: Iterable[str]):
+        self.known: set[str] = set()
+        self.fused_first: dict[str, str] = {}  # weight -> the norm scope of the first fused node reading it
+        for name in parameter_names:
+            if not EXPORTER_CONSTANT.match(name):
+                parts = name.split(".")[:-1]
+                self.known.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+
+    def layer(self, node: onnx.NodeProto, weight: str) -> str:
+        """The name of the layer `node` computes, `weight` being the name its weight is read by."""
+        scope, recorded = scope_of(node)
+        own = weight.rsplit(".", 1)[0] if "." in weight and not EXPORTER_CONSTANT.match(weight) else None
+        if own is not None and recorded == FUSED:
+            return self.moved(own, weight, scope)
+        if own is not None and (recorded != WHOLE or own == scope or own.startswith(f"{scope}.")):
+            return own
+        if scope is not None:
+            return scope if recorded == WHOLE else self.completed(scope)
+        return own or node.name or weight
+
+    def scope(self, node: onnx.NodeProto) -> str | None:
+        """The module path of the node's own scope (the legacy exporter's completed), if it has one."""
+        scope, recorded = scope_of(node)
+        return scope if scope is None or recorded != LEGACY else self.completed(scope)
+
+    @staticmethod
+    def folded_norm(node: onnx.NodeProto) -> str | None:
+        """The module path of the BatchNorm the dynamo exporter fused into the node (the legacy one keeps none)."""
+        scope, recorded = scope_of(node)
+        return scope if recorded == FUSED else None
+
+    def moved(self, own: str, weight: str, norm: str) -> str:
+        """The layer a fused node computes, `norm` the scope of the BatchNorm fused into it: its weight's module,
+        moved to the block that norm sits in where a node of another block read the same (identical) weight
+        first (`layer1.0.conv1` read under `layer1.1.bn1`, the first reader under `layer1.0.bn1`: `layer1.1.conv1`)."""
+        first = self.fused_first.setdefault(weight, norm).split(".")
+        parts, here = own.split("."), norm.split(".")
+        shared = next((k for k, (a, b) in enumerate(zip(parts, first)) if a != b), min(len(parts), len(first)))
+        tail = first[shared:]
+        if first == here or not tail or len(here) <= len(tail) or here[-len(tail):] != tail:
+            return own
+        return ".".join(here[:-len(tail)] + parts[shared:])
+
+    def completed(self, scope: str) -> str:
+        """A legacy scope path with the modules it leaves out put back, where one known module path ends in it."""
+        segments = scope.split(".")
+        for k in range(len(segments), 0, -1):
+            head = ".".join(segments[:k])
+            if head in self.known:
+                return scope
+            found = [path for path in self.known if path.endswith(f".{head}")]
+            if found:
+                return ".".join([found[0], *segments[k:]]) if len(found) == 1 else scope
+        return scope

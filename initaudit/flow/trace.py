@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections.abc import Iterator
 
 import torch
 
-from initaudit.flow.activations import Activation, canonical
-from initaudit.flow.dataflow import ACT, ADD, LAYER, MUL, NORM, OUTPUT, PASS, STOP, Flow
+from initaudit.flow.activations import UNKNOWN, Activation, canonical, unmodelled
+from initaudit.flow.dataflow import (ACT, ADD, DIV_NAMES, LAYER, MUL, MUL_NAMES, NORM, OUTPUT, PASS, SCALE, STOP, Flow,
+                                     scale_factor)
 from initaudit.flow.layers import ModuleInfo, kind_of_class
 from initaudit.flow.layer import WEIGHTED_KINDS
 
 _ADD_NAMES = frozenset({"add", "add_", "__add__", "__radd__", "__iadd__", "iadd"})
-_MUL_NAMES = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "imul"})
 # Ops that read a tensor's shape, not its values: no signal flows through them (a reshape sized by a
 # layer's output would otherwise link that layer to whatever the reshape feeds).
 SHAPE_ONLY = frozenset({"size", "dim", "numel", "stride", "shape", "ndim", "len"})
@@ -56,6 +57,8 @@ def activation_of_module(module: torch.nn.Module) -> Activation | None:
         return Activation("leaky_relu", float(getattr(module, "negative_slope", 0.01)))
     if list(module.parameters(recurse=False)) or list(module.children()):
         return None
+    if unmodelled(names[0]):
+        return UNKNOWN
     for name in names:
         if name in ("Module", "ScriptModule", "RecursiveScriptModule"):
             break
@@ -79,7 +82,7 @@ def module_role(module: torch.nn.Module, kind: str | None) -> tuple[str, Activat
 def function_role(name: str, args: tuple, kwargs: dict) -> tuple[str, Activation | None]:
     if name in _ADD_NAMES:
         return ADD, None
-    if name in _MUL_NAMES:
+    if name in MUL_NAMES:
         return MUL, None
     if name in _STOP_NAMES:
         return STOP, None
@@ -91,7 +94,24 @@ def function_role(name: str, args: tuple, kwargs: dict) -> tuple[str, Activation
         return ACT, Activation("leaky_relu", float(slope) if isinstance(slope, (int, float)) else 0.01)
     if found and found not in ("identity", "unknown"):
         return ACT, Activation(found)
+    if unmodelled(name):
+        return ACT, UNKNOWN
     return PASS, None
+
+
+def constant_value(value) -> float | None:
+    """A Python number's value, or a one-element real tensor's (the caller leaves learnable parameters out); None
+    for anything else, and for a tensor without values (on the meta device)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1 or value.is_meta:
+        return None
+    if value.dtype.is_complex or value.dtype == torch.bool:
+        return None
+    found = float(value.detach().reshape(()))
+    return found if math.isfinite(found) else None
 
 
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))  # _parameters, _buffers, _modules, hooks, training
@@ -136,26 +156,71 @@ def fx_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow | None:
         return None
     flow, ids = Flow(), {}
     for node in traced.graph.nodes:
-        if node.op == "call_module":
-            info = infos.get(node.target)
-            role, act = module_role(traced.get_submodule(node.target), info.kind if info else None)
-            ids[node] = flow.add(role, node.target if role == LAYER else None, act)
-        elif node.op in ("call_function", "call_method"):
-            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-            layer = _functional_layer(node, name)
-            if layer is not None:
-                ids[node] = flow.add(LAYER, layer)
-            else:
-                role, act = function_role(name, node.args, node.kwargs)
-                ids[node] = flow.add(role, None, act)
-        elif node.op == "output":
-            ids[node] = flow.add(OUTPUT)
-        else:
-            ids[node] = flow.add(PASS)
+        entry, ids[node] = _fx_node(flow, traced, node, infos)
         if not _shape_only(node):
             for src in node.all_input_nodes:
-                flow.link(ids[src], ids[node])
-    return flow
+                flow.link(ids[src], entry)
+    return flow.fold_gains()
+
+
+def _fx_node(flow: Flow, traced: torch.fx.GraphModule, node: torch.fx.Node,
+             infos: dict[str, ModuleInfo]) -> tuple[int, int]:
+    """The flow nodes of one fx node: (where its inputs go, where its output comes from); a layer applied to a
+    weight times a constant (F.linear(x, w·c): StyleGAN's equalized learning rate) is followed by that constant."""
+    if node.op == "call_module":
+        info = infos.get(node.target)
+        role, act = module_role(traced.get_submodule(node.target), info.kind if info else None)
+        idx = flow.add(role, node.target if role == LAYER else None, act)
+        return idx, idx
+    if node.op == "output":
+        idx = flow.add(OUTPUT)
+        return idx, idx
+    if node.op not in ("call_function", "call_method"):
+        idx = flow.add(PASS)
+        return idx, idx
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    layer = _functional_layer(node, name, traced)
+    if layer is not None:
+        idx = flow.add(LAYER, layer[0])
+        if layer[1] == 1.0:
+            return idx, idx
+        scaled = flow.add(SCALE, factor=layer[1])
+        flow.link(idx, scaled)
+        return idx, scaled
+    factor = _fx_scale(node, name, traced)
+    if factor is not None:
+        idx = flow.add(SCALE, factor=factor[0])
+    else:
+        role, act = function_role(name, node.args, node.kwargs)
+        idx = flow.add(role, None, act)
+    return idx, idx
+
+
+def _fx_constant(arg, traced: torch.fx.GraphModule) -> float | None:
+    """The value of an fx argument that is a constant: a number, or a one-element buffer or tensor attribute (not
+    a parameter: a learnable scalar, ReZero's α, is a recipe of its own)."""
+    if isinstance(arg, torch.fx.Node):
+        found = getattr_path(traced, arg.target) if arg.op == "get_attr" else None
+        return None if isinstance(found, torch.nn.Parameter) else constant_value(found)
+    return constant_value(arg)
+
+
+def _fx_scale(node: torch.fx.Node, name: str, traced: torch.fx.GraphModule) -> tuple[float, object] | None:
+    """(the constant, the other operand) of a product or quotient of one tensor and one constant, else None."""
+    if name not in MUL_NAMES | DIV_NAMES or len(node.args) != 2 or node.kwargs:
+        return None
+    constants = [_fx_constant(arg, traced) for arg in node.args]
+    factor = scale_factor(name, constants)
+    if factor is None:
+        return None
+    return factor, node.args[0] if constants[0] is None else node.args[1]
+
+
+def getattr_path(root: object, path: str) -> object:
+    """The object at a dotted attribute path ('block.0.scale'); None where there is none."""
+    for part in path.split("."):
+        root = getattr(root, part, None)
+    return root
 
 
 def _shape_only(node: torch.fx.Node) -> bool:
@@ -167,13 +232,20 @@ def _shape_only(node: torch.fx.Node) -> bool:
                                            and node.args[1] in SHAPE_ONLY)
 
 
-def _functional_layer(node: torch.fx.Node, name: str) -> str | None:
-    """F.linear(x, self.weight) and friends on a module's own parameter: the layer is that module."""
+def _functional_layer(node: torch.fx.Node, name: str, traced: torch.fx.GraphModule) -> tuple[str, float] | None:
+    """F.linear(x, self.weight) and friends on a module's own parameter: the layer is that module; with the
+    constant the weight is multiplied by on the way (F.linear(x, self.weight * self.scale)), else 1."""
     if name not in LAYER_FUNCTIONS or len(node.args) < 2:
         return None
-    weight = node.args[1]
+    weight, factor = node.args[1], 1.0
+    while isinstance(weight, torch.fx.Node) and weight.op in ("call_function", "call_method"):
+        op = weight.target if isinstance(weight.target, str) else getattr(weight.target, "__name__", "")
+        found = _fx_scale(weight, op, traced)
+        if found is None:
+            return None
+        factor, weight = factor * found[0], found[1]
     if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" and "." in weight.target:
-        return weight.target.rsplit(".", 1)[0]
+        return weight.target.rsplit(".", 1)[0], factor
     return None
 
 
@@ -194,53 +266,110 @@ def order_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow:
 def script_flow(root: torch.jit.ScriptModule) -> Flow:
     """The flow of a TorchScript archive's inlined graph: aten ops, weights named by their GetAttr paths.
 
-    Functional ops hide their work in prim::If/Loop blocks (`if inplace: ...`): blocks are walked
-    and their outputs feed the If node's outputs.
+    Functional ops hide their work in prim::If/Loop blocks (`if inplace: ...`): blocks are walked and their
+    outputs feed the If node's outputs; an If on a constant or a module attribute walks only the branch taken.
+    Constants are propagated first (math.sqrt(2) becomes 1.414...), so that products by constants are scales.
     """
     if not hasattr(root, "inlined_graph"):  # no one forward graph (a scripted nn.LSTM has forward__0, forward__1)
         return order_flow(root, module_infos(root))
-    graph = root.inlined_graph
-    paths: dict[torch._C.Value, str] = {}
-    flow, ids = Flow(), {}
-    for value in graph.inputs():
-        ids[value] = flow.add(PASS)
+    graph = root.inlined_graph  # a copy: passes over it leave the archive alone
+    with contextlib.suppress(RuntimeError):
+        torch._C._jit_pass_constant_propagation(graph)
+    return _ScriptFlow(root).build(graph)
 
-    def visit(nodes) -> None:
+
+class _ScriptFlow:
+    """The flow of one inlined TorchScript graph, with the values its GetAttr nodes read."""
+
+    def __init__(self, root: torch.jit.ScriptModule):
+        self.root = root
+        self.parameters = {name for name, _ in root.named_parameters()}
+        self.paths: dict[torch._C.Value, str] = {}
+        self.flow, self.ids = Flow(), {}
+
+    def build(self, graph: torch._C.Graph) -> Flow:
+        for value in graph.inputs():
+            self.ids[value] = self.flow.add(PASS)
+        self.visit(graph.nodes())
+        out = self.flow.add(OUTPUT)
+        for value in graph.outputs():
+            if value in self.ids:
+                self.flow.link(self.ids[value], out)
+        return self.flow.fold_gains()
+
+    def visit(self, nodes) -> None:
         for node in nodes:
             kind = node.kind()
             if kind == "prim::GetAttr":
-                base = paths.get(node.input(), "")
-                paths[node.output()] = f"{base}.{node.s('name')}" if base else node.s("name")
+                base = self.paths.get(node.input(), "")
+                self.paths[node.output()] = f"{base}.{node.s('name')}" if base else node.s("name")
                 continue
             if kind == "prim::Constant":
                 continue
             inputs = list(node.inputs())
-            idx = _script_node(flow, node, inputs, paths)
+            entry, idx = self.node(node, inputs)
             for value in inputs if kind.split("::", 1)[1] not in SHAPE_ONLY else ():
-                if value in ids:
-                    flow.link(ids[value], idx)
-            for block in node.blocks():
-                visit(block.nodes())
+                if value in self.ids:
+                    self.flow.link(self.ids[value], entry)
+            for block in self.blocks(node, inputs):
+                self.visit(block.nodes())
                 for value in block.outputs():
-                    if value in ids:
-                        flow.link(ids[value], idx)
+                    if value in self.ids:
+                        self.flow.link(self.ids[value], entry)
             for value in node.outputs():
-                ids[value] = idx
+                self.ids[value] = idx
 
-    visit(graph.nodes())
-    out = flow.add(OUTPUT)
-    for value in graph.outputs():
-        if value in ids:
-            flow.link(ids[value], out)
-    return flow
+    def blocks(self, node: torch._C.Node, inputs: list) -> list:
+        """The node's blocks that run: an If whose condition is known runs one of its two."""
+        blocks = list(node.blocks())
+        if node.kind() != "prim::If" or len(blocks) != 2:
+            return blocks
+        condition = self.known(inputs[0])
+        return blocks if not isinstance(condition, bool) else [blocks[0] if condition else blocks[1]]
 
+    def known(self, value: torch._C.Value) -> object:
+        """A value fixed before the forward runs: a constant, or a module attribute that is no parameter."""
+        if value.node().kind() == "prim::Constant":
+            return value.toIValue()
+        path = self.paths.get(value)
+        return getattr_path(self.root, path) if path is not None and path not in self.parameters else None
 
-def _script_node(flow: Flow, node: torch._C.Node, inputs: list, paths: dict) -> int:
-    op = node.kind().split("::", 1)[1]
-    if op in LAYER_FUNCTIONS and len(inputs) > 1 and inputs[1] in paths:
-        return flow.add(LAYER, paths[inputs[1]].rsplit(".", 1)[0])
-    role, act = function_role(op, (), {})
-    if act is not None and act.name == "leaky_relu" and len(inputs) > 1:
-        slope = inputs[1].toIValue()
-        act = Activation("leaky_relu", float(slope) if slope is not None else 0.01)
-    return flow.add(role, None, act)
+    def node(self, node: torch._C.Node, inputs: list) -> tuple[int, int]:
+        """(where the node's inputs go, where its output comes from)."""
+        op = node.kind().split("::", 1)[1]
+        weight = self.weight(inputs[1]) if op in LAYER_FUNCTIONS and len(inputs) > 1 else None
+        if weight is not None:
+            idx = self.flow.add(LAYER, weight[0].rsplit(".", 1)[0])
+            if weight[1] == 1.0:
+                return idx, idx
+            scaled = self.flow.add(SCALE, factor=weight[1])
+            self.flow.link(idx, scaled)
+            return idx, scaled
+        factor = self.scale(op, inputs)
+        if factor is not None:
+            idx = self.flow.add(SCALE, factor=factor[0])
+            return idx, idx
+        role, act = function_role(op, (), {})
+        if act is not None and act.name == "leaky_relu" and len(inputs) > 1:
+            slope = inputs[1].toIValue()
+            act = Activation("leaky_relu", float(slope) if slope is not None else 0.01)
+        idx = self.flow.add(role, None, act)
+        return idx, idx
+
+    def scale(self, op: str, inputs: list) -> tuple[float, torch._C.Value] | None:
+        """(the constant, the other operand) of aten::mul/div of one tensor by one constant, else None."""
+        if op not in MUL_NAMES | DIV_NAMES or len(inputs) != 2:
+            return None
+        constants = [constant_value(self.known(value)) for value in inputs]
+        factor = scale_factor(op, constants)
+        return None if factor is None else (factor, inputs[0] if constants[0] is None else inputs[1])
+
+    def weight(self, value: torch._C.Value) -> tuple[str, float] | None:
+        """(the parameter's path, the constant it is multiplied by on the way) of a layer function's weight."""
+        factor = 1.0
+        while value not in self.paths:
+            found = self.scale(value.node().kind().split("::", 1)[-1], list(value.node().inputs()))
+            if found is None:
+                return None
+            factor, value = factor * found[0], found[1]
+        return self.paths[value], factor

@@ -23,8 +23,15 @@ FACTS = {
                    " ambiguous: then norm_after, run_depth, position and is_output are guesses)",
     "norm_folded": "an exporter folded a BatchNorm into the weights (ONNX): its scale, a zero-init residual's 0 "
                    "too, is in them (false on a residual sum's shortcut, such as a downsample conv)",
+    "folded_in": "where a BatchNorm was folded into the weights, the words naming it as a zero's possible cause "
+                 "(empty otherwise)",
     "numel": "entries", "units": "output units", "non_finite": "NaN + Inf count", "nan": "NaN count",
     "inf": "Inf count", "mean": "mean", "std": "standard deviation", "min": "minimum", "max": "maximum",
+    "effective_scale": "the constant the forward pass multiplies a layer's weight (or its pre-activation) by: "
+                       "equalized learning rate, SIREN's ω0, a scale in a buffer or attribute (1 where none); "
+                       "mean, std, min, max, abs_max and the fingerprint are of the weight times it",
+    "stored_std": "the standard deviation of the tensor as stored (std is of the effective weight)",
+    "std_label": "how a message names the std: 'std', or 'effective std (stored std … × …)'",
     "abs_max": "largest |value|", "kurtosis": "excess kurtosis", "zero_fraction": "fraction of entries equal to 0",
     "distinct": "distinct values", "constant": "all finite entries equal", "value": "the constant value",
     "zero_units": "units whose weights are all 0", "dead_units": "zero units whose bias is <= 0 (or absent)",
@@ -45,6 +52,9 @@ FACTS = {
     "is_last": "the last weighted layer in forward order, whatever follows it",
     "bias_ratio": "the bias's RMS over the weights' share of a unit-RMS input's output (std·√fan_in): how far "
                   "the layer starts at its bias (None without a bias)",
+    "bias_recipe": "the published recipe a non-zero bias follows (a constant bias; an LSTM's forget-gate bias, gate "
+                   "biases set gate by gate), else None",
+    "bias_reading": "a non-zero bias in words: its largest |b| and the recipe it follows, or the guide's zero",
     "envelope_ratio": "std / the nearest edge of the stds any common scheme gives this layer, whatever its "
                       "activation (1 inside)",
     "state": "the weights as rules see them: fresh, trained or unknown (the layer's own verdict; every layer of a "
@@ -53,6 +63,13 @@ FACTS = {
     "dead_fraction": "dead_units / units",
     "peak_share": "the share of the tensor's squared deviations from its mean held by its largest entry",
     "spike_ratio": "the largest entry's distance from the mean in standard deviations of all the other entries",
+    "edge_values": "entries exactly on a truncation bound (±2 absolute, a symmetric repeated clamp, or 2σ) beyond what "
+                   "the draw's density puts on that value at the dtype's resolution (0 when none)",
+    "edge_bound": "the magnitude of that truncation bound",
+    "edge_allowance": "the most entries a correct draw leaves on the bound: its density there, its Poisson spread and "
+                      "the handful float rounding adds (trunc_normal_ lands on a bound when its uniform draw hits an end)",
+    "edge_pile": "edge_values beyond edge_allowance: a pile on the bound no correct draw leaves",
+    "edge_peak": "the largest |value| is on that truncation bound",
     "substantial_duplicate_units": "duplicate units whose norm is not negligible (not weight decay's near-zeros)",
     "predicted_gain": "fan_in·E[w²]·the activation's second-moment factor at the layer's operating point (initaudit.depth)",
     "predicted_scale": "RMS of the layer's output relative to the input's, predicted (or measured, by probe) through depth",
@@ -73,6 +90,19 @@ FACTS = {
     "recipe_source": "where the recipe is declared: [tool.initaudit] recipe, or the model family's own init",
     "recipe_fits": "the tensor fits its declared recipe (shape and std within sampling error); none without one",
     "recipe_contradiction": "how the tensor contradicts its declared recipe, in words",
+    "tie_broken_with": "the tensor a declared tie links this one to, where the two are not one tensor (live: not one "
+                       "Parameter; in a file: different values)",
+    "tie_declared_by": "what declares that tie: config (the config's tie_word_embeddings, through the architecture's "
+                       "tied-weights map) or copy (a live head holding a bitwise copy of an embedding table)",
+    "tie_values_equal": "the two tensors of a broken tie still hold equal values",
+    "sibling_ratio": "std / the std the layer's sibling blocks give its block (the best-fitting depth recipe)",
+    "sibling_recipe": "the depth recipe fitted across the sibling blocks: constant, ∝ 1/√(l+1) or ∝ 1/(l+1)",
+    "sibling_expected_std": "the std the sibling blocks' recipe gives this block",
+    "sibling_off": "the std departs from the sibling blocks' recipe beyond sampling error (6 standard errors) and 10 %",
+    "siblings": "blocks that repeat this layer (fitted together)",
+    "sibling_off_layers": "the layers of this group that depart from the recipe",
+    "identical_to": "the first of the same-shaped random weights bitwise identical to this one (set on the others)",
+    "identical_count": "how many weights hold these identical values (set where identical_to is)",
     "subnormal_share": "share of the finite entries that are subnormal (denormal) in the tensor's dtype",
     "subnormal_excess": "the share of subnormal entries beyond 10x what a normal at the tensor's mean and std "
                         "predicts for its dtype, and beyond 4 standard errors (0 for an init draw, fp16 too)",

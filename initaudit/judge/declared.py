@@ -73,7 +73,9 @@ def _recipe_facts(m: Measured, recipes: dict[str, Recipe], family: dict[str, str
     """The recipe declared for the tensor (config file first, then the model family's init), and how the tensor
     contradicts it."""
     recipe, source = most_specific(recipes, m.param.key), CONFIG_SOURCE
-    if recipe is None and m.param.key in family:
+    if m.param.shared_with is not None:  # a tied tensor's recipe is held against it once, under its first name
+        recipe = None
+    elif recipe is None and m.param.key in family:
         recipe, source = parse(family[m.param.key]), FAMILY_SOURCE
     if recipe is None:
         return {"recipe": None, "recipe_source": None, "recipe_fits": None, "recipe_contradiction": None}

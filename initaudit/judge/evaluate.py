@@ -14,12 +14,15 @@ from initaudit.measure.tensors import Measured
 
 def evaluate(measured: list[Measured], rules: list[rulebook.Rule],
              ignored: Callable[[str, str, str], bool] = lambda layer, rule, code: False) -> list[Finding]:
-    """Every finding of `rules` on the measured tensors' facts, errors first (a tied tensor once, under its
-    first name; `ignored(layer, rule name, code)`: the per-layer ignores)."""
+    """Every finding of `rules` on the measured tensors' facts, errors first (a tensor tied across layers of one
+    kind once, under its first name; a head tied to an embedding as both; `ignored(layer, rule name, code)`: the
+    per-layer ignores)."""
     findings = []
+    kind_of: dict[str, str] = {}  # a tensor's key -> the kind of its first layer
     for m in measured:
-        if m.param.shared_with is not None:
-            continue  # a tied tensor is reported once, under its first name
+        kind_of.setdefault(m.param.key, m.layer.kind)
+        if m.param.shared_with is not None and kind_of.get(m.param.shared_with) == m.layer.kind:
+            continue  # the same finding under another name
         for rule in rules:
             severity = rule.verdict(m.facts)
             if severity is None or ignored(m.layer.name, rule.name, rule.code):
@@ -74,7 +77,8 @@ def layer_rows(measured: list[Measured]) -> list[LayerRow]:
             norm_after=m.layer.norm_after, run_depth=m.layer.run_depth, state=m.facts.get("layer_state", "unknown"),
             fit=_fit_evidence(m.fingerprint),
             predicted_gain=m.facts.get("predicted_gain"), predicted_scale=m.facts.get("predicted_scale"),
-            predicted_grad_scale=m.facts.get("predicted_grad_scale")))
+            predicted_grad_scale=m.facts.get("predicted_grad_scale"), effective_scale=m.facts["effective_scale"],
+            parametrization=m.param.parametrization))
     return rows
 
 

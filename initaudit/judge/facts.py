@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from initaudit.flow.layer import Layer, LayerGraph
 from initaudit.judge.catalogue import ALTERNATIVES
 from initaudit.measure import schemes
@@ -21,16 +23,18 @@ def tensor_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
     With the activation unknown a weight is held to the envelope of every common scheme (schemes.envelope):
     its expected std is the envelope's nearest edge, its own std when inside.
     """
-    layer, param, st, rec = m.layer, m.param, m.stats, m.recommended
-    expected, expected_scheme, envelope_ratio = _expectation(m)
+    layer, param, rec = m.layer, m.param, m.recommended
+    st = effective_stats(m)
+    expected, expected_scheme, envelope_ratio = _expectation(m, _fed_by(graph, m.layer))
     ratio = st.std / expected if expected and math.isfinite(st.std) else None
     return {
-        **_context_facts(graph, m), "envelope_ratio": envelope_ratio, "is_last": layer.position == graph.depth - 1,
+        **_context_facts(graph, m), **_scale_facts(m), "envelope_ratio": envelope_ratio,
+        "is_last": layer.position == graph.depth - 1,
         "fan_in": param.fan_in, "fan_out": param.fan_out, **_stats_facts(m), **_scheme_facts(m),
         "expected_scheme": expected_scheme,
         "expected_std": expected, "expected_call": rec.call if rec else None,
         "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
-        "shared": param.shared_with is not None, "bias_ratio": _bias_ratio(m), **_fan_facts(m),
+        "shared": param.shared_with is not None, "bias_ratio": _bias_ratio(m), **_fan_facts(m), **_bias_facts(m),
     }
 
 
@@ -41,7 +45,7 @@ SNN_BAND = (0.95, 1.1)
 def _fan_facts(m: Measured) -> dict[str, Any]:
     """Where the signal's fan is not torch's (a transposed conv): the known mistake of Kaiming at torch's fan;
     and a SELU layer's variance gain against the SNN band, beyond the sampling error of its estimate."""
-    param, fp, st = m.param, m.fingerprint, m.stats
+    param, fp, st = m.param, m.fingerprint, effective_stats(m)
     forward = param.signal_fans[0]
     mistake = bool(fp and param.flow_fans and forward != param.fan_in and fp.fan == "fan_in"
                    and fp.family in ("kaiming", "lecun"))
@@ -54,11 +58,35 @@ def _fan_facts(m: Measured) -> dict[str, Any]:
     return {"torch_fan_mistake": mistake, "fan_note": note, "snn_band": band}
 
 
-def _expectation(m: Measured) -> tuple[float | None, str | None, float | None]:
+def effective_scale(m: Measured) -> float:
+    """The constant the forward pass multiplies this tensor by (a layer's weight: `Layer.weight_scale`), else 1."""
+    return m.layer.weight_scale if m.param is m.layer.param("weight") else 1.0
+
+
+def effective_stats(m: Measured) -> TensorStats:
+    """The tensor's stats as the forward pass uses it: times its `effective_scale`."""
+    return m.stats.scaled(effective_scale(m))
+
+
+def _scale_facts(m: Measured) -> dict[str, Any]:
+    """The effective scale, the stored tensor's std, and how a message names the std it speaks of."""
+    scale, stored = effective_scale(m), m.stats.std
+    label = "std" if scale == 1.0 else f"effective std (stored std {stored:.3g} × {scale:.3g} at run time)"
+    return {"effective_scale": scale, "stored_std": stored, "std_label": label}
+
+
+def _fed_by(graph: LayerGraph, layer: Layer) -> Layer | None:
+    """The weighted layer right before this one in forward order, if any."""
+    return next((other for other in graph if other.weighted and other.position == layer.position - 1), None)
+
+
+def _expectation(m: Measured, before: Layer | None = None) -> tuple[float | None, str | None, float | None]:
     """(expected std, the scheme that gives it, the std over the nearest edge of the envelope of common schemes):
-    the recommended scheme's std, else (activation unknown) the envelope's nearest edge."""
-    layer, param, st, rec = m.layer, m.param, m.stats, m.recommended
+    the recommended scheme's std, else (activation unknown) the envelope's nearest edge; all of the effective
+    weight. SIREN (`_siren`) has its own first layer and readout."""
+    layer, param, st, rec = m.layer, m.param, effective_stats(m), m.recommended
     expected, expected_scheme = (rec.std, rec.scheme) if rec else (None, None)
+    expected, expected_scheme = _siren(m, before) or (expected, expected_scheme)
     envelope_ratio = None
     if param.is_weight and layer.weighted and math.isfinite(st.std) and st.std > 0:
         bounds = schemes.envelope(param.fan_in, param.fan_out, layer.kind, param.hidden, m.n_blocks)
@@ -67,6 +95,21 @@ def _expectation(m: Measured) -> tuple[float | None, str | None, float | None]:
         if rec is None:
             expected, expected_scheme = edge, f"{nearest} (activation unknown)"
     return expected, expected_scheme, envelope_ratio
+
+
+def _siren(m: Measured, before: Layer | None) -> tuple[float, str] | None:
+    """SIREN's (Sitzmann et al. 2020) own expected stds: its first sine layer U(±1/n) before ω0 (the input
+    coordinates are no unit-variance signal), and a linear readout after a sine layer U(±√(6/n)/ω0), ω0 that
+    layer's; None elsewhere."""
+    layer, n = m.layer, max(m.param.fan_in, 1)
+    if not (m.param is layer.param("weight") and m.recommended is not None):
+        return None
+    if layer.activation.family == "periodic" and layer.position == 0:
+        return effective_scale(m) / (n * math.sqrt(3)), "siren-first-layer"
+    if layer.is_output and layer.activation.name == "identity" and before is not None \
+            and before.activation.family == "periodic" and before.weight_scale != 1.0:
+        return math.sqrt(2 / n) / before.weight_scale, "siren-readout"
+    return None
 
 
 def _context_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
@@ -79,13 +122,22 @@ def _context_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         "residual_after": layer.residual_after, "gate_after": layer.gate_after,
         "residual_branch": layer.residual_branch, "position": layer.position,
         "depth": graph.depth, "run_depth": layer.run_depth, "is_output": layer.is_output,
-        "order_known": layer.order_known, "norm_folded": layer.norm_folded,
+        "order_known": layer.order_known, "norm_folded": layer.norm_folded, "folded_in": _folded_in(layer),
     }
 
 
+def _folded_in(layer: Layer) -> str:
+    """What a zero in the weights may come from where an exporter folded a BatchNorm into them: its gain."""
+    if not layer.norm_folded:
+        return ""
+    norm = f"`{layer.folded_norm}` weight" if layer.folded_norm else "the weight of the BatchNorm after it"
+    return f" (BatchNorm gain folded in: {norm} is zero, or the conv's own)"
+
+
 def _stats_facts(m: Measured) -> dict[str, Any]:
-    """What the measuring pass found in the values: moments, extremes, and dead and duplicate units."""
-    st = m.stats
+    """What the measuring pass found in the values (times the effective scale): moments, extremes, and dead and
+    duplicate units."""
+    st = effective_stats(m)
     dead = _dead_units(m)
     groups = st.duplicate_groups
     return {
@@ -99,9 +151,18 @@ def _stats_facts(m: Measured) -> dict[str, Any]:
         "substantial_duplicate_units": st.substantial_duplicate_units,
         "dead_fraction": len(dead) / st.n_units if st.n_units else 0.0,
         "peak_share": _peak_share(st), "spike_ratio": _spike_ratio(st),
-        "duplicate_example": short_list(groups[0]) if groups else None,
+        "duplicate_example": short_list(groups[0]) if groups else None, **_edge_facts(st),
         **_garbage_facts(st),
     }
+
+
+def _edge_facts(st: TensorStats) -> dict[str, Any]:
+    """Entries exactly on a truncation bound (schemes.truncation_edges), against what a correct draw leaves."""
+    edges = schemes.truncation_edges(st)
+    if edges is None:
+        return {"edge_values": 0, "edge_bound": None, "edge_allowance": None, "edge_pile": False, "edge_peak": False}
+    return {"edge_values": edges.count, "edge_bound": edges.bound, "edge_allowance": edges.allowance,
+            "edge_pile": edges.pile, "edge_peak": any(abs(v) == st.abs_max for v in edges.values)}
 
 
 def _garbage_facts(st: TensorStats) -> dict[str, Any]:
@@ -136,11 +197,53 @@ def _scheme_facts(m: Measured) -> dict[str, Any]:
 
 def _bias_ratio(m: Measured) -> float | None:
     """The bias's RMS over the weight's output scale std·√fan_in: how much of a unit's input the bias is."""
-    bias, param, st = m.bias, m.param, m.stats
+    bias, param, st = m.bias, m.param, effective_stats(m)
     fan = param.signal_fans[0]
     if bias is not None and param.is_weight and fan and st.std > 0 and math.isfinite(st.std):
         return float(bias.detach().float().pow(2).mean().sqrt()) / (st.std * math.sqrt(fan))
     return None
+
+
+def _bias_facts(m: Measured) -> dict[str, Any]:
+    """A non-zero bias read: the published recipe it follows, if one, and what it is in words (for messages)."""
+    if m.param.role != "bias" or not m.stats.abs_max > 0:
+        return {"bias_recipe": None, "bias_reading": None}
+    recipe = _bias_recipe(m)
+    reading = f"bias is not zero (|b| up to {m.stats.abs_max:.3g}); " + (
+        f"{recipe}: a published recipe, not the guide's zero" if recipe else "the guide initializes biases to zero")
+    return {"bias_recipe": recipe, "bias_reading": reading}
+
+
+def _bias_recipe(m: Measured) -> str | None:
+    """A constant bias (no draw is constant: someone set it), or a recurrent layer's biases set gate by gate."""
+    st, bias, hidden = m.stats, m.bias, m.param.hidden
+    if st.constant:
+        return (f"a constant bias of {st.min:g}, set on purpose (StyleGAN's style affines and gates start at 1, "
+                "a classifier's prior at -log((1-p)/p))")
+    if bias is None or m.layer.kind != "recurrent" or not hidden or bias.numel() % hidden:
+        return None
+    gates = bias.detach().reshape(-1, hidden).to(torch.float64)
+    return _gate_recipe(gates, hidden) if gates.shape[0] in GATE_NAMES else None
+
+
+GATE_NAMES = {3: "GRU", 4: "LSTM"}  # gates per hidden unit; PyTorch's order: LSTM i, f, g, o; GRU r, z, n
+FORGET_GATE = 1
+
+
+def _gate_recipe(gates: torch.Tensor, hidden: int) -> str | None:
+    """Gate biases set per gate (each gate's block one value, the others zero or torch's default U(±1/√hidden)):
+    the LSTM forget-gate bias (Jozefowicz et al. 2015) where only the forget gate holds a non-zero value."""
+    constant = [bool((g == g[0]).all()) for g in gates]
+    values = [float(g[0]) if c else None for c, g in zip(constant, gates)]
+    drawn = [not c and float(g.abs().max()) <= hidden ** -0.5 * (1 + 1e-6) for c, g in zip(constant, gates)]
+    if not any(v for v in values) or not all(c or d for c, d in zip(constant, drawn)):
+        return None
+    rest = "; the other gates keep torch's default draw" if any(drawn) else ""
+    set_gates = {i for i, v in enumerate(values) if v}
+    if len(gates) == 4 and set_gates == {FORGET_GATE}:
+        return f"the LSTM forget-gate bias {values[FORGET_GATE]:g} (Jozefowicz et al. 2015){rest}"
+    shown = ", ".join("drawn" if v is None else f"{v:g}" for v in values)
+    return f"{GATE_NAMES[len(gates)]} biases set gate by gate ({shown}){rest}"
 
 
 def _peak_share(st: TensorStats) -> float | None:

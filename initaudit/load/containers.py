@@ -36,3 +36,36 @@ def file_signs(root: Any) -> list[str]:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             signs.append(f"{key} = {value:g}")
     return signs
+
+
+def optimizer_tensors(root: Any) -> list[str]:
+    """The names of the tensors an optimizer's state holds in a checkpoint's top level ('optimizer.state.0.exp_avg')."""
+    if not isinstance(root, Mapping):
+        return []
+    found: list[str] = []
+
+    def walk(value: Any, name: str, depth: int) -> None:
+        if isinstance(value, torch.Tensor):
+            found.append(name)
+        elif depth < 8 and isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(item, f"{name}.{key}", depth + 1)
+        elif depth < 8 and isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{name}.{i}", depth + 1)
+
+    for key in OPTIMIZER_KEYS:
+        walk(root.get(key), key, 0)
+    return found
+
+
+def packed_tensors(root: Any, trail: tuple[str, ...]) -> list[str]:
+    """Tensors a state_dict (at `trail` in `root`) holds inside other values, named `key.i`: torch's dynamically
+    quantized Linear keeps its weight and bias in a `_packed_params` tuple."""
+    state = root
+    for key in trail:
+        state = state.get(key) if isinstance(state, Mapping) else None
+    if not isinstance(state, Mapping):
+        return []
+    return [f"{key}.{i}" for key, value in state.items() if isinstance(value, (list, tuple))
+            for i, item in enumerate(value) if isinstance(item, torch.Tensor)]

@@ -299,4 +299,6 @@ def load(folder: Path, optimizer_state: bool = False) -> Loaded:
     kinds = {split_key(k)[0]: ModuleInfo(OPTIMIZER_STATE, "optimizer state") for k in optim if k in model}
     return Loaded(folder, "torch-dcp", TensorSource(shapes, lambda k: reader(model[k]), nbytes=nbytes),
                   container=DcpContainer(root, reader), modules=kinds, notes=notes,
-                  files=[folder.resolve(), (folder / METADATA).resolve(), *files])
+                  files=[folder.resolve(), (folder / METADATA).resolve(), *files],
+                  unread={} if optimizer_state or not optim else {
+                      ("optimizer tensor", "an optimizer's state, --optimizer-state audits it"): list(optim)})

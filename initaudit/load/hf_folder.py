@@ -27,6 +27,7 @@ from initaudit.common.errors import InputError, first_line
 from initaudit.load.files import inside
 from initaudit.flow.dataflow import Flow
 from initaudit.flow.layers import ModuleInfo, split_key
+from initaudit.flow.ties import config_ties
 from initaudit.load.source import Loaded, TensorSource, check_count, natural_key
 from initaudit.load.paths import index_of, sniff
 from initaudit.load.safetensors_file import SafetensorsFile, open_file
@@ -146,22 +147,24 @@ def load(path: Path, index: str | None = None) -> Loaded:
         if key not in handle.keys():
             raise InputError(f"{path}: the index puts {key!r} in {shards[key]}, which does not hold it")
         shapes[key] = handle.shape(key)
-    flow, modules, hints, notes, init = config_context(config, shapes, path / "config.json") if config else (
+    flow, modules, hints, notes, init, ties = config_context(config, shapes, path / "config.json") if config else (
         None, {}, {}, ["no config.json beside the shards: activations are unknown; pass --activation (or --model "
-                       "package.module:factory) to check scales against them"], {})
+                       "package.module:factory) to check scales against them"], {}, [])
     source = TensorSource(shapes, lambda k: handles[shards[k]].get(k), release=lambda k: handles[shards[k]].release(k),
                           nbytes={k: handles[shards[k]].nbytes(k) for k in shapes})
     return Loaded(path, "hf-folder", source, flow=flow, modules=modules, activations=hints,
                   container={"shards": shards, "metadata": metadata, "handles": handles}, notes=notes,
-                  files=[path.resolve(), *dict.fromkeys(files)], declared_init=init)
+                  files=[path.resolve(), *dict.fromkeys(files)], declared_init=init, ties=ties)
 
 
 def config_context(config: dict, shapes: dict[str, tuple[int, ...]], where: Path | str
-             ) -> tuple[Flow | None, dict[str, ModuleInfo], dict[str, Activation], list[str], dict[str, str]]:
-    """(flow, module kinds, activation hints, notes, the recipe the family's init declares per tensor): the flow from
-    the architecture config.json (at `where`) describes, built without weights and offline; else no flow, and the
-    activations the config and the layer names suggest. An architecture that lives elsewhere (the Hub, another
-    folder) is refused."""
+             ) -> tuple[Flow | None, dict[str, ModuleInfo], dict[str, Activation], list[str], dict[str, str],
+                        list[tuple[str, str]]]:
+    """(flow, module kinds, activation hints, notes, the recipe the family's init declares per tensor, ties): the
+    flow from the architecture config.json (at `where`) describes, built without weights and offline; else no flow,
+    and the activations the config and the layer names suggest. An architecture that lives elsewhere (the Hub,
+    another folder) is refused. `ties`: the tensor names the architecture (else the config's `tie_word_embeddings`
+    and the usual names) ties together."""
     try:
         built = meta_model.from_config(config, shapes)
     except meta_model.Refused as exc:
@@ -175,7 +178,7 @@ def config_context(config: dict, shapes: dict[str, tuple[int, ...]], where: Path
                          f"downloaded or read outside the folder): {', '.join(built.left_out)}")
         if built.unmatched:
             notes.append(f"{built.unmatched} tensors are not in {built.architecture}: their activations are unknown")
-        return built.flow, built.modules, {}, notes, built.init
+        return built.flow, built.modules, {}, notes, built.init, built.ties
     transposed = config.get("model_type") in CONV1D_MODELS
     modules = {split_key(k)[0]: ModuleInfo("linear", "Conv1D", True)
                for k, s in shapes.items() if transposed and k.endswith(".weight") and len(s) == 2
@@ -190,4 +193,4 @@ def config_context(config: dict, shapes: dict[str, tuple[int, ...]], where: Path
     notes = [f"the architecture was not built ({reason}): layers ordered by names and shapes, activations from "
              f"config.json ({act or 'no activation named'}) on the layers the names tell; pass --activation-for to "
              "name the others"]
-    return None, modules, hints, notes, {}
+    return None, modules, hints, notes, {}, config_ties(config, shapes)

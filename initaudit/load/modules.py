@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from initaudit.flow import meta_model, trace
+from initaudit.flow.ties import module_ties
 from initaudit.flow.dynamic_trace import dynamic_flow, example_inputs
 from initaudit.common.errors import InputError, first_line
 from initaudit.load.source import Loaded, TensorSource
@@ -80,7 +81,7 @@ def from_module(module: torch.nn.Module, path: Path | None, fmt: str = "torch-mo
                      "read from module order, which does not see functional calls")
     state = {k: v.detach() for k, v in module.state_dict(keep_vars=True).items()}
     return Loaded(path, fmt, TensorSource.of(state), module=module, flow=flow, modules=infos, notes=notes,
-                  declared_init=meta_model.family_init(module))
+                  declared_init=meta_model.family_init(module), ties=module_ties(module))
 
 
 MAX_SCRIPT_CODE = 64 << 20  # the most TorchScript source read to find a __setstate__ before loading an archive

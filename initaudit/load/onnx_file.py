@@ -130,4 +130,25 @@ def load(path: Path) -> Loaded:
     shapes = {k: _shape(tuple(sources[v.source].dims), v.index) for k, v in layers.views.items()}
     return Loaded(path, "onnx", TensorSource(shapes, get), flow=layers.flow, modules=layers.modules,
                   container=OnnxContainer(model, layers.views, sources, layers.outputs), notes=layers.notes,
-                  files=[path.resolve(), *data_files])
+                  files=[path.resolve(), *data_files], unread=unread(model.graph, sources, layers.views))
+
+
+def unread(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto], views: dict[str, View]) -> dict:
+    """The tensors no layer reads, (kind, reason) -> names, by the (top-level) op that takes them."""
+    read = {view.source for view in views.values()}
+    takes = {name: node.op_type for node in graph.node for name in node.input}
+    out: dict[tuple[str, str], list[str]] = {}
+    for key, proto in sources.items():
+        if key in read:
+            continue
+        op = takes.get(key, "no top-level op")
+        if any(mark in op for mark in ("Integer", "QLinear", "Quantize", "NBits")):
+            group = ("quantized weight", f"quantized ({op}): not audited yet")
+        elif proto.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                                 onnx.TensorProto.BFLOAT16):
+            group = ("tensor", f"input of {op}, which no audited layer reads")
+        else:
+            group = ("non-float tensor", f"{onnx.TensorProto.DataType.Name(proto.data_type).lower()} values: shapes or "
+                     "indices, not weights")
+        out.setdefault(group, []).append(key)
+    return out

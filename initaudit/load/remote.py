@@ -261,13 +261,13 @@ def _sharded(remote: Remote, url: str, folder: str, index: str | None) -> Loaded
     config_path = posixpath.join(folder, "config.json")
     config = _json(remote, config_path) if remote.exists(config_path) else {}
     if isinstance(config, dict) and config:
-        flow, modules, hints, notes, init = config_context(config, shapes, remote.shown(config_path))
+        flow, modules, hints, notes, init, ties = config_context(config, shapes, remote.shown(config_path))
     else:
-        init = {}
+        init, ties = {}, []
         flow, modules, hints, notes = None, {}, {}, [
             "no config.json beside the weights: activations are unknown; pass --activation (or --model "
             "package.module:factory) to check scales against them"]
     source = TensorSource(shapes, lambda k: files[shards[k]].get(k), nbytes={k: files[shards[k]].nbytes(k) for k in shapes})
     return Loaded(None, "hf-folder", source, flow=flow, modules=modules, activations=hints,
                   container={"shards": shards, "metadata": {n: f.metadata for n, f in files.items()}},
-                  notes=notes, source=url, declared_init=init)
+                  notes=notes, source=url, declared_init=init, ties=ties)

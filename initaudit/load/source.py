@@ -93,6 +93,9 @@ class Loaded:
     source: str | None = None        # the URL of a remote model (path is then None)
     declared_init: dict[str, str] = field(default_factory=dict)  # tensor -> the recipe the model family's own init
     # declares for it (a transformers model's initialize_weights, recorded on a meta-device copy)
+    ties: list[tuple[str, str]] = field(default_factory=list)  # tensor names the module or config ties together
+    unread: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (kind, reason) -> names of tensors
+    # the loader found but hands on to no layer (an ONNX graph's initializers of ops not audited yet)
 
     @property
     def name(self) -> str:

@@ -17,6 +17,7 @@ from initaudit.common.errors import InputError, NoWeights, first_line
 from initaudit.load.source import Loaded, TensorSource
 from initaudit.load import modules
 from initaudit.load.containers import STRIPPED_PREFIXES, WRAPPER_KEYS
+from initaudit.load.foreign import Foreign, is_placeholder, placeholder_pickle, placeholders_in, walk
 from initaudit.load.pages import MappedFile
 
 # The largest pickle (a torch file's structure, not its tensor data) read: torch's weights_only reader takes
@@ -43,77 +44,87 @@ def is_torchscript(path: Path) -> bool:
         return False  # not a (readable) zip: torch.load says what is wrong
 
 
-class _AllowedGlobals(pickle.Unpickler):
-    """A pickle reader that builds only what torch's weights_only reader builds (tensors, storages,
-    dtypes, OrderedDict...): every class or function a pickle names goes through `find_class`.
-    For pickles torch's own reader cannot parse (protocol 3-5 opcodes such as FRAME or MEMOIZE)."""
+def _allowed_globals() -> dict[str, Any]:
+    """What torch's weights_only reader may build (tensors, storages, dtypes, OrderedDict...), by global name."""
+    from torch import _weights_only_unpickler as allowed  # torch's list of what a weights file may name
 
-    def find_class(self, module: str, name: str):
-        from torch import _weights_only_unpickler as allowed  # torch's list of what a weights file may name
-
-        found = {**allowed._get_allowed_globals(), **allowed._get_user_allowed_globals()}.get(f"{module}.{name}")
-        if found is None:
-            raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
-        return found
+    return {**allowed._get_allowed_globals(), **allowed._get_user_allowed_globals()}
 
 
-class _RestrictedPickle:
-    """A `pickle_module` for torch.load that reads with `_AllowedGlobals`."""
-
-    Unpickler = _AllowedGlobals
-
-    @staticmethod
-    def load(file, **kwargs):
-        return _AllowedGlobals(file, **kwargs).load()
-
-
-def _torch_load(source, trust_pickle: bool, restricted: bool = False, mmap: bool = False) -> Any:
-    if restricted:  # torch checks sparse tensors itself only in weights_only mode
+def _torch_load(source, trust_pickle: bool, foreign: Foreign | None = None, mmap: bool = False) -> Any:
+    if foreign is not None:  # torch checks sparse tensors itself only in weights_only mode
+        module = placeholder_pickle(foreign, _allowed_globals())
         with torch.sparse.check_sparse_tensor_invariants():
-            return torch.load(source, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickle, mmap=mmap)
+            return torch.load(source, map_location="cpu", weights_only=False, pickle_module=module, mmap=mmap)
     return torch.load(source, map_location="cpu", weights_only=not trust_pickle, mmap=mmap)
 
 
-def _load_any(path: Path, trust_pickle: bool, restricted: bool) -> Any:
+def _load_any(path: Path, trust_pickle: bool, foreign: Foreign | None = None) -> Any:
     """torch.load mmapped where the format allows it; a .safetensors name gets the bytes (torch would pick its
     safetensors reader by the name)."""
     if path.suffix == ".safetensors":
         with open(path, "rb") as f:
-            return _torch_load(f, trust_pickle, restricted)
+            return _torch_load(f, trust_pickle, foreign)
     try:
-        return _torch_load(path, trust_pickle, restricted, mmap=True)
+        return _torch_load(path, trust_pickle, foreign, mmap=True)
     except RuntimeError as exc:
         if "mmap" not in str(exc):
             raise
-        return _torch_load(path, trust_pickle, restricted)  # legacy (non-zip) format
+        return _torch_load(path, trust_pickle, foreign)  # legacy (non-zip) format
 
 
-def read(path: Path, trust_pickle: bool) -> Any:
-    """torch.load with weights_only unless trusted (a pickle torch's weights_only reader cannot parse is read
-    with the same allowlist by `_AllowedGlobals`); no library warning is printed; every failure is one line."""
+def refusal(path: Path, names: list[str]) -> InputError:
+    """The one line that refuses a pickle whose objects need code to be read, naming the globals that do."""
+    return InputError(f"{path}: the file pickles Python objects ({', '.join(names)}), and loading it would run code "
+                      "from the file; save a state_dict instead, or pass --trust-pickle if you trust its source")
+
+
+def _read_objects(path: Path, trust_pickle: bool, foreign: Foreign) -> Any:
+    """torch's weights_only reader; where it refuses a global outside its allowlist (or cannot parse protocol 3-5
+    opcodes such as FRAME), the same allowlist with every other global an inert placeholder of `foreign`."""
+    try:
+        return _load_any(path, trust_pickle)
+    except pickle.UnpicklingError as exc:
+        if trust_pickle or not re.search(r"Unsupported operand|GLOBAL", str(exc)):
+            raise
+    try:
+        obj = _load_any(path, trust_pickle, foreign)
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001 - what placeholders cannot stand in for (a tensor subclass) needs its code
+        if foreign.refused or foreign.classes:
+            raise refusal(path, foreign.refused or list(foreign.classes)[:1]) from None
+        raise
+    if foreign.refused:
+        raise refusal(path, foreign.refused)
+    return obj
+
+
+def read_objects(path: Path, trust_pickle: bool) -> tuple[Any, Foreign]:
+    """torch.load with weights_only unless trusted, and what it met outside the allowlist (read as placeholders,
+    never imported or called); no library warning is printed; every failure is one line."""
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:4] != b"PK\x03\x04" and head[:1] != b"\x80":
         raise InputError(f"{path}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle), nor a "
                          "safetensors or ONNX file")
+    foreign = Foreign(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # protocol notices, TypedStorage and quantization deprecations
         try:
-            try:
-                return _load_any(path, trust_pickle, restricted=False)
-            except pickle.UnpicklingError as exc:
-                if trust_pickle or "Unsupported operand" not in str(exc):
-                    raise
-            return _load_any(path, trust_pickle, restricted=True)
-        except pickle.UnpicklingError as exc:
-            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            if found:
-                raise InputError(f"{path}: the file pickles Python objects ({found.group(1)}), and loading it would "
-                                 "run code from the file; save a state_dict instead, or pass --trust-pickle if you "
-                                 "trust its source") from None
-            raise InputError(f"{path}: not a readable PyTorch checkpoint ({load_error_reason(exc)})") from None
+            return _read_objects(path, trust_pickle, foreign), foreign
+        except InputError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a crafted file can make torch's reader raise anything
             raise InputError(f"{path}: not a readable PyTorch checkpoint ({load_error_reason(exc)})") from None
+
+
+def read(path: Path, trust_pickle: bool) -> Any:
+    """What `read_objects` reads, where nothing may be a placeholder (a shard of named tensors)."""
+    obj, foreign = read_objects(path, trust_pickle)
+    if foreign.classes:
+        raise refusal(path, list(foreign.classes)[:1])
+    return obj
 
 
 def check_pickle_size(path: Path) -> None:
@@ -171,16 +182,31 @@ def unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], TorchContaine
     return stripped, TorchContainer(root, trail, prefix)
 
 
+def _weights_in(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], TorchContainer]:
+    """`unwrap`, where weights found outside placeholders are the file's weights: a file whose only weights sit
+    inside a placeholder (a pickled module) needs its code to be read, and is refused as one that runs it."""
+    if is_placeholder(obj):
+        raise refusal(path, [obj.foreign_name])
+    try:
+        return unwrap(obj, path)
+    except NoWeights:
+        holders = [p.foreign_name for p in placeholders_in(obj) if any(isinstance(inner, torch.Tensor)
+                                                                       for inner in walk(p, into_placeholders=True))]
+        if holders:
+            raise refusal(path, list(dict.fromkeys(holders))) from None
+        raise
+
+
 def state_dict_of(path: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
     """Just the (unwrapped) state_dict of a torch file, to load into a module built from code."""
 
     check_pickle_size(path)
     if is_torchscript(path):
         return modules.read_torchscript(path).state_dict()
-    obj = read(path, trust_pickle)
+    obj = read_objects(path, trust_pickle)[0]
     if isinstance(obj, torch.nn.Module):
         return obj.state_dict()
-    return unwrap(obj, path)[0]
+    return _weights_in(obj, path)[0]
 
 
 def load(path: Path, trust_pickle: bool) -> Loaded:
@@ -188,12 +214,12 @@ def load(path: Path, trust_pickle: bool) -> Loaded:
     check_pickle_size(path)
     if is_torchscript(path):
         return modules.from_torchscript(path)
-    obj = read(path, trust_pickle)
+    obj, foreign = read_objects(path, trust_pickle)
     if isinstance(obj, torch.nn.Module):
         return modules.from_module(obj, path, fmt="torch-module")
-    state, container = unwrap(obj, path)
+    state, container = _weights_in(obj, path)
     container.pages = MappedFile(path)
-    note = ("activations are unknown in a bare state_dict: pass --activation (or --model package.module:factory)"
-            " to check scales against them")
+    notes = ["activations are unknown in a bare state_dict: pass --activation (or --model package.module:factory)"
+             " to check scales against them", foreign.note(obj)]
     return Loaded(path, "torch-state-dict", TensorSource.of(state, container.pages.release), container=container,
-                  notes=[note])
+                  notes=[note for note in notes if note])

@@ -47,16 +47,20 @@ _FUNCTIONS = {
     "relu": F.relu, "relu6": F.relu6, "gelu": F.gelu, "silu": F.silu, "mish": F.mish, "elu": F.elu,
     "celu": F.celu, "selu": F.selu, "hardswish": F.hardswish, "softplus": F.softplus, "tanh": torch.tanh,
     "sigmoid": torch.sigmoid, "hardtanh": F.hardtanh, "hardsigmoid": F.hardsigmoid, "softsign": F.softsign,
-    "identity": lambda x: x,
+    "sin": torch.sin, "cos": torch.cos, "identity": lambda x: x,
 }
 
 
 def function(activation: Activation):
-    """The torch function of an activation (None when unknown)."""
+    """The torch function of an activation, times its output's constant `scale` (None when unknown)."""
     if activation.name in ("leaky_relu", "prelu"):
         slope = 0.01 if activation.param is None else activation.param
-        return lambda x: F.leaky_relu(x, slope)
-    return _FUNCTIONS.get(activation.name)
+        found = lambda x: F.leaky_relu(x, slope)  # noqa: E731
+    else:
+        found = _FUNCTIONS.get(activation.name)
+    if found is None or activation.scale == 1.0:
+        return found
+    return lambda x: found(x) * activation.scale
 
 
 def moments(activation: Activation, q: float) -> tuple[float, float]:
@@ -264,7 +268,10 @@ def judged(layers: list[Layer], scales: dict[str, float | None], grads: dict[str
     forward = {name: verdict for name, _, verdict in
                _exits([(layer.name, scales.get(layer.name)) for layer in ordered], branch, band)}
     backward = {}
-    for name, above, verdict in _exits([(layer.name, grads.get(layer.name)) for layer in reversed(ordered)], branch, band):
+    # an output layer's gradient is the loss's own: relative to the last hidden layer's it only mirrors the head's
+    # weights (SIREN's readout at U(±√(6/n)/ω0)), which the per-layer scale rules judge
+    hidden = [layer for layer in reversed(ordered) if not layer.is_output]
+    for name, above, verdict in _exits([(layer.name, grads.get(layer.name)) for layer in hidden], branch, band):
         # Going back, the layer above handed the gradient down out of the band (its weights): it is blamed, unless
         # the forward signal left the band the same way on this very layer (one fault, both directions).
         backward[name if above is None or forward.get(name) == verdict else above] = verdict

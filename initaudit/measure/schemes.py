@@ -7,12 +7,17 @@ error: the std against the family's standard error (from its kurtosis), the extr
 bound a uniform or truncated normal cannot pass (and an order-statistics test of how close the
 largest value comes to it), the kurtosis against the family's. Of the candidates that fit, the
 likelihood (from the sufficient statistics n, Σw², max|w|) ranks them: those within
-TIE_NATS of the best are a near-tie, named `a|b`. Orthogonal weights are recognised by a sampled
-Gram test. Where no candidate fits, the scheme is `unknown`.
+TIE_NATS of the best are a near-tie, named `a|b`. Kaiming at a leaky_relu slope other than torch's
+named ones has its slope fitted to the measured scale (`kaiming-normal(a=0.2)`). Orthogonal weights
+are recognised by a sampled Gram test. Where no candidate fits, the scheme is `unknown`.
+
+Values exactly on a truncation bound beyond what a correct draw leaves there (`truncation_edges`) are
+left out of the fit: rounding's handful (trunc_normal_'s lone -2.0 at 100σ) is no tail of the draw.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,13 +25,14 @@ from typing import Any
 import torch
 
 from initaudit.flow.activations import Activation
-from initaudit.measure.stats import TensorStats, column_sample, sample_indices
+from initaudit.measure.stats import DISTINCT_SAMPLE, TensorStats, column_sample, compute, sample_indices
 
 GAINS = {name: torch.nn.init.calculate_gain(name) for name in ("relu", "linear", "tanh", "selu")}
 """torch.nn.init.calculate_gain's gains: linear, conv and sigmoid 1; leaky_relu at its default slope 0.01 is
 ReLU's gain to 0.005 % (Kaiming's default nonlinearity), and at slope √5 torch's module default, a candidate
-of its own. Other slopes are a continuum no list covers: within sampling error of ReLU's they are named so."""
-
+of its own. Other slopes are a continuum no list covers: within sampling error of ReLU's they are named so,
+beyond it the slope is fitted (`_leaky_fits`)."""
+MAX_SLOPE = 0.5  # leaky slopes fitted: up to 0.5 (GANs' 0.2, PReLU's 0.25, 1/√5); beyond, the gain nears LeCun's
 TRUNC_BOUND = 2.0  # trunc-normal schemes cut at ±2σ
 
 
@@ -67,6 +73,7 @@ TAIL_NATS = 13.8   # an order statistic this unlikely (e^-13.8 ≈ 1e-6) under a
 TIE_NATS = 5.0     # candidates whose likelihood is within this of the best are a near-tie (odds < e^5 ≈ 150:1)
 ALIAS = 1e-4       # candidates whose stds differ by less than this (relative) draw the same distribution
 MAX_TIE = 4        # a near-tie of more names than this is reported as unknown
+LEAKY_Z = 2.0      # a scale this many standard errors below ReLU's gain is fitted a leaky slope
 MIN_ORTHO_LENGTH = 4
 
 # Which schemes (family, gain, fan mode; "" for either) suit which activation family, in order of
@@ -106,6 +113,7 @@ class Fingerprint:
     gain: str = ""         # the calculate_gain nonlinearity of the scheme (linear, relu, tanh, selu)
     fan: str = ""          # fan_in | fan_out | both (Xavier) | "" (fixed stds, defaults, orthogonal)
     alternatives: tuple[Alternative, ...] = ()   # the names of a near-tie, best first (empty when one name)
+    slope: float | None = None   # the fitted leaky_relu slope `a` where the gain is "leaky_relu"
     evidence: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -121,6 +129,7 @@ class _Candidate:
     std: float
     gain: str = ""
     fan: str = ""
+    slope: float | None = None
 
     def alternative(self) -> Alternative:
         return Alternative(self.scheme, self.family, self.gain, self.fan, self.std)
@@ -214,6 +223,97 @@ def _roundoff(weight: torch.Tensor | None) -> float:
     """The unit roundoff of the tensor's dtype (fp32 when unknown): how far rounding may move a value, relatively."""
     dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
     return torch.finfo(dtype).eps / 2
+
+
+# ---------------------------------------------------------------- values on a truncation bound
+
+ABSOLUTE_BOUND = 2.0     # trunc_normal_'s default bounds a=-2, b=2 are absolute (torch's and timm's): 100σ at std 0.02
+EDGE_ARTIFACT = 2.0 ** -22  # per value and bound: trunc_normal_ lands exactly on a bound where its uniform draw hits an end
+HANDFUL = 8              # values float rounding may leave on a bound beyond that
+Z_EDGE = 6.0             # standard errors of a Poisson count
+BOUND_REACH = 0.05       # how far (relative) from 2σ (or a uniform's bound) a repeated extreme still sits on it
+
+
+@dataclass(frozen=True)
+class Edges:
+    """Values exactly on a truncation bound, against what a correct draw leaves there."""
+
+    values: tuple[float, ...]  # the bounds held: the minimum and/or the maximum
+    count: int                 # entries exactly on them
+    bound: float               # the largest bound's magnitude
+    natural: float             # what the draw's own density puts there at the dtype's (or grid's) resolution
+    allowance: float           # that, its Poisson spread, and the handful rounding leaves: more is a pile
+
+    @property
+    def pile(self) -> bool:
+        return self.count > self.allowance
+
+
+def truncation_edges(stats: TensorStats) -> Edges | None:
+    """Entries sitting exactly on a truncation bound beyond what the draw's density puts on that value, or None.
+
+    An extreme is a bound where it is ±2 exactly (trunc_normal_'s default, absolute), where both extremes are
+    equal in magnitude and repeated (a symmetric clamp), or where it repeats at 2σ of a normal truncated there
+    (trunc_normal_(std=σ, a=-2σ, b=2σ), timm's trunc_normal_tf_ and lecun_normal_)."""
+    if not stats.finite or stats.constant or not stats.std > 0:
+        return None
+    ends = ((stats.min, stats.min_count), (stats.max, stats.max_count))
+    symmetric = stats.min == -stats.max and min(stats.min_count, stats.max_count) >= 2
+    on = [(v, k) for v, k in ends if v != 0 and (symmetric or abs(v) == ABSOLUTE_BOUND or k >= 2 and _at_two_sigma(v, stats))]
+    if not on:
+        return None
+    n, count = stats.finite, sum(k for _, k in on)
+    natural = sum(n * _density(abs(v), stats) * _resolution(v, stats) for v, _ in on)
+    beyond = natural + Z_EDGE * math.sqrt(natural)
+    if count <= beyond:
+        return None  # the dtype's resolution puts this many there (bf16's top bin)
+    allowance = beyond + HANDFUL + n * EDGE_ARTIFACT * len(on)
+    return Edges(tuple(v for v, _ in on), count, max(abs(v) for v, _ in on), natural, allowance)
+
+
+def _at_two_sigma(value: float, stats: TensorStats) -> bool:
+    sigma = stats.std / TRUNC_2SIGMA_STD
+    return abs(abs(value) / (TRUNC_BOUND * sigma) - 1) <= BOUND_REACH
+
+
+def _density(x: float, stats: TensorStats) -> float:
+    """The largest density at |value| x any init family at the measured std gives (0 beyond a bounded family's
+    reach): normal, normal truncated at ±2σ, uniform."""
+    std = stats.std
+    normal = math.exp(-0.5 * (x / std) ** 2) / (std * math.sqrt(2 * math.pi))
+    sigma = std / TRUNC_2SIGMA_STD
+    t = min(x / sigma, TRUNC_BOUND)
+    trunc = math.exp(-0.5 * t * t) / (sigma * math.sqrt(2 * math.pi)) / math.erf(TRUNC_BOUND / math.sqrt(2))
+    half_width = _BOUND["uniform"] * std
+    uniform = 1 / (2 * half_width)
+    return max(normal, trunc if x <= TRUNC_BOUND * sigma * (1 + BOUND_REACH) else 0.0,
+               uniform if x <= half_width * (1 + BOUND_REACH) else 0.0)
+
+
+def _resolution(value: float, stats: TensorStats) -> float:
+    """The width of values that round to `value`: the dtype's spacing there, or a coarse grid's (quantized, fp8)."""
+    dtype = stats.dtype if stats.dtype is not None and stats.dtype.is_floating_point else torch.float32
+    spacing = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(abs(value)))
+    seen = min(stats.numel, DISTINCT_SAMPLE)
+    if 1 < stats.distinct < seen / 4:  # few distinct values: a grid
+        spacing = max(spacing, (stats.max - stats.min) / (stats.distinct - 1))
+    return spacing
+
+
+def without_edges(stats: TensorStats, tensor: torch.Tensor | None, unit_axis: int = 0,
+                  units: bool = False) -> tuple[TensorStats, torch.Tensor | None]:
+    """The stats of `tensor` with its values on a truncation bound left out (NaN: counted nowhere), and that
+    tensor: they are a finding of their own (truncation-edge), not part of the draw, nor a tail of it."""
+    edges = truncation_edges(stats)
+    if edges is None or tensor is None:
+        return stats, tensor
+    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        tensor = tensor.to(torch.float32)
+    on = torch.zeros(tensor.shape, dtype=torch.bool)
+    for value in edges.values:
+        on |= tensor == value
+    masked = tensor.detach().masked_fill(on, math.nan)
+    return compute(masked, unit_axis, units=units, split=False), masked
 
 
 def _judge(c: _Candidate, stats: TensorStats, u: float) -> _Judged:
@@ -322,6 +422,7 @@ def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "line
     `weight` (the tensor itself) allows the orthogonality test and gives the dtype whose rounding sets
     the floor of the tolerances (the orthogonality test flattens from dim 0, as torch's orthogonal_ does).
     """
+    stats, weight = without_edges(stats, weight)
     if stats.finite == 0:
         return Fingerprint("unknown", "unknown", "any", math.nan, math.nan)
     if stats.constant:
@@ -337,10 +438,56 @@ def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "line
     candidates = _candidates(max(fan_in, 1), max(fan_out, 1), kind, hidden, repeats)
     u = _roundoff(weight)
     judged = [_judge(c, stats, u) for c in _distinct(candidates, PAIRED.get(family, []))]
+    if kind not in ("embedding", "recurrent"):
+        judged += _leaky_fits(stats, max(fan_in, 1), max(fan_out, 1), judged, u)
     evidence: dict[str, Any] = {"values": stats.finite}
     if ortho is not None:
         evidence["orthogonality"] = _round(ortho["gram"])
     return _best_named(stats, judged, evidence)
+
+
+def _leaky_fits(stats: TensorStats, fan_in: int, fan_out: int, judged: list[_Judged], u: float) -> list[_Judged]:
+    """Kaiming at a leaky_relu slope in (0, MAX_SLOPE], the gain fitted to the measured scale (per shape
+    and fan mode), where the scale sets the slope apart from ReLU's 0 (Kaiming at ReLU's gain is off by LEAKY_Z
+    standard errors or more). Its likelihood pays ½·ln n nats for the fitted slope (BIC): a named scheme that
+    draws the same std (Xavier where fan_out ≤ fan_in/4) keeps its name, a near-tie where n is small."""
+    n = stats.finite
+    se = math.sqrt(1 / (2 * n) + (u / 2) ** 2)  # a normal's relative std error (a uniform's scale is surer)
+    # the scale's maximum-likelihood estimate: a normal's RMS, a uniform's largest |w| (its bound) / √3
+    scales = {"normal": math.sqrt(stats.std ** 2 + stats.mean ** 2),
+              "uniform": stats.abs_max * (1 + 1 / n) / _BOUND["uniform"]}
+    low, high = torch.nn.init.calculate_gain("leaky_relu", MAX_SLOPE), GAINS["relu"]
+    fans = {"fan_in": fan_in} if fan_in == fan_out else {"fan_in": fan_in, "fan_out": fan_out}
+    out = []
+    for shape, scale in scales.items():
+        for fan, size in fans.items():
+            gain = scale * math.sqrt(size)
+            if not low * (1 - Z_STD * se) <= gain < high or _near_relu(judged, shape, GAINS["relu"] / math.sqrt(size)):
+                continue
+            gain = max(gain, low)
+            slope = math.sqrt(2 / gain ** 2 - 1)
+            name, _ = _kaiming_name("relu", shape, fan)
+            c = _Candidate(f"{name}(a={slope:.2g})", "kaiming", shape, gain / math.sqrt(size), "leaky_relu", fan, slope)
+            j = _judge(c, stats, u)
+            out.append(dataclasses.replace(j, loglik=_rounded_alike(j, judged, u) - 0.5 * math.log(n)))
+    return out
+
+
+def _rounded_alike(fitted: _Judged, judged: list[_Judged], u: float) -> float:
+    """The fitted candidate's log-likelihood, or a named scheme's of its shape whose std the dtype's rounding cannot
+    tell from it (bf16 moves a uniform's extremes by up to 2u either way): a bound fitted closer than that wins
+    nothing over it."""
+    c = fitted.candidate
+    close = [j.loglik for j in judged if j.fits and j.candidate.shape == c.shape
+             and abs(math.log(j.candidate.std / c.std)) <= 4 * u]
+    return max(close) if close else fitted.loglik
+
+
+def _near_relu(judged: list[_Judged], shape: str, relu_std: float) -> bool:
+    """A candidate at ReLU's std of this shape fits (a normal's within LEAKY_Z standard errors): no slope to tell
+    from 0. A uniform's bound tells slopes apart far better than its std: where ReLU's bound fits, none is seen."""
+    return any(j.fits and (shape == "uniform" or abs(j.std_z) <= LEAKY_Z) and j.candidate.shape == shape
+               and abs(math.log(j.candidate.std / relu_std)) < ALIAS for j in judged)
 
 
 def _best_named(stats: TensorStats, judged: list[_Judged], evidence: dict[str, Any]) -> Fingerprint:
@@ -367,9 +514,11 @@ def _best_named(stats: TensorStats, judged: list[_Judged], evidence: dict[str, A
         return Fingerprint("unknown", "unknown", best.candidate.shape, math.nan, math.nan,
                            nearest=best.candidate.scheme, evidence=evidence)
     c = best.candidate
+    if c.slope is not None:
+        evidence["slope"] = _round(c.slope)
     if len(tie) == 1:
         return Fingerprint(c.scheme, c.family, c.shape, c.std, stats.std / c.std, gain=c.gain, fan=c.fan,
-                           evidence=evidence)
+                           slope=c.slope, evidence=evidence)
     return _near_tie(stats, best, tie, evidence)
 
 
@@ -380,7 +529,7 @@ def _near_tie(stats: TensorStats, best: _Judged, tie: list[_Judged], evidence: d
                                             _round(best.loglik - j.loglik)} for j in tie}
     families = list(dict.fromkeys(j.candidate.family for j in tie))
     return Fingerprint("|".join(j.candidate.scheme for j in tie), "|".join(families), c.shape, c.std,
-                       stats.std / c.std, gain=c.gain, fan=c.fan,
+                       stats.std / c.std, gain=c.gain, fan=c.fan, slope=c.slope,
                        alternatives=tuple(j.candidate.alternative() for j in tie), evidence=evidence)
 
 
@@ -436,6 +585,10 @@ def recommend(activation: Activation, fan_in: int, fan_out: int, kind: str = "li
         gain_of = activation.name if activation.name in ("tanh", "sigmoid") else "tanh"
         return Recommendation("xavier-uniform", activation.gain * math.sqrt(2 / (fan_in + fan_out)), "xavier_uniform_",
                               (("gain", activation.gain),), f"Xavier (Glorot) for {activation}", gain_of)
+    if family == "periodic":  # SIREN: hidden weights U(±√(6/n)/ω0), that is U(±√(6/n)) once ω0 is folded in
+        bound = activation.gain * math.sqrt(3 / fan_in)
+        return Recommendation("siren-uniform", activation.gain / math.sqrt(fan_in), "uniform_",
+                              (("a", -bound), ("b", bound)), f"SIREN (Sitzmann et al.) for {activation}")
     if family in ("selu", "identity"):
         return Recommendation("lecun-normal", 1 / math.sqrt(fan_in), "kaiming_normal_",
                               (("mode", "fan_in"), ("nonlinearity", "linear")),

@@ -1,4 +1,5 @@
-"""One pass over a tensor, in cache-sized chunks of units (rows): moments, extremes, zeros, non-finite
+"""One pass over a tensor, in cache-sized chunks of units (rows): moments, extremes (and how many values sit
+exactly on them: counted only in chunks that reach the running extremes), zeros, non-finite
 values, zero units, the spread of unit norms, and groups of identical (or near-identical) units
 found by hashing each row to a random projection (no comparison of all pairs).
 
@@ -19,7 +20,7 @@ import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -66,6 +67,19 @@ class TensorStats:
     zero_units: list[int] = field(default_factory=list)      # output units whose weights are all 0
     duplicate_groups: list[list[int]] = field(default_factory=list)  # groups of identical units (>= 2 each)
     negligible_groups: int = 0     # of those, groups whose units have a negligible norm (weight decay's near-zeros)
+    min_count: int = 0             # entries exactly equal to the minimum
+    max_count: int = 0             # entries exactly equal to the maximum
+    dtype: torch.dtype | None = None  # the tensor's own dtype (its rounding)
+
+    def scaled(self, factor: float) -> "TensorStats":
+        """The stats of the tensor times a constant `factor` > 0 (the weight the forward pass uses)."""
+        if factor == 1.0:
+            return self
+        def times(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t * factor
+        return replace(self, mean=self.mean * factor, std=self.std * factor, min=self.min * factor,
+                       max=self.max * factor, abs_max=self.abs_max * factor, unit_norms=times(self.unit_norms),
+                       input_norms=times(self.input_norms), unit_sums=times(self.unit_sums))
 
     @property
     def non_finite(self) -> int:
@@ -187,6 +201,8 @@ class _Part:
     zeros: int = 0
     lo: float = math.inf
     hi: float = -math.inf
+    lo_count: int = 0   # values exactly at lo (and at hi)
+    hi_count: int = 0
     zero_units: list[int] = field(default_factory=list)
     proj: list[torch.Tensor] = field(default_factory=list)    # [3, rows]: two random projections and the sums
     norms: list[torch.Tensor] = field(default_factory=list)
@@ -196,10 +212,32 @@ class _Part:
         self.sums = [a + b for a, b in zip(self.sums, sums)]
         self.n += n
 
+    def extremes(self, lo: float, lo_count: int, hi: float, hi_count: int) -> None:
+        """Merge extremes and how many values sit exactly on them."""
+        if lo < self.lo:
+            self.lo, self.lo_count = lo, lo_count
+        elif lo == self.lo:
+            self.lo_count += lo_count
+        if hi > self.hi:
+            self.hi, self.hi_count = hi, hi_count
+        elif hi == self.hi:
+            self.hi_count += hi_count
+
+    def count_extremes(self, values: torch.Tensor, lo: float, hi: float) -> None:
+        """Merge a chunk's extremes: its values are counted on them only where they reach the running ones (a new
+        extreme in a chunk of random order is rare: about log(chunks) counts in all, not one per chunk)."""
+        if values.numel() <= _SMALL:  # a tiny tensor (a bias): counted in Python, far cheaper than torch calls
+            listed = values.reshape(-1).tolist()
+            lo_count, hi_count = listed.count(lo), listed.count(hi)
+        else:
+            lo_count = int(torch.count_nonzero(values == lo)) if lo <= self.lo else 0
+            hi_count = int(torch.count_nonzero(values == hi)) if hi >= self.hi else 0
+        self.extremes(lo, lo_count, hi, hi_count)
+
     def merge(self, other: "_Part") -> None:
         self.add_sums(other.sums, other.n)
         self.nan, self.inf, self.zeros = self.nan + other.nan, self.inf + other.inf, self.zeros + other.zeros
-        self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
+        self.extremes(other.lo, other.lo_count, other.hi, other.hi_count)
         self.zero_units += other.zero_units
         self.proj += other.proj
         self.norms += other.norms
@@ -275,10 +313,8 @@ class _Scan:
         lo, hi, s1, s2, s3, s4, least = results.tolist()  # one call for all (each call may hand the GIL over)
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN or Inf somewhere
             return self._non_finite(part, first, chunk)
-        if lo < part.lo:
-            part.lo = lo
-        if hi > part.hi:
-            part.hi = hi
+        if lo <= part.lo or hi >= part.hi:
+            part.count_extremes(flat, lo, hi)
         if fused:
             sums = part.sums
             sums[0] += s1
@@ -308,7 +344,7 @@ class _Scan:
         values = chunk[finite]
         if values.numel():
             lo, hi = (float(v) for v in torch.aminmax(values))
-            part.lo, part.hi = min(part.lo, lo), max(part.hi, hi)
+            part.count_extremes(values, lo, hi)
             part.add_sums(_power_sums(values, self.shift), values.numel())
         clean = torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
         bad_per_unit = (~finite).sum(dim=1)
@@ -475,7 +511,8 @@ def _assemble(tensor: torch.Tensor, rows: torch.Tensor, part: _Part, scan: _Scan
         zero_fraction=part.zeros / rows.numel(), distinct=_distinct(tensor),
         garbage=garbage.evidence(sorted_sample(tensor), tensor.dtype, mean, std, lo, hi) if found else Garbage(),
         norm_spread=spread, unit_norms=unit_norms, input_norms=input_norms,
-        unit_sums=unit_sums, zero_units=part.zero_units, duplicate_groups=groups, negligible_groups=negligible)
+        unit_sums=unit_sums, zero_units=part.zero_units, duplicate_groups=groups, negligible_groups=negligible,
+        min_count=part.lo_count, max_count=part.hi_count, dtype=tensor.dtype)
 
 
 def _basis(width: int, dtype: torch.dtype) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 
 from initaudit.common.progress import byte_bar
 from initaudit.flow.layer import UNIT_KINDS, Layer, LayerGraph, Param
+from initaudit.flow.layers import SPECTRAL_NORM, WEIGHT_NORM, not_audited_reason
 from initaudit.measure import schemes, stats, weight_state
 
 
@@ -46,10 +47,53 @@ class Measured:
 
 @dataclass
 class Pass:
-    """What one pass over a model's tensors gives: the measured tensors, and the ones skipped (reason -> keys)."""
+    """What one pass over a model's tensors gives: the measured tensors, the stored tensors they were read from,
+    and the ones not audited ((kind, reason) -> keys)."""
 
     measured: list[Measured]
-    skipped: dict[str, list[str]]
+    skipped: dict[tuple[str, str], list[str]]
+    audited: set[str] = field(default_factory=set)
+
+
+class Effective:
+    """A source's tensors, where a parametrized weight's key (`Param.parts`) reads the weight its module computes
+    (weight norm: g·v/‖v‖; spectral norm: the original over its largest singular value), one at a time."""
+
+    def __init__(self, tensors: Tensors, graph: LayerGraph):
+        self.tensors = tensors
+        self.resident = tensors.resident
+        self.derived = {p.key: p for layer in graph for p in layer.params if p.parts}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        param = self.derived.get(key)
+        if param is None:
+            return self.tensors[key]
+        return effective_weight(param, [self.tensors[k] for k in param.parts])
+
+    def nbytes(self, key: str) -> int:
+        param = self.derived.get(key)
+        return self.tensors.nbytes(key) if param is None else sum(self.tensors.nbytes(k) for k in param.parts)
+
+    def release(self, key: str) -> None:
+        for k in self.derived[key].parts if key in self.derived else (key,):
+            self.tensors.release(k)
+
+    def stored(self, key: str) -> tuple[str, ...]:
+        """The stored tensors a key reads."""
+        return self.derived[key].parts if key in self.derived else (key,)
+
+
+def effective_weight(param: Param, parts: list[torch.Tensor]) -> torch.Tensor:
+    """The weight a parametrized module computes from its stored parts, in float32 (torch's formulas)."""
+    if param.parametrization == WEIGHT_NORM:
+        g, v = (t.detach().float() for t in parts)
+        axes = [d for d in range(v.dim()) if g.dim() == v.dim() and g.shape[d] == 1] if g.dim() else None
+        return g * v / torch.linalg.vector_norm(v, dim=axes, keepdim=True)
+    if param.parametrization == SPECTRAL_NORM:
+        w = parts[0].detach().float()
+        sigma = torch.linalg.matrix_norm(w.movedim(param.unit_axis, 0).flatten(1), ord=2) if w.numel() else 0
+        return w / sigma if sigma > 0 else w
+    raise ValueError(f"unknown parametrization {param.parametrization!r}")
 
 
 def measure(tensors: Tensors, graph: LayerGraph) -> Pass:
@@ -59,26 +103,31 @@ def measure(tensors: Tensors, graph: LayerGraph) -> Pass:
     meanwhile), and each one's memory is handed back to its file as soon as it is measured (`release`):
     everything that reads its values runs while it is in memory. Ties are told by storage only where the source
     holds every tensor (a lazily read tensor's freed memory may be reused by the next one); ONNX shares
-    initializers on purpose and audits them once per layer that uses them. Tensors that hold no real numbers
-    (`stats.auditable`) are skipped, by reason.
+    initializers on purpose and audits them once per layer that uses them. A parametrized weight (weight norm,
+    spectral norm) is measured as the weight its module computes (`Effective`). Tensors that hold no real numbers
+    (`stats.auditable`) and the layers' buffers are skipped, by kind and reason.
     """
+    tensors = Effective(tensors, graph)
     repeats = Counter(block_pattern(layer.name) for layer in graph if layer.weighted)
     params = [(layer, param) for layer in graph for param in layer.params if param.role != "buffer"]
     first: dict[tuple, int] = {}  # a storage's identity -> the first param that reads it
-    owner = {i: first.setdefault(_identity(tensors[p.key]) if tensors.resident else (p.key,), i)
+    owner = {i: first.setdefault(_identity(tensors[p.key]) if tensors.resident and not p.parts else (p.key,), i)
              for i, (_, p) in enumerate(params)}
     jobs = sorted(set(owner.values()))
     results = _run_parallel(tensors, [(params[i][0], params[i][1], repeats[block_pattern(params[i][0].name)])
                                       for i in jobs])
     by_job = dict(zip(jobs, results))
     out: list[Measured] = []
-    skipped: dict[str, list[str]] = {}
+    skipped = _buffers(graph)
+    audited: set[str] = set()
     biases: dict[str, torch.Tensor] = {}  # read once: a remote tensor costs a request
     for i, (layer, param) in enumerate(params):
         reason, found = by_job[owner[i]]
         if reason is not None:
-            skipped.setdefault(reason, []).append(param.key)
+            skipped.setdefault(("sparse tensor" if reason.startswith("sparse") else "non-float tensor", reason),
+                               []).extend(tensors.stored(param.key))
             continue
+        audited.update(tensors.stored(param.key))
         st, fp, rec, verdict, kept = found
         if kept is not None:
             biases[param.key] = kept
@@ -87,8 +136,19 @@ def measure(tensors: Tensors, graph: LayerGraph) -> Pass:
             param.shared_with = params[owner[i]][1].key
             fp, rec = _scheme(layer, param, st, stats.auditable(tensors[param.key])[0], n_blocks)
             verdict = None
-        out.append(Measured(layer, param, st, fp, rec, _bias_of(tensors, layer, biases), n_blocks, verdict))
-    return Pass(out, skipped)
+        out.append(Measured(layer, param, st, fp, rec, _bias_of(tensors, layer, biases, param), n_blocks, verdict))
+    return Pass(out, skipped, audited)
+
+
+def _buffers(graph: LayerGraph) -> dict[tuple[str, str], list[str]]:
+    """The layers' buffers, not audited: (kind, reason) -> keys."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for layer in graph:
+        for param in layer.params:
+            reason = not_audited_reason(param)
+            if reason is not None:
+                out.setdefault(("buffer", reason), []).append(param.key)
+    return out
 
 
 def _scheme(layer: Layer, param: Param, st: stats.TensorStats, tensor: torch.Tensor | None,
@@ -96,8 +156,9 @@ def _scheme(layer: Layer, param: Param, st: stats.TensorStats, tensor: torch.Ten
     """A weight's fingerprint and the scheme recommended for it."""
     if not param.is_weight:
         return None, None
-    fp = schemes.fingerprint(st, param.fan_in, param.fan_out, layer.kind, layer.activation,
-                             tensor, param.hidden, n_blocks)
+    scale = layer.weight_scale if param is layer.param("weight") else 1.0  # the weight the forward pass uses
+    fp = schemes.fingerprint(st.scaled(scale), param.fan_in, param.fan_out, layer.kind, layer.activation,
+                             tensor * scale if tensor is not None and scale != 1.0 else tensor, param.hidden, n_blocks)
     role = "weight_hh" if "weight_hh" in param.key else "weight"
     rec = schemes.recommend(layer.activation, *param.signal_fans, layer.kind, param.hidden, role)
     if rec is not None and param.signal_fans != (param.fan_in, param.fan_out):
@@ -164,8 +225,9 @@ def _identity(tensor: torch.Tensor) -> tuple:
         return (id(tensor),)
 
 
-def _bias_of(tensors: Tensors, layer: Layer, read: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    bias = layer.param("bias")
+def _bias_of(tensors: Tensors, layer: Layer, read: dict[str, torch.Tensor], param: Param) -> torch.Tensor | None:
+    """The layer's bias; a bias's own values (an LSTM's bias_hh_l1 is not its bias_ih_l0)."""
+    bias = param if param.role == "bias" else layer.param("bias")
     if bias is not None and bias.key in read:
         return read[bias.key]
     return stats.auditable(tensors[bias.key])[0] if bias is not None else None

@@ -14,8 +14,9 @@ have. Five tests, each with its tolerance from the sample size at hand:
 
 All hold → `fresh` (given enough values to have seen training); any fails → `trained`;
 too few values, or a degenerate (constant, all-NaN) tensor → `unknown`, with the reason. Exact
-zeros and all-zero units are left out: they are faults of their own (zero-weights, dead-units)
-and must not make a fresh layer look trained.
+zeros, all-zero units and values exactly on a truncation bound are left out: they are faults (or
+rounding) of their own (zero-weights, dead-units, truncation-edge) and must not make a fresh layer
+look trained.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 
 from initaudit.common.errors import InputError
-from initaudit.measure.schemes import EXCESS_KURTOSIS, TRUNC_2SIGMA_STD
+from initaudit.measure.schemes import EXCESS_KURTOSIS, TRUNC_2SIGMA_STD, without_edges
 from initaudit.measure.stats import TensorStats, as_units, sorted_sample
 
 STATES = ("fresh", "trained", "unknown")
@@ -320,7 +321,7 @@ def classify_any(stats: TensorStats, tensor: torch.Tensor, unit_axis: int) -> Te
     try:
         if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             tensor = tensor.to(torch.float32)
-        return classify(stats, tensor, unit_axis)
+        return classify(*without_edges(stats, tensor, unit_axis, units=stats.unit_norms is not None), unit_axis)
     except (RuntimeError, NotImplementedError, TypeError) as exc:  # sparse, quantized, meta: nothing to fit
         return TensorState("unknown", f"values not readable as floats ({type(exc).__name__})", stats.finite)
 

@@ -118,7 +118,8 @@ def plan(measured: list[Measured], chosen: list[Layer], shared: dict[str, list[s
             old = read(m.param.key)
             declared = m.facts.get("recipe")
             rec = (recipes.parse(declared).recommendation(m.param.fan_in, m.param.fan_out) if declared else
-                   m.recommended or _fallback(m, _common_scheme(by_pattern[block_pattern(layer.name)]) or model_scheme))
+                   _like_siblings(m, by_pattern, chosen) or m.recommended
+                   or _fallback(m, _common_scheme(by_pattern[block_pattern(layer.name)]) or model_scheme))
             new = _draw(layer, m, rec, old, seed)
             only_units = (units or {}).get(layer.name)
             if new is not None and only_units:
@@ -134,10 +135,22 @@ def plan(measured: list[Measured], chosen: list[Layer], shared: dict[str, list[s
     return result
 
 
+def _like_siblings(m: Measured, by_pattern: dict[str, list[Measured]], chosen: list[Layer]) -> Recommendation | None:
+    """The scheme of the same layer in the model's other blocks, where those are not re-drawn themselves: a layer
+    re-drawn otherwise would be off its siblings (sibling-scale-mismatch)."""
+    pattern, redrawn = block_pattern(m.layer.name), {layer.name for layer in chosen}
+    if pattern == m.layer.name:
+        return None
+    siblings = _common_scheme([s for s in by_pattern[pattern] if s.layer.name not in redrawn])
+    return _fallback(m, siblings) if siblings is not None else None
+
+
 def _why_not(layer: Layer, items: list[Measured], shared: dict[str, list[str]]) -> str | None:
     if layer.kind == "parameter":
         return "a free parameter: no scheme to re-draw it with"
     for m in items:
+        if m.param.parts:
+            return f"a {m.param.parametrization} weight, computed from {', '.join(m.param.parts)}: not re-drawn"
         others = [k for k in shared.get(m.param.key, []) if k != m.param.key]
         already_zero = m.stats.constant and m.stats.max == 0 and m.param.role in ("bias", "norm_bias")
         if others and not already_zero:

@@ -33,6 +33,10 @@ def write(results: Results, out: IO[str], view: View) -> None:
         for note, models in where.items():  # a note many models share is said once
             said = f"{len(models)} files: " if len(models) > 1 else f"{models[0]}: "
             console.print(Text(printable(f"{said}note: {note}"), style="dim"))
+        for report in results.reports:
+            if report.coverage is not None:
+                console.print(Text(printable(f"{report.model}: {report.coverage.line()}"),
+                                   style="bold red" if report.nothing_audited else "dim"))
         console.print(totals(results))
 
     out.write(render(view, draw))

@@ -28,3 +28,6 @@ def write(results: Results, out: IO[str], view: View) -> None:
         out.write(f"::{LEVEL[f.severity]} file={_escape_property(report.model)},title={title}::{_escape(f.message)}\n")
     for e in results.unreadable:
         out.write(f"::error file={_escape_property(e.path)},title=initaudit::{_escape(e.message)}\n")
+    for report in results.reports:
+        if report.no_verdict():
+            out.write(f"::error file={_escape_property(report.model)},title=initaudit::{_escape(report.no_verdict())}\n")

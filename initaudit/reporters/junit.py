@@ -22,9 +22,16 @@ def to_xml(results: Results, fail_on: str) -> ET.Element:
     for report in results.reports:
         path = printable(report.model)
         failures = sum(_fails(f.severity, fail_on) for f in report.findings)
+        why = report.no_verdict()
         suite = ET.SubElement(root, "testsuite", name=path, tests=str(max(len(report.findings), 1)),
-                              failures=str(failures), errors="0")
-        if not report.findings:
+                              failures=str(failures), errors=str(int(why is not None)))
+        if report.coverage is not None:
+            props = ET.SubElement(suite, "properties")
+            ET.SubElement(props, "property", name="coverage", value=printable(report.coverage.line()))
+        if why:
+            case = ET.SubElement(suite, "testcase", name="audit", classname=path)
+            ET.SubElement(case, "error", message=printable(why), type="coverage")
+        elif not report.findings:
             ET.SubElement(suite, "testcase", name="no findings", classname=path)
         for f in report.findings:
             case = ET.SubElement(suite, "testcase", name=printable(f"{f.layer}: {f.code} {f.rule}"), classname=path)
@@ -37,10 +44,9 @@ def to_xml(results: Results, fail_on: str) -> ET.Element:
         suite = ET.SubElement(root, "testsuite", name=printable(e.path), tests="1", failures="0", errors="1")
         case = ET.SubElement(suite, "testcase", name="read", classname=printable(e.path))
         ET.SubElement(case, "error", message=printable(e.message), type="input")
-    s = results.summary
     root.set("tests", str(sum(int(suite.get("tests")) for suite in root)))
     root.set("failures", str(sum(int(suite.get("failures")) for suite in root)))
-    root.set("errors", str(s["unreadable"]))
+    root.set("errors", str(sum(int(suite.get("errors")) for suite in root)))
     return root
 
 

@@ -40,13 +40,16 @@ def to_sarif(results: Results) -> dict:
         if f.code in index:
             result["ruleIndex"] = index[f.code]
         found.append(result)
-    invocation = {"executionSuccessful": not results.unreadable,
+    failed = [(e.path, e.message) for e in results.unreadable] + [
+        (r.model, r.no_verdict()) for r in results.reports if r.no_verdict()]
+    invocation = {"executionSuccessful": not failed,
                   "toolExecutionNotifications": [
-                      {"level": "error", "message": {"text": e.message},
-                       "locations": [{"physicalLocation": {"artifactLocation": {"uri": e.path, "index": artifacts[e.path]}}}]}
-                      for e in results.unreadable]}
+                      {"level": "error", "message": {"text": text},
+                       "locations": [{"physicalLocation": {"artifactLocation": {"uri": path, "index": artifacts[path]}}}]}
+                      for path, text in failed]}
+    coverage = [{"model": r.model, **r.coverage.to_dict()} for r in results.reports if r.coverage is not None]
     run = {"tool": {"driver": driver}, "artifacts": [{"location": {"uri": path}} for path in artifacts],
-           "invocations": [invocation], "results": found}
+           "invocations": [invocation], "results": found, "properties": {"coverage": coverage}}
     return {"$schema": SCHEMA, "version": "2.1.0", "runs": [run]}
 
 

@@ -34,7 +34,8 @@ def layer_table(report: Report) -> Table:
         ratio = row.std / row.expected_std if row.std is not None and row.expected_std else None
         act = row.activation + (" +norm" if row.norm_after else "")
         style = STYLE.get(worst.get(row.name, ""), "")
-        cells = (row.name if row.tensor in (row.name, f"{row.name}.weight") else row.tensor, row.kind,
+        kind = f"{row.kind} ({row.parametrization})" if row.parametrization else row.kind
+        cells = (row.name if row.tensor in (row.name, f"{row.name}.weight") else row.tensor, kind,
                  f"{row.fan_in}→{row.fan_out}", act, row.scheme, number(row.std), number(row.expected_std),
                  number(ratio), " ".join(sorted(set(codes.get(row.name, [])))))
         table.add_row(*(Text(printable(c)) for c in cells), style=style)
@@ -55,6 +56,8 @@ def draw_report(console, report: Report, view: View) -> None:
         return
     for note in report.notes:
         console.print(Text(f"note: {printable(note)}", style="dim"))
+    if report.coverage is not None:
+        console.print(Text(printable(report.coverage.line()), style="bold red" if report.nothing_audited else "dim"))
     s = report.summary
     console.print(f"{s['layers']} layers: {s['errors']} errors, {s['warnings']} warnings, {s['infos']} infos")
 

@@ -66,7 +66,8 @@ def test_files_folders_and_globs_in_one_run(tmp_path, monkeypatch):
     assert text.exit_code == 1  # the worst: an error in two of the files
     lines = text.stdout.splitlines()
     assert "models/runs/zero.weights:4: IA101 zero-weights error: all 16384 weights are zero" in text.stdout
-    assert sum(line.startswith("loose/a_xavier.pt:") for line in lines) == 11
+    assert sum(line.startswith("loose/a_xavier.pt:") and " IA" in line for line in lines) == 11
+    assert sum(line.startswith(f"{model}: coverage: ") for model in expected for line in lines) == 6  # one a model
     assert lines[-1] == "6 files, 72 layers: 2 errors, 11 warnings, 0 infos"
 
     full = run(*args, "--format", "full").stdout

@@ -265,3 +265,86 @@ def test_deep_stacks_warn_every_mismatch_and_no_pairing(name, dtype):
                 report = initaudit.audit(model)
                 warned = {f.layer for f in report.findings if f.rule == MISMATCH and f.severity == "warning"}
                 assert warned == hidden_layers(model), (act, k, seed, [(r.name, r.scheme) for r in report.layers])
+
+
+# ---------------------------------------------------------------- Kaiming at any leaky slope
+
+SLOPES = [0.0, 0.01, 0.1, 0.2, 0.3, 1 / math.sqrt(5), 0.5]  # 1/√5: the slope whose square torch's default √5 inverts
+
+
+def leaky_named(fp: schemes.Fingerprint, st: stats.TensorStats, dtype: torch.dtype, dist: str, std: float) -> bool:
+    """The fingerprint names Kaiming (alone or in a near-tie) of the drawn shape at a std within sampling error
+    (Z_STD standard errors, the dtype's rounding too) of the drawn one: the slope it states fits the draw. A named
+    scheme drawing the very same distribution (Xavier on 1024→256 is Kaiming fan_in at slope 0.5) is right too."""
+    names = fp.alternatives or (schemes.Alternative(fp.scheme, fp.family, fp.gain, fp.fan, fp.implied_std),)
+    half_ulp = torch.finfo(dtype).eps / 4
+    se = math.sqrt((schemes.EXCESS_KURTOSIS[dist] + 2) / (4 * st.finite) + half_ulp ** 2)
+    return any(a.family == "kaiming" and a.scheme.startswith(f"kaiming-{dist}")
+               and abs(math.log(a.implied_std / std)) <= schemes.Z_STD * se
+               or fp.shape == dist and same_distribution((dist, a.implied_std), (dist, std)) for a in names)
+
+
+def leaky_grid(specs: list[Shape], dtypes: list[str], seeds: list[int]) -> list[tuple[str, str, bool]]:
+    """(shape, draw, named right) for kaiming_{normal,uniform}_(a, mode, 'leaky_relu') at every slope."""
+    out = []
+    for spec in specs:
+        fan_in, fan_out, unit_axis = fans(spec.kind, spec.shape)
+        torch_in, torch_out = torch_fans(spec.shape)
+        for dist in ("normal", "uniform"):
+            fill = getattr(nn.init, f"kaiming_{dist}_")
+            for mode, fan in (("fan_in", torch_in), ("fan_out", torch_out)):
+                for a in SLOPES:
+                    std = nn.init.calculate_gain("leaky_relu", a) / math.sqrt(fan)
+                    for seed in seeds:
+                        torch.manual_seed(seed)
+                        drawn = fill(torch.empty(spec.shape), a=a, mode=mode, nonlinearity="leaky_relu")
+                        for dt in dtypes:
+                            w = drawn.to(DTYPES[dt])
+                            st = stats.compute(w, unit_axis, units=spec.kind in UNIT_KINDS)
+                            fp = schemes.fingerprint(st, fan_in, fan_out, spec.kind, weight=w)
+                            out.append((spec.label, f"kaiming_{dist}_(a={a:.3g}, {mode}) {dt} seed {seed}: {fp.scheme}",
+                                        leaky_named(fp, st, w.dtype, dist, std)))
+    return out
+
+
+# linear and conv shapes of 1024 values or more (transposed convs read torch's dim-1 fan: the grid above pins them)
+LEAKY_SHAPES = [s for s in SHAPES if s.kind in ("linear", "conv2d") and 1024 <= s.numel <= 1 << 18]
+
+
+def check_leaky(results: list[tuple[str, str, bool]]) -> None:
+    missed = [(shape, draw) for shape, draw, right in results if not right]
+    assert len(missed) <= 0.01 * len(results), missed
+
+
+def test_kaiming_at_any_leaky_slope_is_named():
+    """kaiming uniform/normal × fan_in/fan_out × 7 slopes × 7 shapes × fp32/bf16: ≥ 99 % named Kaiming at a gain
+    that fits (before the slope was fitted, slopes 0.2-0.5 were `unknown` or another family on large layers)."""
+    check_leaky(leaky_grid(LEAKY_SHAPES, ["fp32", "bf16"], [0]))
+
+
+@pytest.mark.slow
+def test_kaiming_at_any_leaky_slope_is_named_over_seeds():
+    check_leaky(leaky_grid(LEAKY_SHAPES, ["fp32", "bf16"], [0, 1, 2]))
+
+
+def test_the_gan_default_slope_is_fitted_and_shown():
+    """kaiming_normal_(a=0.2, nonlinearity='leaky_relu'), the GAN default, on a 512×512 layer: named with its slope."""
+    torch.manual_seed(0)
+    w = nn.init.kaiming_normal_(torch.empty(512, 512), a=0.2, nonlinearity="leaky_relu")
+    fp = schemes.fingerprint(stats.compute(w), 512, 512, "linear", weight=w)
+    assert fp.scheme == "kaiming-normal(a=0.2)" and fp.family == "kaiming" and fp.gain == "leaky_relu", fp
+    assert abs(fp.slope - 0.2) < 0.02 and fp.evidence["slope"] == pytest.approx(fp.slope, rel=1e-3)
+    relu = nn.init.kaiming_normal_(torch.empty(512, 512), nonlinearity="relu")  # the twin: ReLU's gain stays plain
+    assert schemes.fingerprint(stats.compute(relu), 512, 512, "linear", weight=relu).scheme == "kaiming-normal"
+
+
+def test_xavier_and_a_slope_drawing_one_std_are_a_near_tie_on_a_small_layer():
+    """On a 64→16 layer Xavier's std is Kaiming fan_in's at slope 0.5: 1024 values cannot tell them apart, and the
+    fitted slope's ½·ln n nats are within the near-tie; on 1024→256 (262144 values) the named scheme keeps its name."""
+    torch.manual_seed(0)
+    w = nn.init.xavier_normal_(torch.empty(16, 64))
+    fp = schemes.fingerprint(stats.compute(w), 64, 16, "linear", weight=w)
+    assert fp.ambiguous and "xavier-normal" in fp.scheme.split("|"), fp
+    assert any(a.gain == "leaky_relu" and a.scheme.startswith("kaiming-normal(a=") for a in fp.alternatives), fp
+    w = nn.init.xavier_normal_(torch.empty(256, 1024))
+    assert schemes.fingerprint(stats.compute(w), 1024, 256, "linear", weight=w).scheme == "xavier-normal"
