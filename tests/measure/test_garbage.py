@@ -5,6 +5,7 @@ super weight are not."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -120,3 +121,18 @@ def test_fp16_raw_bytes_are_garbage_but_small_fp16_weights_with_their_subnormals
     with torch.no_grad():
         head.copy_(random_words(tmp_path, tuple(head.shape), torch.float16).nan_to_num(0.0, 0.0, 0.0))
     assert {f for f in findings(model) if f[0] == RULE} == {(RULE, HEAD, "error")}
+
+
+def test_a_saved_checkpoint_with_a_garbage_head_is_named_through_the_cli(tmp_path):
+    """Through a file, as a user meets it: the head's finding is the error; its clean twin exits 0."""
+    from helpers.cli import run
+    model = tm.fresh("mlp")
+    torch.save(model.state_dict(), tmp_path / "clean.pt")
+    with torch.no_grad():
+        model[int(HEAD)].weight.copy_(huge_finite(tmp_path, tuple(model[int(HEAD)].weight.shape)))
+    torch.save(model.state_dict(), tmp_path / "garbage.pt")
+    for name, expected in (("clean", set()), ("garbage", {(RULE, HEAD, "error")})):
+        report = json.loads(run("check", tmp_path / f"{name}.pt", "--format", "json").output)
+        assert {(f["rule"], f["layer"], f["severity"]) for f in report["findings"] if f["rule"] == RULE} == expected
+        head = next(layer for layer in report["layers"] if layer["name"] == HEAD)
+        assert math.isfinite(head["std"]), head
