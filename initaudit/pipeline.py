@@ -13,9 +13,10 @@ from initaudit.config import Options
 from initaudit.flow.layers import annotate, context, group_layers
 from initaudit.flow.layer import LayerGraph
 from initaudit.judge import rules as rulebook
+from initaudit.judge.conventions import add_convention_facts
 from initaudit.judge.declared import add_declared_facts, declarations
 from initaudit.judge.evaluate import evaluate, layer_rows, set_aside
-from initaudit.judge.facts import add_recipe_shares, effective_stats, signal_facts, tensor_facts
+from initaudit.judge.facts import add_block_zeros, add_recipe_shares, effective_stats, signal_facts, tensor_facts
 from initaudit.judge.relations import relate
 from initaudit.judge.report import Coverage, Report
 from initaudit.load.dispatch import load
@@ -41,6 +42,7 @@ def measure_and_describe(loaded: Loaded, graph: LayerGraph) -> Pass:
     for m in done.measured:
         m.facts = tensor_facts(graph, m)
     add_recipe_shares(done.measured)
+    add_block_zeros(done.measured)
     return done
 
 
@@ -77,6 +79,7 @@ def predict_depth(loaded: Loaded, graph: LayerGraph, measured: list[Measured],
                   band: tuple[float, float]) -> dict[str, depth.LayerDepth]:
     """The depth analysis (measure/depth.py): each weighted layer's predicted gain and scales, as facts of its weight."""
     found = depth.predict(graph, loaded.flow, depth_weights(measured))
+    depth.judge_streams(found, band)
     forward, backward = depth.judged(list(graph), {n: d.scale for n, d in found.items()},
                                      {n: d.grad_scale for n, d in found.items()}, band)
     for m in measured:
@@ -107,6 +110,10 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     state = weight_state.assess(loaded.tensors, measured, signs, options.state)
     weight_state.apply(measured, state)
     add_declared_facts(measured, options.expect, options.recipes, loaded.declared_init)
+    flow_seen = loaded.flow is not None and loaded.flow.sees_activations
+    for m in measured:
+        m.facts["flow_seen"] = flow_seen
+    add_convention_facts(measured, loaded.tensors.__getitem__)
     predict_depth(loaded, graph, measured, options.signal_band)
     aside = set_aside(measured, rules)
     notes = list(loaded.notes)

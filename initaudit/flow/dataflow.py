@@ -126,10 +126,11 @@ class Flow:
         producers = self.producers()
         joins = self._joins(producers)
         found: dict[str, Downstream] = {}
-        for start, node in enumerate(self.nodes):
-            if node.role == LAYER and node.layer not in found:
+        for start, node in enumerate(self.nodes):  # a norm module's node, where named, too (its residual_branch)
+            if node.role in (LAYER, NORM) and node.layer and node.layer not in found:
                 walked = self._walk(start, unknown_between_layers, producers)
-                found[node.layer] = replace(walked, residual_branch=joins[start])
+                found[node.layer] = replace(walked, residual_branch=joins[start],
+                                            weight_scale=walked.weight_scale * self._input_scale(start, producers))
         return found
 
     def run_lengths(self, gated: set[str]) -> dict[str, int]:
@@ -239,6 +240,18 @@ class Flow:
             joined = joined or (node.role == ADD and len(producers[idx]) >= 2)
             queue.extend((u, normed, joined, self._scaled(scale, idx, producers)) for u in node.users)
         return Downstream(IDENTITY, False)
+
+    def _input_scale(self, layer: int, producers: list[list[int]]) -> float:
+        """The constants a layer's only input was multiplied by on its way in, where nothing else reads it (T5's
+        tied head reads its stream times d_model^-0.5): the same as the weight times them."""
+        scale, idx = 1.0, layer
+        while len(producers[idx]) == 1:
+            idx = producers[idx][0]
+            node = self.nodes[idx]
+            if node.role not in (PASS, SCALE) or len(node.users) != 1:
+                break
+            scale *= node.factor if node.role == SCALE else 1.0
+        return scale
 
     def _scaled(self, scale: float | None, idx: int, producers: list[list[int]]) -> float | None:
         """The constant a layer's output has been multiplied by, once the walk passed node `idx`: a SCALE's

@@ -110,7 +110,7 @@ def dynamic_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo], inputs: tu
         if role == PASS or (info is not None and info.kind not in WEIGHTED_KINDS and role != NORM):
             continue
         handles.append(module.register_forward_pre_hook(_enter(recorder), with_kwargs=True))
-        handles.append(module.register_forward_hook(_leave(recorder, role, name if role == LAYER else None, act),
+        handles.append(module.register_forward_hook(_leave(recorder, role, name if role in (LAYER, NORM) else None, act),
                                                     with_kwargs=True))
     args, kwargs = inputs
     try:

@@ -58,6 +58,8 @@ class Layer:
     norm_folded: bool = False  # an exporter folded a BatchNorm into the weights (its scale, zero-init too, is in them)
     folded_norm: str | None = None  # that BatchNorm's module path, where the exporter recorded it
     weight_scale: float = 1.0  # the constant the forward pass multiplies the weight (or the pre-activation) by
+    gain_offset: bool | None = None  # a norm that scales by (1 + weight): zero is its identity (None: not known)
+    in_flow: bool = False  # a norm the flow names: its residual context (residual_branch) is known
 
     @property
     def weighted(self) -> bool:

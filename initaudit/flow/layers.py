@@ -187,6 +187,7 @@ class ModuleInfo:
     groups: int = 1
     folded_norm: str | None = None  # that BatchNorm's module path, where the exporter recorded it
     tied_to: str | None = None  # the file key holding this layer's weight, tied to another layer's (saved once)
+    gain_offset: bool | None = None  # a norm that scales by (1 + weight) (Gemma); None: not known
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -267,7 +268,8 @@ def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleIn
             kind = kind.replace("conv", "conv_transpose")
         layers.append(Layer(prefix, kind, _params_of(kind, prefix, suffixes, transposed, info),
                             module_type=info.module_type if info else None, norm_folded=bool(info and info.norm_folded),
-                            folded_norm=info.folded_norm if info else None))
+                            folded_norm=info.folded_norm if info else None,
+                            gain_offset=info.gain_offset if info else None))
     attach_parametrizations(layers, found, stored)
     return layers + [_tied_layer(name, info, shapes[info.tied_to]) for name, info in tied.items()]
 
@@ -314,7 +316,7 @@ def order_flow(layers: list[Layer], outputs: set[str] | frozenset = frozenset(),
         if layer.name in outputs:
             continue
         role = LAYER if layer.weighted else NORM if layer.kind == "norm" else PASS
-        node = flow.add(role, layer.name if role == LAYER else None)
+        node = flow.add(role, layer.name if role in (LAYER, NORM) else None)
         if prev is not None:
             flow.link(prev, node)
         prev = node
@@ -385,6 +387,9 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
         for pattern, act in (overrides or {}).items():
             if fnmatch.fnmatchcase(layer.name, pattern):
                 layer.activation = act
+    for layer in layers:
+        if layer.kind == "norm" and layer.name in downstream:  # the flow names the norm: does it join a residual sum?
+            layer.residual_branch, layer.in_flow = downstream[layer.name].residual_branch, True
     if runs is not None:
         for layer in weighted + unseen:
             layer.run_depth = runs.get(layer.name, 1)

@@ -82,6 +82,7 @@ class _FlowBuilder:
     def __init__(self, found: FoundLayers, value: Callable[[str], np.ndarray]):
         self.flow = Flow()
         self.layer_of, self.folded, self.value = found.layer_of, found.folded, value
+        self.norm_of = found.norm_of
         self.unknown: int | None = None
 
     def unknown_node(self) -> int:
@@ -118,7 +119,7 @@ class _FlowBuilder:
         else:
             role, act = flow_role(g, node, self.value)
             factor = constant_factor(g, node, self.value) if role == SCALE else 1.0
-            idx = self.flow.add(role, activation=act, factor=factor)
+            idx = self.flow.add(role, self.norm_of.get((g, i)) if role == NORM else None, activation=act, factor=factor)
         for name in node.input if node.op_type not in SHAPE_ONLY else ():
             if name in made:
                 self.flow.link(made[name], idx)

@@ -57,6 +57,7 @@ class FoundLayers:
     out: OnnxLayers = field(default_factory=OnnxLayers)
     layer_of: dict[tuple[GraphIndex, int], str] = field(default_factory=dict)
     folded: set[tuple[GraphIndex, int]] = field(default_factory=set)  # Conv nodes with a BatchNorm folded in
+    norm_of: dict[tuple[GraphIndex, int], str] = field(default_factory=dict)  # norm nodes' layer names
     taken: dict[str, str] = field(default_factory=dict)               # layer name -> the weight that claimed it
     lookups: dict[str, bool] = field(default_factory=dict)            # layer name -> claimed by a Gather
     recurrent_count: dict[str, int] = field(default_factory=dict)     # layer name -> its recurrent nodes so far
@@ -226,15 +227,15 @@ def _gather_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProt
 
 def _norm_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
     """A normalization: its scale, shift and (BatchNorm) running statistics."""
-    _parameter_layer(found, g, node, "norm", ("weight", "bias", "running_mean", "running_var"))
+    _parameter_layer(found, g, i, node, "norm", ("weight", "bias", "running_mean", "running_var"))
 
 
 def _prelu_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
     """PRelu: its learned negative slope."""
-    _parameter_layer(found, g, node, "parameter", ("weight",))
+    _parameter_layer(found, g, i, node, "parameter", ("weight",))
 
 
-def _parameter_layer(found: FoundLayers, g: GraphIndex, node: onnx.NodeProto, kind: str,
+def _parameter_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto, kind: str,
                      roles: tuple[str, ...]) -> None:
     """A layer of `kind` whose inputs after the first are its parameters, in the order of `roles`."""
     params = [g.float_source(n) for n in node.input[1:]]
@@ -242,6 +243,8 @@ def _parameter_layer(found: FoundLayers, g: GraphIndex, node: onnx.NodeProto, ki
         return
     name = found.claim(g, node, node.input[1])
     found.out.modules[name] = ModuleInfo(kind, node.op_type)
+    if kind == "norm":
+        found.norm_of[g, i] = name
     for role, src in zip(roles, params):
         found.add_view(f"{name}.{role}", src)
 

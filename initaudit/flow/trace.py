@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import copy
+import inspect
 import math
+import re
 from collections.abc import Iterator
 
 import torch
@@ -44,8 +47,47 @@ def module_infos(root: torch.nn.Module) -> dict[str, ModuleInfo]:
             conv = kind.startswith("conv") and isinstance(getattr(module, "stride", None), tuple)
             infos[name] = ModuleInfo(kind, names[0], transposed=names[0] == "Conv1D",
                                      strides=tuple(module.stride) if conv else (),
-                                     groups=int(getattr(module, "groups", 1)) if conv else 1)
+                                     groups=int(getattr(module, "groups", 1)) if conv else 1,
+                                     gain_offset=one_plus_gain(module) if kind == "norm" else None)
     return infos
+
+
+_ONE_PLUS = re.compile(r"\b1(\.0*)?\s*\+\s*self\.weight\b|\bself\.weight(\.\w+\(\))?\s*\+\s*1(\.0*)?\b")
+
+
+def one_plus_gain(module: torch.nn.Module) -> bool | None:
+    """Whether a norm module scales by (1 + weight) (Gemma's RMSNorm: a zero weight is its identity): torch's own
+    norms do not; another's answer is what a copy of it puts out with its weight at zero (nothing: x·w), else what
+    its forward's source says; None where neither can be read (TorchScript)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return None
+    if type(module).__module__.startswith("torch.nn."):
+        return False
+    measured = _output_at_zero_gain(module)
+    if measured is not None:
+        return measured
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return None
+    return bool(_ONE_PLUS.search(source))
+
+
+def _output_at_zero_gain(module: torch.nn.Module) -> bool | None:
+    """Whether a copy of a norm with its weight set to zero still puts out a signal (None: it cannot be run here)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1 or weight.is_meta:
+        return None
+    n = weight.numel()
+    channels_first = any(k in type(module).__name__.lower() for k in ("batch", "group", "instance"))
+    try:
+        probe = copy.deepcopy(module).float().eval()
+        with torch.no_grad():
+            probe.weight.zero_()
+            out = probe(torch.randn((2, n, 4) if channels_first else (2, 3, n), generator=torch.Generator().manual_seed(0)))
+    except Exception:  # noqa: BLE001 - a user's norm may take other inputs: its source tells instead
+        return None
+    return bool(isinstance(out, torch.Tensor) and out.abs().max() > 0)
 
 
 def activation_of_module(module: torch.nn.Module) -> Activation | None:
@@ -170,7 +212,7 @@ def _fx_node(flow: Flow, traced: torch.fx.GraphModule, node: torch.fx.Node,
     if node.op == "call_module":
         info = infos.get(node.target)
         role, act = module_role(traced.get_submodule(node.target), info.kind if info else None)
-        idx = flow.add(role, node.target if role == LAYER else None, act)
+        idx = flow.add(role, node.target if role in (LAYER, NORM) else None, act)
         return idx, idx
     if node.op == "output":
         idx = flow.add(OUTPUT)

@@ -76,7 +76,23 @@ FACTS = {
     "predicted_grad_scale": "RMS of the loss gradient at the layer's output relative to the output's, through depth",
     "signal_exit": "vanishing/exploding where the forward scale leaves the signal band at this layer, else none",
     "gradient_exit": "vanishing/exploding where the gradient's scale, going back, leaves the signal band here",
+    "stream_exit": "exploding on the branch end whose residual sum takes the residual stream (sums with no "
+                   "normalization between them) out of the signal band while its second moment grows by 1.1x or "
+                   "more per block (fitted over the last 4 blocks): exponential in depth, not a pre-norm's additive "
+                   "growth",
+    "stream_growth": "the residual stream's per-block growth factor of its second moment at the sum this layer "
+                     "joins, fitted over the last 4 blocks (None off a stream or before 5 sums)",
     "signal_detail": "what the depth analysis found at this layer, in words",
+    "norm_convention": "a norm's gain convention: one_plus (x·(1+w), Gemma's RMSNorm: zero is its identity, read from "
+                       "the module's forward), scale (x·w), unknown (no module to read, and an RMSNorm's keys, a "
+                       "weight alone, which both share); none for other layers",
+    "signal_dead": "measured (probe): the layer's output is all zeros or all its units are dead, and every layer "
+                   "after it puts out the same for every input",
+    "in_flow": "a norm the model's flow names, so whether its output joins a residual sum (residual_branch) is "
+               "known; false for weighted layers and for norms no flow names",
+    "zero_in_every_block": "all zero, as is the same tensor of another numbered sibling block (2 or more in all), "
+                           "each of which holds a live tensor of the same role: Fixup's, SkipInit's, zero_init_residual's "
+                           "and adaLN-zero's zero at each block's end (what a bare file shows of them)",
     "origin": "predicted (check: from the weights) or measured (probe: a forward and backward pass)",
     "torch_fan_mistake": "a transposed conv drawn with Kaiming/LeCun at torch's fan (weight dim 1: out·k) where the "
                          "signal sees a different one (in·k/stride²)",
@@ -103,6 +119,17 @@ FACTS = {
     "sibling_off_layers": "the layers of this group that depart from the recipe",
     "identical_to": "the first of the same-shaped random weights bitwise identical to this one (set on the others)",
     "identical_count": "how many weights hold these identical values (set where identical_to is)",
+    "convention": "the published convention of the family the tensor belongs to, where one is known (a Mamba/SSM "
+                  "mixer's A_log, D, dt bias and dt_proj weight, told by their names; an offset norm's gain, where "
+                  "norm_convention is one_plus), else none",
+    "convention_fits": "the tensor fits its family's convention; false where it contradicts it; none without one (or "
+                       "where the values say nothing of it: a D that is not all ones)",
+    "convention_contradiction": "how the tensor contradicts its family's convention, in words",
+    "mean_resized_rows": "trailing units equal to the mean of the units before them: the rows transformers' "
+                         "resize_token_embeddings appends by mean-resizing (0 without)",
+    "duplicates_mean_resized": "the only repeated units are the rows appended by mean-resizing",
+    "flow_seen": "the model's data flow was read (a module, TorchScript, ONNX, a config-built architecture): its "
+                 "activations and residual sums are known, not guessed from a bare file's names and order",
     "subnormal_share": "share of the finite entries that are subnormal (denormal) in the tensor's dtype",
     "subnormal_excess": "the share of subnormal entries beyond 10x what a normal at the tensor's mean and std "
                         "predicts for its dtype, and beyond 4 standard errors (0 for an init draw, fp16 too)",

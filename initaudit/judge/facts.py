@@ -5,6 +5,7 @@ layers drawn at a fixed std. The fresh/trained facts (`state`, `layer_state`) ar
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ def tensor_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         "expected_std": expected, "expected_call": rec.call if rec else None,
         "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
         "shared": param.shared_with is not None, "bias_ratio": _bias_ratio(m), **_fan_facts(m), **_bias_facts(m),
+        "zero_in_every_block": False,
     }
 
 
@@ -123,6 +125,7 @@ def _context_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         "residual_branch": layer.residual_branch, "position": layer.position,
         "depth": graph.depth, "run_depth": layer.run_depth, "is_output": layer.is_output,
         "order_known": layer.order_known, "norm_folded": layer.norm_folded, "folded_in": _folded_in(layer),
+        "norm_convention": _convention(layer), "in_flow": layer.in_flow,
     }
 
 
@@ -132,6 +135,18 @@ def _folded_in(layer: Layer) -> str:
         return ""
     norm = f"`{layer.folded_norm}` weight" if layer.folded_norm else "the weight of the BatchNorm after it"
     return f" (BatchNorm gain folded in: {norm} is zero, or the conv's own)"
+
+
+def _convention(layer: Layer) -> str | None:
+    """A norm's gain convention: "one_plus" (x·(1+w): zero is its identity), "scale" (x·w), or "unknown" where no
+    module says and the keys are an RMSNorm's (a weight alone), which both conventions share."""
+    if layer.kind != "norm":
+        return None
+    if layer.gain_offset is not None:
+        return "one_plus" if layer.gain_offset else "scale"
+    roles = {p.role for p in layer.params}
+    return "unknown" if roles == {"norm_weight"} else "scale"
+
 
 
 def _stats_facts(m: Measured) -> dict[str, Any]:
@@ -282,6 +297,43 @@ def add_recipe_shares(measured: list[Measured]) -> None:
         m.facts["recipe_share"] = share if fixed(m) else 0.0
 
 
+_BLOCK = re.compile(r"^([^.]*?\d[^.]*|.*?\.[^.]*?\d[^.]*)\.")  # up to the first numbered name: "layer1", "s1"
+
+
+def add_block_zeros(measured: list[Measured]) -> None:
+    """`zero_in_every_block`: the tensor is all zero, and so is the same tensor of at least one numbered sibling block
+    (layer1.0.bn2.weight, layer2.1.bn2.weight, s1.b2.conv3.bn.weight...: block numbers read as wildcards,
+    `_sibling_key`; siblings without a residual sum keep theirs), while each of those blocks (up to the first numbered
+    name: layer1, s1) holds a live tensor of that role.
+    That is how Fixup, SkipInit, zero_init_residual and adaLN-zero start every block at the identity; an init loop
+    that zeroes every gain (or every layer) leaves no live one in the block, a single zeroed layer has no twin."""
+    def zero(m: Measured) -> bool:
+        return m.stats.zero_fraction >= 0.999
+
+    siblings: dict[tuple[str, str], list[tuple[str, Measured]]] = {}
+    live: set[tuple[str, str]] = set()
+    for m in measured:
+        found = _BLOCK.match(m.param.key)
+        if found:
+            block = found.group(1)
+            siblings.setdefault((_sibling_key(m.param.key), m.param.role), []).append((block, m))
+            if not zero(m):
+                live.add((block, m.param.role))
+    for (_, role), group in siblings.items():
+        zeros = [(block, m) for block, m in group if zero(m)]
+        recipe = len(zeros) >= 2 and all((block, role) in live for block, _ in zeros)
+        for _, m in zeros:
+            m.facts["zero_in_every_block"] = recipe
+
+
+def _sibling_key(key: str) -> str:
+    """The tensor's name with its block numbers as wildcards: every numeric component, and the digits of named
+    components before the layer's own (layer2.0.conv1.weight -> layer*.*.conv1.weight: conv1 and conv2 differ)."""
+    parts = key.split(".")
+    own = max((i for i, p in enumerate(parts) if re.search(r"\d", p) and not p.isdigit()), default=-1)
+    return ".".join("*" if p.isdigit() else re.sub(r"\d+", "*", p) if i < own else p for i, p in enumerate(parts))
+
+
 def signal_facts(layer: Layer, depth: LayerDepth | None, forward: dict[str, str], backward: dict[str, str],
                  origin: str = "predicted") -> dict:
     """The facts the signal rules test, for one layer: its predicted (or measured) gain and scales, and where the
@@ -289,4 +341,5 @@ def signal_facts(layer: Layer, depth: LayerDepth | None, forward: dict[str, str]
     depth = depth or LayerDepth(layer.name)
     return {"predicted_gain": depth.gain, "predicted_scale": depth.scale, "predicted_grad_scale": depth.grad_scale,
             "signal_exit": forward.get(layer.name), "gradient_exit": backward.get(layer.name), "origin": origin,
+            "stream_exit": depth.stream_exit, "signal_dead": depth.dead is not None, "stream_growth": depth.stream.growth if depth.stream else None,
             "signal_detail": detail(forward.get(layer.name), backward.get(layer.name), depth, origin)}

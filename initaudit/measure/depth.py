@@ -31,10 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from initaudit.flow.activations import IDENTITY, UNKNOWN, Activation
-from initaudit.flow.dataflow import ACT, ADD, LAYER, NORM, OUTPUT, STOP, Flow
+from initaudit.flow.dataflow import ACT, ADD, LAYER, MUL, NORM, OUTPUT, PASS, STOP, Flow
 from initaudit.flow.layer import Layer, LayerGraph
 
 DEEP_RUN = 5  # judged: runs of this many weighted layers or more (the selection guide: < 5 is shallow)
+# A residual stream grows exponentially where its second moment is multiplied by at least STREAM_GROWTH per block,
+# fitted (geometric mean) over the last STREAM_FIT blocks; additive growth (a pre-norm transformer's: each branch
+# adds about a unit) gives 1 + 1/k at block k, under 1.1 from the tenth block on.
+STREAM_GROWTH, STREAM_FIT = 1.1, 4
 RULES = ("signal-vanishing", "signal-exploding")  # the rules the depth analysis feeds (predicted or measured)
 # Kinds whose gain is fan_in·E[w²]; recurrent cells and fused attention pass the scale on unjudged.
 _PLAIN = ("linear", "conv")
@@ -101,6 +105,22 @@ class LayerDepth:
     gain: float | None = None        # fan_in·E[w²]·the activation's factor at the layer's operating point
     scale: float | None = None       # RMS of the layer's output, for a unit-RMS input
     grad_scale: float | None = None  # RMS of the loss gradient at the layer's output (relative: `relative_grads`)
+    stream: "StreamSum | None" = None  # the residual sum this layer's output (a branch end) joins, where one does
+    stream_exit: str | None = None   # "exploding" where the residual stream leaves the band growing exponentially
+    dead: str | None = None          # measured (probe): how the signal died at this layer, everything after it dead
+
+
+@dataclass(frozen=True)
+class StreamSum:
+    """A residual sum on a stream of sums with no normalization between them: the stream's RMS after it, the
+    sums on the stream up to it, the per-block growth factor of its second moment fitted over the last
+    STREAM_FIT blocks (None until there are that many), and whether an earlier sum of it left the band."""
+
+    scale: float
+    blocks: int
+    growth: float | None
+    index: int  # the sum's node in the flow
+    previous: int | None = None
 
 
 def chain(graph: LayerGraph) -> Flow:
@@ -134,8 +154,28 @@ def _gathered(values: list[float | None]) -> float | None:
 
 
 def propagate(flow: Flow, weights: dict[str, Weights], kinds: dict[str, str]) -> dict[str, LayerDepth]:
-    """Forward and backward second moments along the flow; per layer (its first node) the RMS values."""
+    """Forward and backward second moments along the flow; per layer (its first node) the RMS values, and for a
+    branch end the residual sum it joins (`streams`)."""
     order, producers = _order(flow)
+    fwd, inputs = _forward(flow, order, producers, weights, kinds)
+    back: list[float | None] = [None] * len(flow.nodes)
+    for idx in reversed(order):
+        parts = [_passed_back(flow.nodes[u], inputs[u], back[u], weights, kinds) for u in flow.nodes[idx].users]
+        parts = [p for p in parts if p is not None]
+        back[idx] = (math.nan if any(math.isnan(p) for p in parts) else sum(parts)) if parts else None
+    joined = streams(flow, order, producers, fwd)
+    out: dict[str, LayerDepth] = {}
+    for idx in order:
+        node = flow.nodes[idx]
+        if node.role == LAYER and node.layer and node.layer not in out:
+            out[node.layer] = LayerDepth(node.layer, scale=_rms(fwd[idx]), grad_scale=_rms(back[idx]),
+                                         stream=joined.get(idx))
+    return out
+
+
+def _forward(flow: Flow, order: list[int], producers: list[list[int]], weights: dict[str, Weights],
+             kinds: dict[str, str]) -> tuple[list[float | None], list[float | None]]:
+    """Each node's output second moment, and the one it takes in (the largest of its inputs')."""
     fwd: list[float | None] = [_NO_SIGNAL] * len(flow.nodes)
     inputs: list[float | None] = [_NO_SIGNAL] * len(flow.nodes)
     for idx in order:
@@ -159,17 +199,60 @@ def propagate(flow: Flow, weights: dict[str, Weights], kinds: dict[str, str]) ->
             fwd[idx] = sum(signal) if signal else _NO_SIGNAL
         else:
             fwd[idx] = q
-    back: list[float | None] = [None] * len(flow.nodes)
-    for idx in reversed(order):
-        parts = [_passed_back(flow.nodes[u], inputs[u], back[u], weights, kinds) for u in flow.nodes[idx].users]
-        parts = [p for p in parts if p is not None]
-        back[idx] = (math.nan if any(math.isnan(p) for p in parts) else sum(parts)) if parts else None
-    out: dict[str, LayerDepth] = {}
+    return fwd, inputs
+
+
+def streams(flow: Flow, order: list[int], producers: list[list[int]],
+            fwd: list[float | None]) -> dict[int, StreamSum]:
+    """For each branch end (the weighted layer whose output a residual sum adds to the stream), the sum it joins.
+    Walking back from a sum of two inputs, each side stops at a weighted layer, a normalization or an earlier
+    sum: the side that stops later in the forward order is the branch, the other the stream it is added to.
+    A branch scaled or gated on its way (a product: ReZero's α, LayerScale's γ, adaLN-zero's gate) is not
+    modelled: its sum starts a new stream."""
+    rank = {idx: i for i, idx in enumerate(order)}
+    sums: dict[int, StreamSum] = {}
+    ends: dict[int, StreamSum] = {}
     for idx in order:
+        if flow.nodes[idx].role != ADD or len(producers[idx]) != 2 or not _positive(fwd[idx]):
+            continue
+        sides = sorted((_side(flow, producers, p) for p in producers[idx]), key=lambda side: rank.get(side[0], -1))
+        (stream, _), (branch, scaled) = sides
+        if branch is None or branch == stream or flow.nodes[branch].role != LAYER:
+            continue
+        previous = sums.get(stream) if not scaled else None
+        sums[idx] = ends[branch] = _stream_sum(idx, fwd, previous, sums)
+    return ends
+
+
+def _side(flow: Flow, producers: list[list[int]], start: int) -> tuple[int | None, bool]:
+    """Walking back from one input of a sum through pass-through nodes and activations: the first weighted
+    layer, normalization or sum (of two inputs) reached, and whether a product was passed on the way."""
+    idx, scaled = start, False
+    while True:
         node = flow.nodes[idx]
-        if node.role == LAYER and node.layer and node.layer not in out:
-            out[node.layer] = LayerDepth(node.layer, scale=_rms(fwd[idx]), grad_scale=_rms(back[idx]))
-    return out
+        if node.role in (LAYER, NORM) or (node.role == ADD and len(producers[idx]) == 2):
+            return idx, scaled
+        scaled = scaled or node.role == MUL
+        computed = [p for p in producers[idx] if producers[p] or flow.nodes[p].role == LAYER]
+        if node.role not in (PASS, ACT, MUL, ADD) or len(computed) != 1:
+            return None, scaled
+        idx = computed[0]
+
+
+def _stream_sum(idx: int, fwd: list[float | None], previous: StreamSum | None,
+                sums: dict[int, StreamSum]) -> StreamSum:
+    """The stream after sum `idx`, continuing `previous` (the sum before it on the stream) where there is one."""
+    blocks = previous.blocks + 1 if previous else 1
+    growth, back = None, previous
+    for _ in range(STREAM_FIT - 1):
+        back = sums.get(back.previous) if back and back.previous is not None else None
+    if back is not None and blocks > STREAM_FIT:
+        growth = (fwd[idx] / back.scale ** 2) ** (1 / STREAM_FIT)
+    return StreamSum(math.sqrt(fwd[idx]), blocks, growth, idx, previous.index if previous else None)
+
+
+def _positive(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
 
 
 def _passed_back(user, q_in: float | None, g: float | None, weights: dict[str, Weights],
@@ -278,6 +361,20 @@ def judged(layers: list[Layer], scales: dict[str, float | None], grads: dict[str
     return forward, backward
 
 
+def judge_streams(found: dict[str, LayerDepth], band: tuple[float, float]) -> None:
+    """Set `stream_exit` on the branch end whose sum takes the residual stream out of the band growing
+    exponentially (by STREAM_GROWTH per block or more, fitted over STREAM_FIT blocks), where the sum before it
+    on the stream did not."""
+    sums = {d.stream.index: d.stream for d in found.values() if d.stream is not None}
+
+    def exploding(s: StreamSum | None) -> bool:
+        return s is not None and s.scale > band[1] and s.growth is not None and s.growth >= STREAM_GROWTH
+
+    for d in found.values():
+        if exploding(d.stream) and not exploding(sums.get(d.stream.previous)):
+            d.stream_exit = "exploding"
+
+
 def _exits(values: list[tuple[str, float | None]], branch: set[str],
            band: tuple[float, float]) -> list[tuple[str, str | None, str]]:
     """`crossings` off the residual branches, and where a branch explodes."""
@@ -288,10 +385,17 @@ def _exits(values: list[tuple[str, float | None]], branch: set[str],
 def detail(forward: str | None, backward: str | None, depth: LayerDepth, origin: str) -> str | None:
     """One clause per direction in which the scale leaves the band at this layer."""
     parts = []
-    if forward:
+    if depth.dead:
+        parts.append(f"the signal dies here ({depth.dead}): every layer after it puts out the same for every input")
+    elif forward:
         parts.append(f"the forward signal's RMS reaches {depth.scale:.3g}x the input's ({forward})")
     if backward:
         parts.append(f"the gradient's RMS reaches {depth.grad_scale:.3g}x the last hidden layer's ({backward} going back)")
+    if depth.stream_exit:
+        s = depth.stream
+        parts.append(f"the residual stream's RMS reaches {s.scale:.3g}x the input's after {s.blocks} residual sums "
+                     f"with no normalization, its variance growing {s.growth:.3g}x per block (exponential: each "
+                     f"branch adds its own second moment, which grows with the stream's)")
     if not parts:
         return None
     gain = f"; per-layer variance gain {depth.gain:.3g}" if depth.gain is not None else ""

@@ -30,7 +30,7 @@ import torch
 
 from initaudit.common.errors import InputError
 from initaudit.measure.schemes import EXCESS_KURTOSIS, TRUNC_2SIGMA_STD, without_edges
-from initaudit.measure.stats import TensorStats, as_units, sorted_sample
+from initaudit.measure.stats import TensorStats, as_units, compute, sorted_sample
 
 STATES = ("fresh", "trained", "unknown")
 OVERRIDES = ("auto", "fresh", "trained")
@@ -68,7 +68,9 @@ class TensorState:
 
 
 def classify(stats: TensorStats, tensor: torch.Tensor, unit_axis: int = 0) -> TensorState:
-    """fresh / trained / unknown for one weight tensor, from its stats and strided samples of it."""
+    """fresh / trained / unknown for one weight tensor, from its stats and strided samples of it (a lone entry that
+    holds most of the variance, a spike, is left out: it is weight-spike's to judge, not evidence of training)."""
+    stats, tensor = _without_spike(stats, tensor, unit_axis)
     n = stats.finite
     if n == 0:
         return TensorState("unknown", "no finite values")
@@ -94,6 +96,17 @@ def classify(stats: TensorStats, tensor: torch.Tensor, unit_axis: int = 0) -> Te
         return TensorState("unknown", f"fits an iid {family} draw, but {nonzero} values are too few to rule out training",
                            **common)
     return TensorState("fresh", f"fits an iid {family} draw within sampling error", **common)
+
+
+def _without_spike(stats: TensorStats, tensor: torch.Tensor, unit_axis: int) -> tuple[TensorStats, torch.Tensor]:
+    """The stats and tensor with a spike (one entry holding half the squared deviations or more) set to the mean."""
+    peak = max(abs(stats.max - stats.mean), abs(stats.min - stats.mean)) if stats.finite else 0.0
+    if not (stats.std > 0 and stats.finite >= MIN_VALUES and peak * peak >= 0.5 * stats.finite * stats.std ** 2):
+        return stats, tensor
+    flat = tensor.detach().float().flatten().clone()
+    flat[(flat - stats.mean).abs().nan_to_num(0.0).argmax()] = stats.mean
+    rest = flat.view(tensor.shape)
+    return compute(rest, unit_axis, split=False), rest
 
 
 def _shape_fit(stats: TensorStats, tensor: torch.Tensor, nonzero: int) -> tuple[str, float | None, float | None, float]:

@@ -59,6 +59,7 @@ class ProbeRow:
     grad_norm: float | None = None
     dead_fraction: float | None = None
     saturated_fraction: float | None = None
+    constant: bool | None = None  # the output was the same for every input of the batch (None: batch of one)
 
 
 @dataclass
@@ -109,18 +110,19 @@ class _Seen:
     grad_count: int = 0
     alive: torch.Tensor | None = None      # per unit: positive somewhere on the batch
     saturated: int = 0
+    varies: bool | None = None             # the output differs between two samples of the batch (None: one sample)
 
     def to_json(self) -> dict[str, Any]:
         return {"squares": self.squares, "count": self.count, "grad_squares": self.grad_squares,
                 "grad_count": self.grad_count, "saturated": self.saturated,
-                "alive": None if self.alive is None else self.alive.tolist()}
+                "alive": None if self.alive is None else self.alive.tolist(), "varies": self.varies}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "_Seen":
         alive = data["alive"]
         return cls(float(data["squares"]), int(data["count"]), float(data["grad_squares"]), int(data["grad_count"]),
                    None if alive is None else torch.tensor([bool(a) for a in alive], dtype=torch.bool),
-                   int(data["saturated"]))
+                   int(data["saturated"]), data.get("varies"))
 
 
 def probe(loaded: Loaded, options: Options, input_shape: tuple[int, ...] | None = None, batch: int | None = None,
@@ -193,8 +195,25 @@ def _rows(analysis: Analysis, layers: list[Layer], seen: dict[str, _Seen], grad_
             math.sqrt(s.squares / s.count) / scale_in if s and s.count else None, relative.get(layer.name),
             grad_norms.get(layer.name),
             1 - float(s.alive.float().mean()) if s and s.alive is not None else None,
-            s.saturated / s.count if s and s.count and _saturation(layer) else None))
+            s.saturated / s.count if s and s.count and _saturation(layer) else None,
+            None if s is None or s.varies is None else not s.varies))
     return rows
+
+
+def dead_ends(layers: list[Layer], rows: list[ProbeRow]) -> dict[str, str]:
+    """The first layer on the main path whose measured output is all zeros, or whose units are all dead, with every
+    layer after it putting out the same for every input: the signal dies there (layer -> what was seen). Zeros that
+    are recipes are not: a branch that joins a residual sum, a gate, a head or readout (its own row)."""
+    by_name = {layer.name: layer for layer in layers}
+    for i, row in enumerate(rows):
+        layer = by_name[row.name]
+        recipe = layer.residual_after or layer.residual_branch or layer.gate_after or layer.is_output
+        dead = "its output is all zeros" if row.scale == 0 else "all its units are dead" if row.dead_fraction == 1 \
+            else None
+        after = [r.constant for r in rows[i + 1:] if r.constant is not None]
+        if dead and not recipe and after and all(after):
+            return {row.name: dead}
+    return {}
 
 
 def _findings(analysis: Analysis, layers: list[Layer], rows: list[ProbeRow], options: Options) -> list[Finding]:
@@ -202,12 +221,14 @@ def _findings(analysis: Analysis, layers: list[Layer], rows: list[ProbeRow], opt
     by_name = {row.name: row for row in rows}
     forward, backward = depth.judged(layers, {r.name: r.scale for r in rows}, {r.name: r.grad_scale for r in rows},
                                      options.signal_band)
+    dead = dead_ends(layers, rows)
+    forward.update(dict.fromkeys(dead, "vanishing"))
     measured: list[Measured] = []
     for m in analysis.measured:
         row = by_name.get(m.layer.name)
         if row is None or m.param is not m.layer.param("weight"):
             continue
-        seen = depth.LayerDepth(row.name, gain=None, scale=row.scale, grad_scale=row.grad_scale)
+        seen = depth.LayerDepth(row.name, gain=None, scale=row.scale, grad_scale=row.grad_scale, dead=dead.get(row.name))
         facts = {**m.facts, **signal_facts(m.layer, seen, forward, backward, origin="measured")}
         facts.update(predicted_scale=row.scale, predicted_grad_scale=row.grad_scale)
         measured.append(replace(m, facts=facts))
@@ -229,6 +250,8 @@ def _record(seen: _Seen, layer: Layer, out: torch.Tensor) -> None:
     limit = _saturation(layer)
     if limit is not None:
         seen.saturated += int((z.abs() > limit).sum())
+    if z.dim() >= 1 and z.shape[0] >= 2:
+        seen.varies = bool(seen.varies) or bool((z != z[:1]).any())
     if layer.activation.name in DEAD_ACTIVATIONS and not (layer.norm_after or layer.residual_after) and z.dim() >= 1:
         axis = 1 if layer.kind.startswith("conv") and z.dim() > 2 else z.dim() - 1
         alive = (z > 0).movedim(axis, 0).reshape(z.shape[axis], -1).any(dim=1)

@@ -37,7 +37,8 @@ def _cell(value: float | None, span: tuple[int, int]) -> int | None:
 
 
 def bar(predicted: float | None, measured: float | None, span: tuple[int, int], band: tuple[float, float]) -> Text:
-    """One row of a log axis: the band dim, 1 as a tick, predicted ○ and measured ● (◉ where they meet)."""
+    """One row of a log axis: the band dim, 1 as a tick, predicted ○ and measured ● (◉ where they meet); a measured 0,
+    which has no place on a log axis, as ✕ at its floor."""
     lo, hi, one = _cell(band[0], span), _cell(band[1], span), _cell(1.0, span)
     chars = [("·" if lo <= i <= hi else " ", "dim") for i in range(AXIS)]
     chars[one] = ("│", "dim")
@@ -46,6 +47,8 @@ def bar(predicted: float | None, measured: float | None, span: tuple[int, int], 
         chars[p] = ("○", "cyan" if lo <= p <= hi else "bold red")
     if m is not None:
         chars[m] = ("◉" if m == p else "●", "green" if lo <= m <= hi else "bold red")
+    elif measured == 0:
+        chars[0] = ("✕", "bold red")
     return Text.assemble(*chars)
 
 
@@ -94,7 +97,7 @@ def _draw(console, report, band: tuple[float, float]) -> None:
                       bar(r.predicted_grad_scale, r.grad_scale, backward, band), number(r.predicted_grad_scale),
                       number(r.grad_scale), _share(r.dead_fraction), _share(r.saturated_fraction))
     console.print(table)
-    console.print(Text(f"log axes; ○ predicted, ● measured (◉ both), band {band[0]:g}…{band[1]:g} shaded; forward: RMS "
+    console.print(Text(f"log axes; ○ predicted, ● measured (◉ both, ✕ exactly 0: dead), band {band[0]:g}…{band[1]:g} shaded; forward: RMS "
                        "of the layer's output / the input's; gradient: RMS at the layer's output / at the last hidden "
                        "layer's", style="dim"))
     for f in report.findings:
@@ -133,6 +136,9 @@ def plot(report, path: Path, band: tuple[float, float], fmt: str | None = None) 
         ax.plot(x, [v if v else float("nan") for v in pred], "o--", mfc="none", label="predicted")
         ax.plot(x, [v if v else float("nan") for v in meas], ".-", label="measured")
         ax.set_yscale("log")
+        dead = [i for i, v in zip(x, meas) if v == 0]
+        if dead:  # 0 has no place on a log axis: marked at its floor
+            ax.plot(dead, [ax.get_ylim()[0]] * len(dead), "x", color="red", clip_on=False, label="measured 0 (dead)")
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("layer (forward order)")
         ax.grid(True, which="major", alpha=0.3)

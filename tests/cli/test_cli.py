@@ -29,7 +29,7 @@ def test_error_exits_1_and_names_layer(cli):
 
 
 def test_fail_on_controls_warnings(cli):
-    path = FIXTURES / "deep_relu_mlp_xavier.pt"
+    path = FIXTURES / "duplicate_filters_cnn.pt"  # one duplicate-units warning
     assert cli("check", path, "--activation", "relu").exit_code == 0
     assert cli("check", path, "--activation", "relu", "--fail-on", "warning").exit_code == 1
     assert cli("check", FIXTURES / "zero_layer_mlp.pt", "--fail-on", "never").exit_code == 0
@@ -47,7 +47,7 @@ def test_json_contract(cli):
     assert set(finding) >= {"rule", "code", "severity", "layer", "tensor", "message", "expected", "actual", "fix"}
     assert finding["rule"] == "init-activation-mismatch" and finding["actual"] == "xavier-normal"
     assert finding["expected"] == "kaiming-normal" and "kaiming_normal_" in finding["fix"]
-    assert data["summary"] == {"layers": 12, "errors": 0, "warnings": 11, "infos": 0}
+    assert data["summary"] == {"layers": 12, "errors": 11, "warnings": 0, "infos": 0}
 
 
 def test_select_and_ignore(cli):

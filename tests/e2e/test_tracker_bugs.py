@@ -17,8 +17,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+import initaudit
 from fixtures import relations_models as gpt
 from helpers import trained_models as tm
+from judge import test_conventions as ssm
 from helpers.cli import run
 
 SERIOUS = ("warning", "error")
@@ -26,7 +28,7 @@ SERIOUS = ("warning", "error")
 
 @dataclass
 class Case:
-    build: Callable[[bool, Path], list]   # (bug?, folder) -> the command line's arguments after `check`
+    build: Callable[[bool, Path], list | nn.Module]  # (bug?, folder) -> `check`'s arguments, or a live module
     caught: dict[str, set[str]]           # rule -> the layers it must name on the bug side
 
     @property
@@ -34,8 +36,11 @@ class Case:
         return (self.build.__doc__ or "").strip().splitlines()[0]
 
 
-def check(args: list) -> dict:
-    result = run("check", *args, "--format", "json")
+def check(target: list | nn.Module) -> dict:
+    """The JSON report of `check` with these arguments, or of audit() on a live module (a user's own class)."""
+    if isinstance(target, nn.Module):
+        return initaudit.audit(target).to_dict()
+    result = run("check", *target, "--format", "json")
     assert result.exit_code in (0, 1), result.output[-2000:]
     return json.loads(result.output)
 
@@ -156,6 +161,35 @@ def weight_norm_gain_zeroed(bug: bool, folder: Path) -> list:
     return [folder / "model.pt", "--activation", "tanh"]
 
 
+def mamba_dt_overwritten(bug: bool, folder: Path) -> list:
+    """https://github.com/athms/mad-lab/issues/3: a model-wide _init_weights draws every Linear normal(0.02) and
+    zeroes every bias, overwriting Mamba's dt_proj (softplus(0) = 0.69, far above dt_max = 0.1)."""
+    torch.manual_seed(0)
+    torch.save(ssm.LanguageModel(fixed=not bug).state_dict(), folder / "model.pt")
+    return [folder / "model.pt"]
+
+
+def mamba2_dt_bias_ones(bug: bool, folder: Path) -> list:
+    """https://github.com/huggingface/transformers/issues/43717: Mamba2Mixer used on its own kept dt_bias at ones."""
+    torch.save(ssm.mixer_stack(dt_bias_ones=bug).state_dict(), folder / "model.pt")
+    return [folder / "model.pt"]
+
+
+def gemma_norms_at_ones(bug: bool, folder: Path) -> nn.Module:
+    """https://github.com/huggingface/transformers/pull/40796: Gemma's RMSNorm computes x·(1+w) but was initialized
+    with ones, doubling the signal at every norm."""
+    return ssm.gemma(norms_at_ones=bug)
+
+
+def final_norm_zero(bug: bool, folder: Path) -> nn.Module:
+    """https://github.com/pytorch/torchtitan/pull/4489: the final output norm's gain zero-initialized (its center
+    at 0): the hidden states and logits are zero, the decoder and head get no gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.RMSNorm(64), nn.Linear(64, 10))
+    nn.init.zeros_(model[3].weight) if bug else nn.init.ones_(model[3].weight)
+    return model
+
+
 CASES = {
     "compile-prefix": Case(compile_prefix, {"recipe-mismatch": {"0", "1", "2"}}),
     "gpt2-scaled-init-skipped": Case(gpt2_scaled_init_skipped, {
@@ -168,6 +202,11 @@ CASES = {
     "renamed-key-left-at-init": Case(renamed_key_left_at_init, {"unexpected-fresh": {"blocks.3"}}),
     "fsdp-random-on-all-ranks": Case(fsdp_random_on_all_ranks, {"unexpected-fresh": {"blocks.0", "blocks.5", "head"}}),
     "weight-norm-gain-zeroed": Case(weight_norm_gain_zeroed, {"zero-weights": {"2"}}),
+    "mamba-dt-overwritten": Case(mamba_dt_overwritten, {
+        "convention-mismatch": {f"blocks.{i}.dt_proj" for i in range(4)}}),
+    "mamba2-dt-bias-ones": Case(mamba2_dt_bias_ones, {"convention-mismatch": {"0", "1", "2"}}),
+    "gemma-norms-at-ones": Case(gemma_norms_at_ones, {"convention-mismatch": {"model.norm"}}),
+    "final-norm-zero": Case(final_norm_zero, {"zero-weights": {"3"}}),
 }
 
 
@@ -216,4 +255,4 @@ def test_the_fixed_twin_is_clean(name, tmp_path):
 
 
 def test_every_case_names_its_source():
-    assert len(CASES) >= 9 and all(case.source.startswith("https://github.com/") for case in CASES.values())
+    assert len(CASES) >= 13 and all(case.source.startswith("https://github.com/") for case in CASES.values())

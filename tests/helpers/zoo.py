@@ -21,7 +21,7 @@ from torch import nn
 @dataclass(frozen=True)
 class Stock:
     name: str                       # library/model
-    family: str                     # cnn | vit | mlp-mixer | encoder | decoder | seq2seq | speech
+    family: str                     # cnn | vit | mlp-mixer | encoder | decoder | seq2seq | speech | ssm
     make: Callable[[], nn.Module]
 
     @property
@@ -166,6 +166,11 @@ ZOO: tuple[Stock, ...] = (
                                                vocab_size=1000)),
     Stock("transformers/falcon", "decoder", _hf("FalconForCausalLM", "FalconConfig", hidden_size=128,
                                                 num_hidden_layers=2, num_attention_heads=4, vocab_size=1000)),
+    # ---------------------------------------------------------------- transformers: state-space models
+    Stock("transformers/mamba", "ssm", _hf("MambaForCausalLM", "MambaConfig", vocab_size=1000, hidden_size=128,
+                                           state_size=16, num_hidden_layers=2, time_step_init_scheme="constant")),
+    Stock("transformers/mamba2", "ssm", _hf("Mamba2ForCausalLM", "Mamba2Config", vocab_size=1000, hidden_size=128,
+                                            state_size=16, num_hidden_layers=2, head_dim=16, num_heads=16, n_groups=1)),
     # ---------------------------------------------------------------- transformers: seq2seq
     Stock("transformers/t5", "seq2seq", _hf("T5ForConditionalGeneration", "T5Config", d_model=128, d_ff=256,
                                             num_layers=2, num_heads=4, d_kv=32, vocab_size=1000)),

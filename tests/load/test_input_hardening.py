@@ -403,19 +403,19 @@ def test_every_float_dtype_is_audited(dtype, fmt, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", sorted(SKIPPED, key=str), ids=str)
-def test_dtypes_without_real_values_are_skipped_with_a_note(dtype, tmp_path):
+def test_dtypes_without_real_values_are_named_in_coverage(dtype, tmp_path):
     weights = {"fc.weight": (kaiming(8, 16) * 10).to(dtype), "fc.bias": torch.zeros(8)}
     path = tmp_path / "m.safetensors"
     save_file(weights, path)
     report = initaudit.audit(path)
-    assert [n for n in report.notes if SKIPPED[dtype] in n and "fc.weight" in n]
+    assert [n for n in report.coverage.not_audited if SKIPPED[dtype] in n.reason and "fc.weight" in n.tensors]
     assert not report.layers
 
 
-def test_float4_is_skipped_with_a_note(tmp_path):
+def test_float4_is_named_in_coverage(tmp_path):
     packed = torch.zeros(8, 4, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
     path = pt(tmp_path, {"fc.weight": packed, "fc.bias": torch.zeros(8)})
-    assert any("float4_e2m1fn_x2" in n for n in initaudit.audit(path).notes)
+    assert "float4_e2m1fn_x2" in initaudit.audit(path).coverage.line()
 
 
 def test_empty_tensors_give_empty_stats(tmp_path):
@@ -443,13 +443,13 @@ def test_sparse_and_quantized_tensors_are_audited_as_dense(tmp_path):
     assert ("duplicate-units", "fc") in report.by_rule() == dense.by_rule()
 
 
-def test_large_sparse_tensor_is_skipped_with_a_note(tmp_path, monkeypatch):
+def test_large_sparse_tensor_is_named_in_coverage(tmp_path, monkeypatch):
     monkeypatch.setattr("initaudit.measure.stats.SPARSE_DENSE_LIMIT", 1000)
     path = pt(tmp_path, {"fc.weight": kaiming(64, 64).to_sparse(), "fc.bias": torch.zeros(64)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = initaudit.audit(path)
-    assert any("sparse" in n and "fc.weight" in n for n in report.notes)
+    assert [n for n in report.coverage.not_audited if "sparse" in n.reason and "fc.weight" in n.tensors]
 
 
 # ---------------------------------------------------------------- hostile shapes

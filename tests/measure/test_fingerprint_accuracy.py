@@ -263,7 +263,8 @@ def test_deep_stacks_warn_every_mismatch_and_no_pairing(name, dtype):
             for seed in (0, 1):
                 model = stack(name, act, init, seed, DTYPES[dtype])
                 report = initaudit.audit(model)
-                warned = {f.layer for f in report.findings if f.rule == MISMATCH and f.severity == "warning"}
+                # at warning or, in runs of 10 or more (the selection guide's "deep"), error
+                warned = {f.layer for f in report.findings if f.rule == MISMATCH and f.severity in ("warning", "error")}
                 assert warned == hidden_layers(model), (act, k, seed, [(r.name, r.scheme) for r in report.layers])
 
 

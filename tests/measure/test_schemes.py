@@ -206,8 +206,8 @@ def test_a_rule_judges_every_name_of_a_near_tie():
     xavier = {"scheme": "xavier-normal", "scheme_family": "xavier", "scheme_gain": "linear", "scheme_fan": "both"}
     lecun = {"scheme": "lecun-normal", "scheme_family": "lecun", "scheme_gain": "linear", "scheme_fan": "fan_in"}
     kaiming = {"scheme": "kaiming-normal-fan-out", "scheme_family": "kaiming", "scheme_gain": "relu", "scheme_fan": "fan_out"}
-    assert mismatch.verdict({**base, **xavier}) == "warning"
-    assert mismatch.verdict({**base, **xavier, rules.ALTERNATIVES: [xavier, lecun]}) == "warning"  # holds for both
+    assert mismatch.verdict({**base, **xavier}) == "error"
+    assert mismatch.verdict({**base, **xavier, rules.ALTERNATIVES: [xavier, lecun]}) == "error"  # holds for both
     assert mismatch.verdict({**base, **xavier, rules.ALTERNATIVES: [xavier, kaiming]}) == "info"   # depends on the pick
     assert mismatch.verdict({**base, **kaiming, rules.ALTERNATIVES: [kaiming, kaiming]}) is None
 

@@ -258,3 +258,18 @@ def test_small_tensors_cannot_tell_and_file_signs_decide(tmp_path):
     optimizer.step()
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": 1}, tmp_path / "ckpt.pt")
     assert initaudit.audit(tmp_path / "ckpt.pt").weights_state == "trained"
+
+
+@pytest.mark.parametrize("state", ["trained", "fresh"])
+def test_a_super_weight_is_information_on_trained_weights_only(state, trained, tmp_path):
+    """A learned entry 100 std from the rest (half a layer's variance, as "super weights" hold) is info on
+    trained weights; the very same spike on fresh weights, which no init draws, stays an error."""
+    model = trained("mlp")[0] if state == "trained" else tm.fresh("mlp")
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    w = weights[f"{HIDDEN}.weight"]
+    w[2, 2] = w.mean() + 100 * w.std()
+    torch.save(weights, tmp_path / "model.pt")
+    report = initaudit.audit(tmp_path / "model.pt")
+    spikes = [f for f in report.findings if f.rule == "weight-spike"]
+    assert [(f.layer, f.severity) for f in spikes] == [(HIDDEN, "info" if state == "trained" else "error")]
+    assert "super weight" in spikes[0].message

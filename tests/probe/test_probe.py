@@ -201,3 +201,52 @@ def test_chart_off_a_terminal_is_not_wrapped_padded_or_coloured(cli):
     lines = result.stdout.splitlines()
     assert "\x1b" not in result.stdout and all(line == line.rstrip() for line in lines)
     assert any(line.startswith("log axes;") and line.endswith("at the last hidden layer's") for line in lines)
+
+
+# ---------------------------------------------------------------- a dead main path (issue 22)
+
+def recipe_probe(name: str):
+    from fixtures import depth_recipes
+
+    return probe(load(None, module=getattr(depth_recipes, name)()), Options())
+
+
+@pytest.mark.parametrize("name, layer", [("relu_mlp_zeroed", "6"), ("conv_chain_zeroed", "4")])
+def test_a_zeroed_layer_on_the_main_path_is_where_the_signal_dies(name, layer):
+    report = recipe_probe(name)
+    (finding,) = [f for f in report.findings if f.severity != "info"]
+    assert (finding.rule, finding.layer, finding.severity, finding.origin) == ("signal-vanishing", layer, "error",
+                                                                               "measured")
+    assert "dies here" in finding.message and report.exit_code() == 1
+    rows = {row.name: row for row in report.layers}
+    assert rows[layer].scale == 0 and all(row.constant for row in report.layers[[r.name for r in report.layers].index(layer) + 1:])
+
+
+def test_all_dead_units_kill_the_signal_too():
+    from fixtures import depth_recipes
+
+    model = depth_recipes.relu_mlp_kaiming_12()
+    with torch.no_grad():
+        model[4].bias.fill_(-1e3)  # layer 4's units never fire: what follows sees zeros, puts out its bias
+    report = probe(load(None, module=model), Options())
+    assert {(f.rule, f.layer, f.severity) for f in report.findings if f.severity != "info"} == \
+        {("signal-vanishing", "4", "error")}
+
+
+@pytest.mark.parametrize("name", ["fixup_resnet", "fixup_mlp", "zero_init_residual_resnet", "dit_adaln_zero",
+                                  "rezero_mlp", "relu_mlp_kaiming_12"])
+def test_zeros_that_are_recipes_are_not_a_dead_network(name):
+    report = recipe_probe(name)
+    assert not [f for f in report.findings if f.severity != "info"] and report.exit_code() == 0
+
+
+def test_the_chart_marks_the_dead_layer(cli):
+    result = cli("probe", "--model", "fixtures.depth_recipes:relu_mlp_zeroed")
+    assert result.exit_code == 1
+    rows = {line.split()[3]: line for line in result.stdout.splitlines() if line.count("│") > 8}
+    assert all("✕" in rows[name] for name in ("6", "8", "22"))  # the zeroed layer and those after it: exactly 0
+    assert "✕ exactly 0: dead" in result.stdout
+    from initaudit.reporters.depth_chart import bar
+
+    assert bar(1.0, 0.0, (-2, 2), (0.01, 100)).plain.startswith("✕")  # 0 has no place on a log axis: its floor
+    assert "✕" not in bar(1.0, 1e-6, (-8, 2), (0.01, 100)).plain
