@@ -130,4 +130,14 @@ FACTS = {
     "duplicates_mean_resized": "the only repeated units are the rows appended by mean-resizing",
     "flow_seen": "the model's data flow was read (a module, TorchScript, ONNX, a config-built architecture): its "
                  "activations and residual sums are known, not guessed from a bare file's names and order",
+    "subnormal_share": "share of the finite entries that are subnormal (denormal) in the tensor's dtype",
+    "subnormal_excess": "the share of subnormal entries beyond 10x what a normal at the tensor's mean and std "
+                        "predicts for its dtype, and beyond 4 standard errors (0 for an init draw, fp16 too)",
+    "magnitude_decades": "log10 of the 90th percentile over the median of the nonzero |values| (a normal draw: 0.39)",
+    "huge_share": "share of the finite entries beyond 1e6 in magnitude",
+    "median_magnitude": "the median nonzero |value|",
+    "pile_share": "share of the finite entries on the most common value 8 robust stds or more from the median of "
+                  "the nonzero values (at least 8 entries of the sample; on the min or max only with a gap of a robust std "
+                  "to the other values: else a truncation bound's), else 0",
+    "pile_value": "the value pile_share counts, else none",
 }

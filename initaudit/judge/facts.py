@@ -167,6 +167,7 @@ def _stats_facts(m: Measured) -> dict[str, Any]:
         "dead_fraction": len(dead) / st.n_units if st.n_units else 0.0,
         "peak_share": _peak_share(st), "spike_ratio": _spike_ratio(st),
         "duplicate_example": short_list(groups[0]) if groups else None, **_edge_facts(st),
+        **_garbage_facts(st),
     }
 
 
@@ -177,6 +178,14 @@ def _edge_facts(st: TensorStats) -> dict[str, Any]:
         return {"edge_values": 0, "edge_bound": None, "edge_allowance": None, "edge_pile": False, "edge_peak": False}
     return {"edge_values": edges.count, "edge_bound": edges.bound, "edge_allowance": edges.allowance,
             "edge_pile": edges.pile, "edge_peak": any(abs(v) == st.abs_max for v in edges.values)}
+
+
+def _garbage_facts(st: TensorStats) -> dict[str, Any]:
+    """The signs of uninitialized memory the measuring pass read from the values (measure/garbage.py)."""
+    g = st.garbage
+    return {"subnormal_share": g.subnormal_share, "subnormal_excess": g.subnormal_excess,
+            "magnitude_decades": g.magnitude_decades, "huge_share": g.huge_share,
+            "median_magnitude": g.median_magnitude, "pile_share": g.pile_share, "pile_value": g.pile_value}
 
 
 def _dead_units(m: Measured) -> list[int]:

@@ -8,6 +8,9 @@ only temporary, and every sum (the power sums of the moments, each unit's and ea
 of squares, the units' sums and two random projections) is a reduction over the chunk or its
 squares. Narrow floats (bf16, fp16, float8) are upcast chunk by chunk into a reused buffer. A
 large tensor's chunks are shared out over the CPU's cores (`workers`) and the partial sums merged.
+A tensor whose largest |value| lies where fourth powers overflow or underflow the pass's precision (garbage
+up to 3.4e38, a layer of denormals) is read again in float64 with its values scaled by a power of two
+(`safe_scale`): statistics never overflow, and the pass over ordinary weights is the same as ever.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+
+from initaudit.measure import garbage
+from initaudit.measure.garbage import Garbage
 
 CHUNK_ELEMENTS = 1 << 18        # units are read in chunks of about this many values (1 MB of fp32: fits L2)
 SPLIT_ELEMENTS = 1 << 24        # a tensor this large is shared out over the cores in row ranges
@@ -53,6 +59,7 @@ class TensorStats:
     excess_kurtosis: float
     zero_fraction: float
     distinct: int                 # exact for tensors up to DISTINCT_SAMPLE entries, else counted in a sample
+    garbage: Garbage = field(default_factory=Garbage)  # signs of uninitialized memory, read from the sample
     norm_spread: float = math.nan  # (max - min) / mean of the unit norms (of the columns, for tall matrices)
     unit_norms: torch.Tensor | None = field(default=None, repr=False)   # each unit's (row's) norm
     input_norms: torch.Tensor | None = field(default=None, repr=False)  # each column's norm
@@ -242,8 +249,9 @@ class _Scan:
     """The chunked pass over rows [start, stop) of a [units, width] view."""
 
     def __init__(self, rows: torch.Tensor, dtype: torch.dtype, shift: float, units: bool,
-                 columns: torch.Tensor | None = None):
+                 columns: torch.Tensor | None = None, scale: float = 1.0):
         self.rows, self.dtype, self.shift, self.units, self.columns = rows, dtype, shift, units, columns
+        self.scale = scale  # every value is read times this (a power of two): shift, sums, norms are in its units
         self.picked = None if columns is None else torch.empty(rows.shape[0], columns.numel(), dtype=dtype)  # [rows, sampled]
         self.width = rows.shape[1]
         self.step = max(1, CHUNK_ELEMENTS // max(self.width, 1))
@@ -260,7 +268,7 @@ class _Scan:
         # every view made in one call: each torch call may hand the GIL over to another worker
         rows = self.rows[start:stop]
         chunks = rows.split(self.step)
-        direct = rows.dtype == self.dtype and rows.is_contiguous()  # else chunks are copied as they need
+        direct = rows.dtype == self.dtype and rows.is_contiguous() and self.scale == 1.0  # else chunks are copied
         flats = rows.view(-1).split(self.step * self.width) if direct else None
         transposed = rows.T.split(self.step, dim=1) if direct and units else None
         picked = self.picked[start:stop].split(self.step) if self.columns is not None else None
@@ -269,8 +277,10 @@ class _Scan:
             if direct:
                 flat, chunk_t = flats[i], transposed[i] if units else None
             else:
-                if chunk.dtype != self.dtype or not chunk.is_contiguous():
+                if chunk.dtype != self.dtype or not chunk.is_contiguous() or self.scale != 1.0:
                     chunk = _scratch(chunk.numel(), self.dtype, 1, "chunk")[0].view(chunk.shape).copy_(chunk)
+                    if self.scale != 1.0:
+                        chunk.mul_(self.scale)
                 flat, chunk_t = chunk.view(-1), chunk.T
             key = (chunk.shape[0], chunk.data_ptr() % _LINE)
             views = work.get(key)
@@ -390,9 +400,22 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True, split:
         return TensorStats(0, n_units, 0, 0, 0, nan_, nan_, nan_, nan_, nan_, nan_, 0.0, 0)
     dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     tall = unit_axis == 0 and tensor.dim() >= 2 and n_units > width >= 2
-    scan = _Scan(rows, dtype, _shift(rows, max(1, CHUNK_ELEMENTS // max(width, 1)), dtype), units,
-                 sample_indices(width) if tall else None)
-    ranges = _ranges(n_units, scan.step, width, split)
+    scan, total = _scan_all(rows, dtype, units, sample_indices(width) if tall else None, split)
+    if tall:
+        _keep("columns", tensor, scan.picked.T)
+    scale = safe_scale(total, dtype)
+    if scale != 1.0:  # garbage magnitudes or denormals: read again, scaled, in float64
+        scan, scaled = _scan_all(rows, torch.float64, units, None, split, scale)
+        total.sums, total.norms, total.proj, total.column_sq = scaled.sums, scaled.norms, scaled.proj, scaled.column_sq
+    return _assemble(tensor, rows, total, scan, units)
+
+
+def _scan_all(rows: torch.Tensor, dtype: torch.dtype, units: bool, columns: torch.Tensor | None, split: bool,
+              scale: float = 1.0) -> tuple[_Scan, _Part]:
+    """The chunked pass over all rows (on every core for a large tensor), its parts merged in row order."""
+    step = max(1, CHUNK_ELEMENTS // max(rows.shape[1], 1))
+    scan = _Scan(rows, dtype, _shift(rows, step, dtype) * scale, units, columns, scale)
+    ranges = _ranges(rows.shape[0], scan.step, rows.shape[1], split)
     if len(ranges) == 1:
         parts = [scan(*ranges[0])]
     else:
@@ -400,9 +423,18 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True, split:
     total = parts[0]
     for part in parts[1:]:
         total.merge(part)
-    if tall:
-        _keep("columns", tensor, scan.picked.T)
-    return _assemble(tensor, rows, total, scan.shift, units)
+    return scan, total
+
+
+def safe_scale(part: _Part, dtype: torch.dtype) -> float:
+    """1, or the power of two that brings the largest finite |value| to [0.5, 1) where it lies beyond 2^±(a fifth
+    of `dtype`'s exponent range) (fp32: 3.4e7 and 3e-8): there a chunk's sum of fourth powers overflows, or the
+    squares underflow."""
+    peak = max(-part.lo, part.hi) if part.n else 0.0
+    limit = 2.0 ** (int(math.log2(torch.finfo(dtype).max)) // 5)
+    if peak > limit or 0 < peak < 1 / limit:
+        return 2.0 ** min(-math.frexp(peak)[1], 1023)
+    return 1.0
 
 
 def _keep(name: str, tensor: torch.Tensor, value: torch.Tensor) -> None:
@@ -441,41 +473,43 @@ def column_sample(tensor: torch.Tensor) -> torch.Tensor:
     return flat.index_select(1, sample_indices(flat.shape[1])).T
 
 
-def _moments(part: _Part, shift: float) -> tuple[float, float, float]:
-    """Mean, population variance, excess kurtosis from power sums about `shift`."""
+def _moments(part: _Part, shift: float, scale: float) -> tuple[float, float, float]:
+    """Mean, population std, excess kurtosis from power sums about `shift` of values read times `scale`."""
     if part.n == 0:
         return math.nan, math.nan, math.nan
     m1, m2, m3, m4 = (s / part.n for s in part.sums)
     var = max(m2 - m1 * m1, 0.0)
     c4 = m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1 ** 4
-    return shift + m1, var, (c4 / (var * var) - 3.0 if var > 0 else math.nan)
+    return (shift + m1) / scale, math.sqrt(var) / scale, (c4 / (var * var) - 3.0 if var > 0 else math.nan)
 
 
-def _assemble(tensor: torch.Tensor, rows: torch.Tensor, part: _Part, shift: float, units: bool) -> TensorStats:
+def _assemble(tensor: torch.Tensor, rows: torch.Tensor, part: _Part, scan: _Scan, units: bool) -> TensorStats:
     n_units, width = rows.shape
-    mean, var, kurt = _moments(part, shift)
-    std = math.sqrt(var) if var == var else math.nan
+    mean, std, kurt = _moments(part, scan.shift, scan.scale)
     lo, hi = part.lo, part.hi
     spread = math.nan
     unit_norms = input_norms = unit_sums = None
     groups, negligible = [], 0
     if units and n_units:
         unit_norms, input_norms = torch.cat(part.norms).sqrt_(), part.column_sq.to(torch.float64).sqrt()
+        if scan.scale != 1.0:
+            unit_norms, input_norms = unit_norms / scan.scale, input_norms / scan.scale
         longer = unit_norms if n_units <= width else input_norms  # the norms over more values each
         mid = float(longer.mean())
         spread = float(longer.max() - longer.min()) / mid if mid > 0 else math.nan
-        proj = torch.cat(part.proj, dim=1).T
+        proj = torch.cat(part.proj, dim=1).T / scan.scale  # small: [units, 3]
         unit_sums = proj[:, 2].to(torch.float64)
         tol = _copy_tolerance(n_units, width, std, tensor.dtype)
         if n_units > 1 and lo < hi and tol is not None:
             groups = _duplicate_groups(rows, proj, tol, set(part.zero_units))
-            groups, negligible = _negligible_first(rows, groups, math.sqrt(var + mean * mean))
+            groups, negligible = _negligible_first(rows, groups, math.hypot(std, mean))
     found = part.n > 0
     return TensorStats(
         numel=rows.numel(), n_units=n_units, finite=part.n, nan=part.nan, inf=part.inf, mean=mean, std=std,
         min=lo if found else math.nan, max=hi if found else math.nan,
         abs_max=max(abs(lo), abs(hi)) if found else math.nan, excess_kurtosis=kurt,
         zero_fraction=part.zeros / rows.numel(), distinct=_distinct(tensor),
+        garbage=garbage.evidence(sorted_sample(tensor), tensor.dtype, mean, std, lo, hi) if found else Garbage(),
         norm_spread=spread, unit_norms=unit_norms, input_norms=input_norms,
         unit_sums=unit_sums, zero_units=part.zero_units, duplicate_groups=groups, negligible_groups=negligible,
         min_count=part.lo_count, max_count=part.hi_count, dtype=tensor.dtype)

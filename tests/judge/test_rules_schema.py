@@ -64,7 +64,7 @@ def test_malformed_rules_name_file_and_rule(tmp_path, mutation, complaint):
 def test_select_and_ignore_by_name_code_and_prefix():
     loaded = rules.builtin_rules()
     assert {r.name for r in rules.select(loaded, ["IA1"])} == {"zero-weights", "constant-weights", "dead-units", "duplicate-units",
-                                                              "weight-spike", "truncation-edge"}
+                                                              "weight-spike", "uninitialized-memory", "truncation-edge"}
     assert "nonzero-bias" not in {r.name for r in rules.select(loaded, None, ["nonzero-bias"])}
     with pytest.raises(InputError):
         rules.select(loaded, ["no-such-rule"])

@@ -148,3 +148,64 @@ def test_only_a_tensor_larger_than_a_cores_share_of_the_model_is_split(monkeypat
     seen.clear()
     initaudit.audit(torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512)))
     assert seen[(512, 512)] is False  # two equal halves: one per core
+
+
+def _scaled_reference(values: torch.Tensor) -> tuple[float, float, float]:
+    """Mean, std and excess kurtosis in float64 numpy, of the finite values scaled to about 1 (no overflow)."""
+    import numpy as np
+    x = values.double().numpy().ravel()
+    x = x[np.isfinite(x)]
+    scale = float(np.abs(x).max())
+    y = x / scale
+    d = y - y.mean()
+    return y.mean() * scale, y.std() * scale, float((d ** 4).mean() / (d ** 2).mean() ** 2 - 3)
+
+
+def _random_bits(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    import numpy as np
+    return torch.frombuffer(bytearray(np.random.default_rng(seed).bytes(n * dtype.itemsize)), dtype=dtype).clone()
+
+
+@pytest.mark.parametrize("dtype, top", [(torch.float32, 2.9e38), (torch.bfloat16, 2.9e38), (torch.float16, 6e4),
+                                        (torch.float64, 1e300)])
+def test_statistics_never_overflow(dtype, top, monkeypatch):
+    """Garbage up to the dtype's largest values (random bits, NaN/Inf dropped): mean, std, kurtosis and the unit
+    norms are finite and exact, chunked or not, on one core or split."""
+    x = _random_bits(96 * 80, dtype, seed=7).nan_to_num(0.0, 0.0, 0.0)
+    x = x.clamp(-top, top) if dtype != torch.float64 else (x.double().clamp(-1, 1) * top).to(dtype)
+    x = x.reshape(96, 80)
+    mean, std, kurt = _scaled_reference(x)
+    whole = stats.compute(x)
+    monkeypatch.setattr(stats, "CHUNK_ELEMENTS", 80 * 7)
+    monkeypatch.setattr(stats, "SPLIT_ELEMENTS", 1)
+    monkeypatch.setattr(stats, "workers", lambda: 2)
+    split = stats.compute(x)
+    for st in (whole, split):
+        assert st.std == pytest.approx(std, rel=1e-6) and math.isfinite(st.std)  # fp16 stays in the fp32 pass
+        assert st.mean == pytest.approx(mean, rel=1e-6, abs=std * 1e-12)
+        assert st.excess_kurtosis == pytest.approx(kurt, rel=1e-5)
+        norms = x.double().div(float(x.double().abs().max())).norm(dim=1) * float(x.double().abs().max())
+        assert torch.allclose(st.unit_norms.double(), norms, rtol=1e-6)
+        assert (st.min, st.max) == (float(x.min()), float(x.max()))
+
+
+def test_a_layer_of_denormals_keeps_its_std():
+    """fp32 squares of denormals underflow to 0: the std was 0 for a layer that is not constant."""
+    import numpy as np
+    ints = np.arange(1, 4097, dtype=np.uint32) * 997 % (1 << 23)
+    x = torch.from_numpy(ints.view(np.float32).copy()).reshape(64, 64)
+    st = stats.compute(x)
+    assert st.std == pytest.approx(float(x.double().std(unbiased=False)), rel=1e-12) and st.std > 0
+    assert st.zero_fraction == 0 and st.min == float(x.min())
+
+
+def test_ordinary_weights_are_read_once_at_their_precision(monkeypatch):
+    """The float64 re-read is for garbage only: ordinary fp32 weights take the one pass they always took."""
+    reads = []
+    original = stats._Scan.__init__
+    monkeypatch.setattr(stats._Scan, "__init__", lambda self, *a, **k: (reads.append(a[1]), original(self, *a, **k))[1])
+    torch.manual_seed(0)
+    stats.compute(torch.randn(128, 128) * 0.02)
+    assert reads == [torch.float32]
+    stats.compute(_random_bits(128 * 128, torch.float32, seed=1).nan_to_num(0.0, 0.0, 0.0).reshape(128, 128))
+    assert reads == [torch.float32, torch.float32, torch.float64]
