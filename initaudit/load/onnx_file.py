@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -122,24 +123,55 @@ def load(path: Path) -> Loaded:
 
     def get(key: str) -> torch.Tensor:
         view = layers.views[key]
-        data = value(view.source)[view.index]
+        data = dequantize(view, value)[view.index]
         if data.dtype not in (np.float16, np.float32, np.float64):
             data = data.astype(np.float32)  # bfloat16 and the like
+        if view.shape is not None:
+            data = data.reshape(view.shape)
         return torch.from_numpy(np.array(data, order="C"))  # a copy: numpy_helper's arrays are read-only
 
-    shapes = {k: _shape(tuple(sources[v.source].dims), v.index) for k, v in layers.views.items()}
+    shapes = {k: v.shape or _shape(tuple(sources[v.source].dims), v.index) for k, v in layers.views.items()}
     return Loaded(path, "onnx", TensorSource(shapes, get), flow=layers.flow, modules=layers.modules,
                   container=OnnxContainer(model, layers.views, sources, layers.outputs), notes=layers.notes,
                   files=[path.resolve(), *data_files], unread=unread(model.graph, sources, layers.views))
 
 
+def dequantize(view: View, value: Callable[[str], np.ndarray]) -> np.ndarray:
+    """The tensor a view reads: its source, or for a quantized one (x − zero_point)·scale, the scale and zero
+    point broadcast along the view's axis."""
+    data = value(view.source)
+    if view.scale is None:
+        return data
+    along = [1] * data.ndim
+    along[view.axis] = -1
+
+    def spread(name: str) -> np.ndarray:
+        part = np.asarray(value(name), dtype=np.float32).reshape(-1)
+        return part.reshape(along) if part.size > 1 else part.reshape(())
+
+    zero = spread(view.zero_point) if view.zero_point is not None else np.float32(0)
+    return (data.astype(np.float32) - zero) * spread(view.scale)
+
+
+_QUANTIZERS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
 def unread(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto], views: dict[str, View]) -> dict:
-    """The tensors no layer reads, (kind, reason) -> names, by the (top-level) op that takes them."""
+    """The tensors no layer reads, (kind, reason) -> names, by the (top-level) op that takes them; a dequantized
+    weight's scale and zero point are named as such."""
     read = {view.source for view in views.values()}
+    params = {name for view in views.values() for name in view.reads()} - read
     takes = {name: node.op_type for node in graph.node for name in node.input}
+    steps = {name for node in graph.node if node.op_type in _QUANTIZERS for name in node.input[1:]}
     out: dict[tuple[str, str], list[str]] = {}
     for key, proto in sources.items():
-        if key in read:
+        if key in params:
+            out.setdefault(("quantization parameter", "scale or zero point of an audited quantized weight"),
+                           []).append(key)
+        elif key in steps:
+            out.setdefault(("quantization parameter", "scale or zero point of an activation's quantization"),
+                           []).append(key)
+        if key in read | params | steps:
             continue
         op = takes.get(key, "no top-level op")
         if any(mark in op for mark in ("Integer", "QLinear", "Quantize", "NBits")):
