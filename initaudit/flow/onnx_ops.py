@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -19,7 +19,7 @@ import onnx
 from initaudit.flow.activations import Activation
 from initaudit.flow.dataflow import ACT, ADD, MUL, NORM, PASS, SCALE, STOP, Flow, scale_factor
 from initaudit.flow.layers import ModuleInfo, embedding_name, split_key
-from initaudit.flow.onnx_scopes import FLOAT_TYPES, GraphIndex, ModuleNames, attribute, fused_norm
+from initaudit.flow.onnx_scopes import EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, ModuleNames, attribute, fused_norm
 
 SHAPE_ONLY = frozenset({"Shape", "Size"})  # read a tensor's shape, not its values: no signal flows through
 _NORM_OPS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
@@ -76,10 +76,11 @@ class FoundLayers:
         the initializer's own."""
         return g.alias_name(read) or self.shown[g.source(read)]
 
-    def claim(self, g: GraphIndex, node: onnx.NodeProto, read: str) -> str:
-        """A layer name for the node whose weight it reads as `read`, made unique (`name#2`) against other weights."""
+    def claim(self, g: GraphIndex, node: onnx.NodeProto, read: str, shown: str | None = None) -> str:
+        """A layer name for the node whose weight it reads as `read` (a user knows it as `shown`, by default its
+        own name), made unique (`name#2`) against other weights."""
         weight, lookup = g.source(read), node.op_type == "Gather"
-        name = self.names.layer(node, self.seen(g, read))
+        name = self.names.layer(node, shown or self.seen(g, read))
         if self.lookups.get(name, lookup) != lookup:  # a table tied to a head: each layer under its own module
             name = self.names.scope(node) or name
         base, n = name, 1
@@ -90,10 +91,10 @@ class FoundLayers:
         return name
 
     def add_layer(self, g: GraphIndex, i: int, node: onnx.NodeProto, weight: str | View, module: ModuleInfo,
-                  read: str | None = None) -> str:
+                  read: str | None = None, shown: str | None = None) -> str:
         """Node i of g becomes the layer `module` whose weight is `weight`, read as `read` (default: the node's
-        second input); returns the layer's name."""
-        name = self.claim(g, node, read or node.input[1])
+        second input) and known as `shown`; returns the layer's name."""
+        name = self.claim(g, node, read or node.input[1], shown)
         self.layer_of[g, i] = name
         if g is self.root:
             self.out.outputs.setdefault(name, node.output[0])
@@ -236,6 +237,43 @@ def _rescale(g: GraphIndex, node: onnx.NodeProto) -> tuple[str | None, str]:
     return (scales[0] if len(scales) == 1 else None), mul.output[0]
 
 
+def _einsum_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
+    """Einsum of a computed tensor by one weight initializer (a projection: 'bsd,hd->bsh', 'bsd,dhk->bshk'): a
+    linear layer, fan_in the weight's summed dims, fan_out those it keeps; a weight of rank > 2 is read as
+    [out, in] (or [in, out])."""
+    views = [weight_view(g, name) for name in node.input]
+    parts = _einsum_terms(attribute(node, "equation", b""))
+    if parts is None or len(views) != 2 or sum(v is not None for v in views) != 1:
+        return
+    k = 0 if views[0] is not None else 1
+    weight, letters, other, result = views[k], parts[k], parts[1 - k], parts[2]
+    dims = g.dims(weight.source)
+    kept = "".join(c for c in letters if c in result and c not in other)
+    summed = "".join(c for c in letters if c in other and c not in result)
+    if len(dims) != len(letters) or not kept or not summed or letters not in (kept + summed, summed + kept):
+        return
+    size = dict(zip(letters, dims))
+    fans = (math.prod(size[c] for c in kept), math.prod(size[c] for c in summed))  # (out, in)
+    transposed = letters.startswith(summed)
+    shape = None if len(dims) == 2 else fans[::-1] if transposed else fans
+    read = _read_name(g, node.input[k])
+    own = found.seen(g, read)
+    shown = None if own.endswith(".weight") or EXPORTER_CONSTANT.match(own) else f"{own}.weight"
+    name = found.add_layer(g, i, node, replace(weight, shape=shape), ModuleInfo("linear", node.op_type, transposed),
+                           read, shown)  # a bare parameter (`attn.q`) is a layer of its own
+    found.add_view(f"{name}.bias", _added_bias(g, node.output[0], fans[0]))
+
+
+def _einsum_terms(equation: bytes | str) -> tuple[str, str, str] | None:
+    """An explicit two-operand Einsum equation's (first, second, result) letters; None for any other."""
+    text = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    terms, arrow, result = text.partition("->")
+    operands = terms.split(",")
+    if not arrow or len(operands) != 2 or "." in text or any(len(set(t)) != len(t) for t in (*operands, result)):
+        return None
+    return operands[0], operands[1], result
+
+
 def _untransposed(g: GraphIndex, name: str) -> tuple[str, bool]:
     """The tensor a 2-d `Transpose` of an initializer reads (a head tied to a token table: MatMul by its
     transpose), and whether one was undone; else `name` itself."""
@@ -339,7 +377,7 @@ def _parameter_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeP
 
 LAYER_OPS: dict[str, LayerHandler] = {
     "Gemm": _linear_layer, "MatMul": _linear_layer, "Conv": _conv_layer, "ConvTranspose": _conv_layer,
-    "MatMulInteger": _integer_layer, "ConvInteger": _integer_layer,
+    "MatMulInteger": _integer_layer, "ConvInteger": _integer_layer, "Einsum": _einsum_layer,
     "LSTM": _recurrent_layer, "GRU": _recurrent_layer, "RNN": _recurrent_layer, "Gather": _gather_layer,
     "PRelu": _prelu_layer, **dict.fromkeys(_NORM_OPS, _norm_layer),
 }
