@@ -94,8 +94,9 @@ def unpacked_linears(state: Mapping) -> dict[str, torch.Tensor]:
     return out
 
 
-# Tensors of packed quantized layouts no dequantization here reads: GPTQ/AWQ (qweight, qzeros, scales, g_idx),
-# bitsandbytes (int8: SCB, weight_format; 4-bit: absmax, quant_map, quant_state.*), FP8 with its scale.
+# Tensors of packed quantized layouts no dequantization here reads, by the key that marks each layout: GPTQ/AWQ
+# (qweight, qzeros, scales, g_idx), bitsandbytes int8 (weight, SCB, weight_format) and 4-bit (weight and its
+# `weight.absmax`, `weight.quant_map`, `weight.quant_state.*`), FP8 with its scale (`weight_scale(_inv)`).
 _PACKED_SIBLINGS = {
     "qweight": ("qweight", "qzeros", "scales", "g_idx"),
     "SCB": ("weight", "SCB", "weight_format"),
@@ -116,5 +117,7 @@ def packed_quantized(keys: list[str]) -> list[str]:
             if key == marker or key.endswith(f".{marker}"):
                 module = key[:-len(marker)]
                 found.update(f"{module}{s}" for s in siblings if f"{module}{s}" in present)
-                found.update(k for k in present if k.startswith(f"{module}weight.") and marker.startswith("weight."))
+    four_bit = tuple(key[:-len("quant_map")] for key in found if key.endswith("weight.quant_map"))  # 'l.weight.'
+    if four_bit:
+        found.update(key for key in keys if key.startswith(four_bit))
     return [key for key in keys if key in found]

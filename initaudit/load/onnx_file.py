@@ -137,41 +137,54 @@ def load(path: Path) -> Loaded:
 
 
 def dequantize(view: View, value: Callable[[str], np.ndarray]) -> np.ndarray:
-    """The tensor a view reads: its source, or for a quantized one (x − zero_point)·scale, the scale and zero
-    point broadcast along the view's axis."""
+    """The tensor a view reads: its source, or for a quantized one (x − zero_point)·scale."""
     data = value(view.source)
     if view.scale is None:
         return data
-    along = [1] * data.ndim
+    zero, scale = _scale_and_zero(view, data.ndim, value)
+    return (data.astype(np.float32) - zero) * scale
+
+
+def stored(view: View, values: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """Values read through `view` (`fix`'s new ones) as its source stores them at the view's index, in the
+    source's layout; a quantized weight is not rewritten (its scale was fitted to the values it holds)."""
+    if view.scale is not None:
+        raise InputError(f"tensor {view.source!r} is a quantized weight: fix the float model and quantize it again")
+    return values.reshape(source[view.index].shape).astype(source.dtype)
+
+
+def _scale_and_zero(view: View, ndim: int, value: Callable[[str], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A quantized view's zero point and scale, shaped to broadcast along its axis of a rank-`ndim` tensor."""
+    along = [1] * ndim
     along[view.axis] = -1
 
     def spread(name: str) -> np.ndarray:
         part = np.asarray(value(name), dtype=np.float32).reshape(-1)
         return part.reshape(along) if part.size > 1 else part.reshape(())
 
-    zero = spread(view.zero_point) if view.zero_point is not None else np.float32(0)
-    return (data.astype(np.float32) - zero) * spread(view.scale)
+    zero = spread(view.zero_point) if view.zero_point is not None else np.zeros((), np.float32)
+    return zero, spread(view.scale)
 
 
 _QUANTIZERS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_WEIGHT_STEP = ("quantization parameter", "scale or zero point of an audited quantized weight")
+_ACTIVATION_STEP = ("quantization parameter", "scale or zero point of an activation's quantization")
 
 
 def unread(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto], views: dict[str, View]) -> dict:
-    """The tensors no layer reads, (kind, reason) -> names, by the (top-level) op that takes them; a dequantized
-    weight's scale and zero point are named as such."""
+    """The tensors no layer reads, (kind, reason) -> names, by the (top-level) op that takes them; the scales and
+    zero points of dequantized weights and of quantized activations are named as such."""
     read = {view.source for view in views.values()}
-    params = {name for view in views.values() for name in view.reads()} - read
+    steps = {name: _WEIGHT_STEP for view in views.values() for name in view.reads() if name not in read}
+    for node in graph.node:
+        if node.op_type in _QUANTIZERS:
+            steps.update({name: _ACTIVATION_STEP for name in node.input[1:] if name not in steps and name not in read})
     takes = {name: node.op_type for node in graph.node for name in node.input}
-    steps = {name for node in graph.node if node.op_type in _QUANTIZERS for name in node.input[1:]}
     out: dict[tuple[str, str], list[str]] = {}
     for key, proto in sources.items():
-        if key in params:
-            out.setdefault(("quantization parameter", "scale or zero point of an audited quantized weight"),
-                           []).append(key)
-        elif key in steps:
-            out.setdefault(("quantization parameter", "scale or zero point of an activation's quantization"),
-                           []).append(key)
-        if key in read | params | steps:
+        if key in steps:
+            out.setdefault(steps[key], []).append(key)
+        if key in read or key in steps:
             continue
         op = takes.get(key, "no top-level op")
         if any(mark in op for mark in ("Integer", "QLinear", "Quantize", "NBits")):
