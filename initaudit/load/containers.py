@@ -100,7 +100,7 @@ def unpacked_linears(state: Mapping) -> dict[str, torch.Tensor]:
 _PACKED_SIBLINGS = {
     "qweight": ("qweight", "qzeros", "scales", "g_idx"),
     "SCB": ("weight", "SCB", "weight_format"),
-    "weight.quant_map": ("weight",),
+    "weight.quant_map": ("weight", "weight.quant_map"),
     "weight_scale": ("weight", "weight_scale", "input_scale"),
     "weight_scale_inv": ("weight", "weight_scale_inv"),
 }

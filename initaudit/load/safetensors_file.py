@@ -135,7 +135,8 @@ def load(path: Path) -> Loaded:
         raise NoWeights(f"{path}: a safetensors file holding no tensors: nothing to audit")
     keys = sorted(file.keys(), key=natural_key)
     packed = packed_quantized(keys)
-    keys = [k for k in keys if k not in packed]
+    left_out = set(packed)
+    keys = [k for k in keys if k not in left_out]
     note = ("activations are unknown in a bare safetensors file: pass --activation (or --model"
             " package.module:factory) to check scales against them")
     return Loaded(path, "safetensors", TensorSource({k: file.shape(k) for k in keys}, file.get, release=file.release,

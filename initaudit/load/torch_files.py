@@ -219,7 +219,8 @@ def load(path: Path, trust_pickle: bool) -> Loaded:
         return modules.from_module(obj, path, fmt="torch-module")
     state, container = _weights_in(obj, path)
     packed = packed_quantized(list(state))
-    state = {k: v for k, v in state.items() if k not in packed}
+    left_out = set(packed)
+    state = {k: v for k, v in state.items() if k not in left_out}
     container.pages = MappedFile(path)
     notes = ["activations are unknown in a bare state_dict: pass --activation (or --model package.module:factory)"
              " to check scales against them", foreign.note(obj)]
