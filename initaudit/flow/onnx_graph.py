@@ -144,11 +144,10 @@ class _FlowBuilder:
         """The node computes quantization parameters or a weight from them and the file's tensors alone: a
         DequantizeLinear of an initializer, the product of an input's scale and a weight's."""
         inputs = [name for name in node.input if name]
-        stored = [name for name in inputs if g.source(name) is not None]
         if node.op_type == "DequantizeLinear" and inputs and g.source(inputs[0]) is not None:
             return True
         return any(name in self.quantization for name in inputs) and all(
-            name in self.quantization or name in stored for name in inputs)
+            name in self.quantization or g.source(name) is not None for name in inputs)
 
     def control(self, g: GraphIndex, i: int, node: onnx.NodeProto, made: ChainMap) -> None:
         """An If/Loop/Scan (or other graph-holding) node: its subgraphs' values flow on to its outputs."""
