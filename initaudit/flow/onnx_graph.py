@@ -24,7 +24,7 @@ import onnx
 from initaudit.flow.activations import UNKNOWN, Activation
 from initaudit.flow.dataflow import ACT, LAYER, NORM, OUTPUT, PASS, SCALE, Flow
 from initaudit.flow.onnx_ops import (SHAPE_ONLY, SUBGRAPH_OPS, FoundLayers, OnnxLayers, SubgraphContract, View,
-                                     constant_factor, find_layers, flow_role)
+                                     constant_factor, find_layers, flow_role, signal_outputs)
 from initaudit.flow.onnx_scopes import EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, ModuleNames, scopes, walk
 
 _ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Softplus", "Sqrt", "Identity", "Cast", "Constant"}
@@ -56,7 +56,7 @@ def _alias_names(g: GraphIndex) -> list[str]:
 
 def _add_free_parameters(out: OnnxLayers, shown: dict[str, str], sources: dict[str, onnx.TensorProto]) -> None:
     """Float tensors no layer took (cls tokens, position tables...) are audited under their own names."""
-    used = {v.source for v in out.views.values()}
+    used = {name for v in out.views.values() for name in v.reads()}
     for key, name in shown.items():
         proto = sources[key]
         if (key not in used and not EXPORTER_CONSTANT.match(name) and name not in out.views
@@ -84,6 +84,7 @@ class _FlowBuilder:
         self.layer_of, self.folded, self.value = found.layer_of, found.folded, value
         self.norm_of = found.norm_of
         self.unknown: int | None = None
+        self.quantization: set[str] = set()  # values that are quantization scales and zero points, not signal
 
     def unknown_node(self) -> int:
         """The one "activation unknown" node, made when a subgraph's outputs lead nowhere known."""
@@ -112,10 +113,16 @@ class _FlowBuilder:
 
     def node(self, g: GraphIndex, i: int, node: onnx.NodeProto, pattern: Activation | None, made: ChainMap) -> None:
         """Node i of g (`pattern`: the activation it is part of, if any) and the edges from its inputs."""
+        rescale = any(name in self.quantization for name in node.input)
+        if self.quantization_only(g, node):
+            self.quantization.update(node.output)
+            return
         if (g, i) in self.layer_of:
             idx = self.flow.add(LAYER, self.layer_of[g, i])
         elif pattern is not None:
             idx = self.flow.add(ACT, activation=pattern)
+        elif rescale:  # a dynamically quantized layer's result times its scales: the signal goes on
+            idx = self.flow.add(PASS)
         else:
             role, act = flow_role(g, node, self.value)
             factor = constant_factor(g, node, self.value) if role == SCALE else 1.0
@@ -127,8 +134,20 @@ class _FlowBuilder:
         if (g, i) in self.folded:
             tail = self.flow.add(NORM)
             self.flow.link(idx, tail)
-        for name in node.output:
-            made[name] = tail
+        for k, name in enumerate(node.output):
+            if k < signal_outputs(node):
+                made[name] = tail
+            else:
+                self.quantization.add(name)
+
+    def quantization_only(self, g: GraphIndex, node: onnx.NodeProto) -> bool:
+        """The node computes quantization parameters or a weight from them and the file's tensors alone: a
+        DequantizeLinear of an initializer, the product of an input's scale and a weight's."""
+        inputs = [name for name in node.input if name]
+        if node.op_type == "DequantizeLinear" and inputs and g.source(inputs[0]) is not None:
+            return True
+        return any(name in self.quantization for name in inputs) and all(
+            name in self.quantization or g.source(name) is not None for name in inputs)
 
     def control(self, g: GraphIndex, i: int, node: onnx.NodeProto, made: ChainMap) -> None:
         """An If/Loop/Scan (or other graph-holding) node: its subgraphs' values flow on to its outputs."""

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -19,7 +19,7 @@ import onnx
 from initaudit.flow.activations import Activation
 from initaudit.flow.dataflow import ACT, ADD, MUL, NORM, PASS, SCALE, STOP, Flow, scale_factor
 from initaudit.flow.layers import ModuleInfo, embedding_name, split_key
-from initaudit.flow.onnx_scopes import GraphIndex, ModuleNames, attribute, fused_norm
+from initaudit.flow.onnx_scopes import EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, ModuleNames, attribute, fused_norm
 
 SHAPE_ONLY = frozenset({"Shape", "Size"})  # read a tensor's shape, not its values: no signal flows through
 _NORM_OPS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
@@ -28,10 +28,19 @@ _NORM_OPS = {"BatchNormalization", "LayerNormalization", "InstanceNormalization"
 
 @dataclass(frozen=True)
 class View:
-    """Where one audited tensor lives: an initializer (or Constant) and an index into it."""
+    """Where one audited tensor lives: an initializer (or Constant) and an index into it; a quantized weight
+    names its scale and zero point (and the axis a per-axis scale runs along): it is read as (x − zp)·scale."""
 
     source: str
     index: tuple = ()
+    scale: str | None = None
+    zero_point: str | None = None
+    axis: int = 0
+    shape: tuple[int, ...] | None = None  # read reshaped to this (an Einsum weight of rank > 2, as [out, in])
+
+    def reads(self) -> list[str]:
+        """Every source tensor this view is computed from."""
+        return [s for s in (self.source, self.scale, self.zero_point) if s is not None]
 
 
 @dataclass
@@ -67,10 +76,11 @@ class FoundLayers:
         the initializer's own."""
         return g.alias_name(read) or self.shown[g.source(read)]
 
-    def claim(self, g: GraphIndex, node: onnx.NodeProto, read: str) -> str:
-        """A layer name for the node whose weight it reads as `read`, made unique (`name#2`) against other weights."""
+    def claim(self, g: GraphIndex, node: onnx.NodeProto, read: str, shown: str | None = None) -> str:
+        """A layer name for the node whose weight it reads as `read` (a user knows it as `shown`, by default its
+        own name), made unique (`name#2`) against other weights."""
         weight, lookup = g.source(read), node.op_type == "Gather"
-        name = self.names.layer(node, self.seen(g, read))
+        name = self.names.layer(node, shown or self.seen(g, read))
         if self.lookups.get(name, lookup) != lookup:  # a table tied to a head: each layer under its own module
             name = self.names.scope(node) or name
         base, n = name, 1
@@ -80,11 +90,11 @@ class FoundLayers:
         self.taken[name], self.lookups[name] = weight, lookup
         return name
 
-    def add_layer(self, g: GraphIndex, i: int, node: onnx.NodeProto, weight: str, module: ModuleInfo,
-                  read: str | None = None) -> str:
+    def add_layer(self, g: GraphIndex, i: int, node: onnx.NodeProto, weight: str | View, module: ModuleInfo,
+                  read: str | None = None, shown: str | None = None) -> str:
         """Node i of g becomes the layer `module` whose weight is `weight`, read as `read` (default: the node's
-        second input); returns the layer's name."""
-        name = self.claim(g, node, read or node.input[1])
+        second input) and known as `shown`; returns the layer's name."""
+        name = self.claim(g, node, read or node.input[1], shown)
         self.layer_of[g, i] = name
         if g is self.root:
             self.out.outputs.setdefault(name, node.output[0])
@@ -92,10 +102,10 @@ class FoundLayers:
         self.add_view(f"{name}.weight", weight)
         return name
 
-    def add_view(self, key: str, source: str | None) -> None:
+    def add_view(self, key: str, source: str | View | None) -> None:
         """Audit `source` (if any) as `key`, unless another tensor already has that key."""
         if source is not None:
-            self.out.views.setdefault(key, View(source))
+            self.out.views.setdefault(key, source if isinstance(source, View) else View(source))
 
 
 LayerHandler = Callable[[FoundLayers, GraphIndex, int, onnx.NodeProto], None]
@@ -117,22 +127,21 @@ def find_layers(root: GraphIndex, shown: dict[str, str], names: ModuleNames) -> 
     return found
 
 
-def _weight_input(g: GraphIndex, node: onnx.NodeProto) -> str | None:
-    """The float initializer a Gemm, MatMul or convolution takes as its second input."""
-    return g.float_source(node.input[1]) if len(node.input) > 1 else None
+def _bias_input(g: GraphIndex, node: onnx.NodeProto) -> View | None:
+    """The bias of Gemm or a convolution: its third input, a 1-d float (or dequantized) initializer."""
+    return weight_view(g, node.input[2], rank=1) if len(node.input) > 2 else None
 
 
-def _bias_input(g: GraphIndex, node: onnx.NodeProto) -> str | None:
-    """The bias of Gemm or a convolution: its third input, a 1-d float initializer."""
-    return g.float_source(node.input[2], rank=1) if len(node.input) > 2 else None
-
-
-def _added_bias(g: GraphIndex, node: onnx.NodeProto, width: int) -> str | None:
-    """The bias of a MatMul: a [width] initializer that the one Add right after it adds."""
-    users = g.consumers.get(node.output[0], [])
+def _added_bias(g: GraphIndex, value: str, width: int) -> str | None:
+    """The bias of a MatMul (or a dynamically quantized layer): a [width] initializer that the one Add taking
+    `value` adds (reshaped, for a convolution's)."""
+    users = g.consumers.get(value, [])
     if len(users) != 1 or g.nodes[users[0]].op_type != "Add":
         return None
     for name in g.nodes[users[0]].input:
+        p = g.producer.get(name)
+        if p is not None and g.nodes[p].op_type == "Reshape":
+            name = g.nodes[p].input[0]
         src = g.float_source(name, rank=1)
         if src is not None and g.dims(src) == (width,):
             return src
@@ -140,16 +149,129 @@ def _added_bias(g: GraphIndex, node: onnx.NodeProto, width: int) -> str | None:
 
 
 def _linear_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
-    """Gemm or MatMul by a 2-d weight: a linear layer (MatMul's weight, and Gemm's without transB, is [in, out])."""
+    """Gemm or MatMul by a 2-d weight (float, or dequantized by a DequantizeLinear): a linear layer (MatMul's
+    weight, and Gemm's without transB, is [in, out])."""
     read, flipped = _untransposed(g, node.input[1]) if len(node.input) > 1 else (None, False)
-    weight = g.float_source(read) if read else None
-    if weight is None or len(g.dims(weight)) != 2:
+    weight = weight_view(g, read) if read else None
+    if weight is None or len(g.dims(weight.source)) != 2:
         return
     matmul = node.op_type == "MatMul"
     transposed = (matmul or not attribute(node, "transB", 0)) != flipped
-    name = found.add_layer(g, i, node, weight, ModuleInfo("linear", node.op_type, transposed), read)
-    width = g.dims(weight)[1 if transposed else 0]
-    found.add_view(f"{name}.bias", _added_bias(g, node, width) if matmul else _bias_input(g, node))
+    name = found.add_layer(g, i, node, weight, ModuleInfo("linear", node.op_type, transposed), _read_name(g, read))
+    width = g.dims(weight.source)[1 if transposed else 0]
+    found.add_view(f"{name}.bias", _added_bias(g, node.output[0], width) if matmul else _bias_input(g, node))
+
+
+def weight_view(g: GraphIndex, name: str, rank: int | None = None) -> View | None:
+    """The float initializer tensor `name` stands for, or the integer one a DequantizeLinear makes it from (a QDQ
+    model's weight, read as (x − zero_point)·scale, per tensor or per axis)."""
+    src = g.float_source(name, rank)
+    if src is not None:
+        return View(src)
+    p = g.producer.get(name)
+    node = g.nodes[p] if p is not None else None
+    if node is None or node.op_type != "DequantizeLinear" or attribute(node, "block_size", 0):
+        return None
+    weight = g.source(node.input[0])
+    if weight is None or (rank is not None and len(g.dims(weight)) != rank):
+        return None
+    zero_point = g.source(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    return dequantized(g, weight, g.float_source(node.input[1]), zero_point, int(attribute(node, "axis", 1)))
+
+
+def dequantized(g: GraphIndex, weight: str, scale: str | None, zero_point: str | None, axis: int) -> View | None:
+    """The view of integer tensor `weight` dequantized by `scale` and `zero_point` (one value, or one per entry
+    along `axis`); None where the scale is missing or of another shape."""
+    dims = g.dims(weight)
+    if g.sources[weight].data_type in FLOAT_TYPES or scale is None or not dims:
+        return None
+    axis %= len(dims)
+    if math.prod(g.dims(scale)) not in (1, dims[axis]):
+        return None
+    return View(weight, scale=scale, zero_point=zero_point, axis=axis)
+
+
+def _read_name(g: GraphIndex, read: str) -> str:
+    """The name a layer's weight is read by: a DequantizeLinear's output stands for the initializer it reads."""
+    p = g.producer.get(read)
+    if g.source(read) is None and p is not None and g.nodes[p].op_type == "DequantizeLinear":
+        return g.nodes[p].input[0]
+    return read
+
+
+def _integer_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
+    """MatMulInteger or ConvInteger by an integer weight initializer (onnxruntime's dynamic quantization): a linear
+    or conv layer whose weight is read dequantized by the op's weight zero point and the weight scale that the
+    graph multiplies the integer result by."""
+    weight = g.source(node.input[1]) if len(node.input) > 1 else None
+    scale, rescaled = _rescale(g, node)
+    if weight is None or len(g.dims(weight)) < 2:
+        return
+    zero_point = g.source(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    matmul = node.op_type == "MatMulInteger"
+    view = dequantized(g, weight, scale, zero_point, 1 if matmul else 0)
+    if view is None or (matmul and len(g.dims(weight)) != 2):
+        return
+    if matmul:
+        name = found.add_layer(g, i, node, view, ModuleInfo("linear", node.op_type, True))
+    else:
+        name = found.add_layer(g, i, node, view, _conv_module(node, g.dims(weight), False, None))
+    found.add_view(f"{name}.bias", _added_bias(g, rescaled, g.dims(weight)[1 if matmul else 0]))
+
+
+def _rescale(g: GraphIndex, node: onnx.NodeProto) -> tuple[str | None, str]:
+    """The weight scale an integer op's result is multiplied by (through a Cast, a Mul by the input's scale times
+    the weight's, an initializer), and the value that Mul makes (the op's output where there is none)."""
+    value = node.output[0]
+    users = g.consumers.get(value, [])
+    if len(users) == 1 and g.nodes[users[0]].op_type == "Cast":
+        value = g.nodes[users[0]].output[0]
+        users = g.consumers.get(value, [])
+    if len(users) != 1 or g.nodes[users[0]].op_type != "Mul":
+        return None, node.output[0]
+    mul = g.nodes[users[0]]
+    factor = next((n for n in mul.input if n != value), "")
+    p = g.producer.get(factor)
+    operands = [factor] if p is None else [n for n in g.nodes[p].input] if g.nodes[p].op_type == "Mul" else []
+    scales = [src for src in (g.float_source(n) for n in operands) if src is not None]
+    return (scales[0] if len(scales) == 1 else None), mul.output[0]
+
+
+def _einsum_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
+    """Einsum of a computed tensor by one weight initializer (a projection: 'bsd,hd->bsh', 'bsd,dhk->bshk'): a
+    linear layer, fan_in the weight's summed dims, fan_out those it keeps; a weight of rank > 2 is read as
+    [out, in] (or [in, out])."""
+    views = [weight_view(g, name) for name in node.input]
+    parts = _einsum_terms(attribute(node, "equation", b""))
+    if parts is None or len(views) != 2 or sum(v is not None for v in views) != 1:
+        return
+    k = 0 if views[0] is not None else 1
+    weight, letters, other, result = views[k], parts[k], parts[1 - k], parts[2]
+    dims = g.dims(weight.source)
+    kept = "".join(c for c in letters if c in result and c not in other)
+    summed = "".join(c for c in letters if c in other and c not in result)
+    if len(dims) != len(letters) or not kept or not summed or letters not in (kept + summed, summed + kept):
+        return
+    size = dict(zip(letters, dims))
+    fans = (math.prod(size[c] for c in kept), math.prod(size[c] for c in summed))  # (out, in)
+    transposed = letters.startswith(summed)
+    shape = None if len(dims) == 2 else fans[::-1] if transposed else fans
+    read = _read_name(g, node.input[k])
+    own = found.seen(g, read)
+    shown = None if own.endswith(".weight") or EXPORTER_CONSTANT.match(own) else f"{own}.weight"
+    name = found.add_layer(g, i, node, replace(weight, shape=shape), ModuleInfo("linear", node.op_type, transposed),
+                           read, shown)  # a bare parameter (`attn.q`) is a layer of its own
+    found.add_view(f"{name}.bias", _added_bias(g, node.output[0], fans[0]))
+
+
+def _einsum_terms(equation: bytes | str) -> tuple[str, str, str] | None:
+    """An explicit two-operand Einsum equation's (first, second, result) letters; None for any other."""
+    text = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    terms, arrow, result = text.partition("->")
+    operands = terms.split(",")
+    if not arrow or len(operands) != 2 or "." in text or any(len(set(t)) != len(t) for t in (*operands, result)):
+        return None
+    return operands[0], operands[1], result
 
 
 def _untransposed(g: GraphIndex, name: str) -> tuple[str, bool]:
@@ -164,20 +286,24 @@ def _untransposed(g: GraphIndex, name: str) -> tuple[str, bool]:
 
 def _conv_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
     """Conv or ConvTranspose: a convolution of the weight's rank (a Conv may hold a BatchNorm the exporter folded)."""
-    weight = _weight_input(g, node)
-    if weight is None or len(g.dims(weight)) < 2:
+    weight = weight_view(g, node.input[1]) if len(node.input) > 1 else None
+    if weight is None or len(g.dims(weight.source)) < 2:
         return
-    spatial = len(g.dims(weight)) - 2
-    plain = node.op_type == "Conv"
-    folded = plain and _bn_folded(node, weight)
-    kind = f"conv{spatial}d" if plain else f"conv_transpose{spatial}d"
+    folded = node.op_type == "Conv" and _bn_folded(node, weight.source)
     norm = found.names.folded_norm(node) if folded else None
-    name = found.add_layer(g, i, node, weight, ModuleInfo(kind, node.op_type, False, norm_folded=folded, folded_norm=norm,
-                                                          strides=tuple(attribute(node, "strides", ())),
-                                                          groups=int(attribute(node, "group", 1))))
+    name = found.add_layer(g, i, node, weight, _conv_module(node, g.dims(weight.source), folded, norm),
+                           _read_name(g, node.input[1]))
     found.add_view(f"{name}.bias", _bias_input(g, node))
     if folded:
         found.folded.add((g, i))
+
+
+def _conv_module(node: onnx.NodeProto, dims: tuple[int, ...], folded: bool, norm: str | None) -> ModuleInfo:
+    """The module of a convolution node whose weight has `dims` (a transposed one for ConvTranspose)."""
+    spatial = len(dims) - 2
+    kind = f"conv_transpose{spatial}d" if node.op_type == "ConvTranspose" else f"conv{spatial}d"
+    return ModuleInfo(kind, node.op_type, False, norm_folded=folded, folded_norm=norm,
+                      strides=tuple(attribute(node, "strides", ())), groups=int(attribute(node, "group", 1)))
 
 
 def _bn_folded(node: onnx.NodeProto, weight: str) -> bool:
@@ -251,6 +377,7 @@ def _parameter_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeP
 
 LAYER_OPS: dict[str, LayerHandler] = {
     "Gemm": _linear_layer, "MatMul": _linear_layer, "Conv": _conv_layer, "ConvTranspose": _conv_layer,
+    "MatMulInteger": _integer_layer, "ConvInteger": _integer_layer, "Einsum": _einsum_layer,
     "LSTM": _recurrent_layer, "GRU": _recurrent_layer, "RNN": _recurrent_layer, "Gather": _gather_layer,
     "PRelu": _prelu_layer, **dict.fromkeys(_NORM_OPS, _norm_layer),
 }
@@ -337,12 +464,27 @@ def _product(role: str) -> RoleHandler:
     return handler
 
 
+def signal_outputs(node: onnx.NodeProto) -> int:
+    """How many of a node's first outputs carry the signal: DynamicQuantizeLinear's scale and zero point do not."""
+    return 1 if node.op_type == "DynamicQuantizeLinear" else len(node.output)
+
+
+def _quantize(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> Role:
+    """QuantizeLinear whose zero point is its integer type's least value clips at 0: the ReLU a QDQ quantizer
+    folded into it."""
+    src = g.source(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    zero = np.asarray(value(src)) if src is not None else None
+    if zero is not None and zero.dtype.kind in "iu" and zero.size and np.all(zero == np.iinfo(zero.dtype).min):
+        return ACT, Activation("relu")
+    return PASS, None
+
+
 FLOW_ROLES: dict[str, RoleHandler] = {
     **{op: _activation(name) for op, name in _ACT_OPS.items()},
     "LeakyRelu": _leaky_relu, "PRelu": _prelu, "Clip": _clip,
     **dict.fromkeys(("Softmax", "LogSoftmax", "Hardmax"), _plain(STOP)),
     **dict.fromkeys(_NORM_OPS, _plain(NORM)),
-    "Add": _plain(ADD), "Sum": _plain(ADD), "Mul": _product(MUL), "Div": _product(PASS),
+    "Add": _plain(ADD), "Sum": _plain(ADD), "Mul": _product(MUL), "Div": _product(PASS), "QuantizeLinear": _quantize,
 }
 
 

@@ -68,4 +68,56 @@ def packed_tensors(root: Any, trail: tuple[str, ...]) -> list[str]:
     if not isinstance(state, Mapping):
         return []
     return [f"{key}.{i}" for key, value in state.items() if isinstance(value, (list, tuple))
-            for i, item in enumerate(value) if isinstance(item, torch.Tensor)]
+            and not _linear_packed(key, value) for i, item in enumerate(value) if isinstance(item, torch.Tensor)]
+
+
+PACKED_PARAMS = "._packed_params._packed_params"  # torch's dynamically quantized Linear: (weight, bias)
+
+
+def _linear_packed(key: str, value: Any) -> bool:
+    """A dynamically quantized Linear's packed (quantized weight, float bias or None) tuple."""
+    return (key.endswith(PACKED_PARAMS) and isinstance(value, (list, tuple)) and len(value) == 2
+            and isinstance(value[0], torch.Tensor) and value[0].is_quantized
+            and (value[1] is None or isinstance(value[1], torch.Tensor)))
+
+
+def unpacked_linears(state: Mapping) -> dict[str, torch.Tensor]:
+    """The weights and biases of torch's dynamically quantized Linears, out of their `_packed_params` tuples and
+    under the names a float Linear gives them (`0.weight`: the quantized tensor, read dequantized)."""
+    out = {}
+    for key, value in state.items():
+        if isinstance(key, str) and _linear_packed(key, value):
+            module = key[:-len(PACKED_PARAMS)]
+            out[f"{module}.weight"] = value[0]
+            if value[1] is not None:
+                out[f"{module}.bias"] = value[1]
+    return out
+
+
+# Tensors of packed quantized layouts no dequantization here reads, by the key that marks each layout: GPTQ/AWQ
+# (qweight, qzeros, scales, g_idx), bitsandbytes int8 (weight, SCB, weight_format) and 4-bit (weight and its
+# `weight.absmax`, `weight.quant_map`, `weight.quant_state.*`), FP8 with its scale (`weight_scale(_inv)`).
+_PACKED_SIBLINGS = {
+    "qweight": ("qweight", "qzeros", "scales", "g_idx"),
+    "SCB": ("weight", "SCB", "weight_format"),
+    "weight.quant_map": ("weight", "weight.quant_map"),
+    "weight_scale": ("weight", "weight_scale", "input_scale"),
+    "weight_scale_inv": ("weight", "weight_scale_inv"),
+}
+PACKED_REASON = ("packed quantized weight", "packed quantized weight (GPTQ/AWQ/bitsandbytes/FP8): not audited")
+
+
+def packed_quantized(keys: list[str]) -> list[str]:
+    """The keys of a state_dict that hold packed quantized weights and their scales (found by the key layouts
+    of GPTQ/AWQ, bitsandbytes and FP8 checkpoints), which are not read as weights."""
+    present = set(keys)
+    found: set[str] = set()
+    for key in keys:
+        for marker, siblings in _PACKED_SIBLINGS.items():
+            if key == marker or key.endswith(f".{marker}"):
+                module = key[:-len(marker)]
+                found.update(f"{module}{s}" for s in siblings if f"{module}{s}" in present)
+    four_bit = tuple(key[:-len("quant_map")] for key in found if key.endswith("weight.quant_map"))  # 'l.weight.'
+    if four_bit:
+        found.update(key for key in keys if key.startswith(four_bit))
+    return [key for key in keys if key in found]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -122,24 +123,68 @@ def load(path: Path) -> Loaded:
 
     def get(key: str) -> torch.Tensor:
         view = layers.views[key]
-        data = value(view.source)[view.index]
+        data = dequantize(view, value)[view.index]
         if data.dtype not in (np.float16, np.float32, np.float64):
             data = data.astype(np.float32)  # bfloat16 and the like
+        if view.shape is not None:
+            data = data.reshape(view.shape)
         return torch.from_numpy(np.array(data, order="C"))  # a copy: numpy_helper's arrays are read-only
 
-    shapes = {k: _shape(tuple(sources[v.source].dims), v.index) for k, v in layers.views.items()}
+    shapes = {k: v.shape or _shape(tuple(sources[v.source].dims), v.index) for k, v in layers.views.items()}
     return Loaded(path, "onnx", TensorSource(shapes, get), flow=layers.flow, modules=layers.modules,
                   container=OnnxContainer(model, layers.views, sources, layers.outputs), notes=layers.notes,
                   files=[path.resolve(), *data_files], unread=unread(model.graph, sources, layers.views))
 
 
+def dequantize(view: View, value: Callable[[str], np.ndarray]) -> np.ndarray:
+    """The tensor a view reads: its source, or for a quantized one (x − zero_point)·scale."""
+    data = value(view.source)
+    if view.scale is None:
+        return data
+    zero, scale = _scale_and_zero(view, data.ndim, value)
+    return (data.astype(np.float32) - zero) * scale
+
+
+def stored(view: View, values: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """Values read through `view` (`fix`'s new ones) as its source stores them at the view's index, in the
+    source's layout; a quantized weight is not rewritten (its scale was fitted to the values it holds)."""
+    if view.scale is not None:
+        raise InputError(f"tensor {view.source!r} is a quantized weight: fix the float model and quantize it again")
+    return values.reshape(source[view.index].shape).astype(source.dtype)
+
+
+def _scale_and_zero(view: View, ndim: int, value: Callable[[str], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A quantized view's zero point and scale, shaped to broadcast along its axis of a rank-`ndim` tensor."""
+    along = [1] * ndim
+    along[view.axis] = -1
+
+    def spread(name: str) -> np.ndarray:
+        part = np.asarray(value(name), dtype=np.float32).reshape(-1)
+        return part.reshape(along) if part.size > 1 else part.reshape(())
+
+    zero = spread(view.zero_point) if view.zero_point is not None else np.zeros((), np.float32)
+    return zero, spread(view.scale)
+
+
+_QUANTIZERS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_WEIGHT_STEP = ("quantization parameter", "scale or zero point of an audited quantized weight")
+_ACTIVATION_STEP = ("quantization parameter", "scale or zero point of an activation's quantization")
+
+
 def unread(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto], views: dict[str, View]) -> dict:
-    """The tensors no layer reads, (kind, reason) -> names, by the (top-level) op that takes them."""
+    """The tensors no layer reads, (kind, reason) -> names, by the (top-level) op that takes them; the scales and
+    zero points of dequantized weights and of quantized activations are named as such."""
     read = {view.source for view in views.values()}
+    steps = {name: _WEIGHT_STEP for view in views.values() for name in view.reads() if name not in read}
+    for node in graph.node:
+        if node.op_type in _QUANTIZERS:
+            steps.update({name: _ACTIVATION_STEP for name in node.input[1:] if name not in steps and name not in read})
     takes = {name: node.op_type for node in graph.node for name in node.input}
     out: dict[tuple[str, str], list[str]] = {}
     for key, proto in sources.items():
-        if key in read:
+        if key in steps:
+            out.setdefault(steps[key], []).append(key)
+        if key in read or key in steps:
             continue
         op = takes.get(key, "no top-level op")
         if any(mark in op for mark in ("Integer", "QLinear", "Quantize", "NBits")):

@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from initaudit.load.bounded import loads_json
 from initaudit.common.errors import InputError, NoWeights
+from initaudit.load.containers import PACKED_REASON, packed_quantized
 from initaudit.load.source import Loaded, TensorSource, check_count, natural_key
 from initaudit.load.pages import MappedFile
 
@@ -133,8 +134,12 @@ def load(path: Path) -> Loaded:
     if not file.entries:
         raise NoWeights(f"{path}: a safetensors file holding no tensors: nothing to audit")
     keys = sorted(file.keys(), key=natural_key)
+    packed = packed_quantized(keys)
+    left_out = set(packed)
+    keys = [k for k in keys if k not in left_out]
     note = ("activations are unknown in a bare safetensors file: pass --activation (or --model"
             " package.module:factory) to check scales against them")
     return Loaded(path, "safetensors", TensorSource({k: file.shape(k) for k in keys}, file.get, release=file.release,
                                                     nbytes={k: file.nbytes(k) for k in keys}),
-                  container={"metadata": file.metadata, "file": file}, notes=[note])
+                  container={"metadata": file.metadata, "file": file}, notes=[note],
+                  unread={PACKED_REASON: packed} if packed else {})

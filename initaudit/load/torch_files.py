@@ -16,7 +16,7 @@ import torch
 from initaudit.common.errors import InputError, NoWeights, first_line
 from initaudit.load.source import Loaded, TensorSource
 from initaudit.load import modules
-from initaudit.load.containers import STRIPPED_PREFIXES, WRAPPER_KEYS
+from initaudit.load.containers import PACKED_REASON, STRIPPED_PREFIXES, WRAPPER_KEYS, packed_quantized, unpacked_linears
 from initaudit.load.foreign import Foreign, is_placeholder, placeholder_pickle, placeholders_in, walk
 from initaudit.load.pages import MappedFile
 
@@ -178,7 +178,7 @@ def unwrap(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], TorchContaine
     for candidate in STRIPPED_PREFIXES:
         if all(k.startswith(prefix + candidate) for k in state):
             prefix += candidate
-    stripped = {k[len(prefix):]: v for k, v in state.items()}
+    stripped = {k[len(prefix):]: v for k, v in {**state, **unpacked_linears(obj)}.items()}
     return stripped, TorchContainer(root, trail, prefix)
 
 
@@ -218,8 +218,11 @@ def load(path: Path, trust_pickle: bool) -> Loaded:
     if isinstance(obj, torch.nn.Module):
         return modules.from_module(obj, path, fmt="torch-module")
     state, container = _weights_in(obj, path)
+    packed = packed_quantized(list(state))
+    left_out = set(packed)
+    state = {k: v for k, v in state.items() if k not in left_out}
     container.pages = MappedFile(path)
     notes = ["activations are unknown in a bare state_dict: pass --activation (or --model package.module:factory)"
              " to check scales against them", foreign.note(obj)]
     return Loaded(path, "torch-state-dict", TensorSource.of(state, container.pages.release), container=container,
-                  notes=[note for note in notes if note])
+                  notes=[note for note in notes if note], unread={PACKED_REASON: packed} if packed else {})

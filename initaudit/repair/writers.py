@@ -196,8 +196,8 @@ def _onnx(loaded: Loaded, new: dict[str, torch.Tensor], out: Path, protected: Pr
     for name, keys in by_source.items():
         proto = sources[name]
         data = onnx_file.array(proto, folder).copy()
-        for key in keys:
-            data[views[key].index] = new[key].numpy().astype(data.dtype)
+        for key in keys:  # reshaped views written back in their source's layout
+            data[views[key].index] = onnx_file.stored(views[key], new[key].numpy(), data)
         proto.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(data), proto.name))
     if not any(uses_external_data(p) for p in loaded.container.sources.values()):
         with atomic(out, before) as tmp:
