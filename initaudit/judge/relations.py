@@ -10,6 +10,7 @@ again and compared entry by entry."""
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
@@ -60,7 +61,14 @@ def identical_facts(random: list[Measured], equal: "ValuesEqual", tied: set[froz
         if len(group) > 1 and frozenset(m.param.key for m in group) not in tied:
             first, *copies = group
             for m in copies:
-                m.facts.update(identical_to=first.param.key, identical_count=len(group))
+                if not exporter_copy(first, m):
+                    m.facts.update(identical_to=first.param.key, identical_count=len(group))
+
+
+def exporter_copy(a: Measured, b: Measured) -> bool:
+    """One shared weight an exporter wrote twice: the same layer name but for a `_N` suffix (ONNX's legacy
+    exporter names ALBERT's shared layer's reuse `...query_1`)."""
+    return re.sub(r"_\d+$", "", a.layer.name) == re.sub(r"_\d+$", "", b.layer.name)
 
 
 class ValuesEqual:

@@ -21,6 +21,7 @@ import initaudit
 from fixtures import relations_models as gpt
 from helpers import trained_models as tm
 from judge import test_conventions as ssm
+from measure import test_garbage as garbage
 from helpers.cli import run
 
 SERIOUS = ("warning", "error")
@@ -190,6 +191,41 @@ def final_norm_zero(bug: bool, folder: Path) -> nn.Module:
     return model
 
 
+def trained_head_never_filled(bug: bool, folder: Path) -> list:
+    """https://github.com/Lightning-AI/pytorch-lightning/pull/17627: Fabric's empty_init left FSDP weights at
+    whatever the allocation held ("the weights were initialized to garbage"; NaNs chased for days): a trained
+    model whose head was allocated and never filled (planted from saved bytes)."""
+    weights = {k: v.detach().clone() for k, v in TRAINED["blocks"].state_dict().items()}
+    if bug:
+        weights["head.weight"] = garbage.random_words(folder, tuple(weights["head.weight"].shape))
+    torch.save(weights, folder / "model.pt")
+    return [folder / "model.pt"]
+
+
+def norm_left_empty(bug: bool, folder: Path) -> list:
+    """https://github.com/flagos-ai/FlagPerf/pull/683 (NVIDIA-NeMo/Automodel#1527): an RMSNorm weight made with
+    torch.empty and never set (to_empty under deferred init): values "out of float value limits"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 64), nn.RMSNorm(64), nn.Linear(64, 10))
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if bug:
+        weights["3.weight"] = garbage.huge_finite(folder, (64,))
+    torch.save(weights, folder / "model.pt")
+    return [folder / "model.pt"]
+
+
+def allocator_fill_pattern(bug: bool, folder: Path) -> list:
+    """https://github.com/allenai/OLMo-core/pull/698: to_empty erased a buffer's contents before the per-module init
+    (here a Linear whose init was skipped keeps the allocator's fill bytes in a tenth of its entries)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(64, 64) for _ in range(3)))
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if bug:
+        weights["1.weight"] = garbage.fill_pattern(folder, (64, 64))
+    torch.save(weights, folder / "model.pt")
+    return [folder / "model.pt", "--activation", "relu"]
+
+
 CASES = {
     "compile-prefix": Case(compile_prefix, {"recipe-mismatch": {"0", "1", "2"}}),
     "gpt2-scaled-init-skipped": Case(gpt2_scaled_init_skipped, {
@@ -207,6 +243,9 @@ CASES = {
     "mamba2-dt-bias-ones": Case(mamba2_dt_bias_ones, {"convention-mismatch": {"0", "1", "2"}}),
     "gemma-norms-at-ones": Case(gemma_norms_at_ones, {"convention-mismatch": {"model.norm"}}),
     "final-norm-zero": Case(final_norm_zero, {"zero-weights": {"3"}}),
+    "trained-head-never-filled": Case(trained_head_never_filled, {"uninitialized-memory": {"head"}}),
+    "norm-left-empty": Case(norm_left_empty, {"uninitialized-memory": {"3"}}),
+    "allocator-fill-pattern": Case(allocator_fill_pattern, {"uninitialized-memory": {"1"}}),
 }
 
 
@@ -255,4 +294,4 @@ def test_the_fixed_twin_is_clean(name, tmp_path):
 
 
 def test_every_case_names_its_source():
-    assert len(CASES) >= 13 and all(case.source.startswith("https://github.com/") for case in CASES.values())
+    assert len(CASES) >= 15 and all(case.source.startswith("https://github.com/") for case in CASES.values())
