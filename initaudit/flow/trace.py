@@ -254,8 +254,8 @@ def _fx_parameter_moment(node: torch.fx.Node, traced: torch.fx.GraphModule) -> f
         return None
     held = [getattr_path(traced, arg.target) if arg.op == "get_attr" else None for arg in node.args]
     params = [p for p in held if isinstance(p, torch.nn.Parameter)]
-    if len(params) != 1 or all(h is not None for h in held) or not params[0].is_floating_point():
-        return None
+    if len(params) != 1 or all(h is not None for h in held) or not params[0].is_floating_point() or params[0].is_meta:
+        return None  # a meta tensor (a model built from its config, no values) holds no moment
     return float(params[0].detach().double().square().mean()) if params[0].numel() else None
 
 
