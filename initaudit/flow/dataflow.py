@@ -50,6 +50,7 @@ class FlowNode:
     activation: Activation | None = None
     users: list[int] = field(default_factory=list)
     factor: float = 1.0  # a SCALE node's constant
+    moment: float | None = None  # a product by a learnable parameter (ReZero's α, LayerScale's γ): its E[p²]
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,8 @@ class Flow:
         self.sees_activations = sees_activations  # False: functional activations between layers went unseen
 
     def add(self, role: str, layer: str | None = None, activation: Activation | None = None,
-            factor: float = 1.0) -> int:
-        self.nodes.append(FlowNode(role, layer, activation, factor=factor))
+            factor: float = 1.0, moment: float | None = None) -> int:
+        self.nodes.append(FlowNode(role, layer, activation, factor=factor, moment=moment))
         return len(self.nodes) - 1
 
     def fold_gains(self) -> "Flow":

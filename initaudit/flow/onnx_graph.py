@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 
 from initaudit.flow.activations import UNKNOWN, Activation
-from initaudit.flow.dataflow import ACT, LAYER, NORM, OUTPUT, PASS, SCALE, Flow
+from initaudit.flow.dataflow import ACT, LAYER, MUL, NORM, OUTPUT, PASS, SCALE, Flow
 from initaudit.flow.onnx_ops import (SHAPE_ONLY, SUBGRAPH_OPS, FoundLayers, OnnxLayers, SubgraphContract, View,
-                                     constant_factor, find_layers, flow_role, signal_outputs)
+                                     constant_factor, find_layers, flow_role, parameter_moment, signal_outputs)
 from initaudit.flow.onnx_scopes import EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, ModuleNames, scopes, walk
 
 _ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Softplus", "Sqrt", "Identity", "Cast", "Constant"}
@@ -118,7 +118,7 @@ class _FlowBuilder:
             self.quantization.update(node.output)
             return
         if (g, i) in self.layer_of:
-            idx = self.flow.add(LAYER, self.layer_of[g, i])
+            idx = self.flow.add(LAYER, self.layer_of[g, i], moment=parameter_moment(g, node, self.value))
         elif pattern is not None:
             idx = self.flow.add(ACT, activation=pattern)
         elif rescale:  # a dynamically quantized layer's result times its scales: the signal goes on
@@ -126,7 +126,9 @@ class _FlowBuilder:
         else:
             role, act = flow_role(g, node, self.value)
             factor = constant_factor(g, node, self.value) if role == SCALE else 1.0
-            idx = self.flow.add(role, self.norm_of.get((g, i)) if role == NORM else None, activation=act, factor=factor)
+            moment = parameter_moment(g, node, self.value) if role in (MUL, SCALE) else None
+            idx = self.flow.add(role, self.norm_of.get((g, i)) if role == NORM else None, activation=act, factor=factor,
+                                moment=moment)
         for name in node.input if node.op_type not in SHAPE_ONLY else ():
             if name in made:
                 self.flow.link(made[name], idx)

@@ -457,6 +457,27 @@ def constant_factor(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], 
     return scale_factor(node.op_type, constants)
 
 
+def parameter_moment(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> float | None:
+    """E[p²] of the initializer a Mul of one computed tensor by it multiplies by (an exported parameter: ReZero's
+    α, LayerScale's γ); None for anything else (a Constant node's number, a product of two computed tensors)."""
+    if node.op_type != "Mul" or len(node.input) != 2:
+        return None
+    held = [src for src in map(g.float_source, node.input) if src is not None]
+    if len(held) != 1 or not _is_initializer(g, held[0]):
+        return None
+    found = np.asarray(value(held[0]), dtype=np.float64)
+    return float(np.mean(np.square(found))) if found.size else None
+
+
+def _is_initializer(g: GraphIndex | None, key: str) -> bool:
+    """Whether a tensor key is an initializer of `g` or a graph around it (not a Constant node's output)."""
+    while g is not None:
+        if any(g.scope.keys.get(i.name) == key for i in g.scope.graph.initializer):
+            return True
+        g = g.parent
+    return False
+
+
 def _product(role: str) -> RoleHandler:
     """Mul or Div: a constant scale where one operand is a one-element constant, else `role`."""
     def handler(g: GraphIndex, node: onnx.NodeProto, value: Callable[[str], np.ndarray]) -> Role:

@@ -234,7 +234,7 @@ def _fx_node(flow: Flow, traced: torch.fx.GraphModule, node: torch.fx.Node,
         idx = flow.add(SCALE, factor=factor[0])
     else:
         role, act = function_role(name, node.args, node.kwargs)
-        idx = flow.add(role, None, act)
+        idx = flow.add(role, None, act, moment=_fx_parameter_moment(node, traced) if role == MUL else None)
     return idx, idx
 
 
@@ -245,6 +245,18 @@ def _fx_constant(arg, traced: torch.fx.GraphModule) -> float | None:
         found = getattr_path(traced, arg.target) if arg.op == "get_attr" else None
         return None if isinstance(found, torch.nn.Parameter) else constant_value(found)
     return constant_value(arg)
+
+
+def _fx_parameter_moment(node: torch.fx.Node, traced: torch.fx.GraphModule) -> float | None:
+    """E[p²] of the learnable parameter a product of one computed tensor and that parameter multiplies by
+    (ReZero's and SkipInit's α, LayerScale's γ); None for any other product."""
+    if len(node.args) != 2 or node.kwargs or not all(isinstance(arg, torch.fx.Node) for arg in node.args):
+        return None
+    held = [getattr_path(traced, arg.target) if arg.op == "get_attr" else None for arg in node.args]
+    params = [p for p in held if isinstance(p, torch.nn.Parameter)]
+    if len(params) != 1 or all(h is not None for h in held) or not params[0].is_floating_point() or params[0].is_meta:
+        return None  # a meta tensor (a model built from its config, no values) holds no moment
+    return float(params[0].detach().double().square().mean()) if params[0].numel() else None
 
 
 def _fx_scale(node: torch.fx.Node, name: str, traced: torch.fx.GraphModule) -> tuple[float, object] | None:

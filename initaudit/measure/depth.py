@@ -183,7 +183,9 @@ def _forward(flow: Flow, order: list[int], producers: list[list[int]], weights: 
         ins = [fwd[p] for p in producers[idx]]
         q = _gathered(ins)
         inputs[idx] = q
-        if node.role == LAYER:
+        if _by_parameter(node):
+            fwd[idx] = q if q is _NO_SIGNAL else q * node.moment
+        elif node.role == LAYER:
             w = weights.get(node.layer)
             base = 1.0 if q is _NO_SIGNAL else q
             plain = w is not None and kinds.get(node.layer, "").startswith(_PLAIN)
@@ -207,15 +209,16 @@ def streams(flow: Flow, order: list[int], producers: list[list[int]],
     """For each branch end (the weighted layer whose output a residual sum adds to the stream), the sum it joins.
     Walking back from a sum of two inputs, each side stops at a weighted layer, a normalization or an earlier
     sum: the side that stops later in the forward order is the branch, the other the stream it is added to.
-    A branch scaled or gated on its way (a product: ReZero's α, LayerScale's γ, adaLN-zero's gate) is not
-    modelled: its sum starts a new stream."""
+    A product by a learnable parameter (ReZero's α, LayerScale's γ) on the way scales the branch by its E[p²];
+    a branch gated on its way (a product of two signals: adaLN-zero's gate) is not modelled: its sum starts a
+    new stream."""
     rank = {idx: i for i, idx in enumerate(order)}
     sums: dict[int, StreamSum] = {}
     ends: dict[int, StreamSum] = {}
     for idx in order:
-        if flow.nodes[idx].role != ADD or len(producers[idx]) != 2 or not _positive(fwd[idx]):
+        if flow.nodes[idx].role != ADD or len(_computed(flow, producers, idx)) != 2 or not _positive(fwd[idx]):
             continue
-        sides = sorted((_side(flow, producers, p) for p in producers[idx]), key=lambda side: rank.get(side[0], -1))
+        sides = sorted((_side(flow, producers, p) for p in _computed(flow, producers, idx)), key=lambda side: rank.get(side[0], -1))
         (stream, _), (branch, scaled) = sides
         if branch is None or branch == stream or flow.nodes[branch].role != LAYER:
             continue
@@ -230,13 +233,24 @@ def _side(flow: Flow, producers: list[list[int]], start: int) -> tuple[int | Non
     idx, scaled = start, False
     while True:
         node = flow.nodes[idx]
-        if node.role in (LAYER, NORM) or (node.role == ADD and len(producers[idx]) == 2):
+        computed = _computed(flow, producers, idx)
+        if not _by_parameter(node) and (node.role in (LAYER, NORM) or node.role == ADD and len(computed) == 2):
             return idx, scaled
-        scaled = scaled or node.role == MUL
-        computed = [p for p in producers[idx] if producers[p] or flow.nodes[p].role == LAYER]
-        if node.role not in (PASS, ACT, MUL, ADD) or len(computed) != 1:
+        scaled = scaled or node.role == MUL and not _by_parameter(node)
+        if node.role not in (PASS, ACT, MUL, ADD) and not _by_parameter(node) or len(computed) != 1:
             return None, scaled
         idx = computed[0]
+
+
+def _computed(flow: Flow, producers: list[list[int]], idx: int) -> list[int]:
+    """The inputs of node `idx` that are computed (not a parameter or constant: a node with no producers)."""
+    return [p for p in producers[idx] if producers[p] or flow.nodes[p].role == LAYER]
+
+
+def _by_parameter(node) -> bool:
+    """A product by a learnable parameter (ReZero's α, LayerScale's γ; in ONNX it may hold a layer of its own):
+    it multiplies the second moment by E[p²]."""
+    return node.moment is not None
 
 
 def _stream_sum(idx: int, fwd: list[float | None], previous: StreamSum | None,
@@ -262,6 +276,8 @@ def _passed_back(user, q_in: float | None, g: float | None, weights: dict[str, W
         return 1.0
     if g is None or user.role == STOP:
         return None
+    if _by_parameter(user):
+        return g * user.moment
     if user.role == LAYER:
         w = weights.get(user.layer)
         plain = w is not None and kinds.get(user.layer, "").startswith(_PLAIN)
