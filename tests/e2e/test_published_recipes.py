@@ -120,11 +120,27 @@ def twin_differs_in_code(recipe: str) -> bool:
     return "reason" in TABLE[recipe]["twin"]["pt"] or "twin_pt_args" in TABLE[recipe]
 
 
+@contextlib.contextmanager
+def unless_known_gap(recipe: str, check: str):
+    """Run a check; where the table lists it under `known_gaps` (what the tool does not do yet, with why), the check
+    must still fail: a gap that closes fails the test until the table drops it."""
+    gap = TABLE[recipe].get("known_gaps", {}).get(check)
+    if gap is None:
+        yield
+        return
+    try:
+        yield
+    except AssertionError:
+        pytest.xfail(f"known gap: {gap}")
+    pytest.fail(f"{recipe} {check}: the known gap ({gap}) is closed: drop it from recipes.yaml's known_gaps")
+
+
 @pytest.mark.parametrize("recipe, fmt", cases())
 def test_published_recipe_reads_as_the_table_says(serious, recipe, fmt):
     """A published recipe gets exactly the findings the table gives its format at warning or error ([]: none)."""
     found, want = serious(recipe, "recipe", fmt), TABLE[recipe]["recipe"][fmt]
-    assert rules(found) == set(want["reports"] if isinstance(want, dict) else want), sorted(found)
+    with unless_known_gap(recipe, f"recipe.{fmt}"):
+        assert rules(found) == set(want["reports"] if isinstance(want, dict) else want), sorted(found)
 
 
 @pytest.mark.parametrize("recipe, fmt", cases())
@@ -132,10 +148,11 @@ def test_bug_twin_is_flagged_where_the_format_can_show_it(serious, recipe, fmt):
     """The twin's bug fires its rule in each format that can show it; elsewhere the format reports what the table
     says (for the reason it gives)."""
     want, found = TABLE[recipe]["twin"][fmt], serious(recipe, "twin", fmt)
-    if isinstance(want, dict):
-        assert rules(found) == set(want["reports"]), sorted(found)
-    else:
-        assert set(want) <= rules(found), sorted(found)
+    with unless_known_gap(recipe, f"twin.{fmt}"):
+        if isinstance(want, dict):
+            assert rules(found) == set(want["reports"]), sorted(found)
+        else:
+            assert set(want) <= rules(found), sorted(found)
 
 
 @pytest.mark.parametrize("recipe", list(TABLE))
@@ -143,4 +160,5 @@ def test_twin_gets_the_same_findings_in_every_format_that_can_show_it(serious, r
     """(rule, layer, severity) agree across the formats whose twin column is a list."""
     formats = [f for f in FORMATS if checked(recipe, f) and isinstance(TABLE[recipe]["twin"][f], list)]
     seen = {fmt: serious(recipe, "twin", fmt) for fmt in formats}
-    assert len({found for found in seen.values()}) == 1, {fmt: sorted(found) for fmt, found in seen.items()}
+    with unless_known_gap(recipe, "parity"):
+        assert len({found for found in seen.values()}) == 1, {fmt: sorted(found) for fmt, found in seen.items()}
