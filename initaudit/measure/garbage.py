@@ -88,7 +88,10 @@ def _pile(nonzero: np.ndarray, lo: float, hi: float) -> tuple[float | None, int]
     gaps = np.diff(runs)
     apart = np.minimum(np.r_[np.inf, gaps], np.r_[gaps, np.inf]) > spread  # from the nearest other value
     edge = (runs == lo) | (runs == hi)
-    far = (np.abs(runs - center) > FAR_OUT * spread) & (counts >= MIN_PILE) & (apart | ~edge)
+    typical = float(np.median(np.abs(nonzero)))  # values in a few tight clusters (Adam's ±lr first step) have a
+    # robust spread near 0: far out must also mean far beyond the values' typical magnitude
+    far = (np.abs(runs - center) > FAR_OUT * spread) & (np.abs(runs) > FAR_OUT * typical) & (counts >= MIN_PILE) \
+        & (apart | ~edge)
     if not far.any():
         return None, 0
     best = int(np.argmax(np.where(far, counts, 0)))

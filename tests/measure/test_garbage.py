@@ -136,3 +136,16 @@ def test_a_saved_checkpoint_with_a_garbage_head_is_named_through_the_cli(tmp_pat
         assert {(f["rule"], f["layer"], f["severity"]) for f in report["findings"] if f["rule"] == RULE} == expected
         head = next(layer for layer in report["layers"] if layer["name"] == HEAD)
         assert math.isfinite(head["std"]), head
+
+
+def test_biases_after_one_adam_step_are_not_garbage():
+    """Zero biases after Adam's first step sit at ±lr (a few tight clusters, a robust spread near 0): no pile of
+    garbage, though each cluster is 'far' in units of that spread."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(*(torch.nn.Linear(96, 96) for _ in range(3)))
+    for m in model:
+        torch.nn.init.zeros_(m.bias)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 96)).sum().backward()
+    opt.step()
+    assert not [f for f in initaudit.audit(model).findings if f.rule == RULE]
