@@ -126,14 +126,7 @@ def transposed_conv_fan(bug: bool, folder: Path) -> list:
 
 
 def trained_mlp(reinit: tuple[str, ...], folder: Path) -> Path:
-    model = TRAINED["blocks"]
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    torch.manual_seed(1)
-    for name in reinit:
-        fresh = nn.Linear(*reversed(weights[f"{name}.weight"].shape))
-        weights[f"{name}.weight"], weights[f"{name}.bias"] = fresh.weight.detach(), fresh.bias.detach()
-    torch.save(weights, folder / "model.pt")
-    return folder / "model.pt"
+    return tm.save_with_fresh_layers(TRAINED["blocks"], folder / "model.pt", reinit)
 
 
 def renamed_key_left_at_init(bug: bool, folder: Path) -> list:
@@ -249,21 +242,6 @@ CASES = {
 }
 
 
-class Blocks(nn.Module):
-    """An input layer, six same-shaped blocks and a head."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(32, 64)
-        self.blocks = nn.ModuleList(nn.Linear(64, 64) for _ in range(6))
-        self.head = nn.Linear(64, tm.CLASSES)
-
-    def forward(self, x):
-        x = torch.relu(self.inp(x))
-        for block in self.blocks:
-            x = torch.relu(block(x))
-        return self.head(x)
-
 
 TRAINED: dict[str, nn.Module] = {}
 
@@ -271,7 +249,7 @@ TRAINED: dict[str, nn.Module] = {}
 @pytest.fixture(scope="module", autouse=True)
 def trained_blocks():
     torch.manual_seed(0)
-    TRAINED["blocks"] = tm.train(Blocks(), "vector")[0]
+    TRAINED["blocks"] = tm.train(tm.Blocks(), "vector")[0]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -47,6 +47,34 @@ class LSTMNet(nn.Module):
         return self.fc(self.lstm(x)[0][:, -1])
 
 
+class Blocks(nn.Module):
+    """An input layer, six same-shaped blocks and a head: the blocks are each other's siblings."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.blocks = nn.ModuleList(nn.Linear(64, 64) for _ in range(6))
+        self.head = nn.Linear(64, CLASSES)
+
+    def forward(self, x):
+        x = torch.relu(self.inp(x))
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return self.head(x)
+
+
+def save_with_fresh_layers(model: nn.Module, path, reinit: tuple[str, ...] = ()):
+    """Save `model`'s state_dict to `path` with the Linear layers named in `reinit` re-drawn at nn.Linear's default
+    (a layer left at its init: not loaded, or re-initialized after loading)."""
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    for name in reinit:
+        fresh = nn.Linear(*reversed(weights[f"{name}.weight"].shape))
+        weights[f"{name}.weight"], weights[f"{name}.bias"] = fresh.weight.detach(), fresh.bias.detach()
+    torch.save(weights, path)
+    return path
+
+
 def mlp(depth: int = 10, width: int = 64) -> nn.Module:
     """A deep plain ReLU MLP at torch's default init: fresh, the scale rules warn on it."""
     layers: list[nn.Module] = [nn.Linear(32, width), nn.ReLU()]

@@ -111,48 +111,23 @@ def test_a_hugging_face_model_follows_its_initializer_range(tmp_path):
     assert declared["source"] == "the model family's own init" and declared["tensors"] >= 4 * 12  # every block's
 
 
-class Blocks(nn.Module):
-    """An input layer, six same-shaped blocks and a head: the blocks are each other's siblings."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(32, 64)
-        self.blocks = nn.ModuleList(nn.Linear(64, 64) for _ in range(6))
-        self.head = nn.Linear(64, tm.CLASSES)
-
-    def forward(self, x):
-        x = torch.relu(self.inp(x))
-        for block in self.blocks:
-            x = torch.relu(block(x))
-        return self.head(x)
-
 
 @pytest.fixture(scope="module")
 def trained_blocks():
     torch.manual_seed(0)
-    return tm.train(Blocks(), "vector")[0]
-
-
-def saved(model: nn.Module, path, reinit: tuple[str, ...] = ()):
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    torch.manual_seed(1)
-    for name in reinit:
-        fresh = nn.Linear(*reversed(weights[f"{name}.weight"].shape))
-        weights[f"{name}.weight"], weights[f"{name}.bias"] = fresh.weight.detach(), fresh.bias.detach()
-    torch.save(weights, path)
-    return path
+    return tm.train(tm.Blocks(), "vector")[0]
 
 
 def test_a_block_left_at_init_in_a_trained_model_is_a_warning(trained_blocks, tmp_path):
-    clean = initaudit.audit(saved(trained_blocks, tmp_path / "clean.pt"))
+    clean = initaudit.audit(tm.save_with_fresh_layers(trained_blocks, tmp_path / "clean.pt"))
     assert clean.weights_state == "trained" and not serious(clean)
-    left = initaudit.audit(saved(trained_blocks, tmp_path / "left.pt", ("blocks.3",)))
+    left = initaudit.audit(tm.save_with_fresh_layers(trained_blocks, tmp_path / "left.pt", ("blocks.3",)))
     assert [(f.rule, f.layer, f.severity) for f in left.findings if f.severity != "info"] == [
         ("unexpected-fresh", "blocks.3", "warning")]
 
 
 def test_declared_trained_makes_it_an_error_and_a_fresh_head_is_allowed(trained_blocks, tmp_path):
-    path = saved(trained_blocks, tmp_path / "model.pt", ("blocks.3", "head"))
+    path = tm.save_with_fresh_layers(trained_blocks, tmp_path / "model.pt", ("blocks.3", "head"))
     declared = run("check", path, "--expect", "trained", "--format", "json")
     assert declared.exit_code == 1
     assert {(f["layer"], f["severity"]) for f in json.loads(declared.output)["findings"]
@@ -165,7 +140,7 @@ def test_declared_trained_makes_it_an_error_and_a_fresh_head_is_allowed(trained_
 
 def test_a_fresh_model_is_not_unexpected_without_a_declaration(tmp_path):
     torch.manual_seed(0)
-    report = initaudit.audit(saved(Blocks(), tmp_path / "fresh.pt"))
+    report = initaudit.audit(tm.save_with_fresh_layers(tm.Blocks(), tmp_path / "fresh.pt"))
     assert report.weights_state == "fresh"
     assert "unexpected-fresh" not in {f.rule for f in report.findings}
 
