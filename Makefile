@@ -10,15 +10,19 @@ $(BIN)/initaudit: pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[arch,test]'
 	touch $@
 
-.PHONY: demo test bench fixtures
+.PHONY: demo test test-slow bench fixtures
 # The first model is the selection guide's bug (Xavier feeding 12 ReLU layers): its check exits 1 with the
 # findings, which is the demo; any other exit (2: it could not be read, 0: the bug went unseen) fails it.
 demo: $(BIN)/initaudit
 	$(BIN)/initaudit check fixtures/deep_relu_mlp_xavier.pt --activation relu || test $$? -eq 1
 	$(BIN)/initaudit check fixtures/resnet_kaiming.pt
 
+# The default suite (under 10 minutes on 2 idle cores); the long sweeps marked `slow` run in test-slow.
 test: $(BIN)/initaudit
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
+
+test-slow: $(BIN)/initaudit
+	$(BIN)/python -m pytest -q -n auto -m slow
 
 bench: $(BIN)/initaudit
 	$(BIN)/python benchmarks/bench_check.py
