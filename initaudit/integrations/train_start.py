@@ -18,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -193,3 +193,31 @@ def free_name(folder: Path, name: str) -> Path:
         if not os.path.lexists(candidate):
             return candidate
     raise InputError(f"{folder}: {name} and 9,999 numbered names after it are taken; give another report_name")
+
+
+class TrainStartAudit:
+    """What the framework callbacks share: their keywords and the audit agreed over ranks.
+
+    `write_report=True` writes the report into the framework's run folder (`output_dir=` names another)."""
+
+    def __init__(self, *, write_report: bool = False, output_dir: str | Path | None = None,
+                 config: str | Path | Options | None = None, fail_on: str | None = None,
+                 logger: logging.Logger | None = None, report_name: str = REPORT_NAME, **options: Any):
+        self.write_report = write_report
+        self.settings = Settings(config, output_dir, fail_on, logger, report_name)
+        self.options = options
+        self.report: Report | None = None  # this rank's report, once audited
+
+    def audit(self, model: torch.nn.Module, run_folder: Callable[[], str | Path]) -> Agreed:
+        """Audit and agree; `run_folder()` is asked (on every rank) only when the report goes there."""
+        settings = self.settings
+        if self.write_report and settings.output_dir is None:
+            settings = replace(settings, output_dir=run_folder())
+        agreed = audit_and_agree(model, settings, self.options)
+        self.report = agreed.report
+        return agreed
+
+
+def summary_counts(report: Report) -> dict[str, int]:
+    """{'initaudit/layers': 3, 'initaudit/errors': 1, ...}: what the frameworks' loggers record."""
+    return {f"initaudit/{key}": value for key, value in report.summary.items()}
