@@ -50,7 +50,7 @@ def outcome(scenario: str, rank: int, out: Path) -> dict:
     step = torch.ones(1)
     torch.distributed.all_reduce(step)  # the next collective: both ranks reach it
     return {"scenario": scenario, "raised": type(raised).__name__ if raised else None,
-            "message": str(raised) if raised else None, "records": len(records.messages), "after": step.item(),
+            "message": str(raised) if raised else None, "records": records.messages, "after": step.item(),
             "findings": [[f.rule, f.layer] for f in getattr(raised, "findings", [])]}
 
 

@@ -113,6 +113,7 @@ def one_rank_group():
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # FSDP1 on one rank says it does not shard
 def test_fsdp1_flat_parameters_are_refused_in_one_line(one_rank_group):
     from torch.distributed.fsdp import FullyShardedDataParallel
 
