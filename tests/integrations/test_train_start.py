@@ -155,3 +155,10 @@ def test_an_unusable_keyword_stops_the_run_with_one_line():
     with pytest.raises(InitAuditError) as raised:
         audit_at_train_start(mlp(), fail_on="errors")
     assert "fail_on must be one of" in one_clear_line(raised)
+
+
+def test_ddp_and_compiled_wrappers_are_audited_inside_under_the_users_names(one_rank_group):
+    wrapped = torch.nn.parallel.DistributedDataParallel(torch.compile(mlp(zero_layer=True)))
+    with pytest.raises(InitAuditFailed) as raised:
+        audit_at_train_start(wrapped)
+    assert [(f.layer, f.tensor) for f in raised.value.findings] == [("2", "2.weight")]
