@@ -21,3 +21,7 @@ class InitAuditFailed(InitAuditError):
         super().__init__(message)
         self.findings = findings
         self.fail_on = fail_on
+
+    def __reduce__(self):
+        """Pickled whole, findings included (launchers that spawn ranks send a rank's exception back)."""
+        return type(self), (str(self), self.findings, self.fail_on)

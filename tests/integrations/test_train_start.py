@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import socket
 
 import pytest
@@ -33,6 +34,8 @@ def test_findings_at_fail_on_stop_the_run_with_them():
     assert [(f.rule, f.layer, f.severity) for f in raised.value.findings] == [("zero-weights", "2", "error")]
     assert raised.value.fail_on == "error"
     assert audit_at_train_start(mlp()).summary["errors"] == 0  # its twin starts well
+    sent = pickle.loads(pickle.dumps(raised.value))  # as a spawning launcher sends it back from a rank
+    assert (str(sent), sent.findings, sent.fail_on) == (str(raised.value), raised.value.findings, "error")
 
 
 def test_the_config_is_found_from_the_working_directory(tmp_path, monkeypatch):
