@@ -101,29 +101,38 @@ def figure(report: CoordReport):
     ts = sorted({t for _, t in scales})
     fig, axes = plt.subplots(1, len(ts), figsize=(4.2 * len(ts), 3.8), squeeze=False, sharey=True)
     for ax, t in zip(axes[0], ts):
-        for row in report.layers:
-            _line(ax, row.name, scales.get((row.name, t), {}), row.name in grows)
+        for i, row in enumerate(report.layers):
+            _line(ax, row.name, scales.get((row.name, t), {}), row.name in grows, f"C{i % 10}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(step_title(t), fontsize=10)
         ax.set_xlabel(report.sweep.width_arg)
         ax.grid(True, which="major", alpha=0.3)
     axes[0][0].set_ylabel("mean |x| (l1)")
-    axes[0][0].legend(fontsize=7)
+    _legend(axes[0])
     fig.suptitle(printable(f"{report.model}: coord check, {report.sweep.optimizer_words()}, "
                            f"{len(report.sweep.seeds)} seed(s)"), fontsize=11)
     fig.tight_layout()
     return fig
 
 
-def _line(ax, name: str, by_width: dict[int, tuple[float, float]], grows: bool) -> None:
+def _legend(axes) -> None:
+    """One legend, on the last panel, naming every layer drawn on any (a zero readout has no line at init)."""
+    drawn = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            drawn.setdefault(label, handle)
+    axes[-1].legend(list(drawn.values()), list(drawn), fontsize=7)
+
+
+def _line(ax, name: str, by_width: dict[int, tuple[float, float]], grows: bool, color: str) -> None:
     """One layer's mean |x| against width; a 0 (no place on a log axis) left out, the error bar kept above 0."""
     points = [(w, mean, sd) for w, (mean, sd) in sorted(by_width.items()) if mean > 0]
     if not points:
         return
     widths, means, sds = zip(*points)
     below = [min(sd, 0.9 * mean) for _, mean, sd in points]
-    ax.errorbar(widths, means, yerr=[below, list(sds)], marker="o", capsize=3, linewidth=2.5 if grows else 1.2,
+    ax.errorbar(widths, means, yerr=[below, list(sds)], marker="o", capsize=3, color=color, linewidth=2.5 if grows else 1.2,
                 label=printable(name) + (" (grows with width)" if grows else ""))
 
 
