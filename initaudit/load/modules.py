@@ -24,7 +24,7 @@ def resolve(spec: str, option: str = "--model") -> Callable:
     """The callable `package.module:callable` names (the current folder is importable); `option` names the flag."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise InputError(f"{option} {spec!r}: use package.module:name")
+        raise InputError(f"{option} {spec!r}: use package.module:factory")
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")
     try:

@@ -258,9 +258,7 @@ def run_one(model: torch.nn.Module, analysis: Analysis, sweep: Sweep, width: int
                   for name, w in weights.items() if reference.get(name)}
         records += as_records(measure(model, modules, args, kwargs), width, t, seed, ratios)
         deadline.check(f"width {width}, seed {seed}, step {t - 1}")
-    sign = {name: group_rate(optimizer, w) * math.sqrt(w.numel()) / reference[name]
-            for name, w in weights.items() if reference.get(name) and group_rate(optimizer, w) is not None}
-    return Run(records, loss or "none (no steps)", sign)
+    return Run(records, loss or "none (no steps)", sign_steps(optimizer, weights, reference))
 
 
 def hooked(model: torch.nn.Module, layers: list[Layer]) -> tuple[dict[str, torch.nn.Module], dict[str, torch.Tensor]]:
@@ -288,9 +286,13 @@ def reference_norms(analysis: Analysis, weights: dict[str, torch.Tensor]) -> dic
     return norms
 
 
-def group_rate(optimizer: torch.optim.Optimizer, weight: torch.Tensor) -> float | None:
-    """The learning rate of the optimizer group holding `weight`."""
-    return next((float(g["lr"]) for g in optimizer.param_groups if any(p is weight for p in g["params"])), None)
+def sign_steps(optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
+               reference: dict[str, float]) -> dict[str, float]:
+    """Per layer, the ratio a sign step (Adam's first: lr·sign(g) on every entry) gives at the rate of the
+    optimizer group holding its weight: lr·√numel over the reference norm."""
+    rates = {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+    return {name: rates[id(w)] * math.sqrt(w.numel()) / reference[name]
+            for name, w in weights.items() if reference.get(name) and id(w) in rates}
 
 
 def first_float(value: Any) -> torch.Tensor | None:
@@ -389,18 +391,12 @@ def aggregate(records: list[Record], column: str = "l1") -> dict[tuple[str, int]
 
 
 def slope(by_width: dict[int, tuple[float, float]]) -> float | None:
-    """The least-squares slope of log(value) against log(width); None under 2 widths or with a value that is not
-    positive (a zero output has no log)."""
-    points = [(math.log(w), math.log(mean)) for w, (mean, _) in by_width.items()]
-    if len(points) < 2 or any(not math.isfinite(y) for _, y in points):
+    """The least-squares slope of log(mean) against log(width); None under 2 widths or where a mean is not a
+    positive number (a zero output has no log)."""
+    means = [mean for mean, _ in by_width.values()]
+    if len(means) < 2 or not all(0 < mean < math.inf for mean in means):
         return None
-    return statistics.linear_regression([x for x, _ in points], [y for _, y in points]).slope
-
-
-def safe_slope(by_width: dict[int, tuple[float, float]]) -> float | None:
-    if any(not mean > 0 for mean, _ in by_width.values()):
-        return None
-    return slope(by_width)
+    return statistics.linear_regression([math.log(w) for w in by_width], [math.log(m) for m in means]).slope
 
 
 def layer_rows(analysis: Analysis, records: list[Record], sign_steps: dict[tuple[str, int], float],
@@ -408,7 +404,7 @@ def layer_rows(analysis: Analysis, records: list[Record], sign_steps: dict[tuple
     scales, updates = aggregate(records, "l1"), aggregate(records, "update_ratio")
     rows = []
     for layer in weighted_layers(analysis):
-        slopes = {t: safe_slope(scales[(layer.name, t)]) for t in range(1, sweep.steps + 2)
+        slopes = {t: slope(scales[(layer.name, t)]) for t in range(1, sweep.steps + 2)
                   if (layer.name, t) in scales}
         steps = [(mean, w) for t in range(2, sweep.steps + 2) for w, (mean, _) in updates.get((layer.name, t), {}).items()]
         ratio, width = max(steps, default=(None, None))
