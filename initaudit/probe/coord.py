@@ -178,7 +178,7 @@ def coord_check(spec: str, sweep: Sweep, options: Options, policy: Policy = Poli
     check_sweep(sweep)
     factory = resolve(spec)
     deadline = Deadline((policy.time_limit or RUN_SECONDS) * sweep.runs)
-    records, analyses, sign_steps, loss = [], {}, {}, ""
+    records, analyses, sign_ratios, loss = [], {}, {}, ""
     with torch.random.fork_rng(devices=[]):
         for width in sweep.widths:
             for seed in sweep.seeds:
@@ -189,8 +189,8 @@ def coord_check(spec: str, sweep: Sweep, options: Options, policy: Policy = Poli
                 records += run.records
                 loss = run.loss
                 for name, ratio in run.sign_steps.items():
-                    sign_steps.setdefault((name, width), ratio)
-    layers = layer_rows(analyses[max(sweep.widths)], records, sign_steps, sweep)
+                    sign_ratios.setdefault((name, width), ratio)  # the first seed's (they differ by noise)
+    layers = layer_rows(analyses[max(sweep.widths)], records, sign_ratios, sweep)
     notes = [] if len(sweep.widths) >= 3 else ["fewer than 3 widths: width-dependent-scale is not judged"]
     findings = judge(analyses[max(sweep.widths)], layers, aggregate(records), sweep, options)
     return CoordReport(spec, sweep, loss, records, layers, findings, notes)
@@ -399,7 +399,7 @@ def slope(by_width: dict[int, tuple[float, float]]) -> float | None:
     return statistics.linear_regression([math.log(w) for w in by_width], [math.log(m) for m in means]).slope
 
 
-def layer_rows(analysis: Analysis, records: list[Record], sign_steps: dict[tuple[str, int], float],
+def layer_rows(analysis: Analysis, records: list[Record], sign_ratios: dict[tuple[str, int], float],
                sweep: Sweep) -> list[CoordLayer]:
     scales, updates = aggregate(records, "l1"), aggregate(records, "update_ratio")
     rows = []
@@ -408,7 +408,7 @@ def layer_rows(analysis: Analysis, records: list[Record], sign_steps: dict[tuple
                   if (layer.name, t) in scales}
         steps = [(mean, w) for t in range(2, sweep.steps + 2) for w, (mean, _) in updates.get((layer.name, t), {}).items()]
         ratio, width = max(steps, default=(None, None))
-        rows.append(CoordLayer(layer.name, layer.kind, slopes, ratio, width, sign_steps.get((layer.name, width))))
+        rows.append(CoordLayer(layer.name, layer.kind, slopes, ratio, width, sign_ratios.get((layer.name, width))))
     return rows
 
 
