@@ -40,6 +40,17 @@ def tensor_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
     }
 
 
+def coord_facts(width: dict[str, Any] | None = None, update: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The facts of `probe --widths` (probe/coord.py) for one layer: how its output's scale follows the width
+    (`width`: slope, growth, t, count, range) and the largest optimizer step on its weight (`update`: ratio, width,
+    sign_step, optimizer); None outside a sweep."""
+    width, update = width or {}, update or {}
+    return {"width_slope": width.get("slope"), "width_growth": width.get("growth"), "width_t": width.get("t"),
+            "width_count": width.get("count"), "width_range": width.get("range"),
+            "update_ratio": update.get("ratio"), "update_width": update.get("width"),
+            "sign_step_ratio": update.get("sign_step"), "update_optimizer": update.get("optimizer")}
+
+
 # The SNN paper's stable band for a SELU layer's fan_in·Var(w) (Klambauer et al. 2017, Theorem 1's domain).
 SNN_BAND = (0.95, 1.1)
 
@@ -344,13 +355,3 @@ def signal_facts(layer: Layer, depth: LayerDepth | None, forward: dict[str, str]
             "stream_exit": depth.stream_exit, "signal_dead": depth.dead is not None, "stream_growth": depth.stream.growth if depth.stream else None,
             "signal_detail": detail(forward.get(layer.name), backward.get(layer.name), depth, origin)}
 
-
-def coord_facts(width: dict[str, Any] | None = None, update: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The facts of `probe --widths` (probe/coord.py) for one layer: how its output's scale follows the width
-    (`width`: slope, growth, t, count, range) and the largest optimizer step on its weight (`update`: ratio, width,
-    sign_step, optimizer); None outside a sweep."""
-    width, update = width or {}, update or {}
-    return {"width_slope": width.get("slope"), "width_growth": width.get("growth"), "width_t": width.get("t"),
-            "width_count": width.get("count"), "width_range": width.get("range"),
-            "update_ratio": update.get("ratio"), "update_width": update.get("width"),
-            "sign_step_ratio": update.get("sign_step"), "update_optimizer": update.get("optimizer")}
