@@ -354,4 +354,3 @@ def signal_facts(layer: Layer, depth: LayerDepth | None, forward: dict[str, str]
             "signal_exit": forward.get(layer.name), "gradient_exit": backward.get(layer.name), "origin": origin,
             "stream_exit": depth.stream_exit, "signal_dead": depth.dead is not None, "stream_growth": depth.stream.growth if depth.stream else None,
             "signal_detail": detail(forward.get(layer.name), backward.get(layer.name), depth, origin)}
-
