@@ -6,9 +6,12 @@ from __future__ import annotations
 import sys
 
 import click
-
+from click.core import ParameterSource
 
 COORD_KEYS = ("widths", "width_arg", "steps", "seeds", "lr", "optimizer")
+# What else of probe's command line the coord check reads (any other option given is refused, not ignored).
+COORD_USES = {*COORD_KEYS, "model_path", "factory", "input_shape", "batch", "seed", "activation", "fmt", "plot_path",
+              "fail_on", "config_path", "time_limit", "debug"}
 
 
 def _widths(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -47,7 +50,32 @@ def coord_options(command):
     return command
 
 
-def coord_check(model_path, factory, coord: dict, given: list[str], inputs: tuple, options, policy, output: tuple):
+def given(ctx: click.Context, names) -> list[str]:
+    """The flags of `names` given on the command line."""
+    return [param.opts[0] for param in ctx.command.params
+            if param.name in names and ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE]
+
+
+def wants_coord(ctx: click.Context, fmt: str) -> bool:
+    """Whether the command line asks for the coord check: any of its options, or --format csv."""
+    return bool(given(ctx, COORD_KEYS)) or fmt == "csv"
+
+
+def check_command_line(ctx: click.Context, coord: dict) -> None:
+    """The coord check needs --widths and --model, and refuses a model file and the options it does not apply."""
+    if not coord["widths"]:
+        named = ", ".join(given(ctx, COORD_KEYS)) or "--format csv"
+        raise click.UsageError(f"{named} belong to the coord check: give --widths W1,W2,... (and --model)")
+    if ctx.params.get("model_path") is not None or not ctx.params.get("factory"):
+        raise click.UsageError("the coord check builds the model at every width from --model PKG.MOD:FACTORY; a "
+                               "model file holds one width's weights (give --model alone)")
+    unused = [flag for flag in given(ctx, {param.name for param in ctx.command.params} - COORD_USES)]
+    if unused:
+        raise click.UsageError(f"{', '.join(unused)}: not applied by the coord check (--widths), which runs your "
+                               "--model factory in this process on a synthetic batch")
+
+
+def coord_check(ctx: click.Context, coord: dict, inputs: tuple, options, policy, output: tuple):
     """`probe --widths`: the sweep of probe/coord.py, written as the chart, JSON or CSV (and --plot's figure)."""
     import json
 
@@ -55,17 +83,11 @@ def coord_check(model_path, factory, coord: dict, given: list[str], inputs: tupl
     from initaudit.repair.outputs import atomic
     from initaudit.reporters import View, coord_chart, terminal_width, use_color
 
-    fmt, plot_path, fail_on = output
-    if not coord["widths"]:
-        named = ", ".join("--" + key.replace("_", "-") for key in given) or "--format csv"
-        raise click.UsageError(f"{named} belong to the coord check: give --widths W1,W2,... (and --model)")
-    if model_path is not None or not factory:
-        raise click.UsageError("the coord check builds the model at every width from --model PKG.MOD:FACTORY; a "
-                               "model file holds one width's weights (give --model alone)")
-    input_shape, batch, seed = inputs
+    check_command_line(ctx, coord)
+    (input_shape, batch, seed), (fmt, plot_path, fail_on) = inputs, output
     sweep = Sweep(coord["widths"], coord["width_arg"], coord["steps"], tuple(range(seed, seed + coord["seeds"])),
                   coord["optimizer"], coord["lr"], input_shape, batch)
-    report = sweep_model(factory, sweep, options, policy)
+    report = sweep_model(ctx.params["factory"], sweep, options, policy)
     if fmt == "json":
         json.dump(report.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")

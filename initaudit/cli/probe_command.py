@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 
-from initaudit.cli.coord_command import COORD_KEYS, coord_check, coord_options
+from initaudit.cli.coord_command import COORD_KEYS, coord_check, coord_options, wants_coord
 from initaudit.cli.options import (ACTIVATION, CONFIG, FACTORY, FAIL_ON_OPTION, INPUT_SHAPE, TRUST_PICKLE, Choice,
                                    run_options, run_policy)
 
@@ -60,11 +59,9 @@ def probe(ctx, model_path, factory, input_shape, batch, seed, activation, fmt, p
     if activation:
         options.activation = parse(activation)
     coord = {key: run.pop(key) for key in COORD_KEYS}
-    given = [key for key in COORD_KEYS if ctx.get_parameter_source(key) is ParameterSource.COMMANDLINE]
-    if given or fmt == "csv":
+    if wants_coord(ctx, fmt):
         policy = run_policy(**run, pickled=False, debug=bool(ctx.meta.get("initaudit.debug")))
-        return coord_check(model_path, factory, coord, given, (input_shape, batch, seed), options, policy,
-                           (fmt, plot_path, fail_on))
+        return coord_check(ctx, coord, (input_shape, batch, seed), options, policy, (fmt, plot_path, fail_on))
     loaded = load(model_path, trust_pickle=trust_pickle, factory=factory)
     if plot_path is not None:
         Protected(loaded).guard(plot_path, "the plot")

@@ -182,6 +182,8 @@ def test_the_time_limit_scales_with_widths_seeds_and_steps(cli):
     (["--widths", "64,64,128"], "distinct positive widths"),
     (["--widths", "64,128,256", "--width-arg", "d_model"], "--width-arg names its width keyword"),
     (["--widths", "64,128,256", "--optimizer", "fixtures.coord_models:INPUTS"], "not a callable"),
+    (["--widths", "64,128,256", "--memory-limit", "1GB", "--trust-code"],
+     "--trust-code, --memory-limit: not applied by the coord check"),
 ])
 def test_coord_usage_errors_are_one_line_exit_2(cli, args, complaint):
     model = [] if args[0].endswith(".pt") else ["--model", SP]
