@@ -6,8 +6,10 @@ a random projection of the output, the gradient there and on its weight. TorchSc
 models (onnxruntime) run forward only, their layer outputs read as extra graph outputs. Per layer: the
 output's RMS relative to the input's, the share of dead ReLU units (never positive on the batch), the
 share of saturated tanh/sigmoid inputs, the gradient's RMS (relative to the last hidden layer's, as
-predicted) and the weight gradient's norm. The findings use the same rules as the prediction, marked
-`measured`. The model is left as it was (mode, gradients, the global random state).
+predicted), the weight gradient's norm, the mean cosine between different inputs' outputs and the channel mean
+(probe/correlation.py). The findings use the same rules as the prediction, and those that ask for
+`origin: measured` (signal-collapse), marked `measured`. `--input-batch` (probe/input_batch.py) replaces the
+synthetic batch with the user's. The model is left as it was (mode, gradients, the global random state).
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ class _Seen:
 
 @dataclass
 class _Run:
-    """What one run of the model measured: per layer, the gradient norms of the weights, and the batch."""
+    """What one run of the model measured: each layer's sums (`seen`), its weight's gradient norm, the batch."""
 
     seen: dict[str, _Seen]
     grad_norms: dict[str, float]
@@ -266,7 +268,8 @@ def _findings(analysis: Analysis, layers: list[Layer], rows: list[ProbeRow], opt
         seen = depth.LayerDepth(row.name, gain=None, scale=row.scale, grad_scale=row.grad_scale, dead=dead.get(row.name))
         facts = {**m.facts, **signal_facts(m.layer, seen, forward, backward, origin="measured")}
         facts.update(predicted_scale=row.scale, predicted_grad_scale=row.grad_scale,
-                     **collapse_facts(row.cosine, input_cosine, m.layer.name == last, "given" if given else "synthetic"))
+                     **collapse_facts(row.cosine, input_cosine, m.layer.name == last,
+                                      "given" if given else "synthetic"))
         measured.append(replace(m, facts=facts))
     rules = [r for r in rulebook.select(rulebook.builtin_rules(), options.select, options.ignore)
              if r.name in depth.RULES or r.when.get("origin") == "measured"]
@@ -594,14 +597,16 @@ def _run_in_child(loaded: Loaded, layers: list[Layer], input_shape, batch, seed,
     return _measured_from_json(answer, layers)
 
 
-def script_job(path: str, layers: list[Layer], input_shape, batch, seed, given=None) -> dict[str, Any]:
+def script_job(path: str, layers: list[Layer], input_shape, batch, seed,
+               given: InputBatch | None = None) -> dict[str, Any]:
     """In the child: a TorchScript archive's graph on the synthetic (or given) batch."""
     from initaudit.load.modules import read_torchscript
 
     return _run_module(read_torchscript(Path(path)), layers, input_shape, batch, seed, given).to_json()
 
 
-def pickled_job(path: str, layers: list[Layer], input_shape, batch, seed, given=None) -> dict[str, Any]:
+def pickled_job(path: str, layers: list[Layer], input_shape, batch, seed,
+                given: InputBatch | None = None) -> dict[str, Any]:
     """In the child: a fully pickled module (trusted with --trust-pickle) forward and backward."""
     from initaudit.load.torch_files import read
 
@@ -612,7 +617,7 @@ def pickled_job(path: str, layers: list[Layer], input_shape, batch, seed, given=
 
 
 def onnx_job(path: str, outputs: dict[str, str], layers: list[Layer], input_shape, batch, seed,
-             given=None) -> dict[str, Any]:
+             given: InputBatch | None = None) -> dict[str, Any]:
     """In the child: an ONNX model through onnxruntime."""
     return _run_onnx(Path(path), outputs, layers, input_shape, batch, seed, given).to_json()
 

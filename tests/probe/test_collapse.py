@@ -17,6 +17,7 @@ from helpers.formats import export_onnx
 from initaudit.config import Options
 from initaudit.load.dispatch import load
 from initaudit.probe.input_batch import InputBatch
+from initaudit.probe.representation import describe
 from initaudit.probe.run import probe
 from initaudit.reporters import depth_chart
 
@@ -79,6 +80,24 @@ def test_a_trained_net_fed_noise_is_told_so_its_own_data_decides():
     batch = InputBatch(args=(torch.randn(32, depth_models.INPUTS),), source="batch.pt")
     (given,) = collapse(probe(loaded, options, given=batch))
     assert given.severity == "error"
+
+
+@pytest.mark.parametrize("model, batch, upto", [
+    (lambda: depth_models.relu_kaiming_deep(), torch.randn(12, depth_models.INPUTS), 5),  # Linear "4"'s output
+    (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), torch.randn(6, 3, 10, 10) + 0.5, 3),
+])
+def test_cosine_and_mean_are_the_shared_descriptions_of_the_layer_output(model, batch, upto):
+    """What probe reports is representation.describe of the layer's output: the cosine as it is, the channel mean
+    (conv: over channels, axis 1) relative to the input's RMS, as the scale is."""
+    module = model()
+    report = probe(load(None, module=module), Options(), given=InputBatch(args=(batch,)))
+    row = report.layers[-1] if upto == len(module) else {r.name: r for r in report.layers}[str(upto - 1)]
+    with torch.no_grad():
+        shared = describe(module[:upto](batch))
+    rms_in = batch.pow(2).mean().sqrt().item()
+    assert row.cosine == pytest.approx(shared.cosine, abs=1e-9)
+    assert row.mean * rms_in == pytest.approx(shared.mean, rel=1e-6)
+    assert row.scale * rms_in == pytest.approx(shared.rms, rel=1e-6)
 
 
 def test_json_carries_cosine_and_mean_per_layer(cli):
