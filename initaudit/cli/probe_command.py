@@ -19,6 +19,9 @@ from initaudit.cli.options import (ACTIVATION, CONFIG, FACTORY, FAIL_ON_OPTION, 
 @INPUT_SHAPE
 @click.option("--batch", type=click.IntRange(min=2), help="Samples in the synthetic batch. [default: up to 64, by size]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic batch.")
+@click.option("--input-batch", "input_batch", type=click.Path(path_type=Path, dir_okay=False),
+              help="Run on this batch instead: a tensor (the one input) or a dict of tensors (keyword inputs; "
+                   "'labels' kept for the loss) saved with torch.save, read without running code.")
 @ACTIVATION
 @click.option("--format", "fmt", type=Choice(("chart", "json", "csv")), default="chart", show_default=True,
               help="chart (text), json, or csv (the coord check's records, in mup's coord-check columns).")
@@ -30,8 +33,8 @@ from initaudit.cli.options import (ACTIVATION, CONFIG, FACTORY, FAIL_ON_OPTION, 
 @run_options
 @coord_options
 @click.pass_context
-def probe(ctx, model_path, factory, input_shape, batch, seed, activation, fmt, plot_path, fail_on, config_path,
-          trust_pickle, **run):
+def probe(ctx, model_path, factory, input_shape, batch, seed, input_batch, activation, fmt, plot_path, fail_on,
+          config_path, trust_pickle, **run):
     """Run a seeded synthetic batch through MODEL and measure each layer's signal and gradient scale.
 
     Activation RMS per layer, dead ReLU and saturated tanh/sigmoid shares, and (torch modules) the gradient
@@ -66,7 +69,8 @@ def probe(ctx, model_path, factory, input_shape, batch, seed, activation, fmt, p
     if plot_path is not None:
         Protected(loaded).guard(plot_path, "the plot")
     policy = run_policy(**run, pickled=factory is None, debug=bool(ctx.meta.get("initaudit.debug")))
-    report = run_probe(loaded, options, input_shape, batch, seed, policy)
+    given = given_batch(input_batch, input_shape, batch)
+    report = run_probe(loaded, options, input_shape, batch, seed, policy, given)
     if fmt == "json":
         json.dump(report.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -77,3 +81,15 @@ def probe(ctx, model_path, factory, input_shape, batch, seed, activation, fmt, p
         with atomic(plot_path) as tmp:
             depth_chart.plot(report, tmp, options.signal_band, plot_path.suffix.lstrip(".").lower() or "png")
     return report.exit_code(fail_on or options.fail_on)
+
+
+def given_batch(path: Path | None, input_shape, batch):
+    """The --input-batch file's batch (None without one); its size is the batch, so --input-shape and --batch
+    do not go with it."""
+    if path is None:
+        return None
+    if input_shape or batch:
+        raise click.UsageError("--input-batch is the batch: give it without --input-shape and --batch")
+    from initaudit.probe.input_batch import read_batch
+
+    return read_batch(path)

@@ -88,6 +88,16 @@ FACTS = {
                        "weight alone, which both share); none for other layers",
     "signal_dead": "measured (probe): the layer's output is all zeros or all its units are dead, and every layer "
                    "after it puts out the same for every input",
+    "cosine": "measured (probe): the mean cosine between different inputs' outputs of the layer (1: every input "
+              "mapped to one direction; none in check, or where an output is all zero)",
+    "input_cosine": "measured (probe): the batch's own mean cosine between samples, over its floating inputs (about "
+                    "0 for the synthetic batch's independent draws; none for token ids)",
+    "spread_kept": "measured (probe): (1 − cosine) / (1 − input_cosine): the share of the inputs' spread in "
+                   "direction the layer's output keeps (0: all inputs collapsed to one direction)",
+    "last_hidden": "measured (probe): the layer whose output the head reads: the last layer, in forward order, of "
+                   "the deep plain runs the signal rules judge (5+ weighted layers, no norm or residual sum "
+                   "between them) that is not the output",
+    "input_batch": "probe's batch: synthetic (seeded independent draws) or given (--input-batch)",
     "in_flow": "a norm the model's flow names, so whether its output joins a residual sum (residual_branch) is "
                "known; false for weighted layers and for norms no flow names",
     "zero_in_every_block": "all zero, as is the same tensor of another numbered sibling block (2 or more in all), "

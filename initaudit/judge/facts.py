@@ -353,4 +353,15 @@ def signal_facts(layer: Layer, depth: LayerDepth | None, forward: dict[str, str]
     return {"predicted_gain": depth.gain, "predicted_scale": depth.scale, "predicted_grad_scale": depth.grad_scale,
             "signal_exit": forward.get(layer.name), "gradient_exit": backward.get(layer.name), "origin": origin,
             "stream_exit": depth.stream_exit, "signal_dead": depth.dead is not None, "stream_growth": depth.stream.growth if depth.stream else None,
-            "signal_detail": detail(forward.get(layer.name), backward.get(layer.name), depth, origin)}
+            "signal_detail": detail(forward.get(layer.name), backward.get(layer.name), depth, origin),
+            **collapse_facts()}
+
+
+def collapse_facts(cosine: float | None = None, input_cosine: float | None = None, last_hidden: bool | None = None,
+                   input_batch: str | None = None) -> dict:
+    """The facts signal-collapse tests, measured by probe (none in check): the mean cosine between different inputs'
+    outputs of the layer, the inputs' own, and the share of the inputs' spread in direction (1 − cosine) it keeps."""
+    spread = 1 - (input_cosine or 0.0)
+    kept = (1 - cosine) / spread if cosine is not None and spread > 0 else None
+    return {"cosine": cosine, "input_cosine": input_cosine, "spread_kept": kept, "last_hidden": last_hidden,
+            "input_batch": input_batch}

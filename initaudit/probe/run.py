@@ -6,8 +6,10 @@ a random projection of the output, the gradient there and on its weight. TorchSc
 models (onnxruntime) run forward only, their layer outputs read as extra graph outputs. Per layer: the
 output's RMS relative to the input's, the share of dead ReLU units (never positive on the batch), the
 share of saturated tanh/sigmoid inputs, the gradient's RMS (relative to the last hidden layer's, as
-predicted) and the weight gradient's norm. The findings use the same rules as the prediction, marked
-`measured`. The model is left as it was (mode, gradients, the global random state).
+predicted), the weight gradient's norm, the mean cosine between different inputs' outputs and the channel mean
+(probe/correlation.py). The findings use the same rules as the prediction, and those that ask for
+`origin: measured` (signal-collapse), marked `measured`. `--input-batch` (probe/input_batch.py) replaces the
+synthetic batch with the user's. The model is left as it was (mode, gradients, the global random state).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from initaudit.measure import depth
 from initaudit.probe import sandbox
 from initaudit.judge import rules as rulebook
 from initaudit.judge.evaluate import evaluate
-from initaudit.judge.facts import signal_facts
+from initaudit.judge.facts import collapse_facts, signal_facts
 from initaudit.measure.tensors import Measured
 from initaudit.pipeline import Analysis, analyse
 from initaudit.config import Options
@@ -36,6 +38,8 @@ from initaudit.flow.layer import Layer
 from initaudit.load.source import Loaded
 from initaudit.judge.report import Finding, finding_dict
 from initaudit.probe.sandbox import Policy
+from initaudit.probe.correlation import ChannelSums, CosineSum, channel_axis, input_rows, last_hidden
+from initaudit.probe.input_batch import InputBatch
 
 # Inputs of tanh/sigmoid past these |z| sit on the flat tails (|tanh| > 0.99; sigmoid < 0.01 or > 0.99).
 SATURATION = {"tanh": math.atanh(0.99), "sigmoid": math.log(99), "hardtanh": 1.0, "hardsigmoid": 3.0}
@@ -60,6 +64,8 @@ class ProbeRow:
     dead_fraction: float | None = None
     saturated_fraction: float | None = None
     constant: bool | None = None  # the output was the same for every input of the batch (None: batch of one)
+    cosine: float | None = None   # mean cosine between different inputs' outputs (None: unmeasured, or all zero)
+    mean: float | None = None     # the channel mean's RMS, relative to the input's RMS as `scale` is
 
 
 @dataclass
@@ -70,6 +76,7 @@ class ProbeReport:
     layers: list[ProbeRow] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    input_cosine: float | None = None  # the batch's own mean cosine between samples (None: token ids)
 
     @property
     def summary(self) -> dict[str, int]:
@@ -95,7 +102,8 @@ class ProbeReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"tool": "initaudit", "version": __version__, "model": self.model, "format": self.format,
-                "origin": "measured", "inputs": self.inputs, "agreement": self.agreement(),
+                "origin": "measured", "inputs": self.inputs, "input_cosine": self.input_cosine,
+                "agreement": self.agreement(),
                 "layers": [asdict(row) for row in self.layers], "findings": [finding_dict(f) for f in self.findings],
                 "summary": self.summary, "notes": self.notes}
 
@@ -111,23 +119,43 @@ class _Seen:
     alive: torch.Tensor | None = None      # per unit: positive somewhere on the batch
     saturated: int = 0
     varies: bool | None = None             # the output differs between two samples of the batch (None: one sample)
+    cosine: CosineSum = field(default_factory=CosineSum)
+    channels: ChannelSums = field(default_factory=ChannelSums)
 
     def to_json(self) -> dict[str, Any]:
         return {"squares": self.squares, "count": self.count, "grad_squares": self.grad_squares,
                 "grad_count": self.grad_count, "saturated": self.saturated,
-                "alive": None if self.alive is None else self.alive.tolist(), "varies": self.varies}
+                "alive": None if self.alive is None else self.alive.tolist(), "varies": self.varies,
+                "cosine": self.cosine.to_json(), "channels": self.channels.to_json()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "_Seen":
         alive = data["alive"]
         return cls(float(data["squares"]), int(data["count"]), float(data["grad_squares"]), int(data["grad_count"]),
                    None if alive is None else torch.tensor([bool(a) for a in alive], dtype=torch.bool),
-                   int(data["saturated"]), data.get("varies"))
+                   int(data["saturated"]), data.get("varies"), CosineSum.from_json(data["cosine"]),
+                   ChannelSums.from_json(data["channels"]))
+
+
+@dataclass
+class _Run:
+    """What one run of the model measured: each layer's sums (`seen`), its weight's gradient norm, the batch."""
+
+    seen: dict[str, _Seen]
+    grad_norms: dict[str, float]
+    inputs: str                 # the batch's shapes, in words
+    scale_in: float             # the inputs' RMS, which the scales are relative to
+    input_cosine: float | None  # the inputs' mean cosine between samples (None: no floating input)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seen": {name: s.to_json() for name, s in self.seen.items()}, "grad_norms": self.grad_norms,
+                "inputs": self.inputs, "scale_in": self.scale_in, "input_cosine": self.input_cosine}
 
 
 def probe(loaded: Loaded, options: Options, input_shape: tuple[int, ...] | None = None, batch: int | None = None,
-          seed: int = 0, policy: Policy = Policy()) -> ProbeReport:
-    """Predict (as `check` does), then measure on a seeded synthetic batch; findings from the measurement.
+          seed: int = 0, policy: Policy = Policy(), given: InputBatch | None = None) -> ProbeReport:
+    """Predict (as `check` does), then measure on a seeded synthetic batch (or the `given` one); findings from the
+    measurement.
 
     A TorchScript or ONNX file's graph (and, with `policy.pickled`, an unpickled module's forward) runs in a child
     process within the policy's limits, and only when it trusts code; a module built from code or from a Hugging
@@ -137,17 +165,18 @@ def probe(loaded: Loaded, options: Options, input_shape: tuple[int, ...] | None 
     layers = [layer for layer in analysis.graph if layer.weighted]
     if loaded.format == "hf-folder":
         module, names = hf_module(loaded, policy.build_memory)
-        seen, grad_norms, inputs, scale_in = _run_module(module, layers, input_shape, batch, seed, names)
+        run = _run_module(module, layers, input_shape, batch, seed, given, names)
     elif loaded.format in FILE_GRAPHS or (policy.pickled and loaded.format == "torch-module" and loaded.path):
-        seen, grad_norms, inputs, scale_in = _run_in_child(loaded, layers, input_shape, batch, seed, policy)
+        run = _run_in_child(loaded, layers, input_shape, batch, seed, given, policy)
     elif loaded.module is not None:
-        seen, grad_norms, inputs, scale_in = _run_module(loaded.module, layers, input_shape, batch, seed)
+        run = _run_module(loaded.module, layers, input_shape, batch, seed, given)
     else:
         raise InputError(f"{loaded.path}: probe runs the model, and a {loaded.format} file holds only weights; give "
                          "the architecture with --model PKG.MOD:FACTORY (or a TorchScript, ONNX or Hugging Face model)")
-    rows = _rows(analysis, layers, seen, grad_norms, scale_in)
-    return ProbeReport(analysis.report.model, loaded.format, inputs, rows,
-                       _findings(analysis, layers, rows, options), list(analysis.report.notes))
+    rows = _rows(analysis, layers, run)
+    findings = _findings(analysis, layers, rows, options, run.input_cosine, given is not None)
+    return ProbeReport(analysis.report.model, loaded.format, run.inputs, rows, findings, list(analysis.report.notes),
+                       run.input_cosine)
 
 
 def require_trust(loaded: Loaded, policy: Policy) -> None:
@@ -181,8 +210,8 @@ def before_after(loaded: Loaded, options: Options, tensors: dict[str, torch.Tens
     return before.scales(), probe(after, options, policy=policy).scales()
 
 
-def _rows(analysis: Analysis, layers: list[Layer], seen: dict[str, _Seen], grad_norms: dict[str, float],
-          scale_in: float) -> list[ProbeRow]:
+def _rows(analysis: Analysis, layers: list[Layer], run: _Run) -> list[ProbeRow]:
+    seen, grad_norms, scale_in = run.seen, run.grad_norms, run.scale_in
     facts = {m.layer.name: m.facts for m in analysis.measured if m.param is m.layer.param("weight")}
     grads = {layer.name: math.sqrt(s.grad_squares / s.grad_count) if (s := seen.get(layer.name)) and s.grad_count
              else None for layer in layers}
@@ -196,8 +225,13 @@ def _rows(analysis: Analysis, layers: list[Layer], seen: dict[str, _Seen], grad_
             grad_norms.get(layer.name),
             1 - float(s.alive.float().mean()) if s and s.alive is not None else None,
             s.saturated / s.count if s and s.count and _saturation(layer) else None,
-            None if s is None or s.varies is None else not s.varies))
+            None if s is None or s.varies is None else not s.varies,
+            s.cosine.value if s else None, _relative(s.channels.rms() if s else None, scale_in)))
     return rows
+
+
+def _relative(value: float | None, scale_in: float) -> float | None:
+    return None if value is None else value / scale_in
 
 
 def dead_ends(layers: list[Layer], rows: list[ProbeRow]) -> dict[str, str]:
@@ -216,13 +250,16 @@ def dead_ends(layers: list[Layer], rows: list[ProbeRow]) -> dict[str, str]:
     return {}
 
 
-def _findings(analysis: Analysis, layers: list[Layer], rows: list[ProbeRow], options: Options) -> list[Finding]:
-    """The signal rules on the measured scales (origin `measured`)."""
+def _findings(analysis: Analysis, layers: list[Layer], rows: list[ProbeRow], options: Options,
+              input_cosine: float | None, given: bool) -> list[Finding]:
+    """The signal rules on the measured scales and the rules that ask for `origin: measured` (signal-collapse),
+    every finding of origin `measured`."""
     by_name = {row.name: row for row in rows}
     forward, backward = depth.judged(layers, {r.name: r.scale for r in rows}, {r.name: r.grad_scale for r in rows},
                                      options.signal_band)
     dead = dead_ends(layers, rows)
     forward.update(dict.fromkeys(dead, "vanishing"))
+    last = last_hidden(layers)
     measured: list[Measured] = []
     for m in analysis.measured:
         row = by_name.get(m.layer.name)
@@ -230,10 +267,13 @@ def _findings(analysis: Analysis, layers: list[Layer], rows: list[ProbeRow], opt
             continue
         seen = depth.LayerDepth(row.name, gain=None, scale=row.scale, grad_scale=row.grad_scale, dead=dead.get(row.name))
         facts = {**m.facts, **signal_facts(m.layer, seen, forward, backward, origin="measured")}
-        facts.update(predicted_scale=row.scale, predicted_grad_scale=row.grad_scale)
+        facts.update(predicted_scale=row.scale, predicted_grad_scale=row.grad_scale,
+                     **collapse_facts(row.cosine, input_cosine, m.layer.name == last,
+                                      "given" if given else "synthetic"))
         measured.append(replace(m, facts=facts))
-    rules = [r for r in rulebook.select(rulebook.builtin_rules(), options.select, options.ignore) if r.name in depth.RULES]
-    return evaluate(measured, rules, options.ignored)
+    rules = [r for r in rulebook.select(rulebook.builtin_rules(), options.select, options.ignore)
+             if r.name in depth.RULES or r.when.get("origin") == "measured"]
+    return [replace(f, origin="measured") for f in evaluate(measured, rules, options.ignored)]
 
 
 def _saturation(layer: Layer) -> float | None:
@@ -243,17 +283,21 @@ def _saturation(layer: Layer) -> float | None:
     return SATURATION.get(layer.activation.name)
 
 
-def _record(seen: _Seen, layer: Layer, out: torch.Tensor) -> None:
+def _record(seen: _Seen, layer: Layer, out: torch.Tensor, chained: bool = False) -> None:
+    """One call's output (samples first); `chained`: pair its samples with the previous call's too (ONNX runs)."""
     z = out.detach().double()
     seen.squares += float((z ** 2).sum())
     seen.count += z.numel()
+    seen.cosine.add(z, chained)
+    if z.dim() >= 1:
+        seen.channels.add(z, channel_axis(layer, z))
     limit = _saturation(layer)
     if limit is not None:
         seen.saturated += int((z.abs() > limit).sum())
     if z.dim() >= 1 and z.shape[0] >= 2:
         seen.varies = bool(seen.varies) or bool((z != z[:1]).any())
     if layer.activation.name in DEAD_ACTIVATIONS and not (layer.norm_after or layer.residual_after) and z.dim() >= 1:
-        axis = 1 if layer.kind.startswith("conv") and z.dim() > 2 else z.dim() - 1
+        axis = channel_axis(layer, z)
         alive = (z > 0).movedim(axis, 0).reshape(z.shape[axis], -1).any(dim=1)
         seen.alive = alive if seen.alive is None or seen.alive.shape != alive.shape else seen.alive | alive
 
@@ -314,9 +358,9 @@ def module_inputs(module: torch.nn.Module, input_shape: tuple[int, ...] | None,
     return tuple(redraw(a) for a in args), {k: redraw(v) for k, v in kwargs.items()}
 
 
-def _describe(args: tuple, kwargs: dict) -> str:
+def _describe(args: tuple, kwargs: dict, given: InputBatch | None = None) -> str:
     shapes = [f"{tuple(v.shape)}" for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
-    return ", ".join(shapes)
+    return ", ".join(shapes) + (f" from {given.source}" if given is not None else "")
 
 
 def _input_rms(args: tuple, kwargs: dict) -> float:
@@ -325,6 +369,22 @@ def _input_rms(args: tuple, kwargs: dict) -> float:
     if not floats:
         return 1.0
     return math.sqrt(sum(float((v.double() ** 2).sum()) for v in floats) / sum(v.numel() for v in floats)) or 1.0
+
+
+def _input_cosine(args: tuple, kwargs: dict) -> float | None:
+    """The batch's own mean cosine between samples, over its floating inputs (None: token ids only)."""
+    rows = input_rows([v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)])
+    if rows is None:
+        return None
+    cosine = CosineSum()
+    cosine.add(rows)
+    return cosine.value
+
+
+def _measured(seen: dict[str, _Seen], grad_norms: dict[str, float], args: tuple, kwargs: dict,
+              given: InputBatch | None) -> _Run:
+    return _Run(seen, grad_norms, _describe(args, kwargs, given), _input_rms(args, kwargs),
+                _input_cosine(args, kwargs))
 
 
 # ---------------------------------------------------------------- torch
@@ -376,13 +436,20 @@ def default_build_memory() -> int:
     return ram // 2 if ram else 8 * GB
 
 
-def _run_module(module: torch.nn.Module, layers: list[Layer], input_shape, batch, seed, keys: dict[str, str] | None = None):
+def _run_module(module: torch.nn.Module, layers: list[Layer], input_shape, batch, seed,
+                given: InputBatch | None = None, keys: dict[str, str] | None = None) -> _Run:
+    """The module on the `given` batch, else on a synthetic one drawn from `seed`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        args, kwargs = module_inputs(module, input_shape, batch, layers)
+        if given is not None:
+            args, kwargs = given.args, given.kwargs
+        else:
+            args, kwargs = module_inputs(module, input_shape, batch, layers)
         if isinstance(module, torch.jit.ScriptModule):
-            return _run_script(module, layers, args, kwargs)
-        return _forward_backward(module, layers, args, kwargs, keys or {})
+            seen, norms = _run_script(module, layers, args, kwargs), {}
+        else:
+            seen, norms = _forward_backward(module, layers, args, kwargs, keys or {})
+        return _measured(seen, norms, args, kwargs, given)
 
 
 def _first_tensor(value: Any) -> torch.Tensor | None:
@@ -421,8 +488,8 @@ def _forward_backward(module: torch.nn.Module, layers: list[Layer], args: tuple,
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's forward can raise anything
-        raise InputError(f"the model's forward pass failed on the synthetic batch ({type(exc).__name__}: "
-                         f"{one_line(exc)}); give --input-shape") from None
+        raise InputError(f"the model's forward pass failed on the batch ({type(exc).__name__}: "
+                         f"{one_line(exc)}); give --input-shape or --input-batch") from None
     finally:
         for h in handles:
             h.remove()
@@ -431,7 +498,7 @@ def _forward_backward(module: torch.nn.Module, layers: list[Layer], args: tuple,
             p.grad = grad
         for m, mode in training.items():
             m.training = mode
-    return seen, norms, _describe(args, kwargs), _input_rms(args, kwargs)
+    return seen, norms
 
 
 def _weight(module: torch.nn.Module, layer: Layer, keys: dict[str, str]) -> torch.Tensor | None:
@@ -492,12 +559,12 @@ def _run_script(module: torch.jit.ScriptModule, layers: list[Layer], args: tuple
         with torch.no_grad():
             outputs = fn(module._c, *args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - the archive's forward can raise anything
-        raise InputError(f"the TorchScript forward pass failed on the synthetic batch ({type(exc).__name__}: "
-                         f"{one_line(exc)}); give --input-shape") from None
+        raise InputError(f"the TorchScript forward pass failed on the batch ({type(exc).__name__}: "
+                         f"{one_line(exc)}); give --input-shape or --input-batch") from None
     seen = {name: _Seen() for name in wanted}
     for name, value in zip(found, outputs):
         _record(seen[name], wanted[name], value)
-    return seen, {}, _describe(args, kwargs), _input_rms(args, kwargs)
+    return seen
 
 
 # ---------------------------------------------------------------- in a child process
@@ -514,55 +581,56 @@ def run_limits(loaded: Loaded, layers: list[Layer], batch: int | None, policy: P
     return seconds, policy.memory_limit or (min(memory, ram * 3 // 4) if ram else memory)
 
 
-def _run_in_child(loaded: Loaded, layers: list[Layer], input_shape, batch, seed, policy: Policy):
-    """The file's graph run by `script_job`, `onnx_job` or `pickled_job` in a spawned child, within the limits."""
+def _run_in_child(loaded: Loaded, layers: list[Layer], input_shape, batch, seed, given: InputBatch | None,
+                  policy: Policy) -> _Run:
+    """The file's graph run by `script_job`, `onnx_job` or `pickled_job` in a spawned child, within the limits (the
+    `given` batch handed to it)."""
     if loaded.path is None:
         raise InputError(f"{loaded.name}: probe runs local files only; download the model first")
-    common = (layers, input_shape, batch, seed)
+    common = (layers, input_shape, batch, seed, given)
     if loaded.format == "onnx":
         job, args = "onnx_job", (str(loaded.path), dict(loaded.container.outputs), *common)
     else:
         job, args = ("script_job" if loaded.format == "torchscript" else "pickled_job"), (str(loaded.path), *common)
-    seconds, memory = run_limits(loaded, layers, batch, policy)
+    seconds, memory = run_limits(loaded, layers, given.size if given is not None else batch, policy)
     answer = sandbox.run(f"{__name__}:{job}", args, seconds, memory, policy.show_output)
     return _measured_from_json(answer, layers)
 
 
-def script_job(path: str, layers: list[Layer], input_shape, batch, seed) -> dict[str, Any]:
-    """In the child: a TorchScript archive's graph on the synthetic batch."""
+def script_job(path: str, layers: list[Layer], input_shape, batch, seed,
+               given: InputBatch | None = None) -> dict[str, Any]:
+    """In the child: a TorchScript archive's graph on the synthetic (or given) batch."""
     from initaudit.load.modules import read_torchscript
 
-    return _measured_to_json(_run_module(read_torchscript(Path(path)), layers, input_shape, batch, seed))
+    return _run_module(read_torchscript(Path(path)), layers, input_shape, batch, seed, given).to_json()
 
 
-def pickled_job(path: str, layers: list[Layer], input_shape, batch, seed) -> dict[str, Any]:
+def pickled_job(path: str, layers: list[Layer], input_shape, batch, seed,
+                given: InputBatch | None = None) -> dict[str, Any]:
     """In the child: a fully pickled module (trusted with --trust-pickle) forward and backward."""
     from initaudit.load.torch_files import read
 
     module = read(Path(path), trust_pickle=True)
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"{path}: no longer holds a pickled module")
-    return _measured_to_json(_run_module(module, layers, input_shape, batch, seed))
+    return _run_module(module, layers, input_shape, batch, seed, given).to_json()
 
 
-def onnx_job(path: str, outputs: dict[str, str], layers: list[Layer], input_shape, batch, seed) -> dict[str, Any]:
+def onnx_job(path: str, outputs: dict[str, str], layers: list[Layer], input_shape, batch, seed,
+             given: InputBatch | None = None) -> dict[str, Any]:
     """In the child: an ONNX model through onnxruntime."""
-    return _measured_to_json(_run_onnx(Path(path), outputs, layers, input_shape, batch, seed))
+    return _run_onnx(Path(path), outputs, layers, input_shape, batch, seed, given).to_json()
 
 
-def _measured_to_json(measured: tuple) -> dict[str, Any]:
-    seen, grad_norms, inputs, scale_in = measured
-    return {"seen": {name: s.to_json() for name, s in seen.items()}, "grad_norms": grad_norms, "inputs": inputs,
-            "scale_in": scale_in}
-
-
-def _measured_from_json(answer: Any, layers: list[Layer]) -> tuple:
+def _measured_from_json(answer: Any, layers: list[Layer]) -> _Run:
     """The child's answer as `_run_module` returns it, checked: only the layers asked for, numbers as numbers."""
     names = {layer.name for layer in layers}
     try:
         seen = {name: _Seen.from_json(value) for name, value in answer["seen"].items() if name in names}
         norms = {name: float(value) for name, value in answer["grad_norms"].items() if name in names}
-        return seen, norms, str(answer["inputs"]), float(answer["scale_in"])
+        cosine = answer["input_cosine"]
+        return _Run(seen, norms, str(answer["inputs"]), float(answer["scale_in"]),
+                    None if cosine is None else float(cosine))
     except (KeyError, TypeError, ValueError, AttributeError):
         raise InputError("the child process that ran the model answered in an unexpected form") from None
 
@@ -570,34 +638,87 @@ def _measured_from_json(answer: Any, layers: list[Layer]) -> tuple:
 # ---------------------------------------------------------------- ONNX
 
 
-def _run_onnx(path: Path, layer_outputs: dict[str, str], layers: list[Layer], input_shape, batch, seed):
+def _run_onnx(path: Path, layer_outputs: dict[str, str], layers: list[Layer], input_shape, batch, seed,
+              given: InputBatch | None = None) -> _Run:
     """onnxruntime on a copy of the model whose layers' outputs are graph outputs too (forward only; its own log
-    lines silenced)."""
+    lines silenced). Several runs (a fixed batch) are chained: each run's samples paired with the run before's."""
     import numpy as np
 
     outputs = {layer.name: layer_outputs[layer.name] for layer in layers if layer.name in layer_outputs}
     names = list(dict.fromkeys(outputs.values()))
     model, session = _onnx_session(path, names)
-    rng = np.random.default_rng(seed)
-    specs, runs = _onnx_inputs(path, session, input_shape, batch)
+    if given is not None:
+        batches, runs, shapes = _given_feeds(path, session, given)
+    else:
+        batches, runs, shapes = _synthetic_feeds(path, model, session, input_shape, batch, seed)
     seen = {layer.name: _Seen() for layer in layers}
     squares = count = 0.0
-    for _ in range(runs):
-        feeds = {node.name: _feed(rng, model, node, shape, path) for node, shape in specs}
+    inputs = CosineSum()
+    for feeds in batches:
         try:
             results = dict(zip(names, session.run(names, feeds)))
         except Exception as exc:  # noqa: BLE001
-            raise InputError(f"{path}: onnxruntime failed on the synthetic batch "
-                             f"({one_line(exc)}); give --input-shape") from None
+            raise InputError(f"{path}: onnxruntime failed on the batch ({one_line(exc)}); give --input-shape or "
+                             "--input-batch") from None
         for layer in layers:
             if layer.name in outputs:
-                _record(seen[layer.name], layer, torch.from_numpy(np.asarray(results[outputs[layer.name]], dtype=np.float64)))
-        for v in feeds.values():
-            if v.dtype.kind == "f":
-                squares += float((v.astype(np.float64) ** 2).sum())
-                count += v.size
+                out = torch.from_numpy(np.asarray(results[outputs[layer.name]], dtype=np.float64))
+                _record(seen[layer.name], layer, out, chained=runs > 1)
+        floats = [torch.from_numpy(v.astype(np.float64)) for v in feeds.values() if v.dtype.kind == "f"]
+        rows = input_rows(floats)
+        if rows is not None:
+            inputs.add(rows, chained=runs > 1)
+        squares += sum(float((v ** 2).sum()) for v in floats)
+        count += sum(v.numel() for v in floats)
+    return _Run(seen, {}, shapes, math.sqrt(squares / count) if count else 1.0, inputs.value)
+
+
+def _synthetic_feeds(path: Path, model, session, input_shape, batch, seed) -> tuple:
+    """(the runs' feeds, drawn as they are run; how many runs; the shapes in words)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    specs, runs = _onnx_inputs(path, session, input_shape, batch)
+    feeds = ({node.name: _feed(rng, model, node, shape, path) for node, shape in specs} for _ in range(runs))
     shapes = ", ".join(f"{tuple(shape)}" for _, shape in specs) + (f" x {runs} runs" if runs > 1 else "")
-    return seen, {}, shapes, math.sqrt(squares / count) if count else 1.0
+    return feeds, runs, shapes
+
+
+def _given_feeds(path: Path, session, given: InputBatch) -> tuple:
+    """The user's batch as the model's inputs (a tensor: its one input; a dict: by name), cut into runs where the
+    model's batch is fixed: (the runs' feeds, how many runs, the shapes in words)."""
+    nodes = {node.name: node for node in session.get_inputs()}
+    if given.args and len(nodes) != 1:
+        raise InputError(f"{path}: the model takes {len(nodes)} inputs ({', '.join(nodes)}); give --input-batch a "
+                         "dict of tensors by those names")
+    named = {next(iter(nodes)): given.args[0]} if given.args else given.kwargs
+    if set(named) != set(nodes):
+        raise InputError(f"{path}: the model's inputs are {', '.join(nodes)}; --input-batch gives "
+                         f"{', '.join(named)}")
+    fixed = {node.shape[0] for node in nodes.values() if isinstance(node.shape[0], int) and node.shape[0] > 0}
+    if len(fixed) > 1:
+        raise InputError(f"{path}: the model's inputs fix different batch sizes ({sorted(fixed)})")
+    step = fixed.pop() if fixed else given.size
+    if given.size % step:
+        raise InputError(f"{path}: the model takes batches of {step} samples; --input-batch holds {given.size}, "
+                         "not a multiple")
+    arrays = {name: _onnx_array(path, nodes[name], t) for name, t in named.items()}
+    runs = given.size // step
+    feeds = [{name: a[i * step:(i + 1) * step] for name, a in arrays.items()} for i in range(runs)]
+    shapes = _describe((), named, given) + (f" in {runs} runs" if runs > 1 else "")
+    return feeds, runs, shapes
+
+
+def _onnx_array(path: Path, node, tensor: torch.Tensor):
+    """A tensor as the numpy array of the dtype the ONNX input takes."""
+    import numpy as np
+
+    types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+             "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+    if node.type not in types:
+        raise InputError(f"{path}: input {node.name!r} of type {node.type} cannot be fed from --input-batch")
+    values = tensor.detach().float() if tensor.dtype == torch.bfloat16 else tensor.detach()
+    return values.numpy().astype(types[node.type])
 
 
 def _onnx_session(path: Path, outputs: list[str]) -> tuple:

@@ -1,6 +1,7 @@
 """The depth chart of `initaudit probe`: per layer, the signal's and the gradient's scale on a log axis, predicted
-(○) beside measured (●), the band shaded; dead ReLU and saturated shares; the findings. `plot` draws the same
-with matplotlib (the `plot` extra) for reports and pull-request comments."""
+(○) beside measured (●), the band shaded; dead ReLU and saturated shares; the mean cosine between different
+inputs' representations and the channel mean's share of the RMS; the findings. `plot` draws the same with
+matplotlib (the `plot` extra) for reports and pull-request comments."""
 
 from __future__ import annotations
 
@@ -90,16 +91,21 @@ def _draw(console, report, band: tuple[float, float]) -> None:
     table.add_column("meas", justify="right")
     table.add_column("dead", justify="right")
     table.add_column("sat.", justify="right")
+    table.add_column("cos", justify="right")
+    table.add_column("mean", justify="right")
     flagged = {f.layer: f.severity for f in report.findings}
     for i, r in enumerate(rows):
         table.add_row(str(i), Text(printable(r.name), style=STYLE.get(flagged.get(r.name, ""), "")), r.activation,
                       bar(r.predicted_scale, r.scale, forward, band), number(r.predicted_scale), number(r.scale),
                       bar(r.predicted_grad_scale, r.grad_scale, backward, band), number(r.predicted_grad_scale),
-                      number(r.grad_scale), _share(r.dead_fraction), _share(r.saturated_fraction))
+                      number(r.grad_scale), _share(r.dead_fraction), _share(r.saturated_fraction), cosine(r.cosine),
+                      _share(shift(r)))
     console.print(table)
     console.print(Text(f"log axes; ○ predicted, ● measured (◉ both, ✕ exactly 0: dead), band {band[0]:g}…{band[1]:g} shaded; forward: RMS "
                        "of the layer's output / the input's; gradient: RMS at the layer's output / at the last hidden "
                        "layer's", style="dim"))
+    console.print(Text("cos: mean cosine between different inputs' outputs (1: one direction for every input, 0: "
+                       "decorrelated); mean: the channel mean's share of the RMS", style="dim"))
     for f in report.findings:
         console.print(Text.assemble((f"{f.severity:7}", STYLE[f.severity]), f" {f.code} ", (f.rule, "bold"),
                                     f" {printable(f.message)}"))
@@ -115,11 +121,32 @@ def _draw(console, report, band: tuple[float, float]) -> None:
 
 
 def _share(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.0f}%"
+    return "–" if value is None or not math.isfinite(value) else f"{100 * value:.0f}%"
+
+
+def cosine(value: float | None) -> str:
+    """Three decimals; six near 1, where collapse is told apart from a slow rise."""
+    if value is None:
+        return "–"
+    return f"{value:.6f}" if value > 0.999 else f"{value:.3f}"
+
+
+def shift(row) -> float | None:
+    """The channel mean's share of the layer's RMS (None where either is unmeasured or the RMS is 0)."""
+    return row.mean / row.scale if row.mean is not None and row.scale else None
 
 
 def plot(report, path: Path, band: tuple[float, float], fmt: str | None = None) -> None:
-    """A PNG (or any format matplotlib writes: `fmt`, else the suffix) of both scales through depth."""
+    """A PNG (or any format matplotlib writes: `fmt`, else the suffix) of both scales and the cosine through depth."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(report, band)
+    fig.savefig(path, dpi=100, format=fmt)
+    plt.close(fig)
+
+
+def figure(report, band: tuple[float, float]):
+    """The matplotlib figure: forward and gradient scales (log), then the cosine and the channel mean's share."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,7 +154,7 @@ def plot(report, path: Path, band: tuple[float, float], fmt: str | None = None) 
 
     rows = report.layers
     x = list(range(len(rows)))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharex=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.6), sharex=True)
     for ax, (label, pred, meas) in zip(axes, (
             ("forward: RMS of the layer output / input", [r.predicted_scale for r in rows], [r.scale for r in rows]),
             ("gradient: RMS at the layer output / last hidden", [r.predicted_grad_scale for r in rows],
@@ -143,7 +170,20 @@ def plot(report, path: Path, band: tuple[float, float], fmt: str | None = None) 
         ax.set_xlabel("layer (forward order)")
         ax.grid(True, which="major", alpha=0.3)
     axes[0].legend(fontsize=8)
+    _representation_panel(axes[2], rows, x)
     fig.suptitle(printable(f"{Path(report.model).name} ({report.format})"), fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=100, format=fmt)
-    plt.close(fig)
+    return fig
+
+
+def _representation_panel(ax, rows, x: list[int]) -> None:
+    """Mean cosine between inputs (1: collapsed to one direction; 0: decorrelated) and the channel mean's share."""
+    nan = float("nan")
+    ax.plot(x, [nan if r.cosine is None else r.cosine for r in rows], ".-", label="mean cosine between inputs")
+    ax.plot(x, [nan if (v := shift(r)) is None else v for r in rows], "s:", ms=3, label="channel mean / RMS")
+    ax.set_ylim(min([-0.05] + [r.cosine for r in rows if r.cosine is not None]) - 0.05, 1.05)
+    ax.axhline(1.0, color="0.6", lw=0.8)
+    ax.set_title("representation: cosine between inputs, mean", fontsize=10)
+    ax.set_xlabel("layer (forward order)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
