@@ -243,12 +243,13 @@ def run_one(model: torch.nn.Module, analysis: Analysis, sweep: Sweep, width: int
     """One width and seed: measured at init, then after each step, with each step's update ratios."""
     layers = weighted_layers(analysis)
     modules, weights = hooked(model, layers)
+    convs = frozenset(layer.name for layer in layers if layer.kind.startswith("conv"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         args, kwargs = module_inputs(model, sweep.input_shape, sweep.batch, layers)
     optimizer = make_optimizer(sweep, model)
     reference = reference_norms(analysis, weights)
-    records = as_records(measure(model, modules, args, kwargs), width, 1, seed, {})
+    records = as_records(measure(model, modules, args, kwargs, convs), width, 1, seed, {})
     deadline.check(f"width {width}, seed {seed}, init")
     targets, loss = None, ""
     for t in range(2, sweep.steps + 2):
@@ -256,7 +257,7 @@ def run_one(model: torch.nn.Module, analysis: Analysis, sweep: Sweep, width: int
         targets, loss = step(model, optimizer, args, kwargs, targets, seed)
         ratios = {name: float((w.detach() - before[name]).double().norm()) / reference[name]
                   for name, w in weights.items() if reference.get(name)}
-        records += as_records(measure(model, modules, args, kwargs), width, t, seed, ratios)
+        records += as_records(measure(model, modules, args, kwargs, convs), width, t, seed, ratios)
         deadline.check(f"width {width}, seed {seed}, step {t - 1}")
     return Run(records, loss or "none (no steps)", sign_steps(optimizer, weights, reference))
 
@@ -300,16 +301,16 @@ def first_float(value: Any) -> torch.Tensor | None:
 
 
 def measure(model: torch.nn.Module, modules: dict[str, torch.nn.Module], args: tuple,
-            kwargs: dict) -> dict[str, Representation]:
-    """Each hooked layer's output described, in eval mode without gradients (a layer called several times: the
-    average of its calls)."""
+            kwargs: dict, convs: frozenset[str] = frozenset()) -> dict[str, Representation]:
+    """Each hooked layer's output described (`convs`: the conv layers, whose channels are axis 1), in eval mode
+    without gradients (a layer called several times: the average of its calls)."""
     seen: dict[str, list[Representation]] = {}
 
     def record(name: str):
         def hook(module, inputs, output):
             out = first_float(output)
             if out is not None:
-                seen.setdefault(name, []).append(describe(out))
+                seen.setdefault(name, []).append(describe(out, name in convs))
         return hook
 
     handles = [module.register_forward_hook(record(name)) for name, module in modules.items()]

@@ -20,7 +20,7 @@ import torch
 
 from initaudit.flow.layer import Layer
 from initaudit.measure.depth import judged_layers
-from initaudit.probe.representation import mean_cosine
+from initaudit.probe.representation import channel_dim, mean_cosine
 
 
 @dataclass
@@ -99,7 +99,7 @@ class ChannelSums:
 
 def channel_axis(layer: Layer, out: torch.Tensor) -> int:
     """A conv's channels are axis 1; a linear layer's features the last axis (sequences, heads)."""
-    return 1 if layer.kind.startswith("conv") and out.dim() > 2 else out.dim() - 1
+    return channel_dim(out, layer.kind.startswith("conv"))
 
 
 def input_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:

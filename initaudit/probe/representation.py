@@ -19,17 +19,18 @@ class Representation:
     cosine: float  # mean cosine between the representations of two different samples (nan if one is all zero)
 
 
-def channel_dim(out: torch.Tensor) -> int:
-    """The channel axis: 1 for conv outputs (N, C, H[, W...]), the last axis for features and sequences."""
-    return 1 if out.dim() >= 4 else out.dim() - 1
+def channel_dim(out: torch.Tensor, conv: bool) -> int:
+    """The channel axis: 1 for a conv's output (N, C, L...), the last axis for features, sequences and heads."""
+    return 1 if conv and out.dim() > 2 else out.dim() - 1
 
 
-def describe(out: torch.Tensor) -> Representation:
-    """`out` (samples first) described; float64, so a big batch's sums stay exact enough."""
+def describe(out: torch.Tensor, conv: bool = False) -> Representation:
+    """`out` (samples first; from a conv layer if `conv`) described; float64, so a big batch's sums stay exact
+    enough."""
     x = out.detach().to(torch.float64)
     if x.dim() < 2 or x.shape[0] < 2 or x.numel() == 0:
         raise ValueError(f"a batch of at least 2 samples is needed, got shape {tuple(out.shape)}")
-    dim = channel_dim(x)
+    dim = channel_dim(x, conv)
     channels = x.movedim(dim, -1).reshape(-1, x.shape[dim])
     return Representation(l1=x.abs().mean().item(), rms=x.pow(2).mean().sqrt().item(),
                           mean=channels.mean(0).pow(2).mean().sqrt().item(), cosine=mean_cosine(x.flatten(1)))

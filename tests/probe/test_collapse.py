@@ -93,7 +93,7 @@ def test_cosine_and_mean_are_the_shared_descriptions_of_the_layer_output(model, 
     report = probe(load(None, module=module), Options(), given=InputBatch(args=(batch,)))
     row = report.layers[-1] if upto == len(module) else {r.name: r for r in report.layers}[str(upto - 1)]
     with torch.no_grad():
-        shared = describe(module[:upto](batch))
+        shared = describe(module[:upto](batch), conv=isinstance(module[upto - 1], nn.Conv2d))
     rms_in = batch.pow(2).mean().sqrt().item()
     assert row.cosine == pytest.approx(shared.cosine, abs=1e-9)
     assert row.mean * rms_in == pytest.approx(shared.mean, rel=1e-6)

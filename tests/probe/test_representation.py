@@ -25,7 +25,7 @@ def test_one_direction_for_every_sample_is_cosine_one():
 def test_a_shift_shows_in_the_channel_mean_of_conv_outputs():
     x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(3))
     x[:, 1] += 4.0  # one of three channels shifted by 4: √(16/3)
-    assert describe(x).mean == pytest.approx(math.sqrt(16 / 3), rel=0.05)
+    assert describe(x, conv=True).mean == pytest.approx(math.sqrt(16 / 3), rel=0.05)
 
 
 def test_an_all_zero_sample_has_no_cosine():
@@ -37,3 +37,10 @@ def test_an_all_zero_sample_has_no_cosine():
 def test_a_single_sample_is_refused():
     with pytest.raises(ValueError):
         describe(torch.randn(1, 10))
+
+
+def test_a_conv1d_output_has_its_channels_on_axis_1():
+    x = torch.randn(8, 3, 50, generator=torch.Generator().manual_seed(4))
+    x[:, 1] += 4.0  # one of three channels shifted by 4: √(16/3); read as 50 "channels" it would be √(16/50)·...
+    assert describe(x, conv=True).mean == pytest.approx(math.sqrt(16 / 3), rel=0.05)
+    assert describe(x).mean < 1.5  # a feature/sequence output: the last axis is the channels
