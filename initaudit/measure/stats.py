@@ -277,25 +277,33 @@ class _Scan:
             if direct:
                 flat, chunk_t = flats[i], transposed[i] if units else None
             else:
-                if chunk.dtype != self.dtype or not chunk.is_contiguous() or self.scale != 1.0:
-                    chunk = _scratch(chunk.numel(), self.dtype, 1, "chunk")[0].view(chunk.shape).copy_(chunk)
-                    if self.scale != 1.0:
-                        chunk.mul_(self.scale)
+                chunk, pair = self._copy(chunk)
                 flat, chunk_t = chunk.view(-1), chunk.T
-            key = (chunk.shape[0], chunk.data_ptr() % _LINE)
+            key = (chunk.shape[0], chunk.data_ptr() % _LINE if direct else pair.data_ptr())
             views = work.get(key)
             if views is None:
-                sq = _scratch(chunk.numel(), self.dtype, 1, "squares", like=chunk)[0]
+                sq = pair[1] if not direct else _scratch(chunk.numel(), self.dtype, 1, "squares", like=chunk)[0]
                 square = sq.view(chunk.shape)
-                views = work[key] = (sq, square, square.T, self.ones[:chunk.shape[0]] if units else None, results, out)
+                views = work[key] = (sq, square, square.T, self.ones[:chunk.shape[0]] if units else None, results, out,
+                                     None if direct else pair)
             self._chunk(part, start + i * self.step, chunk, flat, chunk_t, views)
             if picked is not None:  # gathered while the chunk is in cache: from memory, 10x dearer
                 torch.index_select(chunk, 1, self.columns, out=picked[i])
         return part
 
+    def _copy(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`chunk` upcast (and scaled) into the first row of a reused [2, values] buffer, whose second row takes
+        the squares: one matrix-vector product then sums the cubes and the fourth powers (a pass, not two)."""
+        n = chunk.numel()
+        values = _scratch(n, self.dtype, 2, "pair")[0]
+        values.view(chunk.shape).copy_(chunk)
+        if self.scale != 1.0:
+            values.mul_(self.scale)
+        return values.view(chunk.shape), values.as_strided((2, n), (n, 1))
+
     def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, flat: torch.Tensor, chunk_t: torch.Tensor | None,
                views: tuple) -> None:
-        sq, square, columns, ones, results, out = views
+        sq, square, columns, ones, results, out, pair = views
         n, units = flat.numel(), self.units
         torch.aminmax(flat, out=out[:2])
         sq = torch.mul(flat, flat, out=sq) if units or not self.shift else None
@@ -306,8 +314,11 @@ class _Scan:
         if fused:
             torch.sum(proj[2] if units else flat, dim=0, out=out[2])
             torch.sum(unit_sq if units else sq, dim=0, out=out[3])
-            torch.dot(sq, flat, out=out[4])
-            torch.dot(sq, sq, out=out[5])
+            if pair is None:
+                torch.dot(sq, flat, out=out[4])
+                torch.dot(sq, sq, out=out[5])
+            else:  # [values; squares] times the squares
+                torch.mv(pair, sq, out=results[4:6])
         if sq is not None:
             torch.amin(sq, dim=0, out=out[6])
         lo, hi, s1, s2, s3, s4, least = results.tolist()  # one call for all (each call may hand the GIL over)
