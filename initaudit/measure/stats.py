@@ -248,8 +248,8 @@ class _Part:
 
 
 class _Views(NamedTuple):
-    """A chunk's work buffers: its squares (flat and shaped), a row of ones, the scalars read at once; for a copied
-    chunk, [values; squares] in one buffer, and the values' row (flat and shaped)."""
+    """A chunk's work buffers: its squares (flat, shaped and transposed), a row of ones, the scalars read at once;
+    for a copied chunk, the values upcast (flat and shaped)."""
 
     sq: torch.Tensor
     square: torch.Tensor
@@ -257,7 +257,6 @@ class _Views(NamedTuple):
     ones: torch.Tensor | None
     results: torch.Tensor
     out: tuple[torch.Tensor, ...]
-    pair: torch.Tensor | None = None
     flat: torch.Tensor | None = None
     values: torch.Tensor | None = None
 
@@ -288,7 +287,7 @@ class _Scan:
         flats = rows.view(-1).split(self.step * self.width) if direct else None
         transposed = rows.T.split(self.step, dim=1) if direct and units else None
         picked = self.picked[start:stop].split(self.step) if self.columns is not None else None
-        work: dict[tuple[int, int], tuple] = {}  # the buffers' views, per chunk shape and alignment
+        work: dict[tuple[int, int], _Views] = {}  # the buffers, per chunk shape and alignment
         for i, chunk in enumerate(chunks):
             key = (chunk.shape[0], chunk.data_ptr() % _LINE if direct else -1)
             views = work.get(key)
@@ -296,7 +295,7 @@ class _Scan:
                 views = work[key] = self._views(chunk, direct, results)
             if direct:
                 flat, chunk_t = flats[i], transposed[i] if units else None
-            else:  # upcast (and scaled) into the buffer's first row
+            else:  # upcast (and scaled) into the values buffer
                 chunk = views.values.copy_(chunk)
                 if self.scale != 1.0:
                     chunk.mul_(self.scale)
@@ -307,21 +306,19 @@ class _Scan:
         return part
 
     def _views(self, chunk: torch.Tensor, direct: bool, results: torch.Tensor) -> _Views:
-        """The work buffers for chunks of this shape (and alignment); for chunks that are copied (narrow floats,
-        strided or scaled values), one [2, values] buffer whose first row takes the values and whose second row
-        their squares: one matrix-vector product then sums the cubes and the fourth powers (a pass, not two)."""
+        """The work buffers for chunks of this shape (and alignment): the squares' and, for chunks that are copied
+        (narrow floats, strided or scaled values), the values' (made once per shape, not per chunk)."""
         n = chunk.numel()
         ones = self.ones[:chunk.shape[0]] if self.units else None
-        if direct:
-            sq = _scratch(n, self.dtype, 1, "squares", like=chunk)[0]
-            return _Views(sq, sq.view(chunk.shape), sq.view(chunk.shape).T, ones, results, results.unbind())
-        flat, sq = _scratch(n, self.dtype, 2, "pair")
-        return _Views(sq, sq.view(chunk.shape), sq.view(chunk.shape).T, ones, results, results.unbind(),
-                      flat.as_strided((2, n), (n, 1)), flat, flat.view(chunk.shape))
+        values = None if direct else _scratch(n, self.dtype, 1, "chunk")[0]
+        sq = _scratch(n, self.dtype, 1, "squares", like=chunk if direct else values)[0]
+        square = sq.view(chunk.shape)
+        return _Views(sq, square, square.T, ones, results, results.unbind(), values,
+                      None if direct else values.view(chunk.shape))
 
     def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, flat: torch.Tensor, chunk_t: torch.Tensor | None,
-               views: tuple) -> None:
-        sq, square, columns, ones, results, out, pair = views[:7]
+               views: _Views) -> None:
+        sq, square, columns, ones, results, out = views[:6]
         n, units = flat.numel(), self.units
         values = flat.numpy()
         lo, hi = float(values.min()), float(values.max())  # numpy's (NaN wins): twice as fast as torch.aminmax
@@ -333,11 +330,8 @@ class _Scan:
         if fused:
             torch.sum(proj[2] if units else flat, dim=0, out=out[0])
             torch.sum(unit_sq if units else sq, dim=0, out=out[1])
-            if pair is None:
-                torch.dot(sq, flat, out=out[2])
-                torch.dot(sq, sq, out=out[3])
-            else:  # [values; squares] times the squares
-                torch.mv(pair, sq, out=results[2:4])
+            torch.dot(sq, flat, out=out[2])
+            torch.dot(sq, sq, out=out[3])
         if sq is not None:
             torch.amin(sq, dim=0, out=out[4])
         s1, s2, s3, s4, least = results.tolist()  # one call for all (each call may hand the GIL over)
