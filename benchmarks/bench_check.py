@@ -235,6 +235,8 @@ def main() -> None:
                   f"{rss:6.0f} {rss - start_rss:5.0f} {largest:7.0f} {bare_s:6.2f} {_net(mb, bare_s, torch_s):>8} "
                   f"{check_s / bare_s:5.2f} {start_s:7.2f} {lens_s:>6}", flush=True)
         print(f"load average at the end: {os.getloadavg()[0]:.2f}")
+        if not lens:
+            print("lens s: weightlens is not installed (`pip install weightlens`, or the `bench` extra), not compared")
         print("net MB/s: size / (time - start-up), start-up being `check` of a tiny file of the same format for check and "
               "`import torch` for the bare read; +RSS: peak RSS above that tiny check; ratio: check / bare read")
     finally:

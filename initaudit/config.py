@@ -9,6 +9,7 @@
     extend-exclude = ["*.tmp.pt"]          # adds to them
     signal-band = [0.01, 100]              # the RMS scale the signal must keep through depth (initaudit.depth)
     expect = "trained"                     # the state the weights must be in (or a table, below)
+    baseline = "initaudit-baseline.json"   # findings recorded by --write-baseline do not fail (relative to this file)
 
     [tool.initaudit.expect]                # per layer: glob patterns over layer names, the most specific wins
     "backbone.*" = "trained"
@@ -49,7 +50,7 @@ from initaudit.measure.recipes import Recipe, parse as parse_recipe
 MAX_PATTERNS = 1000  # glob patterns per table: each is matched against every layer (and finding)
 SIGNAL_BAND = (1e-2, 1e2)  # the RMS scale, relative to the input's, the signal must keep through depth
 _KEYS = ("fail-on", "activation", "activations", "select", "ignore", "per-layer-ignores", "exclude", "extend-exclude",
-         "signal-band", "expect", "recipe")
+         "signal-band", "expect", "recipe", "baseline")
 STATES = ("trained", "fresh")
 _TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "a list",
                dict: "a table"}
@@ -69,6 +70,7 @@ class Options:
     signal_band: tuple[float, float] = SIGNAL_BAND  # initaudit.depth: the RMS scale the signal must stay within
     expect: dict[str, str] = field(default_factory=dict)  # layer pattern -> the state its weights must be in
     recipes: dict[str, Recipe] = field(default_factory=dict)  # tensor pattern -> the declared init
+    baseline: Path | None = None  # a baseline file (initaudit.judge.baseline): its findings do not fail the run
 
     def ignored(self, layer: str, rule: str, code: str) -> bool:
         return any((rule in names or any(code.startswith(n) for n in names)) and fnmatch.fnmatchcase(layer, pattern)
@@ -95,7 +97,10 @@ def load(path: Path | None = None, start: Path | None = None) -> Options:
         raise InputError(f"{path}: not UTF-8 text (byte {exc.start}); a TOML file must be UTF-8") from None
     except Unreadable as exc:
         raise InputError(f"{path}: not readable TOML ({exc})") from None
-    return from_table(_initaudit_table(data, path), str(path))
+    options = from_table(_initaudit_table(data, path), str(path))
+    if options.baseline is not None:
+        options.baseline = path.parent / options.baseline  # relative to the config file (an absolute one stays)
+    return options
 
 
 def _initaudit_table(data: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -145,7 +150,7 @@ def from_table(table: dict[str, Any], where: str = "config") -> Options:
                                for pattern in per_layer},
             exclude=_string_list(table, "exclude", where) if "exclude" in table else None,
             extend_exclude=_string_list(table, "extend-exclude", where),
-            signal_band=_band(table, where), expect=_expect(table, where),
+            signal_band=_band(table, where), expect=_expect(table, where), baseline=_baseline(table, where),
             recipes={pattern: parse_recipe(_typed(recipes, pattern, str, where, None, "recipe")) for pattern in recipes})
     except InputError as exc:
         if str(exc).startswith(where):
@@ -185,6 +190,13 @@ def _band(table: dict[str, Any], where: str) -> tuple[float, float]:
             or not 0 < band[0] < 1 < band[1] < float("inf")):
         raise InputError(f"{where}: signal-band must be [low, high] with 0 < low < 1 < high, not {band!r}")
     return float(band[0]), float(band[1])
+
+
+def _baseline(table: dict[str, Any], where: str) -> Path | None:
+    name = _typed(table, "baseline", str, where, None)
+    if name is not None and not name.strip():
+        raise InputError(f"{where}: baseline must name a file, not an empty string")
+    return Path(name) if name is not None else None
 
 
 def expect_table(value: Any, where: str) -> dict[str, str]:

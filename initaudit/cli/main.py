@@ -32,6 +32,8 @@ from initaudit.common.printable import printable, show_unencodable
 from initaudit.cli.options import (MODEL_OPTIONS, OUTPUT_OPTIONS, apply, debug_option, debugging, reset_debug,
                                    run_options, run_policy, show_library_output)
 from initaudit.cli.probe_command import probe
+from initaudit.judge import baseline as baseline_file
+from initaudit.judge.baseline import Baseline
 from initaudit.judge.report import FileError, Results
 
 
@@ -165,15 +167,17 @@ def _targets(paths, factory, options, extend_exclude, problems: list | None = No
               help="Also audit a distributed checkpoint's optimizer state, for NaN/Inf only. Without it that "
                    "state is skipped, and only taken as evidence that the weights are trained.")
 def check(paths, factory, activation, activation_for, select, ignore, per_layer_ignore, extend_exclude, config_path,
-          trust_pickle, state, expect, color, fmt, fail_on, output, quiet, statistics, exit_zero, optimizer_state):
+          trust_pickle, state, expect, color, fmt, fail_on, output, quiet, statistics, exit_zero, baseline,
+          write_baseline, optimizer_state):
     """Audit the initialization of the models in PATH...: files (.pt/.pth/.bin/.ckpt, TorchScript, .safetensors,
     .onnx), Hugging Face folders, folders to walk (model files found by content) and glob patterns.
 
     Exit 0 clean, 1 findings at or above --fail-on, 2 when a model cannot be read or a flag is wrong
-    (the worst over all models).
+    (the worst over all models). With a baseline, only findings it does not record count.
     """
     options = _options(config_path, activation, activation_for, select, ignore, per_layer_ignore, state, expect)
     options.fail_on = fail_on or options.fail_on
+    recorded = _read_baseline(baseline or options.baseline, write_baseline, output)
     problems: list = [] if len(paths) > 1 else None  # several PATHs: one that names nothing does not stop the run
     targets = _targets(paths, factory, options, extend_exclude, problems)
     stream = sys.stdout
@@ -186,7 +190,13 @@ def check(paths, factory, activation, activation_for, select, ignore, per_layer_
     for arg, exc in problems or ():
         _error_line(f"initaudit: error: {exc}")
         results.unreadable.append(FileError(arg, str(exc)))
-    _audit_all(results, targets, factory, trust_pickle, options, output, quiet, optimizer_state)
+    outputs = {path: what for path, what in ((output, "the report"), (write_baseline, "the baseline")) if path}
+    _audit_all(results, targets, factory, trust_pickle, options, outputs, quiet, optimizer_state)
+    if write_baseline is not None:
+        recorded = _write_baseline(results, write_baseline)
+    if recorded is not None:
+        selected = {r.name for r in rulebook.select(rulebook.builtin_rules(), options.select, options.ignore)}
+        recorded.apply(results, lambda e: e.rule in selected and not options.ignored(e.layer, e.rule, e.code))
     if output is None:
         reporters.writer(fmt)(results, stream, view)
     else:
@@ -198,10 +208,32 @@ def check(paths, factory, activation, activation_for, select, ignore, per_layer_
     return 0 if exit_zero and code == 1 else code
 
 
-def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, options, output: Path | None,
+def _read_baseline(baseline: Path | None, write_baseline: Path | None, output: Path | None) -> Baseline | None:
+    """The baseline to apply (read before any model: a bad one stops the run at once); None when there is none or
+    --write-baseline will write it."""
+    if write_baseline is not None and output is not None and write_baseline.absolute() == output.absolute():
+        raise InputError(f"{output}: named by both -o and --write-baseline; give the report and the baseline "
+                         "different files")
+    if write_baseline is not None or baseline is None:
+        return None
+    if not baseline.is_file():
+        raise InputError(f"{baseline}: no such baseline file (write one with --write-baseline {baseline})")
+    return Baseline.read(baseline)
+
+
+def _write_baseline(results: Results, path: Path) -> Baseline:
+    """Record every finding of `results` in `path` (atomically) and read it back, to be applied."""
+    from initaudit.repair.outputs import atomic
+
+    with atomic(path) as tmp:
+        tmp.write_text(baseline_file.dumps(results, path.absolute().parent), encoding="utf-8")
+    return Baseline.read(path)
+
+
+def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, options, outputs: dict[Path, str],
                quiet: bool, optimizer_state: bool = False) -> None:
     """Every model audited in turn into `results` (torch imported once); in a combined run, one that cannot be
-    read is reported on stderr and the run goes on."""
+    read is reported on stderr and the run goes on. No model may be one of the `outputs` (path -> what it is)."""
     with _heavy_imports():
         from initaudit.pipeline import run
         from initaudit.load.dispatch import load
@@ -231,8 +263,8 @@ def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, opt
             if optimizer_state and loaded.format != "torch-dcp":
                 loaded.notes.append("--optimizer-state audits a distributed checkpoint's optimizer state; this "
                                     f"{loaded.format} model's is not audited")
-            if output is not None:
-                Protected(loaded).guard(output, "the report")
+            for path, what in outputs.items():
+                Protected(loaded).guard(path, what)
             try:
                 results.reports.append(run(loaded, options))
             except InputError as exc:

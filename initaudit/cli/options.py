@@ -163,6 +163,12 @@ OUTPUT_OPTIONS = [
     click.option("-q", "--quiet", is_flag=True, help="Findings only: no table, notes, summary or progress."),
     click.option("--statistics", is_flag=True, help="Count the findings per rule instead of listing them."),
     click.option("--exit-zero", is_flag=True, help="Exit 0 even when findings fail (input errors still exit 2)."),
+    click.option("--baseline", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                 help="A baseline file (--write-baseline): the findings it records are listed as baselined and do not "
+                      "fail the run; only new ones do. [default: the config's baseline]"),
+    click.option("--write-baseline", "write_baseline", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                 help="Record today's findings in this file (by rule, model path relative to it, layer and tensor: "
+                      "not by message or value, so retraining keeps them) and use it as --baseline."),
 ]
 
 

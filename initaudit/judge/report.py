@@ -115,14 +115,16 @@ class Report:
     state_evidence: dict[str, Any] = field(default_factory=dict)
     declared: dict[str, Any] = field(default_factory=dict)  # `expect` and `recipe`, where the user or model declared them
     coverage: Coverage | None = None  # set by the pipeline (a report built by hand may have none)
+    baselined: list[Finding] | None = None  # with a baseline: its findings, set aside (initaudit.judge.baseline)
 
     def count(self, severity: str) -> int:
         return sum(f.severity == severity for f in self.findings)
 
     @property
     def summary(self) -> dict[str, int]:
-        return {"layers": len({row.name for row in self.layers}), "errors": self.count("error"),
-                "warnings": self.count("warning"), "infos": self.count("info")}
+        counts = {"layers": len({row.name for row in self.layers}), "errors": self.count("error"),
+                  "warnings": self.count("warning"), "infos": self.count("info")}
+        return counts if self.baselined is None else {**counts, "baselined": len(self.baselined)}
 
     def failed(self, fail_on: str = "error") -> bool:
         """Any finding at or above `fail_on` ('never' never fails)."""
@@ -160,6 +162,7 @@ class Report:
         return {"tool": "initaudit", "version": __version__, "model": self.model, "format": self.format,
                 "layers": [_row_dict(row) for row in self.layers],
                 "findings": [finding_dict(f) for f in self.findings],
+                **({"baselined": [finding_dict(f) for f in self.baselined]} if self.baselined is not None else {}),
                 "summary": self.summary, "notes": self.notes,
                 "weights_state": self.weights_state, "state_evidence": self.state_evidence, **self.declared,
                 **({"coverage": self.coverage.to_dict()} if self.coverage is not None else {})}

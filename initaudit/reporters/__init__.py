@@ -85,12 +85,21 @@ def message(finding) -> str:
 def totals(results) -> str:
     """'12 layers: 0 errors, 11 warnings, 0 infos', led by the file count when the run covered several."""
     s = results.summary
-    line = f"{s['layers']} layers: {s['errors']} errors, {s['warnings']} warnings, {s['infos']} infos"
+    line = counts(s)
     if not results.combined:
         return line
     unread = f" ({s['unreadable']} could not be read)" if s["unreadable"] else ""
     skipped = f" ({s['skipped']} skipped: no model weights)" if s["skipped"] else ""
     return f"{s['files']} files{unread}{skipped}, {line}"
+
+
+def counts(summary: dict[str, int]) -> str:
+    """'12 layers: 0 errors, 11 warnings, 0 infos', and '; 3 findings baselined (not counted)' with a baseline."""
+    s = summary
+    line = f"{s['layers']} layers: {s['errors']} errors, {s['warnings']} warnings, {s['infos']} infos"
+    if "baselined" in s:
+        line += f"; {s['baselined']} finding{'' if s['baselined'] == 1 else 's'} baselined (not counted)"
+    return line
 
 
 def statistics(results) -> list[str]:

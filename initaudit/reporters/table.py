@@ -10,7 +10,7 @@ from rich.text import Text
 from initaudit.common.printable import printable
 from initaudit.judge.report import Report, Results
 from initaudit.judge.rules import SEVERITIES
-from initaudit.reporters import View, render, statistics, totals
+from initaudit.reporters import View, counts, render, statistics, totals
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 
@@ -58,8 +58,7 @@ def draw_report(console, report: Report, view: View) -> None:
         console.print(Text(f"note: {printable(note)}", style="dim"))
     if report.coverage is not None:
         console.print(Text(printable(report.coverage.line()), style="bold red" if report.nothing_audited else "dim"))
-    s = report.summary
-    console.print(f"{s['layers']} layers: {s['errors']} errors, {s['warnings']} warnings, {s['infos']} infos")
+    console.print(counts(report.summary))
 
 
 def write(results: Results, out: IO[str], view: View) -> None:
