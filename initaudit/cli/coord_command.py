@@ -10,8 +10,8 @@ from click.core import ParameterSource
 
 COORD_KEYS = ("widths", "width_arg", "steps", "seeds", "lr", "optimizer")
 # What else of probe's command line the coord check reads (any other option given is refused, not ignored).
-COORD_USES = {*COORD_KEYS, "model_path", "factory", "input_shape", "batch", "seed", "activation", "fmt", "plot_path",
-              "fail_on", "config_path", "time_limit", "debug"}
+COORD_USES = {*COORD_KEYS, "model_path", "factory", "input_shape", "batch", "seed", "input_batch", "activation", "fmt",
+              "plot_path", "fail_on", "config_path", "time_limit", "debug"}
 
 
 def _widths(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -84,9 +84,9 @@ def coord_check(ctx: click.Context, coord: dict, inputs: tuple, options, policy,
     from initaudit.reporters import View, coord_chart, terminal_width, use_color
 
     check_command_line(ctx, coord)
-    (input_shape, batch, seed), (fmt, plot_path, fail_on) = inputs, output
+    (input_shape, batch, seed, given), (fmt, plot_path, fail_on) = inputs, output
     sweep = Sweep(coord["widths"], coord["width_arg"], coord["steps"], tuple(range(seed, seed + coord["seeds"])),
-                  coord["optimizer"], coord["lr"], input_shape, batch)
+                  coord["optimizer"], coord["lr"], input_shape, batch, given)
     report = sweep_model(ctx.params["factory"], sweep, options, policy)
     if fmt == "json":
         json.dump(report.to_dict(), sys.stdout, indent=2)

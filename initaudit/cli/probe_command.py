@@ -62,14 +62,14 @@ def probe(ctx, model_path, factory, input_shape, batch, seed, input_batch, activ
     if activation:
         options.activation = parse(activation)
     coord = {key: run.pop(key) for key in COORD_KEYS}
+    given = given_batch(input_batch, input_shape, batch)
     if wants_coord(ctx, fmt):
         policy = run_policy(**run, pickled=False, debug=bool(ctx.meta.get("initaudit.debug")))
-        return coord_check(ctx, coord, (input_shape, batch, seed), options, policy, (fmt, plot_path, fail_on))
+        return coord_check(ctx, coord, (input_shape, batch, seed, given), options, policy, (fmt, plot_path, fail_on))
     loaded = load(model_path, trust_pickle=trust_pickle, factory=factory)
     if plot_path is not None:
         Protected(loaded).guard(plot_path, "the plot")
     policy = run_policy(**run, pickled=factory is None, debug=bool(ctx.meta.get("initaudit.debug")))
-    given = given_batch(input_batch, input_shape, batch)
     report = run_probe(loaded, options, input_shape, batch, seed, policy, given)
     if fmt == "json":
         json.dump(report.to_dict(), sys.stdout, indent=2)

@@ -36,6 +36,7 @@ from initaudit.judge.facts import coord_facts
 from initaudit.judge.report import Finding, finding_dict
 from initaudit.load.modules import from_module, resolve
 from initaudit.pipeline import Analysis, analyse
+from initaudit.probe.input_batch import InputBatch
 from initaudit.probe.representation import Representation, describe
 from initaudit.probe.run import module_inputs
 from initaudit.probe.sandbox import Policy
@@ -59,6 +60,7 @@ class Sweep:
     lr: float | None = None          # None: mup's default (0.1 for SGD, 1e-3 otherwise)
     input_shape: tuple[int, ...] | None = None
     batch: int | None = None
+    given: InputBatch | None = None  # --input-batch: the inputs at every width and seed (its labels, the targets)
 
     @property
     def rate(self) -> float:
@@ -244,14 +246,17 @@ def run_one(model: torch.nn.Module, analysis: Analysis, sweep: Sweep, width: int
     layers = weighted_layers(analysis)
     modules, weights = hooked(model, layers)
     convs = frozenset(layer.name for layer in layers if layer.kind.startswith("conv"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        args, kwargs = module_inputs(model, sweep.input_shape, sweep.batch, layers)
+    if sweep.given is not None:
+        args, kwargs = sweep.given.args, sweep.given.kwargs
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            args, kwargs = module_inputs(model, sweep.input_shape, sweep.batch, layers)
     optimizer = make_optimizer(sweep, model)
     reference = reference_norms(analysis, weights)
     records = as_records(measure(model, modules, args, kwargs, convs), width, 1, seed, {})
     deadline.check(f"width {width}, seed {seed}, init")
-    targets, loss = None, ""
+    targets, loss = (sweep.given.labels if sweep.given is not None else None), ""
     for t in range(2, sweep.steps + 2):
         before = {name: w.detach().clone() for name, w in weights.items()}
         targets, loss = step(model, optimizer, args, kwargs, targets, seed)
@@ -339,8 +344,9 @@ def as_records(described: dict[str, Representation], width: int, t: int, seed: i
 
 def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict,
          targets: torch.Tensor | None, seed: int) -> tuple[torch.Tensor, str]:
-    """One optimizer step in train mode on the loss against fixed random targets (drawn under `seed` on the first
-    step); the targets and the loss in words."""
+    """One optimizer step in train mode on the loss against `targets` (the batch's labels), or fixed random targets
+    drawn under `seed` on the first step; the targets and the loss in words."""
+    labelled = targets is not None
     model.train()
     optimizer.zero_grad(set_to_none=True)
     try:
@@ -348,7 +354,7 @@ def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, args: tuple, 
         if out is None:
             raise InputError("the model's output holds no floating tensor to take a loss of")
         targets = fixed_targets(out, seed) if targets is None else targets
-        value, words = loss_of(out, targets)
+        value, words = loss_of(out, targets, labelled)
         value.backward()
         optimizer.step()
     except InputError:
@@ -371,11 +377,18 @@ def fixed_targets(out: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(out.shape, generator=generator, dtype=out.dtype)
 
 
-def loss_of(out: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, str]:
-    if classifier_shaped(out):
+def loss_of(out: torch.Tensor, targets: torch.Tensor, labelled: bool = False) -> tuple[torch.Tensor, str]:
+    """Cross-entropy against integer labels of a classifier-shaped output, else mean squared error; in words, whose
+    targets (the batch's `labels`, or fixed random ones)."""
+    if classifier_shaped(out) and not targets.is_floating_point():
         loss = torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), targets.reshape(-1))
-        return loss, f"cross-entropy over the output's last dimension ({out.shape[-1]} classes) against fixed random labels"
-    return torch.nn.functional.mse_loss(out, targets), "mean squared error against fixed random N(0, 1) targets"
+        whose = "the input batch's labels" if labelled else "fixed random labels"
+        return loss, f"cross-entropy over the output's last dimension ({out.shape[-1]} classes) against {whose}"
+    if out.shape != targets.shape:
+        raise InputError(f"the input batch's labels have shape {tuple(targets.shape)}: neither class indices for nor "
+                         f"targets of the output's shape {tuple(out.shape)}")
+    whose = "the input batch's labels" if labelled else "fixed random N(0, 1) targets"
+    return torch.nn.functional.mse_loss(out, targets.to(out.dtype)), f"mean squared error against {whose}"
 
 
 # ---------------------------------------------------------------- seeds averaged, and judged

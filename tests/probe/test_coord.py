@@ -189,3 +189,30 @@ def test_coord_usage_errors_are_one_line_exit_2(cli, args, complaint):
     model = [] if args[0].endswith(".pt") else ["--model", SP]
     result = cli("probe", *args, *model)
     assert result.exit_code == 2 and complaint in result.stderr, result.stderr
+
+
+def test_the_coord_check_runs_on_the_users_batch_and_its_labels(cli, tmp_path):
+    """--input-batch: the same inputs at every width (its scale shows at the first layer) and its `labels` are the
+    loss's targets, stated in the report."""
+    generator = torch.Generator().manual_seed(5)
+    batch = tmp_path / "batch.pt"
+    torch.save({"input": torch.randn(12, coord_models.INPUTS, generator=generator) * 100,
+                "labels": torch.randint(0, coord_models.CLASSES, (12,), generator=generator)}, batch)
+    args = ("probe", "--model", SP, "--widths", "64,128,256", "--steps", "1", "--seeds", "1", "--lr", "0.01",
+            "--format", "json")
+    given = json.loads(cli(*args, "--input-batch", str(batch)).stdout)
+    synthetic = json.loads(cli(*args).stdout)
+    assert given["settings"]["loss"].endswith("against the input batch's labels")
+    assert synthetic["settings"]["loss"].endswith("against fixed random labels")
+
+    def first_layer_l1(data):
+        return [r["l1"] for r in data["records"] if r["module"] == "0" and r["t"] == 1]
+    assert min(first_layer_l1(given)) > 20 * max(first_layer_l1(synthetic))  # the ×100 batch went in
+
+
+def test_labels_that_fit_no_loss_are_one_line_exit_2(cli, tmp_path):
+    batch = tmp_path / "batch.pt"
+    torch.save({"input": torch.randn(12, coord_models.INPUTS), "labels": torch.randn(12, 3)}, batch)
+    result = cli("probe", "--model", SP, "--widths", "64,128,256", "--steps", "1", "--seeds", "1",
+                 "--input-batch", str(batch))
+    assert result.exit_code == 2 and "neither class indices for nor targets" in result.stderr, result.stderr
