@@ -16,7 +16,7 @@ import torch
 from initaudit.measure.stats import DISTINCT_SAMPLE, as_units, column_sample, sample_indices, sorted_sample
 
 SPECTRUM_BLOCK = 512      # rows and columns of the strided block whose top singular value is measured
-SMALL_VALUES = 1 << 17    # a tensor of at most this many values travels whole
+SMALL_VALUES = 1 << 17    # a tensor of at most this many values (or of one dim: a bias, a norm) travels whole
 
 
 @dataclass
@@ -38,7 +38,12 @@ class Samples:
         tensor = tensor.detach()
         rows_idx, block = spectrum_block(as_units(tensor, unit_axis)) if tensor.dim() >= 2 else (None, None)
         return cls(tuple(tensor.shape), tensor.dtype, sorted_sample(tensor), ortho_vectors(tensor), block, rows_idx,
-                   tensor if tensor.numel() <= SMALL_VALUES else None, tensor)
+                   tensor if travels_whole(tuple(tensor.shape)) else None, tensor)
+
+    def kept(self) -> "Samples":
+        """The samples without the tensor they were read from (whose memory goes back to its file), a small
+        tensor's values copied."""
+        return replace(self, source=None, values=None if self.values is None else self.values.clone())
 
     def scaled(self, factor: float) -> "Samples":
         """The picks of the tensor times `factor` (the weight the forward pass uses)."""
@@ -52,6 +57,12 @@ class Samples:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+def travels_whole(shape: tuple[int, ...]) -> bool:
+    """Whether a tensor's values are kept whole: small ones, and those of one dim (biases, norms: dead units read
+    their layer's bias)."""
+    return len(shape) <= 1 or math.prod(shape) <= SMALL_VALUES
 
 
 def flat_stride(numel: int) -> int:

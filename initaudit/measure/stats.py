@@ -21,7 +21,8 @@ import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -143,6 +144,28 @@ def workers() -> int:
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 _LOCAL = threading.local()
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS = [0, 0]  # passes running one kernel thread each, and the thread count to restore after them
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's kernels on one thread each while inside: a reduction split over threads adds in another order, and
+    the same values must give the same figures in every process (the cores are shared out by `workers` instead)."""
+    with _THREADS_LOCK:
+        if _THREADS[0] == 0:
+            _THREADS[1] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS[0] += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS[0] -= 1
+            if _THREADS[0] == 0:
+                torch.set_num_threads(_THREADS[1])
 
 
 def _pool() -> ThreadPoolExecutor:
@@ -421,7 +444,8 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True, split:
     scan, total = scan_rows(rows, units, sample_indices(width) if tall else None, split)
     if tall:
         _keep("columns", tensor, scan.picked.T)
-    return assemble(total, n_units, width, tensor.dtype, sorted_sample(tensor), units, _entrywise(rows))
+    with one_thread():
+        return assemble(total, n_units, width, tensor.dtype, sorted_sample(tensor), units, _entrywise(rows))
 
 
 def empty_stats(n_units: int) -> TensorStats:
@@ -435,12 +459,13 @@ def scan_rows(rows: torch.Tensor, units: bool, columns: torch.Tensor | None = No
     again in float64 with its values scaled by a power of two where its peak lies beyond the pass's precision."""
     dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
     where = dict(row0=row0, col0=col0, full_width=full_width)
-    scan, total = _scan_all(rows, dtype, units, columns, split, **where)
-    scale = safe_scale(total, dtype)
-    if scale != 1.0:  # garbage magnitudes or denormals: read again, scaled, in float64
-        _, scaled = _scan_all(rows, torch.float64, units, None, split, scale, **where)
-        total.records, total.norms, total.proj, total.column_sq = scaled.records, scaled.norms, scaled.proj, scaled.column_sq
-        total.scale = scale
+    with one_thread():
+        scan, total = _scan_all(rows, dtype, units, columns, split, **where)
+        scale = safe_scale(total, dtype)
+        if scale != 1.0:  # garbage magnitudes or denormals: read again, scaled, in float64
+            _, scaled = _scan_all(rows, torch.float64, units, None, split, scale, **where)
+            total.records, total.norms, total.proj, total.column_sq = scaled.records, scaled.norms, scaled.proj, scaled.column_sq
+            total.scale = scale
     return scan, total
 
 

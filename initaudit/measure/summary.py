@@ -17,7 +17,7 @@ to float32 reassociation (relative 1e-6 on the std, the kurtosis and the norms),
 and copies exactly.
 Where the values are not at hand, copies among units are confirmed by their norms as well as their projections
 (`finish(close=...)` compares them entry by entry), and a spike or values on a truncation bound of a tensor
-over SMALL_VALUES values stay in its fresh/trained fit (measure/samples.py's `source`).
+of more than samples.SMALL_VALUES values stay in its fresh/trained fit (measure/samples.py's `source`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from initaudit.measure import stats
-from initaudit.measure.samples import SMALL_VALUES, Samples, flat_stride, ortho_rows, spectrum_strides
+from initaudit.measure.samples import Samples, flat_stride, ortho_rows, spectrum_strides, travels_whole
 from initaudit.measure.stats import Partial, TensorStats
 
 
@@ -131,7 +131,7 @@ def summarize(block: torch.Tensor, key: str, shape: tuple[int, ...], offset: tup
         part = Partial()
     idx, values = _flat_picks(block, view, (r0, r1), (c0, c1), shape, unit_axis)
     out = Block(offset, (r0, r1), (c0, c1), part, idx, values, _grids(view, (r0, r1), (c0, c1), shape, unit_axis),
-                block.clone() if math.prod(shape) <= SMALL_VALUES else None)
+                block.clone() if travels_whole(shape) else None)
     return Summary(key, shape, block.dtype, units, unit_axis, {offset: out})
 
 
@@ -216,6 +216,11 @@ def merge_all(summaries: Iterable[Summary]) -> dict[str, Summary]:
 def finish(summary: Summary, close: Callable[[int, int, float], bool] | None = None) -> Finished:
     """The tensor's stats, samples and digest from its merged blocks (`close(a, b, tol)`: whether two units are
     within `tol` in every entry, where their values can be read; else their norms must agree too)."""
+    with stats.one_thread():
+        return _finish(summary, close)
+
+
+def _finish(summary: Summary, close: Callable[[int, int, float], bool] | None) -> Finished:
     if not summary.complete():
         raise ValueError(f"{summary.key}: the summaries cover part of the tensor only")
     units, width = unit_view(summary.shape, summary.unit_axis)
@@ -328,7 +333,7 @@ def _joined(name: str, blocks: list[Block]) -> tuple[torch.Tensor, torch.Tensor]
 
 def _values(summary: Summary, blocks: list[Block]) -> torch.Tensor | None:
     """The whole tensor, where it is small (put together from its blocks)."""
-    if summary.numel > SMALL_VALUES or any(b.values is None for b in blocks):
+    if not travels_whole(summary.shape) or any(b.values is None for b in blocks):
         return None
     if len(blocks) == 1 and blocks[0].values is not None and tuple(blocks[0].values.shape) == summary.shape:
         return blocks[0].values
