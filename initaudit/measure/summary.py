@@ -56,6 +56,7 @@ class Block:
     flat_values: torch.Tensor
     grids: dict[str, Grid] = field(default_factory=dict)   # "ortho", "spectrum"
     values: torch.Tensor | None = None   # the block itself, where the tensor is small
+    row_bits: torch.Tensor | None = None  # int64 sum of each dim-0 row's bit patterns (its part of the row)
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Summary:
 @dataclass
 class Finished:
     """What the pipeline reads of one tensor: its stats, samples, and a digest of its values (equal tensors have
-    equal digests)."""
+    equal digests; different ones differ but for a hash collision or values permuted within a dim-0 row)."""
 
     stats: TensorStats
     samples: Samples
@@ -131,8 +132,17 @@ def summarize(block: torch.Tensor, key: str, shape: tuple[int, ...], offset: tup
         part = Partial()
     idx, values = _flat_picks(block, view, (r0, r1), (c0, c1), shape, unit_axis)
     out = Block(offset, (r0, r1), (c0, c1), part, idx, values, _grids(view, (r0, r1), (c0, c1), shape, unit_axis),
-                block.clone() if travels_whole(shape) else None)
+                block.clone() if travels_whole(shape) else None, _row_bits(block))
     return Summary(key, shape, block.dtype, units, unit_axis, {offset: out})
+
+
+def _row_bits(block: torch.Tensor) -> torch.Tensor:
+    """Each dim-0 row's bit patterns summed as integers (wrapping): exact and additive over column blocks, so the
+    rows' sums tell two tensors' values apart whichever way each was cut and summarized."""
+    rows = block.reshape(block.shape[0], math.prod(block.shape[1:])) if block.dim() else block.reshape(1, 1)
+    rows = rows.contiguous()
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[block.element_size()]
+    return rows.view(bits).sum(dim=1, dtype=torch.int64)
 
 
 def _flat_picks(block: torch.Tensor, view: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int],
@@ -227,14 +237,20 @@ def _finish(summary: Summary, close: Callable[[int, int, float], bool] | None) -
     blocks = sorted(summary.blocks.values(), key=lambda b: (b.rows, b.cols))
     samples = _samples(summary, blocks)
     if summary.numel == 0:
-        return Finished(stats.empty_stats(units), samples, _digest([summary.key]))
+        return Finished(stats.empty_stats(units), samples, _digest([summary.dtype, summary.shape]))
     part = _merged_part(blocks, width)
     if close is None:
         close = _close_by_norms(part, width)
     st = stats.assemble(part, units, width, summary.dtype, samples.ordered, summary.units, close)
-    per_unit = [torch.cat(part.norms), torch.cat(part.proj, dim=1)] if part.norms else []
-    return Finished(st, samples, _digest([summary.dtype, summary.shape, part.records, part.lo, part.hi, part.lo_count,
-                                          part.hi_count, part.nan, part.inf, part.zeros, samples.ordered, *per_unit]))
+    return Finished(st, samples, _digest([summary.dtype, summary.shape, _joined_bits(blocks)]))
+
+
+def _joined_bits(blocks: list[Block]) -> torch.Tensor:
+    """The tensor's rows' bit sums, from the blocks' (column blocks of the same rows added)."""
+    rows: dict[tuple[int, int], torch.Tensor] = {}
+    for b in blocks:
+        rows[b.rows] = rows[b.rows] + b.row_bits if b.rows in rows else b.row_bits
+    return torch.cat([bits for _, bits in sorted(rows.items())])
 
 
 def _merged_part(blocks: list[Block], width: int) -> Partial:
