@@ -285,6 +285,10 @@ def _side_by_side(side: list[Block], width: int) -> Partial:
             if out.column_sq is None:
                 out.column_sq = torch.zeros(width, dtype=torch.float64)
             out.column_sq[b.cols[0]:b.cols[1]] += p.column_sq
+        for sums in p.column_parts:
+            placed = torch.zeros(width, dtype=torch.float64)
+            placed[b.cols[0]:b.cols[1]] = sums
+            out.column_parts.append(placed)
     if parts[0].norms:
         out.norms = [sum(torch.cat(p.norms) for p in parts)] if len(parts) > 1 else list(parts[0].norms)
         out.proj = [sum(torch.cat(p.proj, dim=1) for p in parts)] if len(parts) > 1 else list(parts[0].proj)
@@ -303,7 +307,8 @@ def _unscaled(part: Partial) -> Partial:
     records = [(n, shift / s, *(v / s ** (k + 1) for k, v in enumerate(sums))) for n, shift, *sums in part.records]
     return replace(part, records=records, scale=1.0, norms=[t.double() / (s * s) for t in part.norms],
                    proj=[t.double() / s for t in part.proj],
-                   column_sq=None if part.column_sq is None else part.column_sq / (s * s))
+                   column_sq=None if part.column_sq is None else part.column_sq / (s * s),
+                   column_parts=[t / (s * s) for t in part.column_parts])
 
 
 def _close_by_norms(part: Partial, width: int) -> Callable[[int, int, float], bool]:
