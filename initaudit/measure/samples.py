@@ -41,9 +41,10 @@ class Samples:
                    tensor if travels_whole(tuple(tensor.shape)) else None, tensor)
 
     def kept(self) -> "Samples":
-        """The samples without the tensor they were read from (whose memory goes back to its file), a small
-        tensor's values copied."""
-        return replace(self, source=None, values=None if self.values is None else self.values.clone())
+        """What is kept once the tensor is judged: a small tensor's values (copied: the tensor's memory goes back to
+        its file), for the conventions and dead units; the picks are dropped (a model's weights would hold them all)."""
+        return replace(self, ordered=self.ordered[:0], ortho=None, spectrum=None, spectrum_rows=None, source=None,
+                       values=None if self.values is None else self.values.clone())
 
     def scaled(self, factor: float) -> "Samples":
         """The picks of the tensor times `factor` (the weight the forward pass uses)."""

@@ -279,7 +279,7 @@ def _from_summaries(finished: dict[str, Finished | str], graph: LayerGraph) -> P
             param.shared_with = params[owner][1].key
             verdict = None
         out.append(Measured(layer, param, done.stats, fp, rec, _summary_bias(finished, layer, param), n_blocks, verdict,
-                            samples=done.samples, digest=done.digest))
+                            samples=done.samples.kept(), digest=done.digest))
     return Pass(out, skipped, audited)
 
 
