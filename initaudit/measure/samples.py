@@ -46,6 +46,13 @@ class Samples:
         return replace(self, ordered=self.ordered[:0], ortho=None, spectrum=None, spectrum_rows=None, source=None,
                        values=None if self.values is None else self.values.clone())
 
+    @classmethod
+    def whole(cls, tensor: torch.Tensor) -> "Samples":
+        """A tensor no fingerprint reads (a bias, a norm): its values where it travels whole, no picks."""
+        tensor = tensor.detach()
+        return cls(tuple(tensor.shape), tensor.dtype, tensor.new_empty(0), None, None, None,
+                   tensor if travels_whole(tuple(tensor.shape)) else None)
+
     def scaled(self, factor: float) -> "Samples":
         """The picks of the tensor times `factor` (the weight the forward pass uses)."""
         if factor == 1.0:

@@ -15,6 +15,7 @@ up to 3.4e38, a layer of denormals) is read again in float64 with its values sca
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -525,8 +526,10 @@ def _version(tensor: torch.Tensor) -> int | None:
         return None
 
 
+@functools.lru_cache(maxsize=256)
 def sample_indices(count: int) -> torch.Tensor:
-    """COLUMN_SAMPLE of range(count) (all of a smaller range), drawn with a fixed seed, in increasing order."""
+    """COLUMN_SAMPLE of range(count) (all of a smaller range), drawn with a fixed seed, in increasing order (the
+    same tensor for the same count: read, never written)."""
     return torch.randperm(count, generator=torch.Generator().manual_seed(0))[:COLUMN_SAMPLE].sort().values
 
 

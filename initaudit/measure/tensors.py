@@ -183,7 +183,7 @@ def _measure_one(tensors: Tensors, layer: Layer, param: Param, n_blocks: int,
         if tensor is None:
             return reason, None
         st = stats.compute(tensor, param.unit_axis, units=per_unit(layer, param), split=split)
-        samples = Samples.of(tensor, param.unit_axis)
+        samples = Samples.of(tensor, param.unit_axis) if param.is_weight else Samples.whole(tensor)
         fp, rec, verdict = _judged(layer, param, st, samples, n_blocks)
         kept = tensor.clone() if param.role == "bias" else None  # for dead-units, once the file's memory is back
         return None, (st, fp, rec, verdict, kept, samples.kept())
