@@ -92,6 +92,14 @@ def shard_tp(model: TinyLM, mesh) -> TinyLM:
     return model
 
 
+def shard_ddp(model: TinyLM, mesh) -> nn.Module:
+    """Plain data parallelism: every rank holds the whole model (DDP's wrapper, its keys under `module.`)."""
+    return nn.parallel.DistributedDataParallel(model)
+
+
+SHARDINGS = {"fsdp": shard_fsdp, "tp": shard_tp, "ddp": shard_ddp}
+
+
 class GatherForbidden(RuntimeError):
     """A rank tried to gather a parameter."""
 
@@ -170,8 +178,11 @@ def worker(rank: int, world: int, port: int, out: str, jobs: list[tuple[str, str
         mesh = init_device_mesh("cpu", (world,))
         caught = None
         for variant, sharding in jobs:
-            model = {"fsdp": shard_fsdp, "tp": shard_tp}[sharding](build(variant), mesh)
-            caught = caught or caught_gathers(model)
+            model = SHARDINGS[sharding](build(variant), mesh)
+            if sharding == "fsdp" and caught is None:
+                caught = caught_gathers(shard_fsdp(build(variant), mesh))
+                held = {k: list(v.to_local().shape) for k, v in model.state_dict().items()}
+                Path(out, f"held-{rank}.json").write_text(json.dumps(held))
             with forbid_gathers():
                 report = audit_sharded(model, Options())
             if rank == 0:
