@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,7 +24,8 @@ from initaudit.load.dispatch import load
 from initaudit.load.source import Loaded
 from initaudit.load.containers import file_signs, optimizer_tensors, packed_tensors
 from initaudit.measure import depth, weight_state
-from initaudit.measure.tensors import Measured, Pass, measure
+from initaudit.measure.summary import Finished
+from initaudit.measure.tensors import Measured, Pass, measure, measure_summaries
 
 
 def build_graph(loaded: Loaded, options: Options) -> LayerGraph:
@@ -36,14 +38,21 @@ def build_graph(loaded: Loaded, options: Options) -> LayerGraph:
     return annotate(layers, downstream, options.activation, options.activations, hints=loaded.activations, **order)
 
 
-def measure_and_describe(loaded: Loaded, graph: LayerGraph) -> Pass:
-    """Every audited tensor measured, with its facts; those left out are in the pass's `skipped`."""
-    done = measure(loaded.tensors, graph)
+def measure_and_describe(loaded: Loaded, graph: LayerGraph, measured_from: dict[str, Finished | str] | None = None) -> Pass:
+    """Every audited tensor measured, with its facts; those left out are in the pass's `skipped` (`measured_from`:
+    merged summaries of the tensors, measure/summary.py, read instead of the tensors)."""
+    done = measure(loaded.tensors, graph) if measured_from is None else measure_summaries(measured_from, graph)
     for m in done.measured:
         m.facts = tensor_facts(graph, m)
     add_recipe_shares(done.measured)
     add_block_zeros(done.measured)
     return done
+
+
+def kept_values(measured: list[Measured]) -> Callable[[str], torch.Tensor | None]:
+    """A tensor's values where its summary kept them whole (small tensors, biases, norms), else None."""
+    values = {m.param.key: m.samples.values for m in measured if m.samples is not None}
+    return values.get
 
 
 def coverage(loaded: Loaded, done: Pass) -> Coverage:
@@ -99,13 +108,17 @@ class Analysis:
     options: Options | None = None
 
 
-def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None = None) -> Analysis:
-    """Audit an already loaded model."""
+def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None = None,
+            measured_from: dict[str, Finished | str] | None = None) -> Analysis:
+    """Audit an already loaded model; `measured_from`: its tensors' merged summaries (measure/summary.py: shards of a
+    live model, a checkpoint fanned out), read instead of its tensors (each key: what its summaries finished into,
+    or why it is not measured)."""
     rules = rulebook.select(rules if rules is not None else rulebook.builtin_rules(), options.select, options.ignore)
     graph = build_graph(loaded, options)
-    done = measure_and_describe(loaded, graph)
+    done = measure_and_describe(loaded, graph, measured_from)
     measured = done.measured
-    relate(measured, loaded.tensors, loaded.ties, live=loaded.module is not None)
+    source = loaded.tensors if measured_from is None else None
+    relate(measured, source, loaded.ties, live=loaded.module is not None)
     signs = file_signs(getattr(loaded.container, "root", None))
     state = weight_state.assess(loaded.tensors, measured, signs, options.state)
     weight_state.apply(measured, state)
@@ -113,7 +126,7 @@ def analyse(loaded: Loaded, options: Options, rules: list[rulebook.Rule] | None 
     flow_seen = loaded.flow is not None and loaded.flow.sees_activations
     for m in measured:
         m.facts["flow_seen"] = flow_seen
-    add_convention_facts(measured, loaded.tensors.__getitem__)
+    add_convention_facts(measured, loaded.tensors.__getitem__ if source is not None else kept_values(measured))
     predict_depth(loaded, graph, measured, options.signal_band)
     aside = set_aside(measured, rules)
     notes = list(loaded.notes)

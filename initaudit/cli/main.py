@@ -164,8 +164,12 @@ def _targets(paths, factory, options, extend_exclude, problems: list | None = No
 @click.option("--optimizer-state", "optimizer_state", is_flag=True,
               help="Also audit a distributed checkpoint's optimizer state, for NaN/Inf only. Without it that "
                    "state is skipped, and only taken as evidence that the weights are trained.")
+@click.option("--distributed", is_flag=True,
+              help="Measure one safetensors or DCP checkpoint split over the ranks of `torchrun ... -m initaudit "
+                   "check --distributed CKPT` (each reads its share of the bytes; rank 0 writes the report).")
 def check(paths, factory, activation, activation_for, select, ignore, per_layer_ignore, extend_exclude, config_path,
-          trust_pickle, state, expect, color, fmt, fail_on, output, quiet, statistics, exit_zero, optimizer_state):
+          trust_pickle, state, expect, color, fmt, fail_on, output, quiet, statistics, exit_zero, optimizer_state,
+          distributed):
     """Audit the initialization of the models in PATH...: files (.pt/.pth/.bin/.ckpt, TorchScript, .safetensors,
     .onnx), Hugging Face folders, folders to walk (model files found by content) and glob patterns.
 
@@ -174,6 +178,22 @@ def check(paths, factory, activation, activation_for, select, ignore, per_layer_
     """
     options = _options(config_path, activation, activation_for, select, ignore, per_layer_ignore, state, expect)
     options.fail_on = fail_on or options.fail_on
+    if distributed:
+        if len(paths) != 1 or factory is not None:
+            raise click.UsageError("--distributed audits one checkpoint PATH", click.get_current_context())
+        from initaudit.distributed.ranks import on_ranks
+
+        return on_ranks(lambda report_of, leader: _check(paths, factory, extend_exclude, trust_pickle, color, fmt,
+                                                         output, quiet, statistics, exit_zero, optimizer_state,
+                                                         options, report_of, leader))
+    return _check(paths, factory, extend_exclude, trust_pickle, color, fmt, output, quiet, statistics, exit_zero,
+                  optimizer_state, options)
+
+
+def _check(paths, factory, extend_exclude, trust_pickle, color, fmt, output, quiet, statistics, exit_zero,
+           optimizer_state, options, report_of=None, leader: bool = True) -> int:
+    """check's run over its targets (`report_of(loaded, options)`: how a loaded model's report is made; `leader`:
+    this process writes the report)."""
     problems: list = [] if len(paths) > 1 else None  # several PATHs: one that names nothing does not stop the run
     targets = _targets(paths, factory, options, extend_exclude, problems)
     stream = sys.stdout
@@ -186,7 +206,9 @@ def check(paths, factory, activation, activation_for, select, ignore, per_layer_
     for arg, exc in problems or ():
         _error_line(f"initaudit: error: {exc}")
         results.unreadable.append(FileError(arg, str(exc)))
-    _audit_all(results, targets, factory, trust_pickle, options, output, quiet, optimizer_state)
+    _audit_all(results, targets, factory, trust_pickle, options, output, quiet, optimizer_state, report_of)
+    if not leader:
+        return 0
     if output is None:
         reporters.writer(fmt)(results, stream, view)
     else:
@@ -199,9 +221,9 @@ def check(paths, factory, activation, activation_for, select, ignore, per_layer_
 
 
 def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, options, output: Path | None,
-               quiet: bool, optimizer_state: bool = False) -> None:
-    """Every model audited in turn into `results` (torch imported once); in a combined run, one that cannot be
-    read is reported on stderr and the run goes on."""
+               quiet: bool, optimizer_state: bool = False, report_of=None) -> None:
+    """Every model audited in turn into `results` (torch imported once; `report_of`: how, pipeline.run by default);
+    in a combined run, one that cannot be read is reported on stderr and the run goes on."""
     with _heavy_imports():
         from initaudit.pipeline import run
         from initaudit.load.dispatch import load
@@ -234,7 +256,7 @@ def _audit_all(results: Results, targets: list, factory, trust_pickle: bool, opt
             if output is not None:
                 Protected(loaded).guard(output, "the report")
             try:
-                results.reports.append(run(loaded, options))
+                results.reports.append((report_of or run)(loaded, options))
             except InputError as exc:
                 unreadable(target, exc)
                 continue

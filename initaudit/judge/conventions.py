@@ -35,15 +35,16 @@ SSM_CONVENTION = {
 OFFSET_NORM = "an offset norm computes x·(1+w): w = 0 is its identity (Gemma, Qwen3-Next)"
 
 
-def add_convention_facts(measured: list[Measured], values: Callable[[str], torch.Tensor]) -> None:
+def add_convention_facts(measured: list[Measured], values: Callable[[str], torch.Tensor | None]) -> None:
     """The convention facts of every measured tensor; `values(key)` reads a tensor again (only SSM parameters and
-    heads with duplicate rows are read)."""
+    heads with duplicate rows are read; None where they are not at hand: no verdict)."""
     mixers = {m.param.key.rpartition(".")[0] for m in measured if m.param.key.rpartition(".")[2] == "A_log"}
     for m in measured:
         facts: dict[str, Any] = {"convention": None, "convention_fits": None, "convention_contradiction": None,
                                  "mean_resized_rows": 0, "duplicates_mean_resized": False}
         role = ssm_role(m.param.key, mixers)
-        v = values(m.param.key).detach().float().flatten() if role is not None else None
+        held = values(m.param.key) if role is not None else None
+        v = held.detach().float().flatten() if held is not None else None
         if v is not None and v.numel() and bool(v.isfinite().all()):  # non-finite values are non-finite's
             fits, words = SSM_JUDGES[role](v, m)
             facts.update(convention=SSM_CONVENTION[role], convention_fits=fits, convention_contradiction=words)
@@ -51,8 +52,9 @@ def add_convention_facts(measured: list[Measured], values: Callable[[str], torch
             fits, words = judge_offset_norm(m)
             facts.update(convention=OFFSET_NORM, convention_fits=fits, convention_contradiction=words)
         tail = trailing_group(m) if m.stats.duplicate_groups else None
-        if tail:
-            rows = mean_resized_rows(values(m.param.key), m, len(tail))
+        held = values(m.param.key) if tail else None
+        if held is not None:
+            rows = mean_resized_rows(held, m, len(tail))
             facts.update(mean_resized_rows=rows, duplicates_mean_resized=bool(rows) and len(
                 m.stats.duplicate_groups) == 1)
         m.facts.update(facts)

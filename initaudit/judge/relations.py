@@ -38,9 +38,10 @@ MIN_BLOCKS = 3        # a fit needs this many blocks
 MIN_DISTINCT = 3      # fewer distinct values: a structured, not a random, layer (eye, dirac)
 
 
-def relate(measured: list[Measured], tensors: Tensors, ties: list[tuple[str, str]], live: bool) -> None:
+def relate(measured: list[Measured], tensors: Tensors | None, ties: list[tuple[str, str]], live: bool) -> None:
     """Set the cross-tensor facts on every measured tensor (`ties`: the pairs the module or config ties; `live`:
-    the model is a module in memory, where a tie is one Parameter object, else one value)."""
+    the model is a module in memory, where a tie is one Parameter object, else one value; `tensors` None: the
+    tensors were measured from summaries, whose digests tell equal values)."""
     for m in measured:
         m.facts.update(EMPTY)
     equal = ValuesEqual(tensors)
@@ -73,14 +74,16 @@ def exporter_copy(a: Measured, b: Measured) -> bool:
 
 class ValuesEqual:
     """Whether two tensors hold the same values, bit for bit: read again (then handed back) only where their
-    shapes and exact extremes agree."""
+    shapes and exact extremes agree; measured from summaries, where their digests agree."""
 
-    def __init__(self, tensors: Tensors):
+    def __init__(self, tensors: Tensors | None):
         self.tensors = tensors
 
     def __call__(self, a: Measured, b: Measured) -> bool:
         if a.param.shape != b.param.shape or (a.stats.min, a.stats.max) != (b.stats.min, b.stats.max):
             return False
+        if self.tensors is None:
+            return a.digest is not None and a.digest == b.digest
         try:
             x, y = self.tensors[a.param.key], self.tensors[b.param.key]
             return x.dtype == y.dtype and torch.equal(x, y)

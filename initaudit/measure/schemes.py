@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from initaudit.flow.activations import Activation
-from initaudit.measure.stats import DISTINCT_SAMPLE, TensorStats, column_sample, compute, sample_indices
+from initaudit.measure.samples import Samples
+from initaudit.measure.stats import DISTINCT_SAMPLE, TensorStats, compute
 
 GAINS = {name: torch.nn.init.calculate_gain(name) for name in ("relu", "linear", "tanh", "selu")}
 """torch.nn.init.calculate_gain's gains: linear, conv and sigmoid 1; leaky_relu at its default slope 0.01 is
@@ -219,9 +220,9 @@ class _Judged:
     loglik: float      # log-likelihood of the tensor under the scheme (−inf where a bound is passed)
 
 
-def _roundoff(weight: torch.Tensor | None) -> float:
+def _roundoff(weight: Samples | None) -> float:
     """The unit roundoff of the tensor's dtype (fp32 when unknown): how far rounding may move a value, relatively."""
-    dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
+    dtype = weight.dtype if weight is not None and weight.dtype.is_floating_point else torch.float32
     return torch.finfo(dtype).eps / 2
 
 
@@ -300,20 +301,22 @@ def _resolution(value: float, stats: TensorStats) -> float:
     return spacing
 
 
-def without_edges(stats: TensorStats, tensor: torch.Tensor | None, unit_axis: int = 0,
-                  units: bool = False) -> tuple[TensorStats, torch.Tensor | None]:
-    """The stats of `tensor` with its values on a truncation bound left out (NaN: counted nowhere), and that
-    tensor: they are a finding of their own (truncation-edge), not part of the draw, nor a tail of it."""
+def without_edges(stats: TensorStats, samples: Samples | None, unit_axis: int = 0,
+                  units: bool = False) -> tuple[TensorStats, Samples | None]:
+    """The stats of the tensor with its values on a truncation bound left out (NaN: counted nowhere), and its samples:
+    they are a finding of their own (truncation-edge), not part of the draw, nor a tail of it. Where the values are
+    not at hand (a merged summary of a large tensor), they are kept."""
     edges = truncation_edges(stats)
+    tensor = None if samples is None else samples.source if samples.source is not None else samples.values
     if edges is None or tensor is None:
-        return stats, tensor
+        return stats, samples
     if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         tensor = tensor.to(torch.float32)
     on = torch.zeros(tensor.shape, dtype=torch.bool)
     for value in edges.values:
         on |= tensor == value
     masked = tensor.detach().masked_fill(on, math.nan)
-    return compute(masked, unit_axis, units=units, split=False), masked
+    return compute(masked, unit_axis, units=units, split=False), Samples.of(masked, unit_axis)
 
 
 def _judge(c: _Candidate, stats: TensorStats, u: float) -> _Judged:
@@ -367,23 +370,20 @@ def _distinct(candidates: list[_Candidate], paired: list[tuple[str, str, str]]) 
     return kept
 
 
-def _orthogonality(weight: torch.Tensor) -> dict[str, float] | None:
-    """How far the rows (or columns, whichever are fewer) of `weight` flattened as torch.nn.init.orthogonal_
+def _orthogonality(weight: Samples) -> dict[str, float] | None:
+    """How far the rows (or columns, whichever are fewer) of the weight flattened as torch.nn.init.orthogonal_
     flattens it are from orthogonal with one common norm, in units of what iid draws give (≈ 1 each).
 
-    A sampled Gram test (at most COLUMN_SAMPLE vectors: cost linear in the tensor): `gram` is the mean squared
-    cosine between the sampled vectors × their length, `norms` the variance of their relative norms × 2·length.
-    `limit` is what the dtype's rounding allows an orthogonal matrix (100 × its unit roundoff squared). Both
-    come from the vectors' Gram matrix, in float32 where that already rules orthogonality out (iid draws give
+    A sampled Gram test (at most COLUMN_SAMPLE vectors, `Samples.ortho`: cost linear in the tensor): `gram` is the
+    mean squared cosine between the sampled vectors × their length, `norms` the variance of their relative norms ×
+    2·length. `limit` is what the dtype's rounding allows an orthogonal matrix (100 × its unit roundoff squared).
+    Both come from the vectors' Gram matrix, in float32 where that already rules orthogonality out (iid draws give
     ≈ 1, far above float32's rounding), else in float64.
     """
-    if weight.dim() < 2 or weight.shape[0] < 1 or weight.numel() == 0:
+    vectors = weight.ortho
+    if vectors is None or min(weight.shape[0], weight.numel // weight.shape[0]) < 2 \
+            or max(weight.shape[0], weight.numel // weight.shape[0]) < MIN_ORTHO_LENGTH:
         return None
-    flat = weight.detach().reshape(weight.shape[0], -1)
-    rows, cols = flat.shape
-    if min(rows, cols) < 2 or max(rows, cols) < MIN_ORTHO_LENGTH:
-        return None
-    vectors = flat[sample_indices(rows)] if rows <= cols else column_sample(weight)  # picked in memory order
     u = _roundoff(weight)
     limit = max(100 * u * u, 1e-9)
     found = _gram_test(vectors.to(torch.float32))
@@ -415,13 +415,15 @@ def _gram_test(vectors: torch.Tensor) -> tuple[float, float, float] | None:
 
 
 def fingerprint(stats: TensorStats, fan_in: int, fan_out: int, kind: str = "linear",
-                activation: Activation | None = None, weight: torch.Tensor | None = None,
+                activation: Activation | None = None, weight: torch.Tensor | Samples | None = None,
                 hidden: int | None = None, repeats: int = 1) -> Fingerprint:
     """Name the most likely init scheme of one weight tensor (`repeats`: how many blocks hold this layer).
 
     `weight` (the tensor itself) allows the orthogonality test and gives the dtype whose rounding sets
     the floor of the tolerances (the orthogonality test flattens from dim 0, as torch's orthogonal_ does).
     """
+    if isinstance(weight, torch.Tensor):
+        weight = Samples.of(weight)
     stats, weight = without_edges(stats, weight)
     if stats.finite == 0:
         return Fingerprint("unknown", "unknown", "any", math.nan, math.nan)

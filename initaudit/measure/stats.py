@@ -21,6 +21,8 @@ import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,8 +37,7 @@ NEAR_DUPLICATE_TOLERANCE = 1e-3  # units differing by at most this fraction of t
 CHANCE_MATCHES = 1e-3           # ... where independent draws would match that closely less often than this
 MAX_REPORTED_GROUPS = 20
 SPARSE_DENSE_LIMIT = 1 << 24   # sparse tensors are audited (made dense) up to this many entries
-SHIFT_RATIO = 4.0               # moments are summed about the first chunk's mean when |mean| > this many stds
-_SHIFT_SAMPLE = 1 << 12          # values that decide the shift of the power sums
+SHIFT_RATIO = 4.0               # a chunk's moments are summed about its own mean when |mean| > this many stds
 _LINE = 64                      # bytes in a cache line
 _SMALL = 64                     # tensors this small are summed and counted in Python (per-call torch overhead)
 _WINDOW = 64                    # neighbours in projection order compared with each unit
@@ -145,6 +146,28 @@ _POOL_LOCK = threading.Lock()
 _LOCAL = threading.local()
 
 
+_THREADS_LOCK = threading.Lock()
+_THREADS = [0, 0]  # passes running one kernel thread each, and the thread count to restore after them
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's kernels on one thread each while inside: a reduction split over threads adds in another order, and
+    the same values must give the same figures in every process (the cores are shared out by `workers` instead)."""
+    with _THREADS_LOCK:
+        if _THREADS[0] == 0:
+            _THREADS[1] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS[0] += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS[0] -= 1
+            if _THREADS[0] == 0:
+                torch.set_num_threads(_THREADS[1])
+
+
 def _pool() -> ThreadPoolExecutor:
     """The threads a large tensor's row ranges run on (torch releases the GIL inside its kernels)."""
     global _POOL
@@ -191,11 +214,13 @@ def _power_sums(values: torch.Tensor, shift: float) -> list[float]:
 
 
 @dataclass
-class _Part:
-    """What a run of chunks adds up to; parts of one tensor are merged in row order."""
+class Partial:
+    """What a run of chunks adds up to, mergeable in any order with the parts of other row ranges: each chunk's
+    power sums travel as a record (count, shift, sums 1-4) and are added exactly (math.fsum) at the end, so the
+    moments do not depend on how the rows were split (chunks sit at multiples of their row count from the
+    tensor's first row: a chunk is the same computation whoever reads it). Per-unit values are kept in row order."""
 
-    n: int = 0
-    sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    records: list[tuple[int, float, float, float, float, float]] = field(default_factory=list)
     nan: int = 0
     inf: int = 0
     zeros: int = 0
@@ -206,11 +231,15 @@ class _Part:
     zero_units: list[int] = field(default_factory=list)
     proj: list[torch.Tensor] = field(default_factory=list)    # [3, rows]: two random projections and the sums
     norms: list[torch.Tensor] = field(default_factory=list)
-    column_sq: torch.Tensor | None = None
+    column_sq: torch.Tensor | None = None   # float64: sums of float32 chunk sums, exact but for rare rounding
+    scale: float = 1.0   # the records, norms and projections are of the values times this (a power of two)
 
-    def add_sums(self, sums: list[float], n: int) -> None:
-        self.sums = [a + b for a, b in zip(self.sums, sums)]
-        self.n += n
+    @property
+    def n(self) -> int:
+        return sum(r[0] for r in self.records)
+
+    def add_sums(self, sums: list[float], n: int, shift: float = 0.0) -> None:
+        self.records.append((n, shift, *sums))
 
     def extremes(self, lo: float, lo_count: int, hi: float, hi_count: int) -> None:
         """Merge extremes and how many values sit exactly on them."""
@@ -234,8 +263,9 @@ class _Part:
             hi_count = int(torch.count_nonzero(values == hi)) if hi >= self.hi else 0
         self.extremes(lo, lo_count, hi, hi_count)
 
-    def merge(self, other: "_Part") -> None:
-        self.add_sums(other.sums, other.n)
+    def merge(self, other: "Partial") -> None:
+        """Add the part of the rows that follow these (their per-unit values go after these)."""
+        self.records += other.records
         self.nan, self.inf, self.zeros = self.nan + other.nan, self.inf + other.inf, self.zeros + other.zeros
         self.extremes(other.lo, other.lo_count, other.hi, other.hi_count)
         self.zero_units += other.zero_units
@@ -246,33 +276,48 @@ class _Part:
 
 
 class _Scan:
-    """The chunked pass over rows [start, stop) of a [units, width] view."""
+    """The chunked pass over rows [start, stop) of a [units, width] view whose first row is the tensor's row `row0`
+    and first column its column `col0` of `full_width` (a block of a larger tensor): chunks end at the tensor's
+    multiples of `step` rows, so a chunk is the same computation in whichever block it is read."""
 
-    def __init__(self, rows: torch.Tensor, dtype: torch.dtype, shift: float, units: bool,
-                 columns: torch.Tensor | None = None, scale: float = 1.0):
-        self.rows, self.dtype, self.shift, self.units, self.columns = rows, dtype, shift, units, columns
-        self.scale = scale  # every value is read times this (a power of two): shift, sums, norms are in its units
+    def __init__(self, rows: torch.Tensor, dtype: torch.dtype, units: bool, columns: torch.Tensor | None = None,
+                 scale: float = 1.0, row0: int = 0, col0: int = 0, full_width: int | None = None):
+        self.rows, self.dtype, self.units, self.columns = rows, dtype, units, columns
+        self.scale = scale  # every value is read times this (a power of two): sums, norms are in its units
+        self.row0 = row0
         self.picked = None if columns is None else torch.empty(rows.shape[0], columns.numel(), dtype=dtype)  # [rows, sampled]
         self.width = rows.shape[1]
-        self.step = max(1, CHUNK_ELEMENTS // max(self.width, 1))
-        self.basis = _basis(self.width, dtype) if units else None
+        full_width = self.width if full_width is None else full_width
+        self.step = chunk_rows(full_width)
+        self.basis = _basis(full_width, dtype)[:, col0:col0 + self.width].contiguous() if units else None
         self.ones = torch.ones(self.step, dtype=dtype) if units else None
 
-    def __call__(self, start: int, stop: int) -> _Part:
-        part = _Part()
+    def sizes(self, start: int, stop: int) -> list[int]:
+        """The chunks' row counts over [start, stop): each ends at a multiple of `step` of the tensor's rows."""
+        out, a = [], start
+        while a < stop:
+            b = min(stop, ((self.row0 + a) // self.step + 1) * self.step - self.row0)
+            out.append(b - a)
+            a = b
+        return out
+
+    def __call__(self, start: int, stop: int) -> Partial:
+        part = Partial(scale=self.scale)
         units = self.units
         if units:
-            part.column_sq = torch.zeros(self.width, dtype=self.dtype)
+            part.column_sq = torch.zeros(self.width, dtype=torch.float64)
         results = torch.empty(7, dtype=self.dtype)  # a chunk's scalars, read into Python at once
         out = results.unbind()
         # every view made in one call: each torch call may hand the GIL over to another worker
         rows = self.rows[start:stop]
-        chunks = rows.split(self.step)
+        sizes = self.sizes(start, stop)
+        chunks = rows.split(sizes)
         direct = rows.dtype == self.dtype and rows.is_contiguous() and self.scale == 1.0  # else chunks are copied
-        flats = rows.view(-1).split(self.step * self.width) if direct else None
-        transposed = rows.T.split(self.step, dim=1) if direct and units else None
-        picked = self.picked[start:stop].split(self.step) if self.columns is not None else None
+        flats = rows.view(-1).split([s * self.width for s in sizes]) if direct else None
+        transposed = rows.T.split(sizes, dim=1) if direct and units else None
+        picked = self.picked[start:stop].split(sizes) if self.columns is not None else None
         work: dict[tuple[int, int], tuple] = {}  # the squares' views, per chunk shape and alignment
+        first = self.row0 + start
         for i, chunk in enumerate(chunks):
             if direct:
                 flat, chunk_t = flats[i], transposed[i] if units else None
@@ -288,44 +333,36 @@ class _Scan:
                 sq = _scratch(chunk.numel(), self.dtype, 1, "squares", like=chunk)[0]
                 square = sq.view(chunk.shape)
                 views = work[key] = (sq, square, square.T, self.ones[:chunk.shape[0]] if units else None, results, out)
-            self._chunk(part, start + i * self.step, chunk, flat, chunk_t, views)
+            self._chunk(part, first, chunk, flat, chunk_t, views)
+            first += chunk.shape[0]
             if picked is not None:  # gathered while the chunk is in cache: from memory, 10x dearer
                 torch.index_select(chunk, 1, self.columns, out=picked[i])
         return part
 
-    def _chunk(self, part: _Part, first: int, chunk: torch.Tensor, flat: torch.Tensor, chunk_t: torch.Tensor | None,
+    def _chunk(self, part: Partial, first: int, chunk: torch.Tensor, flat: torch.Tensor, chunk_t: torch.Tensor | None,
                views: tuple) -> None:
         sq, square, columns, ones, results, out = views
         n, units = flat.numel(), self.units
         torch.aminmax(flat, out=out[:2])
-        sq = torch.mul(flat, flat, out=sq) if units or not self.shift else None
+        sq = torch.mul(flat, flat, out=sq)
         if units:
             proj = torch.mm(self.basis, chunk_t)
             unit_sq = square.sum(dim=1)  # each unit's sum of squares
-        fused = n > _SMALL and not self.shift  # about 0: the squares are those of the norms, the sums the units'
+        fused = n > _SMALL  # about 0: the squares are those of the norms, the sums the units'
         if fused:
             torch.sum(proj[2] if units else flat, dim=0, out=out[2])
             torch.sum(unit_sq if units else sq, dim=0, out=out[3])
             torch.dot(sq, flat, out=out[4])
             torch.dot(sq, sq, out=out[5])
-        if sq is not None:
-            torch.amin(sq, dim=0, out=out[6])
+        torch.amin(sq, dim=0, out=out[6])
         lo, hi, s1, s2, s3, s4, least = results.tolist()  # one call for all (each call may hand the GIL over)
         if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN or Inf somewhere
             return self._non_finite(part, first, chunk)
         if lo <= part.lo or hi >= part.hi:
             part.count_extremes(flat, lo, hi)
-        if fused:
-            sums = part.sums
-            sums[0] += s1
-            sums[1] += s2
-            sums[2] += s3
-            sums[3] += s4
-            part.n += n
-        else:
-            part.add_sums((_python_sums if n <= _SMALL else _power_sums)(flat, self.shift), n)
+        self._record(part, flat, [s1, s2, s3, s4] if fused else _python_sums(flat, 0.0))
         zeros = 0
-        if lo <= 0 <= hi and (sq is None or least == 0):  # squares underflow too: then count exactly
+        if lo <= 0 <= hi and least == 0:  # squares underflow too: then count exactly
             zeros = n - int(torch.count_nonzero(flat))
             part.zeros += zeros
         if units:
@@ -334,9 +371,21 @@ class _Scan:
                 part.zero_units.extend((first + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
             part.proj.append(proj)
             part.norms.append(unit_sq)  # the square roots are taken at the end, in one call
-            part.column_sq.addmv_(columns, ones)  # a column sum as BLAS does it: 2x torch's
+            part.column_sq.add_(torch.mv(columns, ones))  # a column sum as BLAS does it: 2x torch's
 
-    def _non_finite(self, part: _Part, first: int, chunk: torch.Tensor) -> None:
+    def _record(self, part: Partial, values: torch.Tensor, sums: list[float]) -> None:
+        """A chunk's power sums about 0, or about its own mean where that is large next to its spread (a norm's
+        weights about 1: sums about 0 would lose the variance to cancellation)."""
+        n = values.numel()
+        mean = sums[0] / n
+        var = sums[1] / n - mean * mean
+        shift = 0.0
+        if mean != 0 and math.isfinite(mean) and abs(mean) > SHIFT_RATIO * math.sqrt(max(var, 0.0)):
+            shift = torch.tensor(mean, dtype=self.dtype).item()  # a value of the chunk's precision
+            sums = (_python_sums if n <= _SMALL else _power_sums)(values, shift)
+        part.add_sums(sums, n, shift)
+
+    def _non_finite(self, part: Partial, first: int, chunk: torch.Tensor) -> None:
         """A chunk with NaN or Inf: counted, then left out of every sum (set to 0, yet not counted as zeros)."""
         finite = torch.isfinite(chunk)
         part.nan += int(torch.isnan(chunk).sum())
@@ -345,7 +394,7 @@ class _Scan:
         if values.numel():
             lo, hi = (float(v) for v in torch.aminmax(values))
             part.count_extremes(values, lo, hi)
-            part.add_sums(_power_sums(values, self.shift), values.numel())
+            self._record(part, values, _power_sums(values, 0.0))
         clean = torch.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
         bad_per_unit = (~finite).sum(dim=1)
         zeros = clean.numel() - int(torch.count_nonzero(clean)) - int(bad_per_unit.sum())
@@ -360,29 +409,23 @@ class _Scan:
             part.column_sq += sq.sum(dim=0)
 
 
-def _shift(rows: torch.Tensor, step: int, dtype: torch.dtype) -> float:
-    """0, or the mean of the first values where it is large next to their spread (a norm's weights about 1):
-    power sums about 0 would then lose the variance to cancellation."""
-    first = rows[:step].reshape(-1)[:_SHIFT_SAMPLE].to(dtype)
-    var, mean = (float(v) for v in torch.var_mean(first, correction=0))
-    if not (math.isfinite(var) and math.isfinite(mean)):  # NaN or Inf in the first chunk: its finite values
-        first = first[torch.isfinite(first)]
-        if not first.numel():
-            return 0.0
-        var, mean = (float(v) for v in torch.var_mean(first.to(torch.float64), correction=0))
-    return mean if abs(mean) > SHIFT_RATIO * math.sqrt(var) else 0.0
+def chunk_rows(width: int) -> int:
+    """The rows of one chunk of a tensor whose units hold `width` values (blocks that start at its multiples are
+    measured exactly as the whole tensor is)."""
+    return max(1, CHUNK_ELEMENTS // max(width, 1))
 
 
-def _ranges(n_units: int, step: int, width: int, split: bool) -> list[tuple[int, int]]:
+def _ranges(n_units: int, step: int, width: int, split: bool, row0: int = 0) -> list[tuple[int, int]]:
     """Row ranges, one per core for a large tensor (on whole chunks) that may be split, else one."""
     parts = workers() if split and n_units * width >= SPLIT_ELEMENTS else 1
     if parts <= 1 or getattr(_LOCAL, "in_pool", False):
         return [(0, n_units)]
     size = -(-n_units // parts // step) * step or step
-    return [(a, min(a + size, n_units)) for a in range(0, n_units, size)]
+    cuts = [0] + list(range(size - row0 % step, n_units, size)) + [n_units]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _in_pool(scan: _Scan, start: int, stop: int) -> _Part:
+def _in_pool(scan: _Scan, start: int, stop: int) -> Partial:
     _LOCAL.in_pool = True
     return scan(start, stop)
 
@@ -396,26 +439,41 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True, split:
     rows = as_units(tensor.detach(), unit_axis)
     n_units, width = rows.shape
     if rows.numel() == 0:
-        nan_ = math.nan
-        return TensorStats(0, n_units, 0, 0, 0, nan_, nan_, nan_, nan_, nan_, nan_, 0.0, 0)
-    dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        return empty_stats(n_units)
     tall = unit_axis == 0 and tensor.dim() >= 2 and n_units > width >= 2
-    scan, total = _scan_all(rows, dtype, units, sample_indices(width) if tall else None, split)
+    scan, total = scan_rows(rows, units, sample_indices(width) if tall else None, split)
     if tall:
         _keep("columns", tensor, scan.picked.T)
-    scale = safe_scale(total, dtype)
-    if scale != 1.0:  # garbage magnitudes or denormals: read again, scaled, in float64
-        scan, scaled = _scan_all(rows, torch.float64, units, None, split, scale)
-        total.sums, total.norms, total.proj, total.column_sq = scaled.sums, scaled.norms, scaled.proj, scaled.column_sq
-    return _assemble(tensor, rows, total, scan, units)
+    with one_thread():
+        return assemble(total, n_units, width, tensor.dtype, sorted_sample(tensor), units, _entrywise(rows))
+
+
+def empty_stats(n_units: int) -> TensorStats:
+    nan_ = math.nan
+    return TensorStats(0, n_units, 0, 0, 0, nan_, nan_, nan_, nan_, nan_, nan_, 0.0, 0)
+
+
+def scan_rows(rows: torch.Tensor, units: bool, columns: torch.Tensor | None = None, split: bool = True, row0: int = 0,
+              col0: int = 0, full_width: int | None = None) -> tuple[_Scan, Partial]:
+    """The pass over a [units, width] view (rows `row0`.. and columns `col0`.. of a tensor `full_width` wide), read
+    again in float64 with its values scaled by a power of two where its peak lies beyond the pass's precision."""
+    dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    where = dict(row0=row0, col0=col0, full_width=full_width)
+    with one_thread():
+        scan, total = _scan_all(rows, dtype, units, columns, split, **where)
+        scale = safe_scale(total, dtype)
+        if scale != 1.0:  # garbage magnitudes or denormals: read again, scaled, in float64
+            _, scaled = _scan_all(rows, torch.float64, units, None, split, scale, **where)
+            total.records, total.norms, total.proj, total.column_sq = scaled.records, scaled.norms, scaled.proj, scaled.column_sq
+            total.scale = scale
+    return scan, total
 
 
 def _scan_all(rows: torch.Tensor, dtype: torch.dtype, units: bool, columns: torch.Tensor | None, split: bool,
-              scale: float = 1.0) -> tuple[_Scan, _Part]:
+              scale: float = 1.0, row0: int = 0, col0: int = 0, full_width: int | None = None) -> tuple[_Scan, Partial]:
     """The chunked pass over all rows (on every core for a large tensor), its parts merged in row order."""
-    step = max(1, CHUNK_ELEMENTS // max(rows.shape[1], 1))
-    scan = _Scan(rows, dtype, _shift(rows, step, dtype) * scale, units, columns, scale)
-    ranges = _ranges(rows.shape[0], scan.step, rows.shape[1], split)
+    scan = _Scan(rows, dtype, units, columns, scale, row0, col0, full_width)
+    ranges = _ranges(rows.shape[0], scan.step, rows.shape[1], split, row0)
     if len(ranges) == 1:
         parts = [scan(*ranges[0])]
     else:
@@ -426,11 +484,11 @@ def _scan_all(rows: torch.Tensor, dtype: torch.dtype, units: bool, columns: torc
     return scan, total
 
 
-def safe_scale(part: _Part, dtype: torch.dtype) -> float:
+def safe_scale(part: Partial, dtype: torch.dtype) -> float:
     """1, or the power of two that brings the largest finite |value| to [0.5, 1) where it lies beyond 2^±(a fifth
     of `dtype`'s exponent range) (fp32: 3.4e7 and 3e-8): there a chunk's sum of fourth powers overflows, or the
     squares underflow."""
-    peak = max(-part.lo, part.hi) if part.n else 0.0
+    peak = max(-part.lo, part.hi) if part.records else 0.0
     limit = 2.0 ** (int(math.log2(torch.finfo(dtype).max)) // 5)
     if peak > limit or 0 < peak < 1 / limit:
         return 2.0 ** min(-math.frexp(peak)[1], 1023)
@@ -473,46 +531,73 @@ def column_sample(tensor: torch.Tensor) -> torch.Tensor:
     return flat.index_select(1, sample_indices(flat.shape[1])).T
 
 
-def _moments(part: _Part, shift: float, scale: float) -> tuple[float, float, float]:
-    """Mean, population std, excess kurtosis from power sums about `shift` of values read times `scale`."""
-    if part.n == 0:
+def moments(records: list[tuple[int, float, float, float, float, float]], scale: float = 1.0) -> tuple[float, float, float]:
+    """Mean, population std, excess kurtosis from chunks' power sums (count, shift, sums 1-4 about the shift) of
+    values read times `scale`. Each chunk's sums are moved to one centre (0, or the mean where a chunk was
+    shifted) term by term and every term is added exactly (math.fsum): the result depends on the chunks, never
+    on the order or grouping they arrive in."""
+    n = sum(r[0] for r in records)
+    if n == 0:
         return math.nan, math.nan, math.nan
-    m1, m2, m3, m4 = (s / part.n for s in part.sums)
+    if all(r[1] == 0 for r in records):
+        centre = 0.0
+        sums = [math.fsum(r[k] for r in records) for k in (2, 3, 4, 5)]
+    else:
+        centre = math.fsum([r[0] * r[1] for r in records] + [r[2] for r in records]) / n
+        sums = [math.fsum(_moved(r, centre, k) for r in records) for k in (1, 2, 3, 4)]
+    m1, m2, m3, m4 = (s / n for s in sums)
     var = max(m2 - m1 * m1, 0.0)
     c4 = m4 - 4 * m1 * m3 + 6 * m1 * m1 * m2 - 3 * m1 ** 4
-    return (shift + m1) / scale, math.sqrt(var) / scale, (c4 / (var * var) - 3.0 if var > 0 else math.nan)
+    return (centre + m1) / scale, math.sqrt(var) / scale, (c4 / (var * var) - 3.0 if var > 0 else math.nan)
 
 
-def _assemble(tensor: torch.Tensor, rows: torch.Tensor, part: _Part, scan: _Scan, units: bool) -> TensorStats:
-    n_units, width = rows.shape
-    mean, std, kurt = _moments(part, scan.shift, scan.scale)
+def _moved(record: tuple[int, float, float, float, float, float], centre: float, k: int) -> float:
+    """The k-th power sum of a chunk about `centre` from its sums about its own shift (binomial expansion)."""
+    n, shift, *t = record
+    d = shift - centre
+    sums = [float(n), *t]
+    return math.fsum(math.comb(k, j) * sums[j] * d ** (k - j) for j in range(k + 1))
+
+
+def _entrywise(rows: torch.Tensor) -> Callable[[int, int, float], bool]:
+    """Whether two units of `rows` are within `tol` of each other in every entry."""
+    def close(a: int, b: int, tol: float) -> bool:
+        return float((rows[a].to(torch.float64) - rows[b].to(torch.float64)).abs().max()) <= tol
+    return close
+
+
+def assemble(part: Partial, n_units: int, width: int, dtype: torch.dtype, ordered: torch.Tensor, units: bool,
+             close: Callable[[int, int, float], bool]) -> TensorStats:
+    """The stats of a tensor from its merged pass (`ordered`: its sorted sample; `close(a, b, tol)`: whether two
+    units found near each other by their projections are copies)."""
+    mean, std, kurt = moments(part.records, part.scale)
     lo, hi = part.lo, part.hi
     spread = math.nan
     unit_norms = input_norms = unit_sums = None
     groups, negligible = [], 0
     if units and n_units:
-        unit_norms, input_norms = torch.cat(part.norms).sqrt_(), part.column_sq.to(torch.float64).sqrt()
-        if scan.scale != 1.0:
-            unit_norms, input_norms = unit_norms / scan.scale, input_norms / scan.scale
+        unit_norms, input_norms = torch.cat(part.norms).sqrt_(), part.column_sq.sqrt()
+        if part.scale != 1.0:
+            unit_norms, input_norms = unit_norms / part.scale, input_norms / part.scale
         longer = unit_norms if n_units <= width else input_norms  # the norms over more values each
         mid = float(longer.mean())
         spread = float(longer.max() - longer.min()) / mid if mid > 0 else math.nan
-        proj = torch.cat(part.proj, dim=1).T / scan.scale  # small: [units, 3]
+        proj = torch.cat(part.proj, dim=1).T / part.scale  # small: [units, 3]
         unit_sums = proj[:, 2].to(torch.float64)
-        tol = _copy_tolerance(n_units, width, std, tensor.dtype)
+        tol = _copy_tolerance(n_units, width, std, dtype)
         if n_units > 1 and lo < hi and tol is not None:
-            groups = _duplicate_groups(rows, proj, tol, set(part.zero_units))
-            groups, negligible = _negligible_first(rows, groups, math.hypot(std, mean))
+            groups = _duplicate_groups(proj, width, tol, set(part.zero_units), close)
+            groups, negligible = _negligible_first(unit_norms, width, groups, math.hypot(std, mean))
     found = part.n > 0
     return TensorStats(
-        numel=rows.numel(), n_units=n_units, finite=part.n, nan=part.nan, inf=part.inf, mean=mean, std=std,
+        numel=n_units * width, n_units=n_units, finite=part.n, nan=part.nan, inf=part.inf, mean=mean, std=std,
         min=lo if found else math.nan, max=hi if found else math.nan,
         abs_max=max(abs(lo), abs(hi)) if found else math.nan, excess_kurtosis=kurt,
-        zero_fraction=part.zeros / rows.numel(), distinct=_distinct(tensor),
-        garbage=garbage.evidence(sorted_sample(tensor), tensor.dtype, mean, std, lo, hi) if found else Garbage(),
+        zero_fraction=part.zeros / (n_units * width), distinct=_distinct(ordered),
+        garbage=garbage.evidence(ordered, dtype, mean, std, lo, hi) if found else Garbage(),
         norm_spread=spread, unit_norms=unit_norms, input_norms=input_norms,
-        unit_sums=unit_sums, zero_units=part.zero_units, duplicate_groups=groups, negligible_groups=negligible,
-        min_count=part.lo_count, max_count=part.hi_count, dtype=tensor.dtype)
+        unit_sums=unit_sums, zero_units=sorted(part.zero_units), duplicate_groups=groups, negligible_groups=negligible,
+        min_count=part.lo_count, max_count=part.hi_count, dtype=dtype)
 
 
 def _basis(width: int, dtype: torch.dtype) -> torch.Tensor:
@@ -524,10 +609,11 @@ def _basis(width: int, dtype: torch.dtype) -> torch.Tensor:
 NEGLIGIBLE_NORM = 0.05  # a unit whose norm is under this fraction of a typical unit's is negligible
 
 
-def _negligible_first(rows: torch.Tensor, groups: list[list[int]], rms: float) -> tuple[list[list[int]], int]:
+def _negligible_first(norms: torch.Tensor, width: int, groups: list[list[int]],
+                      rms: float) -> tuple[list[list[int]], int]:
     """Groups whose units are near zero (weight decay drives unused units there) first, and how many there are."""
-    typical = rms * math.sqrt(rows.shape[1])
-    small = [g for g in groups if float(torch.linalg.vector_norm(rows[g[0]].to(torch.float64))) < NEGLIGIBLE_NORM * typical]
+    typical = rms * math.sqrt(width)
+    small = [g for g in groups if float(norms[g[0]]) < NEGLIGIBLE_NORM * typical]
     return small + [g for g in groups if g not in small], len(small)
 
 
@@ -551,12 +637,10 @@ def sorted_sample(tensor: torch.Tensor) -> torch.Tensor:
     return ordered
 
 
-def _distinct(tensor: torch.Tensor) -> int:
-    """The distinct values in sample(tensor) (each NaN counted, as torch.unique counts them)."""
-    flat = sample(tensor)
-    if flat.numel() <= _SMALL:
-        return len(set(flat.tolist()))  # a tiny tensor: far cheaper than a torch call
-    ordered = sorted_sample(tensor)
+def _distinct(ordered: torch.Tensor) -> int:
+    """The distinct values in a sorted sample (each NaN counted, as torch.unique counts them)."""
+    if ordered.numel() <= _SMALL:
+        return len(set(ordered.tolist()))  # a tiny tensor: far cheaper than a torch call
     return 1 + int(torch.count_nonzero(ordered[1:] != ordered[:-1]))
 
 
@@ -574,21 +658,21 @@ def _copy_tolerance(n_units: int, width: int, std: float, dtype: torch.dtype) ->
     return None
 
 
-def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_units: set[int]) -> list[list[int]]:
+def _duplicate_groups(proj: torch.Tensor, width: int, tol: float, zero_units: set[int],
+                      close: Callable[[int, int, float], bool]) -> list[list[int]]:
     """Units within `tol` of each other in every entry.
 
     `proj` holds each unit's two random projections and its sum: copies land next to each other in
     the order of the first (their projections differ by about the norm of their difference), so only
     neighbours within a small window whose other projection and sum (at most width·tol apart) are as
-    close are compared entry by entry.
+    close are compared (`close`: entry by entry where the rows are at hand).
     """
-    width = rows.shape[1]
     reach = 4 * tol * math.sqrt(width) + 1e-12 * float(proj[:, :2].abs().max())
     sum_reach = width * tol + 1e-6 * float(proj[:, 2].abs().max())  # float32 rounding of the sums
     order = torch.argsort(proj[:, 0])
     p = proj[order].T.contiguous().numpy()  # [3, units], in that order: numpy's small ops cost a fifth of torch's
     reach, sum_reach = p.dtype.type(reach), p.dtype.type(sum_reach)  # compared in the projections' dtype
-    parent = list(range(rows.shape[0]))
+    parent = list(range(proj.shape[0]))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -598,7 +682,7 @@ def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_u
 
     touched: set[int] = set()
     with np.errstate(all="ignore"):  # inf - inf: NaN, never near
-        last = min(_WINDOW, _widest_gap(p[0], float(reach)), rows.shape[0] - 1)
+        last = min(_WINDOW, _widest_gap(p[0], float(reach)), proj.shape[0] - 1)
         near = [np.flatnonzero((gap[1] <= reach) & (gap[2] <= sum_reach) & (gap[0] <= reach))
                 for gap in (np.abs(p[:, offset:] - p[:, :-offset]) for offset in range(1, last + 1))]
     for offset, ks in enumerate(near, 1):
@@ -606,7 +690,7 @@ def _duplicate_groups(rows: torch.Tensor, proj: torch.Tensor, tol: float, zero_u
             a, b = int(order[k]), int(order[k + offset])
             if a in zero_units or b in zero_units or find(a) == find(b):
                 continue
-            if float((rows[a].to(torch.float64) - rows[b].to(torch.float64)).abs().max()) <= tol:
+            if close(a, b, tol):
                 parent[find(a)] = find(b)
                 touched.update((a, b))
     members: dict[int, list[int]] = {}

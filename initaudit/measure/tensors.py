@@ -16,6 +16,8 @@ from initaudit.common.progress import byte_bar
 from initaudit.flow.layer import UNIT_KINDS, Layer, LayerGraph, Param
 from initaudit.flow.layers import SPECTRAL_NORM, WEIGHT_NORM, not_audited_reason
 from initaudit.measure import schemes, stats, weight_state
+from initaudit.measure.samples import Samples
+from initaudit.measure.summary import Finished
 
 
 class Tensors(Protocol):
@@ -43,6 +45,8 @@ class Measured:
     n_blocks: int = 1                    # how many blocks repeat this layer
     verdict: weight_state.TensorState | None = None  # fresh/trained, measured while the tensor was in memory
     facts: dict[str, Any] = field(default_factory=dict)
+    samples: Samples | None = None       # what the fingerprint and the fresh/trained test read of it
+    digest: str | None = None            # of its merged summary (equal values, equal digests), where measured so
 
 
 @dataclass
@@ -128,15 +132,17 @@ def measure(tensors: Tensors, graph: LayerGraph) -> Pass:
                                []).extend(tensors.stored(param.key))
             continue
         audited.update(tensors.stored(param.key))
-        st, fp, rec, verdict, kept = found
+        st, fp, rec, verdict, kept, samples = found
         if kept is not None:
             biases[param.key] = kept
         n_blocks = repeats[block_pattern(layer.name)]
         if owner[i] != i:  # a tied tensor: its first name's stats, its own context
             param.shared_with = params[owner[i]][1].key
-            fp, rec = _scheme(layer, param, st, stats.auditable(tensors[param.key])[0], n_blocks)
+            tensor = stats.auditable(tensors[param.key])[0]
+            fp, rec = _scheme(layer, param, st, None if tensor is None else Samples.of(tensor, param.unit_axis), n_blocks)
             verdict = None
-        out.append(Measured(layer, param, st, fp, rec, _bias_of(tensors, layer, biases, param), n_blocks, verdict))
+        out.append(Measured(layer, param, st, fp, rec, _bias_of(tensors, layer, biases, param), n_blocks, verdict,
+                            samples=samples))
     return Pass(out, skipped, audited)
 
 
@@ -151,14 +157,14 @@ def _buffers(graph: LayerGraph) -> dict[tuple[str, str], list[str]]:
     return out
 
 
-def _scheme(layer: Layer, param: Param, st: stats.TensorStats, tensor: torch.Tensor | None,
+def _scheme(layer: Layer, param: Param, st: stats.TensorStats, samples: Samples | None,
             n_blocks: int) -> tuple[schemes.Fingerprint | None, schemes.Recommendation | None]:
     """A weight's fingerprint and the scheme recommended for it."""
     if not param.is_weight:
         return None, None
     scale = layer.weight_scale if param is layer.param("weight") else 1.0  # the weight the forward pass uses
     fp = schemes.fingerprint(st.scaled(scale), param.fan_in, param.fan_out, layer.kind, layer.activation,
-                             tensor * scale if tensor is not None and scale != 1.0 else tensor, param.hidden, n_blocks)
+                             samples.scaled(scale) if samples is not None else None, param.hidden, n_blocks)
     role = "weight_hh" if "weight_hh" in param.key else "weight"
     rec = schemes.recommend(layer.activation, *param.signal_fans, layer.kind, param.hidden, role)
     if rec is not None and param.signal_fans != (param.fan_in, param.fan_out):
@@ -176,13 +182,26 @@ def _measure_one(tensors: Tensors, layer: Layer, param: Param, n_blocks: int,
         tensor, reason = stats.auditable(tensors[param.key])
         if tensor is None:
             return reason, None
-        st = stats.compute(tensor, param.unit_axis, units=param.is_weight and layer.kind in UNIT_KINDS, split=split)
-        fp, rec = _scheme(layer, param, st, tensor, n_blocks)
-        verdict = weight_state.classify_any(st, tensor, param.unit_axis) if param.is_weight and layer.weighted else None
+        st = stats.compute(tensor, param.unit_axis, units=per_unit(layer, param), split=split)
+        samples = Samples.of(tensor, param.unit_axis)
+        fp, rec, verdict = _judged(layer, param, st, samples, n_blocks)
         kept = tensor.clone() if param.role == "bias" else None  # for dead-units, once the file's memory is back
-        return None, (st, fp, rec, verdict, kept)
+        return None, (st, fp, rec, verdict, kept, samples.kept())
     finally:
         tensors.release(param.key)
+
+
+def per_unit(layer: Layer, param: Param) -> bool:
+    """Whether a tensor's units (rows) are measured one by one (stats.compute's `units`)."""
+    return param.is_weight and layer.kind in UNIT_KINDS
+
+
+def _judged(layer: Layer, param: Param, st: stats.TensorStats, samples: Samples,
+            n_blocks: int) -> tuple[schemes.Fingerprint | None, schemes.Recommendation | None, weight_state.TensorState | None]:
+    """A tensor's fingerprint, recommended scheme and fresh/trained verdict (weights of weighted layers only)."""
+    fp, rec = _scheme(layer, param, st, samples, n_blocks)
+    verdict = weight_state.classify_any(st, samples, param.unit_axis) if param.is_weight and layer.weighted else None
+    return fp, rec, verdict
 
 
 def _run_parallel(tensors: Tensors, jobs: list[tuple[Layer, Param, int]]) -> list[tuple[str | None, tuple | None]]:
@@ -194,12 +213,9 @@ def _run_parallel(tensors: Tensors, jobs: list[tuple[Layer, Param, int]]) -> lis
     total = sum(sizes)
     n = stats.workers() if len(jobs) > 1 else 1
     share = total / stats.workers()
-    threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(n, thread_name_prefix="initaudit-measure")
     try:
-        with byte_bar(total) as advance:
-            if n > 1:
-                torch.set_num_threads(1)  # one kernel thread per worker: the workers are the parallelism
+        with byte_bar(total) as advance, stats.one_thread():  # one kernel thread per worker: the workers are the parallelism
             futures: list = [None] * len(jobs)
             for i in sorted(range(len(jobs)), key=lambda i: -sizes[i]):
                 futures[i] = pool.submit(_measure_one, tensors, *jobs[i], sizes[i] >= share)
@@ -210,7 +226,6 @@ def _run_parallel(tensors: Tensors, jobs: list[tuple[Layer, Param, int]]) -> lis
             return [future.result() for future in futures]
     finally:
         pool.shutdown(cancel_futures=True)  # after an error, the tensors not yet started are not read
-        torch.set_num_threads(threads)
 
 
 def block_pattern(name: str) -> str:
@@ -231,3 +246,55 @@ def _bias_of(tensors: Tensors, layer: Layer, read: dict[str, torch.Tensor], para
     if bias is not None and bias.key in read:
         return read[bias.key]
     return stats.auditable(tensors[bias.key])[0] if bias is not None else None
+
+
+def measure_summaries(finished: dict[str, Finished | str], graph: LayerGraph) -> Pass:
+    """The measuring pass from merged summaries (measure/summary.py) instead of tensors: `finished` maps each stored
+    tensor to what its summaries finished into, or to why it was not measured (non-float values). Tensors read under
+    two names are measured once (the first name's stats, each its own context); a parametrized weight (weight
+    norm, spectral norm) is computed from whole tensors and is not measured here."""
+    with stats.one_thread():  # as the pass over tensors judges them: the same figures
+        return _from_summaries(finished, graph)
+
+
+def _from_summaries(finished: dict[str, Finished | str], graph: LayerGraph) -> Pass:
+    repeats = Counter(block_pattern(layer.name) for layer in graph if layer.weighted)
+    params = [(layer, param) for layer in graph for param in layer.params if param.role != "buffer"]
+    first: dict[str, int] = {}
+    out: list[Measured] = []
+    skipped = _buffers(graph)
+    audited: set[str] = set()
+    for i, (layer, param) in enumerate(params):
+        owner = first.setdefault(param.key, i)
+        done = finished.get(param.key, "no summary of it") if not param.parts else "parametrized: needs whole tensors"
+        if isinstance(done, str):
+            kind = "parametrized weight" if param.parts else "non-float tensor"
+            skipped.setdefault((kind, done), []).extend(param.parts or (param.key,))
+            continue
+        audited.add(param.key)
+        n_blocks = repeats[block_pattern(layer.name)]
+        fp, rec, verdict = _judged(layer, param, done.stats, done.samples, n_blocks)
+        if owner != i:
+            param.shared_with = params[owner][1].key
+            verdict = None
+        out.append(Measured(layer, param, done.stats, fp, rec, _summary_bias(finished, layer, param), n_blocks, verdict,
+                            samples=done.samples, digest=done.digest))
+    return Pass(out, skipped, audited)
+
+
+def _summary_bias(finished: dict[str, Finished | str], layer: Layer, param: Param) -> torch.Tensor | None:
+    """The layer's bias (a bias's own values), as its summary kept it."""
+    bias = param if param.role == "bias" else layer.param("bias")
+    done = finished.get(bias.key) if bias is not None else None
+    return done.samples.values if isinstance(done, Finished) else None
+
+
+def summary_targets(graph: LayerGraph) -> dict[str, tuple[bool, int]]:
+    """Each stored tensor the pass measures: how its blocks are summarized (`units`, `unit_axis` of
+    summary.summarize), as its first name in the graph reads it."""
+    out: dict[str, tuple[bool, int]] = {}
+    for layer in graph:
+        for param in layer.params:
+            if param.role != "buffer" and not param.parts:
+                out.setdefault(param.key, (per_unit(layer, param), param.unit_axis))
+    return out

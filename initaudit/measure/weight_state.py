@@ -29,8 +29,9 @@ from typing import Any
 import torch
 
 from initaudit.common.errors import InputError
+from initaudit.measure.samples import Samples
 from initaudit.measure.schemes import EXCESS_KURTOSIS, TRUNC_2SIGMA_STD, without_edges
-from initaudit.measure.stats import TensorStats, as_units, compute, sorted_sample
+from initaudit.measure.stats import TensorStats, compute
 
 STATES = ("fresh", "trained", "unknown")
 OVERRIDES = ("auto", "fresh", "trained")
@@ -67,10 +68,11 @@ class TensorState:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items() if v is not None}
 
 
-def classify(stats: TensorStats, tensor: torch.Tensor, unit_axis: int = 0) -> TensorState:
+def classify(stats: TensorStats, tensor: torch.Tensor | Samples, unit_axis: int = 0) -> TensorState:
     """fresh / trained / unknown for one weight tensor, from its stats and strided samples of it (a lone entry that
     holds most of the variance, a spike, is left out: it is weight-spike's to judge, not evidence of training)."""
-    stats, tensor = _without_spike(stats, tensor, unit_axis)
+    samples = tensor if isinstance(tensor, Samples) else Samples.of(tensor, unit_axis)
+    stats, samples = _without_spike(stats, samples, unit_axis)
     n = stats.finite
     if n == 0:
         return TensorState("unknown", "no finite values")
@@ -79,10 +81,10 @@ def classify(stats: TensorStats, tensor: torch.Tensor, unit_axis: int = 0) -> Te
     nonzero = round(n * (1 - stats.zero_fraction))
     if nonzero < MIN_VALUES:
         return TensorState("unknown", f"only {nonzero} non-zero values: too few to tell", n)
-    family, ks, ks_limit, kz = _shape_fit(stats, tensor, nonzero)
+    family, ks, ks_limit, kz = _shape_fit(stats, samples, nonzero)
     spread, spread_limit = _unit_spread(stats)
     offset, offset_limit = _unit_offsets(stats)
-    edge, edge_limit = _spectrum(stats, tensor, unit_axis)
+    edge, edge_limit = _spectrum(stats, samples)
     failed = [name for name, bad in (("shape", ks is not None and ks > ks_limit), ("tails", kz > Z),
                                      ("per-unit scale", spread is not None and spread > spread_limit),
                                      ("per-unit offset", offset is not None and offset > offset_limit),
@@ -98,24 +100,26 @@ def classify(stats: TensorStats, tensor: torch.Tensor, unit_axis: int = 0) -> Te
     return TensorState("fresh", f"fits an iid {family} draw within sampling error", **common)
 
 
-def _without_spike(stats: TensorStats, tensor: torch.Tensor, unit_axis: int) -> tuple[TensorStats, torch.Tensor]:
-    """The stats and tensor with a spike (one entry holding half the squared deviations or more) set to the mean."""
+def _without_spike(stats: TensorStats, samples: Samples, unit_axis: int) -> tuple[TensorStats, Samples]:
+    """The stats and samples with a spike (one entry holding half the squared deviations or more) set to the mean,
+    where the tensor's values are at hand (a merged summary of a large tensor keeps its spike)."""
     peak = max(abs(stats.max - stats.mean), abs(stats.min - stats.mean)) if stats.finite else 0.0
-    if not (stats.std > 0 and stats.finite >= MIN_VALUES and peak * peak >= 0.5 * stats.finite * stats.std ** 2):
-        return stats, tensor
+    tensor = samples.source if samples.source is not None else samples.values
+    if tensor is None or not (stats.std > 0 and stats.finite >= MIN_VALUES and peak * peak >= 0.5 * stats.finite * stats.std ** 2):
+        return stats, samples
     flat = tensor.detach().float().flatten().clone()
     flat[(flat - stats.mean).abs().nan_to_num(0.0).argmax()] = stats.mean
     rest = flat.view(tensor.shape)
-    return compute(rest, unit_axis, split=False), rest
+    return compute(rest, unit_axis, split=False), Samples.of(rest, unit_axis)
 
 
-def _shape_fit(stats: TensorStats, tensor: torch.Tensor, nonzero: int) -> tuple[str, float | None, float | None, float]:
+def _shape_fit(stats: TensorStats, samples: Samples, nonzero: int) -> tuple[str, float | None, float | None, float]:
     """The family fitting best (KS distance and kurtosis together), its KS distance, the KS limit, the kurtosis z."""
     p = stats.zero_fraction
     # moments of the non-zero values (mean ≈ 0): var/(1-p), fourth moment/(1-p)
     kurt = (stats.excess_kurtosis + 3) * (1 - p) - 3 if p else stats.excess_kurtosis
     se_k = math.sqrt(24.0 / nonzero)
-    sample = _sample(tensor)
+    sample = _sample(samples)
     ks = {}
     if sample.numel() >= MIN_VALUES:
         z = (sample - sample.mean()) / sample.std(correction=0)  # sorted, as the sample is
@@ -129,9 +133,9 @@ def _shape_fit(stats: TensorStats, tensor: torch.Tensor, nonzero: int) -> tuple[
     return best, ks.get(best), limit, abs(kurt - FAMILIES[best]) / se_k
 
 
-def _sample(tensor: torch.Tensor) -> torch.Tensor:
+def _sample(samples: Samples) -> torch.Tensor:
     """The finite, non-zero values of the tensor's strided sample, sorted, in float64."""
-    flat = sorted_sample(tensor).to(torch.float64)
+    flat = samples.ordered.to(torch.float64)
     return flat[torch.isfinite(flat) & (flat != 0)]
 
 
@@ -191,26 +195,19 @@ def _unit_offsets(stats: TensorStats) -> tuple[float | None, float | None]:
     return ratio, _chi2_limit(sums.numel() - 1)
 
 
-def _spectrum(stats: TensorStats, tensor: torch.Tensor, unit_axis: int) -> tuple[float | None, float | None]:
-    """The largest singular value of (a strided block of) the weight over the edge σ(√rows + √cols) that iid
-    draws of any family reach: the low-rank updates of training stand out above it.
+def _spectrum(stats: TensorStats, samples: Samples) -> tuple[float | None, float | None]:
+    """The largest singular value of a strided block of the weight (samples.spectrum) over the edge σ(√rows + √cols)
+    that iid draws of any family reach: the low-rank updates of training stand out above it.
 
-    All-zero units and copies (faults of their own) are left out; the limit allows Z times the
+    All-zero units and copies (faults of their own) are left out of the block; the limit allows Z times the
     edge's Tracy-Widom scale, (1/√rows + 1/√cols)^(1/3) / (2(√rows + √cols)) relative to it.
     """
-    if tensor.dim() < 2:
+    if samples.spectrum is None:
         return None, None
-    rows = as_units(tensor.detach(), unit_axis)
+    block = samples.spectrum
     drop = stats.zero_units + [u for g in stats.duplicate_groups for u in g[1:]]
-    cols = slice(None, None, rows.shape[1] // SPECTRUM_BLOCK + 1)
     if drop:
-        keep = torch.ones(rows.shape[0], dtype=torch.bool)
-        keep[drop] = False
-        keep = torch.nonzero(keep).flatten()
-        keep = keep[:: keep.numel() // SPECTRUM_BLOCK + 1]
-        block = rows[keep[:, None], torch.arange(rows.shape[1])[cols]]
-    else:
-        block = rows[:: rows.shape[0] // SPECTRUM_BLOCK + 1, cols]  # a view: only the block's values are read
+        block = block[~torch.isin(samples.spectrum_rows, torch.tensor(drop, dtype=torch.long))]
     block = block.to(torch.float64)
     if stats.finite < stats.numel:
         block = torch.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
@@ -329,11 +326,13 @@ def assess(tensors: Any, measured: list, file_signs: list[str], override: str = 
     return ModelState(model_state(layers, sizes, file_signs), layers, verdicts, file_signs, override)
 
 
-def classify_any(stats: TensorStats, tensor: torch.Tensor, unit_axis: int) -> TensorState:
-    """classify() on any dtype torch holds: the rarer ones (float8...) are upcast first."""
+def classify_any(stats: TensorStats, tensor: torch.Tensor | Samples, unit_axis: int) -> TensorState:
+    """classify() on any dtype torch holds (the rarer ones, float8..., are upcast first), or on its samples."""
     try:
-        if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            tensor = tensor.to(torch.float32)
+        if not isinstance(tensor, Samples):
+            if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                tensor = tensor.to(torch.float32)
+            tensor = Samples.of(tensor, unit_axis)
         return classify(*without_edges(stats, tensor, unit_axis, units=stats.unit_norms is not None), unit_axis)
     except (RuntimeError, NotImplementedError, TypeError) as exc:  # sparse, quantized, meta: nothing to fit
         return TensorState("unknown", f"values not readable as floats ({type(exc).__name__})", stats.finite)

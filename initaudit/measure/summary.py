@@ -1,0 +1,357 @@
+"""Measuring as a mergeable map: one block of a tensor in (a rectangular piece: an FSDP2 shard is a dim-0 row
+range, a tensor-parallel shard a dim-1 column range, a checkpoint chunk a dim-0 row range), a small partial
+summary out; summaries merged in any order; the tensor's statistics and samples out of the merge.
+
+`summarize(block, key, shape, offset)` reads the block once (stats.scan_rows: the same chunked pass the single
+process runs) and keeps: each chunk's power sums, the extremes and how many values sit on them, counts of zeros
+and non-finite values, each unit's (row's) sum of squares, sum and two random projections, the columns' sums of
+squares, and the values of the samples the fingerprint and the fresh/trained test read (measure/samples.py),
+each at its global index. `merge` keeps one summary per (key, offset): a retried or duplicated block counts
+once. `finish` gives what the pipeline needs of the tensor: its TensorStats and Samples.
+
+Exactness: chunks end at the tensor's multiples of `stats.chunk_rows(width)` rows and every chunk's sums are
+added exactly (math.fsum), so blocks that start at those multiples (the checkpoint plan's units) give the
+single-process figures bit for bit, whatever their number and order. A block boundary inside a chunk (an FSDP2
+shard of uneven rows, a tensor-parallel column split) splits that chunk's float32 sums: the figures then agree
+to float32 reassociation (relative 1e-6 on the std, the kurtosis and the norms), counts, extremes, zero units
+and copies exactly.
+Where the values are not at hand, copies among units are confirmed by their norms as well as their projections
+(`finish(close=...)` compares them entry by entry), and a spike or values on a truncation bound of a tensor
+of more than samples.SMALL_VALUES values stay in its fresh/trained fit (measure/samples.py's `source`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from initaudit.measure import stats
+from initaudit.measure.samples import Samples, flat_stride, ortho_rows, spectrum_strides, travels_whole
+from initaudit.measure.stats import Partial, TensorStats
+
+
+@dataclass
+class Grid:
+    """The values of a block at the rows × columns of a sample grid that fall inside it (global indices)."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    values: torch.Tensor
+
+
+@dataclass
+class Block:
+    """One block's partial statistics and its share of the samples."""
+
+    offset: tuple[int, ...]
+    rows: tuple[int, int]          # the units [r0, r1) of the tensor's [units, width] view it holds
+    cols: tuple[int, int]          # and the columns [c0, c1)
+    part: Partial
+    flat_index: torch.Tensor       # global flat indices of the flat sample's values it holds
+    flat_values: torch.Tensor
+    grids: dict[str, Grid] = field(default_factory=dict)   # "ortho", "spectrum"
+    values: torch.Tensor | None = None   # the block itself, where the tensor is small
+
+
+@dataclass
+class Summary:
+    """The merged blocks of one tensor, keyed by offset."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    units: bool
+    unit_axis: int
+    blocks: dict[tuple[int, ...], Block] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def complete(self) -> bool:
+        """Whether the blocks cover every value of the tensor."""
+        return sum((b.rows[1] - b.rows[0]) * (b.cols[1] - b.cols[0]) for b in self.blocks.values()) == self.numel
+
+
+@dataclass
+class Finished:
+    """What the pipeline reads of one tensor: its stats, samples, and a digest of its values (equal tensors have
+    equal digests)."""
+
+    stats: TensorStats
+    samples: Samples
+    digest: str
+
+
+def unit_view(shape: tuple[int, ...], unit_axis: int = 0) -> tuple[int, int]:
+    """(units, values per unit) of a tensor of `shape` (stats.as_units)."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return shape[0], 1
+    units = shape[unit_axis]
+    return units, math.prod(shape) // units if units else math.prod(s for i, s in enumerate(shape) if i != unit_axis)
+
+
+def region(block_shape: tuple[int, ...], shape: tuple[int, ...], offset: tuple[int, ...],
+           unit_axis: int = 0) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The units and columns of the tensor's [units, width] view a block covers; a block must be the whole tensor,
+    or split along dim 0 and/or dim 1 only (with the units on dim 0)."""
+    units, width = unit_view(shape, unit_axis)
+    if tuple(block_shape) == tuple(shape) and not any(offset):
+        return (0, units), (0, width)
+    if unit_axis != 0 or len(shape) == 0:
+        raise ValueError(f"a block of a tensor whose units are on dim {unit_axis} must be the whole tensor")
+    if tuple(offset[2:]) != (0,) * len(offset[2:]) or tuple(block_shape[2:]) != tuple(shape[2:]):
+        raise ValueError(f"block {tuple(block_shape)} at {tuple(offset)} of {tuple(shape)}: only dims 0 and 1 may be split")
+    rows = (offset[0], offset[0] + block_shape[0])
+    if len(shape) == 1:
+        return rows, (0, 1)
+    inner = math.prod(shape[2:])
+    return rows, (offset[1] * inner, (offset[1] + block_shape[1]) * inner)
+
+
+def summarize(block: torch.Tensor, key: str, shape: tuple[int, ...], offset: tuple[int, ...], *, units: bool = True,
+              unit_axis: int = 0, split: bool = True) -> Summary:
+    """The partial summary of one block of tensor `key` (global `shape`) placed at `offset` (its real values only:
+    padding is never passed). `units`, `unit_axis`: as stats.compute's for that tensor."""
+    block = block.detach()
+    shape, offset = tuple(int(s) for s in shape), tuple(int(o) for o in offset)
+    (r0, r1), (c0, c1) = region(tuple(block.shape), shape, offset, unit_axis)
+    units_n, width = unit_view(shape, unit_axis)
+    view = stats.as_units(block, unit_axis) if (r0, r1, c0, c1) == (0, units_n, 0, width) else block.reshape(r1 - r0, c1 - c0)
+    if view.numel():
+        _, part = stats.scan_rows(view, units, None, split, r0, c0, width)
+    else:
+        part = Partial()
+    idx, values = _flat_picks(block, view, (r0, r1), (c0, c1), shape, unit_axis)
+    out = Block(offset, (r0, r1), (c0, c1), part, idx, values, _grids(view, (r0, r1), (c0, c1), shape, unit_axis),
+                block.clone() if travels_whole(shape) else None)
+    return Summary(key, shape, block.dtype, units, unit_axis, {offset: out})
+
+
+def _flat_picks(block: torch.Tensor, view: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int],
+                shape: tuple[int, ...], unit_axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global flat indices and values of the flat sample (stats.sample) that the block holds."""
+    numel = math.prod(shape)
+    stride = flat_stride(numel)
+    _, width = unit_view(shape, unit_axis)
+    (r0, r1), (c0, c1) = rows, cols
+    if unit_axis != 0 and len(shape) >= 2:  # a whole tensor whose units are not on dim 0: its own flattening
+        flat = block.reshape(-1)
+        return torch.arange(0, numel, stride), flat[::stride]
+    if (c0, c1) == (0, width):
+        idx = torch.arange(-(-r0 * width // stride) * stride, r1 * width, stride)
+        return idx, view.reshape(-1)[idx - r0 * width]
+    starts = torch.arange(r0, r1) * width + c0
+    first = c0 + (-starts) % stride
+    counts = ((c1 - first + stride - 1) // stride).clamp(min=0)
+    row = torch.repeat_interleave(torch.arange(r0, r1), counts)
+    steps = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    col = torch.repeat_interleave(first, counts) + steps * stride
+    return row * width + col, view[row - r0, col - c0]
+
+
+def _grids(view: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], shape: tuple[int, ...],
+           unit_axis: int) -> dict[str, Grid]:
+    """The block's share of the orthogonality test's rows or columns (of the dim-0 flattening) and of the
+    spectrum's strided block (of the units' view)."""
+    out = {}
+    units, width = unit_view(shape, unit_axis)
+    if len(shape) >= 2:
+        rs, cs = spectrum_strides(units, width)
+        out["spectrum"] = _grid(view, rows, cols, torch.arange(0, units, rs), torch.arange(0, width, cs))
+    pick = ortho_rows(shape)
+    if pick is not None and unit_axis != 0:
+        out["ortho"] = _whole_ortho(view, shape, unit_axis, pick)
+    elif pick is not None:
+        by_rows, idx = pick
+        n_rows, n_cols = shape[0], math.prod(shape[1:])
+        grid_rows, grid_cols = (idx, torch.arange(n_cols)) if by_rows else (torch.arange(n_rows), idx)
+        out["ortho"] = _grid(view, rows, cols, grid_rows, grid_cols)
+    return out
+
+
+def _grid(view: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], grid_rows: torch.Tensor,
+          grid_cols: torch.Tensor) -> Grid:
+    r = grid_rows[(grid_rows >= rows[0]) & (grid_rows < rows[1])]
+    c = grid_cols[(grid_cols >= cols[0]) & (grid_cols < cols[1])]
+    return Grid(r, c, view[r - rows[0]][:, c - cols[0]].clone())
+
+
+def _whole_ortho(view: torch.Tensor, shape: tuple[int, ...], unit_axis: int, pick: tuple[bool, torch.Tensor]) -> Grid:
+    """The orthogonality grid of a whole tensor whose units are on another dim (its dim-0 flattening)."""
+    flat = view.movedim(0, unit_axis).reshape(shape).reshape(shape[0], -1)
+    by_rows, idx = pick
+    r, c = (idx, torch.arange(flat.shape[1])) if by_rows else (torch.arange(flat.shape[0]), idx)
+    return Grid(r, c, flat[r][:, c].clone())
+
+
+def merge(summaries: Iterable[Summary]) -> Summary:
+    """One tensor's summaries merged: one block per offset (a retried block counts once), in any order."""
+    summaries = list(summaries)
+    first = summaries[0]
+    out = replace(first, blocks={})
+    for s in summaries:
+        if (s.key, s.shape) != (first.key, first.shape):
+            raise ValueError(f"cannot merge summaries of {s.key} {s.shape} and {first.key} {first.shape}")
+        for offset, block in s.blocks.items():
+            out.blocks.setdefault(offset, block)
+    return out
+
+
+def merge_all(summaries: Iterable[Summary]) -> dict[str, Summary]:
+    """Summaries of many tensors merged per tensor."""
+    by_key: dict[str, list[Summary]] = {}
+    for s in summaries:
+        by_key.setdefault(s.key, []).append(s)
+    return {key: merge(group) for key, group in by_key.items()}
+
+
+def finish(summary: Summary, close: Callable[[int, int, float], bool] | None = None) -> Finished:
+    """The tensor's stats, samples and digest from its merged blocks (`close(a, b, tol)`: whether two units are
+    within `tol` in every entry, where their values can be read; else their norms must agree too)."""
+    with stats.one_thread():
+        return _finish(summary, close)
+
+
+def _finish(summary: Summary, close: Callable[[int, int, float], bool] | None) -> Finished:
+    if not summary.complete():
+        raise ValueError(f"{summary.key}: the summaries cover part of the tensor only")
+    units, width = unit_view(summary.shape, summary.unit_axis)
+    blocks = sorted(summary.blocks.values(), key=lambda b: (b.rows, b.cols))
+    samples = _samples(summary, blocks)
+    if summary.numel == 0:
+        return Finished(stats.empty_stats(units), samples, _digest([summary.key]))
+    part = _merged_part(blocks, width)
+    if close is None:
+        close = _close_by_norms(part, width)
+    st = stats.assemble(part, units, width, summary.dtype, samples.ordered, summary.units, close)
+    per_unit = [torch.cat(part.norms), torch.cat(part.proj, dim=1)] if part.norms else []
+    return Finished(st, samples, _digest([summary.dtype, summary.shape, part.records, part.lo, part.hi, part.lo_count,
+                                          part.hi_count, part.nan, part.inf, part.zeros, samples.ordered, *per_unit]))
+
+
+def _merged_part(blocks: list[Block], width: int) -> Partial:
+    """The blocks' partials merged in row order (column blocks of the same rows first joined side by side), at one
+    scale."""
+    if len({b.part.scale for b in blocks}) > 1:
+        blocks = [replace(b, part=_unscaled(b.part)) for b in blocks]
+    rows: dict[tuple[int, int], list[Block]] = {}
+    for b in blocks:
+        rows.setdefault(b.rows, []).append(b)
+    total: Partial | None = None
+    for _, side in sorted(rows.items()):
+        joined = _side_by_side(side, width)
+        if total is None:
+            total = joined
+        else:
+            total.merge(joined)
+    return total
+
+
+def _side_by_side(side: list[Block], width: int) -> Partial:
+    """The partial of a row range held in column blocks: sums and counts added, each unit's per-block sums of
+    squares and projections added, a unit zero only where it is zero in every block."""
+    side = sorted(side, key=lambda b: b.cols)
+    parts = [b.part for b in side]
+    out = Partial(scale=parts[0].scale)
+    for b, p in zip(side, parts):
+        out.records += p.records
+        out.nan, out.inf, out.zeros = out.nan + p.nan, out.inf + p.inf, out.zeros + p.zeros
+        out.extremes(p.lo, p.lo_count, p.hi, p.hi_count)
+        if p.column_sq is not None:
+            if out.column_sq is None:
+                out.column_sq = torch.zeros(width, dtype=torch.float64)
+            out.column_sq[b.cols[0]:b.cols[1]] += p.column_sq
+    if parts[0].norms:
+        out.norms = [sum(torch.cat(p.norms) for p in parts)] if len(parts) > 1 else list(parts[0].norms)
+        out.proj = [sum(torch.cat(p.proj, dim=1) for p in parts)] if len(parts) > 1 else list(parts[0].proj)
+    zero = set(parts[0].zero_units)
+    for p in parts[1:]:
+        zero &= set(p.zero_units)
+    out.zero_units = sorted(zero)
+    return out
+
+
+def _unscaled(part: Partial) -> Partial:
+    """A partial read at a power-of-two scale, brought back to the values' own (in float64)."""
+    s = part.scale
+    if s == 1.0:
+        return part
+    records = [(n, shift / s, *(v / s ** (k + 1) for k, v in enumerate(sums))) for n, shift, *sums in part.records]
+    return replace(part, records=records, scale=1.0, norms=[t.double() / (s * s) for t in part.norms],
+                   proj=[t.double() / s for t in part.proj],
+                   column_sq=None if part.column_sq is None else part.column_sq / (s * s))
+
+
+def _close_by_norms(part: Partial, width: int) -> Callable[[int, int, float], bool]:
+    """Two units whose projections already agree are copies where their norms agree too (to `tol` per entry and
+    float32 rounding): without their values, no entry-by-entry comparison."""
+    norms = torch.cat(part.norms).double().sqrt() / part.scale if part.norms else None
+
+    def close(a: int, b: int, tol: float) -> bool:
+        na, nb = float(norms[a]), float(norms[b])
+        return abs(na - nb) <= math.sqrt(width) * tol + 1e-6 * max(na, nb)
+    return close
+
+
+def _samples(summary: Summary, blocks: list[Block]) -> Samples:
+    """The tensor's samples, each value put at its global index."""
+    idx = torch.cat([b.flat_index for b in blocks])
+    flat = torch.cat([b.flat_values for b in blocks])[torch.argsort(idx)]
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.to(torch.float32)
+    ordered = torch.from_numpy(np.sort(flat.numpy()))
+    grids = {name: _joined(name, blocks) for name in blocks[0].grids} if blocks else {}
+    spectrum = grids.get("spectrum")
+    ortho = grids.get("ortho")
+    pick = ortho_rows(summary.shape)
+    if ortho is not None and pick is not None and not pick[0]:
+        ortho = (ortho[0], ortho[1].T)  # columns as vectors
+    return Samples(summary.shape, summary.dtype, ordered, None if ortho is None else ortho[1],
+                   None if spectrum is None else spectrum[1], None if spectrum is None else spectrum[0],
+                   _values(summary, blocks))
+
+
+def _joined(name: str, blocks: list[Block]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row indices, values) of a sample grid put together from the blocks' shares."""
+    grids = [b.grids[name] for b in blocks]
+    rows = torch.unique(torch.cat([g.rows for g in grids]))
+    cols = torch.unique(torch.cat([g.cols for g in grids]))
+    out = torch.empty(rows.numel(), cols.numel(), dtype=grids[0].values.dtype)
+    for g in grids:
+        if g.values.numel():
+            out[torch.searchsorted(rows, g.rows)[:, None], torch.searchsorted(cols, g.cols)[None, :]] = g.values
+    return rows, out
+
+
+def _values(summary: Summary, blocks: list[Block]) -> torch.Tensor | None:
+    """The whole tensor, where it is small (put together from its blocks)."""
+    if not travels_whole(summary.shape) or any(b.values is None for b in blocks):
+        return None
+    if len(blocks) == 1 and blocks[0].values is not None and tuple(blocks[0].values.shape) == summary.shape:
+        return blocks[0].values
+    units, width = unit_view(summary.shape, summary.unit_axis)
+    full = torch.empty(units, width, dtype=summary.dtype)
+    for b in blocks:
+        full[b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]] = b.values.reshape(b.rows[1] - b.rows[0], b.cols[1] - b.cols[0])
+    return full.reshape(summary.shape)
+
+
+def _digest(items: list) -> str:
+    """A hash of what a tensor's summary holds: equal tensors give equal digests."""
+    h = hashlib.blake2b(digest_size=16)
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            t = item.detach().contiguous().reshape(-1)
+            h.update(str(t.dtype).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(repr(item).encode())
+    return h.hexdigest()
