@@ -7,7 +7,6 @@ that may hold equal values (ties, identical layers) are compared through digests
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import Counter
 from typing import Any, Callable
 
@@ -118,10 +117,16 @@ def with_shared(done: dict[str, summary.Finished | str], shared: dict[str, str])
     return {**done, **{key: done[first] for key, first in shared.items() if first in done}}
 
 
-def plan_of(module: torch.nn.Module, options: Options, shared: dict[str, str], keep: dict) -> Plan:
+def plan_of(module: torch.nn.Module, options: Options, shared: dict[str, str], keep: dict[str, Loaded]) -> Plan:
     """Rank 0's reading of the model's structure (kept in `keep`) and the tensors it measures, each once."""
     keep["loaded"] = loaded = twin_loaded(meta_twin(module))
     return {k: how for k, how in summary_targets(build_graph(loaded, options)).items() if k not in shared}
+
+
+def finished_and_alike(parts: list[dict[str, summary.Summary | str]]) -> tuple[set[str], dict]:
+    """(the tensors to compare by their values' digests, every tensor's finished summary)."""
+    done = finished(parts)
+    return lookalikes(done), done
 
 
 def audit_sharded(module: torch.nn.Module, options: Options | None = None,
@@ -133,8 +138,7 @@ def audit_sharded(module: torch.nn.Module, options: Options | None = None,
     shards, shared = local_shards(module, group)
     keep: dict[str, Loaded] = {}
     plan, _ = exchange(lambda: None, lambda _: (plan_of(module, options, shared, keep), None), group)
-    alike, done = exchange(lambda: shard_summaries(shards, plan),
-                           lambda parts: (lambda d: (lookalikes(d), d))(finished(parts)), group)
+    alike, done = exchange(lambda: shard_summaries(shards, plan), finished_and_alike, group)
     _, digests = exchange(lambda: shard_digests(shards, alike), lambda parts: (None, parts), group)
     if dist.get_rank(group) != 0:
         return None
