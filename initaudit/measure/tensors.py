@@ -251,8 +251,9 @@ def _bias_of(tensors: Tensors, layer: Layer, read: dict[str, torch.Tensor], para
 def measure_summaries(finished: dict[str, Finished | str], graph: LayerGraph) -> Pass:
     """The measuring pass from merged summaries (measure/summary.py) instead of tensors: `finished` maps each stored
     tensor to what its summaries finished into, or to why it was not measured (non-float values). Tensors read under
-    two names (one key twice, or two keys given the same Finished: a live model's tied tensor) are measured once (the first name's stats, each its own context); a parametrized weight (weight
-    norm, spectral norm) is computed from whole tensors and is not measured here."""
+    two names (one key twice, or two keys given one Finished: a live model's tied tensor) are measured once (the
+    first name's stats, each its own context); a parametrized weight (weight norm, spectral norm) is computed from
+    whole tensors and is not measured here."""
     with stats.one_thread():  # as the pass over tensors judges them: the same figures
         return _from_summaries(finished, graph)
 

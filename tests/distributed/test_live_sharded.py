@@ -1,8 +1,8 @@
 """A model sharded across 2 and 4 CPU processes (gloo) is audited where it lives (`audit_sharded`): rank 0's JSON
-report is the single process's on the unsharded model (byte for byte but for figures that float32 sums split across
-shards move in their last digits, see REASSOCIATED), whether FSDP2 shards it (unevenly: a vocab of
-37, and two rows a rank of four holds none of), tensor parallelism splits it by rows and columns, or DDP replicates
-it; no rank gathers a parameter, a tie sharding left as two tensors is found, and so is a zero layer."""
+report is the single process's on the unsharded model (byte for byte, but for the figures float32 sums split across
+shards move in their last digits: see REASSOCIATED), whether FSDP2 shards it (unevenly: a vocab of 37, and two rows
+a rank of four holds none of), tensor parallelism splits it by rows and columns, or DDP replicates it; no rank
+gathers a parameter; a tie sharding left as two tensors is found, and so are a zero layer and a copied layer."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 import initaudit
 from helpers.sharded import build, run_ranks
 
-JOBS = [("clean", "fsdp"), ("untied", "fsdp"), ("zero", "fsdp"), ("clean", "tp"), ("untied", "tp"), ("clean", "ddp")]
+JOBS = [("clean", "fsdp"), ("untied", "fsdp"), ("zero", "fsdp"), ("copy", "fsdp"), ("clean", "tp"), ("untied", "tp"),
+        ("clean", "ddp")]
 
 
 # Shards split a chunk of the measuring pass where one process reads it whole (FSDP2's uneven rows, tensor-parallel
@@ -106,3 +107,10 @@ def test_a_zero_layer_is_found(ranks):
     world, out = ranks
     assert ("zero-weights", "error", "blocks.1.fc1.weight") in findings(out, "zero-fsdp")
     assert not {f for f in findings(out, "clean-fsdp") if f[0] == "zero-weights"}
+
+
+def test_a_layer_copied_from_another_is_found(ranks):
+    """Two shards' digests of the values add up alike only where the layers hold the same values."""
+    world, out = ranks
+    assert ("identical-layers", "error", "blocks.2.fc1.weight") in findings(out, "copy-fsdp")
+    assert not {f for f in findings(out, "clean-fsdp") if f[0] == "identical-layers"}

@@ -51,7 +51,7 @@ class TinyLM(nn.Module):
 
 def build(variant: str = "clean") -> TinyLM:
     """The model every rank builds from one seed: `clean`; `untied` (the head a separate copy of the embedding);
-    `zero` (one block's first MLP layer all zeros)."""
+    `zero` (one block's first MLP layer all zeros); `copy` (one block's first MLP layer a copy of another's)."""
     torch.manual_seed(0)
     model = TinyLM()
     if variant == "untied":
@@ -59,6 +59,9 @@ def build(variant: str = "clean") -> TinyLM:
     elif variant == "zero":
         with torch.no_grad():
             model.blocks[1].fc1.weight.zero_()
+    elif variant == "copy":
+        with torch.no_grad():
+            model.blocks[2].fc1.weight.copy_(model.blocks[1].fc1.weight)
     return model
 
 
