@@ -65,12 +65,13 @@ def exchange(payload: Callable[[], Any], combine: Callable[[list], tuple[Any, An
 
 
 def shard_summaries(shards: list[LocalShard], plan: Plan) -> dict[str, summary.Summary | str]:
-    """This rank's summary of each of its blocks the plan measures (or why the tensor is not measured)."""
+    """This rank's summary of each of its blocks the plan measures (or why the tensor is not measured), read on the
+    CPU (a GPU shard is copied there one at a time: summaries travel as CPU objects)."""
     out: dict[str, summary.Summary | str] = {}
     for s in shards:
         if s.key in plan:
             units, unit_axis = plan[s.key]
-            values, reason = stats.auditable(s.block)
+            values, reason = stats.auditable(s.block.cpu())
             out[s.key] = reason if values is None else \
                 summary.summarize(values, s.key, s.shape, s.offset, units=units, unit_axis=unit_axis)
     return out
@@ -96,7 +97,7 @@ def lookalikes(done: dict[str, summary.Finished | str]) -> set[str]:
 
 def shard_digests(shards: list[LocalShard], keys: set[str]) -> dict[str, Digest]:
     """This rank's part of the value digest of each tensor in `keys`."""
-    return {s.key: block_digest(s.block, s.shape, s.offset) for s in shards if s.key in keys}
+    return {s.key: block_digest(s.block.cpu(), s.shape, s.offset) for s in shards if s.key in keys}
 
 
 def with_value_digests(done: dict[str, summary.Finished | str], parts: list[dict[str, Digest]]) -> None:
