@@ -48,9 +48,11 @@ class Unit:
         return (self.offset[0], self.offset[0] + self.size[0]) if self.shape else (0, 1)
 
 
-def plan(loaded: Loaded, keys: list[str], rows_multiple: Callable[[int], int], unit_bytes: int = UNIT_BYTES) -> list[Unit]:
+def plan(loaded: Loaded, keys: list[str], rows_multiple: Callable[[int], int], unit_bytes: int | None = None) -> list[Unit]:
     """The work units of the tensors `keys` of a loaded safetensors file, Hugging Face folder of safetensors
-    shards, or DCP folder; InputError for other formats (their bytes are not laid out by tensor)."""
+    shards, or DCP folder (pieces of about `unit_bytes`, UNIT_BYTES by default); InputError for other formats
+    (their bytes are not laid out by tensor)."""
+    unit_bytes = unit_bytes or UNIT_BYTES
     if loaded.format == "torch-dcp":
         return _dcp_units(loaded, keys)
     files = _safetensors_files(loaded)
