@@ -74,6 +74,16 @@ def shard_fsdp(model: TinyLM, mesh) -> TinyLM:
     return fully_shard(model, mesh=mesh)
 
 
+def shard_fsdp_apart(model: TinyLM, mesh) -> TinyLM:
+    """FSDP2 with the embedding and the head wrapped as groups of their own: `fully_shard` then gives each its
+    own DTensor, and the tie is silently two tensors (equal values)."""
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model.embed, mesh=mesh)
+    fully_shard(model.head, mesh=mesh)
+    return shard_fsdp(model, mesh)
+
+
 TP_PLACEMENTS = {"qkv.weight": 0, "qkv.bias": 0, "fc1.weight": 0, "fc1.bias": 0, "proj.weight": 1, "fc2.weight": 1,
                  "embed.weight": 1}  # the dim each tensor is split on; every other tensor replicated
 
@@ -100,7 +110,7 @@ def shard_ddp(model: TinyLM, mesh) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model)
 
 
-SHARDINGS = {"fsdp": shard_fsdp, "tp": shard_tp, "ddp": shard_ddp}
+SHARDINGS = {"fsdp": shard_fsdp, "fsdp_apart": shard_fsdp_apart, "tp": shard_tp, "ddp": shard_ddp}
 
 
 class GatherForbidden(RuntimeError):
@@ -205,7 +215,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, out: str, jobs: list[tuple[str, str]], timeout: float = 240) -> None:
+def run_ranks(world: int, out: str, jobs: list[tuple[str, str]], timeout: float = 600) -> None:
     """`worker` on `world` CPU processes (gloo on 127.0.0.1), joined within `timeout` seconds."""
     import torch.multiprocessing as mp
 
