@@ -232,6 +232,7 @@ class Partial:
     proj: list[torch.Tensor] = field(default_factory=list)    # [3, rows]: two random projections and the sums
     norms: list[torch.Tensor] = field(default_factory=list)
     column_sq: torch.Tensor | None = None   # float64: sums of float32 chunk sums, exact but for rare rounding
+    column_parts: list[torch.Tensor] = field(default_factory=list)  # float64 chunks' column sums, added exactly at the end
     scale: float = 1.0   # the records, norms and projections are of the values times this (a power of two)
 
     @property
@@ -271,6 +272,7 @@ class Partial:
         self.zero_units += other.zero_units
         self.proj += other.proj
         self.norms += other.norms
+        self.column_parts += other.column_parts
         if other.column_sq is not None:
             self.column_sq = other.column_sq if self.column_sq is None else self.column_sq + other.column_sq
 
@@ -371,7 +373,7 @@ class _Scan:
                 part.zero_units.extend((first + torch.nonzero(nonzero_per_unit == 0).flatten()).tolist())
             part.proj.append(proj)
             part.norms.append(unit_sq)  # the square roots are taken at the end, in one call
-            part.column_sq.add_(torch.mv(columns, ones))  # a column sum as BLAS does it: 2x torch's
+            self._columns(part, torch.mv(columns, ones))  # a column sum as BLAS does it: 2x torch's
 
     def _record(self, part: Partial, values: torch.Tensor, sums: list[float]) -> None:
         """A chunk's power sums about 0, or about its own mean where that is large next to its spread (a norm's
@@ -406,7 +408,15 @@ class _Scan:
             sq = clean * clean
             part.proj.append(torch.mm(self.basis, clean.T))
             part.norms.append(sq.sum(dim=1))
-            part.column_sq += sq.sum(dim=0)
+            self._columns(part, sq.sum(dim=0))
+
+    def _columns(self, part: Partial, sums: torch.Tensor) -> None:
+        """A chunk's column sums of squares: added into float64 (exact for float32 sums but for rare rounding), or kept
+        to be added exactly where they are float64 already."""
+        if self.dtype == torch.float64:
+            part.column_parts.append(sums)
+        else:
+            part.column_sq.add_(sums)
 
 
 def chunk_rows(width: int) -> int:
@@ -464,7 +474,8 @@ def scan_rows(rows: torch.Tensor, units: bool, columns: torch.Tensor | None = No
         scale = safe_scale(total, dtype)
         if scale != 1.0:  # garbage magnitudes or denormals: read again, scaled, in float64
             _, scaled = _scan_all(rows, torch.float64, units, None, split, scale, **where)
-            total.records, total.norms, total.proj, total.column_sq = scaled.records, scaled.norms, scaled.proj, scaled.column_sq
+            total.records, total.norms, total.proj = scaled.records, scaled.norms, scaled.proj
+            total.column_sq, total.column_parts = scaled.column_sq, scaled.column_parts
             total.scale = scale
     return scan, total
 
@@ -559,6 +570,14 @@ def _moved(record: tuple[int, float, float, float, float, float], centre: float,
     return math.fsum(math.comb(k, j) * sums[j] * d ** (k - j) for j in range(k + 1))
 
 
+def column_squares(part: Partial) -> torch.Tensor:
+    """The columns' sums of squares of a merged pass (float64 chunks' sums added exactly, column by column)."""
+    if not part.column_parts:
+        return part.column_sq
+    vectors = part.column_parts + ([part.column_sq] if part.column_sq is not None else [])
+    return torch.tensor([math.fsum(c) for c in torch.stack(vectors).T.tolist()], dtype=torch.float64)
+
+
 def _entrywise(rows: torch.Tensor) -> Callable[[int, int, float], bool]:
     """Whether two units of `rows` are within `tol` of each other in every entry."""
     def close(a: int, b: int, tol: float) -> bool:
@@ -576,7 +595,7 @@ def assemble(part: Partial, n_units: int, width: int, dtype: torch.dtype, ordere
     unit_norms = input_norms = unit_sums = None
     groups, negligible = [], 0
     if units and n_units:
-        unit_norms, input_norms = torch.cat(part.norms).sqrt_(), part.column_sq.sqrt()
+        unit_norms, input_norms = torch.cat(part.norms).sqrt_(), column_squares(part).sqrt()
         if part.scale != 1.0:
             unit_norms, input_norms = unit_norms / part.scale, input_norms / part.scale
         longer = unit_norms if n_units <= width else input_norms  # the norms over more values each

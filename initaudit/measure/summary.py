@@ -56,6 +56,7 @@ class Block:
     flat_values: torch.Tensor
     grids: dict[str, Grid] = field(default_factory=dict)   # "ortho", "spectrum"
     values: torch.Tensor | None = None   # the block itself, where the tensor is small
+    row_bits: torch.Tensor | None = None  # int64 sum of each dim-0 row's bit patterns (its part of the row)
 
 
 @dataclass
@@ -81,7 +82,7 @@ class Summary:
 @dataclass
 class Finished:
     """What the pipeline reads of one tensor: its stats, samples, and a digest of its values (equal tensors have
-    equal digests)."""
+    equal digests; different ones differ but for a hash collision or values permuted within a dim-0 row)."""
 
     stats: TensorStats
     samples: Samples
@@ -131,8 +132,17 @@ def summarize(block: torch.Tensor, key: str, shape: tuple[int, ...], offset: tup
         part = Partial()
     idx, values = _flat_picks(block, view, (r0, r1), (c0, c1), shape, unit_axis)
     out = Block(offset, (r0, r1), (c0, c1), part, idx, values, _grids(view, (r0, r1), (c0, c1), shape, unit_axis),
-                block.clone() if travels_whole(shape) else None)
+                block.clone() if travels_whole(shape) else None, _row_bits(block))
     return Summary(key, shape, block.dtype, units, unit_axis, {offset: out})
+
+
+def _row_bits(block: torch.Tensor) -> torch.Tensor:
+    """Each dim-0 row's bit patterns summed as integers (wrapping): exact and additive over column blocks, so the
+    rows' sums tell two tensors' values apart whichever way each was cut and summarized."""
+    rows = block.reshape(block.shape[0], math.prod(block.shape[1:])) if block.dim() else block.reshape(1, 1)
+    rows = rows.contiguous()
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[block.element_size()]
+    return rows.view(bits).sum(dim=1, dtype=torch.int64)
 
 
 def _flat_picks(block: torch.Tensor, view: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int],
@@ -227,14 +237,20 @@ def _finish(summary: Summary, close: Callable[[int, int, float], bool] | None) -
     blocks = sorted(summary.blocks.values(), key=lambda b: (b.rows, b.cols))
     samples = _samples(summary, blocks)
     if summary.numel == 0:
-        return Finished(stats.empty_stats(units), samples, _digest([summary.key]))
+        return Finished(stats.empty_stats(units), samples, _digest([summary.dtype, summary.shape]))
     part = _merged_part(blocks, width)
     if close is None:
         close = _close_by_norms(part, width)
     st = stats.assemble(part, units, width, summary.dtype, samples.ordered, summary.units, close)
-    per_unit = [torch.cat(part.norms), torch.cat(part.proj, dim=1)] if part.norms else []
-    return Finished(st, samples, _digest([summary.dtype, summary.shape, part.records, part.lo, part.hi, part.lo_count,
-                                          part.hi_count, part.nan, part.inf, part.zeros, samples.ordered, *per_unit]))
+    return Finished(st, samples, _digest([summary.dtype, summary.shape, _joined_bits(blocks)]))
+
+
+def _joined_bits(blocks: list[Block]) -> torch.Tensor:
+    """The tensor's rows' bit sums, from the blocks' (column blocks of the same rows added)."""
+    rows: dict[tuple[int, int], torch.Tensor] = {}
+    for b in blocks:
+        rows[b.rows] = rows[b.rows] + b.row_bits if b.rows in rows else b.row_bits
+    return torch.cat([bits for _, bits in sorted(rows.items())])
 
 
 def _merged_part(blocks: list[Block], width: int) -> Partial:
@@ -269,6 +285,10 @@ def _side_by_side(side: list[Block], width: int) -> Partial:
             if out.column_sq is None:
                 out.column_sq = torch.zeros(width, dtype=torch.float64)
             out.column_sq[b.cols[0]:b.cols[1]] += p.column_sq
+        for sums in p.column_parts:
+            placed = torch.zeros(width, dtype=torch.float64)
+            placed[b.cols[0]:b.cols[1]] = sums
+            out.column_parts.append(placed)
     if parts[0].norms:
         out.norms = [sum(torch.cat(p.norms) for p in parts)] if len(parts) > 1 else list(parts[0].norms)
         out.proj = [sum(torch.cat(p.proj, dim=1) for p in parts)] if len(parts) > 1 else list(parts[0].proj)
@@ -287,7 +307,8 @@ def _unscaled(part: Partial) -> Partial:
     records = [(n, shift / s, *(v / s ** (k + 1) for k, v in enumerate(sums))) for n, shift, *sums in part.records]
     return replace(part, records=records, scale=1.0, norms=[t.double() / (s * s) for t in part.norms],
                    proj=[t.double() / s for t in part.proj],
-                   column_sq=None if part.column_sq is None else part.column_sq / (s * s))
+                   column_sq=None if part.column_sq is None else part.column_sq / (s * s),
+                   column_parts=[t / (s * s) for t in part.column_parts])
 
 
 def _close_by_norms(part: Partial, width: int) -> Callable[[int, int, float], bool]:

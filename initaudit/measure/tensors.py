@@ -250,10 +250,10 @@ def _bias_of(tensors: Tensors, layer: Layer, read: dict[str, torch.Tensor], para
 
 def measure_summaries(finished: dict[str, Finished | str], graph: LayerGraph) -> Pass:
     """The measuring pass from merged summaries (measure/summary.py) instead of tensors: `finished` maps each stored
-    tensor to what its summaries finished into, or to why it was not measured (non-float values). Tensors read under
-    two names (one key twice, or two keys given one Finished: a live model's tied tensor) are measured once (the
-    first name's stats, each its own context); a parametrized weight (weight norm, spectral norm) is computed from
-    whole tensors and is not measured here."""
+    tensor to what its summaries finished into, or to why it was not measured (non-float values). Names that map to
+    one Finished object are one tensor (a tied parameter): measured once, the first name's stats, each its own
+    context; a parametrized weight (weight norm, spectral norm) is computed from whole tensors and is not measured
+    here."""
     with stats.one_thread():  # as the pass over tensors judges them: the same figures
         return _from_summaries(finished, graph)
 
@@ -261,18 +261,18 @@ def measure_summaries(finished: dict[str, Finished | str], graph: LayerGraph) ->
 def _from_summaries(finished: dict[str, Finished | str], graph: LayerGraph) -> Pass:
     repeats = Counter(block_pattern(layer.name) for layer in graph if layer.weighted)
     params = [(layer, param) for layer in graph for param in layer.params if param.role != "buffer"]
-    first: dict[int, int] = {}  # a finished summary's identity -> the first param that reads it
+    first: dict[int, int] = {}  # a Finished object's identity -> the first param that reads it
     out: list[Measured] = []
     skipped = _buffers(graph)
     audited: set[str] = set()
     for i, (layer, param) in enumerate(params):
         done = finished.get(param.key, "no summary of it") if not param.parts else "parametrized: needs whole tensors"
-        owner = first.setdefault(id(done), i)  # names given one summary (a tied tensor's) are measured once
         if isinstance(done, str):
             kind = "parametrized weight" if param.parts else "non-float tensor"
             skipped.setdefault((kind, done), []).extend(param.parts or (param.key,))
             continue
         audited.add(param.key)
+        owner = first.setdefault(id(done), i)
         n_blocks = repeats[block_pattern(layer.name)]
         fp, rec, verdict = _judged(layer, param, done.stats, done.samples, n_blocks)
         if owner != i:

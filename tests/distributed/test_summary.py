@@ -65,7 +65,8 @@ def planted(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: in
 
 
 @pytest.mark.parametrize("shape,dtype", [((3000, 700), torch.float32), ((600, 3000), torch.bfloat16),
-                                         ((40000, 16), torch.float32), ((96, 8, 3, 3), torch.float16)])
+                                         ((40000, 16), torch.float32), ((96, 8, 3, 3), torch.float16),
+                                         ((5000, 300), torch.float64)])
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_blocks_on_chunk_boundaries_give_the_single_process_stats_bit_for_bit(shape, dtype, n):
     w = planted(shape, dtype)
@@ -127,3 +128,19 @@ def test_a_block_split_along_dim_2_is_refused():
     w = torch.randn(8, 4, 6)
     with pytest.raises(ValueError, match="dims 0 and 1"):
         summary.summarize(w[:, :, :3], "w", (8, 4, 6), (0, 0, 0))
+
+
+def test_the_figures_do_not_depend_on_how_many_threads_torch_runs():
+    """A rank under torchrun runs one OpenMP thread, a notebook all the cores: the same tensor, the same figures."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(1500, 1000, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = summary.finish(summary.merge(row_blocks(w, 2)))
+        torch.set_num_threads(max(2, threads))
+        many = stats.compute(w, units=False), stats.compute(w)
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_stats(many[1], one.stats)
+    assert many[0].std == stats.compute(w, units=False).std
