@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from initaudit.cli.coord_command import COORD_KEYS, coord_check, coord_options, wants_coord
 from initaudit.cli.options import (ACTIVATION, CONFIG, FACTORY, FAIL_ON_OPTION, INPUT_SHAPE, TRUST_PICKLE, Choice,
                                    run_options, run_policy)
 
@@ -19,13 +20,15 @@ from initaudit.cli.options import (ACTIVATION, CONFIG, FACTORY, FAIL_ON_OPTION, 
 @click.option("--batch", type=click.IntRange(min=2), help="Samples in the synthetic batch. [default: up to 64, by size]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the synthetic batch.")
 @ACTIVATION
-@click.option("--format", "fmt", type=Choice(("chart", "json")), default="chart", show_default=True)
+@click.option("--format", "fmt", type=Choice(("chart", "json", "csv")), default="chart", show_default=True,
+              help="chart (text), json, or csv (the coord check's records, in mup's coord-check columns).")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Also draw the chart to this image (PNG, SVG, PDF: matplotlib, the `plot` extra).")
 @FAIL_ON_OPTION
 @CONFIG
 @TRUST_PICKLE
 @run_options
+@coord_options
 @click.pass_context
 def probe(ctx, model_path, factory, input_shape, batch, seed, activation, fmt, plot_path, fail_on, config_path,
           trust_pickle, **run):
@@ -38,6 +41,10 @@ def probe(ctx, model_path, factory, input_shape, batch, seed, activation, fmt, p
     Running a model is running code: a TorchScript or ONNX file's graph runs only with --trust-code, in a
     child process within --time-limit and --memory-limit. A --model factory's module (your code) and a Hugging
     Face folder's architecture (built from config.json, within --max-build-memory) need no flag.
+
+    Coord check: with --widths (and --model), the factory's model is built at every width (its keyword named by
+    --width-arg), measured at init and after --steps optimizer steps for --seeds seeds, and judged by
+    width-dependent-scale and update-ratio.
     """
     import json
 
@@ -51,6 +58,10 @@ def probe(ctx, model_path, factory, input_shape, batch, seed, activation, fmt, p
     options = config_mod.load(config_path)
     if activation:
         options.activation = parse(activation)
+    coord = {key: run.pop(key) for key in COORD_KEYS}
+    if wants_coord(ctx, fmt):
+        policy = run_policy(**run, pickled=False, debug=bool(ctx.meta.get("initaudit.debug")))
+        return coord_check(ctx, coord, (input_shape, batch, seed), options, policy, (fmt, plot_path, fail_on))
     loaded = load(model_path, trust_pickle=trust_pickle, factory=factory)
     if plot_path is not None:
         Protected(loaded).guard(plot_path, "the plot")

@@ -140,4 +140,18 @@ FACTS = {
                   "the nonzero values (at least 8 entries of the sample; on the min or max only with a gap of a robust std "
                   "to the other values: else a truncation bound's), else 0",
     "pile_value": "the value pile_share counts, else none",
+    "width_slope": "probe --widths: the largest slope, over the measured steps t (after the optimizer steps; at init "
+                   "without any), of log(mean |output|) against log(width), seeds averaged (None outside a sweep, or "
+                   "where the output is 0 at some width)",
+    "width_growth": "the mean |output| at the widest width over the narrowest's, at that t",
+    "width_t": "the step t of width_slope (mup's t: 1 at init, t after t-1 optimizer steps)",
+    "width_count": "how many widths the sweep measured",
+    "width_range": "the narrowest and widest widths, in words",
+    "update_ratio": "probe --steps: the largest ||W_t - W_(t-1)|| / ||W_0|| of one optimizer step (over the widths "
+                    "and steps, seeds averaged); a weight that starts at zero is measured against the norm its "
+                    "recommended init would have (expected_std·√numel)",
+    "update_width": "the width of update_ratio",
+    "sign_step_ratio": "what one sign step (Adam's first: lr·sign(g) on every entry) gives the weight at its "
+                       "optimizer group's learning rate: lr·√numel over the same reference norm",
+    "update_optimizer": "the optimizer and learning rate of the steps, in words",
 }

@@ -36,8 +36,19 @@ def tensor_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         "expected_std": expected, "expected_call": rec.call if rec else None,
         "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
         "shared": param.shared_with is not None, "bias_ratio": _bias_ratio(m), **_fan_facts(m), **_bias_facts(m),
-        "zero_in_every_block": False,
+        "zero_in_every_block": False, **coord_facts(),
     }
+
+
+def coord_facts(width: dict[str, Any] | None = None, update: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The facts of `probe --widths` (probe/coord.py) for one layer: how its output's scale follows the width
+    (`width`: slope, growth, t, count, range) and the largest optimizer step on its weight (`update`: ratio, width,
+    sign_step, optimizer); None outside a sweep."""
+    width, update = width or {}, update or {}
+    return {"width_slope": width.get("slope"), "width_growth": width.get("growth"), "width_t": width.get("t"),
+            "width_count": width.get("count"), "width_range": width.get("range"),
+            "update_ratio": update.get("ratio"), "update_width": update.get("width"),
+            "sign_step_ratio": update.get("sign_step"), "update_optimizer": update.get("optimizer")}
 
 
 # The SNN paper's stable band for a SELU layer's fan_in·Var(w) (Klambauer et al. 2017, Theorem 1's domain).

@@ -8,6 +8,7 @@ import warnings
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -19,17 +20,25 @@ from initaudit.load.source import Loaded, TensorSource
 from initaudit.load.containers import STRIPPED_PREFIXES
 
 
-def build(spec: str) -> torch.nn.Module:
-    """Import `package.module:callable` (the current folder is importable) and call it."""
+def resolve(spec: str, option: str = "--model") -> Callable:
+    """The callable `package.module:callable` names (the current folder is importable); `option` names the flag."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise InputError(f"--model {spec!r}: use package.module:factory")
+        raise InputError(f"{option} {spec!r}: use package.module:factory")
     if "" not in sys.path and "." not in sys.path:
         sys.path.insert(0, "")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        found = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise InputError(f"--model {spec!r}: {exc}") from None
+        raise InputError(f"{option} {spec!r}: {exc}") from None
+    if not callable(found):
+        raise InputError(f"{option} {spec!r}: names a {type(found).__name__}, not a callable")
+    return found
+
+
+def build(spec: str) -> torch.nn.Module:
+    """Import `package.module:callable` and call it."""
+    factory = resolve(spec)
     try:
         built = factory()
     except Exception as exc:  # noqa: BLE001 - user code can raise anything
