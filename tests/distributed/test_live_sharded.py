@@ -119,3 +119,11 @@ def test_a_layer_copied_from_another_is_found(ranks):
     world, out = ranks
     assert ("identical-layers", "error", "blocks.2.fc1.weight") in findings(out, "copy-fsdp")
     assert not {f for f in findings(out, "clean-fsdp") if f[0] == "identical-layers"}
+
+
+def test_train_start_stops_a_sharded_run_on_every_rank(ranks):
+    """`audit_at_train_start` on an FSDP2 model audits it in place: a zero layer stops the run on every rank (the
+    verdict agreed over the group), a clean model's run proceeds."""
+    world, out = ranks
+    for rank in range(world):
+        assert json.loads((out / f"train-start-{rank}.json").read_text()) == {"clean": None, "zero": "InitAuditFailed"}

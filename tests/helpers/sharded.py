@@ -118,9 +118,9 @@ class GatherForbidden(RuntimeError):
 
 
 def forbid_gathers():
-    """A context in which `DTensor.full_tensor` raises, and so does every all-gather of more than one value
-    (c10d's and the functional collectives' ops, whoever calls them: FSDP2's unshard, a DTensor redistribution);
-    an object collective's one-value size exchange still passes."""
+    """A context in which `DTensor.full_tensor` raises, and so does every all-gather of more than one floating-point
+    value (c10d's and the functional collectives' ops, whoever calls them: FSDP2's unshard, a DTensor
+    redistribution); object collectives (pickled bytes and their sizes) still pass."""
     import contextlib
 
     from torch.distributed.tensor import DTensor
@@ -130,7 +130,8 @@ def forbid_gathers():
     class NoGather(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func.name())
-            sizes = [t.numel() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            sizes = [t.numel() for t in tree_leaves((args, kwargs))
+                     if isinstance(t, torch.Tensor) and t.is_floating_point()]
             if ("allgather" in name or "all_gather" in name) and max(sizes, default=0) > 1:
                 raise GatherForbidden(f"{name} of {max(sizes)} values")
             return func(*args, **(kwargs or {}))
@@ -171,9 +172,27 @@ def caught_gathers(model: nn.Module) -> list[str]:
     return stopped
 
 
+def train_start(mesh) -> dict[str, str | None]:
+    """`audit_at_train_start` on FSDP2-sharded models: per variant, the exception it raised on this rank (None: the
+    run proceeds)."""
+    from initaudit.config import Options
+    from initaudit.integrations.train_start import audit_at_train_start
+
+    raised = {}
+    for variant in ("clean", "zero"):
+        try:
+            with forbid_gathers():
+                audit_at_train_start(shard_fsdp(build(variant), mesh), config=Options())
+            raised[variant] = None
+        except Exception as exc:  # noqa: BLE001 - the test reads which
+            raised[variant] = type(exc).__name__
+    return raised
+
+
 def worker(rank: int, world: int, port: int, out: str, jobs: list[tuple[str, str]]) -> None:
     """One rank: for each (variant, sharding) build, shard and audit the model under `forbid_gathers`; rank 0
-    writes `<variant>-<sharding>.json`; every rank writes what `forbid_gathers` stopped (`caught-<rank>.json`)."""
+    writes `<variant>-<sharding>.json`; every rank writes what `forbid_gathers` stopped (`caught-<rank>.json`) and
+    what the train-start audit raised (`train-start-<rank>.json`)."""
     import json
     import os
     from pathlib import Path
@@ -203,6 +222,7 @@ def worker(rank: int, world: int, port: int, out: str, jobs: list[tuple[str, str
             elif report is not None:
                 raise AssertionError(f"rank {rank} returned a report")
         Path(out, f"caught-{rank}.json").write_text(json.dumps(caught))
+        Path(out, f"train-start-{rank}.json").write_text(json.dumps(train_start(mesh)))
     finally:
         dist.destroy_process_group()
 
