@@ -102,7 +102,7 @@ def from_config(config: dict, shapes: dict[str, tuple[int, ...]]) -> Context:
         infos = trace.module_infos(module)
         flow = trace.fx_flow(module, infos)
         if flow is None:
-            flow = _fake_flow(module, infos, inputs)
+            flow = fake_flow(module, infos, inputs)
         declared = declared_init(module)
     if flow is None:
         raise NotBuilt(f"a forward pass of {type(module).__name__} on fake tensors failed")
@@ -439,7 +439,7 @@ def _keywords(cls: type) -> list[str]:
     return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
 
 
-def _fake_flow(module: torch.nn.Module, infos: dict[str, ModuleInfo], inputs) -> Flow | None:
+def fake_flow(module: torch.nn.Module, infos: dict[str, ModuleInfo], inputs) -> Flow | None:
     """One forward pass on fake tensors (shapes only; libraries skip data-dependent checks on them)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -76,6 +76,10 @@ def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
                          else f"{path}: its weights do not fit the --model architecture ({str(exc).splitlines()[-1].strip()})") from None
 
 
+ORDER_NOTE = ("neither torch.fx nor a forward pass on a tiny input traced the model; activations were read from "
+              "module order, which does not see functional calls")
+
+
 def from_module(module: torch.nn.Module, path: Path | None, fmt: str = "torch-module") -> Loaded:
     """A live module: its flow from torch.fx, else from one forward pass on a tiny input, else module order."""
     infos = trace.module_infos(module)
@@ -86,8 +90,7 @@ def from_module(module: torch.nn.Module, path: Path | None, fmt: str = "torch-mo
         flow = dynamic_flow(module, infos, inputs) if inputs is not None else None
     if flow is None:
         flow = trace.order_flow(module, infos)
-        notes.append("neither torch.fx nor a forward pass on a tiny input traced the model; activations were "
-                     "read from module order, which does not see functional calls")
+        notes.append(ORDER_NOTE)
     state = {k: v.detach() for k, v in module.state_dict(keep_vars=True).items()}
     return Loaded(path, fmt, TensorSource.of(state), module=module, flow=flow, modules=infos, notes=notes,
                   declared_init=meta_model.family_init(module), ties=module_ties(module))
