@@ -19,10 +19,11 @@ ACT = "act"        # a non-linearity: `activation` says which
 NORM = "norm"      # BatchNorm/LayerNorm/GroupNorm/RMSNorm...
 STOP = "stop"      # softmax and the like: the layer before it is linear (identity)
 OUTPUT = "output"  # the graph's output
-ADD = "add"        # an elementwise sum: with two computed inputs, a residual join
+ADD = "add"        # an elementwise sum: with two inputs that carry the signal, a residual join
 MUL = "mul"        # an elementwise product: with two computed inputs, where a gate scales a signal
 PASS = "pass"      # anything that carries the signal on (reshape, dropout, pooling, matmul...)
 SCALE = "scale"    # a product by a constant (not a learnable parameter): `factor` says which
+INPUT = "input"    # one of the model's inputs: what carries the signal starts here and at the layers
 
 MUL_NAMES = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "imul", "Mul"})
 DIV_NAMES = frozenset({"div", "div_", "truediv", "__truediv__", "__itruediv__", "itruediv", "Div"})
@@ -126,10 +127,11 @@ class Flow:
         """
         producers = self.producers()
         joins = self._joins(producers)
+        summing = self.residual_sums(producers)
         found: dict[str, Downstream] = {}
         for start, node in enumerate(self.nodes):  # a norm module's node, where named, too (its residual_branch)
             if node.role in (LAYER, NORM) and node.layer and node.layer not in found:
-                walked = self._walk(start, unknown_between_layers, producers)
+                walked = self._walk(start, unknown_between_layers, producers, summing)
                 found[node.layer] = replace(walked, residual_branch=joins[start],
                                             weight_scale=walked.weight_scale * self._input_scale(start, producers))
         return found
@@ -139,6 +141,7 @@ class Flow:
         residual sum between two of them, and none past a layer in `gated` (its output only scales a signal):
         the run its scale compounds in. Parallel branches (detection heads, q/k/v) are runs of their own."""
         producers = self.producers()
+        summing = self.residual_sums(producers)
         order = [i for i in self.topological(producers) if self.nodes[i].role == LAYER]
         feeds: dict[int, list[int]] = {i: [] for i in order}
         for i in order:
@@ -152,7 +155,7 @@ class Flow:
                 if node.role == LAYER:
                     if node.layer not in gated and j in feeds:
                         feeds[j].append(i)
-                elif node.role not in (NORM, STOP, OUTPUT) and not (node.role == ADD and len(producers[j]) >= 2):
+                elif node.role not in (NORM, STOP, OUTPUT) and not summing[j]:
                     queue.extend(producers[j])
         up = {i: 1 for i in order}
         for i in order:
@@ -172,15 +175,30 @@ class Flow:
         """Layers on the shortcut of a residual sum: the summand with fewer layers since the two summands part
         (a ResNet's downsample conv), not the branch the sum closes."""
         producers = self.producers()
+        carrying = self.carriers(producers)
         out: set[str] = set()
         for idx, node in enumerate(self.nodes):
-            if node.role == ADD and len(producers[idx]) == 2:
-                sides = [self._reach(p, lambda _: True, producers) | {p} for p in producers[idx]]
+            summands = [p for p in producers[idx] if carrying[p]]
+            if node.role == ADD and len(summands) == 2:
+                sides = [self._reach(p, lambda _: True, producers) | {p} for p in summands]
                 common = sides[0] & sides[1]
                 layers = [{self.nodes[j].layer for j in side - common if self.nodes[j].role == LAYER} for side in sides]
                 if len(layers[0]) != len(layers[1]):
                     out |= min(layers, key=len)
         return out
+
+    def carriers(self, producers: list[list[int]]) -> list[bool]:
+        """Per node: its output carries the signal, computed from a model input or a layer (not a parameter, buffer
+        or constant alone: Fixup's scalar biases, a position table added to the tokens)."""
+        carrying = [False] * len(self.nodes)
+        for idx in self.topological(producers):
+            carrying[idx] = self.nodes[idx].role in (LAYER, INPUT) or any(carrying[p] for p in producers[idx])
+        return carrying
+
+    def residual_sums(self, producers: list[list[int]]) -> list[bool]:
+        """Per node: a residual sum, adding two or more tensors that carry the signal (`carriers`)."""
+        carrying = self.carriers(producers)
+        return [node.role == ADD and sum(carrying[p] for p in producers[i]) >= 2 for i, node in enumerate(self.nodes)]
 
     def producers(self) -> list[list[int]]:
         """Each node's producers (the nodes it is a user of)."""
@@ -207,14 +225,15 @@ class Flow:
     def _joins(self, producers: list[list[int]]) -> list[bool]:
         """Per node: its output reaches a residual sum (two computed tensors added) before a normalization, a
         softmax or the output; over the nodes in topological order, from the last back."""
-        joins = [False] * len(self.nodes)
+        joins, summing = [False] * len(self.nodes), self.residual_sums(producers)
         for idx in reversed(self.topological(producers)):
-            joins[idx] = any((self.nodes[u].role == ADD and len(producers[u]) >= 2)
+            joins[idx] = any(summing[u]
                              or (self.nodes[u].role not in (NORM, STOP, OUTPUT) and joins[u])
                              for u in self.nodes[idx].users)
         return joins
 
-    def _walk(self, start: int, unknown_between_layers: bool, producers: list[list[int]]) -> Downstream:
+    def _walk(self, start: int, unknown_between_layers: bool, producers: list[list[int]],
+              summing: list[bool]) -> Downstream:
         queue = deque((u, False, False, 1.0) for u in self.nodes[start].users)
         seen = {start}
         own: set[int] | None = None  # the products the layer's signal reaches with no layer, sum or softmax between
@@ -238,7 +257,7 @@ class Flow:
             if node.role in (STOP, OUTPUT):  # a constant before a softmax is a temperature, not the layer's
                 return Downstream(IDENTITY, normed, joined, weight_scale=scale or 1.0 if node.role == OUTPUT else 1.0)
             normed = normed or node.role == NORM
-            joined = joined or (node.role == ADD and len(producers[idx]) >= 2)
+            joined = joined or summing[idx]
             queue.extend((u, normed, joined, self._scaled(scale, idx, producers)) for u in node.users)
         return Downstream(IDENTITY, False)
 
