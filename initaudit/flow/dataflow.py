@@ -64,6 +64,7 @@ class Downstream:
     gate_after: bool = False  # the activation (sigmoid, tanh...) is a gate: its output scales another signal
     residual_branch: bool = False  # the output joins a residual sum, through any layers, before a normalization
     weight_scale: float = 1.0  # the constants the output is multiplied by before the activation (SIREN's ω0)
+    norm: str | None = None  # the normalization `norm_after` speaks of, where the flow names it
 
 
 class Flow:
@@ -234,32 +235,36 @@ class Flow:
 
     def _walk(self, start: int, unknown_between_layers: bool, producers: list[list[int]],
               summing: list[bool]) -> Downstream:
-        queue = deque((u, False, False, 1.0) for u in self.nodes[start].users)
+        queue = deque((u, None, False, 1.0) for u in self.nodes[start].users)
         seen = {start}
         own: set[int] | None = None  # the products the layer's signal reaches with no layer, sum or softmax between
         while queue:
-            idx, normed, joined, scale = queue.popleft()
+            idx, norm, joined, scale = queue.popleft()  # norm: the first normalization passed (its node)
             if idx in seen:
                 continue
             seen.add(idx)
             node = self.nodes[idx]
             if node.role == ACT:
                 gate = node.activation.family == "saturating" and self._gates(start, idx, producers)
-                return Downstream(node.activation, normed, joined, gate, weight_scale=scale or 1.0)
+                return self._ended(node.activation, norm, joined, gate, scale or 1.0)
             if node.role == LAYER:
                 if own is None:
                     own = {i for i in self._reach(start, lambda n: n.role in (PASS, SCALE, NORM, MUL))
                            if self.nodes[i].role == MUL}
                 if own and self._reach(idx, lambda n: n.role in (PASS, SCALE, ACT, LAYER)) & own:
                     continue  # a squeeze-excite gate computed from the signal, scaling it: the signal goes on
-                return Downstream(UNKNOWN if unknown_between_layers else IDENTITY, normed, joined,
-                                  weight_scale=scale or 1.0)
+                return self._ended(UNKNOWN if unknown_between_layers else IDENTITY, norm, joined, False, scale or 1.0)
             if node.role in (STOP, OUTPUT):  # a constant before a softmax is a temperature, not the layer's
-                return Downstream(IDENTITY, normed, joined, weight_scale=scale or 1.0 if node.role == OUTPUT else 1.0)
-            normed = normed or node.role == NORM
+                return self._ended(IDENTITY, norm, joined, False, scale or 1.0 if node.role == OUTPUT else 1.0)
+            norm = idx if norm is None and node.role == NORM else norm
             joined = joined or summing[idx]
-            queue.extend((u, normed, joined, self._scaled(scale, idx, producers)) for u in node.users)
+            queue.extend((u, norm, joined, self._scaled(scale, idx, producers)) for u in node.users)
         return Downstream(IDENTITY, False)
+
+    def _ended(self, activation: Activation, norm: int | None, joined: bool, gate: bool, scale: float) -> Downstream:
+        """What a walk found, where it ended: `norm` the first normalization it passed (its node), if any."""
+        return Downstream(activation, norm is not None, joined, gate, weight_scale=scale,
+                          norm=self.nodes[norm].layer if norm is not None else None)
 
     def _input_scale(self, layer: int, producers: list[list[int]]) -> float:
         """The constants a layer's only input was multiplied by on its way in, where nothing else reads it (T5's

@@ -377,7 +377,7 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
         if found is not None:
             layer.activation, layer.norm_after, layer.residual_after = found.activation, found.norm_after, found.residual_after
             layer.gate_after, layer.residual_branch = found.gate_after, found.residual_branch
-            layer.weight_scale = found.weight_scale
+            layer.weight_scale, layer.norm = found.weight_scale, found.norm
         if layer.kind == "recurrent":
             layer.activation = Activation("tanh")  # gates are sigmoid/tanh inside the cell
         layer.is_output = (layer.name in outputs if outputs is not None else
