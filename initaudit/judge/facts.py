@@ -306,10 +306,8 @@ def add_block_zeros(measured: list[Measured]) -> None:
     `_sibling_key`; siblings without a residual sum keep theirs), while each of those blocks (up to the first numbered
     name: layer1, s1) holds a live tensor of that role.
     That is how Fixup, SkipInit, zero_init_residual and adaLN-zero start every block at the identity; an init loop
-    that zeroes every gain (or every layer) leaves no live one in the block, a single zeroed layer has no twin."""
-    def zero(m: Measured) -> bool:
-        return m.stats.zero_fraction >= 0.999
-
+    that zeroes every gain (or every layer) leaves no live one in the block, a single zeroed layer has no twin, and a
+    zero layer whose output the next layer of its block takes in (SE's fc1 before fc2) ends no block."""
     siblings: dict[tuple[str, str], list[tuple[str, Measured]]] = {}
     live: set[tuple[str, str]] = set()
     for m in measured:
@@ -317,13 +315,33 @@ def add_block_zeros(measured: list[Measured]) -> None:
         if found:
             block = found.group(1)
             siblings.setdefault((_sibling_key(m.param.key), m.param.role), []).append((block, m))
-            if not zero(m):
+            if not _zero(m):
                 live.add((block, m.param.role))
     for (_, role), group in siblings.items():
-        zeros = [(block, m) for block, m in group if zero(m)]
+        zeros = [(block, m) for block, m in group if _zero(m)]
         recipe = len(zeros) >= 2 and all((block, role) in live for block, _ in zeros)
         for _, m in zeros:
             m.facts["zero_in_every_block"] = recipe
+    _zeros_fed_in_block(measured)
+
+
+def _zero(m: Measured) -> bool:
+    return m.stats.zero_fraction >= 0.999
+
+
+def _zeros_fed_in_block(measured: list[Measured]) -> None:
+    """Withdraw `zero_in_every_block` from a zero weight whose output the next layer of its own block takes in (that
+    layer's input width is this one's output width: squeeze-excite's fc1 before fc2): mid-block, no block's end."""
+    following = {m.layer.position: m for m in measured if m.param.is_weight and m.layer.weighted}
+    for m in measured:
+        after = following.get(m.layer.position + 1) if m.param.is_weight and m.layer.weighted else None
+        if not m.facts.get("zero_in_every_block") or after is None:
+            continue
+        mine, theirs = _BLOCK.match(m.param.key), _BLOCK.match(after.param.key)
+        shape, other = m.param.shape, after.param.shape
+        if mine and theirs and mine.group(1) == theirs.group(1) and len(other) >= 2 and \
+                other[1 - after.param.unit_axis] == shape[m.param.unit_axis]:
+            m.facts["zero_in_every_block"] = False
 
 
 def _sibling_key(key: str) -> str:
