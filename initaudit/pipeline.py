@@ -16,7 +16,8 @@ from initaudit.judge import rules as rulebook
 from initaudit.judge.conventions import add_convention_facts
 from initaudit.judge.declared import add_declared_facts, declarations
 from initaudit.judge.evaluate import evaluate, layer_rows, set_aside
-from initaudit.judge.facts import add_block_zeros, add_recipe_shares, effective_stats, signal_facts, tensor_facts
+from initaudit.judge.facts import (add_block_zeros, add_recipe_shares, add_zero_feeds, effective_stats, signal_facts,
+                                   tensor_facts)
 from initaudit.judge.relations import relate
 from initaudit.judge.report import Coverage, Report
 from initaudit.load.dispatch import load
@@ -43,6 +44,8 @@ def measure_and_describe(loaded: Loaded, graph: LayerGraph) -> Pass:
         m.facts = tensor_facts(graph, m)
     add_recipe_shares(done.measured)
     add_block_zeros(done.measured)
+    flow = loaded.flow
+    add_zero_feeds(done.measured, flow.next_layers() if flow is not None and flow.sees_activations else {})
     return done
 
 

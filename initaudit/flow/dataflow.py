@@ -172,6 +172,18 @@ class Flow:
             runs[name] = max(runs.get(name, 0), up[i] + down[i] - 1)
         return runs
 
+    def next_layers(self) -> dict[str, frozenset[str] | None]:
+        """Per layer: the weighted layers its output reaches first, through no other layer (None where it reaches
+        the output that way: its output is the model's, or part of it)."""
+        found: dict[str, frozenset[str] | None] = {}
+        for idx, node in enumerate(self.nodes):
+            if node.role != LAYER or not node.layer or node.layer in found:
+                continue
+            reached = self._reach(idx, lambda n: n.role != LAYER)
+            ends = [self.nodes[i] for i in reached if self.nodes[i].role in (LAYER, OUTPUT)]
+            found[node.layer] = None if any(n.role == OUTPUT for n in ends) else frozenset(n.layer for n in ends)
+        return found
+
     def shortcut_layers(self) -> set[str]:
         """Layers on the shortcut of a residual sum: the summand with fewer layers since the two summands part
         (a ResNet's downsample conv), not the branch the sum closes."""

@@ -94,6 +94,9 @@ FACTS = {
                            "each of which holds a live tensor of the same role, and the next layer of its block does not "
                            "take its output in: Fixup's, SkipInit's, zero_init_residual's and adaLN-zero's zero at each "
                            "block's end (what a bare file shows of them), not a zeroed squeeze-excite fc1 before its fc2",
+    "feeds_zero": "every weighted layer the output reaches first (through no other layer) is all zero and none is an "
+                  "output: its scale reaches no signal at init (adaLN-zero's timestep MLP feeds only the zero "
+                  "modulations); false without a flow that sees the activations",
     "origin": "predicted (check: from the weights) or measured (probe: a forward and backward pass)",
     "torch_fan_mistake": "a transposed conv drawn with Kaiming/LeCun at torch's fan (weight dim 1: out·k) where the "
                          "signal sees a different one (in·k/stride²)",

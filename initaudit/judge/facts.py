@@ -36,7 +36,7 @@ def tensor_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         "expected_std": expected, "expected_call": rec.call if rec else None,
         "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
         "shared": param.shared_with is not None, "bias_ratio": _bias_ratio(m), **_fan_facts(m), **_bias_facts(m),
-        "zero_in_every_block": False,
+        "zero_in_every_block": False, "feeds_zero": False,
     }
 
 
@@ -342,6 +342,16 @@ def _zeros_fed_in_block(measured: list[Measured]) -> None:
         if mine and theirs and mine.group(1) == theirs.group(1) and len(other) >= 2 and \
                 other[1 - after.param.unit_axis] == shape[m.param.unit_axis]:
             m.facts["zero_in_every_block"] = False
+
+
+def add_zero_feeds(measured: list[Measured], next_layers: dict[str, frozenset[str] | None]) -> None:
+    """`feeds_zero`: every layer the weight's output reaches first (`next_layers`, from the flow) is all zero and
+    none is an output: adaLN-zero's timestep MLP, whose output only the zero modulations take in."""
+    zero = {m.layer.name for m in measured if m.param.is_weight and m.layer.weighted and _zero(m)}
+    outputs = {m.layer.name for m in measured if m.layer.is_output}
+    for m in measured:
+        fed = next_layers.get(m.layer.name) if m.param.is_weight and m.layer.weighted else None
+        m.facts["feeds_zero"] = bool(fed) and fed <= zero and not fed & outputs
 
 
 def _sibling_key(key: str) -> str:
