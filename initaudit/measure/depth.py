@@ -387,7 +387,8 @@ def relative_grads(layers: list[Layer], grads: dict[str, float | None]) -> dict[
 
 
 def judged(layers: list[Layer], scales: dict[str, float | None], grads: dict[str, float | None],
-           band: tuple[float, float], set_off: frozenset[str] | set[str] = frozenset()) -> tuple[dict[str, str], dict[str, str]]:
+           band: tuple[float, float],
+           set_off: frozenset[str] | set[str] = frozenset()) -> tuple[dict[str, str], dict[str, str]]:
     """(forward exits, backward exits) over the judged layers (`judged_layers`): forward in order, backward from the
     output (`grads` relative, see `relative_grads`). On a residual branch only exploding counts, either way: the
     sum carries the stream (and its gradient) on, and a branch that starts near zero is what zero-init residuals,
