@@ -19,11 +19,10 @@ ACT = "act"        # a non-linearity: `activation` says which
 NORM = "norm"      # BatchNorm/LayerNorm/GroupNorm/RMSNorm...
 STOP = "stop"      # softmax and the like: the layer before it is linear (identity)
 OUTPUT = "output"  # the graph's output
-ADD = "add"        # an elementwise sum: with two inputs that carry the signal, a residual join
+ADD = "add"        # an elementwise sum: with two computed inputs, a residual join
 MUL = "mul"        # an elementwise product: with two computed inputs, where a gate scales a signal
 PASS = "pass"      # anything that carries the signal on (reshape, dropout, pooling, matmul...)
 SCALE = "scale"    # a product by a constant (not a learnable parameter): `factor` says which
-INPUT = "input"    # one of the model's inputs: what carries the signal starts here and at the layers
 
 MUL_NAMES = frozenset({"mul", "mul_", "__mul__", "__rmul__", "__imul__", "imul", "Mul"})
 DIV_NAMES = frozenset({"div", "div_", "truediv", "__truediv__", "__itruediv__", "itruediv", "Div"})
@@ -64,7 +63,6 @@ class Downstream:
     gate_after: bool = False  # the activation (sigmoid, tanh...) is a gate: its output scales another signal
     residual_branch: bool = False  # the output joins a residual sum, through any layers, before a normalization
     weight_scale: float = 1.0  # the constants the output is multiplied by before the activation (SIREN's ω0)
-    norm: str | None = None  # the normalization `norm_after` speaks of, where the flow names it
 
 
 class Flow:
@@ -99,6 +97,30 @@ class Flow:
         if dst not in self.nodes[src].users:
             self.nodes[src].users.append(dst)
 
+    def norms_after(self) -> dict[str, str]:
+        """Per layer: the named normalization its output meets first, before any activation, layer, softmax or the
+        output (the norm `norm_after` speaks of)."""
+        found: dict[str, str] = {}
+        for idx, node in enumerate(self.nodes):
+            if node.role == LAYER and node.layer and node.layer not in found:
+                reached = self._reach(idx, lambda n: n.role not in (ACT, LAYER, STOP, OUTPUT, NORM))
+                norms = sorted(i for i in reached if self.nodes[i].role == NORM and self.nodes[i].layer)
+                if norms:
+                    found[node.layer] = self.nodes[norms[0]].layer
+        return found
+
+    def next_layers(self) -> dict[str, frozenset[str] | None]:
+        """Per layer: the weighted layers its output reaches first, through no other layer (None where it reaches
+        the output that way: its output is the model's, or part of it)."""
+        found: dict[str, frozenset[str] | None] = {}
+        for idx, node in enumerate(self.nodes):
+            if node.role != LAYER or not node.layer or node.layer in found:
+                continue
+            reached = self._reach(idx, lambda n: n.role != LAYER)
+            ends = [self.nodes[i] for i in reached if self.nodes[i].role in (LAYER, OUTPUT)]
+            found[node.layer] = None if any(n.role == OUTPUT for n in ends) else frozenset(n.layer for n in ends)
+        return found
+
     @classmethod
     def chain(cls, items: list[tuple[str, str | None, Activation | None]], sees_activations: bool = True) -> "Flow":
         """A linear flow from an ordered list of (role, layer, activation), e.g. module registration order."""
@@ -128,11 +150,10 @@ class Flow:
         """
         producers = self.producers()
         joins = self._joins(producers)
-        summing = self.residual_sums(producers)
         found: dict[str, Downstream] = {}
         for start, node in enumerate(self.nodes):  # a norm module's node, where named, too (its residual_branch)
             if node.role in (LAYER, NORM) and node.layer and node.layer not in found:
-                walked = self._walk(start, unknown_between_layers, producers, summing)
+                walked = self._walk(start, unknown_between_layers, producers)
                 found[node.layer] = replace(walked, residual_branch=joins[start],
                                             weight_scale=walked.weight_scale * self._input_scale(start, producers))
         return found
@@ -142,7 +163,6 @@ class Flow:
         residual sum between two of them, and none past a layer in `gated` (its output only scales a signal):
         the run its scale compounds in. Parallel branches (detection heads, q/k/v) are runs of their own."""
         producers = self.producers()
-        summing = self.residual_sums(producers)
         order = [i for i in self.topological(producers) if self.nodes[i].role == LAYER]
         feeds: dict[int, list[int]] = {i: [] for i in order}
         for i in order:
@@ -156,7 +176,7 @@ class Flow:
                 if node.role == LAYER:
                     if node.layer not in gated and j in feeds:
                         feeds[j].append(i)
-                elif node.role not in (NORM, STOP, OUTPUT) and not summing[j]:
+                elif node.role not in (NORM, STOP, OUTPUT) and not (node.role == ADD and len(producers[j]) >= 2):
                     queue.extend(producers[j])
         up = {i: 1 for i in order}
         for i in order:
@@ -172,46 +192,19 @@ class Flow:
             runs[name] = max(runs.get(name, 0), up[i] + down[i] - 1)
         return runs
 
-    def next_layers(self) -> dict[str, frozenset[str] | None]:
-        """Per layer: the weighted layers its output reaches first, through no other layer (None where it reaches
-        the output that way: its output is the model's, or part of it)."""
-        found: dict[str, frozenset[str] | None] = {}
-        for idx, node in enumerate(self.nodes):
-            if node.role != LAYER or not node.layer or node.layer in found:
-                continue
-            reached = self._reach(idx, lambda n: n.role != LAYER)
-            ends = [self.nodes[i] for i in reached if self.nodes[i].role in (LAYER, OUTPUT)]
-            found[node.layer] = None if any(n.role == OUTPUT for n in ends) else frozenset(n.layer for n in ends)
-        return found
-
     def shortcut_layers(self) -> set[str]:
         """Layers on the shortcut of a residual sum: the summand with fewer layers since the two summands part
         (a ResNet's downsample conv), not the branch the sum closes."""
         producers = self.producers()
-        carrying = self.carriers(producers)
         out: set[str] = set()
         for idx, node in enumerate(self.nodes):
-            summands = [p for p in producers[idx] if carrying[p]]
-            if node.role == ADD and len(summands) == 2:
-                sides = [self._reach(p, lambda _: True, producers) | {p} for p in summands]
+            if node.role == ADD and len(producers[idx]) == 2:
+                sides = [self._reach(p, lambda _: True, producers) | {p} for p in producers[idx]]
                 common = sides[0] & sides[1]
                 layers = [{self.nodes[j].layer for j in side - common if self.nodes[j].role == LAYER} for side in sides]
                 if len(layers[0]) != len(layers[1]):
                     out |= min(layers, key=len)
         return out
-
-    def carriers(self, producers: list[list[int]]) -> list[bool]:
-        """Per node: its output carries the signal, computed from a model input or a layer (not a parameter, buffer
-        or constant alone: Fixup's scalar biases, a position table added to the tokens)."""
-        carrying = [False] * len(self.nodes)
-        for idx in self.topological(producers):
-            carrying[idx] = self.nodes[idx].role in (LAYER, INPUT) or any(carrying[p] for p in producers[idx])
-        return carrying
-
-    def residual_sums(self, producers: list[list[int]]) -> list[bool]:
-        """Per node: a residual sum, adding two or more tensors that carry the signal (`carriers`)."""
-        carrying = self.carriers(producers)
-        return [node.role == ADD and sum(carrying[p] for p in producers[i]) >= 2 for i, node in enumerate(self.nodes)]
 
     def producers(self) -> list[list[int]]:
         """Each node's producers (the nodes it is a user of)."""
@@ -238,45 +231,40 @@ class Flow:
     def _joins(self, producers: list[list[int]]) -> list[bool]:
         """Per node: its output reaches a residual sum (two computed tensors added) before a normalization, a
         softmax or the output; over the nodes in topological order, from the last back."""
-        joins, summing = [False] * len(self.nodes), self.residual_sums(producers)
+        joins = [False] * len(self.nodes)
         for idx in reversed(self.topological(producers)):
-            joins[idx] = any(summing[u]
+            joins[idx] = any((self.nodes[u].role == ADD and len(producers[u]) >= 2)
                              or (self.nodes[u].role not in (NORM, STOP, OUTPUT) and joins[u])
                              for u in self.nodes[idx].users)
         return joins
 
-    def _walk(self, start: int, unknown_between_layers: bool, producers: list[list[int]],
-              summing: list[bool]) -> Downstream:
-        queue = deque((u, None, False, 1.0) for u in self.nodes[start].users)
+    def _walk(self, start: int, unknown_between_layers: bool, producers: list[list[int]]) -> Downstream:
+        queue = deque((u, False, False, 1.0) for u in self.nodes[start].users)
         seen = {start}
         own: set[int] | None = None  # the products the layer's signal reaches with no layer, sum or softmax between
         while queue:
-            idx, norm, joined, scale = queue.popleft()  # norm: the first normalization passed (its node)
+            idx, normed, joined, scale = queue.popleft()
             if idx in seen:
                 continue
             seen.add(idx)
             node = self.nodes[idx]
             if node.role == ACT:
                 gate = node.activation.family == "saturating" and self._gates(start, idx, producers)
-                return self._ended(node.activation, norm, joined, gate, scale or 1.0)
+                return Downstream(node.activation, normed, joined, gate, weight_scale=scale or 1.0)
             if node.role == LAYER:
                 if own is None:
                     own = {i for i in self._reach(start, lambda n: n.role in (PASS, SCALE, NORM, MUL))
                            if self.nodes[i].role == MUL}
                 if own and self._reach(idx, lambda n: n.role in (PASS, SCALE, ACT, LAYER)) & own:
                     continue  # a squeeze-excite gate computed from the signal, scaling it: the signal goes on
-                return self._ended(UNKNOWN if unknown_between_layers else IDENTITY, norm, joined, False, scale or 1.0)
+                return Downstream(UNKNOWN if unknown_between_layers else IDENTITY, normed, joined,
+                                  weight_scale=scale or 1.0)
             if node.role in (STOP, OUTPUT):  # a constant before a softmax is a temperature, not the layer's
-                return self._ended(IDENTITY, norm, joined, False, scale or 1.0 if node.role == OUTPUT else 1.0)
-            norm = idx if norm is None and node.role == NORM else norm
-            joined = joined or summing[idx]
-            queue.extend((u, norm, joined, self._scaled(scale, idx, producers)) for u in node.users)
+                return Downstream(IDENTITY, normed, joined, weight_scale=scale or 1.0 if node.role == OUTPUT else 1.0)
+            normed = normed or node.role == NORM
+            joined = joined or (node.role == ADD and len(producers[idx]) >= 2)
+            queue.extend((u, normed, joined, self._scaled(scale, idx, producers)) for u in node.users)
         return Downstream(IDENTITY, False)
-
-    def _ended(self, activation: Activation, norm: int | None, joined: bool, gate: bool, scale: float) -> Downstream:
-        """What a walk found, where it ended: `norm` the first normalization it passed (its node), if any."""
-        return Downstream(activation, norm is not None, joined, gate, weight_scale=scale,
-                          norm=self.nodes[norm].layer if norm is not None else None)
 
     def _input_scale(self, layer: int, producers: list[list[int]]) -> float:
         """The constants a layer's only input was multiplied by on its way in, where nothing else reads it (T5's

@@ -14,7 +14,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from initaudit.flow.dataflow import DIV_NAMES, INPUT, LAYER, MUL_NAMES, NORM, OUTPUT, PASS, SCALE, Flow, scale_factor
+from initaudit.flow.dataflow import DIV_NAMES, LAYER, MUL_NAMES, NORM, OUTPUT, PASS, SCALE, Flow, scale_factor
 from initaudit.flow.layers import ModuleInfo
 from initaudit.flow.layer import WEIGHTED_KINDS
 from initaudit.flow.trace import LAYER_FUNCTIONS, constant_value, function_role, left_as_found, module_role
@@ -113,8 +113,6 @@ def dynamic_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo], inputs: tu
         handles.append(module.register_forward_hook(_leave(recorder, role, name if role in (LAYER, NORM) else None, act),
                                                     with_kwargs=True))
     args, kwargs = inputs
-    for t in _tensors(inputs):
-        recorder.made[id(t)] = (t, recorder.flow.add(INPUT))
     try:
         with left_as_found(root), torch.no_grad(), recorder:
             root.eval()

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 
 from initaudit.flow.activations import UNKNOWN, Activation
-from initaudit.flow.dataflow import ACT, INPUT, LAYER, MUL, NORM, OUTPUT, PASS, SCALE, Flow
+from initaudit.flow.dataflow import ACT, LAYER, MUL, NORM, OUTPUT, PASS, SCALE, Flow
 from initaudit.flow.onnx_ops import (SHAPE_ONLY, SUBGRAPH_OPS, FoundLayers, OnnxLayers, SubgraphContract, View,
                                      constant_factor, find_layers, flow_role, parameter_moment, signal_outputs)
 from initaudit.flow.onnx_scopes import EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, ModuleNames, scopes, walk
@@ -94,8 +94,7 @@ class _FlowBuilder:
 
     def model(self, root: GraphIndex) -> Flow:
         """The flow of the main graph `root`, its outputs linked to the flow's output node."""
-        inputs = [i.name for i in root.scope.graph.input if root.source(i.name) is None]  # not initializers
-        made: ChainMap = ChainMap({name: self.flow.add(INPUT) for name in inputs})
+        made: ChainMap = ChainMap()
         self.graph(root, made)
         out = self.flow.add(OUTPUT)
         for o in root.scope.graph.output:

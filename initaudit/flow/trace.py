@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import torch
 
 from initaudit.flow.activations import UNKNOWN, Activation, canonical, unmodelled
-from initaudit.flow.dataflow import (ACT, ADD, DIV_NAMES, INPUT, LAYER, MUL, MUL_NAMES, NORM, OUTPUT, PASS, SCALE,
-                                     STOP, Flow, scale_factor)
+from initaudit.flow.dataflow import (ACT, ADD, DIV_NAMES, LAYER, MUL, MUL_NAMES, NORM, OUTPUT, PASS, SCALE, STOP, Flow,
+                                     scale_factor)
 from initaudit.flow.layers import ModuleInfo, kind_of_class
 from initaudit.flow.layer import WEIGHTED_KINDS
 
@@ -217,8 +217,8 @@ def _fx_node(flow: Flow, traced: torch.fx.GraphModule, node: torch.fx.Node,
     if node.op == "output":
         idx = flow.add(OUTPUT)
         return idx, idx
-    if node.op not in ("call_function", "call_method"):  # an input, or a parameter, buffer or constant read
-        idx = flow.add(INPUT if node.op == "placeholder" else PASS)
+    if node.op not in ("call_function", "call_method"):
+        idx = flow.add(PASS)
         return idx, idx
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     layer = _functional_layer(node, name, traced)
@@ -343,7 +343,7 @@ class _ScriptFlow:
 
     def build(self, graph: torch._C.Graph) -> Flow:
         for value in graph.inputs():
-            self.ids[value] = self.flow.add(INPUT)
+            self.ids[value] = self.flow.add(PASS)
         self.visit(graph.nodes())
         out = self.flow.add(OUTPUT)
         for value in graph.outputs():
