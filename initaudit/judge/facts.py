@@ -304,7 +304,8 @@ def add_block_zeros(measured: list[Measured]) -> None:
     """`zero_in_every_block`: the tensor is all zero, and so is the same tensor of at least one numbered sibling block
     (layer1.0.bn2.weight, layer2.1.bn2.weight, s1.b2.conv3.bn.weight...: block numbers read as wildcards,
     `_sibling_key`; siblings without a residual sum keep theirs), while each of those blocks (up to the first numbered
-    name: layer1, s1) holds a live tensor of that role.
+    name: layer1, s1) holds a live tensor of that role; and a lone zero outside them whose path ends as theirs does
+    (DiT's final_layer.adaLN_modulation beside every block's adaLN_modulation).
     That is how Fixup, SkipInit, zero_init_residual and adaLN-zero start every block at the identity; an init loop
     that zeroes every gain (or every layer) leaves no live one in the block, a single zeroed layer has no twin, and a
     zero layer whose output the next layer of its block takes in (SE's fc1 before fc2) ends no block."""
@@ -317,16 +318,31 @@ def add_block_zeros(measured: list[Measured]) -> None:
             siblings.setdefault((_sibling_key(m.param.key), m.param.role), []).append((block, m))
             if not _zero(m):
                 live.add((block, m.param.role))
+    recipes: set[tuple[str, str]] = set()  # (the path within its block, role) of each block recipe's zeros
     for (_, role), group in siblings.items():
         zeros = [(block, m) for block, m in group if _zero(m)]
         recipe = len(zeros) >= 2 and all((block, role) in live for block, _ in zeros)
-        for _, m in zeros:
+        for block, m in zeros:
             m.facts["zero_in_every_block"] = recipe
+            if recipe:
+                recipes.add((m.param.key[len(block) + 1:], role))
+    _lone_zeros_like(measured, recipes)
     _zeros_fed_in_block(measured)
 
 
 def _zero(m: Measured) -> bool:
     return m.stats.zero_fraction >= 0.999
+
+
+def _lone_zeros_like(measured: list[Measured], recipes: set[tuple[str, str]]) -> None:
+    """A zero tensor no sibling block repeats whose path ends as a block recipe's path within its block does, from a
+    named module on (DiT's final_layer.adaLN_modulation.1.weight beside blocks.*.adaLN_modulation.1.weight): the
+    same recipe, outside the blocks."""
+    paths = {(path, role) for path, role in recipes if not path.split(".", 1)[0].isdigit()}
+    for m in measured:
+        if _zero(m) and not m.facts.get("zero_in_every_block") and any(
+                m.param.role == role and m.param.key.endswith("." + path) for path, role in paths):
+            m.facts["zero_in_every_block"] = True
 
 
 def _zeros_fed_in_block(measured: list[Measured]) -> None:
