@@ -17,7 +17,8 @@ from initaudit.judge import rules as rulebook
 from initaudit.judge.conventions import add_convention_facts
 from initaudit.judge.declared import add_declared_facts, declarations
 from initaudit.judge.evaluate import evaluate, layer_rows, set_aside
-from initaudit.judge.facts import add_block_zeros, add_recipe_shares, effective_stats, signal_facts, tensor_facts
+from initaudit.judge.facts import (add_block_zeros, add_recipe_shares, add_zero_feeds, effective_stats, signal_facts,
+                                   tensor_facts)
 from initaudit.judge.relations import relate
 from initaudit.judge.report import Coverage, Report
 from initaudit.load.dispatch import load
@@ -46,6 +47,8 @@ def measure_and_describe(loaded: Loaded, graph: LayerGraph, measured_from: dict[
         m.facts = tensor_facts(graph, m)
     add_recipe_shares(done.measured)
     add_block_zeros(done.measured)
+    flow = loaded.flow
+    add_zero_feeds(done.measured, flow.next_layers() if flow is not None and flow.sees_activations else {})
     return done
 
 
@@ -84,13 +87,28 @@ def depth_weights(measured: list[Measured]) -> dict[str, depth.Weights]:
             for name, w in out.items() if math.isfinite(w.second_moment)}
 
 
+def norm_gains(measured: list[Measured]) -> dict[str, float]:
+    """Each norm's E[γ²] of the gain it scales by (1 + w where the norm adds one: Gemma's), for the depth analysis;
+    left out where the convention is unknown and the gain all zero (x·w or x·(1+w): the file cannot tell)."""
+    out = {}
+    for m in measured:
+        if m.layer.kind != "norm" or m.param.role != "norm_weight" or m.stats.non_finite or not m.stats.finite:
+            continue
+        st, offset = effective_stats(m), m.layer.gain_offset
+        if offset is None and m.stats.zero_fraction >= 0.999:
+            continue
+        out[m.layer.name] = st.std ** 2 + (st.mean + (1.0 if offset else 0.0)) ** 2
+    return {name: gain for name, gain in out.items() if math.isfinite(gain)}
+
+
 def predict_depth(loaded: Loaded, graph: LayerGraph, measured: list[Measured],
                   band: tuple[float, float]) -> dict[str, depth.LayerDepth]:
     """The depth analysis (measure/depth.py): each weighted layer's predicted gain and scales, as facts of its weight."""
-    found = depth.predict(graph, loaded.flow, depth_weights(measured))
+    found = depth.predict(graph, loaded.flow, depth_weights(measured), norm_gains(measured))
     depth.judge_streams(found, band)
     forward, backward = depth.judged(list(graph), {n: d.scale for n, d in found.items()},
-                                     {n: d.grad_scale for n, d in found.items()}, band)
+                                     {n: d.grad_scale for n, d in found.items()}, band,
+                                     {n for n, d in found.items() if d.after_norm})
     for m in measured:
         if m.param is m.layer.param("weight") and m.layer.weighted:
             m.facts.update(signal_facts(m.layer, found.get(m.layer.name), forward, backward))

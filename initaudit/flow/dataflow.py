@@ -97,6 +97,30 @@ class Flow:
         if dst not in self.nodes[src].users:
             self.nodes[src].users.append(dst)
 
+    def norms_after(self) -> dict[str, str]:
+        """Per layer: the named normalization its output meets first, before any activation, layer, softmax or the
+        output (the norm `norm_after` speaks of)."""
+        found: dict[str, str] = {}
+        for idx, node in enumerate(self.nodes):
+            if node.role == LAYER and node.layer and node.layer not in found:
+                reached = self._reach(idx, lambda n: n.role not in (ACT, LAYER, STOP, OUTPUT, NORM))
+                norms = sorted(i for i in reached if self.nodes[i].role == NORM and self.nodes[i].layer)
+                if norms:
+                    found[node.layer] = self.nodes[norms[0]].layer
+        return found
+
+    def next_layers(self) -> dict[str, frozenset[str] | None]:
+        """Per layer: the weighted layers its output reaches first, through no other layer (None where it reaches
+        the output that way: its output is the model's, or part of it)."""
+        found: dict[str, frozenset[str] | None] = {}
+        for idx, node in enumerate(self.nodes):
+            if node.role != LAYER or not node.layer or node.layer in found:
+                continue
+            reached = self._reach(idx, lambda n: n.role != LAYER)
+            ends = [self.nodes[i] for i in reached if self.nodes[i].role in (LAYER, OUTPUT)]
+            found[node.layer] = None if any(n.role == OUTPUT for n in ends) else frozenset(n.layer for n in ends)
+        return found
+
     @classmethod
     def chain(cls, items: list[tuple[str, str | None, Activation | None]], sees_activations: bool = True) -> "Flow":
         """A linear flow from an ordered list of (role, layer, activation), e.g. module registration order."""

@@ -48,6 +48,7 @@ class Layer:
     module_type: str | None = None
     activation: Activation = UNKNOWN
     norm_after: bool = False
+    norm: str | None = None  # the normalization right after it (norm_after), where the flow names it
     residual_after: bool = False  # the layer's output joins a residual sum before the next layer
     gate_after: bool = False  # the layer feeds a gate (sigmoid/tanh scaling another signal: squeeze-excite, GLU)
     residual_branch: bool = False  # the output joins a residual sum, through any layers, before a normalization

@@ -340,27 +340,29 @@ def context(layers: list[Layer], flow: Flow | None, names_sorted: bool) -> tuple
         order = list(dict.fromkeys(node.layer for node in flow.nodes if node.role == LAYER and node.layer))
         downstream = flow.downstream(unknown_between_layers=not flow.sees_activations)
         runs = flow.run_lengths({name for name, found in downstream.items() if found.gate_after})
-        return downstream, {"order": order, "runs": runs}
+        return downstream, {"order": order, "runs": runs, "norms": flow.norms_after()}
     if not names_sorted:
-        return order_flow(layers).downstream(unknown_between_layers=True), {}
+        chained = order_flow(layers)
+        return chained.downstream(unknown_between_layers=True), {"norms": chained.norms_after()}
     bare = key_order.arrange(layers)
-    downstream = order_flow(bare.layers, bare.outputs, bare.tied_head).downstream(unknown_between_layers=True)
-    return downstream, {"order": [layer.name for layer in bare.layers],
-                        "outputs": bare.outputs if bare.outputs or bare.tied_head else None,
-                        "uncertain": bare.uncertain}
+    chained = order_flow(bare.layers, bare.outputs, bare.tied_head)
+    return chained.downstream(unknown_between_layers=True), {
+        "order": [layer.name for layer in bare.layers], "norms": chained.norms_after(),
+        "outputs": bare.outputs if bare.outputs or bare.tied_head else None, "uncertain": bare.uncertain}
 
 
 def annotate(layers: list[Layer], downstream: dict[str, Downstream],
              default: Activation | None = None, overrides: dict[str, Activation] | None = None,
              order: list[str] | None = None, outputs: set[str] | None = None,
              uncertain: set[str] | None = None, hints: dict[str, Activation] | None = None,
-             runs: dict[str, int] | None = None) -> LayerGraph:
+             runs: dict[str, int] | None = None, norms: dict[str, str] | None = None) -> LayerGraph:
     """Attach activations, norms, positions and run depths; `hints` (layer name -> activation its name
     suggests) then `default` fill what the flow leaves unknown; user overrides (glob patterns) win.
     Run depths are `runs` (along the flow's paths) where given, else runs of the forward order.
 
     Positions and runs follow `order` (forward order, by layer name), else the layers' own order; a
-    layer `order` lacks (the flow never saw it) comes after the others, a run of its own. The output
+    layer `order` lacks (the flow never saw it) comes after the others, a run of its own. `norms` names the norm
+    right after a layer, where the flow names it. The output
     layers are `outputs` where given (an empty set: none, the head being a tied embedding), else the
     last layer when it is linear; `uncertain` layers get `order_known` False.
     """
@@ -374,6 +376,7 @@ def annotate(layers: list[Layer], downstream: dict[str, Downstream],
         found = downstream.get(layer.name)
         layer.position = i
         layer.order_known = layer.name not in (uncertain or ())
+        layer.norm = (norms or {}).get(layer.name)
         if found is not None:
             layer.activation, layer.norm_after, layer.residual_after = found.activation, found.norm_after, found.residual_after
             layer.gate_after, layer.residual_branch = found.gate_after, found.residual_branch

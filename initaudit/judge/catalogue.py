@@ -101,8 +101,13 @@ FACTS = {
     "in_flow": "a norm the model's flow names, so whether its output joins a residual sum (residual_branch) is "
                "known; false for weighted layers and for norms no flow names",
     "zero_in_every_block": "all zero, as is the same tensor of another numbered sibling block (2 or more in all), "
-                           "each of which holds a live tensor of the same role: Fixup's, SkipInit's, zero_init_residual's "
-                           "and adaLN-zero's zero at each block's end (what a bare file shows of them)",
+                           "each of which holds a live tensor of the same role, and the next layer of its block does not "
+                           "take its output in: Fixup's, SkipInit's, zero_init_residual's and adaLN-zero's zero at each "
+                           "block's end (what a bare file shows of them), not a zeroed squeeze-excite fc1 before its fc2; "
+                           "also a lone zero whose path ends as theirs (DiT's final_layer.adaLN_modulation)",
+    "feeds_zero": "every weighted layer the output reaches first (through no other layer) is all zero and none is an "
+                  "output: its scale reaches no signal at init (adaLN-zero's timestep MLP feeds only the zero "
+                  "modulations); false without a flow that sees the activations",
     "origin": "predicted (check: from the weights) or measured (probe: a forward and backward pass)",
     "torch_fan_mistake": "a transposed conv drawn with Kaiming/LeCun at torch's fan (weight dim 1: out·k) where the "
                          "signal sees a different one (in·k/stride²)",

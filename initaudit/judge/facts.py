@@ -36,7 +36,7 @@ def tensor_facts(graph: LayerGraph, m: Measured) -> dict[str, Any]:
         "expected_std": expected, "expected_call": rec.call if rec else None,
         "std_ratio": ratio, "variance_gain": ratio * ratio if ratio is not None else None,
         "shared": param.shared_with is not None, "bias_ratio": _bias_ratio(m), **_fan_facts(m), **_bias_facts(m),
-        "zero_in_every_block": False, **coord_facts(),
+        "zero_in_every_block": False, "feeds_zero": False, **coord_facts(),
     }
 
 
@@ -315,12 +315,11 @@ def add_block_zeros(measured: list[Measured]) -> None:
     """`zero_in_every_block`: the tensor is all zero, and so is the same tensor of at least one numbered sibling block
     (layer1.0.bn2.weight, layer2.1.bn2.weight, s1.b2.conv3.bn.weight...: block numbers read as wildcards,
     `_sibling_key`; siblings without a residual sum keep theirs), while each of those blocks (up to the first numbered
-    name: layer1, s1) holds a live tensor of that role.
+    name: layer1, s1) holds a live tensor of that role; and a lone zero outside them whose path ends as theirs does
+    (DiT's final_layer.adaLN_modulation beside every block's adaLN_modulation).
     That is how Fixup, SkipInit, zero_init_residual and adaLN-zero start every block at the identity; an init loop
-    that zeroes every gain (or every layer) leaves no live one in the block, a single zeroed layer has no twin."""
-    def zero(m: Measured) -> bool:
-        return m.stats.zero_fraction >= 0.999
-
+    that zeroes every gain (or every layer) leaves no live one in the block, a single zeroed layer has no twin, and a
+    zero layer whose output the next layer of its block takes in (SE's fc1 before fc2) ends no block."""
     siblings: dict[tuple[str, str], list[tuple[str, Measured]]] = {}
     live: set[tuple[str, str]] = set()
     for m in measured:
@@ -328,13 +327,58 @@ def add_block_zeros(measured: list[Measured]) -> None:
         if found:
             block = found.group(1)
             siblings.setdefault((_sibling_key(m.param.key), m.param.role), []).append((block, m))
-            if not zero(m):
+            if not _zero(m):
                 live.add((block, m.param.role))
+    recipes: set[tuple[str, str]] = set()  # (the path within its block, role) of each block recipe's zeros
     for (_, role), group in siblings.items():
-        zeros = [(block, m) for block, m in group if zero(m)]
+        zeros = [(block, m) for block, m in group if _zero(m)]
         recipe = len(zeros) >= 2 and all((block, role) in live for block, _ in zeros)
-        for _, m in zeros:
+        for block, m in zeros:
             m.facts["zero_in_every_block"] = recipe
+            if recipe:
+                recipes.add((m.param.key[len(block) + 1:], role))
+    _lone_zeros_like(measured, recipes)
+    _zeros_fed_in_block(measured)
+
+
+def _zero(m: Measured) -> bool:
+    return m.stats.zero_fraction >= 0.999
+
+
+def _lone_zeros_like(measured: list[Measured], recipes: set[tuple[str, str]]) -> None:
+    """A zero tensor no sibling block repeats whose path ends as a block recipe's path within its block does, from a
+    named module on (DiT's final_layer.adaLN_modulation.1.weight beside blocks.*.adaLN_modulation.1.weight): the
+    same recipe, outside the blocks."""
+    paths = {(path, role) for path, role in recipes if not path.split(".", 1)[0].isdigit()}
+    for m in measured:
+        if _zero(m) and not m.facts.get("zero_in_every_block") and any(
+                m.param.role == role and m.param.key.endswith("." + path) for path, role in paths):
+            m.facts["zero_in_every_block"] = True
+
+
+def _zeros_fed_in_block(measured: list[Measured]) -> None:
+    """Withdraw `zero_in_every_block` from a zero weight whose output the next layer of its own block takes in (that
+    layer's input width is this one's output width: squeeze-excite's fc1 before fc2): mid-block, no block's end."""
+    following = {m.layer.position: m for m in measured if m.param.is_weight and m.layer.weighted}
+    for m in measured:
+        after = following.get(m.layer.position + 1) if m.param.is_weight and m.layer.weighted else None
+        if not m.facts.get("zero_in_every_block") or after is None:
+            continue
+        mine, theirs = _BLOCK.match(m.param.key), _BLOCK.match(after.param.key)
+        shape, other = m.param.shape, after.param.shape
+        if mine and theirs and mine.group(1) == theirs.group(1) and len(other) >= 2 and \
+                other[1 - after.param.unit_axis] == shape[m.param.unit_axis]:
+            m.facts["zero_in_every_block"] = False
+
+
+def add_zero_feeds(measured: list[Measured], next_layers: dict[str, frozenset[str] | None]) -> None:
+    """`feeds_zero`: every layer the weight's output reaches first (`next_layers`, from the flow) is all zero and
+    none is an output: adaLN-zero's timestep MLP, whose output only the zero modulations take in."""
+    zero = {m.layer.name for m in measured if m.param.is_weight and m.layer.weighted and _zero(m)}
+    outputs = {m.layer.name for m in measured if m.layer.is_output}
+    for m in measured:
+        fed = next_layers.get(m.layer.name) if m.param.is_weight and m.layer.weighted else None
+        m.facts["feeds_zero"] = bool(fed) and fed <= zero and not fed & outputs
 
 
 def _sibling_key(key: str) -> str:

@@ -8,7 +8,8 @@ output. Each quantity is a second moment (E[x²]); what is reported is its squar
   the layer's own operating point q. These Gaussian expectations are computed numerically (a fine grid
   over ±10σ), so ReLU gives 1/2 and leaky ReLU (1+a²)/2 exactly, and tanh, sigmoid, GELU, SiLU, SELU…
   the factor of the scale they actually see (tanh: 1 for small signals, ≈0.39 at q=1, → 1/q saturated);
-- a normalization resets the signal to 1 and divides the gradient by the signal it normalized;
+- a normalization resets the signal to its gain's second moment E[γ²] (1 without a gain; a gain the user left
+  at N(0, 0.02) puts out 0.02 of the scale) and multiplies the gradient by E[γ²] over the signal it normalized;
 - a residual sum adds the second moments of its inputs (the gradient is copied to both);
 - a softmax (attention weights) carries no signal of its own; everything else passes the scale on;
 - what a recurrent cell or a fused attention module puts out is not modelled: unknown until a normalization.
@@ -17,7 +18,8 @@ output. Each quantity is a second moment (E[x²]); what is reported is its squar
 
 A layer's `gain` is fan_in·E[w²] times its activation's factor at its operating point (the variance gain
 a plain stack multiplies, layer after layer); `scale` the RMS of its output; `grad_scale` the RMS of the
-loss gradient at its output, relative to the last hidden layer's (`relative_grads`). `judged` says where,
+loss gradient at its output, relative to the last hidden layer's (`relative_grads`); `after_norm` the norm
+whose gain set the scale its run starts from, where that gain is NORM_OFF or more off 1. `judged` says where,
 in forward order (backward: from the output), the scale leaves the band.
 """
 
@@ -39,6 +41,9 @@ DEEP_RUN = 5  # judged: runs of this many weighted layers or more (the selection
 # fitted (geometric mean) over the last STREAM_FIT blocks; additive growth (a pre-norm transformer's: each branch
 # adds about a unit) gives 1 + 1/k at block k, under 1.1 from the tenth block on.
 STREAM_GROWTH, STREAM_FIT = 1.1, 4
+# A norm whose gain's RMS is this far off 1 (either way) does not reset the scale: it sets it off, and the run after
+# it is judged however short (DCGAN's BatchNorm gains drawn N(0, 0.02) put out 2 % of the signal's scale).
+NORM_OFF = 10.0
 RULES = ("signal-vanishing", "signal-exploding")  # the rules the depth analysis feeds (predicted or measured)
 # Kinds whose gain is fan_in·E[w²]; recurrent cells and fused attention pass the scale on unjudged.
 _PLAIN = ("linear", "conv")
@@ -107,6 +112,7 @@ class LayerDepth:
     grad_scale: float | None = None  # RMS of the loss gradient at the layer's output (relative: `relative_grads`)
     stream: "StreamSum | None" = None  # the residual sum this layer's output (a branch end) joins, where one does
     stream_exit: str | None = None   # "exploding" where the residual stream leaves the band growing exponentially
+    after_norm: tuple[str, float] | None = None  # (the norm, its gain's RMS) that set the scale its run starts from
     dead: str | None = None          # measured (probe): how the signal died at this layer, everything after it dead
 
 
@@ -130,7 +136,7 @@ def chain(graph: LayerGraph) -> Flow:
     for layer in sorted((layer for layer in graph if layer.weighted), key=lambda layer: layer.position):
         items.append((LAYER, layer.name, None))
         if layer.norm_after:
-            items.append((NORM, None, None))
+            items.append((NORM, layer.norm, None))
         if layer.activation != IDENTITY:
             items.append((ACT, None, layer.activation))
     return Flow.chain(items)
@@ -153,28 +159,49 @@ def _gathered(values: list[float | None]) -> float | None:
     return max(signal) if signal else _NO_SIGNAL
 
 
-def propagate(flow: Flow, weights: dict[str, Weights], kinds: dict[str, str]) -> dict[str, LayerDepth]:
-    """Forward and backward second moments along the flow; per layer (its first node) the RMS values, and for a
-    branch end the residual sum it joins (`streams`)."""
+def propagate(flow: Flow, weights: dict[str, Weights], kinds: dict[str, str],
+              gains: dict[str, float] | None = None) -> dict[str, LayerDepth]:
+    """Forward and backward second moments along the flow (`gains`: each named norm's E[γ²], 1 where not given);
+    per layer (its first node) the RMS values, for a branch end the residual sum it joins (`streams`), and the
+    norm whose gain set its run's scale off 1 (`set_off`)."""
+    gains = gains or {}
     order, producers = _order(flow)
-    fwd, inputs = _forward(flow, order, producers, weights, kinds)
+    fwd, inputs = _forward(flow, order, producers, weights, kinds, gains)
     back: list[float | None] = [None] * len(flow.nodes)
     for idx in reversed(order):
-        parts = [_passed_back(flow.nodes[u], inputs[u], back[u], weights, kinds) for u in flow.nodes[idx].users]
+        parts = [_passed_back(flow.nodes[u], inputs[u], back[u], weights, kinds, gains) for u in flow.nodes[idx].users]
         parts = [p for p in parts if p is not None]
         back[idx] = (math.nan if any(math.isnan(p) for p in parts) else sum(parts)) if parts else None
-    joined = streams(flow, order, producers, fwd)
+    joined, off = streams(flow, order, producers, fwd), set_off(flow, order, producers, gains)
     out: dict[str, LayerDepth] = {}
     for idx in order:
         node = flow.nodes[idx]
         if node.role == LAYER and node.layer and node.layer not in out:
             out[node.layer] = LayerDepth(node.layer, scale=_rms(fwd[idx]), grad_scale=_rms(back[idx]),
-                                         stream=joined.get(idx))
+                                         stream=joined.get(idx), after_norm=off[idx])
+    return out
+
+
+def set_off(flow: Flow, order: list[int], producers: list[list[int]],
+            gains: dict[str, float]) -> list[tuple[str, float] | None]:
+    """Per node: the norm (and its gain's RMS) whose gain, NORM_OFF or more off 1, set the scale of the signal it
+    takes in, the next norm not having reset it; a residual sum keeps it only where every summand has it (the
+    stream of a zero-gain residual branch carries the signal on)."""
+    out: list[tuple[str, float] | None] = [None] * len(flow.nodes)
+    for idx in order:
+        node, marks = flow.nodes[idx], [out[p] for p in producers[idx]]
+        if node.role == NORM:
+            rms = math.sqrt(gains.get(node.layer, 1.0)) if node.layer else 1.0
+            out[idx] = (node.layer, rms) if not 1 / NORM_OFF < rms < NORM_OFF else None
+        elif node.role == ADD:
+            out[idx] = marks[0] if marks and all(marks) else None
+        else:
+            out[idx] = next((m for m in marks if m), None)
     return out
 
 
 def _forward(flow: Flow, order: list[int], producers: list[list[int]], weights: dict[str, Weights],
-             kinds: dict[str, str]) -> tuple[list[float | None], list[float | None]]:
+             kinds: dict[str, str], gains: dict[str, float]) -> tuple[list[float | None], list[float | None]]:
     """Each node's output second moment, and the one it takes in (the largest of its inputs')."""
     fwd: list[float | None] = [_NO_SIGNAL] * len(flow.nodes)
     inputs: list[float | None] = [_NO_SIGNAL] * len(flow.nodes)
@@ -193,7 +220,7 @@ def _forward(flow: Flow, order: list[int], producers: list[list[int]], weights: 
         elif node.role == ACT:
             fwd[idx] = q if q is _NO_SIGNAL else moments(node.activation or UNKNOWN, q)[0]
         elif node.role == NORM:
-            fwd[idx] = 1.0
+            fwd[idx] = gains.get(node.layer, 1.0) if node.layer else 1.0
         elif node.role == STOP:
             fwd[idx] = _NO_SIGNAL
         elif node.role == ADD:
@@ -270,7 +297,7 @@ def _positive(value: float | None) -> bool:
 
 
 def _passed_back(user, q_in: float | None, g: float | None, weights: dict[str, Weights],
-                 kinds: dict[str, str]) -> float | None:
+                 kinds: dict[str, str], gains: dict[str, float]) -> float | None:
     """The gradient second moment `user` hands back to one of its inputs (None: no gradient path)."""
     if user.role == OUTPUT:
         return 1.0
@@ -285,7 +312,8 @@ def _passed_back(user, q_in: float | None, g: float | None, weights: dict[str, W
     if user.role == ACT:
         return g if q_in is _NO_SIGNAL else moments(user.activation or UNKNOWN, q_in)[1] * g
     if user.role == NORM:
-        return g if q_in is _NO_SIGNAL else g / q_in if q_in > 0 else math.nan
+        gain = gains.get(user.layer, 1.0) if user.layer else 1.0
+        return g * gain if q_in is _NO_SIGNAL else g * gain / q_in if q_in > 0 else math.nan
     return g
 
 
@@ -293,11 +321,12 @@ def _rms(m: float | None) -> float | None:
     return None if m is None or math.isnan(m) or m < 0 else math.sqrt(m)
 
 
-def predict(graph: LayerGraph, flow: Flow | None, weights: dict[str, Weights]) -> dict[str, LayerDepth]:
+def predict(graph: LayerGraph, flow: Flow | None, weights: dict[str, Weights],
+            gains: dict[str, float] | None = None) -> dict[str, LayerDepth]:
     """Every weighted layer's predicted gain, scale and gradient scale (the flow: `chain` where none is known, or
-    where it is module order, blind to functional calls)."""
+    where it is module order, blind to functional calls); `gains`: each norm's E[γ²]."""
     kinds = {layer.name: layer.kind for layer in graph}
-    found = propagate(flow if flow is not None and flow.sees_activations else chain(graph), weights, kinds)
+    found = propagate(flow if flow is not None and flow.sees_activations else chain(graph), weights, kinds, gains)
     for layer in graph:
         depth = found.get(layer.name)
         w = weights.get(layer.name)
@@ -335,14 +364,15 @@ def crossings(values: list[tuple[str, float | None]], band: tuple[float, float])
     return out
 
 
-def judged_layers(layers: list[Layer]) -> list[Layer]:
+def judged_layers(layers: list[Layer], set_off: frozenset[str] | set[str] = frozenset()) -> list[Layer]:
     """The layers whose scale is judged, in forward order: plain layers (not recurrent or fused attention, whose gain
     is not modelled) in runs of at least DEEP_RUN weighted layers with no normalization or residual sum between them
-    (graph._assign_runs), not right before a normalization. Elsewhere norms and residual sums keep the scale from
+    (graph._assign_runs), or in a run of any length whose scale a norm's gain set off 1 (`set_off`: LayerDepth's
+    `after_norm`), not right before a normalization. Elsewhere norms and residual sums keep the scale from
     compounding (the selection guide: shallow stacks do fine with any plain random init), and what a squeeze-excite
     gate or an attention softmax does to a gradient is not modelled."""
     return sorted((layer for layer in layers if layer.kind.startswith(_PLAIN) and not layer.norm_after
-                   and layer.run_depth >= DEEP_RUN), key=lambda layer: layer.position)
+                   and (layer.run_depth >= DEEP_RUN or layer.name in set_off)), key=lambda layer: layer.position)
 
 
 def relative_grads(layers: list[Layer], grads: dict[str, float | None]) -> dict[str, float | None]:
@@ -357,12 +387,13 @@ def relative_grads(layers: list[Layer], grads: dict[str, float | None]) -> dict[
 
 
 def judged(layers: list[Layer], scales: dict[str, float | None], grads: dict[str, float | None],
-           band: tuple[float, float]) -> tuple[dict[str, str], dict[str, str]]:
-    """(forward exits, backward exits) over the judged layers (`_judged`): forward in order, backward from the
+           band: tuple[float, float],
+           set_off: frozenset[str] | set[str] = frozenset()) -> tuple[dict[str, str], dict[str, str]]:
+    """(forward exits, backward exits) over the judged layers (`judged_layers`): forward in order, backward from the
     output (`grads` relative, see `relative_grads`). On a residual branch only exploding counts, either way: the
     sum carries the stream (and its gradient) on, and a branch that starts near zero is what zero-init residuals,
     LayerScale and FocalNet's modulation at normal(0.02) do on purpose; a branch that swamps the stream is not."""
-    ordered = judged_layers(layers)
+    ordered = judged_layers(layers, set_off)
     branch = {layer.name for layer in ordered if layer.residual_branch}
     forward = {name: verdict for name, _, verdict in
                _exits([(layer.name, scales.get(layer.name)) for layer in ordered], branch, band)}
@@ -405,6 +436,9 @@ def detail(forward: str | None, backward: str | None, depth: LayerDepth, origin:
         parts.append(f"the signal dies here ({depth.dead}): every layer after it puts out the same for every input")
     elif forward:
         parts.append(f"the forward signal's RMS reaches {depth.scale:.3g}x the input's ({forward})")
+        if depth.after_norm:
+            parts[-1] += (f", set off by the norm {depth.after_norm[0]} before it, whose gain's RMS "
+                          f"{depth.after_norm[1]:.3g} scales everything it puts out")
     if backward:
         parts.append(f"the gradient's RMS reaches {depth.grad_scale:.3g}x the last hidden layer's ({backward} going back)")
     if depth.stream_exit:

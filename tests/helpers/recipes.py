@@ -1287,6 +1287,21 @@ class DiTBlock(nn.Module):
         return x + gate2 * self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
 
 
+class FinalLayer(nn.Module):
+    """DiT's final layer (models.py `FinalLayer`): LN without affine, modulated by shift/scale from c, then the
+    linear that puts out the patches."""
+
+    def __init__(self, d: int, out: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(d, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).unsqueeze(1).chunk(2, -1)
+        return self.linear(self.norm_final(x) * (1 + scale) + shift)
+
+
 class DiT(nn.Module):
     """A DiT (Peebles & Xie 2023), unconditional, at a fixed timestep so the forward takes the latent only; DiT's
     256-dimensional sinusoidal timestep embedding."""
@@ -1299,9 +1314,7 @@ class DiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, 16, d) * 0.02, requires_grad=False)
         self.t_embedder = nn.Sequential(nn.Linear(2 * self.FREQUENCIES, d), nn.SiLU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(DiTBlock(d, 2) for _ in range(depth))
-        self.norm_final = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
-        self.final_linear = nn.Linear(d, 2 * 2 * 4)
+        self.final_layer = FinalLayer(d, 2 * 2 * 4)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -1315,7 +1328,8 @@ class DiT(nn.Module):
         nn.init.zeros_(self.x_embedder.bias)
         nn.init.normal_(self.t_embedder[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder[2].weight, std=0.02)
-        for linear in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_adaLN[-1], self.final_linear]:
+        for linear in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                       self.final_layer.linear]:
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
 
@@ -1327,8 +1341,7 @@ class DiT(nn.Module):
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
         for block in self.blocks:
             h = block(h, c)
-        shift, scale = self.final_adaLN(c).unsqueeze(1).chunk(2, -1)
-        return self.final_linear(self.norm_final(h) * (1 + scale) + shift)
+        return self.final_layer(h, c)
 
 
 @seeded
