@@ -40,7 +40,7 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
     """
     root = GraphIndex(scopes(graph), sources)
     shown = {key: name for scope in walk(root.scope) for key, _, name in scope.tensors()}
-    found = find_layers(root, shown, ModuleNames([*shown.values(), *_alias_names(root)]))
+    found = find_layers(root, shown, ModuleNames([*shown.values(), *_alias_names(root)]), value)
     out = found.out
     _add_free_parameters(out, shown, sources)
     out.flow = _FlowBuilder(found, value).model(root)
@@ -82,7 +82,7 @@ class _FlowBuilder:
     def __init__(self, found: FoundLayers, value: Callable[[str], np.ndarray]):
         self.flow = Flow()
         self.layer_of, self.folded, self.value = found.layer_of, found.folded, value
-        self.norm_of = found.norm_of
+        self.norm_of, self.spelled = found.norm_of, found.spelled
         self.unknown: int | None = None
         self.quantization: set[str] = set()  # values that are quantization scales and zero points, not signal
 
@@ -119,6 +119,8 @@ class _FlowBuilder:
             return
         if (g, i) in self.layer_of:
             idx = self.flow.add(LAYER, self.layer_of[g, i], moment=parameter_moment(g, node, self.value))
+        elif (g, i) in self.spelled:  # a norm spelled out in elementwise ops (its gain's product: the norm's layer)
+            idx = self.flow.add(NORM, self.norm_of.get((g, i)))
         elif pattern is not None:
             idx = self.flow.add(ACT, activation=pattern)
         elif rescale:  # a dynamically quantized layer's result times its scales: the signal goes on
