@@ -175,12 +175,18 @@ class Flow:
         out: set[str] = set()
         for idx, node in enumerate(self.nodes):
             if node.role == ADD and len(producers[idx]) == 2:
-                sides = [self._reach(p, lambda _: True, producers) | {p} for p in producers[idx]]
-                common = sides[0] & sides[1]
-                layers = [{self.nodes[j].layer for j in side - common if self.nodes[j].role == LAYER} for side in sides]
-                if len(layers[0]) != len(layers[1]):
-                    out |= min(layers, key=len)
+                out |= {self.nodes[j].layer for part, shortcut in self._summands(idx, producers) if shortcut
+                        for j in part if self.nodes[j].role == LAYER}
         return out
+
+    def _summands(self, idx: int, producers: list[list[int]]) -> list[tuple[set[int], bool]]:
+        """Per summand of sum `idx`: the nodes only it is computed from (past where the summands part), and whether
+        it is the shortcut (of two summands, the one with fewer layers there, where they differ)."""
+        sides = [self._reach(p, lambda _: True, producers) | {p} for p in producers[idx]]
+        common = set.intersection(*sides)
+        own = [side - common for side in sides]
+        counts = [len({self.nodes[j].layer for j in part if self.nodes[j].role == LAYER}) for part in own]
+        return [(part, len(own) == 2 and counts[k] < counts[1 - k]) for k, part in enumerate(own)]
 
     def producers(self) -> list[list[int]]:
         """Each node's producers (the nodes it is a user of)."""
@@ -205,13 +211,17 @@ class Flow:
         return order
 
     def _joins(self, producers: list[list[int]]) -> list[bool]:
-        """Per node: its output reaches a residual sum (two computed tensors added) before a normalization, a
-        softmax or the output; over the nodes in topological order, from the last back."""
+        """Per node: it sits on the branch of a residual sum (two computed tensors added), past where the summands
+        part and not on the shortcut, and its output reaches that sum before a normalization, a softmax or the
+        output. A node before the fork, or on the shortcut (a ResNet's stem, its downsample), carries the stream."""
         joins = [False] * len(self.nodes)
-        for idx in reversed(self.topological(producers)):
-            joins[idx] = any((self.nodes[u].role == ADD and len(producers[u]) >= 2)
-                             or (self.nodes[u].role not in (NORM, STOP, OUTPUT) and joins[u])
-                             for u in self.nodes[idx].users)
+        for idx, node in enumerate(self.nodes):
+            if node.role != ADD or len(producers[idx]) < 2:
+                continue
+            near = self._reach(idx, lambda n: n.role not in (NORM, STOP, OUTPUT), producers)
+            for part, shortcut in self._summands(idx, producers):
+                for j in part & near if not shortcut else ():
+                    joins[j] = True
         return joins
 
     def _walk(self, start: int, unknown_between_layers: bool, producers: list[list[int]]) -> Downstream:
