@@ -15,7 +15,6 @@ in the tables of `onnx_ops`; the graphs themselves in `onnx_scopes`.
 from __future__ import annotations
 
 from collections import ChainMap, deque
-from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -65,10 +64,7 @@ def _add_free_parameters(out: OnnxLayers, shown: dict[str, str], sources: dict[s
 
 
 def _note_folded(out: OnnxLayers, count: int) -> None:
-    """Say BatchNorm was folded into `count` convolutions; a folded norm on a shortcut closes no residual branch."""
-    for name in out.flow.shortcut_layers():
-        if out.modules[name].norm_folded:
-            out.modules[name] = replace(out.modules[name], norm_folded=False)
+    """Say BatchNorm was folded into `count` convolutions."""
     out.notes.append(f"the exporter folded BatchNorm into {count} convolution(s); "
                      "they are audited as normalized layers")
 

@@ -22,7 +22,7 @@ FACTS = {
     "order_known": "the layer's place in the forward order is known (a bare file's names and shapes can leave it"
                    " ambiguous: then norm_after, run_depth, position and is_output are guesses)",
     "norm_folded": "an exporter folded a BatchNorm into the weights (ONNX): its scale, a zero-init residual's 0 "
-                   "too, is in them (false on a residual sum's shortcut, such as a downsample conv)",
+                   "too, is in them",
     "folded_in": "where a BatchNorm was folded into the weights, the words naming it as a zero's possible cause "
                  "(empty otherwise)",
     "numel": "entries", "units": "output units", "non_finite": "NaN + Inf count", "nan": "NaN count",
