@@ -61,7 +61,7 @@ class Downstream:
     norm_after: bool
     residual_after: bool = False
     gate_after: bool = False  # the activation (sigmoid, tanh...) is a gate: its output scales another signal
-    residual_branch: bool = False  # the output joins a residual sum, through any layers, before a normalization
+    residual_branch: bool = False  # the output joins a residual sum as its branch, through any layers, before a norm
     weight_scale: float = 1.0  # the constants the output is multiplied by before the activation (SIREN's ω0)
 
 
@@ -118,11 +118,12 @@ class Flow:
         non-linearity on the way means the layer is linear (identity) — unless
         `unknown_between_layers`, for flows (bare state_dicts) whose activations were never seen.
         Norms passed on the way set `norm_after`, sums of two computed tensors (residual joins) whose branch the
-        layer sits on (not their shortcut, nor before their summands part) `residual_after`; a saturating activation whose output scales a signal the layer did not
-        compute (a product: squeeze-excite, gated units) is a gate: `gate_after` (x·sigmoid(x) and
-        GLU's halves multiply what the layer computed: an activation, no gate); a layer whose output
-        reaches a residual sum before any normalization, through whatever layers, sits on a residual
-        branch: `residual_branch`. A layer seen twice keeps its first answer.
+        layer sits on (not their shortcut, nor before their summands part) `residual_after`; a saturating
+        activation whose output scales a signal the layer did not compute (a product: squeeze-excite, gated
+        units) is a gate: `gate_after` (x·sigmoid(x) and GLU's halves multiply what the layer computed: an
+        activation, no gate); a layer on such a branch whose output reaches its sum before any normalization,
+        through whatever layers, sits on a residual branch: `residual_branch`. A layer seen twice keeps its
+        first answer.
         """
         producers = self.producers()
         branches = self._branches(producers)

@@ -12,11 +12,11 @@ FACTS = {
     "activation": "the activation that follows (relu, tanh, identity, unknown...)",
     "activation_family": "relu (ReLU-like), saturating (tanh/sigmoid), selu, identity, unknown",
     "norm_after": "a normalization follows before the activation", "position": "index among weighted layers",
-    "residual_after": "the output joins a residual sum before the next layer",
+    "residual_after": "the output joins a residual sum, as its branch (not its shortcut), before the next layer",
     "gate_after": "the activation after the layer is a gate: its output scales a signal the layer did not compute "
                   "(squeeze-excite); the run ends there",
-    "residual_branch": "the output joins a residual sum, through any layers, before a normalization (the layer sits "
-                       "on a residual branch)",
+    "residual_branch": "the output joins a residual sum, through any layers, before a normalization, as its branch "
+                       "(the layer sits on a residual branch: not on the shortcut, nor before the summands part)",
     "depth": "weighted layers in the model", "run_depth": "weighted layers in this layer's run between norms",
     "is_output": "the model's last layer, linear", "fan_in": "fan in", "fan_out": "fan out",
     "order_known": "the layer's place in the forward order is known (a bare file's names and shapes can leave it"

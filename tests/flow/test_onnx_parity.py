@@ -209,5 +209,6 @@ def test_a_zeroed_batchnorm_gain_has_one_severity_with_the_module_and_folded_in_
         module = DownsampleResNet(norm)
         found = {(f.layer, f.severity) for f in initaudit.audit(module).findings if f.rule == "zero-weights"}
         assert found == {(norm, severity)}
-        report = initaudit.audit(export_onnx(module, tmp_path / "model.onnx", 18 if dynamo else 17, dynamo, (1, 3, 8, 8)))
+        path = export_onnx(module, tmp_path / "model.onnx", 18 if dynamo else 17, dynamo, (1, 3, 8, 8))
+        report = initaudit.audit(path)
         assert {(f.layer, f.severity) for f in report.findings if f.rule == "zero-weights"} == {(conv, severity)}, norm
