@@ -174,7 +174,7 @@ class Flow:
     def _summands(self, idx: int, producers: list[list[int]]) -> list[tuple[set[int], bool]]:
         """Per summand of sum `idx`: the nodes only it is computed from (past where the summands part), and whether
         it is the shortcut (of two summands, the one with fewer layers there, where they differ)."""
-        sides = [self._reach(p, lambda _: True, producers) | {p} for p in self._computed(idx, producers)]
+        sides = [self._reach(p, lambda _: True, producers) | {p} for p in producers[idx]]
         common = set.intersection(*sides)
         own = [side - common for side in sides]
         counts = [len({self.nodes[j].layer for j in part if self.nodes[j].role == LAYER}) for part in own]
@@ -203,15 +203,11 @@ class Flow:
         return order
 
     def _branches(self, producers: list[list[int]]) -> dict[int, set[int]]:
-        """Per residual sum (two computed tensors added; a bias or a position table is no second one): the nodes
-        on its branches, past where the summands part and not on the shortcut. A node before the fork, or on the
-        shortcut (a ResNet's stem, its downsample), carries the stream."""
+        """Per residual sum (two computed tensors added): the nodes on its branches, past where the summands part
+        and not on the shortcut. A node before the fork, or on the shortcut (a ResNet's stem, its downsample),
+        carries the stream."""
         return {idx: set().union(*(part for part, shortcut in self._summands(idx, producers) if not shortcut))
-                for idx, node in enumerate(self.nodes) if node.role == ADD and len(self._computed(idx, producers)) >= 2}
-
-    def _computed(self, idx: int, producers: list[list[int]]) -> list[int]:
-        """The inputs of node `idx` that are computed (not a parameter or a constant: a node with no producers)."""
-        return [p for p in producers[idx] if producers[p] or self.nodes[p].role == LAYER]
+                for idx, node in enumerate(self.nodes) if node.role == ADD and len(producers[idx]) >= 2}
 
     def _joins(self, producers: list[list[int]], branches: dict[int, set[int]]) -> list[bool]:
         """Per node: it sits on a branch of a residual sum and its output reaches that sum before a normalization,

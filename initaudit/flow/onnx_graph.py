@@ -24,7 +24,8 @@ from initaudit.flow.activations import UNKNOWN, Activation
 from initaudit.flow.dataflow import ACT, LAYER, MUL, NORM, OUTPUT, PASS, SCALE, Flow
 from initaudit.flow.onnx_ops import (SHAPE_ONLY, SUBGRAPH_OPS, FoundLayers, OnnxLayers, SubgraphContract, View,
                                      constant_factor, find_layers, flow_role, parameter_moment, signal_outputs)
-from initaudit.flow.onnx_scopes import EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, ModuleNames, scopes, walk
+from initaudit.flow.onnx_scopes import (ALIASING_OPS, EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, ModuleNames, scopes,
+                                        walk)
 
 _ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Softplus", "Sqrt", "Identity", "Cast", "Constant"}
 # Cores of the activations exporters decompose, closed by a Mul with the activation's input x.
@@ -90,7 +91,8 @@ class _FlowBuilder:
 
     def model(self, root: GraphIndex) -> Flow:
         """The flow of the main graph `root`, its outputs linked to the flow's output node."""
-        made: ChainMap = ChainMap()
+        inputs = [i.name for i in root.scope.graph.input if root.source(i.name) is None]  # not initializers
+        made: ChainMap = ChainMap({name: self.flow.add(PASS) for name in inputs})  # the signal starts here too
         self.graph(root, made)
         out = self.flow.add(OUTPUT)
         for o in root.scope.graph.output:
@@ -110,6 +112,8 @@ class _FlowBuilder:
     def node(self, g: GraphIndex, i: int, node: onnx.NodeProto, pattern: Activation | None, made: ChainMap) -> None:
         """Node i of g (`pattern`: the activation it is part of, if any) and the edges from its inputs."""
         rescale = any(name in self.quantization for name in node.input)
+        if node.op_type in ALIASING_OPS and g.source(node.input[0]) is not None:
+            return  # an initializer read through Identity is that initializer: no signal of its own
         if self.quantization_only(g, node):
             self.quantization.update(node.output)
             return
