@@ -61,7 +61,7 @@ class Downstream:
     norm_after: bool
     residual_after: bool = False
     gate_after: bool = False  # the activation (sigmoid, tanh...) is a gate: its output scales another signal
-    residual_branch: bool = False  # the output joins a residual sum, through any layers, before a normalization
+    residual_branch: bool = False  # the output joins a residual sum as its branch, through any layers, before a norm
     weight_scale: float = 1.0  # the constants the output is multiplied by before the activation (SIREN's ω0)
 
 
@@ -141,19 +141,22 @@ class Flow:
         A path that reaches another weighted layer, a softmax or the output with no
         non-linearity on the way means the layer is linear (identity) — unless
         `unknown_between_layers`, for flows (bare state_dicts) whose activations were never seen.
-        Norms passed on the way set `norm_after`, sums of two computed tensors (residual joins)
-        `residual_after`; a saturating activation whose output scales a signal the layer did not
-        compute (a product: squeeze-excite, gated units) is a gate: `gate_after` (x·sigmoid(x) and
-        GLU's halves multiply what the layer computed: an activation, no gate); a layer whose output
-        reaches a residual sum before any normalization, through whatever layers, sits on a residual
-        branch: `residual_branch`. A layer seen twice keeps its first answer.
+        Norms passed on the way set `norm_after`, sums of two computed tensors (residual joins) whose branch the
+        layer sits on (not their shortcut, nor before their summands part) `residual_after`; a saturating
+        activation whose output scales a signal the layer did not compute (a product: squeeze-excite, gated
+        units) is a gate: `gate_after` (x·sigmoid(x) and GLU's halves multiply what the layer computed: an
+        activation, no gate); a layer on such a branch whose output reaches its sum before any normalization,
+        through whatever layers, sits on a residual branch: `residual_branch`. A layer seen twice keeps its
+        first answer.
         """
         producers = self.producers()
-        joins = self._joins(producers)
+        branches = self._branches(producers)
+        joins = self._joins(producers, branches)
         found: dict[str, Downstream] = {}
         for start, node in enumerate(self.nodes):  # a norm module's node, where named, too (its residual_branch)
             if node.role in (LAYER, NORM) and node.layer and node.layer not in found:
-                walked = self._walk(start, unknown_between_layers, producers)
+                sums = {idx for idx, part in branches.items() if start in part}
+                walked = self._walk(start, unknown_between_layers, producers, sums)
                 found[node.layer] = replace(walked, residual_branch=joins[start],
                                             weight_scale=walked.weight_scale * self._input_scale(start, producers))
         return found
@@ -192,19 +195,14 @@ class Flow:
             runs[name] = max(runs.get(name, 0), up[i] + down[i] - 1)
         return runs
 
-    def shortcut_layers(self) -> set[str]:
-        """Layers on the shortcut of a residual sum: the summand with fewer layers since the two summands part
-        (a ResNet's downsample conv), not the branch the sum closes."""
-        producers = self.producers()
-        out: set[str] = set()
-        for idx, node in enumerate(self.nodes):
-            if node.role == ADD and len(producers[idx]) == 2:
-                sides = [self._reach(p, lambda _: True, producers) | {p} for p in producers[idx]]
-                common = sides[0] & sides[1]
-                layers = [{self.nodes[j].layer for j in side - common if self.nodes[j].role == LAYER} for side in sides]
-                if len(layers[0]) != len(layers[1]):
-                    out |= min(layers, key=len)
-        return out
+    def _summands(self, idx: int, producers: list[list[int]]) -> list[tuple[set[int], bool]]:
+        """Per summand of sum `idx`: the nodes only it is computed from (past where the summands part), and whether
+        it is the shortcut (of two summands, the one with fewer layers there, where they differ)."""
+        sides = [self._reach(p, lambda _: True, producers) | {p} for p in producers[idx]]
+        common = set.intersection(*sides)
+        own = [side - common for side in sides]
+        counts = [len({self.nodes[j].layer for j in part if self.nodes[j].role == LAYER}) for part in own]
+        return [(part, len(own) == 2 and counts[k] < counts[1 - k]) for k, part in enumerate(own)]
 
     def producers(self) -> list[list[int]]:
         """Each node's producers (the nodes it is a user of)."""
@@ -228,17 +226,24 @@ class Flow:
                     ready.append(u)
         return order
 
-    def _joins(self, producers: list[list[int]]) -> list[bool]:
-        """Per node: its output reaches a residual sum (two computed tensors added) before a normalization, a
-        softmax or the output; over the nodes in topological order, from the last back."""
+    def _branches(self, producers: list[list[int]]) -> dict[int, set[int]]:
+        """Per residual sum (two computed tensors added): the nodes on its branches, past where the summands part
+        and not on the shortcut. A node before the fork, or on the shortcut (a ResNet's stem, its downsample),
+        carries the stream."""
+        return {idx: set().union(*(part for part, shortcut in self._summands(idx, producers) if not shortcut))
+                for idx, node in enumerate(self.nodes) if node.role == ADD and len(producers[idx]) >= 2}
+
+    def _joins(self, producers: list[list[int]], branches: dict[int, set[int]]) -> list[bool]:
+        """Per node: it sits on a branch of a residual sum and its output reaches that sum before a normalization,
+        a softmax or the output."""
         joins = [False] * len(self.nodes)
-        for idx in reversed(self.topological(producers)):
-            joins[idx] = any((self.nodes[u].role == ADD and len(producers[u]) >= 2)
-                             or (self.nodes[u].role not in (NORM, STOP, OUTPUT) and joins[u])
-                             for u in self.nodes[idx].users)
+        for idx, part in branches.items():
+            for j in part & self._reach(idx, lambda n: n.role not in (NORM, STOP, OUTPUT), producers):
+                joins[j] = True
         return joins
 
-    def _walk(self, start: int, unknown_between_layers: bool, producers: list[list[int]]) -> Downstream:
+    def _walk(self, start: int, unknown_between_layers: bool, producers: list[list[int]], sums: set[int]) -> Downstream:
+        """What follows node `start` (`sums`: the residual sums whose branch it sits on)."""
         queue = deque((u, False, False, 1.0) for u in self.nodes[start].users)
         seen = {start}
         own: set[int] | None = None  # the products the layer's signal reaches with no layer, sum or softmax between
@@ -262,7 +267,7 @@ class Flow:
             if node.role in (STOP, OUTPUT):  # a constant before a softmax is a temperature, not the layer's
                 return Downstream(IDENTITY, normed, joined, weight_scale=scale or 1.0 if node.role == OUTPUT else 1.0)
             normed = normed or node.role == NORM
-            joined = joined or (node.role == ADD and len(producers[idx]) >= 2)
+            joined = joined or idx in sums
             queue.extend((u, normed, joined, self._scaled(scale, idx, producers)) for u in node.users)
         return Downstream(IDENTITY, False)
 

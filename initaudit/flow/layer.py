@@ -51,7 +51,7 @@ class Layer:
     norm: str | None = None  # the normalization right after it (norm_after), where the flow names it
     residual_after: bool = False  # the layer's output joins a residual sum before the next layer
     gate_after: bool = False  # the layer feeds a gate (sigmoid/tanh scaling another signal: squeeze-excite, GLU)
-    residual_branch: bool = False  # the output joins a residual sum, through any layers, before a normalization
+    residual_branch: bool = False  # the output joins a residual sum as its branch, through any layers, before a norm
     position: int = -1       # index among weighted layers, in order
     run_depth: int = 0       # weighted layers in this layer's run between normalizations
     is_output: bool = False

@@ -182,7 +182,7 @@ class ModuleInfo:
     kind: str
     module_type: str
     transposed: bool = False
-    norm_folded: bool = False  # an exporter folded a BatchNorm into this layer's weights (ONNX), not on a shortcut
+    norm_folded: bool = False  # an exporter folded a BatchNorm into this layer's weights (ONNX)
     strides: tuple[int, ...] = ()  # a (transposed) conv's strides, where the module or graph says them
     groups: int = 1
     folded_norm: str | None = None  # that BatchNorm's module path, where the exporter recorded it

@@ -15,7 +15,6 @@ in the tables of `onnx_ops`; the graphs themselves in `onnx_scopes`.
 from __future__ import annotations
 
 from collections import ChainMap, deque
-from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -25,7 +24,8 @@ from initaudit.flow.activations import UNKNOWN, Activation
 from initaudit.flow.dataflow import ACT, LAYER, MUL, NORM, OUTPUT, PASS, SCALE, Flow
 from initaudit.flow.onnx_ops import (SHAPE_ONLY, SUBGRAPH_OPS, FoundLayers, OnnxLayers, SubgraphContract, View,
                                      constant_factor, find_layers, flow_role, parameter_moment, signal_outputs)
-from initaudit.flow.onnx_scopes import EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, ModuleNames, scopes, walk
+from initaudit.flow.onnx_scopes import (ALIASING_OPS, EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, ModuleNames, scopes,
+                                        walk)
 
 _ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Pow", "Softplus", "Sqrt", "Identity", "Cast", "Constant"}
 # Cores of the activations exporters decompose, closed by a Mul with the activation's input x.
@@ -40,7 +40,7 @@ def analyse(graph: onnx.GraphProto, sources: dict[str, onnx.TensorProto],
     """
     root = GraphIndex(scopes(graph), sources)
     shown = {key: name for scope in walk(root.scope) for key, _, name in scope.tensors()}
-    found = find_layers(root, shown, ModuleNames([*shown.values(), *_alias_names(root)]))
+    found = find_layers(root, shown, ModuleNames([*shown.values(), *_alias_names(root)]), value)
     out = found.out
     _add_free_parameters(out, shown, sources)
     out.flow = _FlowBuilder(found, value).model(root)
@@ -65,10 +65,7 @@ def _add_free_parameters(out: OnnxLayers, shown: dict[str, str], sources: dict[s
 
 
 def _note_folded(out: OnnxLayers, count: int) -> None:
-    """Say BatchNorm was folded into `count` convolutions; a folded norm on a shortcut closes no residual branch."""
-    for name in out.flow.shortcut_layers():
-        if out.modules[name].norm_folded:
-            out.modules[name] = replace(out.modules[name], norm_folded=False)
+    """Say BatchNorm was folded into `count` convolutions."""
     out.notes.append(f"the exporter folded BatchNorm into {count} convolution(s); "
                      "they are audited as normalized layers")
 
@@ -82,7 +79,7 @@ class _FlowBuilder:
     def __init__(self, found: FoundLayers, value: Callable[[str], np.ndarray]):
         self.flow = Flow()
         self.layer_of, self.folded, self.value = found.layer_of, found.folded, value
-        self.norm_of = found.norm_of
+        self.norm_of, self.spelled = found.norm_of, found.spelled
         self.unknown: int | None = None
         self.quantization: set[str] = set()  # values that are quantization scales and zero points, not signal
 
@@ -94,7 +91,8 @@ class _FlowBuilder:
 
     def model(self, root: GraphIndex) -> Flow:
         """The flow of the main graph `root`, its outputs linked to the flow's output node."""
-        made: ChainMap = ChainMap()
+        inputs = [i.name for i in root.scope.graph.input if root.source(i.name) is None]  # not initializers
+        made: ChainMap = ChainMap({name: self.flow.add(PASS) for name in inputs})  # the signal starts here too
         self.graph(root, made)
         out = self.flow.add(OUTPUT)
         for o in root.scope.graph.output:
@@ -114,11 +112,15 @@ class _FlowBuilder:
     def node(self, g: GraphIndex, i: int, node: onnx.NodeProto, pattern: Activation | None, made: ChainMap) -> None:
         """Node i of g (`pattern`: the activation it is part of, if any) and the edges from its inputs."""
         rescale = any(name in self.quantization for name in node.input)
+        if node.op_type in ALIASING_OPS and g.source(node.input[0]) is not None:
+            return  # an initializer read through Identity is that initializer: no signal of its own
         if self.quantization_only(g, node):
             self.quantization.update(node.output)
             return
         if (g, i) in self.layer_of:
             idx = self.flow.add(LAYER, self.layer_of[g, i], moment=parameter_moment(g, node, self.value))
+        elif (g, i) in self.spelled:  # a norm spelled out in elementwise ops (its gain's product: the norm's layer)
+            idx = self.flow.add(NORM, self.norm_of.get((g, i)))
         elif pattern is not None:
             idx = self.flow.add(ACT, activation=pattern)
         elif rescale:  # a dynamically quantized layer's result times its scales: the signal goes on

@@ -19,6 +19,7 @@ import onnx
 from initaudit.flow.activations import Activation
 from initaudit.flow.dataflow import ACT, ADD, MUL, NORM, PASS, SCALE, STOP, Flow, scale_factor
 from initaudit.flow.layers import ModuleInfo, embedding_name, split_key
+from initaudit.flow.onnx_norms import SpelledNorm, spelled_norms
 from initaudit.flow.onnx_scopes import EXPORTER_CONSTANT, FLOAT_TYPES, GraphIndex, ModuleNames, attribute, fused_norm
 
 SHAPE_ONLY = frozenset({"Shape", "Size"})  # read a tensor's shape, not its values: no signal flows through
@@ -67,6 +68,7 @@ class FoundLayers:
     layer_of: dict[tuple[GraphIndex, int], str] = field(default_factory=dict)
     folded: set[tuple[GraphIndex, int]] = field(default_factory=set)  # Conv nodes with a BatchNorm folded in
     norm_of: dict[tuple[GraphIndex, int], str] = field(default_factory=dict)  # norm nodes' layer names
+    spelled: set[tuple[GraphIndex, int]] = field(default_factory=set)  # nodes of norms spelled out in elementwise ops
     taken: dict[str, str] = field(default_factory=dict)               # layer name -> the weight that claimed it
     lookups: dict[str, bool] = field(default_factory=dict)            # layer name -> claimed by a Gather
     recurrent_count: dict[str, int] = field(default_factory=dict)     # layer name -> its recurrent nodes so far
@@ -111,11 +113,15 @@ class FoundLayers:
 LayerHandler = Callable[[FoundLayers, GraphIndex, int, onnx.NodeProto], None]
 
 
-def find_layers(root: GraphIndex, shown: dict[str, str], names: ModuleNames) -> FoundLayers:
-    """The layers of a graph and its subgraphs, each node handled by its op's entry in `LAYER_OPS`."""
+def find_layers(root: GraphIndex, shown: dict[str, str], names: ModuleNames,
+                value: Callable[[str], np.ndarray]) -> FoundLayers:
+    """The layers of a graph and its subgraphs, each node handled by its op's entry in `LAYER_OPS`, and the norms
+    spelled out in elementwise ops; `value` reads a small tensor."""
     found = FoundLayers(root, shown, names)
 
     def visit(g: GraphIndex) -> None:
+        for norm in spelled_norms(g, value):
+            _spelled_norm_layer(found, g, norm)
         for i, node in enumerate(g.nodes):
             handler = LAYER_OPS.get(node.op_type)
             if handler is not None:
@@ -354,6 +360,20 @@ def _gather_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProt
 def _norm_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:
     """A normalization: its scale, shift and (BatchNorm) running statistics."""
     _parameter_layer(found, g, i, node, "norm", ("weight", "bias", "running_mean", "running_var"))
+
+
+def _spelled_norm_layer(found: FoundLayers, g: GraphIndex, norm: SpelledNorm) -> None:
+    """A norm spelled out in elementwise ops: its nodes normalize; the product by its gain is its layer."""
+    found.spelled.update((g, j) for j in norm.nodes)
+    if norm.gain is None:
+        return
+    found.spelled.add((g, norm.gain))
+    name = found.claim(g, g.nodes[norm.gain], norm.weight)
+    found.out.modules[name] = ModuleInfo("norm", "LayerNorm" if norm.centred else "RMSNorm",
+                                         gain_offset=norm.one_plus)
+    found.norm_of[g, norm.gain] = name
+    found.add_view(f"{name}.weight", g.float_source(norm.weight))
+    found.add_view(f"{name}.bias", g.float_source(norm.bias) if norm.bias else None)
 
 
 def _prelu_layer(found: FoundLayers, g: GraphIndex, i: int, node: onnx.NodeProto) -> None:

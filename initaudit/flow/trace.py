@@ -189,11 +189,12 @@ def left_as_found(root: torch.nn.Module) -> Iterator[None]:
 
 
 def fx_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow | None:
-    """The flow from torch.fx.symbolic_trace; None where the module does not trace (data-dependent code).
+    """The flow from torch.fx (norm modules kept whole); None where the module does not trace (data-dependent code).
     The module is left as it was found."""
     try:
         with left_as_found(root):
-            traced = torch.fx.symbolic_trace(root)
+            tracer = _NormsWhole({name for name, info in infos.items() if info.kind == "norm"})
+            traced = torch.fx.GraphModule(root, tracer.trace(root), type(root).__name__)
     except Exception:  # noqa: BLE001 - fx raises many kinds of errors on untraceable code
         return None
     flow, ids = Flow(), {}
@@ -203,6 +204,18 @@ def fx_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow | None:
             for src in node.all_input_nodes:
                 flow.link(ids[src], entry)
     return flow.fold_gains()
+
+
+class _NormsWhole(torch.fx.Tracer):
+    """fx's tracer, keeping whole the modules known as norms: a norm written by hand (LLaMA's and T5's RMSNorm) is
+    a normalization of the flow, not its arithmetic."""
+
+    def __init__(self, norms: set[str]):
+        super().__init__()
+        self.norms = norms
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.norms or super().is_leaf_module(m, module_qualified_name)
 
 
 def _fx_node(flow: Flow, traced: torch.fx.GraphModule, node: torch.fx.Node,

@@ -12,17 +12,17 @@ FACTS = {
     "activation": "the activation that follows (relu, tanh, identity, unknown...)",
     "activation_family": "relu (ReLU-like), saturating (tanh/sigmoid), selu, identity, unknown",
     "norm_after": "a normalization follows before the activation", "position": "index among weighted layers",
-    "residual_after": "the output joins a residual sum before the next layer",
+    "residual_after": "the output joins a residual sum, as its branch (not its shortcut), before the next layer",
     "gate_after": "the activation after the layer is a gate: its output scales a signal the layer did not compute "
                   "(squeeze-excite); the run ends there",
-    "residual_branch": "the output joins a residual sum, through any layers, before a normalization (the layer sits "
-                       "on a residual branch)",
+    "residual_branch": "the output joins a residual sum, through any layers, before a normalization, as its branch "
+                       "(the layer sits on a residual branch: not on the shortcut, nor before the summands part)",
     "depth": "weighted layers in the model", "run_depth": "weighted layers in this layer's run between norms",
     "is_output": "the model's last layer, linear", "fan_in": "fan in", "fan_out": "fan out",
     "order_known": "the layer's place in the forward order is known (a bare file's names and shapes can leave it"
                    " ambiguous: then norm_after, run_depth, position and is_output are guesses)",
     "norm_folded": "an exporter folded a BatchNorm into the weights (ONNX): its scale, a zero-init residual's 0 "
-                   "too, is in them (false on a residual sum's shortcut, such as a downsample conv)",
+                   "too, is in them",
     "folded_in": "where a BatchNorm was folded into the weights, the words naming it as a zero's possible cause "
                  "(empty otherwise)",
     "numel": "entries", "units": "output units", "non_finite": "NaN + Inf count", "nan": "NaN count",

@@ -173,3 +173,42 @@ def test_a_zero_init_residual_resnet_stays_clean_once_its_gains_are_folded(dynam
     report = onnx_report(SmallResNet(zero_init_residual=True), tmp_path, dynamo)
     assert [f for f in report.findings if f.severity != "info"] == []
     assert {f.layer for f in report.findings if f.rule == "zero-weights"} == {f"layer1.{i}.conv2" for i in range(3)}
+
+
+class DownsampleResNet(nn.Module):
+    """A stem (conv1, bn1), a BasicBlock and a strided one with a downsample (1x1 conv, BN) on its shortcut."""
+
+    def __init__(self, zeroed: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+        self.layer1 = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 16, stride=2, downsample=down))
+        self.fc = nn.Linear(16, 10)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.get_submodule(zeroed).weight)
+
+    def forward(self, x):
+        x = self.layer1(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+# Each BatchNorm, the conv the exporter folds it into, and the severity of its zeroed gain.
+ZEROED = {"bn1": ("conv1", "error"), "layer1.0.bn1": ("layer1.0.conv1", "error"),
+          "layer1.0.bn2": ("layer1.0.conv2", "info"), "layer1.1.downsample.1": ("layer1.1.downsample.0", "error")}
+
+
+@pytest.mark.parametrize("dynamo", EXPORTS)
+def test_a_zeroed_batchnorm_gain_has_one_severity_with_the_module_and_folded_in_onnx(dynamo, tmp_path):
+    """A zero gain kills the signal on the stem and on a downsample shortcut (the stream, not a branch the sum
+    closes) and in a branch's first norm; a branch's last norm is zero-init residual. The module names the
+    BatchNorm; ONNX, which folds it, the conv before it, at the same severity."""
+    for norm, (conv, severity) in ZEROED.items():
+        module = DownsampleResNet(norm)
+        found = {(f.layer, f.severity) for f in initaudit.audit(module).findings if f.rule == "zero-weights"}
+        assert found == {(norm, severity)}
+        path = export_onnx(module, tmp_path / "model.onnx", 18 if dynamo else 17, dynamo, (1, 3, 8, 8))
+        report = initaudit.audit(path)
+        assert {(f.layer, f.severity) for f in report.findings if f.rule == "zero-weights"} == {(conv, severity)}, norm
