@@ -202,7 +202,8 @@ def fx_flow(root: torch.nn.Module, infos: dict[str, ModuleInfo]) -> Flow | None:
         entry, ids[node] = _fx_node(flow, traced, node, infos)
         if not _shape_only(node):
             for src in node.all_input_nodes:
-                flow.link(ids[src], entry)
+                if src.op != "get_attr":  # a parameter or buffer read as it is: no signal (a bias, a position table)
+                    flow.link(ids[src], entry)
     return flow.fold_gains()
 
 
