@@ -252,14 +252,5 @@ def _closing_mul(g: GraphIndex, core: int, ancestors: set[str], hops: int = 3) -
 
 def _region(g: GraphIndex, closing: int, x: str, hops: int = 8) -> set[int]:
     """The nodes on the paths from tensor x to the closing node."""
-    region, queue = set(), deque([(closing, 0)])
-    while queue:
-        j, depth = queue.popleft()
-        if j in region:
-            continue
-        region.add(j)
-        for name in g.nodes[j].input:
-            p = g.producer.get(name)
-            if name != x and p is not None and depth < hops and g.nodes[p].op_type in _ELEMENTWISE | set(_PATTERN_CORES):
-                queue.append((p, depth + 1))
-    return region
+    ops = _ELEMENTWISE | set(_PATTERN_CORES)
+    return g.upstream(closing, lambda name, p: name != x and g.nodes[p].op_type in ops, hops)

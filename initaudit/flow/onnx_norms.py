@@ -93,17 +93,7 @@ def _normalizing(g: GraphIndex, mean: str, roots: set[str], hops: int = 5) -> in
 
 def _between(g: GraphIndex, closing: int, roots: set[str], hops: int = 10) -> set[int]:
     """The nodes on the paths from the roots to the closing node (constants left out)."""
-    region, queue = set(), deque([(closing, 0)])
-    while queue:
-        j, depth = queue.popleft()
-        if j in region:
-            continue
-        region.add(j)
-        for name in g.nodes[j].input:
-            p = g.producer.get(name)
-            if name not in roots and p is not None and g.source(name) is None and depth < hops:
-                queue.append((p, depth + 1))
-    return region
+    return g.upstream(closing, lambda name, _: name not in roots and g.source(name) is None, hops)
 
 
 def _with_gain(g: GraphIndex, closing: int, region: set[int], centred: bool,

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import ast
 import re
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import onnx
 
@@ -144,6 +145,21 @@ class GraphIndex:
 
     def dims(self, name: str) -> tuple[int, ...]:
         return tuple(self.sources[name].dims)
+
+    def upstream(self, closing: int, follow: Callable[[str, int], bool], hops: int) -> set[int]:
+        """The nodes from node `closing` back up its inputs, within `hops`, through each input `name` produced by
+        a node `p` for which `follow(name, p)` holds."""
+        region, queue = set(), deque([(closing, 0)])
+        while queue:
+            j, depth = queue.popleft()
+            if j in region:
+                continue
+            region.add(j)
+            for name in self.nodes[j].input:
+                p = self.producer.get(name)
+                if p is not None and depth < hops and follow(name, p):
+                    queue.append((p, depth + 1))
+        return region
 
 
 def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
