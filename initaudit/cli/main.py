@@ -190,7 +190,7 @@ def check(paths, factory, activation, activation_for, select, ignore, per_layer_
             raise click.UsageError("--distributed audits one checkpoint PATH", click.get_current_context())
         from initaudit.distributed.ranks import on_ranks
 
-        return on_ranks(lambda report_of, leader: run(report_of, leader))
+        return on_ranks(run)
     return run()
 
 
