@@ -77,7 +77,7 @@ def arrange(layers: list[Layer]) -> BareOrder:
     ambiguous: list[tuple[list[_Piece], list[tuple[int, ...]]]] = []
     root = _arrange(layers, 0, ambiguous)
     order = list(root.layers)
-    outputs = _outputs(order)
+    outputs = output_layers(order)
     if outputs:
         order = [l for l in order if l.name not in outputs] + [l for l in order if l.name in outputs]
     tied = None if outputs else _tied_head(order)
@@ -154,7 +154,22 @@ def _best_orders(pieces: list[_Piece]) -> list[tuple[int, ...]]:
     return best[:_MAX_ORDERS] or [natural]
 
 
-def _outputs(order: list[Layer]) -> set[str]:
+def file_outputs(layers: list[Layer]) -> set[str]:
+    """The output layer of a file kept in forward (insertion) order, where its last layer's output is taken in by
+    none: the last, in file order, of the free layers nearest the top (DiT registers its final linear before the
+    zero modulation nested beside it). Empty where the last layer's output is taken in: the file's order says."""
+    weighted = [l for l in layers if l.weighted]
+    if not weighted:
+        return set()
+    start, end = widths(weighted[-1])
+    takers = Counter(widths(l)[0] for l in layers)
+    if end is None or takers[end] - (start == end) > 0:
+        return set()
+    free = output_layers(layers)
+    return {next(l.name for l in reversed(weighted) if l.name in free)} if free else set()
+
+
+def output_layers(order: list[Layer]) -> set[str]:
     """Weighted layers whose output width no other layer takes in, the ones nearest the top of the tree."""
     ends = {l.name: widths(l) for l in order}
     takers = Counter(start for start, _ in ends.values() if start is not None)

@@ -342,8 +342,10 @@ def context(layers: list[Layer], flow: Flow | None, names_sorted: bool) -> tuple
         runs = flow.run_lengths({name for name, found in downstream.items() if found.gate_after})
         return downstream, {"order": order, "runs": runs, "norms": flow.norms_after()}
     if not names_sorted:
-        chained = order_flow(layers)
-        return chained.downstream(unknown_between_layers=True), {"norms": chained.norms_after()}
+        outputs = key_order.file_outputs(layers)
+        chained = order_flow(layers, outputs)
+        return chained.downstream(unknown_between_layers=True), {
+            "norms": chained.norms_after(), "outputs": outputs or None}
     bare = key_order.arrange(layers)
     chained = order_flow(bare.layers, bare.outputs, bare.tied_head)
     return chained.downstream(unknown_between_layers=True), {

@@ -219,6 +219,34 @@ def test_a_unique_shape_chain_fixes_the_order(tmp_path):
     assert [name for name, layer in layers.items() if layer.is_output] == ["z_out"]
 
 
+class FinalWithNestedModulation(nn.Module):
+    """DiT's FinalLayer: a linear head registered before the zero modulation nested beside it (Sequential index 1)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.final = nn.Module()
+        self.final.linear = nn.Linear(width, 4)
+        self.final.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.modulation[1].weight)
+
+
+@pytest.mark.parametrize("zero_head", [True, False])
+def test_an_insertion_order_file_ends_at_its_top_most_free_layer_not_a_nested_one(zero_head, tmp_path):
+    """The file's last tensor is the nested modulation, whose output nothing in the file takes in; the head is the
+    free layer nearest the top. A zero head is a recipe; with a drawn head, the zero modulation is no head."""
+    net = FinalWithNestedModulation()
+    if not zero_head:
+        nn.init.normal_(net.final.linear.weight, std=0.1)
+    pt, _ = save_both(net, tmp_path, "final")
+    layers = graph_of(pt)
+    assert [name for name, layer in layers.items() if layer.is_output] == ["final.linear"]
+    zeros = {f.layer: f.severity for f in initaudit.audit(pt).findings if f.rule == "zero-weights"}
+    assert zeros.get("final.linear") == ("info" if zero_head else None)
+    assert "final.modulation.1" in zeros  # named, whatever its severity: a lone zero modulation is no head
+
+
 def test_a_projection_every_block_repeats_is_no_output(tmp_path):
     """A Llama with grouped-query attention and tied embeddings, as save_pretrained writes it (no lm_head): the
     k/v projections' width (kv heads x head_dim) feeds no weight, yet they feed attention, not the model's output.
