@@ -456,7 +456,7 @@ def compute(tensor: torch.Tensor, unit_axis: int = 0, units: bool = True, split:
     if tall:
         _keep("columns", tensor, scan.picked.T)
     with one_thread():
-        return assemble(total, n_units, width, tensor.dtype, sorted_sample(tensor), units, _entrywise(rows))
+        return assemble(total, n_units, width, tensor.dtype, sorted_sample(tensor), units, entrywise(rows))
 
 
 def empty_stats(n_units: int) -> TensorStats:
@@ -581,7 +581,7 @@ def column_squares(part: Partial) -> torch.Tensor:
     return torch.tensor([math.fsum(c) for c in torch.stack(vectors).T.tolist()], dtype=torch.float64)
 
 
-def _entrywise(rows: torch.Tensor) -> Callable[[int, int, float], bool]:
+def entrywise(rows: torch.Tensor) -> Callable[[int, int, float], bool]:
     """Whether two units of `rows` are within `tol` of each other in every entry."""
     def close(a: int, b: int, tol: float) -> bool:
         return float((rows[a].to(torch.float64) - rows[b].to(torch.float64)).abs().max()) <= tol

@@ -6,7 +6,7 @@ summary out; summaries merged in any order; the tensor's statistics and samples 
 process runs) and keeps: each chunk's power sums, the extremes and how many values sit on them, counts of zeros
 and non-finite values, each unit's (row's) sum of squares, sum and two random projections, the columns' sums of
 squares, and the values of the samples the fingerprint and the fresh/trained test read (measure/samples.py),
-each at its global index. `merge` keeps one summary per (key, offset): a retried or duplicated block counts
+each at its global index, and each unit's CHECKS further random projections. `merge` keeps one summary per (key, offset): a retried or duplicated block counts
 once. `finish` gives what the pipeline needs of the tensor: its TensorStats and Samples.
 
 Exactness: chunks end at the tensor's multiples of `stats.chunk_rows(width)` rows and every chunk's sums are
@@ -15,13 +15,15 @@ single-process figures bit for bit, whatever their number and order. A block bou
 shard of uneven rows, a tensor-parallel column split) splits that chunk's float32 sums: the figures then agree
 to float32 reassociation (relative 1e-6 on the std, the kurtosis and the norms), counts, extremes, zero units
 and copies exactly.
-Where the values are not at hand, copies among units are confirmed by their norms as well as their projections
-(`finish(close=...)` compares them entry by entry), and a spike or values on a truncation bound of a tensor
+Where the values are not at hand, copies among units are confirmed by their norms and CHECKS random projections
+besides the pass's two (which only select candidates: among thousands of units, neighbours in the pass's order
+agree in those by chance); where they are, entry by entry (`finish(close=...)` decides instead where given). and a spike or values on a truncation bound of a tensor
 of more than samples.SMALL_VALUES values stay in its fresh/trained fit (measure/samples.py's `source`).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field, replace
@@ -33,6 +35,10 @@ import torch
 from initaudit.measure import stats
 from initaudit.measure.samples import Samples, flat_stride, ortho_rows, spectrum_strides, travels_whole
 from initaudit.measure.stats import Partial, TensorStats
+
+
+CHECKS = 6          # random projections per unit that confirm copies where the values are not at hand
+_CHECK_SEED = 0xC4EC
 
 
 @dataclass
@@ -57,6 +63,7 @@ class Block:
     grids: dict[str, Grid] = field(default_factory=dict)   # "ortho", "spectrum"
     values: torch.Tensor | None = None   # the block itself, where the tensor is small
     row_bits: torch.Tensor | None = None  # int64 sum of each dim-0 row's bit patterns (its part of the row)
+    checks: torch.Tensor | None = None    # [rows, CHECKS] float64: each unit's random projections (its part of them)
 
 
 @dataclass
@@ -131,8 +138,10 @@ def summarize(block: torch.Tensor, key: str, shape: tuple[int, ...], offset: tup
     else:
         part = Partial()
     idx, values = _flat_picks(block, view, (r0, r1), (c0, c1), shape, unit_axis)
+    whole = travels_whole(shape)
     out = Block(offset, (r0, r1), (c0, c1), part, idx, values, _grids(view, (r0, r1), (c0, c1), shape, unit_axis),
-                block.clone() if travels_whole(shape) else None, _row_bits(block))
+                block.clone() if whole else None, _row_bits(block),
+                _checks(view, (c0, c1), width) if units and len(shape) >= 2 and not whole else None)
     return Summary(key, shape, block.dtype, units, unit_axis, {offset: out})
 
 
@@ -143,6 +152,23 @@ def _row_bits(block: torch.Tensor) -> torch.Tensor:
     rows = rows.contiguous()
     bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[block.element_size()]
     return rows.view(bits).sum(dim=1, dtype=torch.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_basis(width: int) -> torch.Tensor:
+    """[width, CHECKS] normal directions, the same for every block of a tensor `width` values wide."""
+    return torch.randn(width, CHECKS, generator=torch.Generator().manual_seed(_CHECK_SEED), dtype=torch.float64)
+
+
+def _checks(view: torch.Tensor, cols: tuple[int, int], width: int) -> torch.Tensor:
+    """Each unit's CHECKS projections over the block's columns (float64, non-finite values as 0), chunk by chunk;
+    additive over column blocks."""
+    basis = _check_basis(width)[cols[0]:cols[1]]
+    step = stats.chunk_rows(view.shape[1])
+    out = torch.empty(view.shape[0], CHECKS, dtype=torch.float64)
+    for a in range(0, view.shape[0], step):
+        torch.mm(torch.nan_to_num(view[a:a + step].to(torch.float64), 0.0, 0.0, 0.0), basis, out=out[a:a + step])
+    return out
 
 
 def _flat_picks(block: torch.Tensor, view: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int],
@@ -239,18 +265,23 @@ def _finish(summary: Summary, close: Callable[[int, int, float], bool] | None) -
     if summary.numel == 0:
         return Finished(stats.empty_stats(units), samples, _digest([summary.dtype, summary.shape]))
     part = _merged_part(blocks, width)
-    if close is None:
-        close = _close_by_norms(part, width)
+    if close is None and samples.values is not None:
+        close = stats.entrywise(stats.as_units(samples.values, summary.unit_axis))
+    elif close is None:
+        close = _close_by_projections(part, width, _by_rows(blocks, "checks"))
     st = stats.assemble(part, units, width, summary.dtype, samples.ordered, summary.units, close)
-    return Finished(st, samples, _digest([summary.dtype, summary.shape, _joined_bits(blocks)]))
+    return Finished(st, samples, _digest([summary.dtype, summary.shape, _by_rows(blocks, "row_bits")]))
 
 
-def _joined_bits(blocks: list[Block]) -> torch.Tensor:
-    """The tensor's rows' bit sums, from the blocks' (column blocks of the same rows added)."""
+def _by_rows(blocks: list[Block], name: str) -> torch.Tensor | None:
+    """A per-row field of the blocks for the whole tensor, in row order (column blocks of the same rows added)."""
     rows: dict[tuple[int, int], torch.Tensor] = {}
     for b in blocks:
-        rows[b.rows] = rows[b.rows] + b.row_bits if b.rows in rows else b.row_bits
-    return torch.cat([bits for _, bits in sorted(rows.items())])
+        value = getattr(b, name)
+        if value is None:
+            return None
+        rows[b.rows] = rows[b.rows] + value if b.rows in rows else value
+    return torch.cat([value for _, value in sorted(rows.items())])
 
 
 def _merged_part(blocks: list[Block], width: int) -> Partial:
@@ -311,14 +342,21 @@ def _unscaled(part: Partial) -> Partial:
                    column_parts=[t / (s * s) for t in part.column_parts])
 
 
-def _close_by_norms(part: Partial, width: int) -> Callable[[int, int, float], bool]:
-    """Two units whose projections already agree are copies where their norms agree too (to `tol` per entry and
-    float32 rounding): without their values, no entry-by-entry comparison."""
+def _close_by_projections(part: Partial, width: int, checks: torch.Tensor | None) -> Callable[[int, int, float], bool]:
+    """Two units whose pass projections already agree are copies where their norms and their CHECKS projections
+    agree too: within `tol` per entry, a difference d moves a normal projection by at most 5·|d| (|d| ≤
+    tol·√width), and by float rounding besides; two units that differ by the weights' spread move it by about
+    that spread times √width, so each check lets a chance pair through with odds about 1e-3 or less."""
     norms = torch.cat(part.norms).double().sqrt() / part.scale if part.norms else None
 
     def close(a: int, b: int, tol: float) -> bool:
         na, nb = float(norms[a]), float(norms[b])
-        return abs(na - nb) <= math.sqrt(width) * tol + 1e-6 * max(na, nb)
+        if abs(na - nb) > math.sqrt(width) * tol + 1e-6 * max(na, nb):
+            return False
+        if checks is None:
+            return True
+        reach = 5 * tol * math.sqrt(width) + 1e-9 * math.sqrt(width) * max(na, nb)
+        return bool((checks[a] - checks[b]).abs().max() <= reach)
     return close
 
 

@@ -109,6 +109,19 @@ def test_uneven_shards_and_column_splits_agree_to_reassociation_with_exact_count
         assert torch.allclose(got.input_norms, ref.input_norms, rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_thousands_of_units_find_no_chance_copies_and_find_a_near_copy(dtype):
+    """8192 units of 2048 (a GPT MLP's fc1): without the values, the pass's two projections, the sum and the norm
+    let chance pairs through (the fan-out once reported units 596 and 5065 of such a bf16 weight as copies); a unit
+    within the near-copy tolerance of another is a copy in both paths."""
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(8192, 2048, generator=g) * 0.02).to(dtype)
+    w[100] = w[7000] + (torch.rand(2048, generator=g) - 0.5).to(dtype) * 0.02 * stats.NEAR_DUPLICATE_TOLERANCE
+    ref = stats.compute(w)
+    got = summary.finish(summary.merge(row_blocks(w, 2, aligned=False))).stats
+    assert ref.duplicate_groups == got.duplicate_groups == [[100, 7000]]
+
+
 def test_digest_tells_a_one_value_change_and_equal_tensors_apart():
     w = planted((512, 256))
     other = w.clone()
