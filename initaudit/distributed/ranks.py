@@ -69,6 +69,7 @@ def joined() -> Iterator[Group]:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         yield Group(rank, world)
+        dist.barrier()  # no rank tears the group down while another's last collective is in flight
     finally:
         dist.destroy_process_group()
 

