@@ -1539,3 +1539,60 @@ def build_transformer_vaswani_twin():
         else:
             nn.init.zeros_(p)
     return model
+
+
+class SpatialGatingUnit(nn.Module):
+    """gMLP's spatial gating unit (lucidrains/g-mlp-pytorch): half the channels, normalized, mixed across tokens by a
+    1x1 conv over the sequence, gate the other half."""
+
+    def __init__(self, d_ffn: int, seq_len: int, eps: float = 1e-3):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_ffn // 2)
+        self.proj = nn.Conv1d(seq_len, seq_len, 1)
+        nn.init.uniform_(self.proj.weight, -eps / seq_len, eps / seq_len)
+        nn.init.constant_(self.proj.bias, 1.0)
+
+    def forward(self, x):
+        u, v = x.chunk(2, dim=-1)
+        return u * self.proj(self.norm(v))
+
+
+class GMLPBlock(nn.Module):
+    def __init__(self, d: int, d_ffn: int, seq_len: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.proj_in = nn.Linear(d, d_ffn)
+        self.sgu = SpatialGatingUnit(d_ffn, seq_len)
+        self.proj_out = nn.Linear(d_ffn // 2, d)
+
+    def forward(self, x):
+        return x + self.proj_out(self.sgu(F.gelu(self.proj_in(self.norm(x)))))
+
+
+class GMLP(nn.Module):
+    def __init__(self, vocab: int = 64, d: int = 64, d_ffn: int = 256, seq_len: int = 64, depth: int = 6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.Sequential(*[GMLPBlock(d, d_ffn, seq_len) for _ in range(depth)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, tokens):
+        return self.head(self.norm(self.blocks(self.embed(tokens))).mean(1))
+
+
+@seeded
+def build_gmlp():
+    """gMLP (Liu et al. 2021, arXiv:2105.08050; lucidrains/g-mlp-pytorch): the spatial projection near zero
+    (uniform ±1e-3/n) with bias one, so each block starts as a plain FFN; channel projections at torch's default."""
+    return GMLP()
+
+
+@seeded
+def build_gmlp_twin():
+    """Bug: the spatial projection drawn with `normal_(w)`, the std forgotten (bias still one): each gate starts as a
+    random token mix 8x LeCun's scale."""
+    model = GMLP()
+    for block in model.blocks:
+        nn.init.normal_(block.sgu.proj.weight)
+    return model
