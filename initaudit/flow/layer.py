@@ -79,6 +79,11 @@ class LayerGraph:
         """Weighted layers in the whole model (counted once: every tensor's facts ask)."""
         return sum(layer.weighted for layer in self.layers)
 
+    @cached_property
+    def weighted_at(self) -> dict[int, Layer]:
+        """The weighted layers by forward position (built once: every tensor's facts ask for its predecessor)."""
+        return {layer.position: layer for layer in reversed(self.layers) if layer.weighted}
+
     def __iter__(self):
         return iter(self.layers)
 

@@ -90,7 +90,7 @@ def _scale_facts(m: Measured) -> dict[str, Any]:
 
 def _fed_by(graph: LayerGraph, layer: Layer) -> Layer | None:
     """The weighted layer right before this one in forward order, if any."""
-    return next((other for other in graph if other.weighted and other.position == layer.position - 1), None)
+    return graph.weighted_at.get(layer.position - 1)
 
 
 def _expectation(m: Measured, before: Layer | None = None) -> tuple[float | None, str | None, float | None]:
