@@ -41,6 +41,9 @@ POOLER = ("*pooler.dense",)
 # Model types whose projections are HF's Conv1D, stored [in, out].
 CONV1D_MODELS = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 
+NO_CONFIG = ("no config.json beside the weights: activations are unknown; pass --activation (or --model "
+             "package.module:factory) to check scales against them")
+
 
 def _json(path: Path, name: str, files: list[Path]) -> object:
     """A JSON file of the model folder, through the file policy; the real path is added to `files`."""
@@ -148,8 +151,7 @@ def load(path: Path, index: str | None = None) -> Loaded:
             raise InputError(f"{path}: the index puts {key!r} in {shards[key]}, which does not hold it")
         shapes[key] = handle.shape(key)
     flow, modules, hints, notes, init, ties = config_context(config, shapes, path / "config.json") if config else (
-        None, {}, {}, ["no config.json beside the shards: activations are unknown; pass --activation (or --model "
-                       "package.module:factory) to check scales against them"], {}, [])
+        None, {}, {}, [NO_CONFIG], {}, [])
     source = TensorSource(shapes, lambda k: handles[shards[k]].get(k), release=lambda k: handles[shards[k]].release(k),
                           nbytes={k: handles[shards[k]].nbytes(k) for k in shapes})
     return Loaded(path, "hf-folder", source, flow=flow, modules=modules, activations=hints,

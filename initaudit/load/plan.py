@@ -49,8 +49,8 @@ class Unit:
 
 
 def plan(loaded: Loaded, keys: list[str], rows_multiple: Callable[[int], int], unit_bytes: int | None = None) -> list[Unit]:
-    """The work units of the tensors `keys` of a loaded safetensors file, Hugging Face folder of safetensors
-    shards, or DCP folder (pieces of about `unit_bytes`, UNIT_BYTES by default); InputError for other formats
+    """The work units of the tensors `keys` of a loaded safetensors file or Hugging Face folder of safetensors
+    shards (local or remote), or DCP folder (pieces of about `unit_bytes`, UNIT_BYTES by default); InputError for other formats
     (their bytes are not laid out by tensor)."""
     unit_bytes = unit_bytes or UNIT_BYTES
     if loaded.format == "torch-dcp":
@@ -68,8 +68,8 @@ def _safetensors_files(loaded: Loaded) -> dict[str, object]:
     handles = container.get("handles")
     if loaded.format == "hf-folder" and handles and all(hasattr(h, "entries") for h in handles.values()):
         return {key: handles[container["shards"][key]] for key in loaded.tensors.shapes}
-    raise InputError(f"{loaded.name}: --distributed reads safetensors files, sharded safetensors folders (local) and "
-                     f"DCP checkpoints, not a {loaded.format} model")
+    raise InputError(f"{loaded.name}: --distributed reads safetensors files, sharded safetensors folders (local or "
+                     f"remote) and DCP checkpoints, not a {loaded.format} model")
 
 
 def _location(file) -> str:

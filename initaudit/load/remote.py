@@ -236,7 +236,7 @@ def load(url: str) -> Loaded:
 
 
 def _sharded(remote: Remote, url: str, folder: str, index: str | None) -> Loaded:
-    from initaudit.load.hf_folder import config_context
+    from initaudit.load.hf_folder import NO_CONFIG, config_context
 
     if index is None:
         shards = None
@@ -264,10 +264,8 @@ def _sharded(remote: Remote, url: str, folder: str, index: str | None) -> Loaded
         flow, modules, hints, notes, init, ties = config_context(config, shapes, remote.shown(config_path))
     else:
         init, ties = {}, []
-        flow, modules, hints, notes = None, {}, {}, [
-            "no config.json beside the weights: activations are unknown; pass --activation (or --model "
-            "package.module:factory) to check scales against them"]
+        flow, modules, hints, notes = None, {}, {}, [NO_CONFIG]
     source = TensorSource(shapes, lambda k: files[shards[k]].get(k), nbytes={k: files[shards[k]].nbytes(k) for k in shapes})
     return Loaded(None, "hf-folder", source, flow=flow, modules=modules, activations=hints,
-                  container={"shards": shards, "metadata": {n: f.metadata for n, f in files.items()}},
+                  container={"shards": shards, "metadata": {n: f.metadata for n, f in files.items()}, "handles": files},
                   notes=notes, source=url, declared_init=init, ties=ties)

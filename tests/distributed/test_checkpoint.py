@@ -100,6 +100,29 @@ def test_one_two_and_four_workers_give_the_single_process_report_byte_for_byte(c
         assert all(read) and max(read) <= 1.5 * sum(read) / workers, read
 
 
+def test_a_remote_sharded_folder_is_fanned_out_by_byte_ranges(checkpoints):
+    """The same shards served over HTTP (127.0.0.1, Range requests): two workers each fetch only their units' byte
+    ranges, about half the tensor bytes, and give the local folder's report."""
+    pytest.importorskip("fsspec")
+    pytest.importorskip("aiohttp")
+    from helpers.range_server import RangeServer
+
+    server = RangeServer(checkpoints["safetensors"])
+    try:
+        url = f"{server.url}/model.safetensors.index.json"
+        local = report_json(run(load(checkpoints["safetensors"]), Options()))
+        before = len(server.gets())
+        got, read = fanned_out(url, 2)
+        ranged = server.gets()[before:]
+    finally:
+        server.close()
+    got, local = json.loads(got), json.loads(local)
+    assert {k: v for k, v in got.items() if k != "model"} == {k: v for k, v in local.items() if k != "model"}
+    assert all(0.3 * sum(read) <= r <= 0.7 * sum(read) for r in read), read
+    shard_gets = [r for r in ranged if r[1].endswith(".safetensors")]
+    assert shard_gets and all(r[2] for r in shard_gets), shard_gets  # every shard read asked for a byte range
+
+
 def test_a_retried_unit_is_counted_once(checkpoints):
     single = report_json(run(load(checkpoints["safetensors"]), Options()))
     assert fanned_out(checkpoints["safetensors"], 2, retry=True)[0] == single
