@@ -160,8 +160,11 @@ def _unit_spread(stats: TensorStats) -> tuple[float | None, float | None]:
         return None, None
     rows = _drop_zero_units(stats, stats.unit_norms)
     live = stats.n_units - len(stats.zero_units)
+    inputs = stats.input_norms
+    if inputs is not None:
+        inputs = inputs[inputs > 0]  # inputs no unit reads (a masked conv's future positions): a mask, not training
     tests = [_spread(rows, stats.numel // max(stats.n_units, 1), stats.excess_kurtosis),
-             _spread(stats.input_norms, live, stats.excess_kurtosis)]
+             _spread(inputs, live, stats.excess_kurtosis)]
     tests = [t for t in tests if t is not None]
     return max(tests, key=lambda t: t[0] / t[1]) if tests else (None, None)
 
@@ -199,7 +202,7 @@ def _spectrum(stats: TensorStats, samples: Samples) -> tuple[float | None, float
     """The largest singular value of a strided block of the weight (samples.spectrum) over the edge σ(√rows + √cols)
     that iid draws of any family reach: the low-rank updates of training stand out above it.
 
-    All-zero units and copies (faults of their own) are left out of the block; the limit allows Z times the
+    All-zero units and copies (faults of their own) and all-zero inputs (a mask's) are left out of the block; the limit allows Z times the
     edge's Tracy-Widom scale, (1/√rows + 1/√cols)^(1/3) / (2(√rows + √cols)) relative to it.
     """
     if samples.spectrum is None:
@@ -211,6 +214,8 @@ def _spectrum(stats: TensorStats, samples: Samples) -> tuple[float | None, float
     block = block.to(torch.float64)
     if stats.finite < stats.numel:
         block = torch.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
+    if stats.zero_fraction > 0:
+        block = block[:, (block != 0).any(dim=0)]  # inputs no unit reads, as in the per-unit test
     m, k = block.shape
     if min(m, k) < MIN_UNITS:
         return None, None

@@ -273,3 +273,42 @@ def test_a_super_weight_is_information_on_trained_weights_only(state, trained, t
     spikes = [f for f in report.findings if f.rule == "weight-spike"]
     assert [(f.layer, f.severity) for f in spikes] == [(HIDDEN, "info" if state == "trained" else "error")]
     assert "super weight" in spikes[0].message
+
+
+class MaskedConv2d(torch.nn.Conv2d):
+    """PixelCNN's masked convolution as its common ports write it: the kernel's future positions zeroed in place."""
+
+    def __init__(self, mask_type: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _, _, h, w = self.weight.shape
+        with torch.no_grad():
+            self.weight[:, :, h // 2, w // 2 + (mask_type == "B"):] = 0
+            self.weight[:, :, h // 2 + 1:] = 0
+
+
+def pixelcnn() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    layers = [MaskedConv2d("A", 1, 64, 7, padding=3, bias=False), torch.nn.ReLU()]
+    for _ in range(4):
+        layers += [MaskedConv2d("B", 64, 64, 7, padding=3, bias=False), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Conv2d(64, 256, 1))
+
+
+def test_a_masked_convs_zeroed_positions_are_a_mask_not_training(tmp_path):
+    """Half of each kernel is zero for every unit (PixelCNN's causal mask): the inputs no unit reads are left out
+    of the per-input and spectrum tests, so a fresh PixelCNN is fresh; the same layers after a rank-4 update of
+    their unmasked entries (what training leaves) are still trained."""
+    fresh = pixelcnn()
+    path = tmp_path / "pixelcnn.pt"
+    torch.save(fresh.state_dict(), path)
+    assert initaudit.audit(path).weights_state == "fresh"
+    updated = pixelcnn()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in updated:
+            if isinstance(m, MaskedConv2d):
+                w = m.weight.view(m.weight.shape[0], -1)
+                u, v = torch.randn(w.shape[0], 4, generator=g), torch.randn(4, w.shape[1], generator=g)
+                w += (u @ v) * (w != 0) * w.std() * 0.5
+    torch.save(updated.state_dict(), path)
+    assert initaudit.audit(path).weights_state == "trained"
