@@ -31,7 +31,8 @@ def tasks(loaded: Loaded, options: Options) -> tuple[list[Task], dict[str, str]]
     """The measuring tasks of a loaded checkpoint's audited tensors, and the tensors not measured (non-float
     values) with why: both from its metadata alone."""
     targets = summary_targets(build_graph(loaded, options))
-    units = plan.plan(loaded, list(targets), stats.chunk_rows)
+    units = plan.plan(loaded, list(targets), stats.chunk_rows,
+                      whole=frozenset(k for k, (_, axis) in targets.items() if axis != 0))
     skipped = {u.key: stats.auditable(torch.empty(0, dtype=u.dtype))[1] for u in units
                if stats.auditable(torch.empty(0, dtype=u.dtype))[0] is None}
     return [Task(u, *targets[u.key]) for u in units if u.key not in skipped], skipped

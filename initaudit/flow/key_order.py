@@ -54,6 +54,8 @@ def widths(layer: Layer) -> tuple[int | None, int | None]:
     weight = layer.param("weight")
     if weight is None or len(weight.shape) < 2 or not layer.weighted:
         return None, None
+    if layer.kind == "linear" and len(weight.shape) == 3:  # stacked experts: one expert's fans
+        return weight.fan_in, weight.fan_out
     rows, cols = weight.shape[:2]
     if weight.unit_axis == 1:  # [in, out]: ConvTranspose, HF Conv1D
         return rows, cols

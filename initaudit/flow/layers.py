@@ -25,6 +25,8 @@ def embedding_name(name: str) -> bool:
 
 _NORM_NAME = re.compile(r"(^|[._])\w*(norm|ln)(_?\d+|_f)?$", re.I)  # ln_f, norm1, input_layernorm, post_ln
 _RECURRENT_KEY = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
+_EXPERT_PROJECTION = re.compile(r"^(?:(?:gate_up|gate|up|down)_proj|w[1-3])$")  # an `experts` module's stacked weights
+_EXPERT_DOWN = re.compile(r"^(?:down_proj|w2)$")
 _BUFFER_KEYS = frozenset({"running_mean", "running_var", "num_batches_tracked"})
 
 
@@ -254,6 +256,7 @@ def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleIn
     for key, shape in shapes.items():
         prefix, suffix = split_key(key)
         groups.setdefault(prefix, {})[suffix] = tuple(shape)
+    experts = _stacked_experts(groups)
     tied = {name: info for name, info in (modules or {}).items()
             if info.tied_to in shapes and name not in groups and info.kind in WEIGHTED_KINDS}
     bare = {prefix: _kind_from_tensors(prefix, suffixes) for prefix, suffixes in groups.items()
@@ -261,6 +264,10 @@ def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleIn
     flipped = _bare_layouts(bare, groups)
     layers = []
     for prefix, suffixes in groups.items():
+        if prefix in experts:
+            layers += experts[prefix]
+            if not suffixes:
+                continue
         info = (modules or {}).get(prefix)
         kind = info.kind if info else bare[prefix]
         transposed = bool(info and info.transposed) or (kind == "linear" and prefix in flipped)
@@ -272,6 +279,35 @@ def group_layers(shapes: dict[str, tuple[int, ...]], modules: dict[str, ModuleIn
                             gain_offset=info.gain_offset if info else None))
     attach_parametrizations(layers, found, stored)
     return layers + [_tied_layer(name, info, shapes[info.tied_to]) for name, info in tied.items()]
+
+
+def _stacked_experts(groups: dict[str, dict[str, tuple[int, ...]]]) -> dict[str, list[Layer]]:
+    """A mixture of experts' projections stored stacked, one 3-D tensor per projection of an `experts` module (as
+    transformers writes Mixtral, Qwen3-MoE, GPT-OSS): each taken out of its module's group (which it edits) as a
+    linear layer of its own, `experts.gate_up_proj`, judged at one expert's fans. The layout is [experts, out, in]
+    (Mixtral, Qwen3-MoE) unless a bias [experts, out] or the up/down pair (their shared axis is the model's width)
+    says [experts, in, out] (GPT-OSS)."""
+    out: dict[str, list[Layer]] = {}
+    for prefix, suffixes in groups.items():
+        if prefix.rsplit(".", 1)[-1] != "experts":
+            continue
+        stacked = {k: v for k, v in suffixes.items() if len(v) == 3 and _EXPERT_PROJECTION.match(k)}
+        down = next((v for k, v in stacked.items() if _EXPERT_DOWN.match(k)), None)
+        up = next((v for k, v in stacked.items() if not _EXPERT_DOWN.match(k)), None)
+        for name, shape in stacked.items():
+            bias = suffixes.get(f"{name}_bias")
+            if bias is not None and len(bias) == 2:
+                in_out = shape[2] == bias[1] != shape[1]
+            else:
+                in_out = up is not None and down is not None and up[1] == down[2] and up[2] != down[1]
+            fan_in, fan_out, axis = (shape[1], shape[2], 2) if in_out else (shape[2], shape[1], 1)
+            params = [Param(f"{prefix}.{name}", "weight", shape, fan_in, fan_out, axis)]
+            if bias is not None:
+                params.append(Param(f"{prefix}.{name}_bias", "bias", bias))
+                del suffixes[f"{name}_bias"]
+            del suffixes[name]
+            out.setdefault(prefix, []).append(Layer(f"{prefix}.{name}", "linear", params))
+    return out
 
 
 def _tied_layer(name: str, info: ModuleInfo, shape: tuple[int, ...]) -> Layer:

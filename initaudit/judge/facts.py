@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from initaudit.flow import key_order
 from initaudit.flow.layer import Layer, LayerGraph
 from initaudit.judge.catalogue import ALTERNATIVES
 from initaudit.measure import schemes
@@ -358,16 +359,16 @@ def _lone_zeros_like(measured: list[Measured], recipes: set[tuple[str, str]]) ->
 
 def _zeros_fed_in_block(measured: list[Measured]) -> None:
     """Withdraw `zero_in_every_block` from a zero weight whose output the next layer of its own block takes in (that
-    layer's input width is this one's output width: squeeze-excite's fc1 before fc2): mid-block, no block's end."""
+    layer's input width is this one's output width, or half of it after a fused gate·up: squeeze-excite's fc1 before
+    fc2, an MoE's stacked gate_up_proj before down_proj): mid-block, no block's end."""
     following = {m.layer.position: m for m in measured if m.param.is_weight and m.layer.weighted}
     for m in measured:
         after = following.get(m.layer.position + 1) if m.param.is_weight and m.layer.weighted else None
         if not m.facts.get("zero_in_every_block") or after is None:
             continue
         mine, theirs = _BLOCK.match(m.param.key), _BLOCK.match(after.param.key)
-        shape, other = m.param.shape, after.param.shape
-        if mine and theirs and mine.group(1) == theirs.group(1) and len(other) >= 2 and \
-                other[1 - after.param.unit_axis] == shape[m.param.unit_axis]:
+        out, taken = key_order.widths(m.layer)[1], key_order.widths(after.layer)[0]
+        if mine and theirs and mine.group(1) == theirs.group(1) and out is not None and out in (taken, 2 * taken):
             m.facts["zero_in_every_block"] = False
 
 

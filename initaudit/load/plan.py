@@ -48,15 +48,18 @@ class Unit:
         return (self.offset[0], self.offset[0] + self.size[0]) if self.shape else (0, 1)
 
 
-def plan(loaded: Loaded, keys: list[str], rows_multiple: Callable[[int], int], unit_bytes: int | None = None) -> list[Unit]:
+def plan(loaded: Loaded, keys: list[str], rows_multiple: Callable[[int], int], unit_bytes: int | None = None,
+         whole: frozenset[str] = frozenset()) -> list[Unit]:
     """The work units of the tensors `keys` of a loaded safetensors file or Hugging Face folder of safetensors
-    shards (local or remote), or DCP folder (pieces of about `unit_bytes`, UNIT_BYTES by default); InputError for other formats
-    (their bytes are not laid out by tensor)."""
+    shards (local or remote), or DCP folder (pieces of about `unit_bytes`, UNIT_BYTES by default; the tensors in
+    `whole`, whose units are not on dim 0, in one piece); InputError for other formats (their bytes are not laid out
+    by tensor)."""
     unit_bytes = unit_bytes or UNIT_BYTES
     if loaded.format == "torch-dcp":
         return _dcp_units(loaded, keys)
     files = _safetensors_files(loaded)
-    return [unit for key in keys for unit in _row_units(key, files[key], rows_multiple, unit_bytes)]
+    return [unit for key in keys
+            for unit in _row_units(key, files[key], rows_multiple, unit_bytes if key not in whole else math.inf)]
 
 
 def _safetensors_files(loaded: Loaded) -> dict[str, object]:
@@ -78,7 +81,7 @@ def _location(file) -> str:
     return str(file.path) if remote is None else remote.fs.unstrip_protocol(file.path)
 
 
-def _row_units(key: str, file, rows_multiple: Callable[[int], int], unit_bytes: int) -> list[Unit]:
+def _row_units(key: str, file, rows_multiple: Callable[[int], int], unit_bytes: float) -> list[Unit]:
     """A safetensors tensor's row ranges of about `unit_bytes`, each starting on a multiple of its chunk's rows."""
     from initaudit.load.safetensors_file import DTYPES
 
@@ -95,7 +98,7 @@ def _row_units(key: str, file, rows_multiple: Callable[[int], int], unit_bytes: 
     width = math.prod(shape[1:])
     row_bytes = width * dtype.itemsize
     step = rows_multiple(width if len(shape) > 1 else 1)
-    rows = max(step, unit_bytes // max(row_bytes, 1) // step * step)
+    rows = shape[0] if unit_bytes == math.inf else max(step, unit_bytes // max(row_bytes, 1) // step * step)
     rest = (0,) * (len(shape) - 1)
     return [Unit(key, shape, (a, *rest), (min(a + rows, shape[0]) - a, *shape[1:]), dtype, location,
                  base + a * row_bytes, base + min(a + rows, shape[0]) * row_bytes)
