@@ -38,7 +38,7 @@ from initaudit.load.modules import from_module, resolve
 from initaudit.pipeline import Analysis, analyse
 from initaudit.probe.input_batch import InputBatch
 from initaudit.probe.representation import Representation, describe
-from initaudit.probe.run import module_inputs
+from initaudit.probe.run import Verdicts, module_inputs
 from initaudit.probe.sandbox import Policy
 
 RULES = ("width-dependent-scale", "update-ratio")
@@ -103,7 +103,7 @@ class CoordLayer:
 
 
 @dataclass
-class CoordReport:
+class CoordReport(Verdicts):
     model: str
     sweep: Sweep
     loss: str
@@ -111,17 +111,6 @@ class CoordReport:
     layers: list[CoordLayer] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def summary(self) -> dict[str, int]:
-        return {"layers": len(self.layers), **{f"{s}s": sum(f.severity == s for f in self.findings)
-                                               for s in rulebook.SEVERITIES}}
-
-    def exit_code(self, fail_on: str = "error") -> int:
-        if fail_on == "never":
-            return 0
-        floor = rulebook.SEVERITIES.index(fail_on)
-        return int(any(rulebook.SEVERITIES.index(f.severity) >= floor for f in self.findings))
 
     def settings(self) -> dict[str, Any]:
         s = self.sweep

@@ -68,15 +68,8 @@ class ProbeRow:
     mean: float | None = None     # the channel mean's RMS, relative to the input's RMS as `scale` is
 
 
-@dataclass
-class ProbeReport:
-    model: str
-    format: str
-    inputs: str
-    layers: list[ProbeRow] = field(default_factory=list)
-    findings: list[Finding] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    input_cosine: float | None = None  # the batch's own mean cosine between samples (None: token ids)
+class Verdicts:
+    """The counts and exit code of a measured report from its `layers` and `findings` (probe and coord check)."""
 
     @property
     def summary(self) -> dict[str, int]:
@@ -88,6 +81,17 @@ class ProbeReport:
             return 0
         floor = rulebook.SEVERITIES.index(fail_on)
         return int(any(rulebook.SEVERITIES.index(f.severity) >= floor for f in self.findings))
+
+
+@dataclass
+class ProbeReport(Verdicts):
+    model: str
+    format: str
+    inputs: str
+    layers: list[ProbeRow] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    input_cosine: float | None = None  # the batch's own mean cosine between samples (None: token ids)
 
     def agreement(self) -> float | None:
         """The largest factor between predicted and measured scales (forward and backward) over the layers."""
