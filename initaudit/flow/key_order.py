@@ -161,22 +161,29 @@ def file_outputs(layers: list[Layer]) -> set[str]:
     none: the last, in file order, of the free layers nearest the top (DiT registers its final linear before the
     zero modulation nested beside it). Empty where the last layer's output is taken in: the file's order says."""
     weighted = [l for l in layers if l.weighted]
-    if not weighted:
+    free = _feeding_nothing(layers)
+    if not weighted or weighted[-1].name not in {l.name for l in free}:
         return set()
-    start, end = widths(weighted[-1])
-    takers = Counter(widths(l)[0] for l in layers)
-    if end is None or takers[end] - (start == end) > 0:
-        return set()
-    free = output_layers(layers)
-    return {next(l.name for l in reversed(weighted) if l.name in free)} if free else set()
+    top = _nearest_top(free)
+    return {next(l.name for l in reversed(weighted) if l.name in top)} if top else set()
 
 
 def output_layers(order: list[Layer]) -> set[str]:
     """Weighted layers whose output width no other layer takes in, the ones nearest the top of the tree."""
+    return _nearest_top(_feeding_nothing(order))
+
+
+def _feeding_nothing(order: list[Layer]) -> list[Layer]:
+    """Weighted layers whose output width no other layer takes in."""
     ends = {l.name: widths(l) for l in order}
     takers = Counter(start for start, _ in ends.values() if start is not None)
-    free = [l for l in order if l.weighted and ends[l.name][1] is not None and not _in_numbered_block(l.name)
+    return [l for l in order if l.weighted and ends[l.name][1] is not None
             and takers[ends[l.name][1]] - (ends[l.name][0] == ends[l.name][1]) == 0]
+
+
+def _nearest_top(free: list[Layer]) -> set[str]:
+    """Of these layers, the ones outside numbered blocks nearest the top of the module tree."""
+    free = [l for l in free if not _in_numbered_block(l.name)]
     if not free:
         return set()
     top = min(l.name.count(".") for l in free)

@@ -368,7 +368,8 @@ def _zeros_fed_in_block(measured: list[Measured]) -> None:
             continue
         mine, theirs = _BLOCK.match(m.param.key), _BLOCK.match(after.param.key)
         out, taken = key_order.widths(m.layer)[1], key_order.widths(after.layer)[0]
-        if mine and theirs and mine.group(1) == theirs.group(1) and out is not None and out in (taken, 2 * taken):
+        fed = out is not None and taken is not None and out in (taken, 2 * taken)
+        if mine and theirs and mine.group(1) == theirs.group(1) and fed:
             m.facts["zero_in_every_block"] = False
 
 

@@ -58,8 +58,7 @@ def plan(loaded: Loaded, keys: list[str], rows_multiple: Callable[[int], int], u
     if loaded.format == "torch-dcp":
         return _dcp_units(loaded, keys)
     files = _safetensors_files(loaded)
-    return [unit for key in keys
-            for unit in _row_units(key, files[key], rows_multiple, unit_bytes if key not in whole else math.inf)]
+    return [unit for key in keys for unit in _row_units(key, files[key], rows_multiple, unit_bytes, key in whole)]
 
 
 def _safetensors_files(loaded: Loaded) -> dict[str, object]:
@@ -81,8 +80,9 @@ def _location(file) -> str:
     return str(file.path) if remote is None else remote.fs.unstrip_protocol(file.path)
 
 
-def _row_units(key: str, file, rows_multiple: Callable[[int], int], unit_bytes: float) -> list[Unit]:
-    """A safetensors tensor's row ranges of about `unit_bytes`, each starting on a multiple of its chunk's rows."""
+def _row_units(key: str, file, rows_multiple: Callable[[int], int], unit_bytes: int, whole: bool) -> list[Unit]:
+    """A safetensors tensor's row ranges of about `unit_bytes`, each starting on a multiple of its chunk's rows
+    (`whole`: one range)."""
     from initaudit.load.safetensors_file import DTYPES
 
     entry = file.entries[key]
@@ -98,7 +98,7 @@ def _row_units(key: str, file, rows_multiple: Callable[[int], int], unit_bytes: 
     width = math.prod(shape[1:])
     row_bytes = width * dtype.itemsize
     step = rows_multiple(width if len(shape) > 1 else 1)
-    rows = shape[0] if unit_bytes == math.inf else max(step, unit_bytes // max(row_bytes, 1) // step * step)
+    rows = shape[0] if whole else max(step, unit_bytes // max(row_bytes, 1) // step * step)
     rest = (0,) * (len(shape) - 1)
     return [Unit(key, shape, (a, *rest), (min(a + rows, shape[0]) - a, *shape[1:]), dtype, location,
                  base + a * row_bytes, base + min(a + rows, shape[0]) * row_bytes)

@@ -6,8 +6,9 @@ summary out; summaries merged in any order; the tensor's statistics and samples 
 process runs) and keeps: each chunk's power sums, the extremes and how many values sit on them, counts of zeros
 and non-finite values, each unit's (row's) sum of squares, sum and two random projections, the columns' sums of
 squares, and the values of the samples the fingerprint and the fresh/trained test read (measure/samples.py),
-each at its global index, and each unit's CHECKS further random projections. `merge` keeps one summary per (key, offset): a retried or duplicated block counts
-once. `finish` gives what the pipeline needs of the tensor: its TensorStats and Samples.
+each at its global index, and each unit's CHECKS further random projections. `merge` keeps one summary per
+(key, offset): a retried or duplicated block counts once. `finish` gives what the pipeline needs of the tensor: its
+TensorStats and Samples.
 
 Exactness: chunks end at the tensor's multiples of `stats.chunk_rows(width)` rows and every chunk's sums are
 added exactly (math.fsum), so blocks that start at those multiples (the checkpoint plan's units) give the
@@ -17,8 +18,9 @@ to float32 reassociation (relative 1e-6 on the std, the kurtosis and the norms),
 and copies exactly.
 Where the values are not at hand, copies among units are confirmed by their norms and CHECKS random projections
 besides the pass's two (which only select candidates: among thousands of units, neighbours in the pass's order
-agree in those by chance); where they are, entry by entry (`finish(close=...)` decides instead where given). and a spike or values on a truncation bound of a tensor
-of more than samples.SMALL_VALUES values stay in its fresh/trained fit (measure/samples.py's `source`).
+agree in those by chance); where they are, entry by entry (`finish(close=...)` decides instead where given). A
+spike or values on a truncation bound of a tensor of more than samples.SMALL_VALUES values stay in its
+fresh/trained fit (measure/samples.py's `source`).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Block:
     flat_values: torch.Tensor
     grids: dict[str, Grid] = field(default_factory=dict)   # "ortho", "spectrum"
     values: torch.Tensor | None = None   # the block itself, where the tensor is small
-    row_bits: torch.Tensor | None = None  # int64 sum of each dim-0 row's bit patterns (its part of the row)
+    row_bits: torch.Tensor | None = None  # each dim-0 row's bit patterns summed, wrapping (its part of the row)
     checks: torch.Tensor | None = None    # [rows, CHECKS] float64: each unit's random projections (its part of them)
 
 
@@ -146,12 +148,13 @@ def summarize(block: torch.Tensor, key: str, shape: tuple[int, ...], offset: tup
 
 
 def _row_bits(block: torch.Tensor) -> torch.Tensor:
-    """Each dim-0 row's bit patterns summed as integers (wrapping, modulo 2^32 or 2^64): exact and additive over column blocks, so the
-    rows' sums tell two tensors' values apart whichever way each was cut and summarized."""
+    """Each dim-0 row's bit patterns summed as integers (wrapping: modulo 2^64 for 8-byte values, else 2^32, which
+    sums 12x faster): exact and additive over column blocks, so the rows' sums tell two tensors' values apart
+    whichever way each was cut and summarized."""
     rows = block.reshape(block.shape[0], math.prod(block.shape[1:])) if block.dim() else block.reshape(1, 1)
     rows = rows.contiguous()
     bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[block.element_size()]
-    return rows.view(bits).sum(dim=1, dtype=torch.int64 if bits == torch.int64 else torch.int32)  # int32: 12x faster
+    return rows.view(bits).sum(dim=1, dtype=torch.int64 if bits == torch.int64 else torch.int32)
 
 
 @functools.lru_cache(maxsize=64)

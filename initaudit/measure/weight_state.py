@@ -202,8 +202,9 @@ def _spectrum(stats: TensorStats, samples: Samples) -> tuple[float | None, float
     """The largest singular value of a strided block of the weight (samples.spectrum) over the edge σ(√rows + √cols)
     that iid draws of any family reach: the low-rank updates of training stand out above it.
 
-    All-zero units and copies (faults of their own) and all-zero inputs (a mask's) are left out of the block; the limit allows Z times the
-    edge's Tracy-Widom scale, (1/√rows + 1/√cols)^(1/3) / (2(√rows + √cols)) relative to it.
+    All-zero units and copies (faults of their own) and all-zero inputs (a mask's) are left out of the block; the
+    limit allows Z times the edge's Tracy-Widom scale, (1/√rows + 1/√cols)^(1/3) / (2(√rows + √cols)) relative to
+    it.
     """
     if samples.spectrum is None:
         return None, None
