@@ -12,10 +12,12 @@ TensorStats and Samples.
 
 Exactness: chunks end at the tensor's multiples of `stats.chunk_rows(width)` rows and every chunk's sums are
 added exactly (math.fsum), so blocks that start at those multiples (the checkpoint plan's units) give the
-single-process figures bit for bit, whatever their number and order. A block boundary inside a chunk (an FSDP2
-shard of uneven rows, a tensor-parallel column split) splits that chunk's float32 sums: the figures then agree
-to float32 reassociation (relative 1e-6 on the std, the kurtosis and the norms), counts, extremes, zero units
-and copies exactly.
+single-process figures bit for bit, whatever their number and order. A block cut inside a chunk (an FSDP2 shard of
+uneven rows, a DCP record it saved) keeps that chunk's rows as a piece (values, at most a chunk: 1 MB of float32 at
+each end of the block); `finish` measures the chunk once its pieces fill it, so row blocks give the single-process
+figures bit for bit wherever they are cut. A tensor-parallel column split cuts every chunk: the figures then agree
+to float32 reassociation (relative 1e-6 on the std, the kurtosis and the norms), counts, extremes, zero units and
+copies exactly.
 Where the values are not at hand, copies among units are confirmed by their norms and CHECKS random projections
 besides the pass's two (which only select candidates: among thousands of units, neighbours in the pass's order
 agree in those by chance); where they are, entry by entry (`finish(close=...)` decides instead where given). A
@@ -78,6 +80,7 @@ class Summary:
     units: bool
     unit_axis: int
     blocks: dict[tuple[int, ...], Block] = field(default_factory=dict)
+    pieces: dict[int, torch.Tensor] = field(default_factory=dict)  # partial chunks' rows, by their first row
 
     @property
     def numel(self) -> int:
@@ -129,10 +132,35 @@ def region(block_shape: tuple[int, ...], shape: tuple[int, ...], offset: tuple[i
 def summarize(block: torch.Tensor, key: str, shape: tuple[int, ...], offset: tuple[int, ...], *, units: bool = True,
               unit_axis: int = 0, split: bool = True) -> Summary:
     """The partial summary of one block of tensor `key` (global `shape`) placed at `offset` (its real values only:
-    padding is never passed). `units`, `unit_axis`: as stats.compute's for that tensor."""
+    padding is never passed). `units`, `unit_axis`: as stats.compute's for that tensor. Rows of a chunk the block
+    holds only part of (a row range that starts or ends inside one) are kept as pieces, measured once `finish` has
+    the whole chunk."""
     block = block.detach()
     shape, offset = tuple(int(s) for s in shape), tuple(int(o) for o in offset)
     (r0, r1), (c0, c1) = region(tuple(block.shape), shape, offset, unit_axis)
+    units_n, width = unit_view(shape, unit_axis)
+    a, b = (r0, r1) if (c0, c1) != (0, width) else whole_chunks((r0, r1), units_n, stats.chunk_rows(width))
+    pieces = {start: block[start - r0:stop - r0].clone() for start, stop in ((r0, a), (b, r1)) if stop > start}
+    out = Summary(key, shape, block.dtype, units, unit_axis, pieces=pieces)
+    if b > a or not pieces:
+        inner = (a, *offset[1:])
+        out.blocks[inner] = _block(block[a - r0:b - r0], shape, inner, (a, b), (c0, c1), units, unit_axis, split)
+    return out
+
+
+def whole_chunks(rows: tuple[int, int], units: int, step: int) -> tuple[int, int]:
+    """The rows [a, b) of `rows` that fill whole chunks of the measuring pass (a chunk ends at a multiple of `step`
+    rows, or at the tensor's last row)."""
+    r0, r1 = rows
+    a = r0 if r0 % step == 0 else min(r1, (r0 // step + 1) * step)
+    b = r1 if r1 == units or r1 % step == 0 else max(a, r1 // step * step)
+    return a, b
+
+
+def _block(block: torch.Tensor, shape: tuple[int, ...], offset: tuple[int, ...], rows: tuple[int, int],
+           cols: tuple[int, int], units: bool, unit_axis: int, split: bool) -> Block:
+    """The partial statistics and sample shares of a block that fills whole chunks."""
+    (r0, r1), (c0, c1) = rows, cols
     units_n, width = unit_view(shape, unit_axis)
     view = stats.as_units(block, unit_axis) if (r0, r1, c0, c1) == (0, units_n, 0, width) else block.reshape(r1 - r0, c1 - c0)
     if view.numel():
@@ -141,10 +169,9 @@ def summarize(block: torch.Tensor, key: str, shape: tuple[int, ...], offset: tup
         part = Partial()
     idx, values = _flat_picks(block, view, (r0, r1), (c0, c1), shape, unit_axis)
     whole = travels_whole(shape)
-    out = Block(offset, (r0, r1), (c0, c1), part, idx, values, _grids(view, (r0, r1), (c0, c1), shape, unit_axis),
-                block.clone() if whole else None, _row_bits(block),
-                _checks(view, (c0, c1), width) if units and len(shape) >= 2 and not whole else None)
-    return Summary(key, shape, block.dtype, units, unit_axis, {offset: out})
+    return Block(offset, (r0, r1), (c0, c1), part, idx, values, _grids(view, (r0, r1), (c0, c1), shape, unit_axis),
+                 block.clone() if whole else None, _row_bits(block),
+                 _checks(view, (c0, c1), width) if units and len(shape) >= 2 and not whole else None)
 
 
 def _row_bits(block: torch.Tensor) -> torch.Tensor:
@@ -236,13 +263,38 @@ def merge(summaries: Iterable[Summary]) -> Summary:
     """One tensor's summaries merged: one block per offset (a retried block counts once), in any order."""
     summaries = list(summaries)
     first = summaries[0]
-    out = replace(first, blocks={})
+    out = replace(first, blocks={}, pieces={})
     for s in summaries:
         if (s.key, s.shape) != (first.key, first.shape):
             raise ValueError(f"cannot merge summaries of {s.key} {s.shape} and {first.key} {first.shape}")
         for offset, block in s.blocks.items():
             out.blocks.setdefault(offset, block)
+        for start, rows in s.pieces.items():
+            out.pieces.setdefault(start, rows)
     return out
+
+
+def stitched(summary: Summary) -> Summary:
+    """The summary with each chunk its pieces fill measured as one block (as the single process reads it: the
+    figures do not depend on where the blocks were cut); pieces of a chunk they do not fill stay pieces."""
+    if not summary.pieces:
+        return summary
+    units, width = unit_view(summary.shape, summary.unit_axis)
+    step = stats.chunk_rows(width)
+    by_chunk: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    for start, rows in sorted(summary.pieces.items()):
+        by_chunk.setdefault(start // step, []).append((start, rows))
+    blocks, left = dict(summary.blocks), {}
+    for chunk, group in by_chunk.items():
+        ends = [start + rows.shape[0] for start, rows in group]
+        if [start for start, _ in group] != [chunk * step] + ends[:-1] or ends[-1] != min((chunk + 1) * step, units):
+            left.update(group)
+            continue
+        offset = (chunk * step,) + (0,) * (len(summary.shape) - 1)
+        whole = summarize(torch.cat([rows for _, rows in group]), summary.key, summary.shape, offset,
+                          units=summary.units, unit_axis=summary.unit_axis)
+        blocks.update(whole.blocks)
+    return replace(summary, blocks=blocks, pieces=left)
 
 
 def merge_all(summaries: Iterable[Summary]) -> dict[str, Summary]:
@@ -261,6 +313,7 @@ def finish(summary: Summary, close: Callable[[int, int, float], bool] | None = N
 
 
 def _finish(summary: Summary, close: Callable[[int, int, float], bool] | None) -> Finished:
+    summary = stitched(summary)
     if not summary.complete():
         raise ValueError(f"{summary.key}: the summaries cover part of the tensor only")
     units, width = unit_view(summary.shape, summary.unit_axis)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import subprocess
@@ -15,12 +14,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers.fanout import fanned_out, report_json
 from initaudit.config import Options
 from initaudit.distributed import checkpoint
 from initaudit.load import plan
 from initaudit.load.dispatch import load
 from initaudit.measure import stats
-from initaudit.pipeline import analyse, run
+from initaudit.pipeline import run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,23 +70,6 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")
     state = planted_state()
     return {"safetensors": sharded_safetensors(root / "sharded", state), "dcp": dcp_checkpoint(root / "dcp", state)}
-
-
-def report_json(report) -> str:
-    return json.dumps(report.to_dict(), indent=2)
-
-
-def fanned_out(path: Path, workers: int, retry: bool = False) -> tuple[str, list[int]]:
-    """The report of `path` measured by `workers` workers in turn (each only its share of the units), and the bytes
-    each read; `retry`: every worker's first unit measured twice (a retried task)."""
-    loaded, options = load(path), Options()
-    work, skipped = checkpoint.tasks(loaded, options)
-    shares = checkpoint.assign(work, workers)
-    summaries = []
-    for share in shares:
-        summaries += [checkpoint.measure_unit(t) for t in share + share[:1] * retry]
-    found = checkpoint.finished(summaries, skipped)
-    return report_json(analyse(loaded, options, measured_from=found).report), [checkpoint.bytes_read(s) for s in shares]
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "dcp"])

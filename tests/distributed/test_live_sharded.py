@@ -1,6 +1,6 @@
 """A model sharded across 2 and 4 CPU processes (gloo) is audited where it lives (`audit_sharded`): rank 0's JSON
-report is the single process's on the unsharded model (byte for byte, but for the figures float32 sums split across
-shards move in their last digits: see REASSOCIATED), whether FSDP2 shards it (unevenly: a vocab of 37, and two rows
+report is the single process's on the unsharded model (byte for byte where whole rows are sharded; where columns
+are, the figures float32 sums split across shards move in their last digits: see REASSOCIATED), whether FSDP2 shards it (unevenly: a vocab of 37, and two rows
 a rank of four holds none of), tensor parallelism splits it by rows and columns, or DDP replicates it; no rank
 gathers a parameter; a tie sharding left as two tensors is found, and so are a zero layer and a copied layer."""
 
@@ -12,7 +12,11 @@ import math
 import pytest
 
 import initaudit
+from helpers.fanout import fanned_out, report_json
 from helpers.sharded import build, run_ranks
+from initaudit.config import Options
+from initaudit.load.dispatch import load
+from initaudit.pipeline import run
 
 JOBS = [("clean", "fsdp"), ("untied", "fsdp"), ("zero", "fsdp"), ("copy", "fsdp"), ("clean", "fsdp_apart"),
         ("clean", "tp"), ("untied", "tp"), ("clean", "ddp")]
@@ -21,11 +25,12 @@ JOBS = [("clean", "fsdp"), ("untied", "fsdp"), ("zero", "fsdp"), ("copy", "fsdp"
 UNSHARDED = {("clean", "fsdp_apart"): "untied"}
 
 
-# Shards split a chunk of the measuring pass where one process reads it whole (FSDP2's uneven rows, tensor-parallel
-# columns): that chunk's float32 sums are then added in another order (measure/summary.py), and the figures made from
-# them (a std, the depth model's gains and scales, a finding's measured std) agree to float32 reassociation, relative
-# 1e-6; the fit's z-scores, rounded to 4 significant digits, may then round the other way (one unit in the 4th digit).
-# Every other field is the same. Whole tensors (DDP's replicas) give the single process's report byte for byte.
+# Row shards (FSDP2's, uneven or empty; DDP's whole replicas) give the single process's report byte for byte: the
+# rows of a chunk of the measuring pass that two shards split are measured as one chunk once merged
+# (measure/summary.py). Tensor-parallel column splits cut every chunk: its float32 sums are then added in another
+# order, and the figures made from them (a std, the depth model's gains and scales, a finding's measured std) agree to
+# float32 reassociation, relative 1e-6; the fit's z-scores, rounded to 4 significant digits, may then round the other
+# way (one unit in the 4th digit). Every other field is the same.
 REASSOCIATED = {"std", "predicted_gain", "predicted_scale", "predicted_grad_scale", "actual", "expected"}
 ROUNDED = {"std_z", "runner_up_std_z", "nearest_std_z"}
 RELATIVE = 1e-6
@@ -72,9 +77,21 @@ def test_rank0_report_is_the_single_process_report(ranks, variant, sharding):
     world, out = ranks
     got = (out / f"{variant}-{sharding}.json").read_text()
     want = single_process(UNSHARDED.get((variant, sharding), variant))
-    if sharding == "ddp":
+    if sharding != "tp":
         assert got == want
     assert differences(json.loads(want), json.loads(got)) == []
+
+
+def test_a_dcp_checkpoint_saved_from_uneven_shards_fans_out_to_the_single_process_report(ranks):
+    """The FSDP2 ranks' DCP save holds each rank's uneven rows as one record: fanned out over 1, 2 and 4 workers
+    (units cut where the ranks' shards were, inside chunks), the report is the one-process report of the folder byte
+    for byte, and it keeps the planted zero layer."""
+    world, out = ranks
+    single = report_json(run(load(out / "dcp-fsdp"), Options()))
+    assert ("zero-weights", "error", "blocks.1.fc1.weight") in findings(out, "zero-fsdp")
+    assert '"rule": "zero-weights"' in single
+    for workers in (1, 2, 4):
+        assert fanned_out(out / "dcp-fsdp", workers)[0] == single, workers
 
 
 def test_no_rank_gathers_a_parameter(ranks):

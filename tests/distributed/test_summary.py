@@ -1,6 +1,7 @@
 """Mergeable summaries: a tensor measured block by block, the blocks merged in any order (a retried block once),
-gives the single-process statistics and samples bit for bit where blocks start on chunk boundaries, and within
-float32 reassociation where they do not (FSDP2's uneven shards, tensor-parallel column splits)."""
+gives the single-process statistics and samples bit for bit wherever dim-0 blocks are cut (on chunk boundaries, or
+inside a chunk, as FSDP2's uneven shards are), and within float32 reassociation for column splits (tensor
+parallelism)."""
 
 from __future__ import annotations
 
@@ -93,20 +94,40 @@ def test_a_missing_block_is_refused_not_reported_as_a_smaller_tensor():
         summary.finish(summary.merge(blocks[:3]))
 
 
-def test_uneven_shards_and_column_splits_agree_to_reassociation_with_exact_counts():
+@pytest.mark.parametrize("shape,dtype", [((1001, 384), torch.float32), ((37, 64), torch.float32),
+                                         ((3001, 700), torch.bfloat16), ((97, 8, 3, 3), torch.float16)])
+@pytest.mark.parametrize("n", [2, 3, 4, 7])
+def test_uneven_row_shards_give_the_single_process_stats_bit_for_bit(shape, dtype, n):
+    """Cuts inside a chunk (FSDP2's ceil(rows / ranks) shards, an empty last shard): the pieces of a chunk the
+    blocks split are measured as that chunk once merged, so nothing depends on where the cuts fell."""
+    w = planted(shape, dtype)
+    blocks = row_blocks(w, n, aligned=False)
+    assert any(b.pieces for b in blocks)
+    random.Random(n).shuffle(blocks)
+    done = summary.finish(summary.merge(blocks + blocks[:1]))
+    assert_same_stats(done.stats, stats.compute(w))
+    assert_same_samples(done.samples, Samples.of(w))
+    assert done.digest == summary.finish(summary.merge(row_blocks(w, 1))).digest
+
+
+def test_a_chunk_missing_a_piece_is_refused():
+    blocks = row_blocks(planted((1001, 384)), 3, aligned=False)
+    with pytest.raises(ValueError, match="part of the tensor"):
+        summary.finish(summary.merge(blocks[:2]))
+
+
+def test_column_splits_agree_to_reassociation_with_exact_counts():
     w = planted((1001, 384))
     ref = stats.compute(w)
-    uneven = summary.finish(summary.merge(row_blocks(w, 3, aligned=False))).stats
-    columns = summary.finish(summary.merge(
+    got = summary.finish(summary.merge(
         [summary.summarize(w[:, a:a + 96], "w", (1001, 384), (0, a)) for a in range(0, 384, 96)])).stats
-    for got in (uneven, columns):
-        assert got.std == pytest.approx(ref.std, rel=1e-6)
-        assert got.excess_kurtosis == pytest.approx(ref.excess_kurtosis, abs=1e-5)
-        assert (got.min, got.max, got.min_count, got.max_count, got.nan, got.zero_fraction, got.finite) == \
-            (ref.min, ref.max, ref.min_count, ref.max_count, ref.nan, ref.zero_fraction, ref.finite)
-        assert got.zero_units == ref.zero_units and got.duplicate_groups == ref.duplicate_groups
-        assert torch.allclose(got.unit_norms, ref.unit_norms, rtol=1e-5)
-        assert torch.allclose(got.input_norms, ref.input_norms, rtol=1e-6)
+    assert got.std == pytest.approx(ref.std, rel=1e-6)
+    assert got.excess_kurtosis == pytest.approx(ref.excess_kurtosis, abs=1e-5)
+    assert (got.min, got.max, got.min_count, got.max_count, got.nan, got.zero_fraction, got.finite) == \
+        (ref.min, ref.max, ref.min_count, ref.max_count, ref.nan, ref.zero_fraction, ref.finite)
+    assert got.zero_units == ref.zero_units and got.duplicate_groups == ref.duplicate_groups
+    assert torch.allclose(got.unit_norms, ref.unit_norms, rtol=1e-5)
+    assert torch.allclose(got.input_norms, ref.input_norms, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

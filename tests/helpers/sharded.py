@@ -189,10 +189,20 @@ def train_start(mesh) -> dict[str, str | None]:
     return raised
 
 
+def save_dcp(model: nn.Module, folder) -> None:
+    """The sharded model saved with torch.distributed.checkpoint from every rank: each rank writes its own shards
+    (FSDP2's uneven rows as they lie)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder))
+
+
 def worker(rank: int, world: int, port: int, out: str, jobs: list[tuple[str, str]]) -> None:
     """One rank: for each (variant, sharding) build, shard and audit the model under `forbid_gathers`; rank 0
     writes `<variant>-<sharding>.json`; every rank writes what `forbid_gathers` stopped (`caught-<rank>.json`) and
-    what the train-start audit raised (`train-start-<rank>.json`)."""
+    what the train-start audit raised (`train-start-<rank>.json`); all save the `zero` model FSDP2-sharded as a
+DCP folder (`dcp-fsdp`)."""
     import json
     import os
     from pathlib import Path
@@ -223,6 +233,7 @@ def worker(rank: int, world: int, port: int, out: str, jobs: list[tuple[str, str
                 raise AssertionError(f"rank {rank} returned a report")
         Path(out, f"caught-{rank}.json").write_text(json.dumps(caught))
         Path(out, f"train-start-{rank}.json").write_text(json.dumps(train_start(mesh)))
+        save_dcp(shard_fsdp(build("zero"), mesh), Path(out, "dcp-fsdp"))
         dist.barrier()  # gloo aborts a process that tears the group down while a peer's collective is in flight
     finally:
         dist.destroy_process_group()
