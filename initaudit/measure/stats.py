@@ -6,7 +6,8 @@ found by hashing each row to a random projection (no comparison of all pairs).
 Each chunk is read from memory once and then worked on in the CPU's cache: its squares are the
 only temporary, and every sum (the power sums of the moments, each unit's and each input's sum
 of squares, the units' sums and two random projections) is a reduction over the chunk or its
-squares. Narrow floats (bf16, fp16, float8) are upcast chunk by chunk into a reused buffer. A
+squares. Narrow floats (fp16, float8; bf16 without the `fast` extra) are upcast chunk by chunk into a reused
+buffer; bf16 weights are read once by a compiled pass that counts their bit patterns (bf16_pass.py). A
 large tensor's chunks are shared out over the CPU's cores (`workers`) and the partial sums merged.
 A tensor whose largest |value| lies where fourth powers overflow or underflow the pass's precision (garbage
 up to 3.4e38, a layer of denormals) is read again in float64 with its values scaled by a power of two
@@ -28,7 +29,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from initaudit.measure import garbage
+from initaudit.measure import bf16_pass, garbage
 from initaudit.measure.garbage import Garbage
 
 CHUNK_ELEMENTS = 1 << 18        # units are read in chunks of about this many values (1 MB of fp32: fits L2)
@@ -235,10 +236,20 @@ class Partial:
     column_sq: torch.Tensor | None = None   # float64: sums of float32 chunk sums, exact but for rare rounding
     column_parts: list[torch.Tensor] = field(default_factory=list)  # float64 chunks' column sums, added exactly at the end
     scale: float = 1.0   # the records, norms and projections are of the values times this (a power of two)
+    hist: np.ndarray | None = None   # bf16: how many values hold each bit pattern (bf16_pass), besides the records
 
     @property
     def n(self) -> int:
-        return sum(r[0] for r in self.records)
+        return sum(r[0] for r in self.records) + (bf16_pass.finite_count(self.hist) if self.hist is not None else 0)
+
+    def all_records(self) -> list[tuple[int, float, float, float, float, float]]:
+        """The records, and the histogram's as one more."""
+        counted = bf16_pass.record(self.hist) if self.hist is not None else None
+        return self.records + ([counted] if counted else [])
+
+    def add_hist(self, hist: np.ndarray | None) -> None:
+        if hist is not None:
+            self.hist = hist.copy() if self.hist is None else self.hist + hist
 
     def add_sums(self, sums: list[float], n: int, shift: float = 0.0) -> None:
         self.records.append((n, shift, *sums))
@@ -268,6 +279,7 @@ class Partial:
     def merge(self, other: "Partial") -> None:
         """Add the part of the rows that follow these (their per-unit values go after these)."""
         self.records += other.records
+        self.add_hist(other.hist)
         self.nan, self.inf, self.zeros = self.nan + other.nan, self.inf + other.inf, self.zeros + other.zeros
         self.extremes(other.lo, other.lo_count, other.hi, other.hi_count)
         self.zero_units += other.zero_units
@@ -294,6 +306,7 @@ class _Scan:
         self.step = chunk_rows(full_width)
         self.basis = _basis(full_width, dtype)[:, col0:col0 + self.width].contiguous() if units else None
         self.ones = torch.ones(self.step, dtype=dtype) if units else None
+        self.counted = bf16_pass.takes(rows.dtype, full_width, scale)  # bf16: the compiled pass, patterns counted
 
     def sizes(self, start: int, stop: int) -> list[int]:
         """The chunks' row counts over [start, stop): each ends at a multiple of `step` of the tensor's rows."""
@@ -305,6 +318,8 @@ class _Scan:
         return out
 
     def __call__(self, start: int, stop: int) -> Partial:
+        if self.counted:
+            return self._counted(start, stop)
         part = Partial(scale=self.scale)
         units = self.units
         if units:
@@ -340,6 +355,37 @@ class _Scan:
             first += chunk.shape[0]
             if picked is not None:  # gathered while the chunk is in cache: from memory, 10x dearer
                 torch.index_select(chunk, 1, self.columns, out=picked[i])
+        return part
+
+    def _counted(self, start: int, stop: int) -> Partial:
+        """The compiled bf16 pass over rows [start, stop) (bf16_pass): the same chunks, patterns counted."""
+        part = Partial(hist=np.zeros(bf16_pass.PATTERNS, dtype=np.int64))
+        kernels = bf16_pass.kernels()
+        units = self.units
+        if units:
+            part.column_sq = torch.zeros(self.width, dtype=torch.float64)
+            basis = self.basis.to(torch.float64).numpy()
+            column_sq = np.empty(self.width)
+        first = self.row0 + start
+        sizes = self.sizes(start, stop)
+        picked = self.picked[start:stop].split(sizes) if self.columns is not None else None
+        for i, chunk in enumerate(self.rows[start:stop].split(sizes)):
+            bits = bf16_pass.patterns(chunk.contiguous())
+            if units:
+                unit_sq, proj = np.empty(chunk.shape[0]), np.empty((3, chunk.shape[0]))
+                nonzero = np.empty(chunk.shape[0], dtype=np.int64)
+                column_sq.fill(0.0)
+                kernels.units(bits, bf16_pass.VALUES, basis, part.hist, column_sq, unit_sq, proj, nonzero)
+                part.norms.append(torch.from_numpy(unit_sq))
+                part.proj.append(torch.from_numpy(proj))
+                part.column_sq += torch.from_numpy(column_sq)
+                part.zero_units.extend((first + np.flatnonzero(nonzero == 0)).tolist())
+            else:
+                kernels.count(bits, part.hist)
+            if picked is not None:
+                picked[i].copy_(chunk.index_select(1, self.columns))
+            first += chunk.shape[0]
+        part.lo, part.lo_count, part.hi, part.hi_count, part.zeros, part.nan, part.inf = bf16_pass.tally(part.hist)
         return part
 
     def _chunk(self, part: Partial, first: int, chunk: torch.Tensor, flat: torch.Tensor, chunk_t: torch.Tensor | None,
@@ -592,7 +638,7 @@ def assemble(part: Partial, n_units: int, width: int, dtype: torch.dtype, ordere
              close: Callable[[int, int, float], bool]) -> TensorStats:
     """The stats of a tensor from its merged pass (`ordered`: its sorted sample; `close(a, b, tol)`: whether two
     units found near each other by their projections are copies)."""
-    mean, std, kurt = moments(part.records, part.scale)
+    mean, std, kurt = moments(part.all_records(), part.scale)
     lo, hi = part.lo, part.hi
     spread = math.nan
     unit_norms = input_norms = unit_sums = None

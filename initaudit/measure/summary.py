@@ -367,6 +367,7 @@ def _side_by_side(side: list[Block], width: int) -> Partial:
     out = Partial(scale=parts[0].scale)
     for b, p in zip(side, parts):
         out.records += p.records
+        out.add_hist(p.hist)
         out.nan, out.inf, out.zeros = out.nan + p.nan, out.inf + p.inf, out.zeros + p.zeros
         out.extremes(p.lo, p.lo_count, p.hi, p.hi_count)
         if p.column_sq is not None:
