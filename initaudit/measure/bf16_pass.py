@@ -17,9 +17,12 @@ PATTERNS = 1 << 16
 MIN_WIDTH = 64   # tensors with units this wide go through the compiled pass (biases, norms: the float32 one)
 
 _RAW = torch.arange(PATTERNS, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).double().numpy()
+NO_COLUMNS = np.empty(0, dtype=np.int64)   # no column sample kept (a wide tensor)
+NO_PICKS = np.empty((0, 0), dtype=np.float32)
 FINITE = np.isfinite(_RAW)
 NAN = np.isnan(_RAW)
 VALUES = np.where(FINITE, _RAW, 0.0)   # every pattern's value; NaN and Inf read as 0 in every sum
+RAW = _RAW.astype(np.float32)         # every pattern's value as float32 (exact; NaN and Inf kept)
 ZERO = np.array([0x0000, 0x8000])      # +0 and -0
 
 

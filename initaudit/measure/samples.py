@@ -35,9 +35,10 @@ class Samples:
     @classmethod
     def of(cls, tensor: torch.Tensor, unit_axis: int = 0) -> "Samples":
         """The picks of a tensor at hand."""
+        ortho = ortho_vectors(tensor)  # before detach: the columns stats.compute kept are found by this object
         tensor = tensor.detach()
         rows_idx, block = spectrum_block(as_units(tensor, unit_axis)) if tensor.dim() >= 2 else (None, None)
-        return cls(tuple(tensor.shape), tensor.dtype, sorted_sample(tensor), ortho_vectors(tensor), block, rows_idx,
+        return cls(tuple(tensor.shape), tensor.dtype, sorted_sample(tensor), ortho, block, rows_idx,
                    tensor if travels_whole(tuple(tensor.shape)) else None, tensor)
 
     def kept(self) -> "Samples":
@@ -93,7 +94,7 @@ def ortho_vectors(tensor: torch.Tensor) -> torch.Tensor | None:
     if pick is None:
         return None
     by_rows, idx = pick
-    return tensor.reshape(tensor.shape[0], -1)[idx] if by_rows else column_sample(tensor)
+    return tensor.detach().reshape(tensor.shape[0], -1)[idx] if by_rows else column_sample(tensor)
 
 
 def spectrum_strides(n_units: int, width: int) -> tuple[int, int]:

@@ -368,22 +368,23 @@ class _Scan:
             column_sq = np.empty(self.width)
         first = self.row0 + start
         sizes = self.sizes(start, stop)
+        columns = bf16_pass.NO_COLUMNS if self.columns is None else self.columns.numpy()
         picked = self.picked[start:stop].split(sizes) if self.columns is not None else None
         for i, chunk in enumerate(self.rows[start:stop].split(sizes)):
             bits = bf16_pass.patterns(chunk.contiguous())
+            picks = bf16_pass.NO_PICKS if picked is None else picked[i].numpy()
             if units:
-                unit_sq, proj = np.empty(chunk.shape[0]), np.empty((3, chunk.shape[0]))
-                nonzero = np.empty(chunk.shape[0], dtype=np.int64)
+                rows = chunk.shape[0]
+                unit_sq, proj, nonzero = np.empty(rows), np.empty((3, rows)), np.empty(rows, dtype=np.int64)
                 column_sq.fill(0.0)
-                kernels.units(bits, bf16_pass.VALUES, basis, part.hist, column_sq, unit_sq, proj, nonzero)
+                kernels.units(bits, bf16_pass.VALUES, basis, part.hist, column_sq, unit_sq, proj, nonzero,
+                              bf16_pass.RAW, columns, picks)
                 part.norms.append(torch.from_numpy(unit_sq))
                 part.proj.append(torch.from_numpy(proj))
                 part.column_sq += torch.from_numpy(column_sq)
                 part.zero_units.extend((first + np.flatnonzero(nonzero == 0)).tolist())
             else:
-                kernels.count(bits, part.hist)
-            if picked is not None:
-                picked[i].copy_(chunk.index_select(1, self.columns))
+                kernels.count(bits, part.hist, bf16_pass.RAW, columns, picks)
             first += chunk.shape[0]
         part.lo, part.lo_count, part.hi, part.hi_count, part.zeros, part.nan, part.inf = bf16_pass.tally(part.hist)
         return part

@@ -83,9 +83,11 @@ def test_garbage_magnitudes_and_denormals_stay_finite():
 def test_without_numba_the_float32_pass_gives_the_same_verdicts(monkeypatch):
     w = planted()
     fast = stats.compute(w)
+    fast_columns = stats.column_sample(w)  # a tall weight's sampled columns, gathered by the pass
     monkeypatch.setattr(bf16_pass, "kernels", lambda: None)
     assert not bf16_pass.takes(torch.bfloat16, 700, 1.0)
     slow = stats.compute(w)
+    assert torch.equal(stats.column_sample(w).nan_to_num(), fast_columns.nan_to_num())
     assert slow.std == pytest.approx(fast.std, rel=1e-6)
     assert slow.excess_kurtosis == pytest.approx(fast.excess_kurtosis, abs=1e-4)
     for name in ("min", "max", "min_count", "max_count", "finite", "nan", "inf", "zero_fraction", "zero_units",
