@@ -358,34 +358,32 @@ class _Scan:
         return part
 
     def _counted(self, start: int, stop: int) -> Partial:
-        """The compiled bf16 pass over rows [start, stop) (bf16_pass): the same chunks, patterns counted."""
+        """The compiled bf16 pass over rows [start, stop) (bf16_pass): the same chunks, patterns counted; one call
+        for the rows where they lie in one piece of memory, else one per chunk (copied)."""
         part = Partial(hist=np.zeros(bf16_pass.PATTERNS, dtype=np.int64))
-        kernels = bf16_pass.kernels()
-        units = self.units
-        if units:
-            part.column_sq = torch.zeros(self.width, dtype=torch.float64)
-            basis = self.basis.to(torch.float64).numpy()
-            column_sq = np.empty(self.width)
-        first = self.row0 + start
-        sizes = self.sizes(start, stop)
+        kernels, units, n = bf16_pass.kernels(), self.units, stop - start
         columns = bf16_pass.NO_COLUMNS if self.columns is None else self.columns.numpy()
-        picked = self.picked[start:stop].split(sizes) if self.columns is not None else None
-        for i, chunk in enumerate(self.rows[start:stop].split(sizes)):
-            bits = bf16_pass.patterns(chunk.contiguous())
-            picks = bf16_pass.NO_PICKS if picked is None else picked[i].numpy()
+        picked = bf16_pass.NO_PICKS if self.columns is None else self.picked[start:stop].numpy()
+        sizes = self.sizes(start, stop)
+        rows = self.rows[start:stop]
+        pieces = [(0, n, sizes)] if rows.is_contiguous() else \
+            [(a, a + size, [size]) for a, size in zip(np.cumsum([0] + sizes[:-1]).tolist(), sizes)]
+        if units:
+            basis = self.basis.to(torch.float64).numpy()
+            unit_sq, proj, nonzero = np.empty(n), np.empty((3, n)), np.empty(n, dtype=np.int64)
+            column_sq = np.zeros(self.width)
+        for a, b, chunks in pieces:
+            bits = bf16_pass.patterns(rows[a:b].contiguous())
+            picks = picked[a:b] if picked.size else picked
             if units:
-                rows = chunk.shape[0]
-                unit_sq, proj, nonzero = np.empty(rows), np.empty((3, rows)), np.empty(rows, dtype=np.int64)
-                column_sq.fill(0.0)
-                kernels.units(bits, bf16_pass.VALUES, basis, part.hist, column_sq, unit_sq, proj, nonzero,
-                              bf16_pass.RAW, columns, picks)
-                part.norms.append(torch.from_numpy(unit_sq))
-                part.proj.append(torch.from_numpy(proj))
-                part.column_sq += torch.from_numpy(column_sq)
-                part.zero_units.extend((first + np.flatnonzero(nonzero == 0)).tolist())
+                kernels.units(bits, np.array(chunks, dtype=np.int64), basis, part.hist, column_sq, unit_sq[a:b],
+                              proj[:, a:b], nonzero[a:b], bf16_pass.RAW, columns, picks)
             else:
                 kernels.count(bits, part.hist, bf16_pass.RAW, columns, picks)
-            first += chunk.shape[0]
+        if units:
+            part.norms, part.proj = [torch.from_numpy(unit_sq)], [torch.from_numpy(proj)]
+            part.column_sq = torch.from_numpy(column_sq)
+            part.zero_units = (self.row0 + start + np.flatnonzero(nonzero == 0)).tolist()
         part.lo, part.lo_count, part.hi, part.hi_count, part.zeros, part.nan, part.inf = bf16_pass.tally(part.hist)
         return part
 

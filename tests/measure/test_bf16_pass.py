@@ -56,6 +56,18 @@ def test_counts_and_moments_are_exact():
     assert torch.allclose(got.unit_sums, clean.sum(dim=1), rtol=1e-12, atol=1e-15)
 
 
+def test_units_on_another_dim_are_read_chunk_by_chunk_alike():
+    """Units on dim 1 (a weight stored [in, out]): their rows are not one piece of memory, so each chunk is
+    copied and read on its own; the figures are those of the same values laid out with the units first."""
+    w = planted(384, 300)
+    assert not stats.as_units(w, 1).is_contiguous()
+    moved = stats.compute(w, unit_axis=1)
+    first = stats.compute(w.T.contiguous(), unit_axis=0)
+    for name in ("mean", "std", "excess_kurtosis", "min", "max", "finite", "nan", "zero_fraction", "zero_units"):
+        assert getattr(moved, name) == getattr(first, name), name
+    assert torch.equal(moved.unit_norms, first.unit_norms) and torch.equal(moved.input_norms, first.input_norms)
+
+
 def test_column_splits_give_the_same_moments_and_counts():
     """A tensor-parallel column split cuts every chunk: the float32 pass then agrees to reassociation only; the
     histograms add exactly."""
