@@ -8,7 +8,9 @@ on disk, so the bf16 file holds twice the values), and a tiny one of each. For e
 `initaudit check` (page cache warm; the commands interleaved, so each sees the same load), MB/s net of start-up
 (`check` of the tiny file of the same dtype), the same per CPU second (user + system time of every core: what a
 busy machine hardly changes), peak RSS above that start-up and the largest tensor (the memory bound is start-up +
-largest tensor + 300 MB), then the bf16/fp32 ratios of both net rates. weightlens (`lens analyze`, the
+largest tensor + 300 MB), then the bf16/fp32 ratios of both net rates. Where numba (the `fast` extra) is
+installed, the bf16 file is also checked with numba hidden (`bf16-f32`: the float32 pass it falls back to), so the
+compiled pass's gain is measured in the same run. weightlens (`lens analyze`, the
 `bench` extra) is timed beside, net of its own start-up, where it is installed; where not, the run says so.
 Nothing is asserted: the figures go in docs/scale.md#performance.
 """
@@ -16,6 +18,7 @@ Nothing is asserted: the figures go in docs/scale.md#performance.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import signal
@@ -54,9 +57,21 @@ def lens_command() -> str | None:
     return found if Path(found).exists() else None
 
 
+def hide_numba(folder: Path) -> Path:
+    """A folder whose `numba` package fails to import: first on PYTHONPATH, it makes initaudit fall back to the
+    float32 pass."""
+    (folder / "numba").mkdir(parents=True)
+    (folder / "numba" / "__init__.py").write_text("raise ImportError('numba hidden by bench_bf16.py')\n")
+    return folder
+
+
 def measured(cmd: list[str]) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds (user + system, every core) and peak RSS (MB) of one run of a command."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    """Wall seconds, CPU seconds (user + system, every core) and peak RSS (MB) of one run of a command (a first
+    item `HIDDEN=<folder>` puts that folder first on PYTHONPATH)."""
+    path = [str(ROOT)]
+    if cmd[0].startswith("HIDDEN="):
+        path, cmd = [cmd[0].removeprefix("HIDDEN="), *path], cmd[1:]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     done = subprocess.run([PYTHON, "-c", PROBE, *cmd], capture_output=True, text=True, check=True, env=env)
     code, wall, cpu, peak_kib = done.stdout.split()
     if code not in ("0", "1"):  # 1: findings; anything else is a failed run, not a figure
@@ -79,11 +94,14 @@ def net(mb: float, seconds: float, start: float) -> float | None:
     return mb / (seconds - start) if seconds - start > 0.02 else None
 
 
-def commands(files: dict[str, tuple[Path, Path, float]], lens: str | None) -> dict[str, list[str]]:
+def commands(files: dict[str, tuple[Path, Path, float]], lens: str | None,
+             hidden: Path | None) -> dict[str, list[str]]:
     check = [PYTHON, "-m", "initaudit.cli", "check", "--format", "json"]
     runs = {}
     for label, (path, tiny, _) in files.items():
         runs[f"{label} check"], runs[f"{label} start"] = [*check, str(path)], [*check, str(tiny)]
+        if label == "bf16" and hidden:
+            runs["bf16-f32 check"], runs["bf16-f32 start"] = ([f"HIDDEN={hidden}", *check, str(p)] for p in (path, tiny))
         if lens:
             analyze = [lens, "analyze", "--num-workers", "auto"]
             runs[f"{label} lens"], runs[f"{label} lens start"] = [*analyze, str(path)], [*analyze, str(tiny)]
@@ -92,25 +110,27 @@ def commands(files: dict[str, tuple[Path, Path, float]], lens: str | None) -> di
 
 def report(files: dict[str, tuple[Path, Path, float]], best: dict[str, tuple[float, float, float]],
            lens: str | None) -> None:
-    head = (f"{'file':6} {'MB':>6} {'check s':>7} {'start s':>7} {'net MB/s':>8} {'cpu s':>6} {'start cpu':>9} "
+    head = (f"{'file':8} {'MB':>6} {'check s':>7} {'start s':>7} {'net MB/s':>8} {'cpu s':>6} {'start cpu':>9} "
             f"{'net MB/cpu-s':>12} {'+RSS MB':>7} {'largest':>7}")
     head += f" {'lens s':>6} {'lens net MB/s':>13} {'lens net MB/cpu-s':>17}" if lens else ""
     print(head + "\n" + "-" * len(head))
     rates = {}
-    for label, (path, _, largest) in files.items():
+    rows = [*files.items()] + ([("bf16-f32", files["bf16"])] if "bf16-f32 check" in best else [])
+    for label, (path, _, largest) in rows:
         mb = size_mb(path)
         (check_s, check_cpu, rss), (start_s, start_cpu, start_rss) = best[f"{label} check"], best[f"{label} start"]
         rates[label] = net(mb, check_s, start_s), net(mb, check_cpu, start_cpu)
-        line = (f"{label:6} {mb:6.0f} {check_s:7.2f} {start_s:7.2f} {_shown(rates[label][0]):>8} {check_cpu:6.2f} "
+        line = (f"{label:8} {mb:6.0f} {check_s:7.2f} {start_s:7.2f} {_shown(rates[label][0]):>8} {check_cpu:6.2f} "
                 f"{start_cpu:9.2f} {_shown(rates[label][1]):>12} {rss - start_rss:7.0f} {largest:7.0f}")
-        if lens:
+        if lens and f"{label} lens" in best:
             (lens_s, lens_cpu, _), (lens_start, lens_start_cpu, _) = best[f"{label} lens"], best[f"{label} lens start"]
             line += (f" {lens_s:6.2f} {_shown(net(mb, lens_s, lens_start)):>13} "
                      f"{_shown(net(mb, lens_cpu, lens_start_cpu)):>17}")
         print(line)
-    for i, what in enumerate(("net throughput (bytes/s)", "net throughput per CPU second")):
-        if rates["fp32"][i] and rates["bf16"][i]:
-            print(f"bf16 / fp32 {what}: {rates['bf16'][i] / rates['fp32'][i]:.2f}")
+    for label in ("bf16", "bf16-f32"):
+        for i, what in enumerate(("net throughput (bytes/s)", "net throughput per CPU second")):
+            if label in rates and rates["fp32"][i] and rates[label][i]:
+                print(f"{label} / fp32 {what}: {rates[label][i] / rates['fp32'][i]:.2f}")
     if not lens:
         print("weightlens: not compared (--without-lens, or not installed: `pip install weightlens`, the `bench` extra)")
 
@@ -135,7 +155,8 @@ def main() -> None:
         lens = None if args.without_lens else lens_command()
         print(f"cores: {len(os.sched_getaffinity(0))}, load average at start: {os.getloadavg()[0]:.2f}; best of "
               f"{args.repeat} interleaved runs each, page cache warm", flush=True)
-        best = best_of(commands(files, lens), args.repeat)
+        hidden = hide_numba(folder / "no-numba") if importlib.util.find_spec("numba") else None
+        best = best_of(commands(files, lens, hidden), args.repeat)
         report(files, best, lens)
         print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     finally:
