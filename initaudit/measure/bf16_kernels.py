@@ -55,17 +55,16 @@ def _counted_row(bits: np.ndarray, r: int, hist: np.ndarray, wide: np.ndarray) -
 
 @njit(nogil=True, cache=True, fastmath=_SUMS)
 def _row_sums(x: np.ndarray, basis: np.ndarray, column_sq: np.ndarray) -> tuple:  # pragma: no cover - compiled
-    """A row's sum of squares, projections on basis[0] and basis[1], and sum, in float64; column_sq += its
-    squares."""
+    """A row's sum of squares, projections on basis[0] and basis[1], and sum, in float64; column_sq (float32,
+    as the float32 pass sums a chunk's columns) += its squares (exact in float32)."""
     s = a = b = t = 0.0
     for c in range(x.size):
+        column_sq[c] += x[c] * x[c]
         v = np.float64(x[c])
-        q = v * v
-        s += q
+        s += v * v
         a += basis[0, c] * v
         b += basis[1, c] * v
         t += v
-        column_sq[c] += q
     return s, a, b, t
 
 
@@ -75,11 +74,11 @@ def units(bits: np.ndarray, sizes: np.ndarray, basis: np.ndarray, hist: np.ndarr
           picked: np.ndarray) -> None:  # pragma: no cover - compiled
     """For [rows, width] patterns read in chunks of `sizes` rows: the histogram, and per row its sum of squares,
     its projections on basis[0] and basis[1] and its sum (proj[:, row]) and its count of nonzero values;
-    column_sq += each chunk's column sums of squares (summed per chunk, as the float32 pass does);
+    column_sq (float64) += each chunk's column sums of squares (float32 sums, exact there: the float32 pass's);
     picked[row] = the row's values at `columns`."""
     wide = np.empty(bits.shape[1], dtype=np.uint32)
     values = wide.view(np.float32)
-    chunk = np.empty(bits.shape[1])
+    chunk = np.empty(bits.shape[1], dtype=np.float32)
     first = 0
     for size in sizes:
         chunk[:] = 0.0
@@ -88,4 +87,4 @@ def units(bits: np.ndarray, sizes: np.ndarray, basis: np.ndarray, hist: np.ndarr
             nonzero[r] = _counted_row(bits, r, hist, wide)
             unit_sq[r], proj[0, r], proj[1, r], proj[2, r] = _row_sums(values, basis, chunk)
         first += size
-        column_sq += chunk
+        column_sq += chunk.astype(np.float64)

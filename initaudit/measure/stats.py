@@ -236,7 +236,7 @@ class Partial:
     column_sq: torch.Tensor | None = None   # float64: sums of float32 chunk sums, exact but for rare rounding
     column_parts: list[torch.Tensor] = field(default_factory=list)  # float64 chunks' column sums, added exactly at the end
     scale: float = 1.0   # the records, norms and projections are of the values times this (a power of two)
-    hist: np.ndarray | None = None   # bf16: how many values hold each bit pattern (bf16_pass), besides the records
+    hist: bf16_pass.Counts | None = None   # bf16: how many values hold each bit pattern, besides the records
 
     @property
     def n(self) -> int:
@@ -247,9 +247,9 @@ class Partial:
         counted = bf16_pass.record(self.hist) if self.hist is not None else None
         return self.records + ([counted] if counted else [])
 
-    def add_hist(self, hist: np.ndarray | None) -> None:
+    def add_hist(self, hist: bf16_pass.Counts | None) -> None:
         if hist is not None:
-            self.hist = hist.copy() if self.hist is None else self.hist + hist
+            self.hist = hist if self.hist is None else self.hist + hist
 
     def add_sums(self, sums: list[float], n: int, shift: float = 0.0) -> None:
         self.records.append((n, shift, *sums))
@@ -360,7 +360,7 @@ class _Scan:
     def _counted(self, start: int, stop: int) -> Partial:
         """The compiled bf16 pass over rows [start, stop) (bf16_pass): the same chunks, patterns counted; one call
         for the rows where they lie in one piece of memory, else one per chunk (copied)."""
-        part = Partial(hist=np.zeros(bf16_pass.PATTERNS, dtype=np.int64))
+        part, hist = Partial(), np.zeros(bf16_pass.PATTERNS, dtype=np.int64)
         kernels, units, n = bf16_pass.kernels(), self.units, stop - start
         columns = bf16_pass.NO_COLUMNS if self.columns is None else self.columns.numpy()
         picked = bf16_pass.NO_PICKS if self.columns is None else self.picked[start:stop].numpy()
@@ -376,14 +376,15 @@ class _Scan:
             bits = bf16_pass.patterns(rows[a:b].contiguous())
             picks = picked[a:b] if picked.size else picked
             if units:
-                kernels.units(bits, np.array(chunks, dtype=np.int64), basis, part.hist, column_sq, unit_sq[a:b],
+                kernels.units(bits, np.array(chunks, dtype=np.int64), basis, hist, column_sq, unit_sq[a:b],
                               proj[:, a:b], nonzero[a:b], bf16_pass.RAW, columns, picks)
             else:
-                kernels.count(bits, part.hist, bf16_pass.RAW, columns, picks)
+                kernels.count(bits, hist, bf16_pass.RAW, columns, picks)
         if units:
             part.norms, part.proj = [torch.from_numpy(unit_sq)], [torch.from_numpy(proj)]
             part.column_sq = torch.from_numpy(column_sq)
             part.zero_units = (self.row0 + start + np.flatnonzero(nonzero == 0)).tolist()
+        part.hist = bf16_pass.Counts.of(hist)
         part.lo, part.lo_count, part.hi, part.hi_count, part.zeros, part.nan, part.inf = bf16_pass.tally(part.hist)
         return part
 

@@ -16,8 +16,9 @@ single-process figures bit for bit, whatever their number and order. A block cut
 uneven rows, a DCP record it saved) keeps that chunk's rows as a piece (values, at most a chunk: 1 MB of float32 at
 each end of the block); `finish` measures the chunk once its pieces fill it, so row blocks give the single-process
 figures bit for bit wherever they are cut. A tensor-parallel column split cuts every chunk: the figures then agree
-to float32 reassociation (relative 1e-6 on the std, the kurtosis and the norms), counts, extremes, zero units and
-copies exactly.
+to float32 reassociation (relative 1e-6 on the std and the norms, absolute 1e-5 on the excess kurtosis), counts,
+extremes, zero units and copies exactly (bf16 read by its compiled pass: the moments, extremes and counts exactly
+too, bf16_pass.py).
 Where the values are not at hand, copies among units are confirmed by their norms and CHECKS random projections
 besides the pass's two (which only select candidates: among thousands of units, neighbours in the pass's order
 agree in those by chance); where they are, entry by entry (`finish(close=...)` decides instead where given). A
@@ -209,6 +210,8 @@ def _flat_picks(block: torch.Tensor, view: torch.Tensor, rows: tuple[int, int], 
     stride = flat_stride(numel)
     _, width = unit_view(shape, unit_axis)
     (r0, r1), (c0, c1) = rows, cols
+    if r1 == r0 or c1 == c0:  # an empty shard
+        return torch.empty(0, dtype=torch.long), block.reshape(-1)[:0]
     if unit_axis != 0 and len(shape) >= 2:  # a whole tensor whose units are not on dim 0: its own flattening
         flat = block.reshape(-1)
         return torch.arange(0, numel, stride), flat[::stride]
@@ -268,10 +271,16 @@ def merge(summaries: Iterable[Summary]) -> Summary:
         if (s.key, s.shape) != (first.key, first.shape):
             raise ValueError(f"cannot merge summaries of {s.key} {s.shape} and {first.key} {first.shape}")
         for offset, block in s.blocks.items():
-            out.blocks.setdefault(offset, block)
+            held = out.blocks.get(offset)
+            if held is None or _rows(held) < _rows(block):  # an empty shard's block never hides a real one
+                out.blocks[offset] = block
         for start, rows in s.pieces.items():
             out.pieces.setdefault(start, rows)
     return out
+
+
+def _rows(block: Block) -> int:
+    return block.rows[1] - block.rows[0]
 
 
 def stitched(summary: Summary) -> Summary:

@@ -110,6 +110,15 @@ def test_uneven_row_shards_give_the_single_process_stats_bit_for_bit(shape, dtyp
     assert done.digest == summary.finish(summary.merge(row_blocks(w, 1))).digest
 
 
+def test_an_empty_shard_anywhere_changes_nothing():
+    """FSDP2 gives a rank past the last row an empty shard: summarized at any row (at 0 too, merged first, where a
+    real block sits at the same offset), it adds nothing and hides nothing."""
+    w = planted((1001, 384))
+    empty = [summary.summarize(w[r:r], "w", (1001, 384), (r, 0)) for r in (0, 500, 1001)]
+    done = summary.finish(summary.merge(empty + row_blocks(w, 3, aligned=False)))
+    assert_same_stats(done.stats, stats.compute(w))
+
+
 def test_a_chunk_missing_a_piece_is_refused():
     blocks = row_blocks(planted((1001, 384)), 3, aligned=False)
     with pytest.raises(ValueError, match="part of the tensor"):
