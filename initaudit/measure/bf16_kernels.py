@@ -1,6 +1,7 @@
 """The compiled loops of the bf16 pass (numba; imported only where the `fast` extra is installed): one read of a
 chunk's bit patterns counts each pattern and, for units, adds each unit's sum of squares, sum and two random
-projections and the chunk's column sums of squares in float64 (a bf16 value and its square are exact there).
+projections in float64 (a bf16 value and its square are exact there) and the chunk's column sums of squares in
+float32, as the float32 pass takes them.
 
 A row's sums are vectorized (`fastmath` reassociation only: no assumption about NaN or Inf, which are read as 0
 before): their order is the compiled loop's, fixed on one machine, the same for a row whichever chunk or block

@@ -374,12 +374,11 @@ class _Scan:
             column_sq = np.zeros(self.width)
         for a, b, chunks in pieces:
             bits = bf16_pass.patterns(rows[a:b].contiguous())
-            picks = picked[a:b] if picked.size else picked
             if units:
                 kernels.units(bits, np.array(chunks, dtype=np.int64), basis, hist, column_sq, unit_sq[a:b],
-                              proj[:, a:b], nonzero[a:b], bf16_pass.RAW, columns, picks)
+                              proj[:, a:b], nonzero[a:b], bf16_pass.RAW, columns, picked[a:b])
             else:
-                kernels.count(bits, hist, bf16_pass.RAW, columns, picks)
+                kernels.count(bits, hist, bf16_pass.RAW, columns, picked[a:b])
         if units:
             part.norms, part.proj = [torch.from_numpy(unit_sq)], [torch.from_numpy(proj)]
             part.column_sq = torch.from_numpy(column_sq)
